@@ -1,0 +1,5 @@
+import sys
+
+from bsnn.cli import main
+
+sys.exit(main())

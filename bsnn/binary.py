@@ -1,0 +1,190 @@
+"""Binary weights (XNOR-Net style, weights only): effective weight α·sign(W) with a clipped STE.
+
+* ``sign(0) = +1`` (``torch.sign`` would give 0, which is not a binary value).
+* α = mean|W| per output channel (``scale="channel"``), one α for the layer (``"layer"``) or 1 (``"none"``).
+* Backward: straight-through estimator clipped to the latent range, d sign(w)/dw = 1 if |w| <= clip else 0.
+* Latent weights are clamped to [-clip, clip] after every optimiser step (:func:`clamp_latent_`).
+
+First and last layers stay full precision by default (Lu & Sengupta 2020; REFERENCE §1, §4).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bsnn.config import BinaryConfig
+from bsnn.errors import ConfigError
+
+
+def binary_sign(w: torch.Tensor) -> torch.Tensor:
+    """Sign with ``sign(0) = +1``: returns a tensor of exactly ±1 in ``w``'s dtype (no gradient)."""
+    return torch.where(w >= 0, torch.ones_like(w), -torch.ones_like(w))
+
+
+class _SignSTE(torch.autograd.Function):
+    """sign(w) forward, clipped straight-through estimator backward."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, clip: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(w)
+        ctx.clip = clip
+        return binary_sign(w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (w,) = ctx.saved_tensors
+        return grad * (w.abs() <= ctx.clip).to(grad.dtype), None
+
+
+def sign_ste(w: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
+    """Binarise ``w`` to ±1 with a clipped straight-through gradient (zero where ``|w| > clip``)."""
+    return _SignSTE.apply(w, clip)
+
+
+def weight_scale(w: torch.Tensor, scale: str) -> torch.Tensor:
+    """Scaling factor α broadcastable to ``w``.
+
+    Args:
+        w: latent weight, shape ``[C_out, ...]``.
+        scale: ``"channel"`` (mean|W| over all but dim 0), ``"layer"`` (mean|W|) or ``"none"`` (1).
+
+    Returns:
+        α with shape ``[C_out, 1, ...]`` (channel) or ``[]`` (layer / none).
+    """
+    if scale == "channel":
+        return w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
+    if scale == "layer":
+        return w.abs().mean()
+    if scale == "none":
+        return torch.ones((), dtype=w.dtype, device=w.device)
+    raise ConfigError(f"binary scale must be 'channel', 'layer' or 'none', got {scale!r}")
+
+
+class BinaryMixin:
+    """Shared behaviour of binary layers: α·sign(W) from a latent full-precision weight."""
+
+    weight: nn.Parameter
+    scale: str
+    clip: float
+
+    def binary_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(sign, alpha)``: ``sign`` exactly ±1 with the weight's shape, ``alpha`` broadcastable."""
+        w = self.weight.detach()
+        return binary_sign(w), weight_scale(w, self.scale)
+
+    def effective_weight(self) -> torch.Tensor:
+        """α·sign(W) with gradients through the clipped STE (and through α, as in XNOR-Net)."""
+        return weight_scale(self.weight, self.scale) * sign_ste(self.weight, self.clip)
+
+    @torch.no_grad()
+    def clamp_latent_(self) -> None:
+        """Clamp the latent weight to ``[-clip, clip]`` in place."""
+        self.weight.clamp_(-self.clip, self.clip)
+
+
+class BinaryConv2d(BinaryMixin, nn.Conv2d):
+    """``nn.Conv2d`` whose effective weight is α·sign(W).
+
+    Shapes as ``nn.Conv2d``: input ``[B, C_in, H, W]`` -> output ``[B, C_out, H', W']``.
+    """
+
+    def __init__(self, *args, scale: str = "channel", clip: float = 1.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.scale, self.clip = scale, float(clip)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.effective_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", scale={self.scale}, clip={self.clip}"
+
+
+class BinaryLinear(BinaryMixin, nn.Linear):
+    """``nn.Linear`` whose effective weight is α·sign(W). Input ``[B, in]`` -> output ``[B, out]``."""
+
+    def __init__(self, *args, scale: str = "channel", clip: float = 1.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.scale, self.clip = scale, float(clip)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", scale={self.scale}, clip={self.clip}"
+
+
+def is_binary(module: nn.Module) -> bool:
+    """True for :class:`BinaryConv2d` / :class:`BinaryLinear`."""
+    return isinstance(module, BinaryMixin)
+
+
+def _to_binary(m: nn.Module, cfg: BinaryConfig) -> nn.Module:
+    if isinstance(m, nn.Conv2d):
+        new: nn.Module = BinaryConv2d(
+            m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+            dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode,
+            scale=cfg.scale, clip=cfg.clip,
+        )
+    else:
+        new = BinaryLinear(m.in_features, m.out_features, bias=m.bias is not None, scale=cfg.scale, clip=cfg.clip)
+    new = new.to(device=m.weight.device, dtype=m.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(m.weight.clamp(-cfg.clip, cfg.clip))
+        if m.bias is not None:
+            new.bias.copy_(m.bias)
+    new.train(m.training)
+    return new
+
+
+def binarize_(
+    model: nn.Module,
+    cfg: BinaryConfig | None = None,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+) -> nn.Module:
+    """Replace conv/linear layers of ``model`` by binary-weight layers, in place.
+
+    Args:
+        model: the network to edit.
+        cfg: binarisation settings; ``keep_first`` / ``keep_last`` keep the first / last conv-or-linear
+            layer (in ``model.modules()`` order) full precision.
+        filter_fn: optional ``(qualified_name, module) -> bool``; when given, a layer is binarised only if it
+            returns True (applied after the first/last rule).
+
+    Returns:
+        ``model`` itself (edited in place), for chaining.
+    """
+    cfg = cfg or BinaryConfig()
+    cfg.validate()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and not is_binary(m)]
+    if not layers:
+        raise ConfigError(f"binarize_: {type(model).__name__} has no nn.Conv2d / nn.Linear layer to binarise")
+    all_layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    skip = set()
+    if cfg.keep_first:
+        skip.add(all_layers[0])
+    if cfg.keep_last:
+        skip.add(all_layers[-1])
+    for name, m in layers:
+        if name in skip or (filter_fn is not None and not filter_fn(name, m)):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _to_binary(m, cfg))
+    return model
+
+
+@torch.no_grad()
+def clamp_latent_(model: nn.Module) -> None:
+    """Clamp every binary layer's latent weight to its ``[-clip, clip]`` range (call after each step)."""
+    for m in model.modules():
+        if is_binary(m):
+            m.clamp_latent_()
+
+
+def binary_layer_names(model: nn.Module) -> list[str]:
+    """Qualified names of the binary layers of ``model``."""
+    return [n for n, m in model.named_modules() if is_binary(m)]

@@ -1,0 +1,177 @@
+"""The ``bsnn`` command line: ``bsnn run|train|distill|evaluate [--config X.yaml] [section.key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bsnn.errors import BsnnError
+
+DEFAULT_CONFIG = Path("configs/default.yaml")
+
+
+def _common(p: argparse.ArgumentParser, default_config: Path | None = None) -> None:
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="dotted config overrides, e.g. train.epochs=3 data.name=digits")
+    p.add_argument("--config", type=Path, default=default_config, help="YAML config (sections as in configs/)")
+    p.add_argument("--out", type=str, default=None, help="run folder (overrides run.out_dir)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+
+
+def _load(args: argparse.Namespace):
+    from bsnn.config import load_config
+
+    overrides = list(args.overrides)
+    if args.out is not None:
+        overrides.append(f"run.out_dir={args.out}")
+    if args.quiet:
+        overrides.append("run.quiet=true")
+    config = args.config
+    if config is None and DEFAULT_CONFIG.is_file():
+        config = DEFAULT_CONFIG
+    return load_config(config, overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bsnn.pipeline import run_pipeline
+
+    cfg = _load(args)
+    metrics = run_pipeline(cfg, resume=args.resume, overwrite=args.overwrite)
+    _print_summary(metrics, cfg.run.out_dir)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from bsnn.pipeline import make_context, stage_teacher
+
+    cfg = _load(args)
+    ctx = make_context(cfg, resume=args.resume, overwrite=args.overwrite)
+    stage_teacher(ctx)
+    _print_summary(ctx.run.metrics(), cfg.run.out_dir)
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from bsnn.distill import list_methods
+
+    if args.list_methods:
+        print("\n".join(list_methods()))
+        return 0
+    from bsnn.pipeline import load_model, make_context, stage_student
+
+    cfg = _load(args)
+    ctx = make_context(cfg, resume=args.resume or args.teacher is None, overwrite=args.overwrite)
+    teacher_path = Path(args.teacher) if args.teacher else ctx.run.path("teacher.pt")
+    teacher = load_model(teacher_path, ctx.device)[0] if cfg.distill.method != "ce" else None
+    stage_student(ctx, teacher)
+    _print_summary(ctx.run.metrics(), cfg.run.out_dir)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from bsnn.pipeline import load_model, make_context, stage_convert
+
+    cfg = _load(args)
+    ctx = make_context(cfg, resume=True, overwrite=False)
+    path = Path(args.model) if args.model else ctx.run.path("student.pt")
+    ann, record = load_model(path, ctx.device)
+    stage_convert(ctx, ann, record["arch"])
+    print(f"spiking network written to {ctx.run.path('snn.pt')}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from bsnn.pipeline import load_model, load_snn, make_context, stage_simulate
+
+    if args.timesteps:
+        args.overrides.append(f"simulate.timesteps=[{args.timesteps}]")
+    cfg = _load(args)
+    ctx = make_context(cfg, resume=True, overwrite=False)
+    snn, record = load_snn(Path(args.snn) if args.snn else ctx.run.path("snn.pt"))
+    ann_path = Path(args.ann) if args.ann else ctx.run.path("student.pt")
+    ann = load_model(ann_path, ctx.device)[0] if ann_path.is_file() else None
+    stage_simulate(ctx, snn, ann)
+    _print_summary(ctx.run.metrics(), cfg.run.out_dir)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from bsnn.config import load_config
+    from bsnn.data import build_loaders
+    from bsnn.pipeline import load_model
+    from bsnn.train import evaluate, resolve_device
+
+    cfg = load_config(args.config if args.config else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None),
+                      list(args.overrides))
+    device = resolve_device(cfg.run.device)
+    model, _ = load_model(args.checkpoint, device)
+    loaders = build_loaders(cfg.data, seed=cfg.run.seed)
+    res = evaluate(model, getattr(loaders, args.split), device)
+    print(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split, **res}, indent=2))
+    return 0
+
+
+def _print_summary(metrics: dict, out_dir: str) -> None:
+    rows = [f"| {stage} | {m['test_acc']:.2f} |" for stage, m in metrics.items()
+            if isinstance(m, dict) and "test_acc" in m]
+    snn = metrics.get("snn", {})
+    rows += [f"| binary SNN, T={t} | {a:.2f} |" for t, a in snn.get("accuracy", {}).items()]
+    if rows:
+        print("\n| stage | test accuracy (%) |\n|---|---|\n" + "\n".join(rows))
+    print(f"\nrun folder: {out_dir}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``bsnn`` command."""
+    parser = argparse.ArgumentParser(prog="bsnn", description="Binary spiking networks: train, distil, convert, "
+                                     "simulate and cost. Configs are YAML; any key can be overridden as a.b=value.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="whole pipeline (default: configs/default.yaml)")
+    _common(p)
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("train", help="train the full-precision teacher")
+    _common(p)
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("distill", help="distil the binary-weight student from a teacher")
+    _common(p)
+    p.add_argument("--teacher", type=str, default=None, help="teacher model file (default: <out>/teacher.pt)")
+    p.add_argument("--list-methods", action="store_true", help="print the registered distillation methods")
+    p.set_defaults(fn=cmd_distill)
+    p = sub.add_parser("convert", help="convert a trained ANN into a binary spiking network (snn.pt)")
+    _common(p)
+    p.add_argument("--model", type=str, default=None, help="ANN model file (default: <out>/student.pt)")
+    p.set_defaults(fn=cmd_convert)
+    p = sub.add_parser("simulate", help="accuracy-vs-timesteps sweep of a converted network")
+    _common(p)
+    p.add_argument("--snn", type=str, default=None, help="spiking network file (default: <out>/snn.pt)")
+    p.add_argument("--ann", type=str, default=None, help="source ANN for the reference line (default: <out>/student.pt)")
+    p.add_argument("--timesteps", type=str, default=None, help="comma-separated T values, e.g. 1,2,4,8,16,32,64")
+    p.set_defaults(fn=cmd_simulate)
+    p = sub.add_parser("evaluate", help="accuracy of a model file on a data split")
+    p.add_argument("checkpoint", type=Path, help="model file written by bsnn (teacher.pt, student.pt)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.add_argument("--config", type=Path, default=None)
+    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.set_defaults(fn=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``bsnn`` console script; bsnn errors print one clear line and exit 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except BsnnError as e:
+        print(f"bsnn: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bsnn: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,464 @@
+"""Typed configuration: one dataclass per pipeline stage, YAML loading and dotted overrides.
+
+YAML and the command line only *fill* these dataclasses; nothing here is global. Every section of a
+YAML file maps 1:1 onto a dataclass below, unknown keys are errors that list the valid keys, and values
+are type-checked and range-checked by ``validate()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from bsnn.errors import ConfigError
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class RunConfig:
+    """Where and how a run executes.
+
+    Attributes:
+        out_dir: run folder (resolved config, checkpoints, metrics, log, tables and plots).
+        seed: global seed (data split, init, shuffling).
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when present).
+        quiet: turn progress bars off.
+    """
+
+    out_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "cpu"
+    quiet: bool = False
+
+    def validate(self) -> None:
+        _check(self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
+               f"run.device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
+
+
+@dataclass
+class DataConfig:
+    """Dataset and loader settings (see :mod:`bsnn.data` for the registered names).
+
+    Attributes:
+        name: registered dataset name (``mnist5k``, ``digits``, ``mnist``, ``fashion_mnist``, ``cifar10``,
+            ``cifar100``, ``imagefolder``) or ``npz:<path>`` for a Keras-style archive.
+        root: directory holding the data files (torchvision datasets, ImageFolder).
+        download: allow torchvision to download missing data (off by default: no hidden network use).
+        batch_size: training batch size (per process under torchrun).
+        eval_batch_size: batch size for validation/test/calibration.
+        num_workers: DataLoader worker processes.
+        augment: training augmentation (CIFAR: random crop + horizontal flip).
+        val_fraction: fraction of the training data held out as validation (seeded, stratified).
+        seed: seed of the train/val(/test) split; independent of the run seed so splits stay fixed.
+        limit_train: optional cap on the number of training samples (quick experiments, tests).
+        limit_test: optional cap on the number of test samples.
+    """
+
+    name: str = "mnist5k"
+    root: Union[str, None] = None
+    download: bool = False
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    augment: bool = True
+    val_fraction: float = 0.1
+    seed: int = 0
+    limit_train: Union[int, None] = None
+    limit_test: Union[int, None] = None
+
+    def validate(self) -> None:
+        _check(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}")
+        _check(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0, got {self.eval_batch_size}")
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(0.0 <= self.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class ModelConfig:
+    """Architectures (names from :func:`bsnn.models.list_models`).
+
+    Attributes:
+        teacher: full-precision teacher architecture.
+        student: student architecture (binarised by :func:`bsnn.binarize_`); ``None`` = same as teacher.
+        kwargs: extra keyword arguments for both constructors (e.g. ``width``, ``dropout``).
+    """
+
+    teacher: str = "small_cnn"
+    student: Union[str, None] = None
+    kwargs: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from bsnn.models import MODELS
+
+        for role, name in (("teacher", self.teacher), ("student", self.student)):
+            if name is not None:
+                MODELS.get(name)  # raises listing valid names
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings for one training stage (teacher or student).
+
+    Attributes:
+        epochs: number of epochs.
+        optimizer: ``"sgd"`` or ``"adam"``.
+        lr: peak learning rate.
+        momentum: SGD momentum.
+        betas: Adam betas.
+        weight_decay: weight decay on conv/linear weights (never on BN, biases or scales).
+        schedule: ``"cosine"``, ``"step"`` or ``"constant"`` (stepped once per epoch).
+        step_epochs: for ``step``: decay every this many epochs.
+        gamma: for ``step``: multiplicative decay.
+        label_smoothing: cross-entropy label smoothing.
+        checkpoint_every: save a resumable checkpoint every this many epochs.
+    """
+
+    epochs: int = 5
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    step_epochs: int = 30
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    checkpoint_every: int = 1
+
+    def validate(self) -> None:
+        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(self.optimizer in ("sgd", "adam"), f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.schedule in ("cosine", "step", "constant"),
+               f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
+        _check(self.step_epochs >= 1, f"step_epochs must be >= 1, got {self.step_epochs}")
+        _check(len(self.betas) == 2, f"betas must have two values, got {self.betas!r}")
+        _check(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+
+
+@dataclass
+class BinaryConfig:
+    """Weight binarisation (XNOR-Net style, weights only).
+
+    Attributes:
+        scale: ``"channel"`` (α = mean|W| per output channel), ``"layer"`` (one α) or ``"none"`` (α = 1).
+        keep_first: keep the first conv/linear layer full precision.
+        keep_last: keep the last conv/linear layer full precision.
+        clip: latent weights are clamped to [-clip, clip]; the STE gradient is zero outside.
+    """
+
+    scale: str = "channel"
+    keep_first: bool = True
+    keep_last: bool = True
+    clip: float = 1.0
+
+    def validate(self) -> None:
+        _check(self.scale in ("channel", "layer", "none"),
+               f"binary.scale must be 'channel', 'layer' or 'none', got {self.scale!r}")
+        _check(self.clip > 0, f"binary.clip must be > 0, got {self.clip}")
+
+
+@dataclass
+class DistillConfig:
+    """Distillation of the binary student from a frozen teacher.
+
+    The cross-entropy and distillation terms have separate, explicit weights.
+
+    Attributes:
+        method: registered method name (see :func:`bsnn.distill.list_methods`).
+        temperature: softmax temperature of logit-based methods.
+        ce_weight: weight of the cross-entropy on the labels.
+        kd_weight: weight of the distillation term.
+        params: method-specific keyword arguments (e.g. ``{"alpha": 1, "beta": 8}`` for DKD).
+    """
+
+    method: str = "kd"
+    temperature: float = 4.0
+    ce_weight: float = 0.1
+    kd_weight: float = 0.9
+    params: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from bsnn.distill import METHODS
+
+        METHODS.get(self.method)
+        _check(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature}")
+        _check(self.ce_weight >= 0 and self.kd_weight >= 0,
+               f"distill.ce_weight and distill.kd_weight must be >= 0, got {self.ce_weight}, {self.kd_weight}")
+
+
+
+
+def parse_statistic(value: Any, where: str = "convert.threshold") -> Any:
+    """``"max"`` -> ``Max()``; a number p or ``"p99.9"`` -> ``Percentile(p)``; Max/Percentile pass through."""
+    from bsnn.convert.calibrate import Max, Percentile
+
+    if isinstance(value, (Max, Percentile)):
+        return value
+    if isinstance(value, str) and value.strip().lower() == "max":
+        return Max()
+    if isinstance(value, str) and value.strip().lower().startswith("p"):
+        value = value.strip()[1:]
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return Percentile(float(value))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be 'max' or a percentile such as 99.9, got {value!r}") from None
+
+
+def _statistic_default() -> Any:
+    from bsnn.convert.calibrate import Percentile
+
+    return Percentile(99.9)
+
+
+@dataclass
+class ConvertConfig:
+    """ANN -> SNN conversion.
+
+    Attributes:
+        threshold: activation statistic that sets each IF layer's threshold: ``Max()`` or ``Percentile(p)``
+            (YAML: ``max`` or a number such as ``99.9``).
+        per_channel: per-channel thresholds (only where the consumer is full precision; binary layers need
+            layer-wise scaled spikes to keep ±1 weights).
+        threshold_scale: global factor applied to every threshold.
+        v_init: initial membrane potential as a fraction of the threshold (0.5 = the θ/2 shift).
+        calib_samples: number of training samples used for calibration.
+    """
+
+    threshold: Any = field(default_factory=_statistic_default)
+    per_channel: bool = False
+    threshold_scale: float = 1.0
+    v_init: float = 0.0
+    calib_samples: int = 2048
+
+    def __post_init__(self) -> None:
+        self.threshold = parse_statistic(self.threshold)
+
+    def validate(self) -> None:
+        self.threshold = parse_statistic(self.threshold)
+        _check(self.threshold_scale > 0, f"convert.threshold_scale must be > 0, got {self.threshold_scale}")
+        _check(0.0 <= self.v_init < 1.0, f"convert.v_init must be in [0, 1), got {self.v_init}")
+        _check(self.calib_samples >= 1, f"convert.calib_samples must be >= 1, got {self.calib_samples}")
+
+
+@dataclass
+class SimConfig:
+    """Simulation of the spiking network.
+
+    Attributes:
+        timesteps: every T at which accuracy is reported (one run to max(T)).
+        time_chunk: timesteps folded into the batch per call (bounds peak memory; independent of T).
+        encoding: ``"direct"`` (the analog image every timestep) or ``"poisson"`` (rate-coded spikes).
+        kernel: IF-scan backend (see :mod:`bsnn.snn.kernels`).
+        max_samples: simulate only the first N test samples (None: all).
+    """
+
+    timesteps: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
+    time_chunk: int = 16
+    encoding: str = "direct"
+    kernel: str = "torch"
+    max_samples: Union[int, None] = None
+
+    def validate(self) -> None:
+        _check(len(self.timesteps) > 0 and all(isinstance(t, int) and t >= 1 for t in self.timesteps),
+               f"simulate.timesteps must be positive integers, got {self.timesteps!r}")
+        _check(self.time_chunk >= 1, f"simulate.time_chunk must be >= 1, got {self.time_chunk}")
+        _check(self.encoding in ("direct", "poisson"),
+               f"simulate.encoding must be 'direct' or 'poisson', got {self.encoding!r}")
+        from bsnn.snn.kernels import KERNELS
+
+        KERNELS.get(self.kernel)
+
+
+@dataclass
+class Config:
+    """The whole pipeline's configuration; each attribute is one YAML section."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    binary: BinaryConfig = field(default_factory=BinaryConfig)
+    student: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    simulate: SimConfig = field(default_factory=SimConfig)
+
+    def validate(self) -> "Config":
+        """Validate every section, prefixing errors with the section name; returns ``self``."""
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            try:
+                section.validate()
+            except ConfigError as e:
+                msg = str(e)
+                raise ConfigError(msg if msg.startswith(f.name + ".") else f"[{f.name}] {msg}") from None
+        return self
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (YAML-serialisable; tuples become lists)."""
+        return _plain({f.name: _section_dict(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+
+def _section_dict(section: Any) -> dict:
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+
+
+def _plain(obj: Any) -> Any:
+    from bsnn.convert.calibrate import Max, Percentile
+
+    if isinstance(obj, Max):
+        return "max"
+    if isinstance(obj, Percentile):
+        return obj.p
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Coerce a YAML value to the annotated type ``tp`` or raise a ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if tp in (tuple, list) or origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(value) if (tp is tuple or origin is tuple) else list(value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _from_dict(cls: type, d: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in d.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r}; valid keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def from_dict(d: dict | None, cls: type = Config) -> Any:
+    """Build a config dataclass (default :class:`Config`) from a nested dict, validating it."""
+    cfg = _from_dict(cls, d or {})
+    cfg.validate()
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``"a.b=value"`` into ``(["a", "b"], value)``; the value is parsed as YAML (``3`` -> int)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.epochs=3)")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Return a copy of the nested dict ``d`` with dotted ``key=value`` overrides applied."""
+    import copy
+
+    out = copy.deepcopy(d)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise ConfigError(f"override {text!r}: {p!r} is not a section")
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML file (or the defaults when ``path`` is None), apply overrides and validate.
+
+    Args:
+        path: YAML file whose top-level keys are the sections of :class:`Config`.
+        overrides: dotted ``section.key=value`` strings applied after the file.
+
+    Raises:
+        ConfigError: missing file, malformed YAML, unknown key, wrong type or out-of-range value.
+    """
+    d: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found; pass an existing YAML file (see configs/)")
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(d).__name__}")
+    d = apply_overrides(d, overrides or [])
+    return from_dict(d)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from bsnn.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,36 @@
+"""Threshold balancing as pure functions of calibration statistics.
+
+Layer-wise data-based normalisation (Diehl 2015, Rueckauer 2017; Lu & Sengupta 2020 §1 of REFERENCE): the IF
+layer that replaces ReLU ``l`` gets threshold λ_l, the chosen statistic of that ReLU's output. With the
+reset-by-subtraction IF neuron the spike rate of a neuron then approximates ``clip(a_l / λ_l, 0, 1)``, and a
+spike stands for λ_l. This is equivalent to scaling weights by λ_{l-1}/λ_l with threshold 1; bsnn keeps the
+weights (so binary weights stay ±1) and moves the factors into the thresholds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def balanced_thresholds(stats: dict[str, torch.Tensor], threshold_scale: float = 1.0,
+                        floor: float = 1e-6) -> dict[str, torch.Tensor]:
+    """Thresholds λ (ANN activation domain) from per-layer statistics.
+
+    Args:
+        stats: ReLU name -> statistic (scalar or ``[C]``), e.g. from :func:`bsnn.convert.calibrate.calibrate`.
+        threshold_scale: global multiplicative factor on every threshold.
+        floor: lower bound (a dead ReLU would otherwise give a zero threshold).
+
+    Returns:
+        ReLU name -> λ with the same shapes.
+    """
+    return {name: (s.float() * threshold_scale).clamp_min(floor) for name, s in stats.items()}
+
+
+def weight_scale_factors(lambdas: list[float]) -> list[float]:
+    """The equivalent weight-normalisation factors λ_{l-1}/λ_l (λ_0 = 1 for the analog input), for reference."""
+    prev, out = 1.0, []
+    for lam in lambdas:
+        out.append(prev / lam)
+        prev = lam
+    return out

@@ -1,0 +1,157 @@
+"""Activation statistics of the ANN's ReLU outputs, gathered by hook observers over a calibration loader.
+
+Percentiles are exact and memory-bounded: the p-th percentile of N values (``torch.quantile`` with
+``interpolation='higher'``) is the k-th largest value with ``k = N - ceil(q·(N-1))``, so each observer keeps
+only the running top-k values (per channel when requested) and merges every batch into them with
+``torch.topk`` — O(k) memory (0.1 % of the activations for p = 99.9), torch ops only, no numpy.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Union
+
+import torch
+import torch.nn as nn
+
+from bsnn.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Max:
+    """Threshold statistic: the maximum activation."""
+
+    def describe(self) -> str:
+        return "max"
+
+
+@dataclass(frozen=True)
+class Percentile:
+    """Threshold statistic: the p-th percentile of the activations (Rueckauer 2017: 99.9)."""
+
+    p: float = 99.9
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.p <= 100.0:
+            raise ConfigError(f"Percentile(p) needs 0 < p <= 100, got {self.p}")
+
+    def describe(self) -> str:
+        return f"p{self.p:g}"
+
+
+Statistic = Union[Max, Percentile]
+
+
+def topk_size(n: int, p: float) -> int:
+    """Number of largest values to keep so that the k-th largest of ``n`` is the ``p``-th percentile."""
+    q = p / 100.0
+    return max(1, n - math.ceil(q * (n - 1)))
+
+
+class ActivationObserver(nn.Module):
+    """Identity module that records statistics of what flows through it.
+
+    Args:
+        stat: :class:`Max` or :class:`Percentile`.
+        per_channel: statistics per channel (dim 1) instead of over the whole tensor.
+        expected_count: total number of values (per channel when ``per_channel``) the observer will see;
+            needed by percentiles to size the top-k buffer exactly.
+    """
+
+    def __init__(self, stat: Statistic, per_channel: bool, expected_count: int | None = None) -> None:
+        super().__init__()
+        self.stat, self.per_channel, self.expected_count = stat, per_channel, expected_count
+        self.top: torch.Tensor | None = None  # [C, k] or [1, k]
+        self.seen = 0
+        self.channels = 0
+
+    def _k(self) -> int:
+        if isinstance(self.stat, Max):
+            return 1
+        if self.expected_count is None:
+            raise ConfigError("percentile calibration needs the number of calibration values")
+        return topk_size(self.expected_count, self.stat.p)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: activation ``[B, C, ...]`` or ``[B, F]``; returned unchanged."""
+        flat = x.detach().float().transpose(0, 1).reshape(x.shape[1], -1) if self.per_channel \
+            else x.detach().float().reshape(1, -1)
+        self.channels = flat.shape[0]
+        self.seen += flat.shape[1]
+        merged = flat if self.top is None else torch.cat([self.top, flat], dim=1)
+        k = min(self._k(), merged.shape[1])
+        self.top = merged.topk(k, dim=1, sorted=False).values
+        return x
+
+    def value(self) -> torch.Tensor:
+        """The statistic, ``[C]`` per channel or a scalar tensor."""
+        if self.top is None:
+            raise ConfigError("observer saw no data: the calibration loader is empty")
+        k = min(topk_size(self.seen, self.stat.p), self.top.shape[1]) if isinstance(self.stat, Percentile) else 1
+        v = self.top.topk(k, dim=1).values[:, -1]
+        return v if self.per_channel else v[0]
+
+
+@contextmanager
+def observe(modules: dict[str, nn.Module], stat: Statistic, per_channel: bool,
+            values_per_channel: dict[str, int] | None = None) -> Iterator[dict[str, ActivationObserver]]:
+    """Attach an :class:`ActivationObserver` as a forward hook on each named module's *output*.
+
+    Hooks are removed on exit, whatever happens. Yields the observers by name.
+    """
+    observers = {n: ActivationObserver(stat, per_channel, (values_per_channel or {}).get(n)) for n in modules}
+    handles = [m.register_forward_hook(lambda _m, _i, out, o=observers[n]: o(out)) for n, m in modules.items()]
+    try:
+        yield observers
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, modules: dict[str, nn.Module], loader, stat: Statistic, per_channel: bool = False,
+              max_samples: int | None = None, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Statistics of each module's output over (the first ``max_samples`` of) ``loader``.
+
+    Args:
+        model: the ANN, run in eval mode.
+        modules: name -> module whose output is observed (the ReLUs).
+        loader: yields ``(x [B, ...], y)``; only ``x`` is used.
+        stat: :class:`Max` or :class:`Percentile`.
+        per_channel: per-channel statistics (dim 1).
+        max_samples: stop after this many samples (None: the whole loader).
+        device: where the model runs.
+
+    Returns:
+        name -> statistic (``[C]`` per channel, scalar otherwise).
+    """
+    device = torch.device(device)
+    model.eval().to(device)
+    n_total = len(loader.dataset) if hasattr(loader, "dataset") else None
+    if max_samples is not None:
+        n_total = max_samples if n_total is None else min(n_total, max_samples)
+    if n_total is None or n_total == 0:
+        raise ConfigError("calibration loader is empty or has no dataset length")
+    # one sample's activation sizes -> exact value counts for the percentile buffers
+    x0 = next(iter(loader))[0][:1].to(device)
+    sizes: dict[str, int] = {}
+    with observe(modules, Max(), per_channel) as probe:
+        model(x0)
+        for n, o in probe.items():
+            sizes[n] = o.seen * n_total
+    seen = 0
+    with observe(modules, stat, per_channel, sizes) as observers:
+        for batch in loader:
+            x = batch[0]
+            if max_samples is not None:
+                x = x[: max_samples - seen]
+            if x.shape[0] == 0:
+                break
+            model(x.to(device))
+            seen += x.shape[0]
+            if max_samples is not None and seen >= max_samples:
+                break
+        return {n: o.value() for n, o in observers.items()}

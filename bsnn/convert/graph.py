@@ -1,0 +1,141 @@
+"""Graph capture for conversion: torch.fx tracing and normalisation.
+
+:func:`capture` returns a ``GraphModule`` in which
+
+* every activation is its own ``nn.ReLU`` call (functional ``F.relu`` / ``torch.relu`` / ``x.relu()``,
+  inplace variants and re-used ReLU modules are all given a module of their own — never silently skipped),
+* dropout is removed (identity at inference),
+* every node has its output shape in ``node.meta['shape']`` (from one sample),
+* anything the converter does not support raises :class:`ConversionError` naming the op and its place.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+from bsnn.binary import BinaryConv2d, BinaryLinear
+from bsnn.errors import ConversionError
+
+RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_}
+RELU_METHODS = {"relu", "relu_"}
+DROPOUT_FUNCTIONS = {F.dropout, torch.dropout}
+ADD_FUNCTIONS = {operator.add, torch.add, operator.iadd}
+SHAPE_FUNCTIONS = {torch.flatten}
+POOL_FUNCTIONS = {F.avg_pool2d, F.adaptive_avg_pool2d, torch.nn.functional.avg_pool2d}
+SHAPE_METHODS = {"view", "reshape", "flatten", "size", "contiguous"}
+MAXPOOL_FUNCTIONS = {F.max_pool2d, torch.max_pool2d, F.adaptive_max_pool2d}
+
+SYNAPTIC = (nn.Conv2d, nn.Linear)
+LINEAR_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity)
+MAXPOOL_HINT = ("max-pooling spike trains does not compute the max of firing rates; replace it with "
+                "nn.AvgPool2d (same kernel/stride) and retrain, as conversion-friendly ANNs do")
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that keeps bsnn's binary layers as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (BinaryConv2d, BinaryLinear)) or super().is_leaf_module(m, qualname)
+
+
+def where(node: fx.Node) -> str:
+    """Human-readable location of ``node``: the module path or function, its graph node and its inputs."""
+    ins = ", ".join(a.name for a in node.all_input_nodes) or "-"
+    if node.op == "call_module":
+        what = f"module '{node.target}'"
+    else:
+        what = f"{node.op.replace('call_', '')} {getattr(node.target, '__name__', node.target)}"
+    return f"{what} (graph node '{node.name}', inputs: {ins})"
+
+
+def capture(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+    """Trace and normalise ``model`` (a deep copy; the original is not touched).
+
+    Args:
+        model: the ANN.
+        example: one input batch ``[B, C, H, W]`` used to record shapes.
+
+    Raises:
+        ConversionError: untraceable code (with the tracer's reason) or an unsupported op.
+    """
+    model = copy.deepcopy(model).eval()
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # noqa: BLE001 - fx raises many types; re-raise as one clear error
+        raise ConversionError(
+            f"torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}. Conversion needs a "
+            "forward without data-dependent Python control flow; move such logic out of forward() "
+            "or wrap it in a leaf module"
+        ) from None
+    gm = fx.GraphModule(model, graph)
+    _normalise(gm)
+    try:
+        ShapeProp(gm).propagate(example[:1])
+    except Exception as e:  # noqa: BLE001
+        raise ConversionError(f"{type(model).__name__} fails on a calibration sample of shape "
+                              f"{tuple(example.shape[1:])}: {str(e).splitlines()[0]}") from None
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        node.meta["shape"] = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    _check_supported(gm)
+    return gm
+
+
+def _normalise(gm: fx.GraphModule) -> None:
+    graph, used, count = gm.graph, set(), 0
+    for node in list(graph.nodes):
+        is_fn_relu = node.op == "call_function" and node.target in RELU_FUNCTIONS
+        is_method_relu = node.op == "call_method" and node.target in RELU_METHODS
+        is_mod_relu = node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.ReLU)
+        if is_fn_relu or is_method_relu or (is_mod_relu and node.target in used):
+            name = f"act_{node.name}" if not is_mod_relu else f"{node.target.replace('.', '_')}_{count}"
+            count += 1
+            gm.add_submodule(name, nn.ReLU())
+            with graph.inserting_after(node):
+                new = graph.call_module(name, (node.args[0],))
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            used.add(name)
+        elif is_mod_relu:
+            used.add(node.target)
+        elif (node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Dropout)) or \
+                (node.op == "call_function" and node.target in DROPOUT_FUNCTIONS):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+
+
+def _check_supported(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)):
+                raise ConversionError(f"unsupported max-pool at {where(node)}: {MAXPOOL_HINT}")
+            if not isinstance(m, (*SYNAPTIC, *LINEAR_MODULES, nn.ReLU, nn.BatchNorm2d, nn.BatchNorm1d)):
+                raise ConversionError(f"unsupported module {type(m).__name__} at {where(node)}; supported: Conv2d, "
+                                      "Linear, BatchNorm, ReLU, AvgPool2d, AdaptiveAvgPool2d, Flatten, Dropout")
+        elif node.op == "call_function":
+            if node.target in MAXPOOL_FUNCTIONS:
+                raise ConversionError(f"unsupported max-pool at {where(node)}: {MAXPOOL_HINT}")
+            if node.target not in ADD_FUNCTIONS | SHAPE_FUNCTIONS | POOL_FUNCTIONS:
+                raise ConversionError(f"unsupported function at {where(node)}; supported functions: add, flatten, "
+                                      "relu, avg_pool2d, adaptive_avg_pool2d")
+        elif node.op == "call_method" and node.target not in SHAPE_METHODS:
+            raise ConversionError(f"unsupported method at {where(node)}; supported: "
+                                  f"{', '.join(sorted(SHAPE_METHODS | RELU_METHODS))}")
+
+
+def relu_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
+    """The ReLU modules of a captured graph, in graph order (each used exactly once)."""
+    return {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.ReLU)}

@@ -1,0 +1,203 @@
+"""Graph surgery: ANN graph -> spiking graph, by propagating each value's *scale* through the network.
+
+Every value in the spiking graph is stored in its own domain: ``real = scale · stored`` with ``scale`` > 0,
+a scalar or one factor per channel. The pass walks the captured ANN graph once:
+
+* analog input: scale 1;
+* full-precision conv/linear: the input scale is folded into the weights (output scale 1);
+* binary conv/linear: the stored weight is **sign(W), exactly ±1**; α (per output channel) and the input
+  scale move into the output scale, the bias is divided by it (``real = α·s_in·(sign(W)*x + b/(α·s_in))``);
+* BatchNorm: folded into the producing conv/linear (also in residual shortcuts): the BN gain multiplies the
+  scale and its shift goes into the bias; a negative gain flips that output channel's weight row (still ±1);
+* ReLU -> :class:`IFNeuron`: threshold θ = λ / scale in the stored domain, where λ is the calibrated
+  activation statistic (threshold balancing); its spikes stand for λ, the new scale;
+* avg-pool / flatten / reshape: scale passes through (per-channel scales are expanded by flatten);
+* residual add: the second operand is re-expressed in the first operand's scale by a :class:`ChannelScale`;
+* output: a :class:`ChannelScale` back to logits, then the non-spiking :class:`Integrator`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from bsnn.binary import is_binary
+from bsnn.convert.graph import ADD_FUNCTIONS, where
+from bsnn.errors import ConversionError
+from bsnn.snn.neuron import ChannelScale, IFNeuron, Integrator
+
+
+def _bcast(scale: torch.Tensor, shape: tuple | None) -> torch.Tensor:
+    """Reshape a 1-D scale ``[1]`` or ``[C]`` to broadcast on one sample ``shape[1:]``."""
+    if scale.numel() == 1:
+        return scale.reshape(())
+    return scale.reshape(scale.numel(), *([1] * (len(shape) - 2)))
+
+
+class _Builder:
+    def __init__(self, gm: fx.GraphModule, thresholds: dict[str, torch.Tensor], v_init_frac: float) -> None:
+        self.gm, self.thresholds, self.v_init_frac = gm, thresholds, v_init_frac
+        self.root = nn.Module()
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.scale: dict[fx.Node, torch.Tensor] = {}
+        self.synapse: dict[fx.Node, nn.Module] = {}  # ANN node -> new conv/linear producing it (for BN folding)
+        self.layers: list[dict] = []
+        self.neurons: list[str] = []
+
+    def add_module(self, name: str, module: nn.Module) -> str:
+        name = name.replace(".", "_")
+        self.root.add_module(name, module)
+        return name
+
+    # ------------------------------------------------------------------------------------------ ops
+    def synaptic(self, node: fx.Node, m: nn.Module) -> None:
+        src = node.args[0]
+        s_in, in_shape = self.scale[src], src.meta["shape"]
+        w = m.weight.detach().float()
+        if is_binary(m):
+            if s_in.numel() != 1:
+                raise ConversionError(
+                    f"binary layer '{node.target}' at {where(node)} receives per-channel scaled spikes; its weights "
+                    "could not stay ±1. Use layer-wise thresholds (convert.per_channel=false) for layers that "
+                    "feed binary layers")
+            sign, alpha = m.binary_weight()
+            alpha = alpha.float().reshape(-1) * torch.ones(w.shape[0])
+            out_scale = alpha * s_in
+            new_w = sign.float()
+            bias = m.bias.detach().float() / out_scale if m.bias is not None else None
+        else:
+            if s_in.numel() == 1:
+                new_w = w * s_in
+            elif isinstance(m, nn.Conv2d):
+                new_w = w * s_in.view(1, -1, 1, 1)
+            else:
+                new_w = w * s_in.view(1, -1)
+            out_scale = torch.ones(1)
+            bias = m.bias.detach().float() if m.bias is not None else None
+        if isinstance(m, nn.Conv2d):
+            new = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                            bias=True, padding_mode=m.padding_mode)
+        else:
+            new = nn.Linear(m.in_features, m.out_features, bias=True)
+        with torch.no_grad():
+            new.weight.copy_(new_w)
+            new.bias.copy_(bias if bias is not None else torch.zeros(new.bias.shape))
+        name = self.add_module(node.target, new)
+        self.env[node] = self.graph.call_module(name, (self.env[src],))
+        self.scale[node] = out_scale
+        self.synapse[node] = new
+        self.layers.append({"name": name, "type": type(new).__name__, "binary": is_binary(m),
+                            "in_shape": list(in_shape[1:]), "out_shape": list(node.meta["shape"][1:]),
+                            "kernel": list(getattr(m, "kernel_size", (1, 1))), "stride": list(getattr(m, "stride", (1, 1))),
+                            "padding": list(getattr(m, "padding", (0, 0))), "groups": getattr(m, "groups", 1),
+                            "in_features": w[0].numel(), "out_channels": w.shape[0]})
+
+    def batchnorm(self, node: fx.Node, bn: nn.Module) -> None:
+        src = node.args[0]
+        if src not in self.synapse or len(src.users) != 1:
+            raise ConversionError(f"BatchNorm '{node.target}' at {where(node)} must directly follow a conv/linear whose "
+                                  "output feeds only it, so that it can be folded")
+        conv = self.synapse[src]
+        k = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
+        shift = bn.bias.detach().float() - k * bn.running_mean.float()
+        c = k * self.scale[src]
+        if (c == 0).any():
+            raise ConversionError(f"BatchNorm '{node.target}' has channels with zero gain "
+                                  f"{torch.nonzero(c == 0).flatten().tolist()}; they cannot carry spikes")
+        sign = torch.sign(c)
+        with torch.no_grad():  # flip channels with negative gain: weights stay ±1, the scale stays positive
+            conv.weight.mul_(sign.view(-1, *([1] * (conv.weight.dim() - 1))))
+            conv.bias.mul_(sign).add_(shift / c.abs())
+        self.env[node] = self.env[src]
+        self.scale[node] = c.abs()
+        self.synapse[node] = conv
+
+    def relu(self, node: fx.Node) -> None:
+        src = node.args[0]
+        lam = self.thresholds[node.target].float().reshape(-1).clamp_min(1e-6)
+        s_in = self.scale[src]
+        theta = _bcast(lam / s_in, node.meta["shape"])
+        neuron = IFNeuron(theta, v_init_frac=self.v_init_frac, name=node.target)
+        name = self.add_module("if_" + node.target, neuron)
+        self.env[node] = self.graph.call_module(name, (self.env[src],))
+        self.scale[node] = lam
+        self.neurons.append(name)
+
+    def passthrough(self, node: fx.Node) -> None:
+        """Linear, channel-preserving ops (pooling, flatten, reshape): copy; scale follows the layout."""
+        if node.op == "call_module":
+            name = self.add_module(node.target, self.gm.get_submodule(node.target))
+            new = self.graph.call_module(name, tuple(self.env.get(a, a) for a in node.args))
+        else:
+            new = self.graph.node_copy(node, lambda n: self.env[n])
+        self.env[node] = new
+        src = node.all_input_nodes[0]
+        s = self.scale.get(src, torch.ones(1))
+        in_shape, out_shape = src.meta["shape"], node.meta["shape"]
+        if s.numel() > 1 and out_shape is not None and len(out_shape) < len(in_shape):
+            s = s.repeat_interleave(int(torch.tensor(in_shape[2:]).prod()))  # [C] -> [C*H*W], C-major flatten
+        self.scale[node] = s
+
+    def add(self, node: fx.Node) -> None:
+        a, b = node.args[0], node.args[1]
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            raise ConversionError(f"addition of a constant at {where(node)} is not supported")
+        shape = node.meta["shape"]
+        ratio = self.scale[b] / self.scale[a]
+        name = self.add_module(f"align_{node.name}", ChannelScale(_bcast(ratio.reshape(-1), shape)))
+        b_new = self.graph.call_module(name, (self.env[b],))
+        self.env[node] = self.graph.call_function(torch.add, (self.env[a], b_new))
+        sa = self.scale[a]
+        self.scale[node] = sa if sa.numel() >= self.scale[b].numel() else sa.expand(self.scale[b].numel()).clone()
+
+    def output(self, node: fx.Node) -> None:
+        src = node.args[0]
+        if not isinstance(src, fx.Node):
+            raise ConversionError(f"the network must return one tensor of logits, got {where(node)}")
+        name = self.add_module("output_scale", ChannelScale(_bcast(self.scale[src], src.meta["shape"])))
+        scaled = self.graph.call_module(name, (self.env[src],))
+        integ = self.graph.call_module(self.add_module("integrator", Integrator()), (scaled,))
+        self.graph.output(integ)
+
+    # --------------------------------------------------------------------------------------- driver
+    def build(self) -> tuple[fx.GraphModule, list[dict], list[str]]:
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                self.env[node] = self.graph.placeholder(node.name)
+                self.scale[node] = torch.ones(1)
+            elif node.op == "output":
+                self.output(node)
+            elif node.op == "call_module":
+                m = self.gm.get_submodule(node.target)
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    self.synaptic(node, m)
+                elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                    self.batchnorm(node, m)
+                elif isinstance(m, nn.ReLU):
+                    self.relu(node)
+                else:
+                    self.passthrough(node)
+            elif node.op == "call_function" and node.target in ADD_FUNCTIONS:
+                self.add(node)
+            else:
+                self.passthrough(node)
+        self.graph.lint()
+        return fx.GraphModule(self.root, self.graph), self.layers, self.neurons
+
+
+def build_spiking_graph(gm: fx.GraphModule, thresholds: dict[str, torch.Tensor], v_init_frac: float = 0.0
+                        ) -> tuple[fx.GraphModule, list[dict], list[str]]:
+    """Turn a captured ANN graph into a spiking graph.
+
+    Args:
+        gm: graph from :func:`bsnn.convert.graph.capture` (shapes recorded).
+        thresholds: ReLU module name -> λ, the balanced threshold in the ANN's activation domain
+            (scalar or ``[C]``).
+        v_init_frac: initial membrane potential as a fraction of θ (0.5 = the θ/2 shift).
+
+    Returns:
+        ``(spiking GraphModule, synaptic layer table, IF neuron module names)``.
+    """
+    return _Builder(gm, thresholds, v_init_frac).build()

@@ -1,0 +1,167 @@
+"""Simulate a spiking network over time and read its accuracy at every requested T from one run.
+
+Time is folded into the batch: each call of the network processes a chunk of ``time_chunk`` timesteps as
+``[Tc * B, ...]``, neurons keep their membrane across chunks, so peak memory depends on ``time_chunk``, not
+on T. The output integrator's membrane after T steps is the prefix sum of the output currents; the
+prediction at T is its argmax — identical to a separate run stopped at T, because the network is causal.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from bsnn.config import SimConfig
+from bsnn.errors import ConfigError
+from bsnn.snn.encode import get_encoder
+from bsnn.snn.network import SpikingNetwork
+
+
+@dataclass
+class SimResult:
+    """Outcome of :func:`simulate`.
+
+    Attributes:
+        timesteps: the requested T values (sorted).
+        accuracy: T -> top-1 accuracy (%).
+        samples: number of samples simulated.
+        spike_counts: IF layer -> spikes per timestep summed over all samples (length max T).
+        neurons: IF layer -> neurons per sample.
+        ann_accuracy: accuracy (%) of the source ANN on the same samples, when given.
+        wall_time_s: simulation wall time.
+        config: the simulation settings used.
+    """
+
+    timesteps: list[int]
+    accuracy: dict[int, float]
+    samples: int
+    spike_counts: dict[str, list[float]]
+    neurons: dict[str, int]
+    ann_accuracy: float | None = None
+    wall_time_s: float = 0.0
+    config: dict = field(default_factory=dict)
+
+    def firing_rates(self, T: int | None = None) -> dict[str, float]:
+        """Mean spikes per neuron per timestep over the first ``T`` steps (default: all), per IF layer."""
+        T = T or max(self.timesteps)
+        return {n: sum(c[:T]) / max(1, self.neurons[n] * self.samples * T) for n, c in self.spike_counts.items()}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["accuracy"] = {str(k): v for k, v in self.accuracy.items()}
+        d["firing_rates"] = self.firing_rates()
+        return d
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    from bsnn.train import resolve_device
+
+    return resolve_device(device) if isinstance(device, str) else device
+
+
+def iter_chunks(snn: SpikingNetwork, x: torch.Tensor, timesteps: int, time_chunk: int = 16, encoding: str = "direct",
+                generator: torch.Generator | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Simulate one batch chunk by chunk, yielding ``(first_step, membrane [Tc, B, K])``.
+
+    ``membrane[i]`` is the output integrator's membrane after step ``first_step + i + 1``. Only one chunk of
+    activations is alive at a time, so memory does not grow with ``timesteps``. The state is reset first.
+    """
+    snn.reset()
+    enc = get_encoder(encoding)
+    acc = None
+    for start in range(0, timesteps, time_chunk):
+        tc = min(time_chunk, timesteps - start)
+        snn.set_time_chunk(tc)
+        cur = snn(enc(x, tc, generator)).reshape(tc, x.shape[0], -1)
+        cum = cur.cumsum(0) if acc is None else cur.cumsum(0).add_(acc)
+        acc = cum[-1].clone()
+        yield start, cum
+
+
+@torch.no_grad()
+def run_batch(snn: SpikingNetwork, x: torch.Tensor, timesteps: int, time_chunk: int = 16, encoding: str = "direct",
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """Simulate one batch for ``timesteps`` steps; return the output membrane after every step.
+
+    Args:
+        snn: the spiking network (its state is reset first).
+        x: analog input ``[B, C, H, W]``.
+        timesteps: T.
+        time_chunk: timesteps folded into the batch per call.
+        encoding: registered input encoder.
+
+    Returns:
+        Accumulated output membrane ``[T, B, K]`` (prefix sums of the output currents).
+    """
+    return torch.cat([cum for _, cum in iter_chunks(snn, x, timesteps, time_chunk, encoding, generator)], 0)
+
+
+@torch.no_grad()
+def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cfg: SimConfig | None = None, *,
+             device: str | torch.device = "cpu", ann: nn.Module | None = None, quiet: bool = False,
+             seed: int = 0) -> SimResult:
+    """Accuracy of ``snn`` at every T in ``timesteps`` from one run to ``max(timesteps)``.
+
+    Args:
+        snn: converted network.
+        loader: yields ``(x [B, C, H, W], y [B])``.
+        timesteps: the T values to report (overrides ``cfg.timesteps``).
+        cfg: simulation settings (chunk size, encoding, kernel, sample limit).
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        ann: optional source ANN, evaluated on the same samples for reference.
+        quiet: no progress bar.
+        seed: seed of stochastic encoders.
+
+    Returns:
+        :class:`SimResult` with accuracies, per-layer spike counts per timestep and neuron counts.
+    """
+    cfg = cfg or SimConfig()
+    if timesteps is not None:
+        cfg = SimConfig(**{**asdict(cfg), "timesteps": list(timesteps)})
+    cfg.validate()
+    ts = sorted(set(int(t) for t in cfg.timesteps))
+    t_max = ts[-1]
+    dev = _resolve_device(device)
+    snn = snn.to(dev).eval()
+    snn.set_kernel(cfg.kernel)
+    if ann is not None:
+        ann = ann.to(dev).eval()
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    correct = {t: 0 for t in ts}
+    ann_correct, n = 0, 0
+    counts = {name: torch.zeros(t_max, dtype=torch.float64) for name in snn.neuron_names}
+    neurons: dict[str, int] = {}
+    t0 = time.perf_counter()
+    total = len(loader.dataset) if cfg.max_samples is None else min(cfg.max_samples, len(loader.dataset))
+    bar = tqdm(total=total, desc=f"simulate T<={t_max}", unit="sample", disable=quiet or None)
+    for batch in loader:
+        x, y = batch[0].to(dev), batch[1].to(dev)
+        if cfg.max_samples is not None:
+            x, y = x[: cfg.max_samples - n], y[: cfg.max_samples - n]
+        if x.shape[0] == 0:
+            break
+        for start, membrane in iter_chunks(snn, x, t_max, min(cfg.time_chunk, t_max), cfg.encoding, gen):
+            for t in ts:
+                if start < t <= start + membrane.shape[0]:
+                    correct[t] += (membrane[t - start - 1].argmax(1) == y).sum().item()
+        for name, m in snn.neurons().items():
+            counts[name] += torch.tensor(m.spike_count, dtype=torch.float64)
+            neurons[name] = m.neurons_per_sample
+        if ann is not None:
+            ann_correct += (ann(x).argmax(1) == y).sum().item()
+        n += y.numel()
+        bar.update(y.numel())
+        if cfg.max_samples is not None and n >= cfg.max_samples:
+            break
+    bar.close()
+    if n == 0:
+        raise ConfigError("simulate: the loader yielded no samples")
+    return SimResult(timesteps=ts, accuracy={t: 100.0 * c / n for t, c in correct.items()}, samples=n,
+                     spike_counts={k: v.tolist() for k, v in counts.items()}, neurons=neurons,
+                     ann_accuracy=100.0 * ann_correct / n if ann is not None else None,
+                     wall_time_s=time.perf_counter() - t0, config=asdict(cfg))

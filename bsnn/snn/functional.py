@@ -1,0 +1,42 @@
+"""Reference integrate-and-fire math: the oracle every fast kernel is tested against.
+
+Non-leaky integrate-and-fire with reset by subtraction, per timestep t::
+
+    v[t] = v[t-1] + x[t]
+    s[t] = 1  if v[t] >= theta  else 0
+    v[t] = v[t] - s[t] * theta
+
+Tensors are time-first: ``x`` is ``[T, B, ...]``; ``theta`` broadcasts against one timestep ``[B, ...]``
+(a scalar, or per channel ``[C, 1, 1]`` / ``[C]``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def if_step(v: torch.Tensor, x: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One IF timestep. Returns ``(spike, v_next)``; ``spike`` is 0/1 in ``x``'s dtype."""
+    v = v + x
+    s = (v >= theta).to(x.dtype)
+    return s, v - s * theta
+
+
+def if_multistep(x_seq: torch.Tensor, theta: torch.Tensor | float, v0: torch.Tensor | float = 0.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run IF neurons over ``T`` timesteps (reference loop).
+
+    Args:
+        x_seq: input current ``[T, B, ...]``.
+        theta: threshold, broadcastable to ``[B, ...]``; must be > 0.
+        v0: initial membrane potential, broadcastable to ``[B, ...]``.
+
+    Returns:
+        ``(spikes [T, B, ...], v_final [B, ...])``.
+    """
+    theta = torch.as_tensor(theta, dtype=x_seq.dtype, device=x_seq.device)
+    v = torch.zeros_like(x_seq[0]) + v0
+    out = torch.empty_like(x_seq)
+    for t in range(x_seq.shape[0]):
+        out[t], v = if_step(v, x_seq[t], theta)
+    return out, v

@@ -1,0 +1,63 @@
+"""The converted spiking network: a spiking fx graph plus what simulation and costing need to know."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from bsnn.snn.neuron import IFNeuron
+
+
+class SpikingNetwork(nn.Module):
+    """A binary spiking network produced by :func:`bsnn.convert`.
+
+    ``forward`` takes one chunk of timesteps with time folded into the batch, ``[Tc * B, C, H, W]``, and returns
+    the output layer's input current per timestep ``[Tc * B, K]``; the membrane of the non-spiking output
+    integrator is the running sum of those currents (see :func:`bsnn.simulate`).
+
+    Attributes:
+        graph_module: the spiking fx graph (synaptic layers, :class:`IFNeuron` s, pooling, residual adds).
+        layers: synaptic layer table (name, type, binary, in/out shapes, kernel, stride, ...).
+        neuron_names: names of the IF layers in graph order.
+        input_shape: one sample's shape ``[C, H, W]``.
+        meta: conversion record (config, ANN architecture) saved with the network.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, layers: list[dict], neuron_names: list[str],
+                 input_shape: list[int], meta: dict | None = None) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.layers = layers
+        self.neuron_names = list(neuron_names)
+        self.input_shape = list(input_shape)
+        self.meta = dict(meta or {})
+
+    def neurons(self) -> dict[str, IFNeuron]:
+        """IF layers by name, in graph order."""
+        return {n: self.graph_module.get_submodule(n) for n in self.neuron_names}
+
+    def reset(self) -> None:
+        """Reset every neuron's membrane and spike record (before a new batch)."""
+        for m in self.neurons().values():
+            m.reset()
+
+    def set_time_chunk(self, timesteps: int) -> None:
+        """Tell the neurons how many timesteps are folded into the batch of the next calls."""
+        for m in self.neurons().values():
+            m.time_chunk = timesteps
+
+    def set_kernel(self, name: str) -> None:
+        """Select the IF-scan backend by registered name (see :mod:`bsnn.snn.kernels`)."""
+        from bsnn.snn.kernels import get_kernel
+
+        get_kernel(name)
+        for m in self.neurons().values():
+            m.kernel = name
+
+    def synaptic_modules(self) -> dict[str, nn.Module]:
+        """Conv/linear modules by layer name."""
+        return {l["name"]: self.graph_module.get_submodule(l["name"]) for l in self.layers}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph_module(x)

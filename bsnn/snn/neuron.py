@@ -1,0 +1,99 @@
+"""Stateful spiking modules used inside converted networks.
+
+Inside the simulator every tensor flows with time folded into the batch, ``[Tc * B, ...]`` for a chunk of
+``Tc`` timesteps; a neuron unfolds it to ``[Tc, B, ...]``, scans over time and folds it back. The membrane
+potential persists across chunks until :meth:`IFNeuron.reset`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from bsnn.snn.kernels import get_kernel
+
+
+class IFNeuron(nn.Module):
+    """Integrate-and-fire neurons, reset by subtraction, threshold per layer or per channel.
+
+    The membrane is kept in units of the threshold: each timestep ``v += x / θ``, a spike when ``v >= 1``,
+    then ``v -= 1`` — the same dynamics as ``v += x; v >= θ; v -= θ`` in the input's units, written so that
+    spikingjelly's scalar-threshold ``IFNode`` fed with ``x · (1/θ)`` reproduces it bit for bit.
+
+    Buffers (saved in ``state_dict``):
+        threshold: θ > 0 in the layer's *stored* input domain, shape ``[]``, ``[C]`` or ``[C, 1, 1]``.
+        v_init_frac: initial membrane as a fraction of θ (0 = plain conversion, 0.5 = the θ/2 shift).
+        v_init_bias: extra initial membrane in units of θ (set by post-conversion calibration), same shape as θ.
+
+    Attributes:
+        time_chunk: number of timesteps folded into the batch of the current call (set by the simulator).
+        spike_count: spikes emitted per timestep since the last reset (floats, summed over the batch).
+        record: whether to keep ``spike_count``.
+    """
+
+    def __init__(self, threshold: torch.Tensor | float = 1.0, v_init_frac: float = 0.0, name: str = "") -> None:
+        super().__init__()
+        self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32).clone())
+        self.register_buffer("v_init_frac", torch.tensor(float(v_init_frac)))
+        self.register_buffer("v_init_bias", torch.zeros_like(self.threshold))
+        self.name = name
+        self.time_chunk = 1
+        self.kernel = "torch"
+        self.record = True
+        self.v: torch.Tensor | None = None
+        self.spike_count: list[float] = []
+        self.neurons_per_sample = 0
+
+    def reset(self) -> None:
+        """Forget the membrane potential and the spike record (call before each new input batch)."""
+        self.v = None
+        self.spike_count = []
+
+    def gain(self) -> torch.Tensor:
+        """Input gain ``1/θ`` (same shape as ``threshold``)."""
+        return 1.0 / self.threshold
+
+    def initial_potential(self, like: torch.Tensor) -> torch.Tensor:
+        """Initial membrane (units of θ) ``v_init_frac + v_init_bias`` broadcast to one timestep ``[B, ...]``."""
+        return torch.zeros_like(like) + (self.v_init_frac + self.v_init_bias).to(like.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: input current ``[Tc * B, ...]`` -> spikes ``[Tc * B, ...]`` (0/1)."""
+        tc = self.time_chunk
+        x_seq = (x * self.gain().to(x.dtype)).reshape(tc, x.shape[0] // tc, *x.shape[1:])
+        if self.v is None:
+            self.v = self.initial_potential(x_seq[0])
+            self.neurons_per_sample = x_seq[0, 0].numel()
+        one = torch.ones((), dtype=x.dtype, device=x.device)
+        spikes, self.v = get_kernel(self.kernel)(x_seq, one, self.v)
+        if self.record:
+            # python floats, not tensor views: no small long-lived tensors pinning the heap as T grows
+            self.spike_count.extend(spikes.flatten(1).sum(1, dtype=torch.float64).tolist())
+        return spikes.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        th = self.threshold
+        return f"threshold={'per-channel' if th.numel() > 1 else round(th.item(), 4)}, name={self.name!r}"
+
+
+class ChannelScale(nn.Module):
+    """Multiply by a fixed per-channel (or scalar) factor: ``x * scale``; used to align residual branches
+    and to map the output layer's stored values back to logits."""
+
+    def __init__(self, scale: torch.Tensor | float) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.to(x.dtype)
+
+
+class Integrator(nn.Module):
+    """Marks the network output: the non-spiking last layer whose membrane accumulates the input current.
+
+    It is the identity per timestep; the simulator accumulates its outputs over time (prefix sums), which
+    is the membrane potential of a non-spiking integrator neuron.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x

@@ -1,0 +1,264 @@
+"""Training loops for the full-precision teacher and the binary-weight student.
+
+One loop (:func:`fit`) serves both: it optimises an *objective* module whose forward ``(x, y, index)``
+returns ``{'loss', 'logits', parts...}`` (a :class:`bsnn.distill.Distiller`). It is
+
+* seeded and deterministic on CPU (shuffling through a seeded sampler re-seeded every epoch, RNG state
+  stored in checkpoints),
+* resumable: an atomic checkpoint after every ``checkpoint_every`` epochs; ``resume=True`` continues a
+  killed run from it and ends with the same weights as an uninterrupted run,
+* torch.distributed-aware: under ``torchrun`` the objective is wrapped in DDP, each rank sees its shard of
+  every global batch, and training metrics are summed across ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from bsnn.binary import clamp_latent_
+from bsnn.config import DistillConfig, TrainConfig
+from bsnn.distill import build_distiller
+from bsnn.distributed import all_reduce_sum, barrier, current_env
+from bsnn.errors import CheckpointError
+from bsnn.io import load_checkpoint, save_checkpoint
+
+log = logging.getLogger("bsnn")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available else CPU; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from bsnn.errors import ConfigError
+
+        raise ConfigError("run.device is 'cuda' but no CUDA device is available; use run.device=cpu or auto")
+    return dev
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay only on conv/linear weights (tensors with ndim > 1); none on BN, biases or scales."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, nesterov off) or Adam over :func:`param_groups`."""
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch schedule: cosine to 0 over ``epochs``, step decay, or constant."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_epochs, gamma=cfg.gamma)
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=10**9, gamma=1.0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu") -> dict:
+    """Top-1 accuracy (%) and mean cross-entropy of ``model`` over ``loader``.
+
+    Returns:
+        ``{"accuracy": float, "loss": float, "samples": int}``.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    correct, loss_sum, n = 0, 0.0, 0
+    for batch in loader:
+        x, y = batch[0].to(device), batch[1].to(device)
+        z = model(x)
+        loss_sum += F.cross_entropy(z, y, reduction="sum").item()
+        correct += (z.argmax(1) == y).sum().item()
+        n += y.numel()
+    model.train(was_training)
+    return {"accuracy": 100.0 * correct / max(n, 1), "loss": loss_sum / max(n, 1), "samples": n}
+
+
+class _Supervised(nn.Module):
+    """Plain supervised objective for the teacher: CE with optional label smoothing."""
+
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.student = model
+        self.label_smoothing = label_smoothing
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> dict:
+        z = self.student(x)
+        ce = F.cross_entropy(z, y, label_smoothing=self.label_smoothing)
+        return {"loss": ce, "ce": ce.detach(), "logits": z}
+
+
+def _show_progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty() and current_env().is_main
+
+
+def fit(
+    objective: nn.Module,
+    model: nn.Module,
+    train_loader,
+    cfg: TrainConfig,
+    *,
+    val_loader=None,
+    checkpoint_path: str | Path | None = None,
+    resume: bool = False,
+    device: torch.device | str = "cpu",
+    quiet: bool = False,
+    desc: str = "train",
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> list[dict]:
+    """Optimise ``objective`` (which owns ``model``) for ``cfg.epochs`` epochs.
+
+    Args:
+        objective: module returning ``{'loss', 'logits', ...}`` from ``(x, y, index)``.
+        model: the network being trained (evaluated on ``val_loader``; its binary layers are clamped).
+        train_loader: yields ``(x [B, C, H, W], y [B])`` or ``(x, y, index)``.
+        cfg: optimisation settings.
+        val_loader: optional validation loader evaluated after every epoch.
+        checkpoint_path: resumable checkpoint written atomically (rank 0) every ``cfg.checkpoint_every`` epochs.
+        resume: continue from ``checkpoint_path`` if it exists.
+        device: where to train.
+        quiet: no progress bar.
+        desc: label for the progress bar and log lines.
+        on_epoch_end: called as ``fn(epoch, metrics)`` after the epoch's checkpoint is written.
+
+    Returns:
+        Per-epoch metrics (``epoch, lr, train_loss, train_acc, val_acc, val_loss, time_s``).
+    """
+    cfg.validate()
+    device = torch.device(device)
+    env = current_env()
+    objective.to(device)
+    opt = build_optimizer(objective, cfg)
+    sched = build_scheduler(opt, cfg)
+    history: list[dict] = []
+    start_epoch = 0
+    if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
+        ck = load_checkpoint(checkpoint_path, map_location=device)
+        try:
+            objective.load_state_dict(ck["objective"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(
+                f"cannot resume from {str(checkpoint_path)!r}: it does not match this model/optimiser ({e}); "
+                "delete it or start a new run folder"
+            ) from None
+        torch.set_rng_state(ck["rng"])
+        history, start_epoch = list(ck["history"]), int(ck["epoch"])
+        log.info("%s: resumed from %s at epoch %d", desc, checkpoint_path, start_epoch)
+    runner: nn.Module = objective
+    if env.distributed:
+        runner = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+
+    bar = tqdm(range(start_epoch, cfg.epochs), desc=desc, initial=start_epoch, total=cfg.epochs,
+               disable=not _show_progress(quiet), unit="epoch")
+    for epoch in bar:
+        t0 = time.perf_counter()
+        sampler = getattr(train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        runner.train()
+        loss_sum, correct, n = 0.0, 0, 0
+        for batch in train_loader:
+            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            index = batch[2].to(device) if len(batch) > 2 else None
+            out = runner(x, y, index)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; lower the lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            clamp_latent_(model)
+            loss_sum += loss.item() * y.numel()
+            correct += (out["logits"].detach().argmax(1) == y).sum().item()
+            n += y.numel()
+        sched.step()
+        loss_sum, correct, n = all_reduce_sum([loss_sum, float(correct), float(n)], device)
+        metrics = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum / max(n, 1),
+                   "train_acc": 100.0 * correct / max(n, 1)}
+        if val_loader is not None:
+            ev = evaluate(model, val_loader, device)
+            metrics.update(val_acc=ev["accuracy"], val_loss=ev["loss"])
+        metrics["time_s"] = time.perf_counter() - t0
+        history.append(metrics)
+        bar.set_postfix({k: round(v, 3) for k, v in metrics.items() if k in ("train_loss", "train_acc", "val_acc")})
+        log.info("%s epoch %d/%d %s", desc, epoch + 1, cfg.epochs,
+                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+        last = epoch + 1 == cfg.epochs
+        if checkpoint_path is not None and env.is_main and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
+            save_checkpoint({"epoch": epoch + 1, "objective": objective.state_dict(), "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+                             "history": history}, checkpoint_path)
+        barrier()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, metrics)
+    return history
+
+
+def train_teacher(model: nn.Module, train_loader, cfg: TrainConfig | None = None, **kwargs) -> list[dict]:
+    """Train a full-precision model with cross-entropy. Keyword arguments as :func:`fit`."""
+    cfg = cfg or TrainConfig()
+    return fit(_Supervised(model, cfg.label_smoothing), model, train_loader, cfg, desc=kwargs.pop("desc", "teacher"),
+               **kwargs)
+
+
+def train_student(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    train_loader,
+    distill: DistillConfig | None = None,
+    cfg: TrainConfig | None = None,
+    **kwargs,
+) -> list[dict]:
+    """Train ``student`` by the registered distillation method ``distill.method`` from a frozen ``teacher``.
+
+    The teacher is put in eval mode, its parameters frozen and moved to the training device.
+    Keyword arguments as :func:`fit`.
+    """
+    distill = distill or DistillConfig()
+    distill.validate()
+    cfg = cfg or TrainConfig()
+    if teacher is not None:
+        teacher.to(torch.device(kwargs.get("device", "cpu")))
+    objective = build_distiller(student, teacher, distill)
+    return fit(objective, student, train_loader, cfg, desc=kwargs.pop("desc", f"student[{distill.method}]"), **kwargs)
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Closed-form learning rate at the start of ``epoch`` (0-based) — documentation aid and test oracle."""
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** (epoch // cfg.step_epochs)
+    return cfg.lr

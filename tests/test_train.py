@@ -1,0 +1,108 @@
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from bsnn.binary import binarize_, is_binary
+from bsnn.config import DistillConfig, TrainConfig
+from bsnn.train import build_optimizer, build_scheduler, evaluate, lr_at, param_groups, train_student, train_teacher
+
+
+def _data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 6, 6, generator=g)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long() + 2 * (x[:, 0, 2:4, 2:4].mean(dim=(1, 2)) > 0).long()
+    ds = TensorDataset(x, y)
+    sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0)
+    return DataLoader(ds, batch_size=16, sampler=sampler), DataLoader(ds, batch_size=64)
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                         nn.Dropout(0.2), nn.Flatten(), nn.Linear(8 * 2 * 2, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def test_param_groups_no_decay_on_bn_and_bias():
+    net = _net()
+    decay, no_decay = param_groups(net, 5e-4)
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(net.parameters()))
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
+def test_schedule_matches_closed_form(schedule):
+    cfg = TrainConfig(epochs=6, lr=0.1, schedule=schedule, step_epochs=2, gamma=0.5, optimizer="sgd")
+    opt = build_optimizer(_net(), cfg)
+    sched = build_scheduler(opt, cfg)
+    for epoch in range(cfg.epochs):
+        assert math.isclose(opt.param_groups[0]["lr"], lr_at(cfg, epoch), rel_tol=1e-9, abs_tol=1e-12)
+        opt.step()
+        sched.step()
+
+
+def test_teacher_learns_and_is_deterministic():
+    train, test = _data()
+    cfg = TrainConfig(epochs=8, lr=0.02)
+    a, b = _net(), _net()
+    torch.manual_seed(1)
+    h = train_teacher(a, train, cfg, quiet=True)
+    torch.manual_seed(1)
+    train_teacher(b, train, cfg, quiet=True)
+    for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(pa, pb)
+    assert h[-1]["train_loss"] < h[0]["train_loss"]
+    assert evaluate(a, test)["accuracy"] > 60
+
+
+def test_resume_after_crash_gives_identical_weights(tmp_path):
+    train, _ = _data()
+    cfg = TrainConfig(epochs=3, lr=0.01)
+    ref = binarize_(_net())
+    torch.manual_seed(3)
+    train_teacher(ref, train, cfg, quiet=True)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_2(epoch, metrics):
+        if epoch == 2:
+            raise Crash()
+
+    ck = tmp_path / "last.pt"
+    run1 = binarize_(_net())
+    torch.manual_seed(3)
+    with pytest.raises(Crash):
+        train_teacher(run1, train, cfg, checkpoint_path=ck, quiet=True, on_epoch_end=crash_after_2)
+    torch.manual_seed(12345)  # a fresh process would have a different RNG state: resume must restore it
+    run2 = binarize_(_net(seed=99))
+    hist = train_teacher(run2, train, cfg, checkpoint_path=ck, resume=True, quiet=True)
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    for (k, pa), pb in zip(ref.state_dict().items(), run2.state_dict().values()):
+        assert torch.equal(pa, pb), k
+
+
+def test_student_distillation_teacher_frozen_and_latent_clamped():
+    train, test = _data()
+    teacher = _net(1)
+    train_teacher(teacher, train, TrainConfig(epochs=3, lr=0.01), quiet=True)
+    t_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = binarize_(_net(2))
+    hist = train_student(student, teacher, train, DistillConfig(method="kd", temperature=4.0),
+                         TrainConfig(epochs=3, lr=0.05), val_loader=test, quiet=True)
+    assert "val_acc" in hist[-1]
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, t_state[k]), k  # teacher untouched (incl. BN running stats: eval mode)
+    assert not teacher.training
+    for m in student.modules():
+        if is_binary(m):
+            assert m.weight.abs().max() <= 1.0
+
+
+def test_nonfinite_loss_is_reported():
+    train, _ = _data()
+    with pytest.raises(FloatingPointError, match="lower the lr"):
+        train_teacher(_net(), train, TrainConfig(epochs=2, lr=1e30, optimizer="sgd"), quiet=True)
