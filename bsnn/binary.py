@@ -188,3 +188,29 @@ def clamp_latent_(model: nn.Module) -> None:
 def binary_layer_names(model: nn.Module) -> list[str]:
     """Qualified names of the binary layers of ``model``."""
     return [n for n, m in model.named_modules() if is_binary(m)]
+
+
+def materialize(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose binary layers are plain ``nn.Conv2d`` / ``nn.Linear`` holding the effective
+    weight α·sign(W) — the same function, usable by tools that know nothing of bsnn (e.g. other converters)."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for name, m in list(out.named_modules()):
+        if not is_binary(m):
+            continue
+        sign, alpha = m.binary_weight()
+        if isinstance(m, nn.Conv2d):
+            new: nn.Module = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                                       m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
+        else:
+            new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        new = new.to(m.weight.device, m.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(alpha * sign)
+            if m.bias is not None:
+                new.bias.copy_(m.bias)
+        new.train(m.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(out.get_submodule(parent_name) if parent_name else out, child, new)
+    return out

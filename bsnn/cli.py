@@ -162,7 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bsnn`` console script; bsnn errors print one clear line and exit 2."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:  # overrides given after options (e.g. `bsnn run --out x train.epochs=3`)
+        args.overrides = list(args.overrides) + extra
     try:
         return args.fn(args)
     except BsnnError as e:

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bsnn.binary import (BinaryConv2d, BinaryLinear, binarize_, binary_layer_names, binary_sign, clamp_latent_,
+from bsnn.binary import (BinaryConv2d, BinaryLinear, binarize_, binary_layer_names, binary_sign, clamp_latent_, materialize,
                          sign_ste, weight_scale)
 from bsnn.config import BinaryConfig
 from bsnn.errors import ConfigError
@@ -99,3 +99,11 @@ def test_clamp_latent_after_step():
 def test_binarize_requires_layers():
     with pytest.raises(ConfigError, match="no nn.Conv2d"):
         binarize_(nn.Sequential(nn.ReLU()))
+
+
+def test_materialize_same_function_plain_layers():
+    net = binarize_(_net(), BinaryConfig()).eval()
+    plain = materialize(net)
+    assert not binary_layer_names(plain) and binary_layer_names(net) == ["2", "5"]
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(plain(x), net(x))
