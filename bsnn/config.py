@@ -92,14 +92,29 @@ class ModelConfig:
         teacher: full-precision teacher architecture.
         student: student architecture (binarised by :func:`bsnn.binarize_`); ``None`` = same as teacher.
         kwargs: extra keyword arguments for both constructors (e.g. ``width``, ``dropout``).
+        activation: the student's activation: ``relu``, ``clip`` (trainable clip, threshold-ReLU) or ``qcfs``
+            (quantisation-clip-floor-shift with ``act_levels`` levels) — design-time latency reduction.
+        teacher_activation: the teacher's activation (same choices).
+        act_levels: QCFS levels L.
+        act_clip: initial clip λ of ``clip`` / ``qcfs``.
     """
 
     teacher: str = "small_cnn"
     student: Union[str, None] = None
     kwargs: dict = field(default_factory=dict)
+    activation: str = "relu"
+    teacher_activation: str = "relu"
+    act_levels: int = 8
+    act_clip: float = 4.0
 
     def validate(self) -> None:
+        from bsnn.activations import ACTIVATIONS
         from bsnn.models import MODELS
+
+        for act in (self.activation, self.teacher_activation):
+            _check(act == "relu" or act in ACTIVATIONS,
+                   f"model activation must be 'relu' or one of {ACTIVATIONS.names()}, got {act!r}")
+        _check(self.act_levels >= 1 and self.act_clip > 0, "model.act_levels must be >= 1 and act_clip > 0")
 
         for role, name in (("teacher", self.teacher), ("student", self.student)):
             if name is not None:
@@ -238,6 +253,14 @@ class ConvertConfig:
         threshold_scale: global factor applied to every threshold.
         v_init: initial membrane potential as a fraction of the threshold (0.5 = the θ/2 shift).
         calib_samples: number of training samples used for calibration.
+        search_percentiles: when non-empty, the threshold percentile is chosen among these (100 = max) by the
+            accuracy of the converted SNN at ``search_timesteps`` on ``search_samples`` calibration samples.
+        search_timesteps: target T of the percentile search.
+        search_samples: labelled calibration samples used to score the candidates.
+        snn_calibration: post-conversion layer-wise correction against the ANN: ``none``, ``bias`` or
+            ``potential`` (SNN Calibration, light pipeline).
+        snn_calibration_timesteps: the T the correction is computed for.
+        snn_calibration_samples: calibration samples used for the correction.
     """
 
     threshold: Any = field(default_factory=_statistic_default)
@@ -245,6 +268,12 @@ class ConvertConfig:
     threshold_scale: float = 1.0
     v_init: float = 0.0
     calib_samples: int = 2048
+    search_percentiles: list = field(default_factory=list)
+    search_timesteps: int = 16
+    search_samples: int = 512
+    snn_calibration: str = "none"
+    snn_calibration_timesteps: int = 16
+    snn_calibration_samples: int = 256
 
     def __post_init__(self) -> None:
         self.threshold = parse_statistic(self.threshold)
@@ -254,6 +283,14 @@ class ConvertConfig:
         _check(self.threshold_scale > 0, f"convert.threshold_scale must be > 0, got {self.threshold_scale}")
         _check(0.0 <= self.v_init < 1.0, f"convert.v_init must be in [0, 1), got {self.v_init}")
         _check(self.calib_samples >= 1, f"convert.calib_samples must be >= 1, got {self.calib_samples}")
+        for p in self.search_percentiles:
+            parse_statistic(p, "convert.search_percentiles")
+        _check(self.search_timesteps >= 1 and self.snn_calibration_timesteps >= 1,
+               "convert.search_timesteps and convert.snn_calibration_timesteps must be >= 1")
+        _check(self.search_samples >= 1 and self.snn_calibration_samples >= 1,
+               "convert.search_samples and convert.snn_calibration_samples must be >= 1")
+        _check(self.snn_calibration in ("none", "bias", "potential"),
+               f"convert.snn_calibration must be 'none', 'bias' or 'potential', got {self.snn_calibration!r}")
 
 
 @dataclass
@@ -266,6 +303,8 @@ class SimConfig:
         encoding: ``"direct"`` (the analog image every timestep) or ``"poisson"`` (rate-coded spikes).
         kernel: IF-scan backend (see :mod:`bsnn.snn.kernels`).
         max_samples: simulate only the first N test samples (None: all).
+        record_predictions: keep every sample's prediction and logit margin at every step (``[T, N]``), the
+            input of run-time early-exit analysis (:mod:`bsnn.early_exit`).
     """
 
     timesteps: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
@@ -273,6 +312,7 @@ class SimConfig:
     encoding: str = "direct"
     kernel: str = "torch"
     max_samples: Union[int, None] = None
+    record_predictions: bool = False
 
     def validate(self) -> None:
         _check(len(self.timesteps) > 0 and all(isinstance(t, int) and t >= 1 for t in self.timesteps),

@@ -59,7 +59,7 @@ def to_spikingjelly(snn: SpikingNetwork) -> fx.GraphModule:
                 if torch.any(m.v_init_frac + m.v_init_bias != 0):
                     raise ConversionError(f"IF layer '{node.target}' starts from a non-zero membrane potential, which "
                                           "spikingjelly's IFNode cannot express; convert with convert.v_init=0")
-                root.add_module(name + "_gain", ChannelScale(m.gain()))
+                root.add_module(name + "_gain", ChannelScale(m.gain(), m.i_bias if bool(m.i_bias.any()) else None))
                 root.add_module(name, neuron.IFNode(v_threshold=1.0, v_reset=None, step_mode="m"))
                 env[node] = graph.call_module(name, (graph.call_module(name + "_gain", (x,)),))
             elif isinstance(m, (ChannelScale, Integrator)):

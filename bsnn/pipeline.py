@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from bsnn.activations import replace_activations_
 from bsnn.binary import binarize_
 from bsnn.config import BinaryConfig, Config, from_dict, save_config
 from bsnn.config import ConvertConfig
@@ -42,6 +43,8 @@ def build_model(arch: dict) -> nn.Module:
     """Rebuild a model from its architecture record (see :func:`save_model`)."""
     model = create_model(arch["name"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
                          **arch.get("kwargs", {}))
+    act = arch.get("activation") or {"kind": "relu"}
+    replace_activations_(model, act["kind"], clip=act.get("clip", 4.0), levels=act.get("levels", 8))
     if arch.get("binary") is not None:
         binarize_(model, from_dict(arch["binary"], BinaryConfig))
     return model
@@ -168,8 +171,10 @@ class Context:
         m = self.cfg.model
         name = m.teacher if role == "teacher" else (m.student or m.teacher)
         s = self.loaders.splits
+        kind = m.teacher_activation if role == "teacher" else m.activation
         return {"name": name, "num_classes": s.num_classes, "in_channels": s.in_channels, "kwargs": dict(m.kwargs),
-                "binary": dataclasses.asdict(self.cfg.binary) if role == "student" else None}
+                "binary": dataclasses.asdict(self.cfg.binary) if role == "student" else None,
+                "activation": {"kind": kind, "clip": m.act_clip, "levels": m.act_levels}}
 
 
 def make_context(cfg: Config, resume: bool = False, overwrite: bool = False) -> Context:

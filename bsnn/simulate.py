@@ -45,6 +45,9 @@ class SimResult:
     ann_accuracy: float | None = None
     wall_time_s: float = 0.0
     config: dict = field(default_factory=dict)
+    predictions: torch.Tensor | None = field(default=None, repr=False)
+    margins: torch.Tensor | None = field(default=None, repr=False)
+    labels: torch.Tensor | None = field(default=None, repr=False)
 
     def firing_rates(self, T: int | None = None) -> dict[str, float]:
         """Mean spikes per neuron per timestep over the first ``T`` steps (default: all), per IF layer."""
@@ -52,7 +55,8 @@ class SimResult:
         return {n: sum(c[:T]) / max(1, self.neurons[n] * self.samples * T) for n, c in self.spike_counts.items()}
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        """JSON-ready summary (per-sample predictions are left out)."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("predictions", "margins", "labels")}
         d["accuracy"] = {str(k): v for k, v in self.accuracy.items()}
         d["firing_rates"] = self.firing_rates()
         return d
@@ -133,6 +137,7 @@ def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cf
         ann = ann.to(dev).eval()
     gen = torch.Generator(device=dev).manual_seed(seed)
     correct = {t: 0 for t in ts}
+    preds, margins, labels = [], [], []
     ann_correct, n = 0, 0
     counts = {name: torch.zeros(t_max, dtype=torch.float64) for name in snn.neuron_names}
     neurons: dict[str, int] = {}
@@ -145,10 +150,20 @@ def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cf
             x, y = x[: cfg.max_samples - n], y[: cfg.max_samples - n]
         if x.shape[0] == 0:
             break
+        batch_preds, batch_margins = [], []
         for start, membrane in iter_chunks(snn, x, t_max, min(cfg.time_chunk, t_max), cfg.encoding, gen):
             for t in ts:
                 if start < t <= start + membrane.shape[0]:
                     correct[t] += (membrane[t - start - 1].argmax(1) == y).sum().item()
+            if cfg.record_predictions:
+                top2 = membrane.topk(2, dim=-1).values if membrane.shape[-1] > 1 else membrane.repeat(1, 1, 2)
+                steps = torch.arange(start + 1, start + membrane.shape[0] + 1, device=dev).view(-1, 1)
+                batch_preds.append(membrane.argmax(-1).to(torch.int16).cpu())
+                batch_margins.append(((top2[..., 0] - top2[..., 1]) / steps).cpu())
+        if cfg.record_predictions:
+            preds.append(torch.cat(batch_preds))
+            margins.append(torch.cat(batch_margins))
+            labels.append(y.cpu())
         for name, m in snn.neurons().items():
             counts[name] += torch.tensor(m.spike_count, dtype=torch.float64)
             neurons[name] = m.neurons_per_sample
@@ -164,4 +179,6 @@ def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cf
     return SimResult(timesteps=ts, accuracy={t: 100.0 * c / n for t, c in correct.items()}, samples=n,
                      spike_counts={k: v.tolist() for k, v in counts.items()}, neurons=neurons,
                      ann_accuracy=100.0 * ann_correct / n if ann is not None else None,
-                     wall_time_s=time.perf_counter() - t0, config=asdict(cfg))
+                     wall_time_s=time.perf_counter() - t0, config=asdict(cfg),
+                     predictions=torch.cat(preds, 1) if preds else None,
+                     margins=torch.cat(margins, 1) if margins else None, labels=torch.cat(labels) if labels else None)

@@ -9,8 +9,11 @@ import torch.nn as nn
 
 from bsnn.config import ConvertConfig
 from bsnn.convert.balance import balanced_thresholds
-from bsnn.convert.calibrate import Max, Percentile, calibrate
-from bsnn.convert.graph import capture, relu_modules
+from bsnn.config import parse_statistic
+from bsnn.convert.calibrate import Max, Percentile, calibrate, calibrate_many
+from bsnn.convert.snn_calibration import calibrate_snn_
+from bsnn.activations import QCFS, is_trained_threshold
+from bsnn.convert.graph import activation_modules, capture, relu_modules
 from bsnn.convert.surgery import build_spiking_graph
 from bsnn.errors import ConversionError
 from bsnn.snn.network import SpikingNetwork
@@ -23,9 +26,10 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
     """Convert a trained (binary-weight or full-precision) ANN into a spiking network.
 
     The ANN is not modified. Steps: fx capture (functional ReLUs included, dropout removed), activation
-    calibration over ``cfg.calib_samples`` samples of ``calib_loader``, threshold balancing, then graph surgery
-    (BN folded, binary weights stored as exactly ±1 with α moved into thresholds, ReLU -> IF neurons with
-    reset by subtraction, output = non-spiking integrator).
+    calibration over ``cfg.calib_samples`` samples of ``calib_loader``, threshold balancing (optionally choosing
+    the percentile by SNN accuracy at a target T), graph surgery (BN folded, binary weights stored as exactly ±1
+    with α moved into thresholds, ReLU -> IF neurons with reset by subtraction, output = non-spiking
+    integrator), then optionally a layer-wise bias/potential correction against the ANN.
 
     Args:
         model: the ANN (eval-mode semantics are used: BN running statistics, no dropout).
@@ -40,18 +44,71 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
     cfg.validate()
     example = next(iter(calib_loader))[0]
     gm = capture(model.to(device), example.to(device))
-    relus = relu_modules(gm)
-    if not relus:
+    acts = activation_modules(gm)
+    if not acts:
         raise ConversionError(f"{type(model).__name__} has no ReLU activation to turn into spiking neurons")
-    stats = calibrate(gm, relus, calib_loader, cfg.threshold, cfg.per_channel, cfg.calib_samples, device)
-    return convert_with_thresholds(gm.cpu(), balanced_thresholds({k: v.cpu() for k, v in stats.items()},
-                                                                 cfg.threshold_scale), cfg, list(example.shape[1:]))
+    relus = relu_modules(gm)
+    candidates = [parse_statistic(p, "convert.search_percentiles") for p in cfg.search_percentiles] or [cfg.threshold]
+    stats = calibrate_many(gm, relus, calib_loader, candidates, cfg.per_channel, cfg.calib_samples, device) \
+        if relus else {c: {} for c in candidates}
+    gm = gm.cpu()
+
+    def build(stat) -> SpikingNetwork:
+        values = {k: v.cpu() for k, v in stats[stat].items()}
+        values.update({k: m.clip.detach().cpu().clamp_min(1e-6) for k, m in acts.items() if is_trained_threshold(m)})
+        thresholds = balanced_thresholds({k: values[k] for k in acts}, cfg.threshold_scale)
+        return convert_with_thresholds(gm, thresholds, cfg, list(example.shape[1:]))
+
+    search = {}
+    if len(candidates) > 1:
+        x, y = _first_samples(calib_loader, cfg.search_samples)
+        search = {c: _accuracy_at(build(c), x, y, cfg.search_timesteps) for c in candidates}
+        best = max(candidates, key=lambda c: (search[c], c.p if isinstance(c, Percentile) else 100.0))
+    else:
+        best = candidates[0]
+    snn = build(best)
+    snn.meta["convert"]["threshold"] = best.describe()
+    if search:
+        snn.meta["threshold_search"] = {c.describe(): a for c, a in search.items()}
+    if cfg.snn_calibration != "none":
+        x, _ = _first_samples(calib_loader, cfg.snn_calibration_samples)
+        snn.meta["snn_calibration_error"] = calibrate_snn_(snn, gm, x, cfg.snn_calibration_timesteps,
+                                                           cfg.snn_calibration)
+    return snn
+
+
+def _first_samples(loader, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys, seen = [], [], 0
+    for batch in loader:
+        xs.append(batch[0][: n - seen].cpu())
+        ys.append(batch[1][: n - seen].cpu())
+        seen += xs[-1].shape[0]
+        if seen >= n:
+            break
+    return torch.cat(xs), torch.cat(ys)
+
+
+@torch.no_grad()
+def _accuracy_at(snn: SpikingNetwork, x: torch.Tensor, y: torch.Tensor, timesteps: int, batch: int = 256) -> float:
+    from bsnn.simulate import run_batch
+
+    correct = 0
+    for i in range(0, len(x), batch):
+        mem = run_batch(snn, x[i:i + batch], timesteps, min(16, timesteps))[-1]
+        correct += (mem.argmax(1) == y[i:i + batch]).sum().item()
+    return 100.0 * correct / max(1, len(x))
+
+
+def initial_potentials(gm, cfg: ConvertConfig) -> dict[str, float]:
+    """Initial membrane per IF layer as a fraction of θ: 0.5 for QCFS layers (their built-in shift), else
+    ``cfg.v_init``."""
+    return {k: 0.5 if isinstance(m, QCFS) else cfg.v_init for k, m in activation_modules(gm).items()}
 
 
 def convert_with_thresholds(gm, thresholds: dict[str, torch.Tensor], cfg: ConvertConfig,
                             input_shape: list[int]) -> SpikingNetwork:
     """Surgery only: build the SNN from a captured graph and given thresholds λ (no calibration)."""
-    sgm, layers, neurons = build_spiking_graph(gm, thresholds, cfg.v_init)
+    sgm, layers, neurons = build_spiking_graph(gm, thresholds, initial_potentials(gm, cfg))
     record = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     record["threshold"] = cfg.threshold.describe()
     meta = {"convert": record,

@@ -86,11 +86,15 @@ class ActivationObserver(nn.Module):
         self.top = merged.topk(k, dim=1, sorted=False).values
         return x
 
-    def value(self) -> torch.Tensor:
-        """The statistic, ``[C]`` per channel or a scalar tensor."""
+    def value(self, stat: Statistic | None = None) -> torch.Tensor:
+        """The statistic (default: the observer's own; any percentile >= it can be read from the same buffer),
+        ``[C]`` per channel or a scalar tensor."""
+        stat = stat or self.stat
         if self.top is None:
             raise ConfigError("observer saw no data: the calibration loader is empty")
-        k = min(topk_size(self.seen, self.stat.p), self.top.shape[1]) if isinstance(self.stat, Percentile) else 1
+        k = topk_size(self.seen, stat.p) if isinstance(stat, Percentile) else 1
+        if k > self.top.shape[1]:
+            raise ConfigError(f"observer kept the top {self.top.shape[1]} values; {stat} needs {k}")
         v = self.top.topk(k, dim=1).values[:, -1]
         return v if self.per_channel else v[0]
 
@@ -111,6 +115,26 @@ def observe(modules: dict[str, nn.Module], stat: Statistic, per_channel: bool,
             h.remove()
 
 
+def _widest(stats: list[Statistic]) -> Statistic:
+    """The statistic needing the largest top-k buffer (lowest percentile; Max needs 1)."""
+    ps = [s for s in stats if isinstance(s, Percentile)]
+    return min(ps, key=lambda s: s.p) if ps else Max()
+
+
+@torch.no_grad()
+def calibrate_many(model: nn.Module, modules: dict[str, nn.Module], loader, stats: list[Statistic],
+                   per_channel: bool = False, max_samples: int | None = None, device: torch.device | str = "cpu"
+                   ) -> dict[Statistic, dict[str, torch.Tensor]]:
+    """Several statistics from one pass over the data (one top-k buffer sized for the lowest percentile).
+
+    Returns:
+        statistic -> (module name -> value).
+    """
+    widest = _widest(stats)
+    observers = _observe_pass(model, modules, loader, widest, per_channel, max_samples, device)
+    return {s: {n: o.value(s) for n, o in observers.items()} for s in stats}
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, modules: dict[str, nn.Module], loader, stat: Statistic, per_channel: bool = False,
               max_samples: int | None = None, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -128,6 +152,11 @@ def calibrate(model: nn.Module, modules: dict[str, nn.Module], loader, stat: Sta
     Returns:
         name -> statistic (``[C]`` per channel, scalar otherwise).
     """
+    return calibrate_many(model, modules, loader, [stat], per_channel, max_samples, device)[stat]
+
+
+def _observe_pass(model: nn.Module, modules: dict[str, nn.Module], loader, stat: Statistic, per_channel: bool,
+                  max_samples: int | None, device: torch.device | str) -> dict[str, ActivationObserver]:
     device = torch.device(device)
     model.eval().to(device)
     n_total = len(loader.dataset) if hasattr(loader, "dataset") else None
@@ -154,4 +183,4 @@ def calibrate(model: nn.Module, modules: dict[str, nn.Module], loader, stat: Sta
             seen += x.shape[0]
             if max_samples is not None and seen >= max_samples:
                 break
-        return {n: o.value() for n, o in observers.items()}
+    return observers

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
+from bsnn.activations import ClipReLU, QCFS
 from bsnn.binary import BinaryConv2d, BinaryLinear
 from bsnn.errors import ConversionError
 
@@ -33,6 +34,7 @@ SHAPE_METHODS = {"view", "reshape", "flatten", "size", "contiguous"}
 MAXPOOL_FUNCTIONS = {F.max_pool2d, torch.max_pool2d, F.adaptive_max_pool2d}
 
 SYNAPTIC = (nn.Conv2d, nn.Linear)
+ACTIVATION_MODULES = (nn.ReLU, ClipReLU, QCFS)
 LINEAR_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity)
 MAXPOOL_HINT = ("max-pooling spike trains does not compute the max of firing rates; replace it with "
                 "nn.AvgPool2d (same kernel/stride) and retrain, as conversion-friendly ANNs do")
@@ -42,7 +44,7 @@ class _Tracer(fx.Tracer):
     """fx tracer that keeps bsnn's binary layers as leaves."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (BinaryConv2d, BinaryLinear)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (BinaryConv2d, BinaryLinear, ClipReLU, QCFS)) or super().is_leaf_module(m, qualname)
 
 
 def where(node: fx.Node) -> str:
@@ -121,7 +123,7 @@ def _check_supported(gm: fx.GraphModule) -> None:
             m = gm.get_submodule(node.target)
             if isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)):
                 raise ConversionError(f"unsupported max-pool at {where(node)}: {MAXPOOL_HINT}")
-            if not isinstance(m, (*SYNAPTIC, *LINEAR_MODULES, nn.ReLU, nn.BatchNorm2d, nn.BatchNorm1d)):
+            if not isinstance(m, (*SYNAPTIC, *LINEAR_MODULES, *ACTIVATION_MODULES, nn.BatchNorm2d, nn.BatchNorm1d)):
                 raise ConversionError(f"unsupported module {type(m).__name__} at {where(node)}; supported: Conv2d, "
                                       "Linear, BatchNorm, ReLU, AvgPool2d, AdaptiveAvgPool2d, Flatten, Dropout")
         elif node.op == "call_function":
@@ -135,7 +137,12 @@ def _check_supported(gm: fx.GraphModule) -> None:
                                   f"{', '.join(sorted(SHAPE_METHODS | RELU_METHODS))}")
 
 
-def relu_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
-    """The ReLU modules of a captured graph, in graph order (each used exactly once)."""
+def activation_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
+    """The activation modules (ReLU, ClipReLU, QCFS) of a captured graph, in graph order, each used once."""
     return {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes
-            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.ReLU)}
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), ACTIVATION_MODULES)}
+
+
+def relu_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
+    """The plain ReLU modules of a captured graph, in graph order (their thresholds come from calibration)."""
+    return {k: m for k, m in activation_modules(gm).items() if isinstance(m, nn.ReLU)}

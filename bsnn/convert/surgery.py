@@ -9,7 +9,7 @@ a scalar or one factor per channel. The pass walks the captured ANN graph once:
   scale move into the output scale, the bias is divided by it (``real = α·s_in·(sign(W)*x + b/(α·s_in))``);
 * BatchNorm: folded into the producing conv/linear (also in residual shortcuts): the BN gain multiplies the
   scale and its shift goes into the bias; a negative gain flips that output channel's weight row (still ±1);
-* ReLU -> :class:`IFNeuron`: threshold θ = λ / scale in the stored domain, where λ is the calibrated
+* ReLU / ClipReLU / QCFS -> :class:`IFNeuron`: threshold θ = λ / scale in the stored domain, where λ is the calibrated
   activation statistic (threshold balancing); its spikes stand for λ, the new scale;
 * avg-pool / flatten / reshape: scale passes through (per-channel scales are expanded by flatten);
 * residual add: the second operand is re-expressed in the first operand's scale by a :class:`ChannelScale`;
@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from bsnn.binary import is_binary
-from bsnn.convert.graph import ADD_FUNCTIONS, where
+from bsnn.convert.graph import ACTIVATION_MODULES, ADD_FUNCTIONS, where
 from bsnn.errors import ConversionError
 from bsnn.snn.neuron import ChannelScale, IFNeuron, Integrator
 
@@ -36,8 +36,8 @@ def _bcast(scale: torch.Tensor, shape: tuple | None) -> torch.Tensor:
 
 
 class _Builder:
-    def __init__(self, gm: fx.GraphModule, thresholds: dict[str, torch.Tensor], v_init_frac: float) -> None:
-        self.gm, self.thresholds, self.v_init_frac = gm, thresholds, v_init_frac
+    def __init__(self, gm: fx.GraphModule, thresholds: dict[str, torch.Tensor], v_init: dict[str, float]) -> None:
+        self.gm, self.thresholds, self.v_init = gm, thresholds, v_init
         self.root = nn.Module()
         self.graph = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
@@ -119,7 +119,9 @@ class _Builder:
         lam = self.thresholds[node.target].float().reshape(-1).clamp_min(1e-6)
         s_in = self.scale[src]
         theta = _bcast(lam / s_in, node.meta["shape"])
-        neuron = IFNeuron(theta, v_init_frac=self.v_init_frac, name=node.target)
+        shape = node.meta["shape"]
+        channel_shape = (shape[1], *([1] * (len(shape) - 2)))
+        neuron = IFNeuron(theta, v_init_frac=self.v_init[node.target], name=node.target, channel_shape=channel_shape)
         name = self.add_module("if_" + node.target, neuron)
         self.env[node] = self.graph.call_module(name, (self.env[src],))
         self.scale[node] = lam
@@ -175,7 +177,7 @@ class _Builder:
                     self.synaptic(node, m)
                 elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
                     self.batchnorm(node, m)
-                elif isinstance(m, nn.ReLU):
+                elif isinstance(m, ACTIVATION_MODULES):
                     self.relu(node)
                 else:
                     self.passthrough(node)
@@ -187,17 +189,17 @@ class _Builder:
         return fx.GraphModule(self.root, self.graph), self.layers, self.neurons
 
 
-def build_spiking_graph(gm: fx.GraphModule, thresholds: dict[str, torch.Tensor], v_init_frac: float = 0.0
+def build_spiking_graph(gm: fx.GraphModule, thresholds: dict[str, torch.Tensor], v_init: dict[str, float]
                         ) -> tuple[fx.GraphModule, list[dict], list[str]]:
     """Turn a captured ANN graph into a spiking graph.
 
     Args:
         gm: graph from :func:`bsnn.convert.graph.capture` (shapes recorded).
-        thresholds: ReLU module name -> λ, the balanced threshold in the ANN's activation domain
+        thresholds: activation module name -> λ, the balanced threshold in the ANN's activation domain
             (scalar or ``[C]``).
-        v_init_frac: initial membrane potential as a fraction of θ (0.5 = the θ/2 shift).
+        v_init: activation module name -> initial membrane potential as a fraction of θ (0.5 = the θ/2 shift).
 
     Returns:
         ``(spiking GraphModule, synaptic layer table, IF neuron module names)``.
     """
-    return _Builder(gm, thresholds, v_init_frac).build()
+    return _Builder(gm, thresholds, v_init).build()

@@ -23,7 +23,9 @@ class IFNeuron(nn.Module):
     Buffers (saved in ``state_dict``):
         threshold: θ > 0 in the layer's *stored* input domain, shape ``[]``, ``[C]`` or ``[C, 1, 1]``.
         v_init_frac: initial membrane as a fraction of θ (0 = plain conversion, 0.5 = the θ/2 shift).
-        v_init_bias: extra initial membrane in units of θ (set by post-conversion calibration), same shape as θ.
+        v_init_bias: extra initial membrane in units of θ (set by post-conversion calibration), per channel
+            (``channel_shape``: ``[C, 1, 1]`` or ``[F]``).
+        i_bias: extra input current per timestep in units of θ (bias calibration), per channel.
 
     Attributes:
         time_chunk: number of timesteps folded into the batch of the current call (set by the simulator).
@@ -31,11 +33,14 @@ class IFNeuron(nn.Module):
         record: whether to keep ``spike_count``.
     """
 
-    def __init__(self, threshold: torch.Tensor | float = 1.0, v_init_frac: float = 0.0, name: str = "") -> None:
+    def __init__(self, threshold: torch.Tensor | float = 1.0, v_init_frac: float = 0.0, name: str = "",
+                 channel_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32).clone())
         self.register_buffer("v_init_frac", torch.tensor(float(v_init_frac)))
-        self.register_buffer("v_init_bias", torch.zeros_like(self.threshold))
+        per_channel = torch.zeros(channel_shape) if channel_shape is not None else torch.zeros_like(self.threshold)
+        self.register_buffer("v_init_bias", per_channel.clone())
+        self.register_buffer("i_bias", per_channel.clone())
         self.name = name
         self.time_chunk = 1
         self.kernel = "torch"
@@ -60,7 +65,10 @@ class IFNeuron(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: input current ``[Tc * B, ...]`` -> spikes ``[Tc * B, ...]`` (0/1)."""
         tc = self.time_chunk
-        x_seq = (x * self.gain().to(x.dtype)).reshape(tc, x.shape[0] // tc, *x.shape[1:])
+        x = x * self.gain().to(x.dtype)
+        if bool(self.i_bias.any()):
+            x = x + self.i_bias.to(x.dtype)
+        x_seq = x.reshape(tc, x.shape[0] // tc, *x.shape[1:])
         if self.v is None:
             self.v = self.initial_potential(x_seq[0])
             self.neurons_per_sample = x_seq[0, 0].numel()
@@ -77,15 +85,17 @@ class IFNeuron(nn.Module):
 
 
 class ChannelScale(nn.Module):
-    """Multiply by a fixed per-channel (or scalar) factor: ``x * scale``; used to align residual branches
-    and to map the output layer's stored values back to logits."""
+    """Fixed per-channel (or scalar) affine map ``x * scale (+ bias)``; aligns residual branches, maps the output
+    layer's stored values back to logits, and carries IF input gains in exported networks."""
 
-    def __init__(self, scale: torch.Tensor | float) -> None:
+    def __init__(self, scale: torch.Tensor | float, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).clone())
+        self.register_buffer("bias", None if bias is None else torch.as_tensor(bias, dtype=torch.float32).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale.to(x.dtype)
+        x = x * self.scale.to(x.dtype)
+        return x if self.bias is None else x + self.bias.to(x.dtype)
 
 
 class Integrator(nn.Module):

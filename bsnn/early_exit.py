@@ -1,0 +1,82 @@
+"""Run-time latency reduction: per-sample early exit.
+
+Rule (documented default): a sample stops at the first timestep t >= ``min_timesteps`` at which its prediction
+(argmax of the output integrator's membrane) has been the same for the last ``patience`` consecutive steps
+and the time-averaged logit margin (top-1 minus top-2 of membrane / t) is at least ``margin``. Samples that
+never satisfy the rule run to the last simulated step. The network is causal, so evaluating the rule on
+recorded per-step predictions gives exactly what a simulator that drops exited samples would report; the
+reported latency is the *average* number of timesteps used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bsnn.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class EarlyExit:
+    """Early-exit rule: stable prediction for ``patience`` steps, margin >= ``margin``, t >= ``min_timesteps``."""
+
+    patience: int = 4
+    margin: float = 0.0
+    min_timesteps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.patience < 1 or self.min_timesteps < 1 or self.margin < 0:
+            raise ConfigError(f"early exit needs patience >= 1, min_timesteps >= 1, margin >= 0; got {self}")
+
+
+def stable_run_length(predictions: torch.Tensor) -> torch.Tensor:
+    """``[T, N]`` predictions -> ``[T, N]`` number of consecutive steps (ending at t) with the same prediction."""
+    run = torch.ones_like(predictions, dtype=torch.int32)
+    for t in range(1, predictions.shape[0]):
+        run[t] = torch.where(predictions[t] == predictions[t - 1], run[t - 1] + 1, 1)
+    return run
+
+
+def apply_early_exit(predictions: torch.Tensor, margins: torch.Tensor, labels: torch.Tensor, rule: EarlyExit
+                     ) -> dict:
+    """Evaluate ``rule`` on recorded per-step predictions.
+
+    Args:
+        predictions: ``[T, N]`` argmax of the membrane after each step.
+        margins: ``[T, N]`` time-averaged top-1 minus top-2 logit after each step.
+        labels: ``[N]``.
+        rule: the exit rule.
+
+    Returns:
+        ``{"accuracy": %, "mean_timesteps": float, "exit_timesteps": LongTensor [N]}``.
+    """
+    T = predictions.shape[0]
+    steps = torch.arange(1, T + 1).view(-1, 1)
+    ok = (stable_run_length(predictions) >= rule.patience) & (margins >= rule.margin) & (steps >= rule.min_timesteps)
+    ok[-1] = True  # everyone stops at the last simulated step
+    exit_idx = ok.int().argmax(0)  # first True
+    pred = predictions.gather(0, exit_idx.view(1, -1)).squeeze(0)
+    return {"accuracy": 100.0 * (pred.long() == labels).float().mean().item(),
+            "mean_timesteps": (exit_idx + 1).float().mean().item(), "exit_timesteps": exit_idx + 1}
+
+
+def early_exit_curve(result, patiences: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+                     margin: float = 0.0, min_timesteps: int = 1) -> list[dict]:
+    """Accuracy vs average timesteps for a range of patiences, from a :class:`SimResult` recorded with
+    ``record_predictions=True``."""
+    if result.predictions is None:
+        raise ConfigError("early-exit analysis needs simulate(..., SimConfig(record_predictions=True))")
+    rows = []
+    for p in patiences:
+        r = apply_early_exit(result.predictions, result.margins, result.labels, EarlyExit(p, margin, min_timesteps))
+        rows.append({"patience": p, "accuracy": r["accuracy"], "mean_timesteps": r["mean_timesteps"]})
+    return rows
+
+
+def fixed_T_needed(result, accuracy: float) -> int | None:
+    """Smallest recorded T whose fixed-T accuracy reaches ``accuracy`` (None if none does)."""
+    preds, labels = result.predictions, result.labels
+    acc = (preds.long() == labels.view(1, -1)).float().mean(1) * 100
+    hit = (acc >= accuracy - 1e-9).nonzero()
+    return int(hit[0].item()) + 1 if len(hit) else None
