@@ -195,24 +195,25 @@ class DistillConfig:
     Attributes:
         method: registered method name (see :func:`bsnn.distill.list_methods`).
         temperature: softmax temperature of logit-based methods.
-        ce_weight: weight of the cross-entropy on the labels.
-        kd_weight: weight of the distillation term.
+        ce_weight: weight of the cross-entropy on the labels (None: the method's published weight).
+        kd_weight: weight of the distillation term (None: the method's published weight).
         params: method-specific keyword arguments (e.g. ``{"alpha": 1, "beta": 8}`` for DKD).
     """
 
     method: str = "kd"
     temperature: float = 4.0
-    ce_weight: float = 0.1
-    kd_weight: float = 0.9
+    ce_weight: Union[float, None] = 0.1
+    kd_weight: Union[float, None] = 0.9
     params: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         from bsnn.distill import METHODS
 
-        METHODS.get(self.method)
+        METHODS.get(self.method).check_params(self.params)
         _check(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature}")
-        _check(self.ce_weight >= 0 and self.kd_weight >= 0,
-               f"distill.ce_weight and distill.kd_weight must be >= 0, got {self.ce_weight}, {self.kd_weight}")
+        for key in ("ce_weight", "kd_weight"):
+            w = getattr(self, key)
+            _check(w is None or w >= 0, f"distill.{key} must be >= 0 (or null for the method default), got {w}")
 
 
 

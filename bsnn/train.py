@@ -26,11 +26,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from bsnn.binary import clamp_latent_
 from bsnn.config import DistillConfig, TrainConfig
-from bsnn.distill import build_distiller
+from bsnn.distill import METHODS, IndexedDataset, build_distiller
+from bsnn.distill.base import teacher_list
 from bsnn.distributed import all_reduce_sum, barrier, current_env
 from bsnn.errors import CheckpointError
 from bsnn.io import load_checkpoint, save_checkpoint
@@ -187,6 +189,8 @@ def fit(
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        if hasattr(objective, "set_epoch"):
+            objective.set_epoch(epoch)  # e.g. DKD's warm-up
         runner.train()
         loss_sum, correct, n = 0.0, 0, 0
         for batch in train_loader:
@@ -199,7 +203,7 @@ def fit(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            clamp_latent_(model)
+            clamp_latent_(objective)  # the student and any trained peers
             loss_sum += loss.item() * y.numel()
             correct += (out["logits"].detach().argmax(1) == y).sum().item()
             n += y.numel()
@@ -249,10 +253,22 @@ def train_student(
     distill = distill or DistillConfig()
     distill.validate()
     cfg = cfg or TrainConfig()
-    if teacher is not None:
-        teacher.to(torch.device(kwargs.get("device", "cpu")))
-    objective = build_distiller(student, teacher, distill)
+    device = torch.device(kwargs.get("device", "cpu"))
+    for t in teacher_list(teacher):
+        t.to(device)
+    if METHODS.get(distill.method).needs_index:
+        train_loader = _with_index(train_loader)
+    with torch.random.fork_rng(devices=[]):  # probing the data must not move the RNG (determinism)
+        example = train_loader.dataset[0][0].unsqueeze(0)
+    objective = build_distiller(student, teacher, distill, example_input=example.to(device),
+                                n_data=len(train_loader.dataset))
     return fit(objective, student, train_loader, cfg, desc=kwargs.pop("desc", f"student[{distill.method}]"), **kwargs)
+
+
+def _with_index(loader: DataLoader) -> DataLoader:
+    """The same loader (sampler, batch size, workers) over ``IndexedDataset``: batches ``(x, y, index)``."""
+    return DataLoader(IndexedDataset(loader.dataset), batch_size=loader.batch_size, sampler=loader.sampler,
+                      num_workers=loader.num_workers, drop_last=loader.drop_last)
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:

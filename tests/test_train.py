@@ -106,3 +106,19 @@ def test_nonfinite_loss_is_reported():
     train, _ = _data()
     with pytest.raises(FloatingPointError, match="lower the lr"):
         train_teacher(_net(), train, TrainConfig(epochs=2, lr=1e30, optimizer="sgd"), quiet=True)
+
+
+@pytest.mark.parametrize("method, params", [("crd", {"feat_dim": 8, "nce_k": 16}), ("dkd", {"warmup": 2}),
+                                            ("fitnet", {}), ("dml", {})])
+def test_train_student_wires_methods(method, params):
+    """train_student supplies what methods need: the sample index (CRD), the epoch (DKD warm-up), projection heads
+    built before the optimiser (FitNet), and peers trained jointly (DML)."""
+    train, test = _data()
+    teacher = _net(1).eval()
+    student = binarize_(_net(2))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    hist = train_student(student, teacher, train, DistillConfig(method=method, params=params, ce_weight=1.0,
+                                                                kd_weight=1.0), TrainConfig(epochs=2, lr=0.01),
+                         quiet=True)
+    assert len(hist) == 2 and math.isfinite(hist[-1]["train_loss"])
+    assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())

@@ -1,27 +1,440 @@
 """Pure distillation loss functions (no modules, no state).
 
-Shapes: ``z_s``, ``z_t`` are student / teacher logits ``[B, K]``; ``y`` integer labels ``[B]``.
-All losses are batch means.
+Shapes: ``z_s``, ``z_t`` are student / teacher logits ``[B, K]``; ``y`` integer labels ``[B]``; ``f_s``, ``f_t``
+features ``[B, ...]`` (``[B, C, H, W]`` maps or ``[B, D]`` vectors). Unless a function says otherwise the result
+is a scalar batch mean. Nothing here detaches the teacher: callers pass teacher tensors computed under
+``torch.no_grad()``. Targets that a method builds from the student itself (Zipf, tf-NKD, BAKE) are detached here.
+
+Sources (formulas and defaults: ``REFERENCE.md`` §3): Hinton 2015 (KD), Zhao 2022 (DKD), Huang 2022 (DIST),
+Yang 2023 (NKD, tf-NKD / USKD), Liang 2022 (Zipf label smoothing), Ge 2021 (BAKE), Romero 2015 (FitNet),
+Zagoruyko 2017 (AT), Tung & Mori 2019 (SP), Park 2019 (RKD), Passalis 2018 (PKT), Tian 2020 (CRD),
+Zhang 2022 (CA-MKD), Zhang 2018 (DML), Amara 2022 (BD-KD).
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 
-def kd_loss(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float) -> torch.Tensor:
+def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "none":
+        return per_sample
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def kl_from_log(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-row ``KL(p ‖ q) = Σ_k p_k (log p_k − log q_k)`` from log-probabilities ``[B, K]`` -> ``[B]``."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+
+def entropy(z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Shannon entropy (nats) of ``softmax(z / T)`` per row: ``[B, K]`` -> ``[B]``."""
+    log_p = F.log_softmax(z / float(temperature), dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1)
+
+
+def soft_cross_entropy(z: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """``−Σ_k target_k · log softmax(z)_k`` for a probability target ``[B, K]``."""
+    return _reduce(-(target * F.log_softmax(z, dim=1)).sum(dim=1), reduction)
+
+
+# ----------------------------------------------------------------------------------------------- logit-based
+
+
+def kd_loss(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float, reduction: str = "mean") -> torch.Tensor:
     """Hinton et al. 2015: ``T² · KL(softmax(z_t/T) ‖ softmax(z_s/T))``, averaged over the batch.
 
     Args:
         z_s: student logits ``[B, K]``.
         z_t: teacher logits ``[B, K]`` (detached by the caller).
         temperature: softmax temperature T > 0.
+        reduction: ``"mean"`` (scalar batch mean) or ``"none"`` (``[B]``).
 
     Returns:
-        Scalar loss.
+        Scalar loss (or ``[B]``).
     """
     t = float(temperature)
     log_p_s = F.log_softmax(z_s / t, dim=1)
     log_p_t = F.log_softmax(z_t / t, dim=1)
-    return (t * t) * F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    return _reduce((t * t) * kl_from_log(log_p_t, log_p_s), reduction)
+
+
+def reverse_kd_loss(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float, reduction: str = "mean"
+                    ) -> torch.Tensor:
+    """Reverse (mode-seeking) KD: ``T² · KL(softmax(z_s/T) ‖ softmax(z_t/T))``. Shapes as :func:`kd_loss`."""
+    t = float(temperature)
+    log_p_s = F.log_softmax(z_s / t, dim=1)
+    log_p_t = F.log_softmax(z_t / t, dim=1)
+    return _reduce((t * t) * kl_from_log(log_p_s, log_p_t), reduction)
+
+
+def logit_matching_loss(z_s: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+    """``mean_b ‖z_s − z_t‖² / (2K)``: the T → ∞ limit of :func:`kd_loss` for zero-mean logits ``[B, K]``."""
+    return ((z_s - z_t) ** 2).sum(dim=1).mean() / (2 * z_s.shape[1])
+
+
+def _split_target(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(z_gt [B, 1], z_non [B, K−1], mask [B, K] True on non-targets)``."""
+    mask = torch.ones_like(z, dtype=torch.bool).scatter_(1, y.view(-1, 1), False)
+    return z.gather(1, y.view(-1, 1)), z[mask].view(z.shape[0], -1), mask
+
+
+def dkd_parts(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, temperature: float,
+              reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoupled KD (Zhao 2022): target-class and non-target-class KL, both scaled by ``T²``.
+
+    ``TCKD = KL([p_t^gt, 1 − p_t^gt] ‖ [p_s^gt, 1 − p_s^gt])``; ``NCKD = KL(p̂_t ‖ p̂_s)`` with ``p̂`` the softmax
+    over the K−1 non-target logits (all at temperature T). Per sample
+    ``KD = TCKD + (1 − p_t^gt) · NCKD`` exactly.
+
+    Args:
+        z_s: student logits ``[B, K]`` (K >= 2).
+        z_t: teacher logits ``[B, K]``.
+        y: labels ``[B]``.
+        temperature: T > 0.
+        reduction: ``"mean"`` or ``"none"`` (``[B]`` each).
+
+    Returns:
+        ``(tckd, nckd)``.
+    """
+    t = float(temperature)
+
+    def binary_and_non(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        zt = z / t
+        z_gt, z_non, _ = _split_target(zt, y)
+        lse_all = torch.logsumexp(zt, dim=1, keepdim=True)
+        lse_non = torch.logsumexp(z_non, dim=1, keepdim=True)
+        log_b = torch.cat([z_gt - lse_all, lse_non - lse_all], dim=1)  # log [p_gt, 1 − p_gt], stable
+        return log_b, F.log_softmax(z_non, dim=1)
+
+    log_b_s, log_n_s = binary_and_non(z_s)
+    log_b_t, log_n_t = binary_and_non(z_t)
+    tckd = (t * t) * kl_from_log(log_b_t, log_b_s)
+    nckd = (t * t) * kl_from_log(log_n_t, log_n_s)
+    return _reduce(tckd, reduction), _reduce(nckd, reduction)
+
+
+def dkd_loss(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, temperature: float = 4.0,
+             alpha: float = 1.0, beta: float = 8.0) -> torch.Tensor:
+    """``α · TCKD + β · NCKD`` (see :func:`dkd_parts`; the epoch warm-up is the method's business)."""
+    tckd, nckd = dkd_parts(z_s, z_t, y, temperature)
+    return alpha * tckd + beta * nckd
+
+
+def pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of each row pair of ``a``, ``b`` ``[N, M]`` -> ``[N]`` (0 for a constant row)."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(eps)
+
+
+def dist_parts(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float = 4.0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DIST (Huang 2022): ``(inter, intra)`` relation losses on ``y = softmax(z / τ)``.
+
+    ``inter = τ² (1 − mean_rows Pearson(y_s[i], y_t[i]))``; ``intra`` the same over columns (classes).
+    Both are 0 when the logits match and unchanged by adding a constant to a row's logits.
+
+    Args:
+        z_s: student logits ``[B, K]``.
+        z_t: teacher logits ``[B, K]``.
+        temperature: τ.
+    """
+    t = float(temperature)
+    y_s = F.softmax(z_s / t, dim=1)
+    y_t = F.softmax(z_t / t, dim=1)
+    inter = (t * t) * (1.0 - pearson_rows(y_s, y_t).mean())
+    intra = (t * t) * (1.0 - pearson_rows(y_s.t(), y_t.t()).mean())
+    return inter, intra
+
+
+def dist_loss(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float = 4.0, beta: float = 1.0,
+              gamma: float = 1.0) -> torch.Tensor:
+    """``β · inter + γ · intra`` (see :func:`dist_parts`)."""
+    inter, intra = dist_parts(z_s, z_t, temperature)
+    return beta * inter + gamma * intra
+
+
+def nkd_parts(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, temperature: float = 1.0,
+              gamma: float = 1.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized KD (Yang 2023): ``(target, non_target)`` terms.
+
+    ``target = −mean_b(p_t[y] · log p_s[y])`` at T = 1;
+    ``non_target = −γ T² mean_b Σ_{k≠y} softmax(ẑ_t/T)_k · log softmax(ẑ_s/T)_k`` over the K−1 non-target logits ẑ.
+
+    Args:
+        z_s: student logits ``[B, K]``.
+        z_t: teacher logits ``[B, K]``.
+        y: labels ``[B]``.
+        temperature: T of the non-target term.
+        gamma: weight γ of the non-target term.
+    """
+    t = float(temperature)
+    idx = y.view(-1, 1)
+    log_ps_gt = F.log_softmax(z_s, dim=1).gather(1, idx)
+    pt_gt = F.softmax(z_t, dim=1).gather(1, idx).detach()
+    target = -(pt_gt * log_ps_gt).mean()
+    _, zs_non, _ = _split_target(z_s, y)
+    _, zt_non, _ = _split_target(z_t, y)
+    non = -(F.softmax(zt_non / t, dim=1) * F.log_softmax(zs_non / t, dim=1)).sum(dim=1).mean()
+    return target, gamma * t * t * non
+
+
+def nkd_loss(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, temperature: float = 1.0,
+             gamma: float = 1.5) -> torch.Tensor:
+    """``target + non_target`` of :func:`nkd_parts`."""
+    target, non = nkd_parts(z_s, z_t, y, temperature, gamma)
+    return target + non
+
+
+def zipf_distribution(z: torch.Tensor, y: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+    """Zipf distribution over the non-target classes ranked by the (detached) logits ``z`` ``[B, K]``.
+
+    The non-target class with the r-th largest logit (r = 1..K−1) gets mass ∝ ``1 / r^power``; the target gets 0.
+    Rows sum to one. Returns ``[B, K]`` (no gradient).
+    """
+    z = z.detach()
+    masked = z.masked_fill(F.one_hot(y, z.shape[1]).bool(), float("-inf"))
+    order = masked.argsort(dim=1, descending=True)  # target sorts last
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(z.shape[1], device=z.device).expand_as(order))
+    w = (ranks + 1).to(z.dtype).pow(-float(power))
+    w = w.masked_fill(F.one_hot(y, z.shape[1]).bool(), 0.0)
+    return w / w.sum(dim=1, keepdim=True)
+
+
+def zipf_targets(z: torch.Tensor, y: torch.Tensor, alpha: float = 0.1, power: float = 1.0) -> torch.Tensor:
+    """Zipf label smoothing (Liang 2022): ``(1 − α) onehot(y) + α Zipf(rank of own logits over non-targets)``.
+
+    Args:
+        z: the model's own logits ``[B, K]`` (detached here).
+        y: labels ``[B]``.
+        alpha: smoothing mass α.
+        power: Zipf exponent.
+
+    Returns:
+        Soft targets ``[B, K]`` (rows sum to one, no gradient).
+    """
+    onehot = F.one_hot(y, z.shape[1]).to(z.dtype)
+    return (1.0 - alpha) * onehot + alpha * zipf_distribution(z, y, power)
+
+
+def tf_nkd_parts(z_s: torch.Tensor, y: torch.Tensor, power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-free NKD (Yang 2023; the USKD form): ``(target, non_target)`` from the student alone.
+
+    Target soft label ``p̃ = p_s[y]² + 1 − mean_batch(p_s[y]²)`` (detached); ``target = −mean_b p̃ · log p_s[y]``.
+    Non-target: soft cross-entropy between the Zipf distribution over non-targets ranked by the student's own
+    logits (:func:`zipf_distribution`) and ``softmax`` of the non-target logits.
+
+    Args:
+        z_s: student logits ``[B, K]``.
+        y: labels ``[B]``.
+        power: Zipf exponent.
+    """
+    idx = y.view(-1, 1)
+    log_p = F.log_softmax(z_s, dim=1)
+    p_gt = log_p.gather(1, idx).exp().detach()
+    soft = (p_gt ** 2 + 1.0 - (p_gt ** 2).mean()).detach()
+    target = -(soft * log_p.gather(1, idx)).mean()
+    _, z_non, mask = _split_target(z_s, y)
+    zipf_non = zipf_distribution(z_s, y, power)[mask].view(z_s.shape[0], -1)
+    non = soft_cross_entropy(z_non, zipf_non)
+    return target, non
+
+
+def propagation_matrix(features: torch.Tensor, omega: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """BAKE (Ge 2021) propagation matrix ``W = (1 − ω)(I − ωA)⁻¹`` from batch features ``[B, ...]`` -> ``[B, B]``.
+
+    ``A = softmax_j(⟨f̂_i, f̂_j⟩ / temperature)`` over ``j ≠ i`` (diagonal masked, f̂ L2-normalised). A is
+    row-stochastic, so ``W = (1 − ω) Σ_n ωⁿ Aⁿ`` is too: its rows sum to one. Needs B >= 2; no gradient.
+    """
+    f = F.normalize(features.detach().flatten(1), dim=1)
+    b = f.shape[0]
+    eye = torch.eye(b, dtype=f.dtype, device=f.device)
+    sim = (f @ f.t() / float(temperature)).masked_fill(eye.bool(), float("-inf"))
+    a = F.softmax(sim, dim=1)
+    return (1.0 - omega) * torch.linalg.inv(eye - omega * a)
+
+
+def bake_targets(z: torch.Tensor, features: torch.Tensor, omega: float = 0.5, temperature: float = 4.0,
+                 affinity_temperature: float = 1.0) -> torch.Tensor:
+    """BAKE soft targets ``W · softmax(z / T)`` ``[B, K]`` (rows sum to one, no gradient).
+
+    Args:
+        z: the model's own logits ``[B, K]``.
+        features: the model's own features ``[B, ...]`` (e.g. penultimate).
+        omega: propagation strength ω in [0, 1).
+        temperature: softmax temperature T of the logits.
+        affinity_temperature: temperature of the feature affinities.
+    """
+    w = propagation_matrix(features, omega, affinity_temperature)
+    return w.to(z.dtype) @ F.softmax(z.detach() / float(temperature), dim=1)
+
+
+# --------------------------------------------------------------------------------------------- feature-based
+
+
+def pool_to_common(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive-average-pool the spatially larger of two ``[B, C, H, W]`` maps to the other's ``H × W``."""
+    hs, ht = f_s.shape[-2:], f_t.shape[-2:]
+    if hs == ht:
+        return f_s, f_t
+    size = (min(hs[0], ht[0]), min(hs[1], ht[1]))
+    return (F.adaptive_avg_pool2d(f_s, size) if tuple(hs) != size else f_s,
+            F.adaptive_avg_pool2d(f_t, size) if tuple(ht) != size else f_t)
+
+
+def fitnet_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """FitNet (Romero 2015) hint loss: mean squared error of (regressed) student and teacher features, same shape."""
+    return F.mse_loss(f_s, f_t)
+
+
+def attention_map(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """AT attention vector: ``normalize(mean_c |f|^p)`` flattened: ``[B, C, H, W]`` -> ``[B, H·W]``."""
+    return F.normalize(f.abs().pow(p).mean(dim=1).flatten(1), dim=1)
+
+
+def at_loss(f_s: torch.Tensor, f_t: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Attention transfer (Zagoruyko 2017): ``mean((q_s − q_t)²)`` of :func:`attention_map` (channels may differ).
+
+    Args:
+        f_s: student maps ``[B, Cs, H, W]``.
+        f_t: teacher maps ``[B, Ct, H', W']`` (the larger map is average-pooled to the smaller size).
+        p: exponent.
+    """
+    f_s, f_t = pool_to_common(f_s, f_t)
+    return (attention_map(f_s, p) - attention_map(f_t, p)).pow(2).mean()
+
+
+def similarity_matrix(f: torch.Tensor) -> torch.Tensor:
+    """SP Gram matrix ``normalize_rows(F Fᵀ)`` of flattened features ``[B, ...]`` -> ``[B, B]``."""
+    f = f.flatten(1)
+    return F.normalize(f @ f.t(), dim=1)
+
+
+def sp_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """Similarity-preserving KD (Tung & Mori 2019): ``‖G_t − G_s‖²_F / B²`` (feature shapes may differ)."""
+    b = f_s.shape[0]
+    return (similarity_matrix(f_t) - similarity_matrix(f_s)).pow(2).sum() / (b * b)
+
+
+def pairwise_distances(e: torch.Tensor, squared: bool = False, eps: float = 1e-12) -> torch.Tensor:
+    """Euclidean distance matrix of rows ``[B, D]`` -> ``[B, B]`` (zero diagonal, gradient-safe)."""
+    sq = e.pow(2).sum(dim=1)
+    d = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * e @ e.t()).clamp_min(eps)
+    if not squared:
+        d = d.sqrt()
+    return d * (1.0 - torch.eye(e.shape[0], dtype=e.dtype, device=e.device))
+
+
+def rkd_distance_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """RKD distance-wise loss (Park 2019): smooth-L1 between mean-normalised pairwise distance matrices."""
+    def normed(f: torch.Tensor) -> torch.Tensor:
+        d = pairwise_distances(f.flatten(1))
+        pos = d[d > 0]
+        return d / pos.mean() if pos.numel() else d
+
+    return F.smooth_l1_loss(normed(f_s), normed(f_t))
+
+
+def rkd_angle_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """RKD angle-wise loss: smooth-L1 between the cosines ``⟨e_ij, e_kj⟩`` of all triplets (``[B, B, B]``)."""
+    def angles(f: torch.Tensor) -> torch.Tensor:
+        f = f.flatten(1)
+        diff = F.normalize(f.unsqueeze(0) - f.unsqueeze(1), dim=2)
+        return torch.bmm(diff, diff.transpose(1, 2)).flatten()
+
+    return F.smooth_l1_loss(angles(f_s), angles(f_t))
+
+
+def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Probabilistic knowledge transfer (Passalis 2018): KL between cosine-similarity distributions.
+
+    Each row of ``(cos + 1) / 2`` is normalised to a distribution; loss = ``mean_ij t_ij log((t_ij+ε)/(s_ij+ε))``.
+    Feature dims may differ (``[B, ...]`` each).
+    """
+    def cond_prob(f: torch.Tensor) -> torch.Tensor:
+        f = F.normalize(f.flatten(1), dim=1, eps=eps)
+        s = (f @ f.t() + 1.0) / 2.0
+        return s / s.sum(dim=1, keepdim=True)
+
+    p_s, p_t = cond_prob(f_s), cond_prob(f_t)
+    return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
+
+
+def contrast_scores(anchor: torch.Tensor, bank_rows: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """CRD scores ``exp(⟨bank_row, anchor⟩ / τ)``: anchor ``[B, D]``, rows ``[B, K+1, D]`` -> ``[B, K+1]``.
+
+    Column 0 is the positive. Divide by the normalisation constant Z before :func:`nce_loss`.
+    """
+    return torch.exp(torch.bmm(bank_rows, anchor.unsqueeze(2)).squeeze(2) / float(temperature))
+
+
+def nce_loss(scores: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:
+    """CRD's NCE loss on normalised scores ``[B, K+1]`` (column 0 positive, K noise samples, noise prob 1/N).
+
+    ``−mean_b [log(P₀ / (P₀ + K/N)) + Σ_{k≥1} log((K/N) / (P_k + K/N))]``.
+    """
+    m = scores.shape[1] - 1
+    noise = m / float(n_data)
+    pos = scores[:, 0]
+    neg = scores[:, 1:]
+    log_d1 = torch.log(pos / (pos + noise + eps))
+    log_d0 = torch.log(noise / (neg + noise + eps))
+    return -(log_d1.sum() + log_d0.sum()) / scores.shape[0]
+
+
+# ------------------------------------------------------------------------------------------------ multi-model
+
+
+def ca_mkd_weights(teacher_logits: Sequence[torch.Tensor] | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """CA-MKD confidence weights: ``w_k = (1 − softmax_k(CE(z_t^k, y))) / (M − 1)`` per sample.
+
+    Args:
+        teacher_logits: M teachers' logits, a sequence of ``[B, K]`` or a tensor ``[M, B, K]``.
+        y: labels ``[B]``.
+
+    Returns:
+        ``[M, B]``, each column sums to one (all ones when M = 1). No gradient.
+    """
+    z = torch.stack(list(teacher_logits)) if not torch.is_tensor(teacher_logits) else teacher_logits
+    z = z.detach()
+    m = z.shape[0]
+    if m == 1:
+        return torch.ones(z.shape[:2], dtype=z.dtype, device=z.device)
+    ce = torch.stack([F.cross_entropy(zk, y, reduction="none") for zk in z])  # [M, B]
+    return (1.0 - F.softmax(ce, dim=0)) / (m - 1)
+
+
+def ca_mkd_loss(z_s: torch.Tensor, teacher_logits: Sequence[torch.Tensor], y: torch.Tensor,
+                temperature: float = 4.0) -> torch.Tensor:
+    """``mean_b Σ_k w_k · T² KL(p_t^k ‖ p_s)`` with :func:`ca_mkd_weights`."""
+    w = ca_mkd_weights(teacher_logits, y)
+    kls = torch.stack([kd_loss(z_s, zt, temperature, reduction="none") for zt in teacher_logits])
+    return (w * kls).sum(dim=0).mean()
+
+
+def balanced_kl_weights(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float = 1.0
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample-wise forward / reverse KL weights from the entropy gap (BD-KD-style balancing).
+
+    ``w_rev = H_s / (H_s + H_t)``, ``w_fwd = 1 − w_rev`` per sample (entropies at temperature T, detached): an
+    under-confident model (high entropy) leans on the mode-seeking reverse KL, an over-confident one on the
+    mass-covering forward KL. Returns ``(w_fwd, w_rev)``, each ``[B]``, summing to one.
+    """
+    h_s = entropy(z_s.detach(), temperature)
+    h_t = entropy(z_t.detach(), temperature)
+    w_rev = h_s / (h_s + h_t).clamp_min(1e-12)
+    return 1.0 - w_rev, w_rev
+
+
+def balanced_kd_loss(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``mean_b [w_fwd · T² KL(p_t ‖ p_s) + w_rev · T² KL(p_s ‖ p_t)]`` (:func:`balanced_kl_weights`)."""
+    w_f, w_r = balanced_kl_weights(z_s, z_t, temperature)
+    fwd = kd_loss(z_s, z_t, temperature, reduction="none")
+    rev = reverse_kd_loss(z_s, z_t, temperature, reduction="none")
+    return (w_f * fwd + w_r * rev).mean()
