@@ -1,0 +1,139 @@
+"""Latency-reduction options: each changes what it should."""
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from bsnn.activations import QCFS, ClipReLU, qcfs, replace_activations_
+from bsnn.binary import binarize_
+from bsnn.config import ConvertConfig, SimConfig
+from bsnn.convert import Max, convert
+from bsnn.convert.graph import capture
+from bsnn.convert.snn_calibration import calibrate_snn_
+from bsnn.early_exit import EarlyExit, apply_early_exit, early_exit_curve, stable_run_length
+from bsnn.simulate import run_batch, simulate
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return binarize_(nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AvgPool2d(2),
+                                   nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                                   nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 3))).eval()
+
+
+def _loader(x, y=None):
+    y = torch.zeros(len(x), dtype=torch.long) if y is None else y
+    return DataLoader(TensorDataset(x, y), batch_size=16)
+
+
+def test_qcfs_closed_form():
+    x = torch.tensor([-0.2, 0.0, 0.1, 0.124, 0.126, 0.3, 0.9, 2.0])
+    lam = torch.tensor(1.0)
+    # λ/L · clip(floor(x·L/λ + 1/2), 0, L) with L = 4
+    expected = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.25, 0.25, 1.0, 1.0])
+    torch.testing.assert_close(qcfs(x, lam, 4), expected)
+    m = QCFS(clip=1.0, levels=4)
+    torch.testing.assert_close(m(x), expected)
+    xg = x.clone().requires_grad_()
+    m(xg).sum().backward()
+    assert m.clip.grad is not None and xg.grad is not None  # straight-through floor: trainable
+
+
+def test_shift_sets_initial_potential_half_threshold():
+    net, x = _net(), torch.randn(16, 1, 8, 8)
+    plain = convert(net, _loader(x), ConvertConfig(threshold=Max()))
+    shifted = convert(net, _loader(x), ConvertConfig(threshold=Max(), v_init=0.5))
+    for n in shifted.neurons().values():
+        v0 = n.initial_potential(torch.zeros(2, *n.v_init_bias.shape))
+        assert torch.all(v0 == 0.5)  # units of θ: v0 = θ/2
+    for n in plain.neurons().values():
+        assert torch.all(n.initial_potential(torch.zeros(1)) == 0)
+    # an input of 0.6 θ: no spike at t=1 without the shift, a spike with it
+    s_plain = plain.neurons()["if_2"]
+    s_plain.reset(), s_plain.__setattr__("time_chunk", 1)
+    th = s_plain.threshold
+    out = s_plain(0.6 * th.expand(1, 6, 8, 8).clone())
+    assert out.sum() == 0
+    s_shift = shifted.neurons()["if_2"]
+    s_shift.reset(), s_shift.__setattr__("time_chunk", 1)
+    assert s_shift(0.6 * s_shift.threshold.expand(1, 6, 8, 8).clone()).sum() == 6 * 8 * 8
+
+
+def test_threshold_scale_multiplies_thresholds():
+    net, x = _net(), torch.randn(16, 1, 8, 8)
+    a = convert(net, _loader(x), ConvertConfig(threshold=Max()))
+    b = convert(net, _loader(x), ConvertConfig(threshold=Max(), threshold_scale=0.8))
+    for k, lam in a.meta["thresholds"].items():  # every λ scaled ...
+        torch.testing.assert_close(torch.tensor(b.meta["thresholds"][k]), 0.8 * torch.tensor(lam))
+    first = a.neuron_names[0]  # ... so the first IF threshold (analog input) scales; later ratios λ_l/λ_{l-1} do not
+    torch.testing.assert_close(b.neurons()[first].threshold, 0.8 * a.neurons()[first].threshold)
+
+
+@pytest.mark.parametrize("mode", ["bias", "potential"])
+def test_snn_calibration_reduces_layer_error(mode):
+    net, x = _net(1), torch.randn(64, 1, 8, 8)
+    snn = convert(net, _loader(x), ConvertConfig(threshold=Max()))
+    gm = capture(net, x)
+    before = calibrate_snn_(snn, gm, x, timesteps=8, mode=mode)   # corrects; returns errors before correcting
+    after = calibrate_snn_(snn, gm, x, timesteps=8, mode=mode)    # errors of the corrected network
+    assert sum(after.values()) < sum(before.values())
+    first = snn.neuron_names[0]
+    assert after[first] < before[first]
+    field = "i_bias" if mode == "bias" else "v_init_bias"
+    assert any(getattr(n, field).abs().sum() > 0 for n in snn.neurons().values())
+
+
+def test_qcfs_and_clip_convert_with_trained_threshold():
+    torch.manual_seed(0)
+    net = replace_activations_(_net(), "qcfs", clip=1.5, levels=4).eval()
+    net[2].clip.data.fill_(2.0)
+    x = torch.randn(32, 1, 8, 8)
+    snn = convert(net, _loader(x))
+    assert snn.meta["thresholds"]["2"] == pytest.approx(2.0)
+    assert all(n.v_init_frac.item() == 0.5 for n in snn.neurons().values())  # QCFS's built-in shift
+    with torch.no_grad():
+        z = net(x)
+        err = {t: (run_batch(snn, x, t, 16)[-1] / t - z).abs().mean().item() for t in (4, 64)}
+    assert max(err.values()) < 0.1 * z.abs().mean().item()  # QCFS + θ/2 shift: accurate already at T = L
+    clip = replace_activations_(_net(), "clip", clip=3.0).eval()
+    snn_c = convert(clip, _loader(x))
+    assert isinstance(clip[2], ClipReLU) and snn_c.meta["thresholds"]["2"] == pytest.approx(3.0)
+    assert all(n.v_init_frac.item() == 0.0 for n in snn_c.neurons().values())
+
+
+def test_percentile_search_picks_best_recorded_candidate():
+    net = _net(2)
+    x = torch.randn(96, 1, 8, 8)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    snn = convert(net, _loader(x, y), ConvertConfig(search_percentiles=[99.0, 99.9, 100.0], search_timesteps=8,
+                                                   search_samples=96))
+    scores = snn.meta["threshold_search"]
+    assert set(scores) == {"p99", "p99.9", "p100"}
+    assert scores[snn.meta["convert"]["threshold"]] == max(scores.values())
+
+
+def test_early_exit_rule_by_hand():
+    preds = torch.tensor([[0, 1], [1, 1], [1, 2], [1, 2], [1, 2]])  # [T=5, N=2]
+    assert stable_run_length(preds).tolist() == [[1, 1], [1, 2], [2, 1], [3, 2], [4, 3]]
+    margins = torch.ones(5, 2)
+    r = apply_early_exit(preds, margins, torch.tensor([1, 2]), EarlyExit(patience=2))
+    assert r["exit_timesteps"].tolist() == [3, 2] and r["accuracy"] == 50.0 and r["mean_timesteps"] == 2.5
+    r = apply_early_exit(preds, margins, torch.tensor([1, 2]), EarlyExit(patience=3))
+    assert r["exit_timesteps"].tolist() == [4, 5] and r["accuracy"] == 100.0
+    r = apply_early_exit(preds, margins * 0, torch.tensor([1, 2]), EarlyExit(patience=1, margin=0.5))
+    assert r["exit_timesteps"].tolist() == [5, 5]  # margin never reached: run to the end
+
+
+def test_early_exit_curve_from_simulation():
+    net, x = _net(3), torch.randn(48, 1, 8, 8)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    snn = convert(net, _loader(x, y), ConvertConfig(threshold=Max()))
+    res = simulate(snn, _loader(x, y), [32], SimConfig(record_predictions=True), quiet=True)
+    assert res.predictions.shape == (32, 48)
+    assert (res.predictions[-1].long() == y).float().mean().item() * 100 == pytest.approx(res.accuracy[32])
+    curve = early_exit_curve(res, patiences=(1, 4, 32))
+    assert curve[0]["mean_timesteps"] == 1.0 and curve[-1]["mean_timesteps"] == 32.0
+    assert curve[-1]["accuracy"] == pytest.approx(res.accuracy[32])
