@@ -86,16 +86,20 @@ def test_snn_calibration_reduces_layer_error(mode):
 
 def test_qcfs_and_clip_convert_with_trained_threshold():
     torch.manual_seed(0)
-    net = replace_activations_(_net(), "qcfs", clip=1.5, levels=4).eval()
-    net[2].clip.data.fill_(2.0)
     x = torch.randn(32, 1, 8, 8)
+    lam = convert(_net(), _loader(x), ConvertConfig(threshold=Max())).meta["thresholds"]
+    net = replace_activations_(_net(), "qcfs", levels=4).eval()
+    for name, value in lam.items():  # clip each QCFS at its layer's activation range (as training would)
+        net.get_submodule(name).clip.data.fill_(value)
     snn = convert(net, _loader(x))
-    assert snn.meta["thresholds"]["2"] == pytest.approx(2.0)
+    assert snn.meta["thresholds"] == pytest.approx(lam)
     assert all(n.v_init_frac.item() == 0.5 for n in snn.neurons().values())  # QCFS's built-in shift
     with torch.no_grad():
         z = net(x)
         err = {t: (run_batch(snn, x, t, 16)[-1] / t - z).abs().mean().item() for t in (4, 64)}
-    assert max(err.values()) < 0.1 * z.abs().mean().item()  # QCFS + θ/2 shift: accurate already at T = L
+    # QCFS + θ/2 shift: at T = L the spike counts reproduce the L-level quantised ANN (near-exact); at large T
+    # the SNN tends to the unquantised clip-ReLU instead, so the error there is QCFS's own quantisation error
+    assert err[4] < 0.02 * z.abs().mean().item() and err[4] < err[64], err
     clip = replace_activations_(_net(), "clip", clip=3.0).eval()
     snn_c = convert(clip, _loader(x))
     assert isinstance(clip[2], ClipReLU) and snn_c.meta["thresholds"]["2"] == pytest.approx(3.0)
