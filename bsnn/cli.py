@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ann", type=str, default=None, help="source ANN for the reference line (default: <out>/student.pt)")
     p.add_argument("--timesteps", type=str, default=None, help="comma-separated T values, e.g. 1,2,4,8,16,32,64")
     p.set_defaults(fn=cmd_simulate)
+    from bsnn.hardware.cli import add_cost_parser
+
+    add_cost_parser(sub)
     p = sub.add_parser("evaluate", help="accuracy of a model file on a data split")
     p.add_argument("checkpoint", type=Path, help="model file written by bsnn (teacher.pt, student.pt)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")

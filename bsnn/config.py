@@ -327,6 +327,30 @@ class SimConfig:
 
 
 @dataclass
+class CostConfig:
+    """In-memory-hardware cost report added by ``bsnn run`` (see :mod:`bsnn.hardware`).
+
+    Attributes:
+        enabled: write ``cost.{json,md,png}`` after the sweep.
+        preset: hardware preset (``spikesim-rram-65nm``, ``xnor-sram-65nm``, ``isaac-rram-32nm``, ``digital-45nm``).
+        timesteps: T at which to cost the network (None: the largest simulated T).
+        mode: ``event_driven`` (measured spike counts) or ``dense`` (every crossbar read every timestep).
+    """
+
+    enabled: bool = True
+    preset: str = "spikesim-rram-65nm"
+    timesteps: Union[int, None] = None
+    mode: str = "event_driven"
+
+    def validate(self) -> None:
+        from bsnn.hardware import list_presets
+
+        _check(self.preset in list_presets(), f"cost.preset must be one of {list_presets()}, got {self.preset!r}")
+        _check(self.mode in ("dense", "event_driven"), f"cost.mode must be 'dense' or 'event_driven', got {self.mode!r}")
+        _check(self.timesteps is None or self.timesteps >= 1, f"cost.timesteps must be >= 1, got {self.timesteps}")
+
+
+@dataclass
 class Config:
     """The whole pipeline's configuration; each attribute is one YAML section."""
 
@@ -339,6 +363,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     simulate: SimConfig = field(default_factory=SimConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
 
     def validate(self) -> "Config":
         """Validate every section, prefixing errors with the section name; returns ``self``."""

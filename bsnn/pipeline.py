@@ -265,8 +265,21 @@ def stage_simulate(ctx: Context, snn: SpikingNetwork, ann: nn.Module | None, ste
     return res
 
 
+def stage_cost(ctx: Context, snn: SpikingNetwork, res: SimResult) -> dict:
+    """In-memory-hardware cost at ``cost.timesteps``; writes ``cost.{json,md,png}`` and metrics['cost']."""
+    from bsnn.hardware.cli import run_cost
+
+    c = ctx.cfg.cost
+    report = run_cost(snn, res, ctx.run.root, hw=c.preset, timesteps=c.timesteps, mode=c.mode)
+    total = report.to_dict()["total"]
+    ctx.run.update_metrics("cost", {"preset": c.preset, "mode": c.mode, "total": total})
+    log.info("cost (%s, %s, T=%s): %.4g pJ, %.4g ns, %.4g um2", c.preset, c.mode, report.timesteps,
+             total["energy_pj"], total["latency_ns"] or float("nan"), total["area_um2"] or float("nan"))
+    return total
+
+
 def run_pipeline(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
-    """teacher -> binary student by distillation -> conversion -> accuracy-vs-T sweep.
+    """teacher -> binary student by distillation -> conversion -> accuracy-vs-T sweep -> hardware cost.
 
     Returns the metrics dict (also in ``metrics.json``).
     """
@@ -275,6 +288,8 @@ def run_pipeline(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
     student = stage_student(ctx, teacher)
     if ctx.env.is_main:
         snn = stage_convert(ctx, student, ctx.arch("student"))
-        stage_simulate(ctx, snn, student)
+        res = stage_simulate(ctx, snn, student)
+        if cfg.cost.enabled:
+            stage_cost(ctx, snn, res)
     barrier()
     return ctx.run.metrics()

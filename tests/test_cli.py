@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from bsnn.cli import main
 from bsnn.pipeline import load_model, load_snn
 from bsnn.simulate import run_batch
 
+ROOT = Path(__file__).resolve().parents[1]
 FAST = ["data.name=digits", "train.epochs=2", "student.epochs=2", "convert.calib_samples=200",
         "simulate.timesteps=[1,4,16,32]", "--quiet"]
 
@@ -20,12 +22,22 @@ def run_dir(tmp_path_factory):
 
 def test_run_writes_the_whole_pipeline(run_dir):
     for f in ("config.yaml", "log.txt", "metrics.json", "teacher.pt", "student.pt", "snn.pt", "sweep.md", "sweep.csv",
-              "sweep.json", "sweep.png", "checkpoints/teacher_last.pt"):
+              "sweep.json", "sweep.png", "checkpoints/teacher_last.pt", "cost.json", "cost.md"):
         assert (run_dir / f).is_file(), f
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["teacher"]["test_acc"] > 70 and m["student"]["test_acc"] > 50
     assert set(m["snn"]["accuracy"]) == {"1", "4", "16", "32"}
     assert len(m["teacher"]["history"]) == 2
+    assert m["cost"]["mode"] == "event_driven" and m["cost"]["total"]["energy_pj"] > 0
+
+
+def test_cost_command_reproduces_spikesim_vgg9(tmp_path):
+    assert main(["cost", "--preset", "spikesim-rram-65nm", "--layers", str(ROOT / "configs/hardware/vgg9_cifar10_layers.csv"),
+                 "--xbar", "64", "--timesteps", "5", "--mode", "dense", "--out", str(tmp_path)]) == 0
+    total = json.loads((tmp_path / "cost.json").read_text())["total"]
+    assert total["energy_pj"] == pytest.approx(15906934.03, rel=1e-9)
+    assert total["latency_ns"] == pytest.approx(62832640, rel=1e-12)
+    assert total["area_um2"] == pytest.approx(8425528.76, rel=1e-9)
 
 
 def test_existing_run_refused_without_resume(run_dir, capsys):

@@ -1,0 +1,225 @@
+"""``bsnn cost``: the hardware cost report from a layer table or a run folder, and its files.
+
+Wiring (in ``bsnn/cli.py``): ``from bsnn.hardware.cli import add_cost_parser`` and call
+``add_cost_parser(sub)`` inside ``build_parser``; the sub-command sets ``fn=cmd_cost`` like the others.
+``bsnn run`` can call :func:`run_cost` after the simulation stage.
+
+Files written into ``--out``: ``cost.json`` (top-level ``total`` with ``energy_pj``, ``latency_ns``, ``area_um2``,
+``layers``, ``breakdown_pj``, ``comparisons``, ``vs_T``), ``cost.md``, ``cost_breakdown.png`` and
+``cost_vs_T.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from bsnn.errors import ConfigError, DataError
+from bsnn.hardware.config import HardwareConfig, list_presets, load_hardware_config, preset
+from bsnn.hardware.cost import MODES, Activity, CostReport, estimate, sweep_timesteps
+from bsnn.io import atomic_write_json, atomic_write_text
+
+
+def add_cost_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``cost`` sub-command (handler :func:`cmd_cost`) on an argparse ``subparsers`` object."""
+    p = subparsers.add_parser(
+        "cost", help="energy / latency / area on an in-memory-computing accelerator",
+        description="Cost a layer table (--layers) or a converted run (--run) on an IMC preset. Hardware fields "
+                    "can be overridden as key=value (e.g. energy.adc_pj=1.5 pe_per_tile=4).")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted hardware-config overrides")
+    p.add_argument("--preset", default="spikesim-rram-65nm", help=f"hardware preset: {', '.join(list_presets())}")
+    p.add_argument("--hw-config", type=Path, default=None, help="hardware YAML (see configs/hardware/); "
+                   "replaces --preset")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--layers", type=Path, help="layer table CSV: name,in_channels,out_channels,in_size,"
+                     "out_size,kernel")
+    src.add_argument("--run", type=Path, help="run folder with snn.pt (and sweep.json for event-driven costs)")
+    p.add_argument("--xbar", type=int, default=None, help="crossbar size (rows = columns)")
+    p.add_argument("--pe-per-tile", type=int, default=None)
+    p.add_argument("--clock-mhz", type=float, default=None)
+    p.add_argument("--adc-bits", type=int, default=None)
+    p.add_argument("--mapping", choices=["spikesim", "unrolled"], default=None)
+    p.add_argument("--sign-handling", choices=["none", "popcount", "paired"], default=None)
+    p.add_argument("--timesteps", type=int, default=None, help="T (default: the largest simulated T, else 5)")
+    p.add_argument("--mode", choices=list(MODES), default="dense")
+    p.add_argument("--rate", type=float, default=None, help="uniform input spike rate for event_driven costs of "
+                   "a layer table")
+    p.add_argument("--ann-bits", type=int, default=None, help="activation bits of the bit-serial ANN comparison")
+    p.add_argument("--out", type=Path, default=Path("cost"), help="output folder")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.set_defaults(fn=cmd_cost)
+    return p
+
+
+def hardware_from_args(args: argparse.Namespace) -> HardwareConfig:
+    """The hardware config named by ``--preset``/``--hw-config`` with the CLI flags and overrides applied."""
+    ov = list(getattr(args, "overrides", None) or [])
+    flags = {"pe_per_tile": args.pe_per_tile, "clock_mhz": args.clock_mhz, "adc_bits": args.adc_bits,
+             "mapping": args.mapping, "sign_handling": args.sign_handling}
+    if args.xbar is not None:
+        flags.update(xbar_rows=args.xbar, xbar_cols=args.xbar)
+    ov += [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if args.hw_config is not None:
+        return load_hardware_config(args.hw_config, ov)
+    return preset(args.preset, ov)
+
+
+def _load_run(run_dir: Path):
+    from bsnn.pipeline import load_snn
+
+    snn_path = run_dir / "snn.pt"
+    if not snn_path.is_file():
+        raise DataError(f"run folder {str(run_dir)!r} has no snn.pt; run `bsnn convert` first")
+    snn, _ = load_snn(snn_path)
+    sweep = run_dir / "sweep.json"
+    result = None
+    if sweep.is_file():
+        try:
+            result = json.loads(sweep.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{str(sweep)!r} is not valid JSON: {e}") from None
+    return snn, result
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    """Handler of ``bsnn cost``: estimate, then write cost.json / cost.md / plots into ``--out``."""
+    hw = hardware_from_args(args)
+    if args.run is not None:
+        network, activity = _load_run(args.run)
+        if args.mode == "event_driven" and activity is None:
+            raise ConfigError(f"--mode event_driven needs {args.run / 'sweep.json'} (run `bsnn simulate`)")
+        T = args.timesteps or (max(int(t) for t in activity["timesteps"]) if activity else 5)
+    else:
+        network, activity = args.layers, None
+        T = args.timesteps or 5
+        if args.rate is not None:
+            from bsnn.hardware.mapping import load_layer_table
+
+            if not 0.0 <= args.rate <= 1.0:
+                raise ConfigError(f"--rate must be in [0, 1], got {args.rate}")
+            network = load_layer_table(args.layers)
+            activity = Activity.uniform(network, args.rate, T)
+        elif args.mode == "event_driven":
+            raise ConfigError("--mode event_driven with --layers needs --rate R (uniform input spike rate)")
+    report = estimate(network, activity, hw, timesteps=T, mode=args.mode, ann_bits=args.ann_bits)
+    paths = write_cost_report(report, args.out, network, activity, hw)
+    if not args.quiet:
+        t = report.total
+        lat = "n/a" if t.latency_ns is None else f"{t.latency_ns:.4g} ns"
+        area = "n/a" if t.area_um2 is None else f"{t.area_um2:.4g} µm²"
+        print(f"{report.hardware} [{report.mode}] T={report.timesteps}: energy {t.energy_pj:.4g} pJ, latency {lat}, "
+              f"area {area}, {t.tops_per_w:.3g} TOPS/W")
+        for n in report.notes[1:]:
+            print(f"  - {n}")
+        print(f"written: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _ts_up_to(T: int) -> list[int]:
+    """1..T for T <= 16, else the powers of two below T and T."""
+    return list(range(1, T + 1)) if T <= 16 else sorted({2 ** i for i in range(T.bit_length()) if 2 ** i < T} | {T})
+
+
+def write_cost_report(report: CostReport, out_dir: str | os.PathLike, network=None, activity=None,
+                      hw: HardwareConfig | None = None, stem: str = "cost", plots: bool = True) -> dict[str, Path]:
+    """Write ``cost.json``, ``cost.md`` and (with ``plots``) ``cost_breakdown.png`` / ``cost_vs_T.png``.
+
+    ``network``/``activity``/``hw`` (as given to :func:`estimate`) enable the energy/latency-vs-T sweep.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    d = report.to_dict()
+    d["breakdown_pj"] = report.total.breakdown_pj
+    vs_t: dict[str, list] = {}
+    if network is not None and hw is not None:
+        ts = _ts_up_to(report.timesteps)
+        vs_t["dense"] = sweep_timesteps(network, activity, hw, ts, "dense")
+        if activity is not None:
+            vs_t["event_driven"] = sweep_timesteps(network, activity, hw, ts, "event_driven")
+    d["vs_T"] = vs_t
+    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md"}
+    atomic_write_json(paths["json"], d)
+    atomic_write_text(paths["md"], report.markdown())
+    if plots:
+        paths["breakdown_png"] = plot_breakdown(report, out / f"{stem}_breakdown.png")
+        if vs_t:
+            paths["vs_T_png"] = plot_vs_t(vs_t, report, out / f"{stem}_vs_T.png")
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_breakdown(report: CostReport, path: str | os.PathLike) -> Path:
+    """Energy by component (total) and per layer (stacked by component)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    comps = [k for k, v in report.total.breakdown_pj.items() if v > 0]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    vals = [report.total.breakdown_pj[k] for k in comps]
+    a.barh(comps, vals)
+    a.set_xlabel("energy per inference (pJ)")
+    a.set_title(f"{report.hardware} [{report.mode}], T={report.timesteps}")
+    names = [l.name for l in report.layers]
+    bottom = [0.0] * len(names)
+    for k in comps:
+        h = [l.breakdown_pj.get(k, 0.0) for l in report.layers]
+        b.bar(range(len(names)), h, bottom=bottom, label=k)
+        bottom = [x + y for x, y in zip(bottom, h)]
+    b.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    b.set_ylabel("energy (pJ)")
+    b.set_title("per layer")
+    b.legend(fontsize=7)
+    return _save(fig, Path(path))
+
+
+def plot_vs_t(vs_t: dict, report: CostReport, path: str | os.PathLike) -> Path:
+    """Energy and latency vs T for each mode, with the bit-serial ANN as a reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, rows in vs_t.items():
+        ts = [r["T"] for r in rows]
+        a.plot(ts, [r["energy_pj"] for r in rows], "o-", label=f"SNN {mode}")
+        if rows and rows[0]["latency_ns"] is not None:
+            b.plot(ts, [r["latency_ns"] for r in rows], "o-", label=f"SNN {mode}")
+    ann = report.comparisons.get("ann_bit_serial_imc")
+    if ann:
+        lab = f"ANN, {ann.get('activation_bits', '?')}-bit bit-serial (same hw)"
+        a.axhline(ann["energy_pj"], color="k", ls="--", label=lab)
+        if ann["latency_ns"] is not None:
+            b.axhline(ann["latency_ns"], color="k", ls="--", label=lab)
+    for ax, lab in ((a, "energy per inference (pJ)"), (b, "latency (ns)")):
+        ax.set_xlabel("timesteps T")
+        ax.set_ylabel(lab)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    a.set_title(report.hardware)
+    return _save(fig, Path(path))
+
+
+def run_cost(snn, result, out_dir: str | os.PathLike, hw: HardwareConfig | str = "spikesim-rram-65nm",
+             timesteps: int | None = None, mode: str = "event_driven", plots: bool = True) -> CostReport:
+    """For ``bsnn run``: cost the converted network at T (default: the largest simulated T) and write
+    ``cost.{json,md}`` (+ plots) into the run folder. Returns the report."""
+    report = estimate(snn, result, hw, timesteps=timesteps, mode=mode)
+    from bsnn.hardware.config import resolve_hardware
+
+    write_cost_report(report, out_dir, snn, result, resolve_hardware(hw), plots=plots)
+    return report

@@ -1,0 +1,339 @@
+"""Hardware constraints applied in simulation: crossbar row partitioning with ADC-quantised partial sums,
+fixed-point membrane potentials and quantised thresholds.
+
+Pure functions (:func:`adc_quantize`, :func:`fixed_point`, :func:`row_partition`, :func:`exact_adc_bits`) hold
+the math; :func:`apply_constraints` (a context manager) swaps the synaptic modules and IF neurons of a
+:class:`~bsnn.snn.network.SpikingNetwork` for constrained versions and restores them on exit;
+:func:`constrained` returns a constrained copy. Use either around :func:`bsnn.simulate.simulate`::
+
+    with apply_constraints(snn, ConstraintConfig(xbar_rows=64, adc_bits=4, membrane_bits=16)):
+        res_hw = simulate(snn, loader, [1, 2, 4, 8])
+
+What is constrained:
+
+* **binary layers fed by spikes** (±1 weights; inputs {0,1}, or avg-pooled spikes in steps of 1/k²): the
+  input rows are split into crossbar row groups (``spikesim``: one PE = k² crossbars x up to ``xbar_rows``
+  input channels, converted together; ``unrolled``: chunks of ``xbar_rows`` of the Cin·k² im2col rows); each
+  group's partial sum goes through a signed ADC of ``adc_bits`` over ±``adc_range`` (default: the rows in one
+  conversion, the largest possible |partial sum|); the quantised partial sums are added digitally (exact), then
+  the bias. Computed as ideal output + Σ (quantised − exact) partial sums, so an exact ADC changes nothing.
+* **every IF neuron**: the membrane is a signed fixed-point register of ``membrane_bits`` bits with
+  ``membrane_frac_bits`` fractional bits, in the layer's input units (one unit = one active row x weight 1);
+  v ← sat(round(v + x)); spike when v ≥ θ_q; v ← v − θ_q; θ_q = θ rounded to ``threshold_frac_bits``.
+* **kept ideal (full precision)**: the analog-input first layer, full-precision (non-binary) layers such as the
+  last one, grouped convolutions, layers fed by residual adds or scaled values, and the output integrator.
+
+An ADC with ``adc_bits ≥ exact_adc_bits(rows)`` (⌈log2(rows+1)⌉ + 1 sign bit) reproduces the ideal partial sums
+exactly; fixed point reproduces the ideal membrane whenever all values are on its grid.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Union
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bsnn.errors import ConfigError
+from bsnn.snn.neuron import IFNeuron
+
+PARTITIONS = ("spikesim", "unrolled")
+
+
+@dataclass
+class ConstraintConfig:
+    """Hardware non-idealities for simulation (None = that part stays ideal).
+
+    Attributes:
+        xbar_rows: crossbar rows (row-group size).
+        mapping: ``"spikesim"`` or ``"unrolled"`` row partition (see module docstring).
+        adc_bits: signed ADC resolution (sign bit included); None = exact partial sums.
+        adc_range: ADC full scale, |partial sum| in input units; None = rows per conversion.
+        membrane_bits: fixed-point membrane width (sign included); None = float membrane.
+        membrane_frac_bits: fractional bits of the membrane (and of the bias it accumulates).
+        threshold_frac_bits: fractional bits of the threshold; None = membrane_frac_bits.
+    """
+
+    xbar_rows: int = 64
+    mapping: str = "spikesim"
+    adc_bits: Union[int, None] = 4
+    adc_range: Union[float, None] = None
+    membrane_bits: Union[int, None] = None
+    membrane_frac_bits: int = 8
+    threshold_frac_bits: Union[int, None] = None
+
+    def validate(self) -> "ConstraintConfig":
+        if self.xbar_rows < 1:
+            raise ConfigError(f"constraints.xbar_rows must be >= 1, got {self.xbar_rows}")
+        if self.mapping not in PARTITIONS:
+            raise ConfigError(f"constraints.mapping must be one of {PARTITIONS}, got {self.mapping!r}")
+        if self.adc_bits is not None and self.adc_bits < 2:
+            raise ConfigError(f"constraints.adc_bits must be >= 2 (sign + magnitude) or null, got {self.adc_bits}")
+        if self.adc_range is not None and not self.adc_range > 0:
+            raise ConfigError(f"constraints.adc_range must be > 0 or null, got {self.adc_range}")
+        if self.membrane_bits is not None and self.membrane_bits <= self.membrane_frac_bits:
+            raise ConfigError(f"constraints.membrane_bits ({self.membrane_bits}) must exceed membrane_frac_bits "
+                              f"({self.membrane_frac_bits}) (one sign bit at least)")
+        if self.membrane_frac_bits < 0 or (self.threshold_frac_bits is not None and self.threshold_frac_bits < 0):
+            raise ConfigError("constraints: fractional bits must be >= 0")
+        return self
+
+    @classmethod
+    def from_hardware(cls, hw, **changes) -> "ConstraintConfig":
+        """Crossbar rows, mapping and ADC bits (+1 sign bit for popcount/paired sign handling, whose ADCs
+        read unsigned counts) of a :class:`~bsnn.hardware.config.HardwareConfig`; ``changes`` override."""
+        sign = 0 if hw.sign_handling == "none" else 1
+        return cls(**{"xbar_rows": hw.xbar_rows, "mapping": hw.mapping, "adc_bits": hw.adc_bits + sign,
+                      **changes}).validate()
+
+
+# ------------------------------------------------------------------------------------------ pure math
+def exact_adc_bits(rows: int, unit: float = 1.0) -> int:
+    """Signed ADC bits that represent every partial sum of ``rows`` inputs in [0, 1] (steps of ``unit``) times
+    ±1 weights exactly: ⌈log2(rows/unit + 1)⌉ + 1."""
+    return math.ceil(math.log2(rows / unit + 1)) + 1
+
+
+def adc_step(bits: int, full_scale: float, unit: float = 1.0) -> float:
+    """LSB of a signed ``bits`` ADC over ±``full_scale``: max(unit, full_scale / (2^(bits−1) − 1))."""
+    return max(unit, full_scale / (2 ** (bits - 1) - 1))
+
+
+def adc_quantize(psum: torch.Tensor, bits: int, full_scale: float, unit: float = 1.0) -> torch.Tensor:
+    """Signed uniform ADC: round ``psum`` to multiples of the LSB (:func:`adc_step`) and clip to
+    ±(2^(bits−1) − 1)·LSB. Exact for multiples of ``unit`` within ±full_scale when the LSB equals ``unit``."""
+    step = adc_step(bits, full_scale, unit)
+    levels = 2 ** (bits - 1) - 1
+    return torch.round(psum / step).clamp_(-levels, levels) * step
+
+
+def fixed_point(x: torch.Tensor, bits: int, frac_bits: int) -> torch.Tensor:
+    """Round to the grid 2^-frac_bits and saturate to a signed ``bits``-bit register, i.e. to
+    [−2^(bits−1), 2^(bits−1) − 1]·2^-frac_bits (exact in float64 for bits ≤ 53)."""
+    scale = 2.0 ** frac_bits
+    hi = 2.0 ** (bits - 1)
+    return torch.round(x * scale).clamp_(-hi, hi - 1) / scale
+
+
+def row_partition(in_channels: int, kernel_area: int, rows: int, mapping: str) -> list[list[int]]:
+    """Row groups (indices into the im2col row order ``c·k² + offset``) converted together by one ADC.
+
+    ``spikesim``: group j = every kernel offset of channels [j·rows, (j+1)·rows) (a PE of k² crossbars);
+    ``unrolled``: consecutive chunks of ``rows`` rows.
+    """
+    n = in_channels * kernel_area
+    if mapping == "unrolled":
+        return [list(range(s, min(s + rows, n))) for s in range(0, n, rows)]
+    return [[c * kernel_area + o for c in range(s, min(s + rows, in_channels)) for o in range(kernel_area)]
+            for s in range(0, in_channels, rows)]
+
+
+# ------------------------------------------------------------------------------------------- modules
+class CrossbarSynapse(nn.Module):
+    """A conv / linear layer computed as row-partitioned, ADC-quantised partial sums (see module docstring).
+
+    Args:
+        layer: the ideal ``nn.Conv2d`` (groups = 1, zero padding) or ``nn.Linear``; shared, not copied.
+        cfg: constraints.
+        unit: input quantum (1 for spikes, 1/k² for k x k average-pooled spikes).
+    """
+
+    def __init__(self, layer: nn.Module, cfg: ConstraintConfig, unit: float = 1.0) -> None:
+        super().__init__()
+        self.layer, self.cfg, self.unit = layer, cfg, unit
+        conv = isinstance(layer, nn.Conv2d)
+        k2 = layer.kernel_size[0] * layer.kernel_size[1] if conv else 1
+        cin = layer.in_channels if conv else layer.in_features
+        groups = row_partition(cin, k2, cfg.xbar_rows, cfg.mapping if conv else "unrolled")
+        width = max(len(g) for g in groups)
+        idx = torch.full((len(groups), width), cin * k2, dtype=torch.long)  # pad -> an all-zero extra row
+        for i, g in enumerate(groups):
+            idx[i, :len(g)] = torch.tensor(g)
+        self.register_buffer("index", idx, persistent=False)
+        self.full_scale = cfg.adc_range if cfg.adc_range is not None else float(width)
+
+    def partial_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact partial sums ``[N, Cout, groups, L]`` (L = output positions; 1 for linear)."""
+        m = self.layer
+        if isinstance(m, nn.Conv2d):
+            cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # [N, Cin*k2, L]
+        else:
+            cols = x.reshape(x.shape[0], -1, 1)
+        cols = torch.cat([cols, cols.new_zeros(cols.shape[0], 1, cols.shape[2])], 1)
+        w = m.weight.reshape(m.weight.shape[0], -1)
+        w = torch.cat([w, w.new_zeros(w.shape[0], 1)], 1)
+        return torch.einsum("ngrl,ogr->nogl", cols[:, self.index], w[:, self.index])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x)
+        if self.cfg.adc_bits is None:
+            return y
+        # chunk the batch so that the partial sums [n, Cout, G, L] and the gathered inputs stay near 2^25 floats
+        per_sample = max(1, y[:1].numel() * self.index.shape[0] + self.index.numel() * (y[0].numel() //
+                                                                                        y.shape[1]))
+        step = max(1, 2 ** 25 // per_sample)
+        err = torch.cat([(adc_quantize(ps, self.cfg.adc_bits, self.full_scale, self.unit) - ps).sum(2)
+                         for ps in (self.partial_sums(xc) for xc in x.split(step))])
+        return y + err.reshape(y.shape)
+
+
+class FixedPointIFNeuron(IFNeuron):
+    """IF neuron with a fixed-point membrane and a quantised threshold, in the layer's input units.
+
+    The membrane is held in float64 (exact for registers up to 53 bits). Per timestep: v ← fixed(v + x);
+    s = v ≥ θ_q; v ← v − s·θ_q (θ_q is on the grid, so v stays on it).
+    Same interface as :class:`IFNeuron` (spike counts, reset, time chunks); the ``kernel`` setting is ignored.
+    """
+
+    def __init__(self, neuron: IFNeuron, cfg: ConstraintConfig) -> None:
+        super().__init__(neuron.threshold.clone(), float(neuron.v_init_frac), neuron.name)
+        self.v_init_bias = neuron.v_init_bias.clone()
+        self.cfg = cfg
+        self.time_chunk, self.kernel, self.record = neuron.time_chunk, neuron.kernel, neuron.record
+
+    def _q(self, v: torch.Tensor, frac: int | None = None) -> torch.Tensor:
+        c = self.cfg
+        return fixed_point(v, c.membrane_bits, c.membrane_frac_bits if frac is None else frac)
+
+    def quantized_threshold(self) -> torch.Tensor:
+        """θ rounded to ``threshold_frac_bits`` (at least one LSB)."""
+        f = self.cfg.threshold_frac_bits if self.cfg.threshold_frac_bits is not None else self.cfg.membrane_frac_bits
+        th = torch.round(self.threshold.double() * 2.0 ** f) / 2.0 ** f
+        return th.clamp_min(2.0 ** -f).to(self.threshold.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: input current ``[Tc * B, ...]`` (input units) -> spikes ``[Tc * B, ...]``."""
+        if self.cfg.membrane_bits is None:
+            return super().forward(x)
+        tc = self.time_chunk
+        x_seq = x.reshape(tc, x.shape[0] // tc, *x.shape[1:]).double()
+        th = self.quantized_threshold().double()
+        if self.v is None:
+            self.v = self._q(self.initial_potential(x_seq[0]) * th)
+            self.neurons_per_sample = x_seq[0, 0].numel()
+        v, out = self.v, torch.empty_like(x_seq)
+        for t in range(tc):
+            v = self._q(v + x_seq[t])
+            out[t] = (v >= th).double()
+            v = v - out[t] * th
+        self.v = v
+        if self.record:
+            self.spike_count.extend(out.flatten(1).sum(1).tolist())
+        out = out.to(x.dtype)
+        return out.reshape(x.shape)
+
+
+# ------------------------------------------------------------------------------------- graph surgery
+def _input_unit(gm: fx.GraphModule, node: fx.Node) -> float | None:
+    """Quantum of a synaptic layer's input: 1 for spikes, 1/k² after k x k average pooling, None otherwise."""
+    unit, n = 1.0, node.args[0]
+    while isinstance(n, fx.Node):
+        if n.op == "placeholder":
+            return None
+        m = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(m, IFNeuron):
+            return unit
+        if isinstance(m, nn.AvgPool2d):
+            k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size, m.kernel_size)
+            unit /= k[0] * k[1]
+        elif isinstance(m, (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)):
+            pass
+        elif (n.op == "call_function" and n.target is torch.flatten) or \
+                (n.op == "call_method" and n.target in ("flatten", "view", "reshape")):
+            pass
+        else:
+            return None
+        n = n.args[0]
+    return None
+
+
+def constraint_plan(snn, cfg: ConstraintConfig) -> dict[str, str]:
+    """Layer / neuron name -> what :func:`apply_constraints` does to it (``crossbar+adc``, ``fixed-point``,
+    or ``ideal: reason``)."""
+    gm = snn.graph_module
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    plan = {}
+    for layer in snn.layers:
+        m, node = gm.get_submodule(layer["name"]), nodes[layer["name"]]
+        unit = _input_unit(gm, node)
+        if not layer["binary"]:
+            plan[layer["name"]] = "ideal: full-precision weights"
+        elif unit is None:
+            plan[layer["name"]] = "ideal: input is not spikes (analog input, residual add or scaling)"
+        elif isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
+            plan[layer["name"]] = "ideal: grouped convolution or non-zero padding"
+        else:
+            plan[layer["name"]] = "crossbar+adc" if cfg.adc_bits is not None else "crossbar (exact)"
+    for name in snn.neuron_names:
+        plan[name] = "fixed-point" if cfg.membrane_bits is not None else "ideal: float membrane"
+    return plan
+
+
+def _swap(snn, cfg: ConstraintConfig) -> tuple[dict[str, str], dict[str, nn.Module]]:
+    """Swap in constrained modules; returns ``(plan, originals)``."""
+    cfg.validate()
+    gm = snn.graph_module
+    plan = constraint_plan(snn, cfg)
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    originals: dict[str, nn.Module] = {}
+    try:
+        for name, what in plan.items():
+            old = gm.get_submodule(name)
+            if what == "crossbar+adc":
+                new = CrossbarSynapse(old, cfg, _input_unit(gm, nodes[name])).to(old.weight.device)
+            elif what == "fixed-point":
+                new = FixedPointIFNeuron(old, cfg).to(old.threshold.device)
+            else:
+                continue
+            originals[name] = old
+            _set(gm, name, new)
+    except BaseException:
+        _restore(gm, originals)
+        raise
+    return plan, originals
+
+
+def _restore(gm: fx.GraphModule, originals: dict[str, nn.Module]) -> None:
+    for name, old in originals.items():
+        _set(gm, name, old)
+
+
+@contextmanager
+def apply_constraints(snn, cfg: ConstraintConfig) -> Iterator[dict[str, str]]:
+    """Temporarily constrain ``snn`` (synaptic layers and IF neurons swapped in its graph); yields the plan
+    (:func:`constraint_plan`). The original modules are restored on exit, also after an exception."""
+    plan, originals = _swap(snn, cfg)
+    try:
+        yield plan
+    finally:
+        _restore(snn.graph_module, originals)
+
+
+def constrained(snn, cfg: ConstraintConfig):
+    """A constrained deep copy of ``snn`` (the original is untouched)."""
+    new = copy.deepcopy(snn)
+    _swap(new, cfg)
+    return new
+
+
+def _set(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
+
+
+def simulate_with_constraints(snn, loader, timesteps: list[int], cfg: ConstraintConfig, **simulate_kw):
+    """Simulate ``snn`` ideal and under ``cfg`` on the same samples; returns ``(ideal, constrained, rows)`` where
+    ``rows`` = [T, ideal accuracy (%), constrained accuracy (%), drop (points)] for a table next to the sweep."""
+    from bsnn.simulate import simulate
+
+    ideal = simulate(snn, loader, timesteps, **simulate_kw)
+    with apply_constraints(snn, cfg):
+        hw = simulate(snn, loader, timesteps, **simulate_kw)
+    rows = [[t, ideal.accuracy[t], hw.accuracy[t], ideal.accuracy[t] - hw.accuracy[t]] for t in ideal.timesteps]
+    return ideal, hw, rows
