@@ -69,10 +69,11 @@ def test_firing_rates_and_counts():
 
 
 @pytest.mark.parametrize("name", KERNELS.names())
-def test_kernels_equal_oracle(name):
+@pytest.mark.parametrize("unit_threshold", [False, True])
+def test_kernels_equal_oracle(name, unit_threshold):
     torch.manual_seed(0)
     x = torch.randn(13, 4, 3, 5, 5)
-    theta = torch.rand(3, 1, 1) + 0.3
+    theta = torch.ones(()) if unit_threshold else torch.rand(3, 1, 1) + 0.3
     v0 = torch.rand(4, 3, 5, 5) * 0.5
     s_ref, v_ref = if_multistep(x, theta, v0)
     s, v = KERNELS.get(name)(x.clone(), theta, v0.clone())

@@ -30,11 +30,12 @@ def inplace_kernel(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor) ->
     """
     v = v.clone()
     out = torch.empty_like(x_seq)
+    unit = theta.numel() == 1 and bool(theta == 1)  # IFNeuron works in units of θ: skip the multiply
     for t in range(x_seq.shape[0]):
         v.add_(x_seq[t])
         s = out[t]
-        torch.ge(v, theta, out=s) if s.dtype == torch.bool else s.copy_(v >= theta)
-        v.sub_(s * theta)
+        s.copy_(v >= theta)
+        v.sub_(s if unit else s * theta)
     return out, v
 
 
