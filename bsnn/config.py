@@ -306,6 +306,9 @@ class SimConfig:
         max_samples: simulate only the first N test samples (None: all).
         record_predictions: keep every sample's prediction and logit margin at every step (``[T, N]``), the
             input of run-time early-exit analysis (:mod:`bsnn.early_exit`).
+        constraints: in-memory hardware limits to simulate next to the ideal SNN (fields of
+            :class:`bsnn.hardware.constraints.ConstraintConfig`: ``xbar_rows``, ``adc_bits``, ``membrane_bits``, ...);
+            None = ideal only.
     """
 
     timesteps: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
@@ -314,6 +317,7 @@ class SimConfig:
     kernel: str = "torch"
     max_samples: Union[int, None] = None
     record_predictions: bool = False
+    constraints: Union[dict, None] = None
 
     def validate(self) -> None:
         _check(len(self.timesteps) > 0 and all(isinstance(t, int) and t >= 1 for t in self.timesteps),
@@ -324,6 +328,16 @@ class SimConfig:
         from bsnn.snn.kernels import KERNELS
 
         KERNELS.get(self.kernel)
+        if self.constraints is not None:
+            self.constraint_config()
+
+    def constraint_config(self):
+        """The :class:`bsnn.hardware.constraints.ConstraintConfig` of ``constraints`` (validated), or None."""
+        if self.constraints is None:
+            return None
+        from bsnn.hardware.constraints import ConstraintConfig
+
+        return from_dict(self.constraints, ConstraintConfig).validate()
 
 
 @dataclass

@@ -262,6 +262,21 @@ def stage_simulate(ctx: Context, snn: SpikingNetwork, ann: nn.Module | None, ste
                                    "firing_rates": res.firing_rates(), "wall_time_s": res.wall_time_s})
     for t in res.timesteps:
         log.info("SNN T=%d: %.2f %%", t, res.accuracy[t])
+    constraints = ctx.cfg.simulate.constraint_config()
+    if constraints is not None:
+        from bsnn.hardware.constraints import apply_constraints
+        from bsnn.report import write_table
+
+        with apply_constraints(snn, constraints):
+            hw = simulate(snn, ctx.loaders.test, cfg=ctx.cfg.simulate, device=ctx.device,
+                          quiet=ctx.cfg.run.quiet or not ctx.env.is_main, seed=ctx.cfg.run.seed)
+        rows = [[t, res.accuracy[t], hw.accuracy[t], res.accuracy[t] - hw.accuracy[t]] for t in res.timesteps]
+        if ctx.env.is_main:
+            write_table(ctx.run.path(f"{stem}_constrained"), ["T", "ideal SNN (%)", "with constraints (%)",
+                                                              "drop (points)"], rows,
+                        {"constraints": ctx.cfg.simulate.constraints, "ideal": res.to_dict(), "constrained": hw.to_dict()})
+        ctx.run.update_metrics("snn_constrained", {"constraints": ctx.cfg.simulate.constraints,
+                                                   "accuracy": {str(k): v for k, v in hw.accuracy.items()}})
     return res
 
 

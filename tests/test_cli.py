@@ -55,9 +55,12 @@ def test_resume_skips_finished_stages_and_rejects_changed_config(run_dir, capsys
 
 def test_convert_simulate_evaluate_commands(run_dir, capsys):
     assert main(["convert", "--out", str(run_dir), *FAST, "convert.threshold=max"]) == 0
-    assert main(["simulate", "--out", str(run_dir), "--timesteps", "2,8", *FAST]) == 0
+    assert main(["simulate", "--out", str(run_dir), "--timesteps", "2,8", *FAST,
+                 "simulate.constraints={xbar_rows: 16, adc_bits: 3, membrane_bits: 12}"]) == 0
     m = json.loads((run_dir / "metrics.json").read_text())
     assert set(m["snn"]["accuracy"]) == {"2", "8"}
+    assert set(m["snn_constrained"]["accuracy"]) == {"2", "8"}
+    assert "with constraints" in (run_dir / "sweep_constrained.md").read_text()
     capsys.readouterr()
     assert main(["evaluate", str(run_dir / "student.pt"), "data.name=digits"]) == 0
     res = json.loads(capsys.readouterr().out)
