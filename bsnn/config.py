@@ -522,19 +522,23 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     Raises:
         ConfigError: missing file, malformed YAML, unknown key, wrong type or out-of-range value.
     """
-    d: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found; pass an existing YAML file (see configs/)")
-        try:
-            d = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(d).__name__}")
+    d = read_yaml_mapping(path, "config file", "pass an existing YAML file (see configs/)") if path is not None else {}
     d = apply_overrides(d, overrides or [])
     return from_dict(d)
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str, hint: str) -> dict:
+    """Read a YAML file that must hold a mapping; errors name the file (``what``) and say what to do (``hint``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(p)!r} not found; {hint}")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} {str(p)!r} must hold a mapping of sections, got {type(d).__name__}")
+    return d
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

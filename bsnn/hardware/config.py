@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Union
 
-import yaml
 
 from bsnn._registry import Registry
-from bsnn.config import apply_overrides, from_dict
+from bsnn.config import apply_overrides, from_dict, read_yaml_mapping
 from bsnn.errors import ConfigError
 
 MAPPINGS = ("spikesim", "unrolled")
@@ -376,15 +375,7 @@ def preset(name: str, overrides: list[str] | dict | None = None) -> HardwareConf
 
 def load_hardware_config(path: str | Path, overrides: list[str] | None = None) -> HardwareConfig:
     """Load a hardware YAML file (optionally ``preset: NAME`` + changed fields) and apply dotted overrides."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"hardware config {str(p)!r} not found; see configs/hardware/ for examples")
-    try:
-        d = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"hardware config {str(p)!r} is not valid YAML: {e}") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"hardware config {str(p)!r} must hold a mapping, got {type(d).__name__}")
+    d = read_yaml_mapping(path, "hardware config", "see configs/hardware/ for examples")
     return hardware_from_dict(apply_overrides(d, list(overrides or [])))
 
 
