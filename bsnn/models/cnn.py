@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bsnn.errors import ConfigError
 from bsnn.models._common import check_dropout, check_positive_int, init_weights
 from bsnn.models.registry import MODELS
 
@@ -30,17 +31,24 @@ class SmallCNN(nn.Module):
         hidden: units of the hidden fully connected layer.
         dropout: dropout probability before the last layer.
         pool_size: output side of the adaptive average pool.
+        bn_momentum: BatchNorm running-statistics momentum. The default 0.3 (PyTorch's is 0.1) keeps the
+            eval-mode statistics close to the weights in the short trainings this model is meant for
+            (a few hundred steps); with 0.1 the eval accuracy lagged the train-mode one by 1-2 points.
 
     Shape:
         input ``[B, in_channels, H, W]`` (H, W >= 4), output ``[B, num_classes]``.
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, *, width: int = 32,
-                 hidden: int = 256, dropout: float = 0.1, pool_size: int = 2) -> None:
+                 hidden: int = 256, dropout: float = 0.1, pool_size: int = 2,
+                 bn_momentum: float = 0.3) -> None:
         super().__init__()
         for key, val in (("width", width), ("hidden", hidden), ("pool_size", pool_size)):
             check_positive_int("small_cnn", key, val)
         check_dropout("small_cnn", dropout)
+        if isinstance(bn_momentum, bool) or not isinstance(bn_momentum, (int, float)) \
+                or not 0 < bn_momentum <= 1:
+            raise ConfigError(f"model 'small_cnn': bn_momentum must be in (0, 1], got {bn_momentum!r}")
         c1, c2, c3 = width, 2 * width, 4 * width
         self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(c1)
@@ -61,6 +69,9 @@ class SmallCNN(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, num_classes)
         init_weights(self)
+        for m in self.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.momentum = float(bn_momentum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``[B, C, H, W]`` images to ``[B, num_classes]`` logits."""

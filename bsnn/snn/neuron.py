@@ -76,7 +76,7 @@ class IFNeuron(nn.Module):
         spikes, self.v = get_kernel(self.kernel)(x_seq, one, self.v)
         if self.record:
             # python floats, not tensor views: no small long-lived tensors pinning the heap as T grows
-            self.spike_count.extend(spikes.flatten(1).sum(1, dtype=torch.float64).tolist())
+            self.spike_count.extend(torch.count_nonzero(spikes.reshape(tc, -1), dim=1).tolist())  # exact, no copy
         return spikes.reshape(x.shape)
 
     def extra_repr(self) -> str:
