@@ -213,3 +213,17 @@ def test_bad_values_raise_config_error(kw):
 
 def test_name_is_case_insensitive():
     assert isinstance(create_model("SMALL_CNN"), nn.Module)
+
+
+def test_public_exports():
+    import bsnn.models as models
+
+    assert sorted(models.__all__) == ["MODELS", "create_model", "list_models"]
+
+
+def test_small_cnn_bn_momentum_option():
+    net = create_model("small_cnn", bn_momentum=0.5)
+    bns = [m for m in net.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    assert len(bns) == 4 and all(b.momentum == 0.5 for b in bns)
+    with pytest.raises(ConfigError, match="bn_momentum"):
+        create_model("small_cnn", bn_momentum=0.0)
