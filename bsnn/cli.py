@@ -61,10 +61,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.list_methods:
         print("\n".join(list_methods()))
         return 0
-    from bsnn.pipeline import load_model, make_context, stage_student
+    from bsnn.pipeline import TEACHER_SECTIONS, load_model, make_context, stage_student
 
     cfg = _load(args)
-    ctx = make_context(cfg, resume=args.resume or args.teacher is None, overwrite=args.overwrite)
+    ctx = make_context(cfg, resume=args.resume, overwrite=args.overwrite,
+                       reuse=TEACHER_SECTIONS if args.teacher is None else ())
     teacher_path = Path(args.teacher) if args.teacher else ctx.run.path("teacher.pt")
     teacher = load_model(teacher_path, ctx.device)[0] if cfg.distill.method != "ce" else None
     stage_student(ctx, teacher)
@@ -73,10 +74,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from bsnn.pipeline import load_model, make_context, stage_convert
+    from bsnn.pipeline import TRAINING_SECTIONS, load_model, make_context, stage_convert
 
     cfg = _load(args)
-    ctx = make_context(cfg, resume=True, overwrite=False)
+    ctx = make_context(cfg, reuse=TRAINING_SECTIONS if args.model is None else ())
     path = Path(args.model) if args.model else ctx.run.path("student.pt")
     ann, record = load_model(path, ctx.device)
     stage_convert(ctx, ann, record["arch"])
@@ -85,12 +86,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from bsnn.pipeline import load_model, load_snn, make_context, stage_simulate
+    from bsnn.pipeline import TRAINING_SECTIONS, load_model, load_snn, make_context, stage_simulate
 
     if args.timesteps:
         args.overrides.append(f"simulate.timesteps=[{args.timesteps}]")
     cfg = _load(args)
-    ctx = make_context(cfg, resume=True, overwrite=False)
+    ctx = make_context(cfg, reuse=TRAINING_SECTIONS if args.snn is None else ())
     snn, record = load_snn(Path(args.snn) if args.snn else ctx.run.path("snn.pt"))
     ann_path = Path(args.ann) if args.ann else ctx.run.path("student.pt")
     ann = load_model(ann_path, ctx.device)[0] if ann_path.is_file() else None

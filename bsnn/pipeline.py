@@ -98,18 +98,30 @@ def load_snn(path: str | Path) -> tuple[SpikingNetwork, dict]:
 class RunFolder:
     """A run folder: resolved config, log, metrics and checkpoints (rank 0 writes)."""
 
-    def __init__(self, cfg: Config, resume: bool = False, overwrite: bool = False, env: DistEnv = DistEnv()):
+    def __init__(self, cfg: Config, resume: bool = False, overwrite: bool = False, env: DistEnv = DistEnv(),
+                 reuse: tuple[str, ...] | None = None):
+        """Open (or create) the run folder ``cfg.run.out_dir``.
+
+        Args:
+            resume: continue the run: finished stages are skipped, training resumes from checkpoints.
+            overwrite: replace an existing run (its model files are deleted).
+            reuse: work on an existing run's outputs (e.g. distil from its teacher, convert its student): the
+                named config sections must equal the stored ones. None: the folder must be new, or
+                ``resume`` / ``overwrite`` given.
+        """
         self.cfg, self.env = cfg, env
         self.root = Path(cfg.run.out_dir)
         cfg_path = self.root / "config.yaml"
-        if cfg_path.exists() and not (resume or overwrite):
+        if cfg_path.exists() and not (resume or overwrite or reuse is not None):
             raise ConfigError(f"run folder {str(self.root)!r} already holds a run; pass --resume to continue it, "
                               "--overwrite to replace it, or choose another --out")
-        if cfg_path.exists() and resume:
-            old = yaml.safe_load(cfg_path.read_text())
-            if _stage_relevant(old) != _stage_relevant(cfg.to_dict()):
-                raise ConfigError(f"cannot --resume {str(self.root)!r}: its config.yaml differs from this config "
-                                  "(other than run/simulation options); use a new --out or --overwrite")
+        if cfg_path.exists() and (resume or reuse is not None) and not overwrite:
+            sections = TRAINING_SECTIONS if resume or reuse is None else reuse
+            old, new = yaml.safe_load(cfg_path.read_text()), cfg.to_dict()
+            changed = [k for k in sections if old.get(k) != new.get(k)]
+            if changed:
+                raise ConfigError(f"run folder {str(self.root)!r} was made with other {', '.join(changed)} settings "
+                                  "than this config, so its models cannot be reused; use a new --out or --overwrite")
         if env.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             (self.root / "checkpoints").mkdir(exist_ok=True)
@@ -134,8 +146,8 @@ class RunFolder:
             atomic_write_json(self.path("metrics.json"), m)
 
 
-def _stage_relevant(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k in ("data", "model", "train", "binary", "student", "distill")}
+TRAINING_SECTIONS = ("data", "model", "train", "binary", "student", "distill")
+TEACHER_SECTIONS = ("data", "model", "train")
 
 
 def setup_logging(log_file: Path | None, quiet: bool = False) -> None:
@@ -177,13 +189,14 @@ class Context:
                 "activation": {"kind": kind, "clip": m.act_clip, "levels": m.act_levels}}
 
 
-def make_context(cfg: Config, resume: bool = False, overwrite: bool = False) -> Context:
+def make_context(cfg: Config, resume: bool = False, overwrite: bool = False,
+                 reuse: tuple[str, ...] | None = None) -> Context:
     """Resolve device, join torchrun's process group if any, seed, build data and the run folder."""
     device = resolve_device(cfg.run.device)
     env = init_distributed(device)
     if env.distributed and device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
-    run = RunFolder(cfg, resume=resume, overwrite=overwrite, env=env)
+    run = RunFolder(cfg, resume=resume, overwrite=overwrite, env=env, reuse=reuse)
     setup_logging(run.path("log.txt") if env.is_main else None, quiet=cfg.run.quiet or not env.is_main)
     set_seed(cfg.run.seed)
     loaders = build_loaders(cfg.data, seed=cfg.run.seed, distributed=env.distributed)

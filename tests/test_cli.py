@@ -50,7 +50,7 @@ def test_resume_skips_finished_stages_and_rejects_changed_config(run_dir, capsys
     assert main(["run", "--out", str(run_dir), "--resume", *FAST]) == 0
     assert (run_dir / "teacher.pt").stat().st_mtime_ns == before
     assert main(["run", "--out", str(run_dir), "--resume", *FAST, "train.lr=0.5"]) == 2
-    assert "differs" in capsys.readouterr().err
+    assert "other train settings" in capsys.readouterr().err
 
 
 def test_convert_simulate_evaluate_commands(run_dir, capsys):
@@ -78,6 +78,15 @@ def test_saved_snn_round_trip(run_dir):
         mem = run_batch(snn, x, 256, 64)[-1] / 256
         z = student.eval()(x)
     assert (mem.argmax(1) == z.argmax(1)).float().mean() >= 0.75
+
+
+def test_distill_another_method_from_the_runs_teacher(run_dir, tmp_path, capsys):
+    """`bsnn distill` reuses the folder's teacher: only the teacher's sections must match."""
+    assert main(["distill", "--out", str(run_dir), *FAST, "distill.method=dkd", "student.epochs=1"]) == 0
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert len(m["student"]["history"]) == 1
+    assert main(["distill", "--out", str(run_dir), *FAST, "train.epochs=5"]) == 2
+    assert "other train settings" in capsys.readouterr().err
 
 
 def test_config_error_exit_code(capsys, tmp_path):
