@@ -302,7 +302,8 @@ class SimConfig:
         timesteps: every T at which accuracy is reported (one run to max(T)).
         time_chunk: timesteps folded into the batch per call (bounds peak memory; independent of T).
         encoding: ``"direct"`` (the analog image every timestep) or ``"poisson"`` (rate-coded spikes).
-        kernel: IF-scan backend (see :mod:`bsnn.snn.kernels`).
+        kernel: IF-scan backend (see :mod:`bsnn.snn.kernels`); ``auto`` = the fused Triton kernel on CUDA, the
+            in-place torch loop on CPU.
         max_samples: simulate only the first N test samples (None: all).
         record_predictions: keep every sample's prediction and logit margin at every step (``[T, N]``), the
             input of run-time early-exit analysis (:mod:`bsnn.early_exit`).
@@ -314,7 +315,7 @@ class SimConfig:
     timesteps: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
     time_chunk: int = 16
     encoding: str = "direct"
-    kernel: str = "torch"
+    kernel: str = "auto"
     max_samples: Union[int, None] = None
     record_predictions: bool = False
     constraints: Union[dict, None] = None
@@ -327,7 +328,8 @@ class SimConfig:
                f"simulate.encoding must be 'direct' or 'poisson', got {self.encoding!r}")
         from bsnn.snn.kernels import KERNELS
 
-        KERNELS.get(self.kernel)
+        if self.kernel != "auto":
+            KERNELS.get(self.kernel)
         if self.constraints is not None:
             self.constraint_config()
 

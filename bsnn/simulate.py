@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from bsnn.config import SimConfig
 from bsnn.errors import ConfigError
 from bsnn.snn.encode import get_encoder
+from bsnn.snn.kernels import default_kernel
 from bsnn.snn.network import SpikingNetwork
 
 
@@ -132,7 +133,7 @@ def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cf
     t_max = ts[-1]
     dev = _resolve_device(device)
     snn = snn.to(dev).eval()
-    snn.set_kernel(cfg.kernel)
+    snn.set_kernel(default_kernel(dev) if cfg.kernel == "auto" else cfg.kernel)
     if ann is not None:
         ann = ann.to(dev).eval()
     gen = torch.Generator(device=dev).manual_seed(seed)

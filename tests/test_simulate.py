@@ -68,7 +68,7 @@ def test_firing_rates_and_counts():
     assert d["accuracy"]["16"] == res.accuracy[16]
 
 
-@pytest.mark.parametrize("name", KERNELS.names())
+@pytest.mark.parametrize("name", [k for k in KERNELS.names() if k != "triton"])  # triton: test_triton_kernel.py
 @pytest.mark.parametrize("unit_threshold", [False, True])
 def test_kernels_equal_oracle(name, unit_threshold):
     torch.manual_seed(0)

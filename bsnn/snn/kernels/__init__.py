@@ -39,6 +39,26 @@ def inplace_kernel(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor) ->
     return out, v
 
 
+@KERNELS.register("triton")
+def triton_kernel(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused Triton scan (:mod:`bsnn.snn.kernels.triton_if`); needs CUDA, or ``TRITON_INTERPRET=1`` on CPU."""
+    from bsnn.snn.kernels.triton_if import if_scan
+
+    return if_scan(x_seq, theta.reshape(-1) if theta.numel() > 1 else theta.reshape(()), v)
+
+
+def default_kernel(device: torch.device) -> str:
+    """``triton`` on CUDA (when triton imports), else the in-place ``torch`` loop."""
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+
+            return "triton"
+        except ImportError:
+            pass
+    return "torch"
+
+
 def get_kernel(name: str) -> Kernel:
     """The registered kernel ``name`` (unknown names list the valid ones)."""
     return KERNELS.get(name)
