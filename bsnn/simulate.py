@@ -73,16 +73,27 @@ def iter_chunks(snn: SpikingNetwork, x: torch.Tensor, timesteps: int, time_chunk
                 generator: torch.Generator | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Simulate one batch chunk by chunk, yielding ``(first_step, membrane [Tc, B, K])``.
 
+    With direct encoding the input-only part of the network (the first synaptic layer) runs once per batch and
+    its output is repeated over the chunk's timesteps.
+
     ``membrane[i]`` is the output integrator's membrane after step ``first_step + i + 1``. Only one chunk of
     activations is alive at a time, so memory does not grow with ``timesteps``. The state is reset first.
     """
     snn.reset()
     enc = get_encoder(encoding)
+    static = None
+    if encoding == "direct":  # same input every step: run the input-only prefix (first layer) once per batch
+        prefix, suffix = snn.split_static()
+        static = prefix(x)
     acc = None
     for start in range(0, timesteps, time_chunk):
         tc = min(time_chunk, timesteps - start)
         snn.set_time_chunk(tc)
-        cur = snn(enc(x, tc, generator)).reshape(tc, x.shape[0], -1)
+        if static is not None:
+            out = suffix(*(enc(v, tc) for v in static))
+        else:
+            out = snn(enc(x, tc, generator))
+        cur = out.reshape(tc, x.shape[0], -1)
         cum = cur.cumsum(0) if acc is None else cur.cumsum(0).add_(acc)
         acc = cum[-1].clone()
         yield start, cum

@@ -148,3 +148,19 @@ def test_peak_memory_flat_in_T():
                              env=env)
         growth[t] = float(out.stdout.strip().splitlines()[-1])
     assert growth[1024] - growth[16] < 24, growth
+
+
+def test_direct_input_prefix_runs_once_and_matches_full_graph():
+    _, snn, loader = _setup()
+    x = next(iter(loader))[0]
+    prefix, suffix = snn.split_static()
+    calls = [n for n in prefix.graph.nodes if n.op == "call_module"]
+    assert [n.target for n in calls] == [snn.layers[0]["name"]]  # the first conv only (BN folded into it)
+    fast = run_batch(snn, x, 12, time_chunk=5)
+    snn.reset()
+    full = []
+    for start in range(0, 12, 5):  # the whole graph on the repeated input, as before the split
+        tc = min(5, 12 - start)
+        snn.set_time_chunk(tc)
+        full.append(snn(x.unsqueeze(0).expand(tc, *x.shape).reshape(-1, *x.shape[1:])).reshape(tc, x.shape[0], -1))
+    torch.testing.assert_close(fast, torch.cat(full).cumsum(0), rtol=1e-5, atol=1e-5)

@@ -61,3 +61,45 @@ class SpikingNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.graph_module(x)
+
+    def split_static(self) -> tuple[fx.GraphModule, fx.GraphModule]:
+        """Split the graph at the first stateful layers: ``(prefix, suffix)``.
+
+        ``prefix(x [B, ...])`` computes everything that depends only on the input (the first synaptic layer and
+        whatever stateless ops follow it) and returns a tuple of boundary tensors; ``suffix(*boundary)`` computes
+        the rest. With direct encoding the input is the same every timestep, so the simulator runs the prefix
+        once per batch instead of once per timestep. Cached; rebuilt if the graph changes.
+        """
+        key = id(self.graph_module.graph)
+        if getattr(self, "_split_key", None) != key:
+            self._split = _split_static(self.graph_module)
+            self._split_key = key
+        return self._split
+
+
+def _is_stateful(gm: fx.GraphModule, node: fx.Node) -> bool:
+    from bsnn.snn.neuron import Integrator
+
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), (IFNeuron, Integrator))
+
+
+def _split_static(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
+    static: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or (node.op in ("call_module", "call_function", "call_method")
+                                        and not _is_stateful(gm, node)
+                                        and node.all_input_nodes and all(a in static for a in node.all_input_nodes)):
+            static.add(node)
+    boundary = [n for n in gm.graph.nodes if n in static and any(u not in static for u in n.users)]
+    prefix, env = fx.Graph(), {}
+    for node in gm.graph.nodes:
+        if node in static:
+            env[node] = prefix.node_copy(node, lambda n: env[n])
+    prefix.output(tuple(env[b] for b in boundary))
+    suffix, env2 = fx.Graph(), {}
+    for b in boundary:
+        env2[b] = suffix.placeholder(f"static_{b.name}")
+    for node in gm.graph.nodes:
+        if node not in static:
+            env2[node] = suffix.node_copy(node, lambda n: env2[n])
+    return fx.GraphModule(gm, prefix), fx.GraphModule(gm, suffix)
