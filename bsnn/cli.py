@@ -22,7 +22,9 @@ def _common(p: argparse.ArgumentParser, default_config: Path | None = None) -> N
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, reuse_run: bool = False):
+    """The config: ``--config``, else (for commands that work on an existing run, ``reuse_run``) the run folder's
+    own ``config.yaml``, else ``configs/default.yaml``; then the overrides."""
     from bsnn.config import load_config
 
     overrides = list(args.overrides)
@@ -31,6 +33,8 @@ def _load(args: argparse.Namespace):
     if args.quiet:
         overrides.append("run.quiet=true")
     config = args.config
+    if config is None and reuse_run and args.out is not None and (Path(args.out) / "config.yaml").is_file():
+        config = Path(args.out) / "config.yaml"
     if config is None and DEFAULT_CONFIG.is_file():
         config = DEFAULT_CONFIG
     return load_config(config, overrides)
@@ -63,7 +67,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         return 0
     from bsnn.pipeline import TEACHER_SECTIONS, load_model, make_context, stage_student
 
-    cfg = _load(args)
+    cfg = _load(args, reuse_run=args.teacher is None)
     ctx = make_context(cfg, resume=args.resume, overwrite=args.overwrite,
                        reuse=TEACHER_SECTIONS if args.teacher is None else ())
     teacher_path = Path(args.teacher) if args.teacher else ctx.run.path("teacher.pt")
@@ -76,7 +80,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from bsnn.pipeline import TRAINING_SECTIONS, load_model, make_context, stage_convert
 
-    cfg = _load(args)
+    cfg = _load(args, reuse_run=args.model is None)
     ctx = make_context(cfg, reuse=TRAINING_SECTIONS if args.model is None else ())
     path = Path(args.model) if args.model else ctx.run.path("student.pt")
     ann, record = load_model(path, ctx.device)
@@ -90,7 +94,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     if args.timesteps:
         args.overrides.append(f"simulate.timesteps=[{args.timesteps}]")
-    cfg = _load(args)
+    cfg = _load(args, reuse_run=args.snn is None)
     ctx = make_context(cfg, reuse=TRAINING_SECTIONS if args.snn is None else ())
     snn, record = load_snn(Path(args.snn) if args.snn else ctx.run.path("snn.pt"))
     ann_path = Path(args.ann) if args.ann else ctx.run.path("student.pt")

@@ -87,6 +87,8 @@ def test_distill_another_method_from_the_runs_teacher(run_dir, tmp_path, capsys)
     assert len(m["student"]["history"]) == 1
     assert main(["distill", "--out", str(run_dir), *FAST, "train.epochs=5"]) == 2
     assert "other train settings" in capsys.readouterr().err
+    # without --config and overrides, the run folder's own config is the base (data.name=digits is kept)
+    assert main(["simulate", "--out", str(run_dir), "--timesteps", "1,2", "--quiet"]) == 0
 
 
 def test_config_error_exit_code(capsys, tmp_path):

@@ -68,13 +68,10 @@ class SpikingNetwork(nn.Module):
         ``prefix(x [B, ...])`` computes everything that depends only on the input (the first synaptic layer and
         whatever stateless ops follow it) and returns a tuple of boundary tensors; ``suffix(*boundary)`` computes
         the rest. With direct encoding the input is the same every timestep, so the simulator runs the prefix
-        once per batch instead of once per timestep. Cached; rebuilt if the graph changes.
+        once per batch instead of once per timestep. Built on each call (cheap), so modules swapped in since
+        (e.g. by hardware constraints) are always the ones used.
         """
-        key = id(self.graph_module.graph)
-        if getattr(self, "_split_key", None) != key:
-            self._split = _split_static(self.graph_module)
-            self._split_key = key
-        return self._split
+        return _split_static(self.graph_module)
 
 
 def _is_stateful(gm: fx.GraphModule, node: fx.Node) -> bool:
