@@ -155,7 +155,13 @@ def prepare_mnist5k(args) -> dict:
 
     budget: dict = {"recipe": recipe(cfg.train.epochs, cfg.student.epochs),
                     "train_samples": len(s.train), "val_samples": len(s.val)}
-    if default_student.is_file():
+    if args.mnist_student:
+        pinned = Path(args.mnist_student)
+        pinned = pinned if pinned.is_absolute() else ROOT / pinned
+        student, rec = load_model(pinned)
+        budget.update(rec.get("budget", {}))
+        budget["source"] = str(pinned.relative_to(ROOT) if pinned.is_relative_to(ROOT) else pinned)
+    elif default_student.is_file():
         student, _ = load_model(default_student)
         budget["source"] = str(default_student.relative_to(ROOT))
         metrics = default_student.parent / "metrics.json"
@@ -571,6 +577,9 @@ def parse_args(argv=None):
     p.add_argument("--timesteps", default=",".join(map(str, FULL_T)), help="T values (full run)")
     p.add_argument("--methods", default=",".join(METHODS), help="subset of: " + ", ".join(METHODS))
     p.add_argument("--calib-samples", type=int, default=2048, help="calibration samples (first N of train)")
+    p.add_argument("--mnist-student", default=None,
+                   help="mnist5k: use this model file (default: runs/default/student.pt, else the benchmark's cache; "
+                        "--paired-timing-only defaults to the file the existing results name)")
     p.add_argument("--mnist-test", type=int, default=None, help="mnist5k: first N test samples (default all 1000)")
     p.add_argument("--cifar-npz", default="../shared/data/cifar10.npz", help="relative to the repository root")
     p.add_argument("--cifar-test", type=int, default=1000, help="cifar10: first N test images")
@@ -633,6 +642,11 @@ def main(argv=None) -> dict:
         full["paired_timing_run"] = {"command": payload["command"], "started": payload["started"],
                                      "load_average_at_start": payload["machine"]["load_average_at_start"]}
         payload = full
+        src = (payload["datasets"].get("mnist5k", {}).get("budget") or {}).get("source", "")
+        if args.mnist_student is None and src:  # time the very model the sweep used
+            cand = src.split(" in ")[-1].split(" (")[0].strip()
+            if (ROOT / cand).is_file():
+                args.mnist_student = cand
         for d in payload["datasets"].values():  # JSON turned the int T keys into strings
             for r in (d.get("results") or {}).values():
                 if isinstance(r.get("accuracy"), dict):
