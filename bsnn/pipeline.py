@@ -22,17 +22,16 @@ import yaml
 
 from bsnn.activations import replace_activations_
 from bsnn.binary import binarize_
-from bsnn.config import BinaryConfig, Config, from_dict, save_config
-from bsnn.config import ConvertConfig
+from bsnn.config import BinaryConfig, Config, ConvertConfig, from_dict, save_config
 from bsnn.convert import capture, convert, convert_with_thresholds
 from bsnn.data import Loaders, build_loaders, calibration_loader
-from bsnn.report import write_sweep
-from bsnn.simulate import SimResult, simulate
-from bsnn.snn.network import SpikingNetwork
 from bsnn.distributed import DistEnv, barrier, init_distributed
 from bsnn.errors import CheckpointError, ConfigError
 from bsnn.io import atomic_write_json, load_checkpoint, save_checkpoint
 from bsnn.models import create_model
+from bsnn.report import write_sweep
+from bsnn.simulate import SimResult, simulate
+from bsnn.snn.network import SpikingNetwork
 from bsnn.train import evaluate, resolve_device, set_seed, train_student, train_teacher
 
 log = logging.getLogger("bsnn")
