@@ -253,8 +253,24 @@ def prepare_cifar10(args) -> dict | None:
 
 
 # ----------------------------------------------------------------------------------------- methods
+def bsnn_config(threshold, calib_samples: int) -> ConvertConfig:
+    """Plain rate-coding conversion, the same recipe spikingjelly's RateCodingRecipe runs: layer-wise thresholds
+    from the statistic, membrane starting at 0 (no θ/2 shift), no threshold scaling and no post-conversion
+    correction (the bsnn defaults at the commits benchmarked; pinned here so that new defaults do not change it)."""
+    return ConvertConfig(threshold=threshold, calib_samples=calib_samples, per_channel=False, threshold_scale=1.0,
+                         v_init=0.0)
+
+
+def describe_config(cfg: ConvertConfig) -> dict:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = v.describe() if hasattr(v, "describe") else v
+    return out
+
+
 def run_bsnn(model, calib, test, ts: list[int], threshold, calib_samples: int) -> dict:
-    cfg = ConvertConfig(threshold=threshold, calib_samples=calib_samples)
+    cfg = bsnn_config(threshold, calib_samples)
     with Timer() as tc:
         snn = convert(model, calib, cfg)
     res = simulate(snn, _ProgressLoader(test, f"bsnn {threshold.describe()}"), timesteps=ts, ann=model, quiet=True)
@@ -268,8 +284,8 @@ def run_bsnn(model, calib, test, ts: list[int], threshold, calib_samples: int) -
     return {"accuracy": {t: res.accuracy[t] for t in ts}, "calibration_time_s": tc.s,
             "simulation_time_s": res.wall_time_s, "samples": res.samples, "ann_accuracy_reported": res.ann_accuracy,
             "mean_firing_rate": sum(rates.values()) / max(1, len(rates)), "firing_rates": rates,
-            "thresholds": thr, "config": {"threshold": threshold.describe(), "calib_samples": calib_samples,
-                                          "time_chunk": res.config.get("time_chunk"), "kernel": res.config.get("kernel")}}
+            "thresholds": thr, "config": {**describe_config(cfg), "time_chunk": res.config.get("time_chunk"),
+                                          "kernel": res.config.get("kernel")}}
 
 
 def sj_convert(model, calib, mode: str, step_mode: str):
@@ -359,7 +375,7 @@ def paired_timing(model, calib, test, args) -> dict:
             if m.startswith("bsnn"):
                 th = Max() if m == "bsnn max" else Percentile(99.9)
                 with Timer() as tc:
-                    nets[m] = convert(model, calib, ConvertConfig(threshold=th, calib_samples=args.calib_samples))
+                    nets[m] = convert(model, calib, bsnn_config(th, args.calib_samples))
                 conv[m].append(tc.s)
                 res = simulate(nets[m], one, timesteps=[T], quiet=True)
                 sim[m].append(res.wall_time_s)
@@ -453,7 +469,9 @@ def build_markdown(payload: dict) -> str:
                                                     else " (still running / incomplete)") + ".  ")
     if payload.get("paired_timing_run"):
         ptr = payload["paired_timing_run"]
-        lines.append(f"Interleaved timing re-run: `{ptr['command']}` (started {ptr['started']}).  ")
+        git = ptr.get("git") or {}
+        at = f", bsnn commit {(git.get('commit') or '?')[:10]}{' (dirty)' if git.get('dirty') else ''}" if git else ""
+        lines.append(f"Interleaved timing re-run: `{ptr['command']}` (started {ptr['started']}{at}).  ")
     lines.append(f"Machine: {machine_markdown(payload['machine'])}")
     lines.append("")
     lines.append("Columns: **bsnn max / p99.9** = `bsnn.convert.convert(student, calib, ConvertConfig(threshold=Max() | "
@@ -640,6 +658,8 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--paired-timing-only needs an existing {existing}")
         full = json.loads(existing.read_text())
         full["paired_timing_run"] = {"command": payload["command"], "started": payload["started"],
+                                     "git": payload["machine"]["git"], "torch": payload["machine"]["torch"],
+                                     "spikingjelly": payload["machine"].get("spikingjelly"),
                                      "load_average_at_start": payload["machine"]["load_average_at_start"]}
         payload = full
         src = (payload["datasets"].get("mnist5k", {}).get("budget") or {}).get("source", "")
