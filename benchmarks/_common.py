@@ -55,7 +55,7 @@ def _mem_total_gib() -> float | None:
 
 
 def git_state(root: Path = ROOT) -> dict:
-    """``{'commit', 'dirty'}`` of the repository (``None`` values when git is unavailable)."""
+    """``{'commit', 'dirty', 'dirty_paths'}`` of the repository (``None`` values when git is unavailable)."""
     def run(*args: str) -> str | None:
         try:
             return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
@@ -64,7 +64,9 @@ def git_state(root: Path = ROOT) -> dict:
             return None
 
     status = run("status", "--porcelain", "--untracked-files=no")
-    return {"commit": run("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+    paths = [line[3:] for line in (status or "").splitlines()]
+    return {"commit": run("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
+            "dirty_paths": paths[:20]}
 
 
 def load_average() -> list[float] | None:

@@ -41,8 +41,8 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (ROOT, Timer, command_line, load_average, log, machine_info, machine_markdown,  # noqa: E402
-                     markdown_table, now_iso, progress, write_results)
+from _common import (ROOT, Timer, command_line, git_state, load_average, log, machine_info,  # noqa: E402
+                     machine_markdown, markdown_table, now_iso, progress, write_results)
 
 sys.path.insert(0, str(ROOT))
 from bsnn.binary import materialize  # noqa: E402
@@ -295,7 +295,7 @@ def sj_convert(model, calib, mode: str, step_mode: str):
     ann = materialize(model).eval()
     with Timer() as tc:
         net = ann2snn.Converter(ann2snn.RateCodingRecipe(calib, mode=mode)).convert(ann)
-    net.eval()  # the returned GraphModule is in training mode; dropout must be off
+    net.eval()  # defensive: dropout must be off (spikingjelly 2.0 already returns it in eval mode)
     functional.set_step_mode(net, step_mode)
     return net, tc.s
 
@@ -359,15 +359,23 @@ def run_sj(model, calib, test, ts: list[int], mode: str, step_mode: str, chunk: 
 def paired_timing(model, calib, test, args) -> dict:
     """Interleaved, repeated timing of the four methods on the same work, robust to other jobs' load.
 
-    Each method is converted once (conversion timed per repetition as well), then for ``reps`` rounds every
-    method in turn simulates the first test batch for ``T`` steps; the minimum over rounds is reported (the
-    least-disturbed run). bsnn is timed through ``simulate`` without the ANN reference.
+    In each of ``reps`` rounds every method in turn converts (timed), runs 2 untimed steps on 8 samples (first-call
+    costs of a fresh network), and simulates the first test batch for ``T`` steps (timed); the minimum over rounds
+    is reported (the least-disturbed run). bsnn is timed through
+    ``simulate`` without the ANN reference, with the default ``SimConfig`` and, as extra entries, the bsnn p99.9
+    network with each ``--timing-chunks`` value of ``SimConfig.time_chunk`` (same spikes, other memory layout).
     """
+    from bsnn.config import SimConfig
+
     x, y = next(iter(test))
     one = DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(y))
+    tiny = DataLoader(torch.utils.data.TensorDataset(x[:8], y[:8]), batch_size=8)
     T, reps = args.timing_steps, args.timing_reps
+    started, git = now_iso(), git_state()
+    default_chunk = SimConfig().time_chunk
+    extra = {f"bsnn p99.9, time_chunk={c}": c for c in args.timing_chunks if c != default_chunk}
     nets, conv = {}, {m: [] for m in METHODS}
-    sim = {m: [] for m in METHODS}
+    sim = {m: [] for m in [*METHODS, *extra]}
     loads = []
     for r in progress(range(reps), desc="paired timing", unit="round"):
         loads.append(load_average())
@@ -377,15 +385,21 @@ def paired_timing(model, calib, test, args) -> dict:
                 with Timer() as tc:
                     nets[m] = convert(model, calib, bsnn_config(th, args.calib_samples))
                 conv[m].append(tc.s)
+                simulate(nets[m], tiny, timesteps=[2], quiet=True)  # untimed first call of the fresh network
                 res = simulate(nets[m], one, timesteps=[T], quiet=True)
                 sim[m].append(res.wall_time_s)
             else:
                 nets[m], s_conv = sj_convert(model, calib, "max" if m == "sj max" else "99.9%", args.sj_step_mode)
                 conv[m].append(s_conv)
+                sj_simulate(nets[m], tiny, [2], args.sj_step_mode, args.sj_chunk)  # untimed first call
                 with Timer() as ts_:
                     sj_simulate(nets[m], one, [T], args.sj_step_mode, args.sj_chunk)
                 sim[m].append(ts_.s)
-    return {"batch": len(y), "timesteps": T, "reps": reps, "load_average_per_round": loads,
+        for m, c in extra.items():
+            res = simulate(nets["bsnn p99.9"], one, timesteps=[T], cfg=SimConfig(time_chunk=c), quiet=True)
+            sim[m].append(res.wall_time_s)
+    return {"started": started, "git": git, "batch": len(y), "timesteps": T, "reps": reps,
+            "bsnn_default_time_chunk": default_chunk, "load_average_per_round": loads,
             "conversion_s": {m: {"min": min(v), "all": v} for m, v in conv.items()},
             "simulation_s": {m: {"min": min(v), "all": v} for m, v in sim.items()}}
 
@@ -440,23 +454,42 @@ def dataset_markdown(name: str, d: dict) -> str:
     pt = d.get("paired_timing")
     if pt:
         ref = pt["simulation_s"]["bsnn p99.9"]["min"]
-        lines.append(f"Interleaved timing (less sensitive to the other jobs on this machine): {pt['reps']} rounds, "
+        pgit = pt.get("git") or {}
+        lines.append(f"Interleaved timing (less sensitive to the other jobs on this machine"
+                     + (f"; bsnn commit {_git_label(pgit)}, started {pt.get('started')}" if pgit.get("commit") else "")
+                     + f"): {pt['reps']} rounds, "
                      f"each method in turn converts (same calibration set) and simulates the first test batch "
                      f"({pt['batch']} samples) for T = {pt['timesteps']}; minimum over rounds. Load average per "
                      f"round: {pt['load_average_per_round']}.")
         lines.append("")
+        cols_t = [*METHODS, *[m for m in pt["simulation_s"] if m not in METHODS]]
+        conv_s = pt["conversion_s"]
         lines.append(markdown_table(
-            ["", *METHODS],
-            [["calibration + conversion (s)", *[pt["conversion_s"][m]["min"] for m in METHODS]],
+            ["", *cols_t],
+            [["calibration + conversion (s)", *[conv_s[m]["min"] if m in conv_s else "(same net)" for m in cols_t]],
              [f"simulation, {pt['batch']} samples x {pt['timesteps']} steps (s)",
-              *[pt["simulation_s"][m]["min"] for m in METHODS]],
-             ["simulation time / bsnn p99.9", *[pt["simulation_s"][m]["min"] / ref for m in METHODS]]]))
+              *[pt["simulation_s"][m]["min"] for m in cols_t]],
+             ["simulation time / bsnn p99.9", *[pt["simulation_s"][m]["min"] / ref for m in cols_t]]]))
+        if pt.get("bsnn_default_time_chunk") is not None and len(cols_t) > len(METHODS):
+            lines.append(f"bsnn columns without a suffix use the default `SimConfig.time_chunk` = "
+                         f"{pt['bsnn_default_time_chunk']} (timesteps folded into the batch per call).")
+            lines.append("")
     errs = [(m, r["error"]) for m, r in res.items() if r.get("error")]
     for m, e in errs:
         lines.append(f"- `{m}` failed: `{e}`")
     if errs:
         lines.append("")
     return "\n".join(lines)
+
+
+def _git_label(git: dict) -> str:
+    label = (git.get("commit") or "?")[:10]
+    if git.get("dirty"):
+        paths = git.get("dirty_paths") or []
+        only_bench = (paths and all(p.startswith("benchmarks/") for p in paths)) or "only benchmarks/" in \
+            git.get("note", "") or "were only benchmarks/" in git.get("note", "")
+        label += " (+ uncommitted benchmarks/ edits)" if only_bench else " (dirty)"
+    return label
 
 
 def build_markdown(payload: dict) -> str:
@@ -467,11 +500,12 @@ def build_markdown(payload: dict) -> str:
     lines.append(f"Started {payload['started']}" + (f", finished {payload['finished']}, total wall time "
                                                     f"{payload['wall_time_s'] / 60:.1f} min" if payload.get("finished")
                                                     else " (still running / incomplete)") + ".  ")
-    if payload.get("paired_timing_run"):
-        ptr = payload["paired_timing_run"]
+    for ptr in payload.get("paired_timing_runs", []):
         git = ptr.get("git") or {}
-        at = f", bsnn commit {(git.get('commit') or '?')[:10]}{' (dirty)' if git.get('dirty') else ''}" if git else ""
-        lines.append(f"Interleaved timing re-run: `{ptr['command']}` (started {ptr['started']}{at}).  ")
+        at = f", bsnn commit {_git_label(git)}" if git else ""
+        lines.append(f"Interleaved-timing run: `{ptr['command']}` (started {ptr['started']}{at}"
+                     + (f"; {ptr['outcome']}" if ptr.get("outcome") else "")
+                     + "); each dataset shows the latest.  ")
     lines.append(f"Machine: {machine_markdown(payload['machine'])}")
     lines.append("")
     lines.append("Columns: **bsnn max / p99.9** = `bsnn.convert.convert(student, calib, ConvertConfig(threshold=Max() | "
@@ -486,6 +520,8 @@ def build_markdown(payload: dict) -> str:
     for note in payload.get("notes", []):
         lines.append(f"- {note}")
     lines.append("")
+    if payload.get("findings"):  # written by hand after looking at the numbers below
+        lines += ["### Findings", ""] + [f"- {f}" for f in payload["findings"]] + [""]
     for name, d in payload["datasets"].items():
         if d.get("skipped"):
             lines += [f"## {DATASET_TITLES.get(name, name)}", "", f"Skipped: {d['skipped']}", ""]
@@ -593,7 +629,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: small subsets, T in {1,4,16,64}, tiny training")
     p.add_argument("--out", default="benchmarks/results", help="results folder")
     p.add_argument("--timesteps", default=",".join(map(str, FULL_T)), help="T values (full run)")
-    p.add_argument("--methods", default=",".join(METHODS), help="subset of: " + ", ".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS), help="subset of: " + ", ".join(METHODS).replace("%", "%%"))
     p.add_argument("--calib-samples", type=int, default=2048, help="calibration samples (first N of train)")
     p.add_argument("--mnist-student", default=None,
                    help="mnist5k: use this model file (default: runs/default/student.pt, else the benchmark's cache; "
@@ -616,6 +652,8 @@ def parse_args(argv=None):
     p.add_argument("--timing-reps", type=int, default=3,
                    help="rounds of the interleaved timing after the sweeps (0: skip)")
     p.add_argument("--timing-steps", type=int, default=64, help="T of the interleaved timing (first test batch)")
+    p.add_argument("--timing-chunks", default="1",
+                   help="extra bsnn SimConfig.time_chunk values timed in the interleaved timing (comma-separated)")
     p.add_argument("--paired-timing-only", action="store_true",
                    help="only (re)do the interleaved timing and merge it into the existing results file")
     a = p.parse_args(argv)
@@ -624,6 +662,7 @@ def parse_args(argv=None):
     if bad:
         p.error(f"unknown dataset(s) {bad}; choose from {list(DATASET_TITLES)}")
     a.timesteps = sorted({int(t) for t in a.timesteps.split(",")})
+    a.timing_chunks = [int(c) for c in a.timing_chunks.split(",") if c.strip()]
     a.methods = [m.strip() for m in a.methods.split(",")]
     bad = [m for m in a.methods if m not in METHODS]
     if bad:
@@ -657,10 +696,14 @@ def main(argv=None) -> dict:
         if not existing.is_file():
             raise SystemExit(f"--paired-timing-only needs an existing {existing}")
         full = json.loads(existing.read_text())
-        full["paired_timing_run"] = {"command": payload["command"], "started": payload["started"],
-                                     "git": payload["machine"]["git"], "torch": payload["machine"]["torch"],
-                                     "spikingjelly": payload["machine"].get("spikingjelly"),
-                                     "load_average_at_start": payload["machine"]["load_average_at_start"]}
+        runs = full.pop("paired_timing_runs", [])
+        if "paired_timing_run" in full:  # older single-run record
+            runs.append(full.pop("paired_timing_run"))
+        runs.append({"command": payload["command"], "started": payload["started"], "datasets": args.datasets,
+                     "git": payload["machine"]["git"], "torch": payload["machine"]["torch"],
+                     "spikingjelly": payload["machine"].get("spikingjelly"),
+                     "load_average_at_start": payload["machine"]["load_average_at_start"]})
+        full["paired_timing_runs"] = runs
         payload = full
         src = (payload["datasets"].get("mnist5k", {}).get("budget") or {}).get("source", "")
         if args.mnist_student is None and src:  # time the very model the sweep used
@@ -686,14 +729,14 @@ def main(argv=None) -> dict:
             traceback.print_exc()
         save()
     if args.paired_timing_only:
-        payload["paired_timing_run"].update(finished=now_iso(), wall_time_s=time.perf_counter() - t0,
+        payload["paired_timing_runs"][-1].update(finished=now_iso(), wall_time_s=time.perf_counter() - t0,
                                             load_average_at_end=load_average())
     else:
         payload["finished"] = now_iso()
         payload["wall_time_s"] = time.perf_counter() - t0
         payload["machine"]["load_average_at_end"] = load_average()
     save()
-    log(f"wrote {Path(args.out) / stem}.json and .md ({payload['wall_time_s'] / 60:.1f} min)")
+    log(f"wrote {Path(args.out) / stem}.json and .md ({(time.perf_counter() - t0) / 60:.1f} min)")
     return payload
 
 

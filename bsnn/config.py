@@ -313,7 +313,7 @@ class SimConfig:
     """
 
     timesteps: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
-    time_chunk: int = 16
+    time_chunk: int = 1
     encoding: str = "direct"
     kernel: str = "auto"
     max_samples: Union[int, None] = None

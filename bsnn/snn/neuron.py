@@ -76,7 +76,9 @@ class IFNeuron(nn.Module):
         spikes, self.v = get_kernel(self.kernel)(x_seq, one, self.v)
         if self.record:
             # python floats, not tensor views: no small long-lived tensors pinning the heap as T grows
-            self.spike_count.extend(torch.count_nonzero(spikes.reshape(tc, -1), dim=1).tolist())  # exact, no copy
+            # per-sample counts are exact in float32 (< 2^24); the sum over samples in float64
+            per_sample = spikes.reshape(tc, x_seq.shape[1], -1).sum(2)
+            self.spike_count.extend(per_sample.double().sum(1).tolist())
         return spikes.reshape(x.shape)
 
     def extra_repr(self) -> str:
