@@ -177,7 +177,8 @@ def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cf
             margins.append(torch.cat(batch_margins))
             labels.append(y.cpu())
         for name, m in snn.neurons().items():
-            counts[name] += torch.tensor(m.spike_count, dtype=torch.float64)
+            if m.record:  # a neuron with recording off contributes no counts (its rates read as 0)
+                counts[name] += torch.tensor(m.spike_count, dtype=torch.float64)
             neurons[name] = m.neurons_per_sample
         if ann is not None:
             ann_correct += (ann(x).argmax(1) == y).sum().item()

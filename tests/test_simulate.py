@@ -164,3 +164,11 @@ def test_direct_input_prefix_runs_once_and_matches_full_graph():
         snn.set_time_chunk(tc)
         full.append(snn(x.unsqueeze(0).expand(tc, *x.shape).reshape(-1, *x.shape[1:])).reshape(tc, x.shape[0], -1))
     torch.testing.assert_close(fast, torch.cat(full).cumsum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_recording_off_skips_counts_without_crashing():
+    _, snn, loader = _setup()
+    first = snn.neuron_names[0]
+    snn.neurons()[first].record = False
+    res = simulate(snn, loader, [4], quiet=True)
+    assert sum(res.spike_counts[first]) == 0 and sum(res.spike_counts[snn.neuron_names[1]]) > 0
