@@ -303,7 +303,11 @@ class SimConfig:
         time_chunk: timesteps folded into the batch per call (bounds peak memory; independent of T).
         encoding: ``"direct"`` (the analog image every timestep) or ``"poisson"`` (rate-coded spikes).
         kernel: IF-scan backend (see :mod:`bsnn.snn.kernels`); ``auto`` = the fused Triton kernel on CUDA, the
-            in-place torch loop on CPU.
+            fused ``inductor`` kernel on CPU where a C++ compiler exists (compiled once, a few seconds), else the
+            in-place torch loop.
+        synapse: arithmetic of binary layers fed by spikes (see :mod:`bsnn.snn.synapse`): ``float``, ``bf16``
+            (bit-identical to float, faster), ``int`` (int8/int32 crossbar arithmetic, the integer oracle) or
+            ``auto`` (bf16 on CUDA and on CPUs with native bf16, else float).
         max_samples: simulate only the first N test samples (None: all).
         record_predictions: keep every sample's prediction and logit margin at every step (``[T, N]``), the
             input of run-time early-exit analysis (:mod:`bsnn.early_exit`).
@@ -316,6 +320,7 @@ class SimConfig:
     time_chunk: int = 1
     encoding: str = "direct"
     kernel: str = "auto"
+    synapse: str = "auto"
     max_samples: Union[int, None] = None
     record_predictions: bool = False
     constraints: Union[dict, None] = None
@@ -330,6 +335,10 @@ class SimConfig:
 
         if self.kernel != "auto":
             KERNELS.get(self.kernel)
+        from bsnn.snn.synapse import SYNAPSE_MODES
+
+        if self.synapse != "auto":
+            SYNAPSE_MODES.get(self.synapse)
         if self.constraints is not None:
             self.constraint_config()
 

@@ -21,6 +21,7 @@ from bsnn.errors import ConfigError
 from bsnn.snn.encode import get_encoder
 from bsnn.snn.kernels import default_kernel
 from bsnn.snn.network import SpikingNetwork
+from bsnn.snn.synapse import resolve_mode, synapse_mode
 
 
 @dataclass
@@ -84,7 +85,8 @@ def iter_chunks(snn: SpikingNetwork, x: torch.Tensor, timesteps: int, time_chunk
     static = None
     if encoding == "direct":  # same input every step: run the input-only prefix (first layer) once per batch
         prefix, suffix = snn.split_static()
-        static = prefix(x)
+        # channels-last from here on: faster convolutions and pooling, and no layout copies downstream
+        static = tuple(v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for v in prefix(x))
     acc = None
     for start in range(0, timesteps, time_chunk):
         tc = min(time_chunk, timesteps - start)
@@ -156,42 +158,45 @@ def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cf
     t0 = time.perf_counter()
     total = len(loader.dataset) if cfg.max_samples is None else min(cfg.max_samples, len(loader.dataset))
     bar = tqdm(total=total, desc=f"simulate T<={t_max}", unit="sample", disable=quiet or None)
-    for batch in loader:
-        x, y = batch[0].to(dev), batch[1].to(dev)
-        if cfg.max_samples is not None:
-            x, y = x[: cfg.max_samples - n], y[: cfg.max_samples - n]
-        if x.shape[0] == 0:
-            break
-        batch_preds, batch_margins = [], []
-        for start, membrane in iter_chunks(snn, x, t_max, min(cfg.time_chunk, t_max), cfg.encoding, gen):
-            for t in ts:
-                if start < t <= start + membrane.shape[0]:
-                    correct[t] += (membrane[t - start - 1].argmax(1) == y).sum().item()
+    mode = resolve_mode(cfg.synapse, dev)
+    with synapse_mode(snn, mode) as exact_layers:
+        for batch in loader:
+            x, y = batch[0].to(dev), batch[1].to(dev)
+            if cfg.max_samples is not None:
+                x, y = x[: cfg.max_samples - n], y[: cfg.max_samples - n]
+            if x.shape[0] == 0:
+                break
+            batch_preds, batch_margins = [], []
+            for start, membrane in iter_chunks(snn, x, t_max, min(cfg.time_chunk, t_max), cfg.encoding, gen):
+                for t in ts:
+                    if start < t <= start + membrane.shape[0]:
+                        correct[t] += (membrane[t - start - 1].argmax(1) == y).sum().item()
+                if cfg.record_predictions:
+                    top2 = membrane.topk(2, dim=-1).values if membrane.shape[-1] > 1 else membrane.repeat(1, 1, 2)
+                    steps = torch.arange(start + 1, start + membrane.shape[0] + 1, device=dev).view(-1, 1)
+                    batch_preds.append(membrane.argmax(-1).to(torch.int16).cpu())
+                    batch_margins.append(((top2[..., 0] - top2[..., 1]) / steps).cpu())
             if cfg.record_predictions:
-                top2 = membrane.topk(2, dim=-1).values if membrane.shape[-1] > 1 else membrane.repeat(1, 1, 2)
-                steps = torch.arange(start + 1, start + membrane.shape[0] + 1, device=dev).view(-1, 1)
-                batch_preds.append(membrane.argmax(-1).to(torch.int16).cpu())
-                batch_margins.append(((top2[..., 0] - top2[..., 1]) / steps).cpu())
-        if cfg.record_predictions:
-            preds.append(torch.cat(batch_preds))
-            margins.append(torch.cat(batch_margins))
-            labels.append(y.cpu())
-        for name, m in snn.neurons().items():
-            if m.record:  # a neuron with recording off contributes no counts (its rates read as 0)
-                counts[name] += torch.tensor(m.spike_count, dtype=torch.float64)
-            neurons[name] = m.neurons_per_sample
-        if ann is not None:
-            ann_correct += (ann(x).argmax(1) == y).sum().item()
-        n += y.numel()
-        bar.update(y.numel())
-        if cfg.max_samples is not None and n >= cfg.max_samples:
-            break
+                preds.append(torch.cat(batch_preds))
+                margins.append(torch.cat(batch_margins))
+                labels.append(y.cpu())
+            for name, m in snn.neurons().items():
+                if m.record:  # a neuron with recording off contributes no counts (its rates read as 0)
+                    counts[name] += torch.tensor(m.spike_count, dtype=torch.float64)
+                neurons[name] = m.neurons_per_sample
+            if ann is not None:
+                ann_correct += (ann(x).argmax(1) == y).sum().item()
+            n += y.numel()
+            bar.update(y.numel())
+            if cfg.max_samples is not None and n >= cfg.max_samples:
+                break
     bar.close()
     if n == 0:
         raise ConfigError("simulate: the loader yielded no samples")
     return SimResult(timesteps=ts, accuracy={t: 100.0 * c / n for t, c in correct.items()}, samples=n,
                      spike_counts={k: v.tolist() for k, v in counts.items()}, neurons=neurons,
                      ann_accuracy=100.0 * ann_correct / n if ann is not None else None,
-                     wall_time_s=time.perf_counter() - t0, config=asdict(cfg),
+                     wall_time_s=time.perf_counter() - t0,
+                     config={**asdict(cfg), "synapse_resolved": mode, "exact_layers": sorted(exact_layers)},
                      predictions=torch.cat(preds, 1) if preds else None,
                      margins=torch.cat(margins, 1) if margins else None, labels=torch.cat(labels) if labels else None)

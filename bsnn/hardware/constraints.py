@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from bsnn.errors import ConfigError
 from bsnn.snn.neuron import IFNeuron
+from bsnn.snn.synapse import input_quantum, replace_submodule
 
 PARTITIONS = ("spikesim", "unrolled")
 
@@ -230,29 +231,6 @@ class FixedPointIFNeuron(IFNeuron):
 
 
 # ------------------------------------------------------------------------------------- graph surgery
-def _input_unit(gm: fx.GraphModule, node: fx.Node) -> float | None:
-    """Quantum of a synaptic layer's input: 1 for spikes, 1/k² after k x k average pooling, None otherwise."""
-    unit, n = 1.0, node.args[0]
-    while isinstance(n, fx.Node):
-        if n.op == "placeholder":
-            return None
-        m = gm.get_submodule(n.target) if n.op == "call_module" else None
-        if isinstance(m, IFNeuron):
-            return unit
-        if isinstance(m, nn.AvgPool2d):
-            k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size, m.kernel_size)
-            unit /= k[0] * k[1]
-        elif isinstance(m, (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)):
-            pass
-        elif (n.op == "call_function" and n.target is torch.flatten) or \
-                (n.op == "call_method" and n.target in ("flatten", "view", "reshape")):
-            pass
-        else:
-            return None
-        n = n.args[0]
-    return None
-
-
 def constraint_plan(snn, cfg: ConstraintConfig) -> dict[str, str]:
     """Layer / neuron name -> what :func:`apply_constraints` does to it (``crossbar+adc``, ``fixed-point``,
     or ``ideal: reason``)."""
@@ -261,7 +239,7 @@ def constraint_plan(snn, cfg: ConstraintConfig) -> dict[str, str]:
     plan = {}
     for layer in snn.layers:
         m, node = gm.get_submodule(layer["name"]), nodes[layer["name"]]
-        unit = _input_unit(gm, node)
+        unit = input_quantum(gm, node)
         if not layer["binary"]:
             plan[layer["name"]] = "ideal: full-precision weights"
         elif unit is None:
@@ -286,13 +264,13 @@ def _swap(snn, cfg: ConstraintConfig) -> tuple[dict[str, str], dict[str, nn.Modu
         for name, what in plan.items():
             old = gm.get_submodule(name)
             if what == "crossbar+adc":
-                new = CrossbarSynapse(old, cfg, _input_unit(gm, nodes[name])).to(old.weight.device)
+                new = CrossbarSynapse(old, cfg, input_quantum(gm, nodes[name])).to(old.weight.device)
             elif what == "fixed-point":
                 new = FixedPointIFNeuron(old, cfg).to(old.threshold.device)
             else:
                 continue
             originals[name] = old
-            _set(gm, name, new)
+            replace_submodule(gm, name, new)
     except BaseException:
         _restore(gm, originals)
         raise
@@ -301,7 +279,7 @@ def _swap(snn, cfg: ConstraintConfig) -> tuple[dict[str, str], dict[str, nn.Modu
 
 def _restore(gm: fx.GraphModule, originals: dict[str, nn.Module]) -> None:
     for name, old in originals.items():
-        _set(gm, name, old)
+        replace_submodule(gm, name, old)
 
 
 @contextmanager
@@ -320,11 +298,6 @@ def constrained(snn, cfg: ConstraintConfig):
     new = copy.deepcopy(snn)
     _swap(new, cfg)
     return new
-
-
-def _set(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
 
 
 def simulate_with_constraints(snn, loader, timesteps: list[int], cfg: ConstraintConfig, **simulate_kw):

@@ -13,6 +13,22 @@ import torch.nn as nn
 from bsnn.snn.kernels import get_kernel
 
 
+def memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A view of ``t`` with its dims permuted into memory order (contiguous for any dense layout, e.g.
+    channels-last), so reductions over trailing dims run without a layout copy. Leading dims whose stride
+    order already matches (time, batch) stay first."""
+    order = sorted(range(t.dim()), key=lambda i: (-t.stride(i), i))
+    return t.permute(order)
+
+
+def per_sample_spikes(spikes: torch.Tensor) -> torch.Tensor:
+    """Spikes per sample ``[Tc, B]`` (float32, exact below 2^24) of spikes ``[Tc, B, ...]`` in any dense layout."""
+    flat = memory_order(spikes)
+    if flat.shape[:2] != spikes.shape[:2]:  # time/batch not outermost in memory: reduce in logical order
+        return spikes.float().sum(dim=tuple(range(2, spikes.dim())))
+    return flat.reshape(spikes.shape[0], spikes.shape[1], -1).float().sum(-1)
+
+
 class IFNeuron(nn.Module):
     """Integrate-and-fire neurons, reset by subtraction, threshold per layer or per channel.
 
@@ -45,6 +61,8 @@ class IFNeuron(nn.Module):
         self.time_chunk = 1
         self.kernel = "torch"
         self.record = True
+        self.pre_bias: torch.Tensor | None = None  # synaptic bias deferred into the neuron (bsnn.snn.synapse)
+        self.spike_dtype: torch.dtype | None = None  # dtype of emitted spikes (None: the input's)
         self.v: torch.Tensor | None = None
         self.spike_count: list[float] = []
         self.neurons_per_sample = 0
@@ -59,26 +77,26 @@ class IFNeuron(nn.Module):
         return 1.0 / self.threshold
 
     def initial_potential(self, like: torch.Tensor) -> torch.Tensor:
-        """Initial membrane (units of θ) ``v_init_frac + v_init_bias`` broadcast to one timestep ``[B, ...]``."""
-        return torch.zeros_like(like) + (self.v_init_frac + self.v_init_bias).to(like.dtype)
+        """Initial membrane (units of θ, float32) ``v_init_frac + v_init_bias`` broadcast to one timestep
+        ``[B, ...]`` (in ``like``'s memory layout)."""
+        return torch.zeros_like(like, dtype=torch.float32) + (self.v_init_frac + self.v_init_bias).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: input current ``[Tc * B, ...]`` -> spikes ``[Tc * B, ...]`` (0/1)."""
+        """``x``: input current ``[Tc * B, ...]`` -> spikes ``[Tc * B, ...]`` (0/1), in ``x``'s dtype and layout."""
         tc = self.time_chunk
-        x = x * self.gain().to(x.dtype)
-        if bool(self.i_bias.any()):
-            x = x + self.i_bias.to(x.dtype)
         x_seq = x.reshape(tc, x.shape[0] // tc, *x.shape[1:])
         if self.v is None:
             self.v = self.initial_potential(x_seq[0])
             self.neurons_per_sample = x_seq[0, 0].numel()
-        one = torch.ones((), dtype=x.dtype, device=x.device)
-        spikes, self.v = get_kernel(self.kernel)(x_seq, one, self.v)
-        if self.record:
-            # python floats, not tensor views: no small long-lived tensors pinning the heap as T grows
-            # per-sample counts are exact in float32 (< 2^24); the sum over samples in float64
-            per_sample = spikes.reshape(tc, x_seq.shape[1], -1).sum(2)
-            self.spike_count.extend(per_sample.double().sum(1).tolist())
+        one = torch.ones((), dtype=torch.float32, device=x.device)
+        bias = self.i_bias if bool(self.i_bias.any()) else None
+        counts: list[torch.Tensor] | None = [] if self.record else None
+        spikes, self.v = get_kernel(self.kernel)(x_seq, one, self.v, self.gain(), bias, self.pre_bias,
+                                                 self.spike_dtype, counts)
+        if counts:
+            # python floats, not tensor views: no small long-lived tensors pinning the heap as T grows;
+            # per-sample counts are exact in float32 (< 2^24), the sum over samples in float64
+            self.spike_count.extend(torch.stack(counts).double().sum(1).tolist())
         return spikes.reshape(x.shape)
 
     def extra_repr(self) -> str:

@@ -1,6 +1,13 @@
 """IF-scan backends registered by name; each must equal :func:`bsnn.snn.functional.if_multistep`.
 
-A kernel has the signature ``(x_seq [T, B, ...], theta, v [B, ...]) -> (spikes [T, B, ...], v_next [B, ...])``.
+A kernel has the signature ``(x_seq [T, B, ...], theta, v [B, ...], gain=None, bias=None, pre_bias=None,
+out_dtype=None) -> (spikes [T, B, ...], v_next [B, ...])``: the neurons integrate the float32 current
+``(x + pre_bias)·gain + bias`` (each term optional and broadcast against one timestep; every operation rounded
+in float32, as the oracle run on the pre-scaled input) and emit spikes in ``out_dtype`` (default: the current's
+dtype). If ``counts`` (a list) is given, the kernel appends the spikes per sample of each timestep (float32
+``[B]``) to it — fused kernels count in the same pass. ``pre_bias`` is a synaptic bias deferred into the neuron (see :mod:`bsnn.snn.synapse`), which lets ``x``
+arrive as an exact bf16 integer sum. Fused kernels do all of it in one pass; the others pre-scale with
+:func:`prescale`.
 """
 
 from __future__ import annotations
@@ -12,22 +19,53 @@ import torch
 from bsnn._registry import Registry
 from bsnn.snn.functional import if_multistep
 
-Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Kernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 KERNELS: Registry[Kernel] = Registry("IF kernel")
 
 
+def prescale(x_seq: torch.Tensor, gain: torch.Tensor | None, bias: torch.Tensor | None,
+             pre_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``(x_seq + pre_bias) · gain + bias`` in float32 (terms may be None): the current the neurons integrate."""
+    if x_seq.dtype in (torch.bfloat16, torch.float16):
+        x_seq = x_seq.float()
+    if pre_bias is not None:
+        x_seq = x_seq + pre_bias.to(x_seq.dtype)
+    if gain is not None:
+        x_seq = x_seq * gain.to(x_seq.dtype)
+    if bias is not None:
+        x_seq = x_seq + bias.to(x_seq.dtype)
+    return x_seq
+
+
+def _counted(spikes: torch.Tensor, counts: list | None) -> torch.Tensor:
+    """Append the per-sample spike counts of every timestep of ``spikes [T, B, ...]`` to ``counts`` (if given)."""
+    if counts is not None:
+        from bsnn.snn.neuron import per_sample_spikes
+
+        counts.extend(per_sample_spikes(spikes).unbind(0))
+    return spikes
+
+
 @KERNELS.register("reference")
-def reference_kernel(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_kernel(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None, pre_bias: torch.Tensor | None = None,
+                     out_dtype: torch.dtype | None = None, counts: list | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The oracle itself (out-of-place loop)."""
-    return if_multistep(x_seq, theta, v)
+    s, v = if_multistep(prescale(x_seq, gain, bias, pre_bias), theta, v)
+    return _counted(s.to(out_dtype or s.dtype), counts), v
 
 
 @KERNELS.register("torch")
-def inplace_kernel(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """In-place torch loop: reuses ``x_seq``'s storage for the spikes and one membrane buffer.
+def inplace_kernel(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, pre_bias: torch.Tensor | None = None,
+                   out_dtype: torch.dtype | None = None, counts: list | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-place torch loop: one membrane buffer, spikes written into a preallocated output.
 
     Same arithmetic order as the oracle (``v + x``, compare, ``v - s·θ``), so spikes are bit-identical.
     """
+    x_seq = prescale(x_seq, gain, bias, pre_bias)
     v = v.clone()
     out = torch.empty_like(x_seq)
     unit = theta.numel() == 1 and bool(theta == 1)  # IFNeuron works in units of θ: skip the multiply
@@ -36,19 +74,43 @@ def inplace_kernel(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor) ->
         s = out[t]
         s.copy_(v >= theta)
         v.sub_(s if unit else s * theta)
-    return out, v
+    return _counted(out.to(out_dtype or out.dtype), counts), v
 
 
 @KERNELS.register("triton")
-def triton_kernel(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_kernel(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None, pre_bias: torch.Tensor | None = None,
+                  out_dtype: torch.dtype | None = None, counts: list | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused Triton scan (:mod:`bsnn.snn.kernels.triton_if`); needs CUDA, or ``TRITON_INTERPRET=1`` on CPU."""
     from bsnn.snn.kernels.triton_if import if_scan
 
-    return if_scan(x_seq, theta.reshape(-1) if theta.numel() > 1 else theta.reshape(()), v)
+    x_seq = prescale(x_seq, gain, bias, pre_bias)
+    s, v = if_scan(x_seq, theta.reshape(-1) if theta.numel() > 1 else theta.reshape(()), v)
+    return _counted(s.to(out_dtype or s.dtype), counts), v
+
+
+@KERNELS.register("inductor")
+def inductor_kernel(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None, pre_bias: torch.Tensor | None = None,
+                    out_dtype: torch.dtype | None = None, counts: list | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused, vectorised C++ loop per timestep (:mod:`bsnn.snn.kernels.inductor_if`, compiled by
+    ``torch.compile`` on first use): gain, bias, integrate, fire and reset in a single pass over the neurons."""
+    from bsnn.snn.kernels.inductor_if import if_scan_fused
+
+    return if_scan_fused(x_seq, theta, v, gain, bias, pre_bias, out_dtype, counts)
+
+
+def inductor_available() -> bool:
+    """Whether ``torch.compile`` can build CPU kernels here (a C++ compiler is on the PATH)."""
+    from bsnn.snn.kernels.inductor_if import compiler_works
+
+    return compiler_works()
 
 
 def default_kernel(device: torch.device) -> str:
-    """``triton`` on CUDA (when triton imports), else the in-place ``torch`` loop."""
+    """``triton`` on CUDA (when triton imports); on CPU ``inductor`` where a C++ compiler works, else ``torch``."""
     if device.type == "cuda":
         try:
             import triton  # noqa: F401
@@ -56,7 +118,8 @@ def default_kernel(device: torch.device) -> str:
             return "triton"
         except ImportError:
             pass
-    return "torch"
+        return "torch"
+    return "inductor" if inductor_available() else "torch"
 
 
 def get_kernel(name: str) -> Kernel:

@@ -1,0 +1,289 @@
+"""Benchmark: simulation throughput of the same converted networks in bsnn and spikingjelly 2.0, vs the dense limit.
+
+Networks (binary weights, first/last layer full precision, converted from the same trained ANN by each library):
+
+* **small CNN, 28x28x1** — the default pipeline's binary student (``runs/default/student.pt``, else the
+  conversion benchmark's cached copy, else a freshly initialised one: throughput does not depend on training);
+* **VGG-7, 32x32x3** — the binary VGG-7 (width 0.25) of the conversion benchmark's CIFAR-10 cache, else a freshly
+  initialised one; input: CIFAR-10 test images when ``../shared/data/cifar10.npz`` exists, else mnist5k/random.
+
+For batch 128 and each T in {8, 32, 128} (direct encoding, accuracy bookkeeping included):
+
+* **bsnn** = ``bsnn.simulate.simulate`` with its defaults (kernel ``auto`` -> the fused inductor IF kernel on CPU,
+  synapse ``auto`` -> exact bf16 binary layers where the CPU has native bf16, first layer once per batch);
+* **bsnn fp32** = the same with ``synapse='float'`` and the eager ``torch`` IF kernel (the previous engine);
+* **spikingjelly** = ``ann2snn.Converter(RateCodingRecipe(..., mode='99.9%'))``, multi-step mode (the whole T
+  folded into the batch, its registered CPU IF operator) and single-step mode; the faster of the two is the
+  reference ("its fastest backend available on the machine");
+* **dense limit** = T x one forward pass of the plain (materialised) ANN in fp32 on the same batch.
+
+Each timing is the median of ``--reps`` runs after one warm-up run (which also triggers compilation). Peak memory
+is the resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs`` before each measurement)
+minus the resident size before it. Writes ``<out>/simulation_speed.{json,md}``.
+
+Usage::
+
+    python benchmarks/simulation_speed.py                 # both networks, T = 8, 32, 128
+    python benchmarks/simulation_speed.py --quick         # smoke run: T = 4, 8, one rep
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (ROOT, command_line, load_average, log, machine_info, machine_markdown,  # noqa: E402
+                     markdown_table, now_iso, write_results)
+
+from bsnn.binary import materialize  # noqa: E402
+from bsnn.config import BinaryConfig, ConvertConfig, DataConfig, SimConfig, load_config  # noqa: E402
+from bsnn.convert import Percentile, convert  # noqa: E402
+from bsnn.data import build_loaders  # noqa: E402
+from bsnn.pipeline import build_model, load_model  # noqa: E402
+from bsnn.simulate import simulate  # noqa: E402
+
+NAME = "simulation_speed"
+
+
+# ----------------------------------------------------------------------------------------- memory
+def _status_kib(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def reset_peak() -> int | None:
+    """Reset the RSS high-water mark (Linux) and return the current RSS in KiB."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_kib("VmRSS")
+
+
+def peak_growth_mib(base_kib: int | None) -> float | None:
+    hwm = _status_kib("VmHWM")
+    return None if base_kib is None or hwm is None else round((hwm - base_kib) / 1024, 1)
+
+
+def timed(fn, reps: int) -> tuple[float, list[float], float | None]:
+    """One warm-up call, then ``reps`` timed calls; returns ``(median s, all s, peak RSS growth MiB)``."""
+    fn()
+    times, peak = [], None
+    for i in range(reps):
+        base = reset_peak()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        g = peak_growth_mib(base)
+        peak = g if peak is None or (g is not None and g > peak) else peak
+    return statistics.median(times), times, peak
+
+
+# ----------------------------------------------------------------------------------------- networks
+def _first_existing(*paths: Path) -> Path | None:
+    return next((p for p in paths if p.is_file()), None)
+
+
+def networks(args) -> list[dict]:
+    """The two benchmark networks with a calibration batch and a test batch of ``args.batch`` images."""
+    out = []
+    cfg = load_config(ROOT / "configs" / "default.yaml")
+    mn = build_loaders(cfg.data, seed=0).splits
+    path = _first_existing(ROOT / "runs/default/student.pt", ROOT / args.cache / "mnist5k_default_student.pt")
+    if path is not None:
+        model, _ = load_model(path)
+        src = str(path.relative_to(ROOT))
+    else:
+        model = build_model({"name": "small_cnn", "num_classes": 10, "in_channels": 1, "kwargs": {},
+                             "binary": dataclasses.asdict(BinaryConfig())})
+        src = "freshly initialised (no trained student found; throughput does not depend on training)"
+    xs = torch.stack([mn.test[i][0] for i in range(args.batch)])
+    calib = torch.stack([mn.train[i][0] for i in range(512)])
+    out.append({"name": "small CNN 28x28x1", "model": model.eval(), "source": src, "x": xs, "calib": calib,
+                "data": "mnist5k test split"})
+
+    cifar = Path(args.cifar_npz)
+    cifar = cifar if cifar.is_absolute() else ROOT / cifar
+    path = _first_existing(ROOT / args.cache / "cifar10_vgg7_w0.25_h256_e5_n20000_b128_lr0.002.pt")
+    if path is not None:
+        model, _ = load_model(path)
+        src = str(path.relative_to(ROOT))
+    else:
+        model = build_model({"name": "vgg7_cifar", "num_classes": 10, "in_channels": 3,
+                             "kwargs": {"width": 0.25, "hidden": 256}, "binary": dataclasses.asdict(BinaryConfig())})
+        src = "freshly initialised (no cached CIFAR-10 model; throughput does not depend on training)"
+    if cifar.is_file():
+        s = build_loaders(DataConfig(name=f"npz:{cifar}", val_fraction=0.0, augment=False), seed=0).splits
+        xs = torch.stack([s.test[i][0] for i in range(args.batch)])
+        calib = torch.stack([s.train[i][0] for i in range(512)])
+        data = "CIFAR-10 test images"
+    else:
+        g = torch.Generator().manual_seed(0)
+        xs, calib = torch.randn(args.batch, 3, 32, 32, generator=g), torch.randn(512, 3, 32, 32, generator=g)
+        data = "random normal images (CIFAR-10 archive absent)"
+    out.append({"name": "VGG-7 (width 0.25) 32x32x3", "model": model.eval(), "source": src, "x": xs,
+                "calib": calib, "data": data})
+    return out
+
+
+# ----------------------------------------------------------------------------------------- runners
+def bsnn_runner(snn, x: torch.Tensor, T: int, **sim):
+    loader = DataLoader(TensorDataset(x, torch.zeros(len(x), dtype=torch.long)), batch_size=len(x))
+    cfg = SimConfig(timesteps=[T], **sim)
+    return lambda: simulate(snn, loader, [T], cfg, quiet=True)
+
+
+def sj_network(model, calib: torch.Tensor):
+    from spikingjelly.activation_based import ann2snn
+
+    loader = DataLoader(TensorDataset(calib, torch.zeros(len(calib), dtype=torch.long)), batch_size=128)
+    net = ann2snn.Converter(ann2snn.RateCodingRecipe(loader, mode="99.9%")).convert(materialize(model).eval())
+    return net.eval()
+
+
+def sj_runner(net, x: torch.Tensor, T: int, step_mode: str):
+    from spikingjelly.activation_based import functional
+
+    functional.set_step_mode(net, step_mode)
+
+    @torch.no_grad()
+    def run():
+        functional.reset_net(net)
+        if step_mode == "m":
+            out = net(x.unsqueeze(0).expand(T, *x.shape)).sum(0)
+        else:
+            out = net(x)
+            for _ in range(T - 1):
+                out = out + net(x)
+        functional.reset_net(net)
+        return out.argmax(1)
+    return run
+
+
+def ann_runner(ann, x: torch.Tensor):
+    @torch.no_grad()
+    def run():
+        return ann(x)
+    return run
+
+
+# ----------------------------------------------------------------------------------------- main
+def build_markdown(payload: dict) -> str:
+    lines = [f"# Simulation speed: bsnn vs spikingjelly {payload['machine'].get('spikingjelly')}", "",
+             f"Machine: {machine_markdown(payload['machine'])}", "",
+             f"Command: `{payload['command']}` ({payload['started']}); batch {payload['batch']}, direct encoding, "
+             f"median of {payload['reps']} runs after a warm-up run. Throughput in sample·timesteps/s; "
+             "ratio = bsnn / spikingjelly (fastest of its multi- and single-step modes); dense = T x one fp32 "
+             "forward of the plain ANN (lower ratio = faster than the dense limit). Peak = resident-memory growth "
+             "during one simulation (MiB).", ""]
+    for net in payload["networks"]:
+        lines += [f"## {net['name']}", "", f"Model: {net['source']}; input: {net['data']}. bsnn exact bf16 "
+                  f"layers: {', '.join(net['exact_layers']) or 'none'}; spikingjelly's faster mode per T is "
+                  "marked.", ""]
+        rows = []
+        for r in net["rows"]:
+            sj_best = max(r["sj_m_tput"], r["sj_s_tput"])
+            rows.append([r["T"], f"{r['bsnn_tput']:,.0f}", f"{r['bsnn_fp32_tput']:,.0f}",
+                         f"{r['sj_m_tput']:,.0f}" + (" *" if r["sj_m_tput"] >= r["sj_s_tput"] else ""),
+                         f"{r['sj_s_tput']:,.0f}" + (" *" if r["sj_s_tput"] > r["sj_m_tput"] else ""),
+                         f"{r['bsnn_tput'] / sj_best:.2f}x", f"{r['bsnn_s'] / r['dense_s']:.2f}",
+                         f"{r['dense_s']:.3f}", r["bsnn_peak_mib"], r["sj_m_peak_mib"]])
+        lines += [markdown_table(["T", "bsnn", "bsnn fp32 (eager)", "sj multi-step", "sj single-step",
+                                  "bsnn / sj", "bsnn / dense", "dense s", "bsnn peak MiB", "sj-m peak MiB"], rows),
+                  ""]
+    if payload.get("integer"):
+        lines += ["## Integer-exact mode", "",
+                  "The same VGG simulated with `synapse='int'` (int8 counts x ±1 int8 weights, int32 accumulation "
+                  "through `torch._int_mm`, convolutions via im2col) — the crossbar's arithmetic — and with the "
+                  "exact bf16 default; spikes and output membranes are bit-identical (checked here and in the tests).",
+                  "", markdown_table(["T", "int s", "bf16 (default) s", "float s", "outputs identical"],
+                                     [[r["T"], f"{r['int_s']:.3f}", f"{r['bf16_s']:.3f}", f"{r['float_s']:.3f}",
+                                       r["identical"]] for r in payload["integer"]]), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--timesteps", default="8,32,128")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--cifar-npz", default="../shared/data/cifar10.npz")
+    p.add_argument("--cache", default="benchmarks/cache")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ts = [4, 8] if args.quick else [int(t) for t in args.timesteps.split(",")]
+    reps = 1 if args.quick else args.reps
+    payload = {"command": command_line(), "machine": machine_info(), "started": now_iso(), "batch": args.batch,
+               "reps": reps, "networks": []}
+    for net in networks(args):
+        log(f"{net['name']}: converting ({net['source']})")
+        calib = DataLoader(TensorDataset(net["calib"], torch.zeros(len(net["calib"]), dtype=torch.long)),
+                           batch_size=128)
+        snn = convert(net["model"], calib, ConvertConfig(threshold=Percentile(99.9), calib_samples=512))
+        sj = sj_network(net["model"], net["calib"])
+        ann = materialize(net["model"]).eval()
+        x = net["x"]
+        dense_1 = timed(ann_runner(ann, x), max(reps, 5))[0]
+        entry = {k: net[k] for k in ("name", "source", "data")}
+        entry.update(dense_forward_s=dense_1, rows=[])
+        for T in ts:
+            n = len(x) * T
+            b_s, b_all, b_peak = timed(bsnn_runner(snn, x, T), reps)
+            f_s, _, _ = timed(bsnn_runner(snn, x, T, kernel="torch", synapse="float"), reps)
+            m_s, _, m_peak = timed(sj_runner(sj, x, T, "m"), reps)
+            s_s, _, _ = timed(sj_runner(sj, x, T, "s"), reps)
+            res = bsnn_runner(snn, x, T)()
+            entry["exact_layers"] = res.config.get("exact_layers", [])
+            row = {"T": T, "bsnn_s": b_s, "bsnn_all_s": b_all, "bsnn_fp32_s": f_s, "sj_m_s": m_s, "sj_s_s": s_s,
+                   "dense_s": dense_1 * T, "bsnn_tput": n / b_s, "bsnn_fp32_tput": n / f_s, "sj_m_tput": n / m_s,
+                   "sj_s_tput": n / s_s, "bsnn_peak_mib": b_peak, "sj_m_peak_mib": m_peak,
+                   "kernel": res.config.get("kernel"), "synapse": res.config.get("synapse_resolved")}
+            log(f"  T={T}: bsnn {b_s:.3f} s (fp32 eager {f_s:.3f}), sj multi {m_s:.3f} single {s_s:.3f}, "
+                f"dense {dense_1 * T:.3f} s -> x{min(m_s, s_s) / b_s:.2f} vs sj, {b_s / (dense_1 * T):.2f} of dense")
+            entry["rows"].append(row)
+        payload["networks"].append(entry)
+        if "VGG" in net["name"]:
+            payload["integer"] = integer_check(snn, x, ts[:2], reps)
+        payload["machine"]["load_average_at_end"] = load_average()
+        write_results(ROOT / args.out, NAME + ("_quick" if args.quick else ""), payload, build_markdown(payload))
+    log(f"wrote {ROOT / args.out / NAME}.md")
+
+
+def integer_check(snn, x: torch.Tensor, ts: list[int], reps: int) -> list[dict]:
+    """Time the integer, bf16 and float synapse modes and check they give identical outputs."""
+    from bsnn.simulate import run_batch
+    from bsnn.snn.synapse import synapse_mode
+
+    rows = []
+    for T in ts:
+        r = {"T": T}
+        outs = {}
+        for mode in ("int", "bf16", "float"):
+            with synapse_mode(snn, mode):
+                r[f"{mode}_s"] = timed(lambda: run_batch(snn, x, T, 1), reps)[0]
+                outs[mode] = run_batch(snn, x, T, 1)
+        r["identical"] = bool(torch.equal(outs["int"], outs["bf16"]) and torch.equal(outs["int"], outs["float"]))
+        log(f"  integer mode T={T}: int {r['int_s']:.3f} s, bf16 {r['bf16_s']:.3f} s, float {r['float_s']:.3f} s, "
+            f"identical {r['identical']}")
+        rows.append(r)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
