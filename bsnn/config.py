@@ -249,8 +249,9 @@ class ConvertConfig:
     Attributes:
         threshold: activation statistic that sets each IF layer's threshold: ``Max()`` or ``Percentile(p)``
             (YAML: ``max`` or a number such as ``99.9``).
-        per_channel: per-channel thresholds (only where the consumer is full precision; binary layers need
-            layer-wise scaled spikes to keep ±1 weights).
+        per_channel: per-channel thresholds where every consumer of the layer's spikes is a full-precision
+            conv/linear (through pooling/flatten); layers feeding binary layers (whose weights must stay ±1) or
+            residual adds stay layer-wise.
         threshold_scale: global factor applied to every threshold.
         v_init: initial membrane potential as a fraction of the threshold (0.5 = the θ/2 shift).
         calib_samples: number of training samples used for calibration.

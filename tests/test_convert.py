@@ -196,7 +196,24 @@ def test_original_model_untouched():
     assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
 
 
-def test_per_channel_thresholds_refused_before_binary_layer():
+def test_per_channel_thresholds_only_where_consumers_are_full_precision():
     net = _residual()
+    snn = convert(net, _loader(torch.randn(16, 1, 8, 8)), ConvertConfig(per_channel=True))
+    thr = {name: torch.as_tensor(v) for name, v in snn.meta["thresholds"].items()}
+    last = list(thr)[-1]  # the ReLU after fc1 feeds only the full-precision fc2
+    assert thr[last].numel() == 32
+    assert all(thr[k].numel() == 1 for k in thr if k != last)  # they feed binary layers or residual adds
+    for layer in snn.layers:
+        if layer["binary"]:
+            assert bool((snn.graph_module.get_submodule(layer["name"]).weight.abs() == 1).all())
+
+
+def test_per_channel_scale_into_binary_layer_refused_by_surgery():
+    from bsnn.convert import convert_with_thresholds
+
+    net = _residual()
+    x = torch.randn(8, 1, 8, 8)
+    gm = capture(net, x)
+    thresholds = {k: torch.ones(8) if i == 0 else torch.ones(()) for i, k in enumerate(relu_modules(gm))}
     with pytest.raises(ConversionError, match="per_channel=false"):
-        convert(net, _loader(torch.randn(8, 1, 8, 8)), ConvertConfig(per_channel=True))
+        convert_with_thresholds(gm, thresholds, ConvertConfig(), [1, 8, 8])

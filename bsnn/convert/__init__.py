@@ -13,7 +13,7 @@ from bsnn.config import parse_statistic
 from bsnn.convert.calibrate import Max, Percentile, calibrate, calibrate_many
 from bsnn.convert.snn_calibration import calibrate_snn_
 from bsnn.activations import QCFS, is_trained_threshold
-from bsnn.convert.graph import activation_modules, capture, relu_modules
+from bsnn.convert.graph import activation_modules, capture, per_channel_allowed, relu_modules
 from bsnn.convert.surgery import build_spiking_graph
 from bsnn.errors import ConversionError
 from bsnn.snn.network import SpikingNetwork
@@ -49,8 +49,14 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
         raise ConversionError(f"{type(model).__name__} has no ReLU activation to turn into spiking neurons")
     relus = relu_modules(gm)
     candidates = [parse_statistic(p, "convert.search_percentiles") for p in cfg.search_percentiles] or [cfg.threshold]
-    stats = calibrate_many(gm, relus, calib_loader, candidates, cfg.per_channel, cfg.calib_samples, device) \
-        if relus else {c: {} for c in candidates}
+    pc = per_channel_allowed(gm, set(relus)) if cfg.per_channel else set()
+    stats: dict = {c: {} for c in candidates}
+    for group, per_channel in (({k: m for k, m in relus.items() if k not in pc}, False),
+                               ({k: m for k, m in relus.items() if k in pc}, True)):
+        if group:  # per-channel statistics only where the consumers are full precision (one extra pass)
+            for c, values in calibrate_many(gm, group, calib_loader, candidates, per_channel, cfg.calib_samples,
+                                            device).items():
+                stats[c].update(values)
     gm = gm.cpu()
 
     def build(stat) -> SpikingNetwork:

@@ -146,3 +146,26 @@ def activation_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
 def relu_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
     """The plain ReLU modules of a captured graph, in graph order (their thresholds come from calibration)."""
     return {k: m for k, m in activation_modules(gm).items() if isinstance(m, nn.ReLU)}
+
+
+_PASS_THROUGH = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+
+
+def per_channel_allowed(gm: fx.GraphModule, names: list[str] | set[str]) -> set[str]:
+    """The activations among ``names`` whose spikes may carry a per-channel scale: every path from them reaches
+    only full-precision conv/linear layers through pooling/flatten. A binary consumer (its weights must stay ±1),
+    a residual add or any other op makes the layer layer-wise."""
+    def ok(node: fx.Node) -> bool:
+        for user in node.users:
+            m = gm.get_submodule(user.target) if user.op == "call_module" else None
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                if isinstance(m, (BinaryConv2d, BinaryLinear)):
+                    return False
+                continue
+            through = isinstance(m, _PASS_THROUGH) or (user.op == "call_function" and user.target is torch.flatten) \
+                or (user.op == "call_method" and user.target in ("flatten", "view", "reshape"))
+            if not through or not ok(user):
+                return False
+        return bool(node.users)
+
+    return {n.target for n in gm.graph.nodes if n.op == "call_module" and n.target in names and ok(n)}

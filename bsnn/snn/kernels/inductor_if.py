@@ -43,9 +43,21 @@ def compiler_works() -> bool:
     return any(n and shutil.which(n) for n in names)
 
 
+RECOMPILE_LIMIT = 64
+"""Dynamic shapes still specialise on rank, dtypes and a few size ranges; a network's IF layers need a handful of
+variants, more than dynamo's default of 8 per function, beyond which it would silently run the step eagerly."""
+
+
 @functools.lru_cache(maxsize=1)
 def _compiled() -> Callable:
     return torch.compile(if_step, dynamic=True)
+
+
+def _limit_patch():
+    import torch._dynamo.config as dcfg
+
+    key = "recompile_limit" if hasattr(dcfg, "recompile_limit") else "cache_size_limit"
+    return dcfg.patch(**{key: max(RECOMPILE_LIMIT, getattr(dcfg, key))})
 
 
 _failed = False
@@ -55,7 +67,8 @@ def _step(v, x, gain, bias, pre_bias, theta, out_dtype):
     global _failed
     if not _failed and compiler_works():
         try:
-            return _compiled()(v, x, gain, bias, pre_bias, theta, out_dtype)
+            with _limit_patch():
+                return _compiled()(v, x, gain, bias, pre_bias, theta, out_dtype)
         except Exception as e:  # noqa: BLE001 - any compile failure: fall back to the eager step
             _failed = True
             log.warning("bsnn: torch.compile of the IF kernel failed (%s: %s); using the eager step",
