@@ -24,6 +24,7 @@ from bsnn.activations import replace_activations_
 from bsnn.binary import binarize_
 from bsnn.config import BinaryConfig, Config, ConvertConfig, from_dict, save_config
 from bsnn.convert import capture, convert, convert_with_thresholds
+from bsnn.convert.checks import warn_architecture
 from bsnn.data import Loaders, build_loaders, calibration_loader
 from bsnn.distributed import DistEnv, barrier, init_distributed
 from bsnn.errors import CheckpointError, ConfigError
@@ -243,6 +244,8 @@ def stage_student(ctx: Context, teacher: nn.Module | None) -> nn.Module:
     set_seed(ctx.cfg.run.seed + 1)
     arch = ctx.arch("student")
     student = build_model(arch).to(ctx.device)
+    if ctx.env.is_main:  # hear about max-pools and the like before training, not after
+        warn_architecture(student, ctx.cfg.convert.v_init, ctx.cfg.convert.snn_calibration, where="student: ")
     hist = train_student(student, teacher, ctx.loaders.train, ctx.cfg.distill, ctx.cfg.student,
                          val_loader=ctx.loaders.val, checkpoint_path=ctx.run.path("checkpoints/student_last.pt"),
                          resume=ctx.run.resume, device=ctx.device, quiet=ctx.cfg.run.quiet)
@@ -274,6 +277,8 @@ def stage_simulate(ctx: Context, snn: SpikingNetwork, ann: nn.Module | None, ste
                                    "firing_rates": res.firing_rates(), "wall_time_s": res.wall_time_s})
     for t in res.timesteps:
         log.info("SNN T=%d: %.2f %%", t, res.accuracy[t])
+    if res.predictions is not None:
+        _early_exit_report(ctx, res, stem)
     constraints = ctx.cfg.simulate.constraint_config()
     if constraints is not None:
         from bsnn.hardware.constraints import apply_constraints
@@ -290,6 +295,26 @@ def stage_simulate(ctx: Context, snn: SpikingNetwork, ann: nn.Module | None, ste
         ctx.run.update_metrics("snn_constrained", {"constraints": ctx.cfg.simulate.constraints,
                                                    "accuracy": {str(k): v for k, v in hw.accuracy.items()}})
     return res
+
+
+def _early_exit_report(ctx: Context, res: SimResult, stem: str) -> None:
+    """``<stem>_early_exit.{md,csv,json}``: accuracy vs *average* timesteps of the per-sample early-exit rule
+    (:mod:`bsnn.early_exit`) next to the fixed T that reaches the same accuracy. There are no warm-up steps, so
+    the latency of a sample is the number of timesteps it ran."""
+    from bsnn.early_exit import early_exit_curve, fixed_T_needed
+    from bsnn.report import write_table
+
+    rows = []
+    for r in early_exit_curve(res):
+        fixed = fixed_T_needed(res, r["accuracy"])
+        rows.append([r["patience"], r["accuracy"], r["mean_timesteps"], fixed if fixed is not None else "not reached"])
+    if ctx.env.is_main:
+        write_table(ctx.run.path(f"{stem}_early_exit"), ["patience", "accuracy (%)", "average timesteps",
+                                                         "fixed T for the same accuracy"], rows,
+                    {"rule": "exit at the first step whose prediction has been stable for `patience` steps",
+                     "simulated_T": max(res.timesteps)})
+    ctx.run.update_metrics("early_exit", {"curve": [dict(zip(("patience", "accuracy", "mean_timesteps",
+                                                              "fixed_T"), r)) for r in rows]})
 
 
 def stage_cost(ctx: Context, snn: SpikingNetwork, res: SimResult) -> dict:

@@ -61,6 +61,11 @@ def test_convert_simulate_evaluate_commands(run_dir, capsys):
     assert set(m["snn"]["accuracy"]) == {"2", "8"}
     assert set(m["snn_constrained"]["accuracy"]) == {"2", "8"}
     assert "with constraints" in (run_dir / "sweep_constrained.md").read_text()
+    assert main(["simulate", "--out", str(run_dir), "--timesteps", "4,16", *FAST,
+                 "simulate.record_predictions=true"]) == 0
+    curve = json.loads((run_dir / "metrics.json").read_text())["early_exit"]["curve"]
+    assert curve and all(1 <= r["mean_timesteps"] <= 16 for r in curve)
+    assert "average timesteps" in (run_dir / "sweep_early_exit.md").read_text()
     capsys.readouterr()
     assert main(["evaluate", str(run_dir / "student.pt"), "data.name=digits"]) == 0
     res = json.loads(capsys.readouterr().out)

@@ -145,3 +145,25 @@ def test_early_exit_curve_from_simulation():
     curve = early_exit_curve(res, patiences=(1, 4, 32))
     assert curve[0]["mean_timesteps"] == 1.0 and curve[-1]["mean_timesteps"] == 32.0
     assert curve[-1]["accuracy"] == pytest.approx(res.accuracy[32])
+
+
+def test_architecture_checks_warn_before_conversion():
+    import warnings
+
+
+    from bsnn.convert.checks import ConversionWarning, architecture_findings, warn_architecture
+
+    bad = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3),
+                        nn.GELU())
+    found = architecture_findings(bad)
+    assert any("MaxPool2d" in f and "AvgPool2d" in f for f in found)
+    assert any("GELU" in f for f in found)
+    assert any("2 layer(s)" in f and "bias" in f for f in found)  # conv+BN, conv with its own bias
+    assert not any("bias" in f for f in architecture_findings(bad, v_init=0.5))  # compensated: no bias finding
+    good = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.ReLU(), nn.AvgPool2d(2))
+    assert architecture_findings(good) == []
+    with pytest.warns(ConversionWarning, match="MaxPool2d"):
+        warn_architecture(bad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_architecture(good)

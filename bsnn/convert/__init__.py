@@ -13,6 +13,7 @@ from bsnn.config import parse_statistic
 from bsnn.convert.calibrate import Max, Percentile, calibrate, calibrate_many
 from bsnn.convert.snn_calibration import calibrate_snn_
 from bsnn.activations import QCFS, is_trained_threshold
+from bsnn.convert.checks import warn_architecture
 from bsnn.convert.graph import activation_modules, capture, per_channel_allowed, relu_modules
 from bsnn.convert.surgery import build_spiking_graph
 from bsnn.errors import ConversionError
@@ -42,6 +43,7 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
     """
     cfg = cfg or ConvertConfig()
     cfg.validate()
+    warn_architecture(model, cfg.v_init, cfg.snn_calibration, where="convert: ")
     example = next(iter(calib_loader))[0]
     gm = capture(model.to(device), example.to(device))
     acts = activation_modules(gm)
