@@ -81,9 +81,13 @@ class ActivationObserver(nn.Module):
             else x.detach().float().reshape(1, -1)
         self.channels = flat.shape[0]
         self.seen += flat.shape[1]
+        k = self._k()
+        if k == 1:  # Max: a running amax (one pass, no top-k selection)
+            m = flat.amax(dim=1, keepdim=True)
+            self.top = m if self.top is None else torch.maximum(self.top, m)
+            return x
         merged = flat if self.top is None else torch.cat([self.top, flat], dim=1)
-        k = min(self._k(), merged.shape[1])
-        self.top = merged.topk(k, dim=1, sorted=False).values
+        self.top = merged.topk(min(k, merged.shape[1]), dim=1, sorted=False).values
         return x
 
     def value(self, stat: Statistic | None = None) -> torch.Tensor:
