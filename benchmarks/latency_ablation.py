@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (ROOT, Timer, command_line, load_average, log, machine_info, machine_markdown,  # noqa: E402
                      markdown_table, now_iso, write_results)
 
-from bsnn.activations import replace_activations_  # noqa: E402
 from bsnn.binary import materialize  # noqa: E402
 from bsnn.config import BinaryConfig, ConvertConfig, DataConfig, SimConfig, TrainConfig, load_config  # noqa: E402
 from bsnn.convert import Max, Percentile, convert  # noqa: E402

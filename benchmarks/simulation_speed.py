@@ -204,6 +204,9 @@ def build_markdown(payload: dict) -> str:
         lines += [markdown_table(["T", "bsnn", "bsnn fp32 (eager)", "sj multi-step", "sj single-step",
                                   "bsnn / sj", "bsnn / dense", "dense s", "bsnn peak MiB", "sj-m peak MiB"], rows),
                   ""]
+        if net.get("profile_T32"):
+            lines += ["Where bsnn's time goes (torch.profiler, one T = 32 simulation, share of CPU time): "
+                      + ", ".join(f"{k} {v:.0f} %" for k, v in net["profile_T32"].items()) + ".", ""]
     if payload.get("integer"):
         lines += ["## Integer-exact mode", "",
                   "The same VGG simulated with `synapse='int'` (int8 counts x ±1 int8 weights, int32 accumulation "
@@ -257,12 +260,33 @@ def main(argv: list[str] | None = None) -> None:
             log(f"  T={T}: bsnn {b_s:.3f} s (fp32 eager {f_s:.3f}), sj multi {m_s:.3f} single {s_s:.3f}, "
                 f"dense {dense_1 * T:.3f} s -> x{min(m_s, s_s) / b_s:.2f} vs sj, {b_s / (dense_1 * T):.2f} of dense")
             entry["rows"].append(row)
+        entry["profile_T32"] = profile_shares(snn, x, 8 if args.quick else 32)
         payload["networks"].append(entry)
         if "VGG" in net["name"]:
             payload["integer"] = integer_check(snn, x, ts[:2], reps)
         payload["machine"]["load_average_at_end"] = load_average()
         write_results(ROOT / args.out, NAME + ("_quick" if args.quick else ""), payload, build_markdown(payload))
     log(f"wrote {ROOT / args.out / NAME}.md")
+
+
+def profile_shares(snn, x: torch.Tensor, T: int = 32) -> dict[str, float]:
+    """Share (%) of bsnn's CPU time per kind of operation in one default simulation (torch.profiler)."""
+    from torch.profiler import profile
+
+    run = bsnn_runner(snn, x, T)
+    run()
+    with profile() as prof:
+        run()
+    groups: dict[str, float] = {}
+    for e in prof.key_averages():
+        n = e.key
+        g = ("convolutions (bf16 exact / fp32)" if "convolution" in n else
+             "IF kernel (fused, compiled)" if "CompiledFxGraph" in n else "pooling" if "pool" in n else
+             "bf16 exactness check" if "aminmax" in n else "linear layers" if n in ("aten::mm", "aten::addmm")
+             else "other (dispatch, bookkeeping, copies)")
+        groups[g] = groups.get(g, 0.0) + e.self_cpu_time_total
+    total = sum(groups.values()) or 1.0
+    return {k: round(100.0 * v / total, 1) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}
 
 
 def integer_check(snn, x: torch.Tensor, ts: list[int], reps: int) -> list[dict]:
