@@ -82,7 +82,8 @@ class IFNeuron(nn.Module):
         return torch.zeros_like(like, dtype=torch.float32) + (self.v_init_frac + self.v_init_bias).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: input current ``[Tc * B, ...]`` -> spikes ``[Tc * B, ...]`` (0/1), in ``x``'s dtype and layout."""
+        """``x``: input current ``[Tc * B, ...]`` -> spikes ``[Tc * B, ...]`` (0/1) in ``x``'s layout and in
+        ``spike_dtype`` (default: float32, or ``x``'s dtype when that is a 32-bit float)."""
         tc = self.time_chunk
         x_seq = x.reshape(tc, x.shape[0] // tc, *x.shape[1:])
         if self.v is None:
