@@ -61,17 +61,37 @@ def apply_early_exit(predictions: torch.Tensor, margins: torch.Tensor, labels: t
             "mean_timesteps": (exit_idx + 1).float().mean().item(), "exit_timesteps": exit_idx + 1}
 
 
-def early_exit_curve(result, patiences: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
-                     margin: float = 0.0, min_timesteps: int = 1) -> list[dict]:
-    """Accuracy vs average timesteps for a range of patiences, from a :class:`SimResult` recorded with
-    ``record_predictions=True``."""
+PATIENCES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+MARGINS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def early_exit_curve(result, patiences: tuple[int, ...] = PATIENCES, margins: tuple[float, ...] = MARGINS,
+                     min_timesteps: int = 1) -> list[dict]:
+    """Accuracy vs average timesteps of the early-exit rules on the grid ``patiences x margins``, keeping the
+    Pareto-optimal ones (no other rule is as accurate with fewer average timesteps), sorted by average T.
+
+    Args:
+        result: a :class:`~bsnn.simulate.SimResult` recorded with ``SimConfig(record_predictions=True)``.
+        patiences, margins: the rule grid (``margins=(0.0,)`` gives the stability-only rule).
+        min_timesteps: earliest exit step of every rule.
+
+    Returns:
+        ``[{"patience", "margin", "accuracy", "mean_timesteps"}, ...]``.
+    """
     if result.predictions is None:
         raise ConfigError("early-exit analysis needs simulate(..., SimConfig(record_predictions=True))")
     rows = []
     for p in patiences:
-        r = apply_early_exit(result.predictions, result.margins, result.labels, EarlyExit(p, margin, min_timesteps))
-        rows.append({"patience": p, "accuracy": r["accuracy"], "mean_timesteps": r["mean_timesteps"]})
-    return rows
+        for m in margins:
+            r = apply_early_exit(result.predictions, result.margins, result.labels, EarlyExit(p, m, min_timesteps))
+            rows.append({"patience": p, "margin": m, "accuracy": r["accuracy"], "mean_timesteps": r["mean_timesteps"]})
+    rows.sort(key=lambda r: (r["mean_timesteps"], -r["accuracy"]))
+    front, best = [], -1.0
+    for r in rows:  # ascending cost: keep a rule only if it is more accurate than every cheaper one
+        if r["accuracy"] > best:
+            front.append(r)
+            best = r["accuracy"]
+    return front
 
 
 def fixed_T_needed(result, accuracy: float) -> int | None:

@@ -307,13 +307,15 @@ def _early_exit_report(ctx: Context, res: SimResult, stem: str) -> None:
     rows = []
     for r in early_exit_curve(res):
         fixed = fixed_T_needed(res, r["accuracy"])
-        rows.append([r["patience"], r["accuracy"], r["mean_timesteps"], fixed if fixed is not None else "not reached"])
+        rows.append([r["patience"], r["margin"], r["accuracy"], r["mean_timesteps"],
+                     fixed if fixed is not None else "not reached"])
     if ctx.env.is_main:
-        write_table(ctx.run.path(f"{stem}_early_exit"), ["patience", "accuracy (%)", "average timesteps",
+        write_table(ctx.run.path(f"{stem}_early_exit"), ["patience", "margin", "accuracy (%)", "average timesteps",
                                                          "fixed T for the same accuracy"], rows,
-                    {"rule": "exit at the first step whose prediction has been stable for `patience` steps",
+                    {"rule": "exit at the first step whose prediction has been stable for `patience` steps and whose "
+                             "time-averaged logit margin is >= `margin` (Pareto-optimal rules of the grid)",
                      "simulated_T": max(res.timesteps)})
-    ctx.run.update_metrics("early_exit", {"curve": [dict(zip(("patience", "accuracy", "mean_timesteps",
+    ctx.run.update_metrics("early_exit", {"curve": [dict(zip(("patience", "margin", "accuracy", "mean_timesteps",
                                                               "fixed_T"), r)) for r in rows]})
 
 

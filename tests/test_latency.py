@@ -142,14 +142,20 @@ def test_early_exit_curve_from_simulation():
     res = simulate(snn, _loader(x, y), [32], SimConfig(record_predictions=True), quiet=True)
     assert res.predictions.shape == (32, 48)
     assert (res.predictions[-1].long() == y).float().mean().item() * 100 == pytest.approx(res.accuracy[32])
-    curve = early_exit_curve(res, patiences=(1, 4, 32))
-    assert curve[0]["mean_timesteps"] == 1.0 and curve[-1]["mean_timesteps"] == 32.0
-    assert curve[-1]["accuracy"] == pytest.approx(res.accuracy[32])
+    curve = early_exit_curve(res, patiences=(1, 4, 32), margins=(0.0,))
+    assert curve[0]["mean_timesteps"] == 1.0  # patience 1 exits everyone at the first step
+    assert all(a["mean_timesteps"] < b["mean_timesteps"] and a["accuracy"] < b["accuracy"]
+               for a, b in zip(curve, curve[1:]))  # a Pareto front: more time buys more accuracy
+    grid = early_exit_curve(res, patiences=(1, 2, 4, 8, 32), margins=(0.0, 0.5, 2.0))
+    for p in (1, 2, 4, 8, 32):  # every rule of the grid is on the front or dominated by a point of it
+        for m in (0.0, 0.5, 2.0):
+            r = apply_early_exit(res.predictions, res.margins, res.labels, EarlyExit(p, m))
+            assert any(f["mean_timesteps"] <= r["mean_timesteps"] + 1e-9 and f["accuracy"] >= r["accuracy"] - 1e-9
+                       for f in grid)
 
 
 def test_architecture_checks_warn_before_conversion():
     import warnings
-
 
     from bsnn.convert.checks import ConversionWarning, architecture_findings, warn_architecture
 
