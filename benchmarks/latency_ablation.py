@@ -110,9 +110,12 @@ def design_time_models(name: str, ctx: dict, args) -> dict[str, tuple[nn.Module,
     cache = ROOT / args.cache
     out = {}
     x_cal = next(iter(ctx["calib"]))[0]
-    for kind in ("qcfs", "clip") + (("relu",) if name == "cifar10" else ()):
-        label = {"qcfs": "QCFS L=8 ANN", "clip": "trainable-clip ANN", "relu": "ReLU ANN, same fine-tuning"}[kind]
-        path = cache / f"latency_{name}_{kind}{'_quick' if args.quick else ''}.pt"
+    levels = [int(v) for v in str(args.qcfs_levels).split(",")]
+    kinds = [("qcfs", L) for L in levels] + [("clip", 8)] + ([("relu", 8)] if name == "cifar10" else [])
+    for kind, L in kinds:
+        label = {"qcfs": f"QCFS L={L} ANN", "clip": "trainable-clip ANN", "relu": "ReLU ANN, same fine-tuning"}[kind]
+        tag = f"_L{L}" if kind == "qcfs" and L != 8 else ""
+        path = cache / f"latency_{name}_{kind}{tag}{'_quick' if args.quick else ''}.pt"
         if path.is_file():
             model, rec = load_model(path)
             out[label] = (model.eval(), rec.get("how", "cached"))
@@ -120,19 +123,20 @@ def design_time_models(name: str, ctx: dict, args) -> dict[str, tuple[nn.Module,
         set_seed(0)
         if name == "mnist5k":
             cfg = load_config(ROOT / "configs" / "default.yaml")
-            arch = {**ctx["arch"], "activation": {"kind": kind, "clip": 4.0, "levels": 8}}
+            arch = {**ctx["arch"], "activation": {"kind": kind, "clip": 4.0, "levels": L}}
             model = build_model(arch)
             epochs = 1 if args.quick else cfg.student.epochs
-            how = (f"binary small CNN with {kind} activations (L=8) distilled from the default teacher by the default "
+            how = (f"binary small CNN with {kind} activations (L={L}) distilled from the default teacher by the default "
                    f"student recipe (KD, {epochs} epochs)")
             log(f"{name}: training {label}")
             train_student(model, ctx["teacher"], ctx["train"], cfg.distill,
                           dataclasses.replace(cfg.student, epochs=epochs), quiet=True)
         else:
-            model, arch = with_activation(ctx["model"], ctx["arch"], kind, x_cal)
+            model, arch = with_activation(ctx["model"], ctx["arch"], kind, x_cal, levels=L)
             epochs = 1 if args.quick else args.finetune_epochs
             how = (f"the cached CE model fine-tuned {epochs} epoch(s) on {len(ctx['train'].dataset)} images with "
-                   f"{kind} activations (λ from each ReLU's p99.9), Adam lr 5e-4 cosine")
+                   f"{kind} activations{f' (L={L})' if kind == 'qcfs' else ''} (λ from each ReLU's p99.9), Adam lr "
+                   "5e-4 cosine")
             log(f"{name}: fine-tuning {label}")
             train_teacher(model, ctx["train"], TrainConfig(epochs=epochs, optimizer="adam", lr=5e-4, weight_decay=0.0,
                                                            schedule="cosine"), quiet=True)
@@ -379,6 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cifar-test", type=int, default=1000)
     p.add_argument("--finetune-train", type=int, default=10000)
     p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--qcfs-levels", default="8", help="comma-separated QCFS levels L of the design-time models")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default="benchmarks/cache")
     p.add_argument("--out", default="benchmarks/results")
