@@ -216,3 +216,20 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]) + "\n"
+
+
+# ----------------------------------------------------------------------------------------- models
+def relu_model(*paths: Path) -> Path | None:
+    """The first existing bsnn model file among ``paths`` whose activations are plain ReLU, or None.
+
+    spikingjelly's converters and the plain-conversion baselines need ReLU networks; the default pipeline's student
+    has QCFS activations since the latency ablation, so ``runs/default/student.pt`` is skipped then.
+    """
+    from bsnn.io import load_checkpoint
+
+    for p in paths:
+        if Path(p).is_file():
+            arch = load_checkpoint(p).get("arch") or {}
+            if (arch.get("activation") or {"kind": "relu"}).get("kind", "relu") == "relu":
+                return Path(p)
+    return None

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (ROOT, Timer, command_line, git_state, load_average, log, machine_info,  # noqa: E402
-                     machine_markdown, markdown_table, now_iso, progress, write_results)
+                     machine_markdown, markdown_table, now_iso, progress, relu_model, write_results)
 
 sys.path.insert(0, str(ROOT))
 from bsnn.binary import materialize  # noqa: E402
@@ -161,7 +161,7 @@ def prepare_mnist5k(args) -> dict:
         student, rec = load_model(pinned)
         budget.update(rec.get("budget", {}))
         budget["source"] = str(pinned.relative_to(ROOT) if pinned.is_relative_to(ROOT) else pinned)
-    elif default_student.is_file():
+    elif relu_model(default_student):  # the default student has QCFS activations now: then use the cache
         student, _ = load_model(default_student)
         budget["source"] = str(default_student.relative_to(ROOT))
         metrics = default_student.parent / "metrics.json"

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (ROOT, Timer, command_line, load_average, log, machine_info, machine_markdown,  # noqa: E402
-                     markdown_table, now_iso, write_results)
+                     markdown_table, now_iso, relu_model, write_results)
 
 from bsnn.binary import materialize  # noqa: E402
 from bsnn.config import BinaryConfig, ConvertConfig, DataConfig, SimConfig, TrainConfig, load_config  # noqa: E402
@@ -150,8 +150,7 @@ def prepare(name: str, args) -> dict | None:
         cfg = load_config(ROOT / "configs" / "default.yaml")
         loaders = build_loaders(cfg.data, seed=cfg.run.seed)
         s = loaders.splits
-        path = next((p for p in (ROOT / "runs/default/student.pt", ROOT / args.cache / "mnist5k_default_student.pt")
-                     if p.is_file()), None)
+        path = relu_model(ROOT / "runs/default/student.pt", ROOT / args.cache / "mnist5k_default_student.pt")
         tpath = next((p for p in (ROOT / "runs/default/teacher.pt", ROOT / args.cache / "distill_mnist5k_teacher_e8.pt")
                       if p.is_file()), None)
         if path is None or tpath is None:

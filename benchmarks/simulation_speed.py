@@ -2,7 +2,7 @@
 
 Networks (binary weights, first/last layer full precision, converted from the same trained ANN by each library):
 
-* **small CNN, 28x28x1** — the default pipeline's binary student (``runs/default/student.pt``, else the
+* **small CNN, 28x28x1** — a ReLU binary student of the default recipe (``runs/default/student.pt`` if ReLU, else the
   conversion benchmark's cached copy, else a freshly initialised one: throughput does not depend on training);
 * **VGG-7, 32x32x3** — the binary VGG-7 (width 0.25) of the conversion benchmark's CIFAR-10 cache, else a freshly
   initialised one; input: CIFAR-10 test images when ``../shared/data/cifar10.npz`` exists, else mnist5k/random.
@@ -17,7 +17,8 @@ For batch 128 and each T in {8, 32, 128} (direct encoding, accuracy bookkeeping 
   reference ("its fastest backend available on the machine");
 * **dense limit** = T x one forward pass of the plain (materialised) ANN in fp32 on the same batch.
 
-Each timing is the median of ``--reps`` runs after one warm-up run (which also triggers compilation). Peak memory
+Each timing is the median of ``--reps`` rounds after one warm-up run (which also triggers compilation); within a
+round the four simulators run in turn, so load changes on the machine hit all of them alike. Peak memory
 is the resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs`` before each measurement)
 minus the resident size before it. Writes ``<out>/simulation_speed.{json,md}``.
 
@@ -41,7 +42,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (ROOT, command_line, load_average, log, machine_info, machine_markdown,  # noqa: E402
-                     markdown_table, now_iso, write_results)
+                     markdown_table, now_iso, relu_model, write_results)
 
 from bsnn.binary import materialize  # noqa: E402
 from bsnn.config import BinaryConfig, ConvertConfig, DataConfig, SimConfig, load_config  # noqa: E402
@@ -80,16 +81,25 @@ def peak_growth_mib(base_kib: int | None) -> float | None:
 
 def timed(fn, reps: int) -> tuple[float, list[float], float | None]:
     """One warm-up call, then ``reps`` timed calls; returns ``(median s, all s, peak RSS growth MiB)``."""
-    fn()
-    times, peak = [], None
-    for i in range(reps):
-        base = reset_peak()
-        t0 = time.perf_counter()
+    return timed_interleaved({"fn": fn}, reps)["fn"]
+
+
+def timed_interleaved(fns: dict, reps: int) -> dict[str, tuple[float, list[float], float | None]]:
+    """Warm up every function, then time them in turn, ``reps`` rounds (so that a change in the machine's load
+    hits all of them alike); returns name -> ``(median s, all s, peak RSS growth MiB)``."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-        g = peak_growth_mib(base)
-        peak = g if peak is None or (g is not None and g > peak) else peak
-    return statistics.median(times), times, peak
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    peaks: dict[str, float | None] = {k: None for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            base = reset_peak()
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+            g = peak_growth_mib(base)
+            peaks[k] = g if peaks[k] is None or (g is not None and g > peaks[k]) else peaks[k]
+    return {k: (statistics.median(v), v, peaks[k]) for k, v in times.items()}
 
 
 # ----------------------------------------------------------------------------------------- networks
@@ -102,7 +112,7 @@ def networks(args) -> list[dict]:
     out = []
     cfg = load_config(ROOT / "configs" / "default.yaml")
     mn = build_loaders(cfg.data, seed=0).splits
-    path = _first_existing(ROOT / "runs/default/student.pt", ROOT / args.cache / "mnist5k_default_student.pt")
+    path = relu_model(ROOT / "runs/default/student.pt", ROOT / args.cache / "mnist5k_default_student.pt")
     if path is not None:
         model, _ = load_model(path)
         src = str(path.relative_to(ROOT))
@@ -185,7 +195,7 @@ def build_markdown(payload: dict) -> str:
     lines = [f"# Simulation speed: bsnn vs spikingjelly {payload['machine'].get('spikingjelly')}", "",
              f"Machine: {machine_markdown(payload['machine'])}", "",
              f"Command: `{payload['command']}` ({payload['started']}); batch {payload['batch']}, direct encoding, "
-             f"median of {payload['reps']} runs after a warm-up run. Throughput in sample·timesteps/s; "
+             f"median of {payload['reps']} interleaved rounds (bsnn, bsnn fp32, sj multi-step, sj single-step in turn) after a warm-up run. Throughput in sample·timesteps/s; "
              "ratio = bsnn / spikingjelly (fastest of its multi- and single-step modes); dense = T x one fp32 "
              "forward of the plain ANN (lower ratio = faster than the dense limit). Peak = resident-memory growth "
              "during one simulation (MiB).", ""]
@@ -222,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--timesteps", default="8,32,128")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--cifar-npz", default="../shared/data/cifar10.npz")
@@ -247,10 +257,11 @@ def main(argv: list[str] | None = None) -> None:
         entry.update(dense_forward_s=dense_1, rows=[])
         for T in ts:
             n = len(x) * T
-            b_s, b_all, b_peak = timed(bsnn_runner(snn, x, T), reps)
-            f_s, _, _ = timed(bsnn_runner(snn, x, T, kernel="torch", synapse="float"), reps)
-            m_s, _, m_peak = timed(sj_runner(sj, x, T, "m"), reps)
-            s_s, _, _ = timed(sj_runner(sj, x, T, "s"), reps)
+            tm = timed_interleaved({"bsnn": bsnn_runner(snn, x, T),
+                                    "fp32": bsnn_runner(snn, x, T, kernel="torch", synapse="float"),
+                                    "sj_m": sj_runner(sj, x, T, "m"), "sj_s": sj_runner(sj, x, T, "s")}, reps)
+            (b_s, b_all, b_peak), (f_s, _, _) = tm["bsnn"], tm["fp32"]
+            (m_s, _, m_peak), (s_s, _, _) = tm["sj_m"], tm["sj_s"]
             res = bsnn_runner(snn, x, T)()
             entry["exact_layers"] = res.config.get("exact_layers", [])
             row = {"T": T, "bsnn_s": b_s, "bsnn_all_s": b_all, "bsnn_fp32_s": f_s, "sj_m_s": m_s, "sj_s_s": s_s,
