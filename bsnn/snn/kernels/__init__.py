@@ -1,13 +1,16 @@
 """IF-scan backends registered by name; each must equal :func:`bsnn.snn.functional.if_multistep`.
 
 A kernel has the signature ``(x_seq [T, B, ...], theta, v [B, ...], gain=None, bias=None, pre_bias=None,
-out_dtype=None) -> (spikes [T, B, ...], v_next [B, ...])``: the neurons integrate the float32 current
-``(x + pre_bias)·gain + bias`` (each term optional and broadcast against one timestep; every operation rounded
-in float32, as the oracle run on the pre-scaled input) and emit spikes in ``out_dtype`` (default: the current's
-dtype). If ``counts`` (a list) is given, the kernel appends the spikes per sample of each timestep (float32
-``[B]``) to it — fused kernels count in the same pass. ``pre_bias`` is a synaptic bias deferred into the neuron (see :mod:`bsnn.snn.synapse`), which lets ``x``
-arrive as an exact bf16 integer sum. Fused kernels do all of it in one pass; the others pre-scale with
-:func:`prescale`.
+out_dtype=None, counts=None) -> (spikes [T, B, ...], v_next [B, ...])``:
+
+* the neurons integrate the float32 current ``(x + pre_bias)·gain + bias`` (each term optional and broadcast
+  against one timestep; every operation rounded in float32, as the oracle run on the pre-scaled input);
+  ``pre_bias`` is a synaptic bias deferred into the neuron (:mod:`bsnn.snn.synapse`), which lets ``x`` arrive as
+  an exact bf16 integer sum;
+* spikes come out in ``out_dtype`` (default: the current's dtype);
+* if ``counts`` (a list) is given, the kernel appends the spikes per sample of each timestep (float32 ``[B]``).
+
+Fused kernels do all of it in one pass; the others pre-scale with :func:`prescale` and count afterwards.
 """
 
 from __future__ import annotations
