@@ -23,6 +23,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from bsnn.activations import ClipReLU, QCFS
 from bsnn.binary import BinaryConv2d, BinaryLinear
 from bsnn.errors import ConversionError
+from bsnn.snn.network import is_pass_through
 
 RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_}
 RELU_METHODS = {"relu", "relu_"}
@@ -162,9 +163,7 @@ def per_channel_allowed(gm: fx.GraphModule, names: list[str] | set[str]) -> set[
                 if isinstance(m, (BinaryConv2d, BinaryLinear)):
                     return False
                 continue
-            through = isinstance(m, _PASS_THROUGH) or (user.op == "call_function" and user.target is torch.flatten) \
-                or (user.op == "call_method" and user.target in ("flatten", "view", "reshape"))
-            if not through or not ok(user):
+            if not is_pass_through(gm, user, _PASS_THROUGH) or not ok(user):
                 return False
         return bool(node.users)
 

@@ -9,6 +9,15 @@ import torch.nn as nn
 from bsnn.snn.neuron import IFNeuron
 
 
+def is_pass_through(gm: fx.GraphModule, node: fx.Node, modules: tuple[type, ...]) -> bool:
+    """``node`` only pools or reshapes its input: a call of one of ``modules`` (e.g. ``nn.AvgPool2d``,
+    ``nn.Flatten``), ``torch.flatten`` or ``.flatten`` / ``.view`` / ``.reshape``."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), modules)
+    return (node.op == "call_function" and node.target is torch.flatten) or \
+        (node.op == "call_method" and node.target in ("flatten", "view", "reshape"))
+
+
 class SpikingNetwork(nn.Module):
     """A binary spiking network produced by :func:`bsnn.convert`.
 

@@ -86,13 +86,14 @@ class IFNeuron(nn.Module):
         ``spike_dtype`` (default: float32, or ``x``'s dtype when that is a 32-bit float)."""
         tc = self.time_chunk
         x_seq = x.reshape(tc, x.shape[0] // tc, *x.shape[1:])
-        if self.v is None:
+        if self.v is None:  # first call after reset: the per-batch constants, not recomputed every timestep
             self.v = self.initial_potential(x_seq[0])
             self.neurons_per_sample = x_seq[0, 0].numel()
-        one = torch.ones((), dtype=torch.float32, device=x.device)
-        bias = self.i_bias if bool(self.i_bias.any()) else None
+            self._one = torch.ones((), dtype=torch.float32, device=x.device)
+            self._gain = self.gain()
+            self._bias = self.i_bias if bool(self.i_bias.any()) else None
         counts: list[torch.Tensor] | None = [] if self.record else None
-        spikes, self.v = get_kernel(self.kernel)(x_seq, one, self.v, self.gain(), bias, self.pre_bias,
+        spikes, self.v = get_kernel(self.kernel)(x_seq, self._one, self.v, self._gain, self._bias, self.pre_bias,
                                                  self.spike_dtype, counts)
         if counts:
             # python floats, not tensor views: no small long-lived tensors pinning the heap as T grows;

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bsnn._registry import Registry
+from bsnn.snn.network import is_pass_through
 from bsnn.snn.neuron import IFNeuron, memory_order
 
 SynapseFn = Callable[["BinarySynapse", torch.Tensor], torch.Tensor]
@@ -54,12 +55,7 @@ def input_quantum(gm: fx.GraphModule, node: fx.Node) -> float | None:
         if isinstance(m, nn.AvgPool2d):
             k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size, m.kernel_size)
             unit /= k[0] * k[1]
-        elif isinstance(m, (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)):
-            pass
-        elif (n.op == "call_function" and n.target is torch.flatten) or \
-                (n.op == "call_method" and n.target in ("flatten", "view", "reshape")):
-            pass
-        else:
+        elif not is_pass_through(gm, n, (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)):
             return None
         n = n.args[0]
     return None
@@ -196,10 +192,7 @@ def _feeds_only(gm: fx.GraphModule, node: fx.Node, targets: set[str]) -> bool:
     for user in node.users:
         if user.op == "call_module" and user.target in targets:
             continue
-        m = gm.get_submodule(user.target) if user.op == "call_module" else None
-        through = isinstance(m, _PASS_THROUGH) or (user.op == "call_function" and user.target is torch.flatten) \
-            or (user.op == "call_method" and user.target in ("flatten", "view", "reshape"))
-        if not through or not _feeds_only(gm, user, targets):
+        if not is_pass_through(gm, user, _PASS_THROUGH) or not _feeds_only(gm, user, targets):
             return False
     return bool(node.users)
 
