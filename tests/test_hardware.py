@@ -14,14 +14,15 @@ from torch.utils.data import DataLoader, TensorDataset
 import bsnn.hardware as H
 from bsnn.binary import binarize_
 from bsnn.config import ConvertConfig
-from bsnn.convert import Max, convert
+from bsnn.convert import Max, capture, convert
+from bsnn.convert.snn_calibration import calibrate_snn_
 from bsnn.errors import ConfigError
 from bsnn.hardware.cli import add_cost_parser
 from bsnn.hardware.constraints import (ConstraintConfig, adc_quantize, constrained, constraint_plan, exact_adc_bits,
                                        fixed_point, row_partition, simulate_with_constraints)
 from bsnn.hardware.cost import digital_energy_pj, layer_energy_pj
 from bsnn.hardware.mapping import LayerSpec
-from bsnn.simulate import simulate
+from bsnn.simulate import run_batch, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 VGG9 = ROOT / "configs" / "hardware" / "vgg9_cifar10_layers.csv"
@@ -268,20 +269,35 @@ def test_constraint_math_by_hand():
 
 def _dyadic(snn):
     """Make every value of the ideal simulation exactly representable: thresholds powers of two, first-layer
-    weights on a 1/16 grid, zero biases in the binary layers (so ideal fp32 arithmetic is exact)."""
+    weights on a 1/16 grid, zero biases in the binary layers (so ideal fp32 arithmetic is exact), calibrated
+    bias currents and initial potentials (units of θ) on a 1/64 grid."""
     with torch.no_grad():
         for m in snn.neurons().values():
             m.threshold.copy_(2.0 ** torch.round(torch.log2(m.threshold)))
+            m.i_bias.copy_(torch.round(m.i_bias * 64) / 64)
+            m.v_init_bias.copy_(torch.round(m.v_init_bias * 64) / 64)
         first = snn.synaptic_modules()[snn.layers[0]["name"]]
         first.weight.copy_(torch.round(first.weight * 16) / 16)
         first.bias.zero_()
     return snn
 
 
+def _calibrated(net, snn, loader):
+    """``snn`` after both post-conversion corrections (bias currents, then initial potentials), so that
+    constraints are tested on a network with non-zero ``i_bias`` and ``v_init_bias``."""
+    x = next(iter(loader))[0]
+    gm = capture(net, x)
+    calibrate_snn_(snn, gm, x, 4, "bias")
+    calibrate_snn_(snn, gm, x, 4, "potential")
+    return snn
+
+
 @pytest.mark.parametrize("mapping", ["spikesim", "unrolled"])
 def test_constraints_exact_at_high_precision_and_differ_at_low(mapping):
     net, snn, loader = _net(seed=1)
-    snn = _dyadic(snn)
+    snn = _dyadic(_calibrated(net, snn, loader))
+    neurons = list(snn.neurons().values())
+    assert all(bool(m.i_bias.any()) and bool(m.v_init_bias.any()) for m in neurons)  # a calibrated network
     x = torch.round(next(iter(loader))[0] * 16) / 16
     loader = DataLoader(TensorDataset(x, net(x).argmax(1).detach()), batch_size=8)
     rows = 8
@@ -293,6 +309,10 @@ def test_constraints_exact_at_high_precision_and_differ_at_low(mapping):
     ideal, got, table = simulate_with_constraints(snn, loader, [3, 8], hi, quiet=True)
     assert got.spike_counts == ideal.spike_counts and got.accuracy == ideal.accuracy
     assert table == [[3, ideal.accuracy[3], ideal.accuracy[3], 0.0], [8, ideal.accuracy[8], ideal.accuracy[8], 0.0]]
+    hi_snn = constrained(snn, hi)
+    torch.testing.assert_close(run_batch(hi_snn, x, 8, 3), run_batch(snn, x, 8, 3), rtol=0, atol=1e-5)
+    float_membrane = constrained(snn, dataclasses.replace(hi, membrane_bits=None))  # ideal neurons, copied
+    assert torch.equal(run_batch(float_membrane, x, 8, 3), run_batch(snn, x, 8, 3))
     assert type(snn.neurons()[snn.neuron_names[0]]).__name__ == "IFNeuron"  # restored
     lo = constrained(snn, ConstraintConfig(xbar_rows=rows, mapping=mapping, adc_bits=2, membrane_bits=6,
                                            membrane_frac_bits=1))

@@ -19,7 +19,8 @@ What is constrained:
   the bias. Computed as ideal output + Σ (quantised − exact) partial sums, so an exact ADC changes nothing.
 * **every IF neuron**: the membrane is a signed fixed-point register of ``membrane_bits`` bits with
   ``membrane_frac_bits`` fractional bits, in the layer's input units (one unit = one active row x weight 1);
-  v ← sat(round(v + x)); spike when v ≥ θ_q; v ← v − θ_q; θ_q = θ rounded to ``threshold_frac_bits``.
+  v ← sat(round(v + x + b)); spike when v ≥ θ_q; v ← v − θ_q; θ_q = θ rounded to ``threshold_frac_bits``; the
+  calibrated bias current b and initial potential (bias / potential calibration) are kept, on the same grid.
 * **kept ideal (full precision)**: the analog-input first layer, full-precision (non-binary) layers such as the
   last one, grouped convolutions, layers fed by residual adds or scaled values, and the output integrator.
 
@@ -187,14 +188,17 @@ class CrossbarSynapse(nn.Module):
 class FixedPointIFNeuron(IFNeuron):
     """IF neuron with a fixed-point membrane and a quantised threshold, in the layer's input units.
 
-    The membrane is held in float64 (exact for registers up to 53 bits). Per timestep: v ← fixed(v + x);
-    s = v ≥ θ_q; v ← v − s·θ_q (θ_q is on the grid, so v stays on it).
+    The membrane is held in float64 (exact for registers up to 53 bits). It starts at
+    fixed((v_init_frac + v_init_bias)·θ_q); per timestep: v ← fixed(v + x + b_q) with the calibrated bias current
+    b_q = fixed(i_bias·θ_q) (both calibration terms are kept in units of θ by :class:`IFNeuron`); s = v ≥ θ_q;
+    v ← v − s·θ_q (θ_q is on the grid, so v stays on it).
     Same interface as :class:`IFNeuron` (spike counts, reset, time chunks); the ``kernel`` setting is ignored.
     """
 
     def __init__(self, neuron: IFNeuron, cfg: ConstraintConfig) -> None:
         super().__init__(neuron.threshold.clone(), float(neuron.v_init_frac), neuron.name)
         self.v_init_bias = neuron.v_init_bias.clone()
+        self.i_bias = neuron.i_bias.clone()  # bias calibration: dropping it made "exact" constraints differ
         self.cfg = cfg
         self.time_chunk, self.kernel, self.record = neuron.time_chunk, neuron.kernel, neuron.record
 
@@ -218,9 +222,10 @@ class FixedPointIFNeuron(IFNeuron):
         if self.v is None:
             self.v = self._q(self.initial_potential(x_seq[0]) * th)
             self.neurons_per_sample = x_seq[0, 0].numel()
+        bias = self._q(self.i_bias.double() * th) if bool(self.i_bias.any()) else None
         v, out = self.v, torch.empty_like(x_seq)
         for t in range(tc):
-            v = self._q(v + x_seq[t])
+            v = self._q(v + x_seq[t] if bias is None else v + x_seq[t] + bias)
             out[t] = (v >= th).double()
             v = v - out[t] * th
         self.v = v
