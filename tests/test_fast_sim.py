@@ -78,6 +78,54 @@ def test_eligible_layers_and_quanta():
     assert layers[names[3]] == 0.25  # flatten(avg-pooled spikes)
 
 
+# every nn.AvgPool2d variant between IF neurons and a binary layer, on a 7 x 7 map: (pool, expected quantum or None
+# where the fast paths must fall back to fp32). Divisors per output position in brackets.
+POOLS = {
+    "plain": (lambda: nn.AvgPool2d(2), 1 / 4),  # [4]
+    "ceil": (lambda: nn.AvgPool2d(2, ceil_mode=True), 1 / 4),  # clipped edge windows [4, 2, 1]
+    "pad_excluded": (lambda: nn.AvgPool2d(2, padding=1, count_include_pad=False), 1 / 4),  # [4, 2, 1]
+    "pad_included": (lambda: nn.AvgPool2d(2, padding=1), 1 / 4),  # [4]
+    "ceil_4": (lambda: nn.AvgPool2d(4, 4, ceil_mode=True), None),  # 7 = 4 + 3: [16, 12, 9], lcm 144
+    "pad_4": (lambda: nn.AvgPool2d(4, 4, padding=1, ceil_mode=True), 1 / 16),  # padding counted: [16]
+    "ceil_4_stride_2": (lambda: nn.AvgPool2d(4, 2, ceil_mode=True), None),  # [16, 12, 9]: lcm 144
+    "pad_excluded_4": (lambda: nn.AvgPool2d(4, 3, padding=1, count_include_pad=False), None),  # [16, 12, 9]
+    "override_3": (lambda: nn.AvgPool2d(2, divisor_override=3), None),  # values n/3
+    "override_2": (lambda: nn.AvgPool2d(2, divisor_override=2), 1 / 2),  # values n/2 up to 2
+    "sum": (lambda: nn.AvgPool2d(2, divisor_override=1), 1.0),  # sum pooling: counts up to 4
+    "three": (lambda: nn.AvgPool2d(3, 1, 1), None),  # [9]
+    "twice": (lambda: nn.Sequential(nn.AvgPool2d(2, 1), nn.AvgPool2d(2, ceil_mode=True)), 1 / 16),
+}
+
+
+def _pooled(pool, seed=0):
+    """conv(FP) -> BN -> ReLU -> pool -> binary conv -> BN -> ReLU -> flatten -> linear(FP), on 3 x 7 x 7."""
+    torch.manual_seed(seed)
+    head = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), *(
+        pool if isinstance(pool, nn.Sequential) else [pool]), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
+        nn.ReLU(), nn.Flatten())
+    net = nn.Sequential(*head, nn.Linear(head(torch.zeros(1, 3, 7, 7)).shape[1], 4))
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(0.0, 0.3)
+    return binarize_(net, BinaryConfig()).eval()
+
+
+@pytest.mark.parametrize("variant", list(POOLS))
+def test_every_pooling_variant_is_exact_or_falls_back(variant):
+    make, quantum = POOLS[variant]
+    snn, x = _convert(_pooled(make()), (3, 7, 7))
+    binary = snn.layers[1]["name"]
+    assert eligible_layers(snn).get(binary) == quantum
+    ref = run_batch(snn, x, 10, time_chunk=4)
+    assert bool(ref.abs().sum() > 0)
+    for mode in ("float", "bf16", "int"):
+        with synapse_mode(snn, mode) as layers:
+            out = run_batch(snn, x, 10, time_chunk=4)
+        assert (binary in layers) == (quantum is not None)
+        assert torch.equal(out, ref), mode
+
+
 @pytest.mark.parametrize("builder,shape", [(_vgg_like, (3, 8, 8)), (_residual, (1, 8, 8))])
 def test_synapse_modes_are_bit_identical(builder, shape):
     snn, x = _convert(builder(), shape)

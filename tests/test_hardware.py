@@ -321,6 +321,25 @@ def test_constraints_exact_at_high_precision_and_differ_at_low(mapping):
     assert simulate(snn, loader, [3, 8], quiet=True).spike_counts == ideal.spike_counts  # original untouched
 
 
+@pytest.mark.parametrize("pool, unit", [(nn.AvgPool2d(2, divisor_override=3), 1 / 3), (nn.AvgPool2d(2), 1 / 4),
+                                        (nn.AvgPool2d(3, 2, padding=1, count_include_pad=False), 1 / 36)])
+def test_crossbar_adc_step_is_the_pooled_input_quantum(pool, unit):
+    """A fine enough ADC reproduces the partial sums of pooled spikes whatever the pooling divisors (its LSB is
+    the input quantum: 1/k², or 1/lcm of the divisors PyTorch uses)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), pool, nn.Conv2d(8, 8, 3, padding=1, bias=False),
+                        nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    net(torch.zeros(1, 1, 7, 7))
+    binarize_(net).eval()
+    x = torch.randn(16, 1, 7, 7)
+    snn = convert(net, DataLoader(TensorDataset(x, torch.zeros(16).long()), batch_size=16),
+                  ConvertConfig(threshold=Max()))
+    hw = constrained(snn, ConstraintConfig(xbar_rows=64, adc_bits=16))  # LSB = max(unit, full scale / 32767)
+    xbar = hw.graph_module.get_submodule(snn.layers[1]["name"])
+    assert type(xbar).__name__ == "CrossbarSynapse" and xbar.unit == pytest.approx(unit)
+    torch.testing.assert_close(run_batch(hw, x, 6, 3), run_batch(snn, x, 6, 3), rtol=0, atol=1e-4)
+
+
 def test_constraints_from_hardware():
     c = ConstraintConfig.from_hardware(H.preset("isaac-rram-32nm"), membrane_bits=16)
     assert (c.xbar_rows, c.mapping, c.adc_bits, c.membrane_bits) == (128, "unrolled", 9, 16)

@@ -11,7 +11,8 @@ the math; :func:`apply_constraints` (a context manager) swaps the synaptic modul
 
 What is constrained:
 
-* **binary layers fed by spikes** (±1 weights; inputs {0,1}, or avg-pooled spikes in steps of 1/k²): the
+* **binary layers fed by spikes** (±1 weights; inputs {0,1}, or avg-pooled spikes in steps of the input quantum,
+  1/k² for plain k x k pooling, :func:`bsnn.snn.synapse.input_grid`; the ADC's finest step): the
   input rows are split into crossbar row groups (``spikesim``: one PE = k² crossbars x up to ``xbar_rows``
   input channels, converted together; ``unrolled``: chunks of ``xbar_rows`` of the Cin·k² im2col rows); each
   group's partial sum goes through a signed ADC of ``adc_bits`` over ±``adc_range`` (default: the rows in one
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 
 from bsnn.errors import ConfigError
 from bsnn.snn.neuron import IFNeuron
-from bsnn.snn.synapse import input_quantum, replace_submodule
+from bsnn.snn.synapse import input_grids, replace_submodule
 
 PARTITIONS = ("spikesim", "unrolled")
 
@@ -143,10 +144,13 @@ class CrossbarSynapse(nn.Module):
     Args:
         layer: the ideal ``nn.Conv2d`` (groups = 1, zero padding) or ``nn.Linear``; shared, not copied.
         cfg: constraints.
-        unit: input quantum (1 for spikes, 1/k² for k x k average-pooled spikes).
+        unit: input quantum, the ADC's finest step (1 for spikes, 1/k² for plain k x k average-pooled spikes;
+            :func:`bsnn.snn.synapse.input_grid`).
+        input_max: largest input value (1 unless a pooling ``divisor_override`` is below the window size); the
+            default ADC full scale is rows per conversion x ``input_max``.
     """
 
-    def __init__(self, layer: nn.Module, cfg: ConstraintConfig, unit: float = 1.0) -> None:
+    def __init__(self, layer: nn.Module, cfg: ConstraintConfig, unit: float = 1.0, input_max: float = 1.0) -> None:
         super().__init__()
         self.layer, self.cfg, self.unit = layer, cfg, unit
         conv = isinstance(layer, nn.Conv2d)
@@ -158,7 +162,7 @@ class CrossbarSynapse(nn.Module):
         for i, g in enumerate(groups):
             idx[i, :len(g)] = torch.tensor(g)
         self.register_buffer("index", idx, persistent=False)
-        self.full_scale = cfg.adc_range if cfg.adc_range is not None else float(width)
+        self.full_scale = cfg.adc_range if cfg.adc_range is not None else float(width) * input_max
 
     def partial_sums(self, x: torch.Tensor) -> torch.Tensor:
         """Exact partial sums ``[N, Cout, groups, L]`` (L = output positions; 1 for linear)."""
@@ -190,7 +194,7 @@ class FixedPointIFNeuron(IFNeuron):
 
     The membrane is held in float64 (exact for registers up to 53 bits). It starts at
     fixed((v_init_frac + v_init_bias)·θ_q); per timestep: v ← fixed(v + x + b_q) with the calibrated bias current
-    b_q = fixed(i_bias·θ_q) (both calibration terms are kept in units of θ by :class:`IFNeuron`); s = v ≥ θ_q;
+    b_q = fixed(i_bias·θ_q) during the first ``i_bias_steps`` timesteps (both calibration terms are kept in units of θ by :class:`IFNeuron`); s = v ≥ θ_q;
     v ← v − s·θ_q (θ_q is on the grid, so v stays on it).
     Same interface as :class:`IFNeuron` (spike counts, reset, time chunks); the ``kernel`` setting is ignored.
     """
@@ -199,6 +203,7 @@ class FixedPointIFNeuron(IFNeuron):
         super().__init__(neuron.threshold.clone(), float(neuron.v_init_frac), neuron.name)
         self.v_init_bias = neuron.v_init_bias.clone()
         self.i_bias = neuron.i_bias.clone()  # bias calibration: dropping it made "exact" constraints differ
+        self.i_bias_steps = neuron.i_bias_steps.clone()  # the bias flows during the first i_bias_steps only
         self.cfg = cfg
         self.time_chunk, self.kernel, self.record = neuron.time_chunk, neuron.kernel, neuron.record
 
@@ -224,11 +229,14 @@ class FixedPointIFNeuron(IFNeuron):
             self.neurons_per_sample = x_seq[0, 0].numel()
         bias = self._q(self.i_bias.double() * th) if bool(self.i_bias.any()) else None
         v, out = self.v, torch.empty_like(x_seq)
+        window = int(self.i_bias_steps)
         for t in range(tc):
-            v = self._q(v + x_seq[t] if bias is None else v + x_seq[t] + bias)
+            on = bias is not None and (not window or self.t + t < window)
+            v = self._q(v + x_seq[t] + bias if on else v + x_seq[t])
             out[t] = (v >= th).double()
             v = v - out[t] * th
         self.v = v
+        self.t += tc
         if self.record:
             self.spike_count.extend(out.flatten(1).sum(1).tolist())
         out = out.to(x.dtype)
@@ -240,14 +248,13 @@ def constraint_plan(snn, cfg: ConstraintConfig) -> dict[str, str]:
     """Layer / neuron name -> what :func:`apply_constraints` does to it (``crossbar+adc``, ``fixed-point``,
     or ``ideal: reason``)."""
     gm = snn.graph_module
-    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    grids = input_grids(snn)
     plan = {}
     for layer in snn.layers:
-        m, node = gm.get_submodule(layer["name"]), nodes[layer["name"]]
-        unit = input_quantum(gm, node)
+        m = gm.get_submodule(layer["name"])
         if not layer["binary"]:
             plan[layer["name"]] = "ideal: full-precision weights"
-        elif unit is None:
+        elif grids[layer["name"]] is None:
             plan[layer["name"]] = "ideal: input is not spikes (analog input, residual add or scaling)"
         elif isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
             plan[layer["name"]] = "ideal: grouped convolution or non-zero padding"
@@ -263,13 +270,14 @@ def _swap(snn, cfg: ConstraintConfig) -> tuple[dict[str, str], dict[str, nn.Modu
     cfg.validate()
     gm = snn.graph_module
     plan = constraint_plan(snn, cfg)
-    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    grids = input_grids(snn)
     originals: dict[str, nn.Module] = {}
     try:
         for name, what in plan.items():
             old = gm.get_submodule(name)
             if what == "crossbar+adc":
-                new = CrossbarSynapse(old, cfg, input_quantum(gm, nodes[name])).to(old.weight.device)
+                grid = grids[name]
+                new = CrossbarSynapse(old, cfg, grid.quantum, grid.max_value).to(old.weight.device)
             elif what == "fixed-point":
                 new = FixedPointIFNeuron(old, cfg).to(old.threshold.device)
             else:

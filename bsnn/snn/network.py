@@ -6,7 +6,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from bsnn.snn.neuron import IFNeuron
+from bsnn.snn.kernels import get_kernel
+from bsnn.snn.neuron import IFNeuron, Integrator
 
 
 def is_pass_through(gm: fx.GraphModule, node: fx.Node, modules: tuple[type, ...]) -> bool:
@@ -16,6 +17,37 @@ def is_pass_through(gm: fx.GraphModule, node: fx.Node, modules: tuple[type, ...]
         return isinstance(gm.get_submodule(node.target), modules)
     return (node.op == "call_function" and node.target is torch.flatten) or \
         (node.op == "call_method" and node.target in ("flatten", "view", "reshape"))
+
+
+class _ShapeInterpreter(fx.Interpreter):
+    """Runs a spiking graph once with stateful layers (IF neurons, the integrator) as the identity, recording
+    every node's output shape in :attr:`shapes`; no membrane or spike record is touched."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.shapes: dict[fx.Node, tuple[int, ...] | None] = {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        self.shapes[n] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        return out
+
+    def call_module(self, target, args, kwargs):
+        if isinstance(self.fetch_attr(target), (IFNeuron, Integrator)):
+            return args[0]
+        return super().call_module(target, args, kwargs)
+
+
+@torch.no_grad()
+def node_shapes(gm: fx.GraphModule, input_shape: list[int] | tuple[int, ...]) -> dict[fx.Node, tuple[int, ...] | None]:
+    """Output shape of every node of the spiking graph ``gm`` for one zero sample ``[1, *input_shape]``
+    (``None`` for nodes that do not produce a tensor). IF neurons pass their input through (same shape)."""
+    ref = next(iter(gm.parameters()), None)
+    if ref is None:
+        ref = next(iter(gm.buffers()), torch.zeros(()))
+    interp = _ShapeInterpreter(gm)
+    interp.run(torch.zeros(1, *input_shape, device=ref.device, dtype=torch.float32))
+    return interp.shapes
 
 
 class SpikingNetwork(nn.Module):
@@ -58,8 +90,6 @@ class SpikingNetwork(nn.Module):
 
     def set_kernel(self, name: str) -> None:
         """Select the IF-scan backend by registered name (see :mod:`bsnn.snn.kernels`)."""
-        from bsnn.snn.kernels import get_kernel
-
         get_kernel(name)
         for m in self.neurons().values():
             m.kernel = name
@@ -70,6 +100,10 @@ class SpikingNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.graph_module(x)
+
+    def node_shapes(self) -> dict[fx.Node, tuple[int, ...] | None]:
+        """Output shape of every node of :attr:`graph_module` for one sample (see :func:`node_shapes`)."""
+        return node_shapes(self.graph_module, self.input_shape)
 
     def split_static(self) -> tuple[fx.GraphModule, fx.GraphModule]:
         """Split the graph at the first stateful layers: ``(prefix, suffix)``.
@@ -84,8 +118,6 @@ class SpikingNetwork(nn.Module):
 
 
 def _is_stateful(gm: fx.GraphModule, node: fx.Node) -> bool:
-    from bsnn.snn.neuron import Integrator
-
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), (IFNeuron, Integrator))
 
 

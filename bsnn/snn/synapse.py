@@ -1,8 +1,10 @@
 """Arithmetic of binary synaptic layers fed by spikes: float, bf16 (exact) and integer modes.
 
 A binary layer of a converted network stores weights of exactly ±1 (α lives in the thresholds). When its input
-is spikes {0, 1} — or k x k average-pooled spikes, multiples of the *quantum* ``q = 1/k²`` — every output is an
-integer multiple of ``q``: ``y = q · Σ w·n`` with integer ``n``. Three registered modes compute it:
+is spikes {0, 1} — or average-pooled spikes, multiples of the *quantum* ``q`` (``1/k²`` for plain k x k pooling;
+``1/lcm`` of the window divisors PyTorch uses with ``ceil_mode``, ``count_include_pad=False`` or
+``divisor_override``, see :func:`input_grid`) — every output is an integer multiple of ``q``: ``y = q · Σ w·n``
+with integer ``n``. Three registered modes compute it:
 
 * ``float``: fp32 convolution / matmul, then the bias (exact: every partial sum is a multiple of ``q`` far below
   2^24·q).
@@ -15,7 +17,7 @@ integer multiple of ``q``: ``y = q · Σ w·n`` with integer ``n``. Three regist
   to ``float``; the integer oracle of the other two.
 
 Layers not eligible (analog input, full-precision weights, residual-add or scaled inputs, grouped or non-zero
-padded convolutions, quanta that are not powers of two) are left as they are. :func:`synapse_mode` swaps the
+padded convolutions, quanta that are not powers of two ≥ 1/64, inputs beyond an int8 count) are left in fp32. :func:`synapse_mode` swaps the
 eligible layers of a :class:`~bsnn.snn.network.SpikingNetwork` for :class:`BinarySynapse` modules and restores
 them on exit.
 """
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -32,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bsnn._registry import Registry
-from bsnn.snn.network import is_pass_through
+from bsnn.snn.network import is_pass_through, node_shapes
 from bsnn.snn.neuron import IFNeuron, memory_order
 
 SynapseFn = Callable[["BinarySynapse", torch.Tensor], torch.Tensor]
@@ -42,39 +44,92 @@ BF16_EXACT_LIMIT = 256
 """Integers of magnitude < 256 (8 significant bits) are exact in bfloat16."""
 
 
-def input_quantum(gm: fx.GraphModule, node: fx.Node) -> float | None:
-    """Quantum of a synaptic layer's input: 1 for spikes, 1/k² after k x k average pooling, None otherwise
-    (analog input, residual adds, scaling, or anything else between the layer and the IF neurons feeding it)."""
-    unit, n = 1.0, node.args[0]
+class InputGrid(NamedTuple):
+    """The values a synaptic layer fed by spikes can receive: integer multiples of ``quantum``, in
+    ``[0, max_value]``."""
+
+    quantum: float
+    max_value: float
+
+
+def avg_pool_grid(pool: nn.AvgPool2d, in_hw: tuple[int, int]) -> tuple[int, float]:
+    """``(L, top)`` for ``pool`` applied to {0, 1} maps of spatial size ``in_hw``: every output is an integer multiple
+    of ``1/L`` and at most ``top``.
+
+    ``L`` is the least common multiple of the divisors PyTorch uses over the output positions: ``k²`` for plain
+    pooling, fewer elements where ``ceil_mode`` clips a window at the edge or ``count_include_pad=False`` leaves
+    padding out, ``divisor_override`` when set. They are measured on an all-ones map, exactly as PyTorch pools it.
+    """
+    ones = torch.ones(1, 1, *in_hw, dtype=torch.float64)
+    k, st, pad, ceil = pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode
+    avg = F.avg_pool2d(ones, k, st, pad, ceil, pool.count_include_pad, pool.divisor_override)
+    real = F.avg_pool2d(ones, k, st, pad, ceil, True, 1)  # input elements inside each window
+    divisors = torch.round(real / avg).long().unique().tolist()
+    return math.lcm(*divisors), float(avg.max())
+
+
+def input_grid(gm: fx.GraphModule, node: fx.Node, shapes: dict[fx.Node, tuple[int, ...] | None]
+               ) -> InputGrid | None:
+    """The input grid of the synaptic layer at ``node``: quantum 1 for spikes, ``1/L`` after each average pooling
+    (:func:`avg_pool_grid`; ``1/k²`` for plain k x k pooling), None otherwise (analog input, residual adds,
+    scaling, or anything else between the layer and the IF neurons feeding it).
+
+    Args:
+        gm: the spiking graph.
+        node: the layer's node.
+        shapes: every node's output shape for one sample (:func:`bsnn.snn.network.node_shapes`).
+    """
+    quantum, top, n = 1.0, 1.0, node.args[0]
     while isinstance(n, fx.Node):
         if n.op == "placeholder":
             return None
         m = gm.get_submodule(n.target) if n.op == "call_module" else None
         if isinstance(m, IFNeuron):
-            return unit
+            return InputGrid(quantum, top)
         if isinstance(m, nn.AvgPool2d):
-            k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size, m.kernel_size)
-            unit /= k[0] * k[1]
+            src = shapes.get(n.args[0]) if isinstance(n.args[0], fx.Node) else None
+            if src is None or len(src) < 3:
+                return None
+            lcm, pool_top = avg_pool_grid(m, tuple(src[-2:]))
+            quantum, top = quantum / lcm, top * pool_top
         elif not is_pass_through(gm, n, (nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)):
             return None
         n = n.args[0]
     return None
 
 
-def eligible_layers(snn) -> dict[str, float]:
-    """Binary synaptic layers fed by spikes with an exactly representable quantum: name -> quantum ``q``."""
+def input_grids(snn) -> dict[str, InputGrid | None]:
+    """:func:`input_grid` of every synaptic layer of ``snn`` (a :class:`~bsnn.snn.network.SpikingNetwork`)."""
     gm = snn.graph_module
+    shapes = node_shapes(gm, snn.input_shape)
     nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    return {layer["name"]: input_grid(gm, nodes[layer["name"]], shapes) for layer in snn.layers}
+
+
+INT8_MAX = 127
+
+
+def eligible_layers(snn) -> dict[str, float]:
+    """Binary synaptic layers fed by spikes with an exactly representable quantum: name -> quantum ``q``.
+
+    ``q`` must be a power of two ≥ 1/64 (exact in bf16) and the largest input an int8 count (``max/q ≤ 127``);
+    other layers (e.g. after 3 x 3 pooling, ``divisor_override=3``, or ``ceil_mode`` / ``count_include_pad=False``
+    windows whose divisors are not powers of two) stay in fp32.
+    """
+    gm = snn.graph_module
+    grids = input_grids(snn)
     out = {}
     for layer in snn.layers:
-        m = gm.get_submodule(layer["name"])
-        q = input_quantum(gm, nodes[layer["name"]])
-        if not layer["binary"] or q is None or type(m) not in (nn.Conv2d, nn.Linear):
+        m, grid = gm.get_submodule(layer["name"]), grids[layer["name"]]
+        if not layer["binary"] or grid is None or type(m) not in (nn.Conv2d, nn.Linear):
             continue
         if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
             continue
-        if math.log2(1.0 / q) % 1 or 1.0 / q > 64 or not bool((m.weight.abs() == 1).all()):
-            continue  # q must be an exact power of two with int8 counts; weights must be exactly ±1
+        q = grid.quantum
+        if math.log2(1.0 / q) % 1 or 1.0 / q > 64 or grid.max_value / q > INT8_MAX:
+            continue  # q must be an exact power of two with int8 counts
+        if not bool((m.weight.abs() == 1).all()):
+            continue  # weights must be exactly ±1
         out[layer["name"]] = q
     return out
 
@@ -84,7 +139,7 @@ class BinarySynapse(nn.Module):
 
     Args:
         layer: the ``nn.Conv2d`` (groups 1, zero padding) or ``nn.Linear`` with weights exactly ±1; shared.
-        quantum: input quantum ``q`` (1 for spikes, 1/k² after k x k average pooling).
+        quantum: input quantum ``q`` (1 for spikes, 1/k² after plain k x k average pooling; :func:`input_grid`).
         mode: registered mode name.
 
     Attributes:
