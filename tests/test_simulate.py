@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from bsnn.binary import binarize_
 from bsnn.config import ConvertConfig, SimConfig
 from bsnn.convert import Max, convert
-from bsnn.errors import ConfigError
+from bsnn.errors import ConfigError, ConversionError
 from bsnn.report import write_sweep
 from bsnn.simulate import run_batch, simulate
 from bsnn.snn.encode import get_encoder
@@ -172,3 +172,53 @@ def test_recording_off_skips_counts_without_crashing():
     snn.neurons()[first].record = False
     res = simulate(snn, loader, [4], quiet=True)
     assert sum(res.spike_counts[first]) == 0 and sum(res.spike_counts[snn.neuron_names[1]]) > 0
+
+
+class _BatchSizedView(nn.Module):
+    """A model whose forward reads the input's batch size to flatten (``how``), or flattens with ``flatten(1)``."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.features = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                                      nn.Conv2d(6, 8, 3, padding=1), nn.ReLU())
+        self.fc1, self.fc2 = nn.Linear(8 * 4 * 4, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        b = x.size(0)
+        h = self.features(x)
+        if self.how == "size":
+            h = h.view(b, -1)
+        elif self.how == "shape":
+            h = h.reshape(x.shape[0], 8, -1).reshape(x.shape[0], -1)
+        elif self.how == "explicit":
+            h = h.view(h.size(0), h.size(1) * h.size(2) * h.size(3))
+        elif self.how == "batch_one":
+            h = h.view(1, -1)  # mixes the batch into the features: wrong for any batch but 1
+        else:
+            h = h.flatten(1)
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+@pytest.mark.parametrize("how", ["size", "shape", "explicit"])
+def test_views_sized_by_the_batch_simulate_like_flatten(how):
+    """``h.view(x.size(0), -1)`` is rewritten to keep dim 0 as the batch, so with time folded into it (T·B rows) the
+    SNN is the same as with ``flatten(1)``, in one-pass sweeps and with time chunks."""
+    torch.manual_seed(0)
+    ref_net = binarize_(_BatchSizedView("flatten")).eval()
+    net = binarize_(_BatchSizedView(how)).eval()
+    net.load_state_dict(ref_net.state_dict())
+    x = torch.randn(24, 1, 8, 8)
+    loader = DataLoader(TensorDataset(x, ref_net(x).argmax(1)), batch_size=8)
+    ref, snn = (convert(m, loader, ConvertConfig(threshold=Max())) for m in (ref_net, net))
+    assert torch.equal(run_batch(snn, x, 9, time_chunk=4), run_batch(ref, x, 9, time_chunk=4))
+    res = simulate(snn, loader, [2, 9], SimConfig(time_chunk=3), quiet=True)
+    assert res.accuracy == simulate(ref, loader, [2, 9], SimConfig(time_chunk=3), quiet=True).accuracy
+
+
+def test_view_across_the_batch_is_refused():
+    torch.manual_seed(0)
+    net = binarize_(_BatchSizedView("batch_one")).eval()
+    loader = DataLoader(TensorDataset(torch.randn(8, 1, 8, 8), torch.zeros(8).long()), batch_size=8)
+    with pytest.raises(ConversionError, match=r"flatten\(1\)"):
+        convert(net, loader, ConvertConfig(threshold=Max()))

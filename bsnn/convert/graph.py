@@ -6,6 +6,8 @@
   inplace variants and re-used ReLU modules are all given a module of their own — never silently skipped),
 * dropout is removed (identity at inference),
 * every node has its output shape in ``node.meta['shape']`` (from one sample),
+* dim 0 is the batch everywhere (checked on two samples) and every ``view`` / ``reshape`` is batch-size free
+  (``x.size(0)``-style sizes are replaced by ``-1``): the simulator folds time into the batch,
 * anything the converter does not support raises :class:`ConversionError` naming the op and its place.
 """
 
@@ -18,7 +20,6 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.passes.shape_prop import ShapeProp
 
 from bsnn.activations import ClipReLU, QCFS
 from bsnn.binary import BinaryConv2d, BinaryLinear
@@ -79,16 +80,79 @@ def capture(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
         ) from None
     gm = fx.GraphModule(model, graph)
     _normalise(gm)
-    try:
-        ShapeProp(gm).propagate(example[:1])
-    except Exception as e:  # noqa: BLE001
-        raise ConversionError(f"{type(model).__name__} fails on a calibration sample of shape "
-                              f"{tuple(example.shape[1:])}: {str(e).splitlines()[0]}") from None
+    one = _ShapeRecorder(gm).shapes_on(example[:1], type(model).__name__)
     for node in gm.graph.nodes:
-        meta = node.meta.get("tensor_meta")
-        node.meta["shape"] = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+        node.meta["shape"] = one[node]
+    _ShapeRecorder(gm, one).shapes_on(torch.cat([example[:1]] * 2), type(model).__name__)
+    _batch_free_reshapes(gm, one)
     _check_supported(gm)
     return gm
+
+
+BATCH_HINT = ("the simulator folds time into the batch ([T*B, ...]), so every tensor must keep dim 0 as the batch: "
+              "flatten with h.flatten(1) or h.view(h.size(0), -1)")
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs a captured graph once, recording every node's output shape (``None`` for non-tensor values).
+
+    With ``one`` (the shapes for one sample) the run is on two samples and each tensor is checked to keep dim 0 as
+    the batch — ``(2, *shape[1:])`` where one sample gave ``(1, *shape[1:])``, or unchanged for constants — so an op
+    that mixes the batch into other dims is named before anything downstream fails on it.
+    """
+
+    def __init__(self, gm: fx.GraphModule, one: dict[fx.Node, tuple | None] | None = None) -> None:
+        super().__init__(gm)
+        self.one = one
+        self.shapes: dict[fx.Node, tuple | None] = {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        self.shapes[n] = shape
+        ref = self.one[n] if self.one is not None else None
+        if ref is not None and n.op != "get_attr" and shape != ref and not (ref[:1] == (1,) and
+                                                                           shape == (2, *ref[1:])):
+            raise ConversionError(f"{where(n)} does not keep dim 0 as the batch (output shape {ref} for one "
+                                  f"sample, {shape} for two); {BATCH_HINT}")
+        return out
+
+    @torch.no_grad()
+    def shapes_on(self, x: torch.Tensor, model_name: str) -> dict[fx.Node, tuple | None]:
+        try:
+            self.run(x)
+        except ConversionError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise ConversionError(f"{model_name} fails on a calibration sample of shape {tuple(x.shape[1:])}: "
+                                  f"{str(e).splitlines()[0]}") from None
+        return self.shapes
+
+
+def _batch_free_reshapes(gm: fx.GraphModule, one: dict[fx.Node, tuple | None]) -> None:
+    """Make reshapes independent of the batch size (call after the batch check of :class:`_ShapeRecorder`).
+
+    ``one``: every node's shape for one sample. A ``view`` / ``reshape`` of a batched tensor becomes
+    ``reshape(-1, *shape[1:])`` with the per-sample shape it had on the calibration sample, so that sizes read
+    from the input (``x.size(0)``, ``x.shape[0]``, ...) no longer matter: inside the simulator the batch holds
+    T·B rows, not B (``reshape``, not ``view``: the simulator runs channels-last). The size computations left
+    without users are removed.
+    """
+    graph = gm.graph
+    for node in graph.nodes:
+        src = node.args[0] if node.args else None
+        if node.op == "call_method" and node.target in ("view", "reshape") and one[node] is not None \
+                and isinstance(src, fx.Node) and src.op != "get_attr" and one[node][:1] == (1,):
+            node.target, node.args, node.kwargs = "reshape", (src, -1, *one[node][1:]), {}
+    changed = True
+    while changed:  # the size arithmetic that only fed reshapes (size, getattr shape, getitem, mul, ...)
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node.op in ("call_method", "call_function") and not node.users and one[node] is None:
+                graph.erase_node(node)
+                changed = True
+    graph.lint()
+    gm.recompile()
 
 
 def _normalise(gm: fx.GraphModule) -> None:
