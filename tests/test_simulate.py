@@ -222,3 +222,49 @@ def test_view_across_the_batch_is_refused():
     loader = DataLoader(TensorDataset(torch.randn(8, 1, 8, 8), torch.zeros(8).long()), batch_size=8)
     with pytest.raises(ConversionError, match=r"flatten\(1\)"):
         convert(net, loader, ConvertConfig(threshold=Max()))
+
+
+class _Adds(nn.Module):
+    """conv -> ReLU -> binary conv -> ReLU -> binary conv, combined with the first activation by ``how``."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.c1, self.c2, self.c3 = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 6, 1)
+        self.p = nn.Parameter(torch.linspace(-0.3, 0.4, 6).view(6, 1, 1))
+        self.register_buffer("q", torch.full((1, 6, 1, 1), 0.2))
+        self.fc = nn.Linear(6 * 8 * 8, 3)
+
+    def forward(self, x):
+        a = torch.relu(self.c1(x))
+        h = self.c3(torch.relu(self.c2(a)))
+        if self.how == "alpha":
+            h = torch.add(h, a, alpha=-2)
+        elif self.how == "alpha_first":
+            h = torch.add(a, h, alpha=0.5)
+        elif self.how == "parameter":
+            h = h + self.p
+        elif self.how == "buffer_alpha":
+            h = torch.add(h, self.q, alpha=-3)
+        elif self.how == "constant_first":
+            h = 0.25 + h
+        elif self.how == "constant_alpha":
+            h = torch.add(self.q, h, alpha=-1.5)
+        return self.fc(torch.relu(h).flatten(1))
+
+
+@pytest.mark.parametrize("how", ["alpha", "alpha_first", "parameter", "buffer_alpha", "constant_first",
+                                 "constant_alpha"])
+def test_add_arguments_are_honoured(how):
+    """Every argument of an add (``alpha``, constant operands: parameters, buffers, numbers, either side) reaches the
+    SNN: its time-averaged output converges to the ANN's logits (with ``alpha`` dropped the error was 183 %)."""
+    torch.manual_seed(0)
+    net = binarize_(_Adds(how)).eval()
+    x = torch.randn(32, 1, 8, 8)
+    loader = DataLoader(TensorDataset(x, torch.zeros(32).long()), batch_size=16)
+    snn = convert(net, loader, ConvertConfig(threshold=Max(), v_init=0.5))
+    with torch.no_grad():
+        ann = net(x)
+    T = 512
+    err = (run_batch(snn, x, T, time_chunk=64)[-1] / T - ann).norm() / ann.norm()
+    assert err < 0.05, err

@@ -96,8 +96,8 @@ BATCH_HINT = ("the simulator folds time into the batch ([T*B, ...]), so every te
 class _ShapeRecorder(fx.Interpreter):
     """Runs a captured graph once, recording every node's output shape (``None`` for non-tensor values).
 
-    With ``one`` (the shapes for one sample) the run is on two samples and each tensor is checked to keep dim 0 as
-    the batch — ``(2, *shape[1:])`` where one sample gave ``(1, *shape[1:])``, or unchanged for constants — so an op
+    With ``one`` (the shapes for one sample) the run is on two samples and each tensor computed from the input is
+    checked to keep dim 0 as the batch — ``(2, *shape[1:])`` where one sample gave ``(1, *shape[1:])`` — so an op
     that mixes the batch into other dims is named before anything downstream fails on it.
     """
 
@@ -105,14 +105,16 @@ class _ShapeRecorder(fx.Interpreter):
         super().__init__(gm)
         self.one = one
         self.shapes: dict[fx.Node, tuple | None] = {}
+        self.batched: set[fx.Node] = set()  # nodes computed from the input
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
         self.shapes[n] = shape
+        if n.op == "placeholder" or any(a in self.batched for a in n.all_input_nodes):
+            self.batched.add(n)
         ref = self.one[n] if self.one is not None else None
-        if ref is not None and n.op != "get_attr" and shape != ref and not (ref[:1] == (1,) and
-                                                                           shape == (2, *ref[1:])):
+        if ref is not None and n in self.batched and not (ref[:1] == (1,) and shape == (2, *ref[1:])):
             raise ConversionError(f"{where(n)} does not keep dim 0 as the batch (output shape {ref} for one "
                                   f"sample, {shape} for two); {BATCH_HINT}")
         return out

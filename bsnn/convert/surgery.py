@@ -12,7 +12,9 @@ a scalar or one factor per channel. The pass walks the captured ANN graph once:
 * ReLU / ClipReLU / QCFS -> :class:`IFNeuron`: threshold θ = λ / scale in the stored domain, where λ is the calibrated
   activation statistic (threshold balancing); its spikes stand for λ, the new scale;
 * avg-pool / flatten / reshape: scale passes through (per-channel scales are expanded by flatten);
-* residual add: the second operand is re-expressed in the first operand's scale by a :class:`ChannelScale`;
+* add (``a + b``, ``torch.add(a, b, alpha=...)``): the second operand, times alpha, is re-expressed in the first
+  operand's scale by a :class:`ChannelScale`; a constant operand (parameter, buffer, number) becomes that
+  ChannelScale's bias, in the value's scale;
 * output: a :class:`ChannelScale` back to logits, then the non-spiking :class:`Integrator`.
 """
 
@@ -143,16 +145,60 @@ class _Builder:
         self.scale[node] = s
 
     def add(self, node: fx.Node) -> None:
-        a, b = node.args[0], node.args[1]
-        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
-            raise ConversionError(f"addition of a constant at {where(node)} is not supported")
+        """``a + alpha·b`` (``operator.add`` / ``iadd``, ``torch.add`` with ``alpha``): two network values, or one
+        value and a constant (a parameter, buffer or number), on either side."""
+        if len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
+            raise ConversionError(f"add at {where(node)} has arguments the converter cannot honour "
+                                  f"(args {len(node.args)}, keywords {sorted(node.kwargs)}); use a + alpha * b with "
+                                  "two operands and at most torch.add's alpha")
+        alpha = node.kwargs.get("alpha", 1)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise ConversionError(f"add at {where(node)}: alpha must be a Python number, got {alpha!r}")
+        a, b = node.args
+        is_value = [isinstance(v, fx.Node) and v.op != "get_attr" for v in (a, b)]
         shape = node.meta["shape"]
-        ratio = self.scale[b] / self.scale[a]
-        name = self.add_module(f"align_{node.name}", ChannelScale(_bcast(ratio.reshape(-1), shape)))
-        b_new = self.graph.call_module(name, (self.env[b],))
-        self.env[node] = self.graph.call_function(torch.add, (self.env[a], b_new))
-        sa = self.scale[a]
-        self.scale[node] = sa if sa.numel() >= self.scale[b].numel() else sa.expand(self.scale[b].numel()).clone()
+        if all(is_value):  # b re-expressed in a's scale: stored = a + (alpha·s_b/s_a)·b
+            ratio = alpha * self.scale[b] / self.scale[a]
+            name = self.add_module(f"align_{node.name}", ChannelScale(_bcast(ratio.reshape(-1), shape)))
+            b_new = self.graph.call_module(name, (self.env[b],))
+            self.env[node] = self.graph.call_function(torch.add, (self.env[a], b_new))
+            sa = self.scale[a]
+            self.scale[node] = sa if sa.numel() >= self.scale[b].numel() else sa.expand(self.scale[b].numel()).clone()
+            return
+        if not any(is_value):
+            raise ConversionError(f"add at {where(node)} adds two constants; compute the sum once in __init__")
+        value, const = (a, b) if is_value[0] else (b, a)
+        c = self.constant(const, node)
+        s = _bcast(self.scale[value], shape)
+        if is_value[0]:  # value + alpha·c: stored = value + alpha·c/s
+            gain, bias = torch.ones(()), alpha * c / s
+        else:  # c + alpha·value: stored = alpha·value + c/s
+            gain, bias = torch.tensor(float(alpha)), c / s
+        if bias.dim() > len(shape) or (bias.dim() == len(shape) and bias.shape[0] != 1):
+            raise ConversionError(f"add at {where(node)}: the constant of shape {tuple(c.shape)} is not one per-sample "
+                                  f"tensor for values of shape {shape}; give it a shape broadcastable to {shape[1:]}")
+        name = self.add_module(f"const_{node.name}", ChannelScale(gain, bias))
+        self.env[node] = self.graph.call_module(name, (self.env[value],))
+        self.scale[node] = self.scale[value]
+
+    def constant(self, operand, node: fx.Node) -> torch.Tensor:
+        """The value of a constant operand of ``node``: a number or a parameter / buffer (``get_attr``)."""
+        if isinstance(operand, fx.Node):
+            value = self.gm
+            for part in operand.target.split("."):
+                value = getattr(value, part)
+            return torch.as_tensor(value).detach().float().cpu()
+        if isinstance(operand, bool) or not isinstance(operand, (int, float)):
+            raise ConversionError(f"add at {where(node)}: unsupported operand {operand!r}")
+        return torch.tensor(float(operand))
+
+    def get_attr(self, node: fx.Node) -> None:
+        """A parameter or buffer read in forward: only usable as the constant operand of an add."""
+        for user in node.users:
+            if not (user.op == "call_function" and user.target in ADD_FUNCTIONS):
+                raise ConversionError(f"parameter/buffer '{node.target}' is used by {where(user)}; the converter "
+                                      "supports model tensors only as weights of conv/linear/BatchNorm modules or as "
+                                      "a constant added to a value")
 
     def output(self, node: fx.Node) -> None:
         src = node.args[0]
@@ -181,6 +227,8 @@ class _Builder:
                     self.relu(node)
                 else:
                     self.passthrough(node)
+            elif node.op == "get_attr":
+                self.get_attr(node)
             elif node.op == "call_function" and node.target in ADD_FUNCTIONS:
                 self.add(node)
             else:
