@@ -42,8 +42,9 @@ class RunConfig:
     quiet: bool = False
 
     def validate(self) -> None:
-        _check(self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
-               f"run.device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
+        index = self.device[5:] if self.device.startswith("cuda:") else None
+        _check(self.device in ("cpu", "cuda", "auto") or (index is not None and index.isdigit()),
+               f"run.device must be 'cpu', 'cuda', 'cuda:N' (N = 0, 1, ...) or 'auto', got {self.device!r}")
 
 
 @dataclass
@@ -330,6 +331,8 @@ class SimConfig:
         _check(len(self.timesteps) > 0 and all(isinstance(t, int) and t >= 1 for t in self.timesteps),
                f"simulate.timesteps must be positive integers, got {self.timesteps!r}")
         _check(self.time_chunk >= 1, f"simulate.time_chunk must be >= 1, got {self.time_chunk}")
+        _check(self.max_samples is None or (isinstance(self.max_samples, int) and self.max_samples >= 1),
+               f"simulate.max_samples must be a positive number of samples or null (all), got {self.max_samples!r}")
         _check(self.encoding in ("direct", "poisson"),
                f"simulate.encoding must be 'direct' or 'poisson', got {self.encoding!r}")
         from bsnn.snn.kernels import KERNELS

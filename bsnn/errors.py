@@ -25,3 +25,7 @@ class CheckpointError(BsnnError):
 
 class ConversionError(BsnnError):
     """A model contains an op or module that cannot be converted to a spiking network."""
+
+
+class TrainingError(BsnnError, FloatingPointError):
+    """Training cannot go on, e.g. the loss became NaN or infinite (a ``FloatingPointError`` too)."""

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from bsnn.config import SimConfig
 from bsnn.errors import ConfigError
 from bsnn.snn.encode import get_encoder
-from bsnn.snn.kernels import default_kernel
+from bsnn.snn.kernels import check_kernel, default_kernel
 from bsnn.snn.network import SpikingNetwork
 from bsnn.snn.synapse import resolve_mode, synapse_mode
 
@@ -68,6 +68,14 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     from bsnn.train import resolve_device
 
     return resolve_device(device) if isinstance(device, str) else device
+
+
+def _dataset_size(loader) -> int | None:
+    """Samples in ``loader.dataset`` when the loader has a sized dataset (a torch DataLoader), else None."""
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None
 
 
 def iter_chunks(snn: SpikingNetwork, x: torch.Tensor, timesteps: int, time_chunk: int = 16, encoding: str = "direct",
@@ -145,8 +153,10 @@ def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cf
     ts = sorted(set(int(t) for t in cfg.timesteps))
     t_max = ts[-1]
     dev = _resolve_device(device)
+    kernel = default_kernel(dev) if cfg.kernel == "auto" else cfg.kernel
+    check_kernel(kernel, dev)
     snn = snn.to(dev).eval()
-    snn.set_kernel(default_kernel(dev) if cfg.kernel == "auto" else cfg.kernel)
+    snn.set_kernel(kernel)
     if ann is not None:
         ann = ann.to(dev).eval()
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -156,7 +166,9 @@ def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cf
     counts = {name: torch.zeros(t_max, dtype=torch.float64) for name in snn.neuron_names}
     neurons: dict[str, int] = {}
     t0 = time.perf_counter()
-    total = len(loader.dataset) if cfg.max_samples is None else min(cfg.max_samples, len(loader.dataset))
+    total = _dataset_size(loader)  # None (no known size: a bar without total) for loaders without a dataset
+    if cfg.max_samples is not None:
+        total = cfg.max_samples if total is None else min(cfg.max_samples, total)
     bar = tqdm(total=total, desc=f"simulate T<={t_max}", unit="sample", disable=quiet or None)
     mode = resolve_mode(cfg.synapse, dev)
     with synapse_mode(snn, mode) as exact_layers:

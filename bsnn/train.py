@@ -34,21 +34,31 @@ from bsnn.config import DistillConfig, TrainConfig
 from bsnn.distill import METHODS, IndexedDataset, build_distiller
 from bsnn.distill.base import teacher_list
 from bsnn.distributed import all_reduce_sum, barrier, current_env
-from bsnn.errors import CheckpointError
+from bsnn.errors import CheckpointError, ConfigError, TrainingError
 from bsnn.io import load_checkpoint, save_checkpoint
 
 log = logging.getLogger("bsnn")
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available else CPU; otherwise ``torch.device(name)``."""
+    """``"auto"`` -> CUDA when available else CPU; otherwise ``torch.device(name)``, checked to exist.
+
+    Raises:
+        ConfigError: an unknown device name, CUDA requested without a CUDA device, or ``cuda:N`` beyond the
+            devices present.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"run.device {name!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from bsnn.errors import ConfigError
-
-        raise ConfigError("run.device is 'cuda' but no CUDA device is available; use run.device=cpu or auto")
+        raise ConfigError(f"run.device is {name!r} but no CUDA device is available; use run.device=cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ConfigError(f"run.device is {name!r} but this machine has {n} CUDA device(s) (cuda:0 .. cuda:{n - 1}); "
+                          "use one of those, cuda or auto")
     return dev
 
 
@@ -193,13 +203,14 @@ def fit(
             objective.set_epoch(epoch)  # e.g. DKD's warm-up
         runner.train()
         loss_sum, correct, n = 0.0, 0, 0
-        for batch in train_loader:
+        for step, batch in enumerate(train_loader):
             x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
             index = batch[2].to(device) if len(batch) > 2 else None
             out = runner(x, y, index)
             loss = out["loss"]
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; lower the lr")
+                raise TrainingError(f"{desc}: the loss became {loss.item()} at epoch {epoch + 1}, batch {step + 1}; "
+                                    f"lower the lr (now {cfg.lr:g}) or check the inputs for NaN/inf values")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -256,13 +267,25 @@ def train_student(
     device = torch.device(kwargs.get("device", "cpu"))
     for t in teacher_list(teacher):
         t.to(device)
+    dataset = getattr(train_loader, "dataset", None)
     if METHODS.get(distill.method).needs_index:
+        if dataset is None:
+            raise ConfigError(f"distill.method={distill.method!r} needs each sample's index: give train_student a "
+                              "torch DataLoader over a map-style dataset (it reads loader.dataset)")
         train_loader = _with_index(train_loader)
+        dataset = train_loader.dataset
     with torch.random.fork_rng(devices=[]):  # probing the data must not move the RNG (determinism)
-        example = train_loader.dataset[0][0].unsqueeze(0)
+        example = dataset[0][0].unsqueeze(0) if dataset is not None else _first_batch(train_loader)[0][:1]
     objective = build_distiller(student, teacher, distill, example_input=example.to(device),
-                                n_data=len(train_loader.dataset))
+                                n_data=len(dataset) if dataset is not None else None)
     return fit(objective, student, train_loader, cfg, desc=kwargs.pop("desc", f"student[{distill.method}]"), **kwargs)
+
+
+def _first_batch(loader):
+    """The first batch of ``loader`` (any iterable of ``(x, y, ...)`` batches)."""
+    for batch in loader:
+        return batch
+    raise ConfigError("train_student: the training loader yielded no batch; check the dataset and batch size")
 
 
 def _with_index(loader: DataLoader) -> DataLoader:

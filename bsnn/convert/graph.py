@@ -80,6 +80,7 @@ def capture(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
         ) from None
     gm = fx.GraphModule(model, graph)
     _normalise(gm)
+    _check_batchnorm(gm)
     one = _ShapeRecorder(gm).shapes_on(example[:1], type(model).__name__)
     for node in gm.graph.nodes:
         node.meta["shape"] = one[node]
@@ -180,6 +181,18 @@ def _normalise(gm: fx.GraphModule) -> None:
             graph.erase_node(node)
     graph.lint()
     gm.recompile()
+
+
+def _check_batchnorm(gm: fx.GraphModule) -> None:
+    """BatchNorm must have running statistics to be folded (checked before any forward: without them a BatchNorm
+    normalises each batch by its own statistics, and BatchNorm1d fails on one sample)."""
+    for node in gm.graph.nodes:
+        m = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.running_mean is None or m.running_var is None):
+            raise ConversionError(
+                f"BatchNorm '{node.target}' at {where(node)} has track_running_stats=False: it normalises every batch "
+                "by that batch's own statistics, which cannot be folded into the layer before it. Build it with "
+                "track_running_stats=True (the default) and retrain, or re-estimate its running statistics")
 
 
 def _check_supported(gm: fx.GraphModule) -> None:

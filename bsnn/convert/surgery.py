@@ -102,8 +102,10 @@ class _Builder:
             raise ConversionError(f"BatchNorm '{node.target}' at {where(node)} must directly follow a conv/linear whose "
                                   "output feeds only it, so that it can be folded")
         conv = self.synapse[src]
-        k = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
-        shift = bn.bias.detach().float() - k * bn.running_mean.float()
+        gamma = bn.weight.detach().float() if bn.weight is not None else torch.ones(bn.num_features)  # affine=False
+        beta = bn.bias.detach().float() if bn.bias is not None else torch.zeros(bn.num_features)
+        k = gamma / torch.sqrt(bn.running_var.float() + bn.eps)
+        shift = beta - k * bn.running_mean.float()
         c = k * self.scale[src]
         if (c == 0).any():
             raise ConversionError(f"BatchNorm '{node.target}' has channels with zero gain "

@@ -15,11 +15,14 @@ Fused kernels do all of it in one pass; the others pre-scale with :func:`prescal
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Callable
 
 import torch
 
 from bsnn._registry import Registry
+from bsnn.errors import ConfigError
 from bsnn.snn.functional import if_multistep
 
 Kernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -123,6 +126,20 @@ def default_kernel(device: torch.device) -> str:
             pass
         return "torch"
     return "inductor" if inductor_available() else "torch"
+
+
+def check_kernel(name: str, device: torch.device) -> None:
+    """Raise :class:`~bsnn.errors.ConfigError` if kernel ``name`` cannot run on ``device``: ``triton`` needs the
+    triton package and a CUDA device (or Triton's CPU interpreter, ``TRITON_INTERPRET=1``, for testing)."""
+    get_kernel(name)
+    if name != "triton":
+        return
+    if importlib.util.find_spec("triton") is None:
+        raise ConfigError("simulate.kernel=triton needs the triton package (pip install triton); use "
+                          "simulate.kernel=auto to pick a kernel that runs here")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"simulate.kernel=triton needs a CUDA device, but the simulation runs on {device}; use "
+                          "simulate.kernel=auto (inductor or torch on CPU) or run on CUDA (run.device=cuda)")
 
 
 def get_kernel(name: str) -> Kernel:
