@@ -98,6 +98,12 @@ class ModelConfig:
         teacher_activation: the teacher's activation (same choices).
         act_levels: QCFS levels L.
         act_clip: initial clip λ of ``clip`` / ``qcfs``.
+        teachers: further teachers of multi-teacher methods (``ca_mkd`` distils from ``[teacher, *teachers]``):
+            each a registered architecture (trained like the teacher, own seed, saved as ``teacher_<i>.pt``), a
+            mapping ``{name: <architecture>, kwargs: {...}}`` (kwargs over ``model.kwargs``) or the path of a bsnn
+            model file (``*.pt``, used as given).
+        assistants: teacher assistants of ``takd``, largest first: teacher -> assistants[0] -> ... -> student,
+            each step by TAKD's loss; entries as in ``teachers`` (full precision, saved as ``assistant_<i>.pt``).
     """
 
     teacher: str = "small_cnn"
@@ -107,6 +113,8 @@ class ModelConfig:
     teacher_activation: str = "relu"
     act_levels: int = 8
     act_clip: float = 4.0
+    teachers: list = field(default_factory=list)
+    assistants: list = field(default_factory=list)
 
     def validate(self) -> None:
         from bsnn.activations import ACTIVATIONS
@@ -120,6 +128,14 @@ class ModelConfig:
         for role, name in (("teacher", self.teacher), ("student", self.student)):
             if name is not None:
                 MODELS.get(name)  # raises listing valid names
+        for key in ("teachers", "assistants"):
+            for entry in getattr(self, key):
+                name = entry.get("name") if isinstance(entry, dict) else entry
+                ok = isinstance(name, str) and (name in MODELS.names() or (name.endswith(".pt") and entry is name))
+                if isinstance(entry, dict):
+                    ok = ok and set(entry) <= {"name", "kwargs"} and isinstance(entry.get("kwargs", {}), dict)
+                _check(ok, f"model.{key} entries must be registered architectures ({', '.join(MODELS.names())}), "
+                           f"{{name: <architecture>, kwargs: {{...}}}} mappings or bsnn model files (*.pt), got {entry!r}")
 
 
 @dataclass
@@ -191,27 +207,32 @@ class BinaryConfig:
 class DistillConfig:
     """Distillation of the binary student from a frozen teacher.
 
-    The cross-entropy and distillation terms have separate, explicit weights.
+    The cross-entropy and distillation terms have separate, explicit weights. Every setting left at None takes
+    the method's published value (``bsnn.distill.METHODS.get(method)``: ``default_ce_weight``,
+    ``default_kd_weight``, ``default_temperature``, ``param_defaults``), so switching ``method`` gives that
+    method as its authors run it; KD's are CE 0.1, KD 0.9, T = 4.
 
     Attributes:
         method: registered method name (see :func:`bsnn.distill.list_methods`).
-        temperature: softmax temperature of logit-based methods.
+        temperature: softmax temperature of logit-based methods (None: the method's published temperature).
         ce_weight: weight of the cross-entropy on the labels (None: the method's published weight).
         kd_weight: weight of the distillation term (None: the method's published weight).
-        params: method-specific keyword arguments (e.g. ``{"alpha": 1, "beta": 8}`` for DKD).
+        params: method-specific keyword arguments (e.g. ``{"alpha": 1, "beta": 8}`` for DKD); epoch-based
+            schedules left at None (DKD's ``warmup``) scale with the run's epochs.
     """
 
     method: str = "kd"
-    temperature: float = 4.0
-    ce_weight: Union[float, None] = 0.1
-    kd_weight: Union[float, None] = 0.9
+    temperature: Union[float, None] = None
+    ce_weight: Union[float, None] = None
+    kd_weight: Union[float, None] = None
     params: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         from bsnn.distill import METHODS
 
         METHODS.get(self.method).check_params(self.params)
-        _check(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature}")
+        _check(self.temperature is None or self.temperature > 0,
+               f"distill.temperature must be > 0 (or null for the method default), got {self.temperature}")
         for key in ("ce_weight", "kd_weight"):
             w = getattr(self, key)
             _check(w is None or w >= 0, f"distill.{key} must be >= 0 (or null for the method default), got {w}")

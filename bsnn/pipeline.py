@@ -6,6 +6,9 @@ Run folder layout (``run.out_dir``)::
     log.txt                log of every stage
     metrics.json           per-stage metrics (history, val/test accuracy), updated after each stage
     teacher.pt, student.pt final model checkpoints (architecture + state_dict, loadable with weights_only)
+    teacher_<i>.pt         further teachers of multi-teacher methods (model.teachers; ca_mkd)
+    assistant_<i>.pt       teacher assistants (model.assistants; takd)
+    online_teacher.pt      the teacher trained online with the student (bd_kd)
     checkpoints/*_last.pt  resumable training checkpoints
 """
 
@@ -22,10 +25,11 @@ import yaml
 
 from bsnn.activations import replace_activations_
 from bsnn.binary import binarize_
-from bsnn.config import BinaryConfig, Config, ConvertConfig, from_dict, save_config
+from bsnn.config import BinaryConfig, Config, ConvertConfig, DistillConfig, TrainConfig, from_dict, save_config
 from bsnn.convert import capture, convert, convert_with_thresholds
 from bsnn.convert.checks import warn_architecture
 from bsnn.data import Loaders, build_loaders, calibration_loader
+from bsnn.distill import METHODS
 from bsnn.distributed import DistEnv, barrier, init_distributed
 from bsnn.errors import CheckpointError, ConfigError
 from bsnn.io import atomic_write_json, load_checkpoint, save_checkpoint
@@ -118,7 +122,9 @@ class RunFolder:
         if cfg_path.exists() and (resume or reuse is not None) and not overwrite:
             sections = TRAINING_SECTIONS if resume or reuse is None else reuse
             old, new = yaml.safe_load(cfg_path.read_text()), cfg.to_dict()
-            changed = [k for k in sections if old.get(k) != new.get(k)]
+            ignored = {} if sections == TRAINING_SECTIONS else TEACHER_INDEPENDENT
+            changed = [k for k in sections if _without(old.get(k), ignored.get(k, ())) !=
+                       _without(new.get(k), ignored.get(k, ()))]
             if changed:
                 raise ConfigError(f"run folder {str(self.root)!r} was made with other {', '.join(changed)} settings "
                                   "than this config, so its models cannot be reused; use a new --out or --overwrite")
@@ -148,6 +154,12 @@ class RunFolder:
 
 TRAINING_SECTIONS = ("data", "model", "train", "binary", "student", "distill")
 TEACHER_SECTIONS = ("data", "model", "train")
+#: keys that do not change ``teacher.pt``: ignored when a run's teacher is reused (``bsnn distill``)
+TEACHER_INDEPENDENT = {"model": ("teachers", "assistants")}
+
+
+def _without(section: dict | None, keys: tuple) -> dict | None:
+    return section if not isinstance(section, dict) else {k: v for k, v in section.items() if k not in keys}
 
 
 def setup_logging(log_file: Path | None, quiet: bool = False) -> None:
@@ -179,12 +191,21 @@ class Context:
     loaders: Loaders
     env: DistEnv
 
-    def arch(self, role: str) -> dict:
+    def arch(self, role: str, entry: str | dict | None = None) -> dict:
+        """Architecture record of the ``teacher`` or the ``student``; ``entry`` (a ``model.teachers`` /
+        ``model.assistants`` entry: a name or ``{name, kwargs}``) overrides the teacher's architecture (full
+        precision, the teacher's activation)."""
         m = self.cfg.model
-        name = m.teacher if role == "teacher" else (m.student or m.teacher)
+        kwargs = dict(m.kwargs)
+        if entry is None:
+            name = m.teacher if role == "teacher" else (m.student or m.teacher)
+        elif isinstance(entry, dict):
+            name, kwargs = entry["name"], {**kwargs, **dict(entry.get("kwargs") or {})}
+        else:
+            name = entry
         s = self.loaders.splits
-        kind = m.teacher_activation if role == "teacher" else m.activation
-        return {"name": name, "num_classes": s.num_classes, "in_channels": s.in_channels, "kwargs": dict(m.kwargs),
+        kind = m.activation if role == "student" else m.teacher_activation
+        return {"name": name, "num_classes": s.num_classes, "in_channels": s.in_channels, "kwargs": kwargs,
                 "binary": dataclasses.asdict(self.cfg.binary) if role == "student" else None,
                 "activation": {"kind": kind, "clip": m.act_clip, "levels": m.act_levels}}
 
@@ -235,24 +256,163 @@ def stage_teacher(ctx: Context) -> nn.Module:
     return model
 
 
+def check_models(cfg: Config) -> None:
+    """Refuse a distillation method the configured models cannot serve (before anything is trained).
+
+    Raises:
+        ConfigError: ``ca_mkd`` (or any multi-teacher method) without ``model.teachers``; ``takd`` without
+            ``model.assistants``.
+    """
+    cls = METHODS.get(cfg.distill.method)
+    m, method = cfg.model, cfg.distill.method
+    if cls.min_teachers > 1 and 1 + len(m.teachers) < cls.min_teachers:
+        raise ConfigError(f"distill.method={method} distils from at least {cls.min_teachers} teachers: model.teacher "
+                          f"plus model.teachers=[...] (architectures to train, or *.pt model files), got "
+                          f"{1 + len(m.teachers)}")
+    if cls.uses_assistants and not m.assistants:
+        raise ConfigError(f"distill.method={method} distils through teacher assistants: set model.assistants=[...] "
+                          "(architectures between the teacher and the student, largest first, or *.pt files)")
+    if m.teachers and cls.min_teachers < 2:
+        log.warning("model.teachers is only used by multi-teacher methods (ca_mkd); %s ignores it", method)
+    if m.assistants and not cls.uses_assistants:
+        log.warning("model.assistants is only used by takd; %s ignores it", method)
+
+
+def _train_or_load(ctx: Context, entry: str | dict, file: str, recipe: dict, seed: int, train) -> nn.Module:
+    """A full-precision helper model: the model file ``entry`` (``*.pt``), else ``<run>/<file>`` when it holds the
+    same ``recipe``, else ``build -> train(model, checkpoint) -> save``."""
+    if isinstance(entry, str) and entry.endswith(".pt"):
+        return load_model(entry, ctx.device)[0]
+    final = ctx.run.path(file)
+    if final.is_file():
+        model, record = load_model(final, ctx.device)
+        if record.get("recipe") == recipe:
+            log.info("%s: found %s, skipping training", Path(file).stem, final)
+            return model
+    set_seed(seed)
+    arch = ctx.arch("teacher", entry)
+    model = build_model(arch).to(ctx.device)
+    hist = train(model, ctx.run.path(f"checkpoints/{Path(file).stem}_last.pt"))
+    if ctx.env.is_main:
+        save_model(final, model, arch, {"recipe": recipe})
+    _finish(ctx, Path(file).stem, model, hist)
+    return model
+
+
+def stage_teachers(ctx: Context, teacher: nn.Module) -> list[nn.Module]:
+    """``[teacher, *model.teachers]``: each further teacher loaded from its file or trained like the teacher
+    (``train`` settings, seed ``run.seed + 100 + i``) and saved as ``teacher_<i>.pt``."""
+    out = [teacher]
+    for i, entry in enumerate(ctx.cfg.model.teachers, 1):
+        recipe = {"entry": entry, "train": dataclasses.asdict(ctx.cfg.train)}
+        out.append(_train_or_load(
+            ctx, entry, f"teacher_{i}.pt", recipe, ctx.cfg.run.seed + 100 + i,
+            lambda m, ck: train_teacher(m, ctx.loaders.train, ctx.cfg.train, val_loader=ctx.loaders.val,
+                                        checkpoint_path=ck, resume=ctx.run.resume, device=ctx.device,
+                                        quiet=ctx.cfg.run.quiet, desc=f"teacher_{i}")))
+    return out
+
+
+def stage_assistants(ctx: Context, teacher: nn.Module, distill: DistillConfig) -> list[nn.Module]:
+    """The TAKD chain ``[teacher, *assistants]``: assistant i learns from model i−1 by ``distill`` (TAKD's loss)
+    with the ``train`` settings (full precision, seed ``run.seed + 200 + i``); saved as ``assistant_<i>.pt``."""
+    chain = [teacher]
+    for i, entry in enumerate(ctx.cfg.model.assistants, 1):
+        recipe = {"chain": list(ctx.cfg.model.assistants[:i]), "teacher": ctx.cfg.model.teacher,
+                  "distill": dataclasses.asdict(distill), "train": dataclasses.asdict(ctx.cfg.train)}
+        prev = chain[-1]
+        chain.append(_train_or_load(
+            ctx, entry, f"assistant_{i}.pt", recipe, ctx.cfg.run.seed + 200 + i,
+            lambda m, ck, prev=prev, i=i: train_student(
+                m, prev, ctx.loaders.train, distill, ctx.cfg.train, val_loader=ctx.loaders.val, checkpoint_path=ck,
+                resume=ctx.run.resume, device=ctx.device, quiet=ctx.cfg.run.quiet, desc=f"assistant_{i}")))
+    return chain
+
+
+def fit_schedules(distill: DistillConfig, epochs: int) -> DistillConfig:
+    """``distill`` with its method's epoch-based schedules left at None fitted to a run of ``epochs`` epochs
+    (e.g. DKD's warm-up: 20 of 240 epochs -> ``20 · epochs / 240``); see ``Distiller.schedule_defaults``."""
+    cls = METHODS.get(distill.method)
+    return dataclasses.replace(distill, params=cls.resolve_schedule(dict(distill.params), epochs))
+
+
 def stage_student(ctx: Context, teacher: nn.Module | None) -> nn.Module:
-    """Distil the binary-weight student from ``teacher``; writes ``student.pt``."""
+    """Distil the binary-weight student from ``teacher``; writes ``student.pt``.
+
+    Multi-model methods get their models here: ``ca_mkd`` the teacher plus ``model.teachers``
+    (:func:`stage_teachers`), ``takd`` the chain through ``model.assistants`` (:func:`stage_assistants`), ``bd_kd``
+    a freshly initialised ``model.teacher`` trained online with the student (the paper's setting; ``teacher`` is
+    not used), saved as ``online_teacher.pt``.
+    """
+    check_models(ctx.cfg)
     final = ctx.run.path("student.pt")
     if ctx.run.resume and final.is_file():
         log.info("student: found %s, skipping training", final)
         return load_model(final, ctx.device)[0]
+    cls = METHODS.get(ctx.cfg.distill.method)
+    distill = fit_schedules(ctx.cfg.distill, ctx.cfg.student.epochs)
+    if cls.trains_teacher:
+        set_seed(ctx.cfg.run.seed)
+        teacher = build_model(ctx.arch("teacher")).to(ctx.device)
+        log.info("%s: training a fresh %s teacher online with the student", distill.method, ctx.cfg.model.teacher)
+    elif cls.min_teachers > 1:
+        teacher = stage_teachers(ctx, teacher)
+    elif cls.uses_assistants:
+        teacher = stage_assistants(ctx, teacher, fit_schedules(ctx.cfg.distill, ctx.cfg.train.epochs))
     set_seed(ctx.cfg.run.seed + 1)
     arch = ctx.arch("student")
     student = build_model(arch).to(ctx.device)
     if ctx.env.is_main:  # hear about max-pools and the like before training, not after
         warn_architecture(student, ctx.cfg.convert.v_init, ctx.cfg.convert.snn_calibration, where="student: ")
-    hist = train_student(student, teacher, ctx.loaders.train, ctx.cfg.distill, ctx.cfg.student,
+    hist = train_student(student, teacher, ctx.loaders.train, distill, ctx.cfg.student,
                          val_loader=ctx.loaders.val, checkpoint_path=ctx.run.path("checkpoints/student_last.pt"),
                          resume=ctx.run.resume, device=ctx.device, quiet=ctx.cfg.run.quiet)
     if ctx.env.is_main:
-        save_model(final, student, arch, {"distill": dataclasses.asdict(ctx.cfg.distill)})
+        save_model(final, student, arch, {"distill": dataclasses.asdict(distill)})
+        if cls.trains_teacher:
+            save_model(ctx.run.path("online_teacher.pt"), teacher, ctx.arch("teacher"))
+    if cls.trains_teacher:
+        _finish(ctx, "online_teacher", teacher, [])
     _finish(ctx, "student", student, hist)
     return student
+
+
+def takd_chain(teacher: nn.Module, assistants: list[nn.Module], student: nn.Module, train_loader,
+               distill: DistillConfig | None = None, cfg: TrainConfig | list[TrainConfig] | None = None,
+               *, checkpoint_path: str | Path | None = None, **fit_kwargs) -> list[list[dict]]:
+    """Train teacher → assistant_1 → ... → assistant_n → student (Mirzadeh 2020), each step by
+    :func:`bsnn.train.train_student` with ``distill`` (default ``DistillConfig(method="takd")``: TAKD's loss from
+    the previous, trained and then frozen model). The teacher must already be trained.
+
+    Args:
+        teacher: trained full-precision teacher.
+        assistants: intermediate models, largest first (each trained here, then frozen as the next teacher).
+        student: the final student.
+        train_loader: training loader for every step.
+        distill: distillation config of every step.
+        cfg: one :class:`TrainConfig` for all steps or one per step (``len(assistants) + 1``).
+        checkpoint_path: if given, step ``i`` checkpoints to ``<stem>_step<i><suffix>`` (resumable per step).
+        **fit_kwargs: passed to :func:`bsnn.train.train_student` (``val_loader``, ``device``, ``quiet``, ...).
+
+    Returns:
+        The per-epoch history of every step, in chain order.
+    """
+    distill = distill or DistillConfig(method="takd")
+    models = [teacher, *assistants, student]
+    steps = len(models) - 1
+    cfgs = list(cfg) if isinstance(cfg, (list, tuple)) else [cfg or TrainConfig()] * steps
+    if len(cfgs) != steps:
+        raise ConfigError(f"takd_chain: {steps} steps need {steps} train configs, got {len(cfgs)}")
+    histories = []
+    for i in range(steps):
+        kwargs = dict(fit_kwargs)
+        if checkpoint_path is not None:
+            p = Path(checkpoint_path)
+            kwargs["checkpoint_path"] = p.with_name(f"{p.stem}_step{i + 1}{p.suffix}")
+        kwargs.setdefault("desc", f"takd[{i + 1}/{steps}]")
+        step = fit_schedules(distill, cfgs[i].epochs)
+        histories.append(train_student(models[i + 1], models[i], train_loader, step, cfgs[i], **kwargs))
+    return histories
 
 
 def stage_convert(ctx: Context, ann: nn.Module, arch: dict) -> SpikingNetwork:
@@ -333,12 +493,14 @@ def stage_cost(ctx: Context, snn: SpikingNetwork, res: SimResult) -> dict:
 
 
 def run_pipeline(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
-    """teacher -> binary student by distillation -> conversion -> accuracy-vs-T sweep -> hardware cost.
+    """teacher(s) -> binary student by distillation -> conversion -> accuracy-vs-T sweep -> hardware cost.
 
     Returns the metrics dict (also in ``metrics.json``).
     """
+    check_models(cfg)
     ctx = make_context(cfg, resume=resume, overwrite=overwrite)
-    teacher = stage_teacher(ctx)
+    online = METHODS.get(cfg.distill.method).trains_teacher  # bd_kd: the student stage trains its own teacher
+    teacher = None if online else stage_teacher(ctx)
     student = stage_student(ctx, teacher)
     if ctx.env.is_main:
         snn = stage_convert(ctx, student, ctx.arch("student"))

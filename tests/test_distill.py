@@ -1,18 +1,27 @@
-"""Distillation losses (hand-checked values, identities) and every registered method's contract."""
+"""Distillation losses (hand-checked values, identities, the authors' reference formulas) and every registered
+method's contract.
+
+The ``ref_*`` functions below are written from the authors' public code (repository and file named in each), not
+from bsnn's: every method is checked against them for value and gradient at 1e-6 relative, in float64.
+"""
 
 from __future__ import annotations
 
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy.stats import rankdata
 from torch.utils.data import DataLoader, TensorDataset
 
-from bsnn.config import DistillConfig, TrainConfig
-from bsnn.distill import IndexedDataset, build_distiller, list_methods, losses as L, takd_chain
+from bsnn.config import DistillConfig, TrainConfig, from_dict
+from bsnn.distill import METHODS, DistillWarning, IndexedDataset, build_distiller, list_methods, losses as L
 from bsnn.errors import ConfigError
+from bsnn.pipeline import check_models, fit_schedules, takd_chain
 
 K = 5
 
@@ -74,8 +83,8 @@ def test_kd_tends_to_logit_matching_for_zero_mean_logits():
 def test_dist_zero_on_match_and_row_shift_invariant():
     torch.manual_seed(2)
     z_s, z_t = torch.randn(4, 6), torch.randn(4, 6)
-    inter, intra = L.dist_parts(z_t.clone(), z_t, 4.0)
-    assert inter.item() == pytest.approx(0.0, abs=1e-5) and intra.item() == pytest.approx(0.0, abs=1e-5)
+    inter, intra = L.dist_parts(z_t.clone(), z_t, 4.0)  # 0 up to the authors' eps in the Pearson denominator
+    assert inter.item() == pytest.approx(0.0, abs=1e-4) and intra.item() == pytest.approx(0.0, abs=1e-4)
     shift = torch.tensor([[3.0], [-1.0], [0.0], [10.0]])
     torch.testing.assert_close(L.dist_loss(z_s + shift, z_t, 4.0), L.dist_loss(z_s, z_t, 4.0))
     torch.testing.assert_close(L.dist_loss(z_s, z_t - shift, 1.0), L.dist_loss(z_s, z_t, 1.0))
@@ -100,21 +109,27 @@ def test_nkd_hand_value():
     assert non.item() == pytest.approx(-1.5 * math.log(0.5), rel=1e-5)
 
 
-def test_zipf_targets_hand_value():
-    z = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
-    q = L.zipf_targets(z, torch.tensor([0]), alpha=0.1)
-    # non-target ranks: class 1 -> 1, class 3 -> 2, class 2 -> 3; mass 1, 1/2, 1/3 normalised by 11/6
-    expected = torch.tensor([[0.9, 0.1 * 6 / 11, 0.1 * 2 / 11, 0.1 * 3 / 11]])
-    torch.testing.assert_close(q, expected)
-    assert not q.requires_grad
+def test_zipf_hand_value_ranks_all_classes_then_drops_the_target():
+    z = torch.tensor([[3.0, 0.0, 1.0, 2.0]])  # the target (class 0) is the top class
+    q = L.zipf_non_target(z, torch.tensor([0]))
+    # ranks over all 4 classes: 1 (target), 4, 3, 2 -> non-targets 1/4, 1/3, 1/2, normalised by 13/12
+    torch.testing.assert_close(q, torch.tensor([[3 / 13, 4 / 13, 6 / 13]]))
+    ties = L.rank_min(torch.tensor([[4.0, 3.0, 3.0, 2.0, 1.0]]))
+    assert ties.tolist() == [[1, 2, 2, 4, 5]]  # ties share the lowest rank
+    votes = L.dense_votes(torch.tensor([[[0.0, 5.0, 1.0], [0.0, 4.0, 9.0], [0.0, 7.0, 1.0]]]))
+    assert votes.tolist() == [[0.0, 2.0, 1.0]]
 
 
-def test_tf_nkd_single_sample_target_is_ce():
+def test_tf_nkd_single_sample_target_is_ce_and_top1_target_zipf():
     z = torch.tensor([[0.5, -1.0, 2.0]], requires_grad=True)
     y = torch.tensor([2])
-    target, non = L.tf_nkd_parts(z, y)
+    target, non, weak = L.tf_nkd_parts(z, y)
     assert target.item() == pytest.approx(F.cross_entropy(z, y).item(), rel=1e-6)  # p̃ = p² + 1 − p² = 1
-    assert non.item() > 0
+    assert weak.item() == 0.0
+    # target top-1: the others rank 2 (0.5) and 3 (−1.0) -> 1/2, 1/3 -> 3/5, 2/5
+    torch.testing.assert_close(L.uskd_zipf_non_target(z, y), torch.tensor([[3 / 5, 2 / 5]]))
+    assert non.item() == pytest.approx(-(0.6 * F.log_softmax(z[0, :2], 0)[0] + 0.4 * F.log_softmax(z[0, :2], 0)[1])
+                                       .item(), rel=1e-6)
 
 
 def test_bake_propagation_rows_sum_to_one_and_hand_value():
@@ -137,7 +152,8 @@ def test_ca_mkd_weights_sum_to_one_and_favour_the_confident_teacher():
     assert (w[0] > w[2]).all() and (w[2] > w[1]).all()
     ce = torch.stack([F.cross_entropy(z, y, reduction="none") for z in (good, bad, mid)])
     torch.testing.assert_close(w, (1 - torch.softmax(ce, 0)) / 2)
-    torch.testing.assert_close(L.ca_mkd_weights([good], y), torch.ones(1, 2))
+    with pytest.raises(ValueError, match="at least 2 teachers"):
+        L.ca_mkd_weights([good], y)
 
 
 def test_at_and_sp_hand_values():
@@ -184,7 +200,7 @@ def test_balanced_kl_weights_sum_to_one():
 # ---------------------------------------------------------------------------------------- every method
 
 
-_PARAMS = {"crd": {"n_data": 16, "feat_dim": 8, "nce_k": 5}}
+_PARAMS = {"crd": {"n_data": 16, "feat_dim": 8, "nce_k": 5}, "tf_nkd": {"weak_layer": "3:in"}}
 ALL = ["kd", "dkd", "dist", "nkd", "tf_nkd", "zipf_ls", "bake", "fitnet", "at", "sp", "rkd", "pkt", "crd", "takd",
        "ca_mkd", "dml", "bd_kd", "mixup_kd", "ce"]
 
@@ -210,38 +226,62 @@ def test_unknown_method_lists_valid_names():
 def test_method_contract(method):
     student, teacher = _net(0), _teacher_for(method)
     teachers = teacher if isinstance(teacher, list) else [teacher]
+    online = METHODS.get(method).trains_teacher  # bd_kd trains its teacher with the student
     t_state = [{k: v.clone() for k, v in t.state_dict().items()} for t in teachers]
     s_bn = student[1].running_mean.clone()
-    d = build_distiller(student, teacher, DistillConfig(method=method, params=_PARAMS.get(method, {})))
+    d = build_distiller(student, teacher, DistillConfig(method=method, params=_PARAMS.get(method, {})), epochs=10)
     torch.testing.assert_close(student[1].running_mean, s_bn)  # building (probe forward) leaves BN stats alone
     d.train()
-    assert d.training and student.training and all(not t.training for t in teachers)
+    assert d.training and student.training and all(t.training == online for t in teachers)
     x, y, idx = _batch()
     out = d(x, y, idx)
     assert torch.isfinite(out["loss"]) and out["loss"].dim() == 0
     assert out["logits"].shape == (4, K) and "ce" in out
     assert all(not torch.is_tensor(v) or not v.requires_grad for k, v in out.items() if k not in ("loss", "logits"))
     out["loss"].backward()
-    for t, state in zip(teachers, t_state):
-        assert all(p.grad is None and not p.requires_grad for p in t.parameters())
-        for k, v in t.state_dict().items():
-            assert torch.equal(v, state[k]), k  # eval mode: BN running stats untouched
     assert all(p.grad is not None for p in student.parameters())
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in student.modules())  # hooks removed
     for t in teachers:
         assert all(not m._forward_hooks and not m._forward_pre_hooks for m in t.modules())
     teacher_params = {id(p) for t in teachers for p in t.parameters()}
+    if online:
+        assert all(p.grad is not None for t in teachers for p in t.parameters())
+        assert teacher_params <= {id(p) for p in d.parameters()}  # trained and checkpointed with the student
+        return
+    for t, state in zip(teachers, t_state):
+        assert all(p.grad is None and not p.requires_grad for p in t.parameters())
+        for k, v in t.state_dict().items():
+            assert torch.equal(v, state[k]), k  # eval mode: BN running stats untouched
     assert not any(id(p) in teacher_params for p in d.parameters())
     assert all(not k.startswith("teacher") for k in d.state_dict())
 
 
 def test_teacher_free_methods_build_without_teacher():
     x, y, _ = _batch()
-    for method in ("ce", "tf_nkd", "zipf_ls", "bake", "dml", "bd_kd"):
-        out = build_distiller(_net(0), None, DistillConfig(method=method))(x, y)
+    for method in ("ce", "tf_nkd", "zipf_ls", "bake", "dml"):
+        out = build_distiller(_net(0), None, DistillConfig(method=method, params=_PARAMS.get(method, {})))(x, y)
         assert torch.isfinite(out["loss"])
     with pytest.raises(ConfigError, match="needs a teacher"):
         build_distiller(_net(0), None, DistillConfig(method="dkd"))
+    with pytest.raises(ConfigError, match="exactly one teacher"):
+        build_distiller(_net(0), None, DistillConfig(method="bd_kd"))
+
+
+def test_multi_teacher_methods_refuse_a_single_teacher():
+    with pytest.raises(ConfigError, match="ca_mkd.*at least 2 teachers, got 1.*model.teachers"):
+        build_distiller(_net(0), _net(1), DistillConfig(method="ca_mkd"))
+    with pytest.raises(ConfigError, match="exactly one teacher"):
+        build_distiller(_net(0), [_net(1), _net(2)], DistillConfig(method="bd_kd"))
+    base = {"distill": {"method": "ca_mkd"}}
+    with pytest.raises(ConfigError, match="model.teachers"):
+        check_models(from_dict(base))
+    check_models(from_dict({**base, "model": {"teachers": ["small_cnn"]}}))
+    with pytest.raises(ConfigError, match="model.assistants"):
+        check_models(from_dict({"distill": {"method": "takd"}}))
+    check_models(from_dict({"distill": {"method": "takd"}, "model": {"assistants": [{"name": "small_cnn",
+                                                                                     "kwargs": {"width": 8}}]}}))
+    with pytest.raises(ConfigError, match="model.teachers entries"):
+        from_dict({"model": {"teachers": ["nope"]}})
 
 
 def test_unknown_param_key_lists_valid_keys():
@@ -256,9 +296,10 @@ def test_weights_are_separate_and_explicit():
     torch.testing.assert_close(out["loss"], 0.3 * out["ce"] + 2.0 * out["kd"])
 
 
-def test_dkd_warmup_follows_set_epoch():
+def test_dkd_warmup_follows_set_epoch_and_scales_to_the_run():
     x, y, _ = _batch()
-    d = build_distiller(_net(0), _net(1), DistillConfig(method="dkd", ce_weight=1.0, kd_weight=1.0))
+    d = build_distiller(_net(0), _net(1), DistillConfig(method="dkd"), epochs=240)
+    assert d.hparams["warmup"] == 20.0  # the published 20 of 240 epochs
     assert d(x, y)["warmup"].item() == 1.0  # no epoch given: no warm-up
     d.set_epoch(0)
     out = d(x, y)
@@ -266,6 +307,16 @@ def test_dkd_warmup_follows_set_epoch():
     torch.testing.assert_close(out["loss"], out["ce"] + (out["tckd"] + 8 * out["nckd"]) / 20)
     d.set_epoch(19)
     assert d(x, y)["warmup"].item() == 1.0
+    short = build_distiller(_net(0), _net(1), DistillConfig(method="dkd"), epochs=24)
+    assert short.hparams["warmup"] == pytest.approx(2.0)  # same fraction of a 24-epoch run
+    short.set_epoch(0)
+    assert short(x, y)["warmup"].item() == pytest.approx(0.5)
+    with pytest.warns(DistillWarning, match="epoch count is unknown"):
+        assert build_distiller(_net(0), _net(1), DistillConfig(method="dkd")).hparams["warmup"] == 20.0
+    with pytest.warns(DistillWarning, match="longer than the run"):
+        build_distiller(_net(0), _net(1), DistillConfig(method="dkd", params={"warmup": 20}), epochs=10)
+    fitted = fit_schedules(DistillConfig(method="dkd"), 10)  # what the pipeline hands to train_student
+    assert fitted.params == {"warmup": pytest.approx(10 / 12)}
 
 
 def test_feature_layers_named_and_default():
@@ -326,11 +377,11 @@ def test_mixup_kd_teacher_sees_the_mixed_input():
     seen = []
     t = _net(1)
     t.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
-    d = build_distiller(_net(0), t, DistillConfig(method="mixup_kd"))
+    d = build_distiller(_net(0), t, DistillConfig(method="mixup_kd", params={"partmixup": 0.0}))
     x, y, _ = _batch()
     torch.manual_seed(0)
     out = d.train()(x, y)
-    assert not torch.equal(seen[-1], x) and 0 < out["lam"].item() < 1
+    assert not torch.equal(seen[-1], x) and out["mixed"].item() == 1.0
     d.eval()(x, y)
     assert torch.equal(seen[-1], x)
 
@@ -344,9 +395,17 @@ def test_dml_peer_is_trained_jointly():
     out = d(x, y)
     out["loss"].backward()
     assert all(p.grad is not None for p in d.peers.parameters())
-    given = _net(7, width=3)
-    d2 = build_distiller(s, None, DistillConfig(method="bd_kd"), peer=given)
-    assert d2.peers[0] is given and {"peer_ce", "peer_kl"} <= set(d2(x, y))
+
+
+def test_bd_kd_trains_the_given_teacher_online():
+    s, t = _net(0), _net(7, width=8)
+    d = build_distiller(s, t, DistillConfig(method="bd_kd"))
+    assert d.online_teacher is t and any(k.startswith("online_teacher.") for k in d.state_dict())
+    x, y, _ = _batch()
+    out = d.train()(x, y)
+    assert t.training and {"teacher_ce", "teacher_kd"} <= set(out)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in t.parameters())
 
 
 def test_takd_chain_trains_assistant_then_student(tmp_path):
@@ -375,3 +434,534 @@ def test_fit_trains_method_owned_heads_and_uses_index():
     fit(d, s, loader, TrainConfig(epochs=1, lr=0.01), quiet=True)
     assert not torch.equal(d.embed_s.linear.weight, w0) and not torch.equal(d.memory_s, m0)
     assert not t.training
+
+
+# ------------------------------------------------------------------- the authors' code as reference formulas
+#
+# Each ref_* below restates the authors' public training code (repository/file in the docstring) in a few lines of
+# torch/numpy, independently of bsnn. Every method is compared for value and gradient (float64, 1e-6 relative)
+# with the weights, temperature and parameters a user gets from DistillConfig(method=...).
+
+D = torch.float64
+RTOL, ATOL = 1e-6, 1e-12
+
+PUBLISHED = {  # method: (ce_weight, kd_weight, temperature or None when unused, params that must be published)
+    "ce": (1.0, None, None, {}),
+    "kd": (0.1, 0.9, 4.0, {}),
+    "dkd": (1.0, 1.0, 4.0, {"alpha": 1.0, "beta": 8.0}),
+    "dist": (1.0, 2.0, 4.0, {"beta": 1.0, "gamma": 1.0}),
+    "nkd": (1.0, 1.0, 3.0, {"gamma": 3.5}),
+    "tf_nkd": (1.0, 1.0, None, {"target_weight": 0.1, "non_target_weight": 0.1, "mu": 0.1}),
+    "zipf_ls": (1.0, 0.1, None, {"power": 1.0, "upsample": True}),
+    "bake": (1.0, 1.0, 4.0, {"omega": 0.5}),
+    "fitnet": (1.0, 100.0, None, {}),
+    "at": (1.0, 1000.0, None, {"p": 2.0}),
+    "sp": (1.0, 3000.0, None, {}),
+    "rkd": (1.0, 1.0, None, {"distance_weight": 25.0, "angle_weight": 50.0}),
+    "pkt": (1.0, 30000.0, None, {}),
+    "crd": (1.0, 0.8, None, {"feat_dim": 128, "nce_k": 16384, "nce_t": 0.07, "nce_momentum": 0.5}),
+    "takd": (0.1, 0.9, 4.0, {}),
+    "ca_mkd": (1.0, 1.0, 4.0, {"feature_weight": 50.0}),
+    "dml": (1.0, 1.0, 1.0, {}),
+    "bd_kd": (1.0, 1.0, 4.0, {"teacher_kd_weight": 1.0}),
+    "mixup_kd": (0.1, 0.9, None, {"partmixup": 0.9, "beta_a": 1.0}),
+}
+
+
+def test_published_defaults_table_covers_every_method():
+    assert set(PUBLISHED) == set(list_methods())
+    cfg = DistillConfig()
+    assert (cfg.temperature, cfg.ce_weight, cfg.kd_weight) == (None, None, None)  # None = the method's own
+    for method, (ce, kd, t, params) in PUBLISHED.items():
+        cls = METHODS.get(method)
+        assert cls.default_ce_weight == ce, method
+        assert kd is None or cls.default_kd_weight == kd, method
+        assert t is None or cls.default_temperature == t, method
+        assert {k: cls.param_defaults[k] for k in params} == params, method
+
+
+def _net2(seed: int, width: int = 4, k: int = K) -> nn.Sequential:
+    """A student/teacher ending global-average-pool -> Linear (dense votes, CA-MKD maps) with a mid stage."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),       # 0 1 2 (mid-level map)
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),                      # 3 4 (last map)
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, k),            # 5 6 7
+    ).double()
+
+
+def _xb(b: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 1, 6, 6, generator=g, dtype=D), torch.randint(0, K, (b,), generator=g)
+
+
+def _taps(model: nn.Module, x: torch.Tensor, outputs=(), inputs=()) -> tuple[torch.Tensor, dict]:
+    """Logits and the named modules' outputs / inputs, read with plain torch hooks (not bsnn's FeatureTap)."""
+    got, handles, mods = {}, [], dict(model.named_modules())
+    for n in outputs:
+        handles.append(mods[n].register_forward_hook(lambda m, a, o, n=n: got.__setitem__(n, o)))
+    for n in inputs:
+        handles.append(mods[n].register_forward_pre_hook(lambda m, a, n=n: got.__setitem__(n + ":in", a[0])))
+    try:
+        z = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return z, got
+
+
+def _grads(loss: torch.Tensor, params: list) -> list:
+    return [g if g is not None else torch.zeros_like(p)
+            for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True), params)]
+
+
+def _method_agrees(method: str, reference, student: nn.Module, teacher=None, params=None, epoch=None,
+                   extra_params=(), **context):
+    """bsnn's method (published defaults) vs ``reference(d, x, y)``: loss value and gradient w.r.t. the student's
+    (and ``extra_params(d)``'s) parameters."""
+    d = build_distiller(student, teacher, DistillConfig(method=method, params=params or {}), epochs=240, **context)
+    d.eval()
+    if epoch is not None:
+        d.set_epoch(epoch)
+    x, y = _xb()
+    wrt = list(student.parameters()) + list(extra_params(d) if callable(extra_params) else extra_params)
+    out = d(x, y)
+    ref = reference(d, x, y)
+    torch.testing.assert_close(out["loss"], ref, rtol=RTOL, atol=0)
+    torch.testing.assert_close(_grads(out["loss"], wrt), _grads(ref, wrt), rtol=RTOL, atol=ATOL)
+    return d, out
+
+
+def ref_kd(z_s, z_t, t):
+    """RepDistiller distiller_zoo/KD.py DistillKL."""
+    return F.kl_div(F.log_softmax(z_s / t, dim=1), F.softmax(z_t / t, dim=1), reduction="sum") * t ** 2 / z_s.shape[0]
+
+
+def ref_dkd(z_s, z_t, y, alpha, beta, t):
+    """mdistiller mdistiller/distillers/DKD.py dkd_loss (masks, cat_mask, the −1000 trick)."""
+    gt = torch.zeros_like(z_s).scatter_(1, y.unsqueeze(1), 1).bool()
+    other = ~gt
+    p_s, p_t = F.softmax(z_s / t, dim=1), F.softmax(z_t / t, dim=1)
+    cat = lambda p: torch.cat([(p * gt).sum(1, keepdim=True), (p * other).sum(1, keepdim=True)], dim=1)  # noqa: E731
+    b_s, b_t = cat(p_s), cat(p_t)
+    tckd = F.kl_div(torch.log(b_s), b_t, reduction="sum") * t ** 2 / y.shape[0]
+    nckd = F.kl_div(F.log_softmax(z_s / t - 1000.0 * gt, dim=1), F.softmax(z_t / t - 1000.0 * gt, dim=1),
+                    reduction="sum") * t ** 2 / y.shape[0]
+    return alpha * tckd + beta * nckd
+
+
+def ref_dist(z_s, z_t, beta, gamma, tau):
+    """hunto/DIST_KD (image_classification_sota lib/models/losses/dist_kd.py)."""
+    def pearson(a, b, eps=1e-8):
+        a, b = a - a.mean(1).unsqueeze(1), b - b.mean(1).unsqueeze(1)
+        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+    y_s, y_t = (z_s / tau).softmax(dim=1), (z_t / tau).softmax(dim=1)
+    inter = tau ** 2 * (1 - pearson(y_s, y_t).mean())
+    intra = tau ** 2 * (1 - pearson(y_s.t(), y_t.t()).mean())
+    return beta * inter + gamma * intra
+
+
+def ref_nkd(z_s, z_t, y, temp, gamma):
+    """yzd-v/cls_KD mmcls/models/dis_losses/nkd.py NKDLoss."""
+    label = y.view(-1, 1)
+    n = z_s.shape[0]
+    s_t = torch.gather(F.log_softmax(z_s, 1), 1, label)
+    t_t = torch.gather(F.softmax(z_t, 1), 1, label).detach()
+    loss_t = -(t_t * s_t).mean()
+    mask = torch.ones_like(z_s).scatter_(1, label, 0).bool()
+    s_i = F.log_softmax(z_s[mask].reshape(n, -1) / temp, 1)
+    t_i = F.softmax(z_t[mask].reshape(n, -1) / temp, 1)
+    return loss_t - gamma * temp ** 2 * (t_i * s_i).sum(1).mean()
+
+
+def ref_uskd(z_s, y, w_fc, alpha, beta, mu):
+    """yzd-v/cls_KD mmcls/models/dis_losses/uskd.py USKDLoss.forward (hard labels)."""
+    label = y.view(-1, 1)
+    value = torch.ones_like(label)
+    n, c = z_s.shape
+    s_t = torch.gather(F.softmax(z_s, dim=1), 1, label)
+    p_t = (s_t ** 2 + value - (s_t ** 2).mean(0, True)).detach()
+    s_i = F.log_softmax(z_s, dim=1)
+    s_t = torch.gather(s_i, 1, label)
+    loss_t = -(p_t * s_t).sum(dim=1).mean()
+    target = torch.zeros_like(z_s).scatter_(1, label, 0.9) + 0.1 * torch.ones_like(z_s) / c
+    w_i = F.log_softmax(w_fc, dim=1)
+    loss_weak = -(mu * target * w_i).sum(dim=1).mean()
+    w_i = F.softmax(w_fc, dim=1)
+    w_t = torch.gather(w_i, 1, label)
+    rank = w_i / (1 - w_t.sum(1, True) + 1e-6) + s_i / (1 - s_t.sum(1, True) + 1e-6)
+    _, rank = torch.sort(rank, descending=True, dim=-1)
+    z_i = (1 / torch.arange(1, c + 1, dtype=z_s.dtype)).repeat(n, 1)
+    z_i = torch.gather(z_i, dim=1, index=torch.argsort(rank))
+    mask = torch.ones_like(z_s).scatter_(1, label, 0).bool()
+    ns_i = F.log_softmax(z_s[mask].reshape(n, -1), dim=1)
+    nz_i = z_i[mask].reshape(n, -1)
+    nz_i = (nz_i / nz_i.sum(dim=1, keepdim=True)).detach()
+    loss_non = -(nz_i * ns_i).sum(dim=1).mean()
+    return alpha * loss_t + beta * loss_non + loss_weak
+
+
+def ref_zipf(z, y, scores, power=1.0):
+    """megvii-research/zipfls pytorch_zipfls/losses.py gen_pdf (rank 'hard', rank_zipf) + kl_loss (no mask)."""
+    rank = rankdata(-scores.detach().numpy(), axis=1, method="min")
+    dist = (1.0 / rank) ** power
+    mask = torch.ones_like(z).scatter_(1, y.unsqueeze(1), 0.0)
+    dist = dist[mask.bool().numpy()].reshape(z.shape[0], -1)
+    pdf = torch.tensor(dist / dist.sum(axis=1, keepdims=True), dtype=z.dtype)
+    res = F.log_softmax(z[mask.bool()].view(z.shape[0], -1), dim=1)
+    return F.kl_div(res, pdf, reduction="none").sum(dim=1).mean()
+
+
+def ref_votes(dense_argmax: torch.Tensor, c: int) -> torch.Tensor:
+    """zipfls utils gen_pdf_from_dense_argmax's vote counting (a loop)."""
+    idx = dense_argmax.numpy()
+    scores = np.zeros((idx.shape[0], c))
+    for i in range(idx.shape[0]):
+        for j in range(idx.shape[1]):
+            scores[i][int(idx[i][j])] += 1
+    return torch.tensor(scores)
+
+
+def ref_bake(feats, z, temp, omega):
+    """megvii-research/zipfls pytorch_zipfls/losses.py knowledge_ensemble + KDLoss (BAKE)."""
+    with torch.no_grad():
+        masks = torch.eye(z.shape[0], dtype=z.dtype)
+        f = F.normalize(feats.detach(), p=2, dim=1)
+        p = F.softmax(z.detach() / temp, dim=1)
+        w = F.softmax(f @ f.t() - masks * 1e9, dim=1)
+        target = (1 - omega) * torch.inverse(masks - omega * w) @ p
+    return F.kl_div(F.log_softmax(z / temp, dim=1), target, reduction="sum") * temp ** 2 / z.shape[0]
+
+
+def ref_at(f_s, f_t, p=2.0):
+    """RepDistiller distiller_zoo/AT.py."""
+    at = lambda f: F.normalize(f.pow(p).mean(1).view(f.size(0), -1))  # noqa: E731
+    return (at(f_s) - at(f_t)).pow(2).mean()
+
+
+def ref_sp(f_s, f_t):
+    """RepDistiller distiller_zoo/SP.py."""
+    b = f_s.shape[0]
+    g_s = F.normalize(torch.mm(f_s.view(b, -1), f_s.view(b, -1).t()))
+    g_t = F.normalize(torch.mm(f_t.view(b, -1), f_t.view(b, -1).t()))
+    return ((g_t - g_s) ** 2).view(-1, 1).sum(0)[0] / (b * b)
+
+
+def ref_rkd(f_s, f_t, w_d=25.0, w_a=50.0):
+    """RepDistiller distiller_zoo/RKD.py RKDLoss."""
+    def pdist(e, eps=1e-12):
+        sq = e.pow(2).sum(dim=1)
+        res = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * e @ e.t()).clamp(min=eps).sqrt().clone()
+        res[range(len(e)), range(len(e))] = 0
+        return res
+    s, t = f_s.view(f_s.shape[0], -1), f_t.view(f_t.shape[0], -1)
+    with torch.no_grad():
+        t_d = pdist(t)
+        t_d = t_d / t_d[t_d > 0].mean()
+    d = pdist(s)
+    d = d / d[d > 0].mean()
+    loss_d = F.smooth_l1_loss(d, t_d)
+    with torch.no_grad():
+        td = F.normalize(t.unsqueeze(0) - t.unsqueeze(1), p=2, dim=2)
+        t_angle = torch.bmm(td, td.transpose(1, 2)).view(-1)
+    sd = F.normalize(s.unsqueeze(0) - s.unsqueeze(1), p=2, dim=2)
+    s_angle = torch.bmm(sd, sd.transpose(1, 2)).view(-1)
+    return w_d * loss_d + w_a * F.smooth_l1_loss(s_angle, t_angle)
+
+
+def ref_pkt(f_s, f_t, eps=1e-7):
+    """RepDistiller distiller_zoo/PKT.py cosine_similarity_loss."""
+    def cond(o):
+        o = o.view(o.shape[0], -1)
+        o = o / (torch.sqrt(torch.sum(o ** 2, dim=1, keepdim=True)) + eps)
+        s = (torch.mm(o, o.t()) + 1.0) / 2.0
+        return s / torch.sum(s, dim=1, keepdim=True)
+    m, t = cond(f_s), cond(f_t)
+    return torch.mean(t * torch.log((t + eps) / (m + eps)))
+
+
+def ref_crd_nce(x, n_data, eps=1e-7):
+    """RepDistiller crd/criterion.py ContrastLoss."""
+    bsz, m = x.shape[0], x.size(1) - 1
+    pn = 1.0 / float(n_data)
+    p_pos = x.select(1, 0)
+    log_d1 = torch.div(p_pos, p_pos.add(m * pn + eps)).log()
+    p_neg = x.narrow(1, 1, m)
+    log_d0 = torch.div(p_neg.clone().fill_(m * pn), p_neg.add(m * pn + eps)).log()
+    return -(log_d1.sum(0) + log_d0.reshape(-1, 1).sum(0)[0]) / bsz
+
+
+def ref_camkd_logit(z_s, z_ts, y, t):
+    """Rorozhl/CA-MKD helper/loops.py, ensemble_method == 'CAMKD' (DistillKL with is_ca=True)."""
+    loss_t = torch.stack([F.cross_entropy(zt, y, reduction="none") for zt in z_ts], dim=0)
+    attention = (1.0 - F.softmax(loss_t, dim=0)) / (len(z_ts) - 1)
+    div = torch.stack([(nn.KLDivLoss(reduction="none")(F.log_softmax(z_s / t, 1), F.softmax(zt / t, 1)) * t ** 2)
+                       .sum(-1) for zt in z_ts], dim=0)
+    return torch.mul(attention, div).sum() / (1.0 * div.shape[1] * len(z_ts))
+
+
+def ref_camkd_feature(trans_s, mid_t, out_t, y):
+    """Rorozhl/CA-MKD distiller_zoo/CAMKD.py CAMKD.forward."""
+    bsz = y.shape[0]
+    loss_t = torch.stack([nn.CrossEntropyLoss(reduction="none")(o, y) for o in out_t], dim=0)
+    weight = (1.0 - F.softmax(loss_t, dim=0)) / (len(trans_s) - 1)
+    loss_st = torch.stack([nn.MSELoss(reduction="none")(s, t).reshape(bsz, -1).mean(-1)
+                           for s, t in zip(trans_s, mid_t)], dim=0)
+    return torch.mul(weight, loss_st).sum() / (1.0 * bsz * len(trans_s))
+
+
+def ref_takd(z_s, z_t, y, lam, t):
+    """imirzadeh/Teacher-Assistant-Knowledge-Distillation train.py (nn.KLDivLoss() default 'mean')."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that 'mean' divides by B·K: that is what the authors ran
+        kd = nn.KLDivLoss()(F.log_softmax(z_s / t, dim=1), F.softmax(z_t / t, dim=1))
+    return (1 - lam) * F.cross_entropy(z_s, y) + lam * t * t * kd
+
+
+def ref_mixstd(z_s, z_t, target, gamma, alpha):
+    """hchoi71/MIX-KD distiller_zoo/MIXSTD.py MIXSTDLoss (returns loss_cls + loss_div)."""
+    stdt, stds = torch.std(z_t, dim=-1, keepdim=True), torch.std(z_s, dim=-1, keepdim=True)
+    loss_cls = gamma * torch.sum(-F.log_softmax(z_s / stds, -1) * target) / z_s.shape[0]
+    kl = nn.KLDivLoss(reduction="batchmean")(F.log_softmax(z_s / stds, dim=1), F.softmax(z_t / stdt, dim=1))
+    return loss_cls + alpha * kl
+
+
+def _z(b=6, k=7, seed=0, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, k, generator=g, dtype=D) * scale
+
+
+def _pure_agrees(ours, ref, *leaves):
+    a = [v.clone().requires_grad_(True) for v in leaves]
+    b = [v.clone().requires_grad_(True) for v in leaves]
+    va, vb = ours(*a), ref(*b)
+    torch.testing.assert_close(va, vb, rtol=RTOL, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(va, a), torch.autograd.grad(vb, b), rtol=RTOL, atol=ATOL)
+
+
+def test_ref_kd_and_ce():
+    t = _net2(1, 6)
+    _method_agrees("kd", lambda d, x, y: 0.1 * F.cross_entropy(d.student(x), y) + 0.9 * ref_kd(d.student(x), t(x), 4.0),
+                   _net2(0), t)
+    _method_agrees("ce", lambda d, x, y: F.cross_entropy(d.student(x), y), _net2(0))
+
+
+def test_ref_dkd_with_its_warmup():
+    t = _net2(1, 6)
+    for epoch in (4, 30):  # authors' 1-based epoch 5 (factor 5/20) and past the warm-up
+        factor = min((epoch + 1) / 20, 1.0)
+        _method_agrees("dkd", lambda d, x, y: F.cross_entropy(d.student(x), y)
+                       + factor * ref_dkd(d.student(x), t(x), y, 1.0, 8.0, 4.0), _net2(0), t, epoch=epoch)
+
+
+def test_ref_dist():
+    t = _net2(1, 6)
+    _method_agrees("dist", lambda d, x, y: F.cross_entropy(d.student(x), y) + 2.0 * ref_dist(d.student(x), t(x),
+                                                                                               1.0, 1.0, 4.0),
+                   _net2(0), t)
+
+
+def test_ref_nkd():
+    t = _net2(1, 6)
+    _method_agrees("nkd", lambda d, x, y: F.cross_entropy(d.student(x), y) + ref_nkd(d.student(x), t(x), y, 3.0, 3.5),
+                   _net2(0), t)
+
+
+def test_ref_tf_nkd_with_the_weak_head():
+    def reference(d, x, y):
+        z, f = _taps(d.student, x, outputs=["2"])  # the weak head sits on the mid-level map (input of conv 3)
+        w_fc = d.weak_head(F.adaptive_avg_pool2d(f["2"], 1).flatten(1))
+        return F.cross_entropy(z, y) + ref_uskd(z, y, w_fc, 0.1, 0.1, 0.1)
+
+    d, _ = _method_agrees("tf_nkd", reference, _net2(0), extra_params=lambda d: d.weak_head.parameters())
+    assert d.weak_layers == ["3:in"]
+    z, y = _z(k=K), torch.tensor([0, 1, 2, 3, 4, 0])  # the ranking and target term alone (no weak head)
+    _pure_agrees(lambda z: sum(L.tf_nkd_parts(z, y)[:2]), lambda z: ref_uskd(z, y, torch.zeros_like(z), 1.0, 1.0, 0.0)
+                 - 0.0, z)
+
+
+def test_ref_zipf_ls_dense_votes_and_logits():
+    def dense_reference(d, x, y):
+        z, f = _taps(d.student, x, outputs=["4"])
+        fc = d.student[7]
+        up = F.interpolate(f["4"].detach(), scale_factor=2.0, mode="bilinear")
+        n, c, h, w = up.shape
+        votes = ref_votes(fc(up.permute(0, 2, 3, 1).reshape(n * h * w, c)).reshape(n, h * w, -1).argmax(axis=2),
+                          z.shape[1])
+        return F.cross_entropy(z, y) + 0.1 * ref_zipf(z, y, votes)
+
+    d, _ = _method_agrees("zipf_ls", dense_reference, _net2(0))
+    assert d.dense_layers == ["5:in"]
+    flat = _net(0).double()  # an MLP head: no dense votes, ranks from the logits
+    d, _ = _method_agrees("zipf_ls", lambda d, x, y: F.cross_entropy(d.student(x), y)
+                          + 0.1 * ref_zipf(d.student(x), y, d.student(x)), flat)
+    assert d.dense_layers == []
+    tied = torch.tensor([[1.0, 1.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0]], dtype=D)  # ties take the lowest rank
+    _pure_agrees(lambda z: L.zipf_ls_loss(z, torch.tensor([3, 1]), tied), lambda z: ref_zipf(z, torch.tensor([3, 1]),
+                                                                                               tied), _z(2, 4))
+
+
+def test_ref_bake():
+    def reference(d, x, y):
+        z, f = _taps(d.student, x, inputs=["7"])
+        return F.cross_entropy(z, y) + ref_bake(f["7:in"], z, 4.0, 0.5)
+
+    _method_agrees("bake", reference, _net2(0))
+
+
+def test_ref_feature_methods():
+    t = _net2(1, 6)
+
+    def taps(d, x, spec):
+        zs, fs = _taps(d.student, x, **spec)
+        _, ft = _taps(t, x, **spec)
+        key = next(iter(fs))
+        return zs, fs[key], ft[key]
+
+    pen = {"inputs": ["7"]}
+    for method, weight, ref in (("sp", 3000.0, ref_sp), ("rkd", 1.0, ref_rkd), ("pkt", 30000.0, ref_pkt)):
+        def reference(d, x, y, weight=weight, ref=ref):
+            zs, fs, ft = taps(d, x, pen)
+            return F.cross_entropy(zs, y) + weight * ref(fs, ft)
+        _method_agrees(method, reference, _net2(0), t)
+
+    def at_reference(d, x, y):
+        zs, fs, ft = taps(d, x, {"outputs": ["3"]})
+        return F.cross_entropy(zs, y) + 1000.0 * ref_at(fs, ft)
+    _method_agrees("at", at_reference, _net2(0), t)
+
+    def fitnet_reference(d, x, y):
+        zs, fs, ft = taps(d, x, pen)
+        return F.cross_entropy(zs, y) + 100.0 * nn.MSELoss()(d.regressors[0](fs), ft)
+    _method_agrees("fitnet", fitnet_reference, _net2(0), t, extra_params=lambda d: d.regressors.parameters())
+
+
+def test_ref_crd_contrast_and_nce():
+    g = torch.Generator().manual_seed(3)
+    v = F.normalize(torch.randn(4, 8, generator=g, dtype=D), dim=1)
+    bank = F.normalize(torch.randn(4, 6, 8, generator=g, dtype=D), dim=2)
+
+    def ours(v):
+        out = L.contrast_scores(v, bank, 0.07)
+        return L.nce_loss(out / (out.mean().detach() * 50), 50)
+
+    def ref(v):
+        out = torch.exp(torch.div(torch.bmm(bank, v.view(4, 8, 1)), 0.07)).squeeze(2).contiguous()
+        return ref_crd_nce(out / (out.mean().detach() * 50), 50)
+
+    _pure_agrees(ours, ref, v)
+
+
+def test_ref_takd_from_the_last_assistant():
+    teacher, assistant = _net2(1, 8), _net2(2, 6)
+    _method_agrees("takd", lambda d, x, y: ref_takd(d.student(x), assistant(x), y, 0.9, 4.0), _net2(0),
+                   [teacher, assistant])
+
+
+def test_ref_ca_mkd_logit_and_feature_terms():
+    teachers = [_net2(1, 6), _net2(2, 5), _net2(3, 6)]
+
+    def reference(d, x, y, feature=True):
+        zs, fs = _taps(d.student, x, inputs=["5"])
+        outs = [_taps(t, x, inputs=["5"]) for t in teachers]
+        z_ts = [o[0].detach() for o in outs]
+        loss = F.cross_entropy(zs, y) + ref_camkd_logit(zs, z_ts, y, 4.0)
+        if not feature:
+            return loss
+        trans = [e(fs["5:in"]) for e in d.embeds]  # maps are equal-sized here: no resizing
+        heads = [t[7](F.adaptive_avg_pool2d(s, 1).flatten(1)) for t, s in zip(teachers, trans)]
+        return loss + 50.0 * ref_camkd_feature(trans, [o[1]["5:in"].detach() for o in outs], heads, y)
+
+    d, out = _method_agrees("ca_mkd", reference, _net2(0), teachers, epoch=1,
+                            extra_params=lambda d: d.embeds.parameters())
+    assert d.student_layers == ["5:in"] and "feature" in out
+    _method_agrees("ca_mkd", lambda d, x, y: reference(d, x, y, feature=False), _net2(0), teachers, epoch=0)
+    z_s, y = _z(k=K), torch.tensor([0, 1, 2, 3, 4, 0])
+    z_ts = [_z(k=K, seed=s) for s in (1, 2)]
+    _pure_agrees(lambda z: L.ca_mkd_loss(z, z_ts, y, 4.0), lambda z: ref_camkd_logit(z, z_ts, y, 4.0), z_s)
+
+
+def test_ref_mixup_kd_std_scaled_losses():
+    t = _net2(1, 6)
+
+    def eval_reference(d, x, y):  # eval mode: no mixing, one-hot targets
+        zs = d.student(x)
+        return ref_mixstd(zs, t(x), F.one_hot(y, K).to(D), 0.1, 0.9)
+
+    _method_agrees("mixup_kd", eval_reference, _net2(0), t)
+    g = torch.Generator().manual_seed(5)
+    target = torch.softmax(torch.randn(6, K, generator=g, dtype=D) * 3, dim=1)
+    z_t = _z(k=K, seed=1)
+    _pure_agrees(lambda z: 0.1 * L.std_kd_parts(z, z_t, target)[0] + 0.9 * L.std_kd_parts(z, z_t, target)[1],
+                 lambda z: ref_mixstd(z, z_t, target, 0.1, 0.9), _z(k=K))
+    from bsnn.distill.logit import mixed_targets, partial_mixup
+    x, y = _xb()
+    torch.manual_seed(0)
+    x_mix, a, perm = partial_mixup(x, unmixed=0.5)
+    torch.testing.assert_close(x_mix, a.view(-1, 1, 1, 1) * x + (1 - a.view(-1, 1, 1, 1)) * x[perm])
+    mt = mixed_targets(y, K, a, perm)
+    torch.testing.assert_close(mt.sum(1), torch.ones(6, dtype=D))
+    assert (a == 1).sum() >= 1  # int(6 · 0.5) = 3 draws (with replacement) left unmixed
+
+
+def test_ref_dml():
+    def reference(d, x, y):
+        zs, zp = d.student(x), d.peers[0](x)
+        kl = lambda a, b: F.kl_div(F.log_softmax(a, 1), F.softmax(b.detach(), 1), reduction="batchmean")  # noqa
+        return F.cross_entropy(zs, y) + kl(zs, zp) + F.cross_entropy(zp, y) + kl(zp, zs)
+
+    _method_agrees("dml", reference, _net2(0), extra_params=lambda d: d.peers.parameters())
+
+
+def test_ref_bd_kd_paper_reading():
+    """No authors' code is public: the formula here restates bsnn's reading of the paper (docstring of BDKD)."""
+    def reference(d, x, y):
+        zs, zt = d.student(x), d.online_teacher(x)
+        t = 4.0
+        h = lambda z: -(F.softmax(z.detach() / t, 1) * F.log_softmax(z.detach() / t, 1)).sum(1)  # noqa: E731
+        w_rev = h(zs) / (h(zs) + h(zt))
+        fwd = (F.kl_div(F.log_softmax(zs / t, 1), F.softmax(zt.detach() / t, 1), reduction="none").sum(1)) * t * t
+        rev = (F.softmax(zs / t, 1) * (F.log_softmax(zs / t, 1) - F.log_softmax(zt.detach() / t, 1))).sum(1) * t * t
+        teacher_rev = F.kl_div(F.log_softmax(zt / t, 1), F.softmax(zs.detach() / t, 1), reduction="batchmean") * t * t
+        return (F.cross_entropy(zs, y) + ((1 - w_rev) * fwd + w_rev * rev).mean()
+                + F.cross_entropy(zt, y) + teacher_rev)
+
+    _method_agrees("bd_kd", reference, _net2(0), _net2(1, 8), extra_params=lambda d: d.online_teacher.parameters())
+
+
+def test_tf_nkd_without_a_mid_stage_warns_and_leaves_the_weak_head_out():
+    with pytest.warns(DistillWarning, match="weak head is left out"):
+        d = build_distiller(_net(0), None, DistillConfig(method="tf_nkd"))
+    assert d.weak_head is None and d.weak_layers == []
+
+
+# ------------------------------------------------------------------------------ the pipeline's extra models
+
+
+def test_pipeline_trains_further_teachers_assistants_and_the_online_teacher(tmp_path):
+    from bsnn.config import load_config
+    from bsnn.pipeline import load_model, make_context, stage_student, stage_teacher
+
+    base = ["data.name=digits", "data.limit_train=256", "train.epochs=1", "student.epochs=1", "run.quiet=true"]
+
+    def ctx_for(name, *extra):
+        return make_context(load_config(None, [*base, f"run.out_dir={tmp_path / name}", *extra]))
+
+    ctx = ctx_for("ca", "distill.method=ca_mkd", "model.teachers=[small_cnn]")
+    stage_student(ctx, stage_teacher(ctx))
+    assert (tmp_path / "ca" / "teacher_1.pt").is_file() and {"teacher_1", "student"} <= set(ctx.run.metrics())
+    mtime = (tmp_path / "ca" / "teacher_1.pt").stat().st_mtime_ns
+    again = make_context(ctx.cfg, reuse=("data", "model", "train"))  # bsnn distill on the same folder
+    stage_student(again, load_model(tmp_path / "ca" / "teacher.pt")[0])
+    assert (tmp_path / "ca" / "teacher_1.pt").stat().st_mtime_ns == mtime  # same recipe: reused, not retrained
+
+    ctx = ctx_for("ta", "distill.method=takd", "model.assistants=[{name: small_cnn, kwargs: {width: 8}}]")
+    stage_student(ctx, stage_teacher(ctx))
+    assistant, record = load_model(tmp_path / "ta" / "assistant_1.pt")
+    assert record["arch"]["kwargs"] == {"width": 8} and record["recipe"]["distill"]["method"] == "takd"
+
+    ctx = ctx_for("bd", "distill.method=bd_kd")
+    stage_student(ctx, None)
+    assert (tmp_path / "bd" / "online_teacher.pt").is_file() and not (tmp_path / "bd" / "teacher.pt").exists()
+    student = load_model(tmp_path / "bd" / "student.pt")[1]
+    assert student["distill"]["method"] == "bd_kd"

@@ -11,17 +11,23 @@ Contract shared by every method:
 * ``distiller.parameters()`` / ``state_dict()`` cover the student and method-owned state only (FitNet
   regressors, CRD embeddings and memory banks (buffers), DML peers), so ``fit`` trains and checkpoints them;
 * the CE and distillation terms have separate weights: ``loss = ce_weight · CE + kd_weight · distill_term``;
+  a weight or temperature left at None in the config is the method's published one (``default_*`` attributes);
 * method-specific settings come from ``cfg.params``; unknown keys raise a :class:`ConfigError` naming the valid ones;
 * features come from forward hooks (:mod:`bsnn.distill.hooks`), never from changed model signatures.
 
+Exceptions, declared by class attributes: methods that train their teacher online (``trains_teacher``: BD-KD)
+own it as a submodule; multi-teacher methods (``min_teachers`` > 1: CA-MKD, TAKD) refuse fewer teachers.
+
 ``context`` keywords every method accepts: ``example_input`` (a batch ``[B, ...]`` used to size projection heads;
-otherwise ``cfg.params['input_shape']`` or a guessed image size) and ``n_data`` (training-set size, used by CRD
-when ``cfg.params['n_data']`` is not set). Call :meth:`Distiller.set_epoch` at the start of every epoch
-(0-based): DKD's warm-up reads it.
+otherwise ``cfg.params['input_shape']`` or a guessed image size), ``n_data`` (training-set size, used by CRD
+when ``cfg.params['n_data']`` is not set) and ``epochs`` (the run's number of epochs: epoch-based schedules left
+at None in ``cfg.params`` scale to it, see :attr:`Distiller.schedule_defaults`). Call :meth:`Distiller.set_epoch`
+at the start of every epoch (0-based): DKD's warm-up reads it.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -34,6 +40,10 @@ from bsnn.distill.hooks import FeatureTap
 from bsnn.errors import ConfigError
 
 METHODS: Registry[type] = Registry("distillation method")
+
+
+class DistillWarning(UserWarning):
+    """A distillation setting that probably does not do what the user expects (e.g. a warm-up longer than the run)."""
 
 
 def register(name: str):
@@ -73,10 +83,17 @@ class Distiller(nn.Module):
 
     Class attributes a method sets:
         needs_teacher: building without a teacher is an error.
+        min_teachers: the fewest teachers the method works with (2: multi-teacher methods refuse a single one).
+        uses_assistants: the teachers are a chain teacher -> assistants (TAKD; the pipeline's ``model.assistants``).
+        trains_teacher: the teacher is trained online with the student (the subclass registers it as a submodule;
+            it is not frozen and not in :attr:`teachers`).
         needs_index: the forward needs the dataset index of every sample (third batch element).
-        default_ce_weight / default_kd_weight: the published weights, used where ``cfg.ce_weight`` /
-            ``cfg.kd_weight`` is None.
+        default_ce_weight / default_kd_weight / default_temperature: the published values, used where
+            ``cfg.ce_weight`` / ``cfg.kd_weight`` / ``cfg.temperature`` is None.
         param_defaults: the method's ``cfg.params`` keys and their defaults.
+        schedule_defaults: epoch-based ``params`` keys -> ``(published epochs, epochs of the published run)``; a
+            key left at None becomes ``published · epochs / published_run`` for a run of ``epochs`` epochs (the
+            same fraction of training as in the paper).
 
     Args:
         student: the network being trained.
@@ -84,27 +101,42 @@ class Distiller(nn.Module):
         cfg: the distillation config.
         example_input: optional example batch ``[B, ...]`` (sizes projection heads; only 2 rows are kept).
         n_data: optional number of training samples (CRD).
+        epochs: optional number of training epochs of the run (scales epoch-based schedules).
     """
 
     method_name: ClassVar[str] = ""
     needs_teacher: ClassVar[bool] = True
+    min_teachers: ClassVar[int] = 1
+    uses_assistants: ClassVar[bool] = False
+    trains_teacher: ClassVar[bool] = False
     needs_index: ClassVar[bool] = False
     default_ce_weight: ClassVar[float] = 1.0
     default_kd_weight: ClassVar[float] = 1.0
+    default_temperature: ClassVar[float] = 4.0
     param_defaults: ClassVar[dict] = {}
+    schedule_defaults: ClassVar[dict] = {}
+    teacher_hint: ClassVar[str] = ""  # appended to the "needs at least N teachers" error
 
     def __init__(self, student: nn.Module, teacher: nn.Module | Sequence[nn.Module] | None, cfg: DistillConfig,
-                 *, example_input: torch.Tensor | None = None, n_data: int | None = None) -> None:
+                 *, example_input: torch.Tensor | None = None, n_data: int | None = None,
+                 epochs: int | None = None) -> None:
         super().__init__()
         teachers = teacher_list(teacher)
+        name = self.method_name or type(self).__name__
         if self.needs_teacher and not teachers:
-            raise ConfigError(f"distillation method {self.method_name or type(self).__name__!r} needs a teacher model")
+            raise ConfigError(f"distillation method {name!r} needs a teacher model")
+        if teachers and len(teachers) < self.min_teachers:
+            raise ConfigError(f"distillation method {name!r} needs at least {self.min_teachers} teachers, got "
+                              f"{len(teachers)}{self.teacher_hint}")
+        if self.trains_teacher:  # the subclass registers it as a trained submodule
+            teacher, teachers = None, []
         self.student = student
         # Not registered submodules: never trained, never saved in the distiller's state_dict.
         self.__dict__["teacher"] = teacher
         self.__dict__["teachers"] = teachers
         self.cfg = cfg
-        self.hparams = self.check_params(cfg.params)
+        self.run_epochs = None if epochs is None else int(epochs)
+        self.hparams = self.resolve_schedule(self.check_params(cfg.params), self.run_epochs)
         self.epoch: int | None = None
         self._example_input = None if example_input is None else example_input.detach()[:2].clone()
         self._n_data = n_data
@@ -124,6 +156,31 @@ class Distiller(nn.Module):
                               f"{cls.method_name or cls.__name__!r}; valid keys: {valid}")
         return {**cls.param_defaults, **params}
 
+    @classmethod
+    def resolve_schedule(cls, params: dict, epochs: int | None) -> dict:
+        """``params`` with every epoch-based schedule (:attr:`schedule_defaults`) fitted to a run of ``epochs``.
+
+        A key left at None becomes ``published · epochs / published_run`` (the published fraction of training);
+        with ``epochs`` unknown it keeps the published number of epochs and a :class:`DistillWarning` says so.
+        An explicit value longer than the run also warns.
+        """
+        out = dict(params)
+        for key, (published, run) in cls.schedule_defaults.items():
+            value = out.get(key)
+            if value is None:
+                if epochs is None:
+                    warnings.warn(f"{cls.method_name}: the run's epoch count is unknown, so params.{key} keeps the "
+                                  f"published {published:g} epochs (of {run:g}); pass epochs= to build_distiller or "
+                                  f"set distill.params.{key}", DistillWarning, stacklevel=3)
+                    out[key] = float(published)
+                else:
+                    out[key] = float(published) * epochs / float(run)
+            elif epochs is not None and float(value) > epochs:
+                warnings.warn(f"{cls.method_name}: params.{key}={value:g} epochs is longer than the run ({epochs} "
+                              f"epochs); null scales it to the run ({published:g} of {run:g} epochs published)",
+                              DistillWarning, stacklevel=3)
+        return out
+
     @property
     def ce_weight(self) -> float:
         """Weight of the cross-entropy term (``cfg.ce_weight``, or the method default where that is None)."""
@@ -138,8 +195,9 @@ class Distiller(nn.Module):
 
     @property
     def temperature(self) -> float:
-        """``cfg.temperature``."""
-        return float(self.cfg.temperature)
+        """``cfg.temperature``, or the method's published temperature where that is None."""
+        t = getattr(self.cfg, "temperature", None)
+        return float(self.default_temperature if t is None else t)
 
     def set_epoch(self, epoch: int) -> None:
         """Tell the method the current epoch (0-based; ``fit`` calls it before each epoch)."""
@@ -197,10 +255,12 @@ def build_distiller(student: nn.Module, teacher: nn.Module | Sequence[nn.Module]
 
     Args:
         student: the network to train.
-        teacher: frozen teacher, a list of teachers (``ca_mkd``, ``takd``), or None for teacher-free methods.
+        teacher: frozen teacher, a list of teachers (``ca_mkd``, ``takd``), the online teacher (``bd_kd``), or None
+            for teacher-free methods.
         cfg: distillation config (``cfg.params`` holds the method's own settings).
         **context: ``example_input`` (a batch, sizes projection heads), ``n_data`` (training-set size, CRD),
-            ``peer`` (a given peer network, ``dml`` / ``bd_kd``).
+            ``epochs`` (the run's epochs: scales epoch-based schedules such as DKD's warm-up), ``peer`` (given
+            peer networks, ``dml``).
     """
     return METHODS.get(cfg.method)(student, teacher, cfg, **context)
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from bsnn.distill import losses as L
 from bsnn.distill.base import Distiller, register
-from bsnn.distill.hooks import FeatureTap, as_layer_list, default_layer, probe_features
+from bsnn.distill.hooks import FeatureTap, as_layer_list, default_layer, model_device, probe_features
 from bsnn.errors import ConfigError
 
 _LAYER_PARAMS = {"student_layer": None, "teacher_layer": None, "input_shape": None}
@@ -95,8 +95,8 @@ class FitNet(FeatureDistiller):
     def __init__(self, student, teacher, cfg, **context) -> None:
         super().__init__(student, teacher, cfg, **context)
         f_s, f_t = self.probe()
-        device = next(iter(student.parameters()), torch.empty(0)).device
-        self.regressors = nn.ModuleList([_regressor(a, b) for a, b in zip(f_s, f_t)]).to(device)
+        device, dtype = model_device(student)
+        self.regressors = nn.ModuleList([_regressor(a, b) for a, b in zip(f_s, f_t)]).to(device, dtype)
 
     def pair_loss(self, i: int, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
         reg = self.regressors[i]
@@ -219,12 +219,12 @@ class CRD(FeatureDistiller):
         self.nce_k = max(1, min(int(self.hparams["nce_k"]), self.n_data - 1))
         dim = int(self.hparams["feat_dim"])
         (f_s,), (f_t,) = self.probe()
-        device = next(iter(student.parameters()), torch.empty(0)).device
-        self.embed_s = Embed(f_s[0].numel(), dim).to(device)
-        self.embed_t = Embed(f_t[0].numel(), dim).to(device)
+        device, dtype = model_device(student)
+        self.embed_s = Embed(f_s[0].numel(), dim).to(device, dtype)
+        self.embed_t = Embed(f_t[0].numel(), dim).to(device, dtype)
         stdv = 1.0 / math.sqrt(dim / 3.0)
-        self.register_buffer("memory_s", (torch.rand(self.n_data, dim, device=device) * 2 - 1) * stdv)
-        self.register_buffer("memory_t", (torch.rand(self.n_data, dim, device=device) * 2 - 1) * stdv)
+        self.register_buffer("memory_s", (torch.rand(self.n_data, dim, device=device, dtype=dtype) * 2 - 1) * stdv)
+        self.register_buffer("memory_t", (torch.rand(self.n_data, dim, device=device, dtype=dtype) * 2 - 1) * stdv)
         self.register_buffer("z_norm", torch.full((2,), -1.0, device=device))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> dict:

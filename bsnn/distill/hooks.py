@@ -213,3 +213,38 @@ def probe_features(model: nn.Module, specs: Sequence[str], role: str = "model",
     detail = ("; tried " + " | ".join(errors[:3])) if errors else ""
     raise ConfigError(f"cannot run a probe forward through the {role} to size the distillation heads{detail}; "
                       "set distill.params.input_shape=[C, H, W] (or pass example_input to build_distiller)")
+
+
+def _is_global_pool(m: nn.Module) -> bool:
+    size = getattr(m, "output_size", None)
+    return isinstance(m, nn.AdaptiveAvgPool2d) and size in (1, (1, 1), [1, 1])
+
+
+def global_pool_head(model: nn.Module, role: str = "model", example_input: torch.Tensor | None = None,
+                     input_shape: Sequence[int] | None = None) -> tuple[str, str] | None:
+    """``(pool, fc)`` names when the model ends ``global-average-pool -> (flatten, dropout) -> fc``, else None.
+
+    Then ``fc`` applied at every location of the pool's input map ``[B, C, H, W]`` gives per-location logits (the
+    dense predictions of Zipf's LS, the classifier head of CA-MKD). Checked on one probe forward
+    (:func:`probe_features`): the fc input must equal the spatial mean of the pool's input.
+    """
+    fc = last_module_name(model, nn.Linear)
+    pools = [name for name, m in model.named_modules() if name and _is_global_pool(m)]
+    if fc is None or not pools:
+        return None
+    pool = pools[-1]
+    try:
+        fmap, vec = probe_features(model, [pool + ":in", fc + ":in"], role, example_input, input_shape)
+    except ConfigError:
+        return None
+    if fmap.dim() != 4 or vec.dim() != 2 or vec.shape[1] != fmap.shape[1]:
+        return None
+    return (pool, fc) if torch.allclose(fmap.mean(dim=(2, 3)), vec, rtol=1e-4, atol=1e-5) else None
+
+
+def stage_input_layer(model: nn.Module) -> str | None:
+    """Spec of the input of the last ``nn.Conv2d`` that changes the channel count (where the last stage starts),
+    e.g. the mid-level features of USKD's weak head; None if only the first conv (the stem) does."""
+    convs = [(name, m) for name, m in model.named_modules() if name and isinstance(m, nn.Conv2d)]
+    found = [name for name, m in convs[1:] if m.in_channels != m.out_channels]  # the stem's input is the image
+    return found[-1] + ":in" if found else None

@@ -1,18 +1,24 @@
 """Logit-based methods: ce, kd, dkd, dist, nkd, tf_nkd, zipf_ls, bake, mixup_kd.
 
 Every method returns ``{'loss': ce_weight·CE + kd_weight·<distill term>, 'ce', <parts>, 'logits'}``;
-the ``default_*_weight`` class attributes record the published weights (REFERENCE.md §3), used where the config
-leaves a weight unset (None).
+the ``default_*`` class attributes record the published weights and temperature (REFERENCE.md §3), used where the
+config leaves them unset (None). Where the authors publish CIFAR settings next to ImageNet ones, the CIFAR ones are
+the defaults (bsnn's data are CIFAR / MNIST sized).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from bsnn.distill import losses as L
-from bsnn.distill.base import Distiller, register
-from bsnn.distill.hooks import FeatureTap, as_layer_list, default_layer
+from bsnn.distill.base import Distiller, DistillWarning, register
+from bsnn.distill.hooks import (FeatureTap, as_layer_list, default_layer, global_pool_head, last_module_name,
+                                model_device, probe_features, stage_input_layer)
+from bsnn.errors import ConfigError
 
 
 @register("ce")
@@ -50,13 +56,19 @@ class DKD(Distiller):
     """Decoupled KD (Zhao 2022): ``ce_weight·CE + kd_weight·min((epoch+1)/warmup, 1)·(α·TCKD + β·NCKD)``.
 
     TCKD / NCKD include ``T²`` (:func:`bsnn.distill.losses.dkd_parts`). The warm-up factor reads the epoch
-    given to :meth:`set_epoch` (0-based; epoch 0 -> 1/warmup); before any ``set_epoch`` call it is 1.
+    given to :meth:`set_epoch` (0-based; epoch 0 -> 1/warmup, the authors' ``min(epoch / warmup, 1)`` with 1-based
+    epochs); before any ``set_epoch`` call it is 1.
 
-    Params: ``alpha`` (1), ``beta`` (8; 2 for ResNet56/110 pairs, 6 for WRN/VGG), ``warmup`` epochs (20).
-    Published weights: CE 1, distillation 1, T = 4.
+    The authors warm up for 20 of 240 epochs (CIFAR-100; 1 of 100 on ImageNet). ``warmup`` None (default) keeps
+    that fraction: ``20 · epochs / 240`` for a run of ``epochs`` epochs (10 epochs -> 0.83, i.e. full strength from
+    the first epoch); a number is taken as epochs (a warning says so when it exceeds the run).
+
+    Params: ``alpha`` (1), ``beta`` (8; 2 for ResNet56/110 pairs, 6 for WRN/VGG), ``warmup`` (None).
+    Published: CE 1, distillation 1, T = 4.
     """
 
-    param_defaults = {"alpha": 1.0, "beta": 8.0, "warmup": 20}
+    param_defaults = {"alpha": 1.0, "beta": 8.0, "warmup": None}
+    schedule_defaults = {"warmup": (20, 240)}
 
     def warmup_factor(self) -> float:
         """``min((epoch + 1) / warmup, 1)``; 1 when no epoch was set or warmup <= 0."""
@@ -77,9 +89,9 @@ class DKD(Distiller):
 
 @register("dist")
 class DIST(Distiller):
-    """DIST (Huang 2022): ``ce_weight·CE + kd_weight·(β·inter + γ·intra)`` with τ = ``cfg.temperature``.
+    """DIST (Huang 2022): ``ce_weight·CE + kd_weight·(β·inter + γ·intra)`` with τ the temperature.
 
-    Params: ``beta`` (1), ``gamma`` (1). Published weights: CE 1, distillation 2; τ = 4 CIFAR, 1 ImageNet.
+    Params: ``beta`` (1), ``gamma`` (1). Published: CE 1, distillation 2; τ = 4 (CIFAR; 1 on ImageNet).
     """
 
     default_kd_weight = 2.0
@@ -97,11 +109,12 @@ class DIST(Distiller):
 class NKD(Distiller):
     """Normalized KD (Yang 2023): ``ce_weight·CE + kd_weight·(target + non_target)``.
 
-    The non-target term uses ``cfg.temperature`` (the paper: 1 on ImageNet). Params: ``gamma`` (1.5).
-    Published weights: CE 1, NKD 1.
+    The non-target term uses the temperature (:func:`bsnn.distill.losses.nkd_parts`). Params: ``gamma``.
+    Published (the authors' CIFAR-100 config): CE 1, NKD 1, T = 3, γ = 3.5 (ImageNet: T = 1, γ = 1.5).
     """
 
-    param_defaults = {"gamma": 1.5}
+    default_temperature = 3.0
+    param_defaults = {"gamma": 3.5}
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> dict:
         z_t = self.teacher_logits(x)
@@ -112,40 +125,102 @@ class NKD(Distiller):
 
 @register("tf_nkd")
 class TfNKD(Distiller):
-    """Teacher-free NKD (Yang 2023, USKD form): soft labels from the student's own detached predictions.
+    """Teacher-free NKD (Yang 2023, the authors' USKD loss): soft labels from the student's own predictions.
 
-    ``ce_weight·CE + kd_weight·(target_weight·target + non_target_weight·non_target)``
-    (:func:`bsnn.distill.losses.tf_nkd_parts`; the USKD auxiliary "weak" head is not included).
-    Params: ``target_weight`` (1), ``non_target_weight`` (0.1), ``power`` (Zipf exponent, 1). A teacher, if given,
-    is ignored.
+    ``ce_weight·CE + kd_weight·(target_weight·target + non_target_weight·non_target + mu·weak)``
+    (:func:`bsnn.distill.losses.tf_nkd_parts`). The weak head is a linear classifier on the globally pooled
+    mid-level features (``weak_layer``; default: the input of the last channel-changing ``nn.Conv2d``, where the
+    last stage starts — the authors use the stage before the last); it is trained with the student, its
+    label-smoothed cross-entropy is the weak term and its predictions join the non-target ranking. ``mu`` 0 (or a
+    student without such a conv) leaves the head out.
+
+    Params: ``target_weight`` (α), ``non_target_weight`` (β), ``mu``, ``weak_layer``, ``input_shape``.
+    Published (the authors' CIFAR-100 config): α = 0.1, β = 0.1, μ = 0.1, CE 1 (ImageNet: α = 1, β = 0.1,
+    μ = 0.005). A teacher, if given, is ignored.
     """
 
     needs_teacher = False
-    param_defaults = {"target_weight": 1.0, "non_target_weight": 0.1, "power": 1.0}
+    param_defaults = {"target_weight": 0.1, "non_target_weight": 0.1, "mu": 0.1, "weak_layer": None,
+                      "input_shape": None}
+
+    def __init__(self, student, teacher, cfg, **context) -> None:
+        super().__init__(student, teacher, cfg, **context)
+        self.weak_layers: list[str] = []
+        self.weak_head: nn.Module | None = None
+        if float(self.hparams["mu"]) == 0:
+            return
+        layer = self.hparams["weak_layer"] or stage_input_layer(student)
+        fc = last_module_name(student, nn.Linear)
+        if layer is None or fc is None:
+            warnings.warn("tf_nkd: the student has no channel-changing nn.Conv2d after its first (or no nn.Linear "
+                          "classifier), so the weak head is left out; name its input layer with "
+                          "distill.params.weak_layer", DistillWarning, stacklevel=3)
+            return
+        self.weak_layers = [layer]
+        (f,) = probe_features(student, self.weak_layers, "student", self._example_input, self.hparams["input_shape"])
+        k = dict(student.named_modules())[fc].out_features
+        self.weak_head = nn.Linear(self._pooled(f).shape[1], k).to(*model_device(student))
+
+    @staticmethod
+    def _pooled(f: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(f, 1).flatten(1) if f.dim() == 4 else f.flatten(1)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> dict:
-        z_s = self.student(x)
-        target, non = L.tf_nkd_parts(z_s, y, self.hparams["power"])
-        term = self.hparams["target_weight"] * target + self.hparams["non_target_weight"] * non
-        return self.combine(z_s, self.ce(z_s, y), term, tf_nkd_target=target, tf_nkd_non_target=non)
+        z_s, feats = self.student_forward(x, self.weak_layers)
+        weak_logits = self.weak_head(self._pooled(feats[0])) if self.weak_head is not None else None
+        target, non, weak = L.tf_nkd_parts(z_s, y, weak_logits)
+        h = self.hparams
+        term = h["target_weight"] * target + h["non_target_weight"] * non + float(h["mu"]) * weak
+        return self.combine(z_s, self.ce(z_s, y), term, tf_nkd_target=target, tf_nkd_non_target=non,
+                            tf_nkd_weak=weak)
 
 
 @register("zipf_ls")
 class ZipfLS(Distiller):
-    """Zipf label smoothing (Liang 2022): ``ce_weight·CE + kd_weight·KL(q ‖ softmax(z_s))``.
+    """Zipf's label smoothing (Liang 2022, the authors' training path): ``ce_weight·CE + kd_weight·KL(zipf ‖ q)``.
 
-    ``q = (1 − α)·onehot + α·Zipf`` over the non-target classes ranked by the student's own (detached) logits.
-    Params: ``alpha`` (0.1), ``power`` (1). Teacher-free (a given teacher is ignored).
+    ``q`` is the softmax over the K−1 non-target logits; ``zipf`` ranks all K classes (ties share the lowest rank),
+    gives rank r the mass ``r^−power`` and drops the target (:func:`bsnn.distill.losses.zipf_ls_loss`). The ranks
+    come from dense per-location votes where the student ends ``global-average-pool -> Linear`` (the classifier
+    applied at every location of the last map, bilinearly upsampled ×2 with ``upsample``, as the authors' CIFAR
+    runs), otherwise from the student's own logits. ``dense``: None = votes where available, False = logits,
+    True = votes or an error.
+
+    Params: ``power`` (1), ``dense`` (None), ``upsample`` (True), ``input_shape``. Published: CE 1, λ = 0.1
+    (CIFAR-100 and ImageNet; 1.0 for TinyImageNet / iNat). Teacher-free (a given teacher is ignored).
     """
 
     needs_teacher = False
-    param_defaults = {"alpha": 0.1, "power": 1.0}
+    default_kd_weight = 0.1
+    param_defaults = {"power": 1.0, "dense": None, "upsample": True, "input_shape": None}
+
+    def __init__(self, student, teacher, cfg, **context) -> None:
+        super().__init__(student, teacher, cfg, **context)
+        dense = self.hparams["dense"]
+        head = None
+        if dense is None or dense:
+            head = global_pool_head(student, "student", self._example_input, self.hparams["input_shape"])
+            if head is None and dense:
+                raise ConfigError("zipf_ls: dense=true needs a student ending global-average-pool -> nn.Linear "
+                                  "(nn.AdaptiveAvgPool2d(1)); use dense=false to rank by the logits")
+        self.dense_layers = [] if head is None else [head[0] + ":in"]
+        self.__dict__["_fc"] = None if head is None else dict(student.named_modules())[head[1]]
+
+    def ranking_scores(self, z_s: torch.Tensor, feats: list) -> torch.Tensor:
+        """Dense votes ``[B, K]`` from the tapped map, or the detached logits."""
+        if not self.dense_layers:
+            return z_s.detach()
+        with torch.no_grad():
+            fmap = feats[0].detach()
+            if self.hparams["upsample"]:
+                fmap = F.interpolate(fmap, scale_factor=2.0, mode="bilinear", align_corners=False)
+            b, c = fmap.shape[:2]
+            loc = F.linear(fmap.permute(0, 2, 3, 1).reshape(b, -1, c), self._fc.weight, self._fc.bias)
+            return L.dense_votes(loc)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> dict:
-        z_s = self.student(x)
-        q = L.zipf_targets(z_s, y, self.hparams["alpha"], self.hparams["power"])
-        log_q = torch.log(q.clamp_min(1e-30))
-        zipf = L.kl_from_log(log_q, F.log_softmax(z_s, dim=1)).mean()
+        z_s, feats = self.student_forward(x, self.dense_layers)
+        zipf = L.zipf_ls_loss(z_s, y, self.ranking_scores(z_s, feats), self.hparams["power"])
         return self.combine(z_s, self.ce(z_s, y), zipf, zipf=zipf)
 
 
@@ -158,7 +233,7 @@ class BAKE(Distiller):
     Batches of one sample give a zero term. The paper samples several images per class in each batch.
 
     Params: ``omega`` (0.5), ``affinity_temperature`` (1), ``student_layer`` (default: input of the last
-    ``nn.Linear``). Teacher-free (a given teacher is ignored).
+    ``nn.Linear``). Published: CE 1, BAKE 1, T = 4. Teacher-free (a given teacher is ignored).
     """
 
     needs_teacher = False
@@ -182,32 +257,67 @@ class BAKE(Distiller):
         return self.combine(z_s, self.ce(z_s, y), bake, bake=bake)
 
 
+def partial_mixup(x: torch.Tensor, unmixed: float = 0.9, beta_a: float = 1.0
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MIX-KD's partial mixup (PMU) of a batch: ``x̃_i = a_i x_i + (1 − a_i) x_perm(i)``.
+
+    ``a_i ~ Beta(beta_a, beta_a)``; then ``int(B · unmixed)`` indices drawn with replacement get ``a = 1`` (not
+    mixed; 0.9 leaves about 60 % of the batch unmixed), as in the authors' ``PMU``; ``unmixed = 0`` is full mixup.
+    The authors also permute the first operand; that only reorders the batch, so here row i stays sample i.
+    Uses torch's global RNG.
+
+    Args:
+        x: inputs ``[B, ...]``.
+        unmixed: the PMU fraction (``partmixup``).
+        beta_a: Beta parameter.
+
+    Returns:
+        ``(x̃ [B, ...], a [B], perm [B])``; :func:`mixed_targets` mixes the labels alike.
+    """
+    b = x.shape[0]
+    a = torch.distributions.Beta(float(beta_a), float(beta_a)).sample((b,)).to(x.device, x.dtype)
+    a[torch.randint(0, b, (int(b * unmixed),), device=x.device)] = 1.0
+    perm = torch.randperm(b, device=x.device)
+    shape = (b,) + (1,) * (x.dim() - 1)
+    return a.view(shape) * x + (1.0 - a.view(shape)) * x[perm], a, perm
+
+
+def mixed_targets(y: torch.Tensor, num_classes: int, a: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``a · onehot(y) + (1 − a) · onehot(y[perm])``: ``[B]`` labels -> ``[B, K]`` (see :func:`partial_mixup`)."""
+    onehot = F.one_hot(y, num_classes).to(a.dtype)
+    return a.view(-1, 1) * onehot + (1.0 - a.view(-1, 1)) * onehot[perm]
+
+
 @register("mixup_kd")
 class MixupKD(Distiller):
-    """KD under mixup: the teacher sees the same mixed input as the student.
+    """MIX-KD (Choi 2023, the authors' ``mixstd``): KD on partially mixed batches with std-scaled logits.
 
-    In training mode with hard labels the batch is mixed here: ``λ ~ Beta(a, a)``, ``x̃ = λx + (1−λ)x[perm]``,
-    ``CE = λ·CE(z, y) + (1−λ)·CE(z, y[perm])``, ``KD = T²·KL(p_t(x̃) ‖ p_s(x̃))`` (torch's global RNG, so seeded runs
-    repeat). With probability labels ``[B, K]`` (mixing done by the data pipeline) or in eval mode, the batch is
-    used as given. Params: ``mixup_alpha`` (a, 1.0). Published weights: as KD (0.1 / 0.9).
+    In training mode with hard labels the batch is mixed (:func:`partial_mixup`) and the teacher sees the same
+    mixed input; the loss is ``ce_weight·CE + kd_weight·KD`` with both terms on logits divided by their own row
+    standard deviation instead of a temperature (:func:`bsnn.distill.losses.std_kd_parts`; ``cfg.temperature``
+    is not used). In eval mode, or with probability labels ``[B, K]`` (mixing done by the data pipeline), the
+    batch is used as given. Params: ``partmixup`` (0.9), ``beta_a`` (1). Published: CE 0.1, KD 0.9.
     """
 
     default_ce_weight = 0.1
     default_kd_weight = 0.9
-    param_defaults = {"mixup_alpha": 1.0}
+    param_defaults = {"partmixup": 0.9, "beta_a": 1.0}
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> dict:
-        a = float(self.hparams["mixup_alpha"])
-        lam = 1.0
-        if self.training and a > 0 and y.dim() == 1 and x.shape[0] > 1:
-            lam = float(torch.distributions.Beta(a, a).sample())
-            perm = torch.randperm(x.shape[0], device=x.device)
-            x = lam * x + (1.0 - lam) * x[perm]
-            y_b = y[perm]
+        mix = None
+        if self.training and y.dim() == 1 and x.shape[0] > 1:
+            x, a, perm = partial_mixup(x, float(self.hparams["partmixup"]), float(self.hparams["beta_a"]))
+            mix = (a, perm)
         z_t = self.teacher_logits(x)
         z_s = self.student(x)
-        ce = self.ce(z_s, y)
-        if lam != 1.0:
-            ce = lam * ce + (1.0 - lam) * self.ce(z_s, y_b)
-        kd = L.kd_loss(z_s, z_t, self.temperature)
-        return self.combine(z_s, ce, kd, kd=kd, lam=torch.tensor(lam))
+        k = z_s.shape[1]
+        if y.dim() != 1:
+            target = y.to(z_s.dtype)
+        elif mix is not None:
+            target = mixed_targets(y, k, *mix).to(z_s.dtype)
+        else:
+            target = F.one_hot(y, k).to(z_s.dtype)
+        ce, kd = L.std_kd_parts(z_s, z_t, target)
+        out = self.combine(z_s, ce, kd, kd=kd)
+        out["mixed"] = torch.tensor(float(mix is not None))
+        return out

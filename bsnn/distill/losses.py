@@ -8,7 +8,9 @@ is a scalar batch mean. Nothing here detaches the teacher: callers pass teacher 
 Sources (formulas and defaults: ``REFERENCE.md`` §3): Hinton 2015 (KD), Zhao 2022 (DKD), Huang 2022 (DIST),
 Yang 2023 (NKD, tf-NKD / USKD), Liang 2022 (Zipf label smoothing), Ge 2021 (BAKE), Romero 2015 (FitNet),
 Zagoruyko 2017 (AT), Tung & Mori 2019 (SP), Park 2019 (RKD), Passalis 2018 (PKT), Tian 2020 (CRD),
-Zhang 2022 (CA-MKD), Zhang 2018 (DML), Amara 2022 (BD-KD).
+Zhang 2022 (CA-MKD), Mirzadeh 2020 (TAKD), Choi 2023 (MIX-KD), Zhang 2018 (DML), Amara 2022 (BD-KD). Where the
+authors' code is public, each function follows it (value and gradient; tests/test_distill.py checks each against
+a reference written from that code).
 """
 
 from __future__ import annotations
@@ -127,10 +129,13 @@ def dkd_loss(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, temperature:
 
 
 def pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Pearson correlation of each row pair of ``a``, ``b`` ``[N, M]`` -> ``[N]`` (0 for a constant row)."""
+    """Pearson correlation of each row pair of ``a``, ``b`` ``[N, M]`` -> ``[N]`` (0 for a constant row).
+
+    ``⟨ā, b̄⟩ / (‖ā‖·‖b̄‖ + eps)`` with centred rows, as the DIST authors compute it.
+    """
     a = a - a.mean(dim=1, keepdim=True)
     b = b - b.mean(dim=1, keepdim=True)
-    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(eps)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
 
 
 def dist_parts(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float = 4.0
@@ -192,58 +197,118 @@ def nkd_loss(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, temperature:
     return target + non
 
 
-def zipf_distribution(z: torch.Tensor, y: torch.Tensor, power: float = 1.0) -> torch.Tensor:
-    """Zipf distribution over the non-target classes ranked by the (detached) logits ``z`` ``[B, K]``.
+def rank_min(scores: torch.Tensor) -> torch.Tensor:
+    """1-based descending ranks per row, ties sharing the lowest rank (``scipy.stats.rankdata(-s, method='min')``).
 
-    The non-target class with the r-th largest logit (r = 1..K−1) gets mass ∝ ``1 / r^power``; the target gets 0.
-    Rows sum to one. Returns ``[B, K]`` (no gradient).
+    ``rank_k = 1 + #{j : s_j > s_k}``: ``[B, K]`` -> ``[B, K]`` (int64, no gradient).
     """
-    z = z.detach()
-    masked = z.masked_fill(F.one_hot(y, z.shape[1]).bool(), float("-inf"))
-    order = masked.argsort(dim=1, descending=True)  # target sorts last
-    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(z.shape[1], device=z.device).expand_as(order))
-    w = (ranks + 1).to(z.dtype).pow(-float(power))
-    w = w.masked_fill(F.one_hot(y, z.shape[1]).bool(), 0.0)
-    return w / w.sum(dim=1, keepdim=True)
+    s = scores.detach()
+    asc = s.sort(dim=1).values.contiguous()
+    above = s.shape[1] - torch.searchsorted(asc, s.contiguous(), right=True)
+    return above + 1
 
 
-def zipf_targets(z: torch.Tensor, y: torch.Tensor, alpha: float = 0.1, power: float = 1.0) -> torch.Tensor:
-    """Zipf label smoothing (Liang 2022): ``(1 − α) onehot(y) + α Zipf(rank of own logits over non-targets)``.
+def zipf_non_target(scores: torch.Tensor, y: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+    """Zipf's LS soft labels over the K−1 non-target classes (Liang 2022, the authors' ``gen_pdf``).
+
+    All K classes (the target included) are ranked by ``scores`` (:func:`rank_min`); class k gets mass
+    ``rank_k^−power``; the target is dropped and the rest normalised. A top-1 target leaves the non-targets
+    ``1/2, 1/3, …`` (normalised).
 
     Args:
-        z: the model's own logits ``[B, K]`` (detached here).
+        scores: ranking scores ``[B, K]``: the logits, or dense votes (:func:`dense_votes`).
         y: labels ``[B]``.
-        alpha: smoothing mass α.
         power: Zipf exponent.
 
     Returns:
-        Soft targets ``[B, K]`` (rows sum to one, no gradient).
+        ``[B, K−1]`` rows summing to one, non-target classes in index order (no gradient).
     """
-    onehot = F.one_hot(y, z.shape[1]).to(z.dtype)
-    return (1.0 - alpha) * onehot + alpha * zipf_distribution(z, y, power)
+    w = rank_min(scores).to(torch.float64).pow(-float(power))
+    _, w_non, _ = _split_target(w, y)
+    return (w_non / w_non.sum(dim=1, keepdim=True)).to(scores.dtype)
 
 
-def tf_nkd_parts(z_s: torch.Tensor, y: torch.Tensor, power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-free NKD (Yang 2023; the USKD form): ``(target, non_target)`` from the student alone.
+def dense_votes(location_logits: torch.Tensor) -> torch.Tensor:
+    """Per-class vote counts of per-location predictions: ``[B, N, K]`` logits at N locations -> ``[B, K]``.
 
-    Target soft label ``p̃ = p_s[y]² + 1 − mean_batch(p_s[y]²)`` (detached); ``target = −mean_b p̃ · log p_s[y]``.
-    Non-target: soft cross-entropy between the Zipf distribution over non-targets ranked by the student's own
-    logits (:func:`zipf_distribution`) and ``softmax`` of the non-target logits.
+    Each location votes for its argmax class (the authors' dense ranking signal for Zipf's LS). No gradient.
+    """
+    b, _, k = location_logits.shape
+    winners = location_logits.detach().argmax(dim=2)
+    votes = torch.zeros(b, k, dtype=location_logits.dtype, device=location_logits.device)
+    return votes.scatter_add_(1, winners, torch.ones_like(winners, dtype=votes.dtype))
+
+
+def zipf_ls_loss(z: torch.Tensor, y: torch.Tensor, scores: torch.Tensor | None = None, power: float = 1.0
+                 ) -> torch.Tensor:
+    """Zipf's LS distillation term: ``mean_b KL(zipf ‖ softmax(z_non))`` over the K−1 non-target logits.
+
+    The training objective of the authors' code is ``CE + λ · this``; the target probability is never pulled down
+    (only the non-target logits enter the softmax).
+
+    Args:
+        z: the model's logits ``[B, K]``.
+        y: labels ``[B]``.
+        scores: ranking scores ``[B, K]`` (default: ``z``, detached); dense votes where the model has them.
+        power: Zipf exponent.
+    """
+    target = zipf_non_target(z if scores is None else scores, y, power).to(z.dtype)
+    _, z_non, _ = _split_target(z, y)
+    log_q = F.log_softmax(z_non, dim=1)
+    return (target * (torch.log(target) - log_q)).sum(dim=1).mean()
+
+
+def uskd_zipf_non_target(z: torch.Tensor, y: torch.Tensor, weak_logits: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    """tf-NKD / USKD non-target soft labels (Yang 2023, the authors' ``USKDLoss``), ``[B, K−1]``, no gradient.
+
+    The ranking score over all K classes is ``log p_k / (1 − log p_y + 1e-6)`` (p = softmax(z)), plus
+    ``w_k / (1 − w_y + 1e-6)`` with ``w = softmax(weak_logits)`` when the weak head is given; the class at
+    0-based position r of the descending order gets ``1 / (r + 1)``; the target is dropped and the rest normalised
+    (ties keep index order).
+    """
+    idx = y.view(-1, 1)
+    log_p = F.log_softmax(z.detach(), dim=1)
+    score = log_p / (1.0 - log_p.gather(1, idx) + 1e-6)
+    if weak_logits is not None:
+        w = F.softmax(weak_logits.detach(), dim=1)
+        score = score + w / (1.0 - w.gather(1, idx) + 1e-6)
+    order = score.argsort(dim=1, descending=True, stable=True)
+    position = order.argsort(dim=1, stable=True)
+    _, pos_non, _ = _split_target(position, y)
+    w_non = 1.0 / (pos_non.to(z.dtype) + 1.0)
+    return w_non / w_non.sum(dim=1, keepdim=True)
+
+
+def tf_nkd_parts(z_s: torch.Tensor, y: torch.Tensor, weak_logits: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher-free NKD (Yang 2023; the authors' USKD loss): ``(target, non_target, weak)`` from the student alone.
+
+    * target: soft label ``p̃ = p_y² + 1 − mean_batch(p_y²)`` (detached), ``−mean_b p̃ · log p_y``;
+    * non_target: ``−mean_b Σ_k zipf_k · log softmax(z_non)_k`` with :func:`uskd_zipf_non_target`;
+    * weak: cross-entropy of the weak head on ``0.9 · onehot + 0.1 / K`` (0 when ``weak_logits`` is None).
+
+    The authors' loss is ``α·target + β·non_target + μ·weak`` (added to CE).
 
     Args:
         z_s: student logits ``[B, K]``.
         y: labels ``[B]``.
-        power: Zipf exponent.
+        weak_logits: logits ``[B, K]`` of the weak head on mid-level features, or None.
     """
     idx = y.view(-1, 1)
     log_p = F.log_softmax(z_s, dim=1)
     p_gt = log_p.gather(1, idx).exp().detach()
     soft = (p_gt ** 2 + 1.0 - (p_gt ** 2).mean()).detach()
     target = -(soft * log_p.gather(1, idx)).mean()
-    _, z_non, mask = _split_target(z_s, y)
-    zipf_non = zipf_distribution(z_s, y, power)[mask].view(z_s.shape[0], -1)
-    non = soft_cross_entropy(z_non, zipf_non)
-    return target, non
+    _, z_non, _ = _split_target(z_s, y)
+    non = soft_cross_entropy(z_non, uskd_zipf_non_target(z_s, y, weak_logits))
+    if weak_logits is None:
+        weak = z_s.sum() * 0.0
+    else:
+        k = z_s.shape[1]
+        smooth = 0.9 * F.one_hot(y, k).to(weak_logits.dtype) + 0.1 / k
+        weak = soft_cross_entropy(weak_logits, smooth)
+    return target, non, weak
 
 
 def propagation_matrix(features: torch.Tensor, omega: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
@@ -354,11 +419,12 @@ def rkd_angle_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
 def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Probabilistic knowledge transfer (Passalis 2018): KL between cosine-similarity distributions.
 
-    Each row of ``(cos + 1) / 2`` is normalised to a distribution; loss = ``mean_ij t_ij log((t_ij+ε)/(s_ij+ε))``.
-    Feature dims may differ (``[B, ...]`` each).
+    Rows are scaled by ``1 / (‖f‖ + ε)`` (the authors' code); each row of ``(cos + 1) / 2`` is normalised to a
+    distribution; loss = ``mean_ij t_ij log((t_ij+ε)/(s_ij+ε))``. Feature dims may differ (``[B, ...]`` each).
     """
     def cond_prob(f: torch.Tensor) -> torch.Tensor:
-        f = F.normalize(f.flatten(1), dim=1, eps=eps)
+        f = f.flatten(1)
+        f = f / (f.norm(dim=1, keepdim=True) + eps)
         s = (f @ f.t() + 1.0) / 2.0
         return s / s.sum(dim=1, keepdim=True)
 
@@ -391,40 +457,97 @@ def nce_loss(scores: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tens
 # ------------------------------------------------------------------------------------------------ multi-model
 
 
-def ca_mkd_weights(teacher_logits: Sequence[torch.Tensor] | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """CA-MKD confidence weights: ``w_k = (1 − softmax_k(CE(z_t^k, y))) / (M − 1)`` per sample.
+def ca_mkd_weights(head_logits: Sequence[torch.Tensor] | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """CA-MKD confidence weights: ``w_k = (1 − softmax_k(CE(z^k, y))) / (M − 1)`` per sample (Zhang 2022).
 
     Args:
-        teacher_logits: M teachers' logits, a sequence of ``[B, K]`` or a tensor ``[M, B, K]``.
+        head_logits: M teachers' logits (or, for the feature term, their heads on the student's transformed
+            features), a sequence of ``[B, K]`` or a tensor ``[M, B, K]``. Not detached: as in the authors' code,
+            the feature term's weights carry gradients.
         y: labels ``[B]``.
 
     Returns:
-        ``[M, B]``, each column sums to one (all ones when M = 1). No gradient.
+        ``[M, B]``, each column sums to one.
+
+    Raises:
+        ValueError: for fewer than two teachers (the formula divides by M − 1).
     """
-    z = torch.stack(list(teacher_logits)) if not torch.is_tensor(teacher_logits) else teacher_logits
-    z = z.detach()
+    z = torch.stack(list(head_logits)) if not torch.is_tensor(head_logits) else head_logits
     m = z.shape[0]
-    if m == 1:
-        return torch.ones(z.shape[:2], dtype=z.dtype, device=z.device)
+    if m < 2:
+        raise ValueError(f"CA-MKD needs at least 2 teachers, got {m}")
     ce = torch.stack([F.cross_entropy(zk, y, reduction="none") for zk in z])  # [M, B]
     return (1.0 - F.softmax(ce, dim=0)) / (m - 1)
 
 
 def ca_mkd_loss(z_s: torch.Tensor, teacher_logits: Sequence[torch.Tensor], y: torch.Tensor,
                 temperature: float = 4.0) -> torch.Tensor:
-    """``mean_b Σ_k w_k · T² KL(p_t^k ‖ p_s)`` with :func:`ca_mkd_weights`."""
+    """CA-MKD logit term: ``Σ_k Σ_b w_kb · T² KL(p_t^k ‖ p_s)_b / (B · M)`` (the authors' ``loops.py``).
+
+    Args:
+        z_s: student logits ``[B, K]``.
+        teacher_logits: M >= 2 teachers' logits ``[B, K]`` (detached by the caller).
+        y: labels ``[B]``.
+        temperature: T.
+    """
     w = ca_mkd_weights(teacher_logits, y)
     kls = torch.stack([kd_loss(z_s, zt, temperature, reduction="none") for zt in teacher_logits])
-    return (w * kls).sum(dim=0).mean()
+    return (w * kls).sum() / (z_s.shape[0] * len(teacher_logits))
+
+
+def ca_mkd_feature_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor],
+                        head_logits: Sequence[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """CA-MKD intermediate term: ``Σ_k Σ_b w_kb · mean(( f̃_s^k − f_t^k )²)_b / (B · M)``.
+
+    Args:
+        student_feats: the student's features transformed for each teacher, ``[B, ...]`` each.
+        teacher_feats: each teacher's features (same shapes, detached).
+        head_logits: each teacher's classifier head applied to the transformed student features ``[B, K]``;
+            the weights :func:`ca_mkd_weights` come from their cross-entropy (with gradients, as in the authors' code).
+        y: labels ``[B]``.
+    """
+    w = ca_mkd_weights(head_logits, y)
+    b = y.shape[0]
+    mse = torch.stack([(fs - ft).pow(2).reshape(b, -1).mean(dim=1) for fs, ft in zip(student_feats, teacher_feats)])
+    return (w * mse).sum() / (b * len(student_feats))
+
+
+def takd_loss(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float) -> torch.Tensor:
+    """TAKD's distillation term (Mirzadeh 2020, the authors' ``train.py``): ``T² · nn.KLDivLoss()`` with the default
+    element-wise mean, i.e. ``T² · Σ_{b,k} KL_bk / (B · K)`` = :func:`kd_loss` / K. Shapes as :func:`kd_loss`."""
+    return kd_loss(z_s, z_t, temperature) / z_s.shape[1]
+
+
+def std_kd_parts(z_s: torch.Tensor, z_t: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MIX-KD's losses (Choi 2023, the authors' ``MIXSTDLoss``): logits scaled by their own row standard deviation.
+
+    ``σ = std(z, dim=1)`` (unbiased, not detached) replaces the temperature:
+    ``ce = −mean_b Σ_k target_k · log softmax(z_s/σ_s)_k`` and
+    ``kd = mean_b KL(softmax(z_t/σ_t) ‖ softmax(z_s/σ_s))`` (no T² factor).
+
+    Args:
+        z_s: student logits ``[B, K]`` (on the mixed batch).
+        z_t: teacher logits ``[B, K]`` (same mixed batch, detached).
+        target: mixed label distribution ``[B, K]``.
+
+    Returns:
+        ``(ce, kd)``.
+    """
+    log_p_s = F.log_softmax(z_s / z_s.std(dim=1, keepdim=True), dim=1)
+    log_p_t = F.log_softmax(z_t / z_t.std(dim=1, keepdim=True), dim=1)
+    ce = -(target * log_p_s).sum() / z_s.shape[0]
+    return ce, kl_from_log(log_p_t, log_p_s).mean()
 
 
 def balanced_kl_weights(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float = 1.0
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample-wise forward / reverse KL weights from the entropy gap (BD-KD-style balancing).
+    """Sample-wise forward / reverse KL weights of the BD-KD student from the entropy gap (Amara 2022).
 
-    ``w_rev = H_s / (H_s + H_t)``, ``w_fwd = 1 − w_rev`` per sample (entropies at temperature T, detached): an
-    under-confident model (high entropy) leans on the mode-seeking reverse KL, an over-confident one on the
-    mass-covering forward KL. Returns ``(w_fwd, w_rev)``, each ``[B]``, summing to one.
+    ``w_rev = H_s / (H_s + H_t)``, ``w_fwd = 1 − w_rev`` per sample (entropies at temperature T, detached), so
+    ``w_rev − w_fwd = (H_s − H_t) / (H_s + H_t)``: a student less confident than its teacher (higher entropy) leans
+    on the mode-seeking reverse KL, an over-confident one on the mass-covering forward KL. This normalised form is
+    bsnn's reading of the paper's entropy-gap rule (no authors' code is public). Returns ``(w_fwd, w_rev)``, each
+    ``[B]``, summing to one.
     """
     h_s = entropy(z_s.detach(), temperature)
     h_t = entropy(z_t.detach(), temperature)
@@ -433,7 +556,8 @@ def balanced_kl_weights(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float
 
 
 def balanced_kd_loss(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``mean_b [w_fwd · T² KL(p_t ‖ p_s) + w_rev · T² KL(p_s ‖ p_t)]`` (:func:`balanced_kl_weights`)."""
+    """BD-KD student term ``mean_b [w_fwd · T² KL(p_t ‖ p_s) + w_rev · T² KL(p_s ‖ p_t)]`` (:func:`balanced_kl_weights`;
+    ``z_t`` detached by the caller)."""
     w_f, w_r = balanced_kl_weights(z_s, z_t, temperature)
     fwd = kd_loss(z_s, z_t, temperature, reduction="none")
     rev = reverse_kd_loss(z_s, z_t, temperature, reduction="none")

@@ -7,18 +7,18 @@ gradients. Feature-based methods read features through forward hooks, never by c
 
 The base class and registry live in :mod:`bsnn.distill.base`; the methods in :mod:`bsnn.distill.logit`
 (ce, kd, dkd, dist, nkd, tf_nkd, zipf_ls, bake, mixup_kd), :mod:`bsnn.distill.feature` (fitnet, at, sp, rkd,
-pkt, crd) and :mod:`bsnn.distill.multi` (takd, ca_mkd, dml, bd_kd; :func:`takd_chain`).
+pkt, crd) and :mod:`bsnn.distill.multi` (takd, ca_mkd, dml, bd_kd; the TAKD chain is :func:`bsnn.pipeline.takd_chain`).
 """
 
 from __future__ import annotations
 
-from bsnn.distill.base import METHODS, Distiller, build_distiller, list_methods, register
+from bsnn.distill.base import METHODS, Distiller, DistillWarning, build_distiller, list_methods, register
 from bsnn.distill.feature import AT, CRD, PKT, RKD, SP, FeatureDistiller, FitNet
 from bsnn.distill.logit import BAKE, DIST, DKD, KD, NKD, CrossEntropyOnly, MixupKD, TfNKD, ZipfLS
-from bsnn.distill.multi import BDKD, CAMKD, DML, TAKD, takd_chain
+from bsnn.distill.multi import BDKD, CAMKD, DML, TAKD
 
 __all__ = [
     "AT", "BAKE", "BDKD", "CAMKD", "CRD", "DIST", "DKD", "DML", "KD", "METHODS", "NKD", "PKT", "RKD", "SP", "TAKD",
-    "CrossEntropyOnly", "Distiller", "FeatureDistiller", "FitNet", "MixupKD", "TfNKD", "ZipfLS", "build_distiller",
-    "list_methods", "register", "takd_chain",
+    "CrossEntropyOnly", "DistillWarning", "Distiller", "FeatureDistiller", "FitNet", "MixupKD", "TfNKD", "ZipfLS",
+    "build_distiller", "list_methods", "register",
 ]

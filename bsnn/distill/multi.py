@@ -1,99 +1,151 @@
-"""Multi-model methods: takd (+ :func:`takd_chain`), ca_mkd, dml, bd_kd."""
+"""Multi-model methods: takd, ca_mkd (several frozen teachers), dml and bd_kd (networks trained together).
+
+The pipeline (:mod:`bsnn.pipeline`) supplies the extra models: ``model.teachers`` for ``ca_mkd``,
+``model.assistants`` for ``takd`` (the whole chain: :func:`bsnn.pipeline.takd_chain`), a freshly initialised
+``model.teacher`` trained online for ``bd_kd``.
+"""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from bsnn.config import DistillConfig, TrainConfig
+from bsnn.binary import clamp_latent_
 from bsnn.distill import losses as L
 from bsnn.distill.base import Distiller, register, teacher_list
-from bsnn.distill.hooks import last_module_name
+from bsnn.distill.hooks import global_pool_head, last_module_name, model_device, probe_features
 from bsnn.errors import ConfigError
+from bsnn.models import create_model
 
 
 @register("takd")
 class TAKD(Distiller):
-    """Teacher-assistant KD (Mirzadeh 2020), one step of the chain: vanilla KD from the last model given.
+    """Teacher-assistant KD (Mirzadeh 2020), one step of the chain teacher -> assistant(s) -> student.
 
-    ``teacher`` may be one model or the chain ``[teacher, assistant_1, ..., assistant_n]`` (already trained);
-    the student learns from ``assistant_n`` by ``ce_weight·CE + kd_weight·T²·KL``. To train the whole chain
-    teacher → assistants → student in order use :func:`takd_chain`. Published weights: as KD (0.1 / 0.9).
+    ``teacher`` is the chain ``[teacher, assistant_1, ..., assistant_n]`` (already trained; a single model is
+    one step of the chain); the student learns from the last one with the authors' loss
+    ``ce_weight·CE + kd_weight·T²·nn.KLDivLoss()(log p_s, p_t)`` — the element-wise mean, i.e. the KD term
+    divided by the number of classes (:func:`bsnn.distill.losses.takd_loss`). The authors tune λ (weights
+    1 − λ, λ) and T per setting by search; the defaults here are KD's 0.1 / 0.9 and T = 4. The pipeline trains the
+    whole chain (``model.assistants``, :func:`bsnn.pipeline.takd_chain`) and refuses ``takd`` without assistants.
     """
 
     default_ce_weight = 0.1
     default_kd_weight = 0.9
+    uses_assistants = True
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> dict:
         z_t, _ = self.teacher_forward(x, teacher=self.teachers[-1])
         z_s = self.student(x)
-        kd = L.kd_loss(z_s, z_t, self.temperature)
+        kd = L.takd_loss(z_s, z_t, self.temperature)
         return self.combine(z_s, self.ce(z_s, y), kd, kd=kd)
 
 
-def takd_chain(teacher: nn.Module, assistants: Sequence[nn.Module], student: nn.Module, train_loader,
-               distill: DistillConfig | None = None, cfg: TrainConfig | Sequence[TrainConfig] | None = None,
-               *, checkpoint_path: str | Path | None = None, **fit_kwargs) -> list[list[dict]]:
-    """Train teacher → assistant_1 → ... → assistant_n → student, each step by :func:`bsnn.train.train_student`.
+def _resize_to(f: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """CA-MKD's spatial matching: average-pool down or bilinearly upsample ``f`` to ``ref``'s ``H × W``."""
+    if f.shape[-2:] == ref.shape[-2:]:
+        return f
+    if f.shape[-2] >= ref.shape[-2]:
+        return F.adaptive_avg_pool2d(f, ref.shape[-2:])
+    return F.interpolate(f, size=ref.shape[-2:], mode="bilinear")
 
-    Every step distils the next model from the previous (trained, then frozen) one with ``distill``
-    (vanilla KD when its method is ``"takd"`` or unset: TAKD's recipe). The teacher must already be trained.
 
-    Args:
-        teacher: trained full-precision teacher.
-        assistants: intermediate models, largest first (each trained here, then frozen as the next teacher).
-        student: the final student.
-        train_loader: training loader for every step.
-        distill: distillation config of every step (default: ``DistillConfig(method="kd")``).
-        cfg: one :class:`TrainConfig` for all steps or one per step (``len(assistants) + 1``).
-        checkpoint_path: if given, step ``i`` checkpoints to ``<stem>_step<i><suffix>`` (resumable per step).
-        **fit_kwargs: passed to :func:`bsnn.train.train_student` (``val_loader``, ``device``, ``quiet``, ...).
-
-    Returns:
-        The per-epoch history of every step, in chain order.
-    """
-    from bsnn.train import train_student
-
-    distill = distill or DistillConfig(method="kd")
-    if distill.method == "takd":
-        distill = dataclasses.replace(distill, method="kd", params={})
-    models = [teacher, *assistants, student]
-    steps = len(models) - 1
-    cfgs = list(cfg) if isinstance(cfg, (list, tuple)) else [cfg or TrainConfig()] * steps
-    if len(cfgs) != steps:
-        raise ConfigError(f"takd_chain: {steps} steps need {steps} train configs, got {len(cfgs)}")
-    histories = []
-    for i in range(steps):
-        kwargs = dict(fit_kwargs)
-        if checkpoint_path is not None:
-            p = Path(checkpoint_path)
-            kwargs["checkpoint_path"] = p.with_name(f"{p.stem}_step{i + 1}{p.suffix}")
-        kwargs.setdefault("desc", f"takd[{i + 1}/{steps}]")
-        histories.append(train_student(models[i + 1], models[i], train_loader, distill, cfgs[i], **kwargs))
-    return histories
+def _embed(f_s: torch.Tensor, f_t: torch.Tensor) -> nn.Module:
+    """CA-MKD's Embed: 1x1 conv + BN + ReLU for maps; its vector analogue (Linear + BN1d + ReLU) otherwise."""
+    if f_s.dim() == 4:
+        return nn.Sequential(nn.Conv2d(f_s.shape[1], f_t.shape[1], 1), nn.BatchNorm2d(f_t.shape[1]), nn.ReLU())
+    return nn.Sequential(nn.Linear(f_s.shape[1], f_t.shape[1]), nn.BatchNorm1d(f_t.shape[1]), nn.ReLU())
 
 
 @register("ca_mkd")
 class CAMKD(Distiller):
-    """Confidence-aware multi-teacher KD (Zhang 2022), logit part.
+    """Confidence-aware multi-teacher KD (Zhang 2022, the authors' ``loops.py`` with ``--distill inter``).
 
-    ``teacher`` is a list / ``nn.ModuleList`` of M teachers; per sample ``w_k = (1 − softmax_k(CE_k)) / (M − 1)``
-    (confident teachers weigh more, Σ_k w_k = 1) and the term is ``mean_b Σ_k w_k · T²·KL(p_t^k ‖ p_s)``.
-    The paper's intermediate-feature term is not included. Published weights: CE 1, KD 1.
+    ``ce_weight·CE + kd_weight·(kd + feature_weight·feature)`` with M >= 2 frozen teachers:
+
+    * ``kd = Σ_k Σ_b w_kb · T²·KL(p_t^k ‖ p_s)_b / (B·M)``, ``w_k = (1 − softmax_k(CE(z_t^k, y))) / (M − 1)``
+      (:func:`bsnn.distill.losses.ca_mkd_loss`);
+    * ``feature``: the student's last features, transformed for each teacher by a trained Embed (1x1 conv + BN +
+      ReLU), are matched to that teacher's by MSE, weighted as above but with the CE of the teacher's own head
+      applied to the transformed features (with gradients, as in the authors' code;
+      :func:`bsnn.distill.losses.ca_mkd_feature_loss`). Features: the map before the global average pool when
+      the student and every teacher end ``global-average-pool -> Linear`` (the authors' ``feat[-2]``, head =
+      pool + fc), else the inputs of the last ``nn.Linear`` (head = that Linear; Embed = Linear + BN1d + ReLU).
+      A student map larger than the teacher's is average-pooled, a smaller one bilinearly upsampled (the authors
+      resize the student map in place teacher after teacher; here each teacher resizes the original).
+
+    The authors leave the feature term out in the first of 240 epochs; ``feature_delay`` None keeps that fraction
+    (``epochs / 240`` epochs without it, so none in runs shorter than 240 epochs).
+
+    Params: ``feature_weight`` (50; 0 = the logit-only CA-MKD), ``feature_delay`` (None), ``input_shape``.
+    Published: CE 1, KD 1, β = 50, T = 4.
     """
 
+    min_teachers = 2
+    teacher_hint = "; list the others in model.teachers (ca_mkd distils from [model.teacher, *model.teachers])"
+    param_defaults = {"feature_weight": 50.0, "feature_delay": None, "input_shape": None}
+    schedule_defaults = {"feature_delay": (1, 240)}
+
+    def __init__(self, student, teacher, cfg, **context) -> None:
+        super().__init__(student, teacher, cfg, **context)
+        self.embeds = nn.ModuleList()
+        self.student_layers: list[str] = []
+        self.teacher_layers: list[str] = []
+        self.__dict__["heads"] = []
+        if float(self.hparams["feature_weight"]) == 0:
+            return
+        shape = self.hparams["input_shape"]
+        models = [student, *self.teachers]
+        roles = ["student"] + [f"teacher {i}" for i in range(len(self.teachers))]
+        pooled = [global_pool_head(m, r, self._example_input, shape) for m, r in zip(models, roles)]
+        maps = all(head is not None for head in pooled)  # else the inputs of the last nn.Linear
+        specs, fcs = [], []
+        for m, role, head in zip(models, roles, pooled):
+            fc = head[1] if maps else last_module_name(m, nn.Linear)
+            if fc is None:
+                raise ConfigError(f"ca_mkd: the {role} has no nn.Linear classifier; set "
+                                  "distill.params.feature_weight=0 for the logit-only CA-MKD")
+            specs.append(head[0] + ":in" if maps else fc + ":in")
+            fcs.append(fc)
+        self.student_layers, self.teacher_layers = specs[:1], specs[1:]
+        self.__dict__["heads"] = [dict(t.named_modules())[fc] for t, fc in zip(self.teachers, fcs[1:])]
+        (f_s,) = probe_features(student, self.student_layers, "student", self._example_input, shape)
+        device, dtype = model_device(student)
+        for t, spec, role in zip(self.teachers, self.teacher_layers, roles[1:]):
+            (f_t,) = probe_features(t, [spec], role, self._example_input, shape)
+            self.embeds.append(_embed(f_s, f_t).to(device, dtype))
+
+    def feature_active(self) -> bool:
+        """False during the first ``feature_delay`` epochs (and when ``feature_weight`` is 0)."""
+        if not self.embeds:
+            return False
+        return self.epoch is None or self.epoch + 1 > float(self.hparams["feature_delay"])
+
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> dict:
-        z_ts = [self.teacher_forward(x, teacher=t)[0] for t in self.teachers]
-        z_s = self.student(x)
+        tap = self.feature_active()
+        outs = [self.teacher_forward(x, [self.teacher_layers[i]] if tap else [], teacher=t)
+                for i, t in enumerate(self.teachers)]
+        z_ts = [o[0] for o in outs]
+        z_s, f_s = self.student_forward(x, self.student_layers if tap else [])
+        kd = L.ca_mkd_loss(z_s, z_ts, y, self.temperature)
         w = L.ca_mkd_weights(z_ts, y)
-        kls = torch.stack([L.kd_loss(z_s, z_t, self.temperature, reduction="none") for z_t in z_ts])
-        kd = (w * kls).sum(dim=0).mean()
-        return self.combine(z_s, self.ce(z_s, y), kd, kd=kd, teacher_weights=w.mean(dim=1))
+        parts = {"kd": kd, "teacher_weights": w.mean(dim=1)}
+        term = kd
+        if tap:
+            trans, f_ts, heads = [], [], []
+            for embed, head, (_, (f_t,)) in zip(self.embeds, self.heads, outs):
+                t = embed(_resize_to(f_s[0], f_t) if f_t.dim() == 4 else f_s[0])
+                trans.append(t)
+                f_ts.append(f_t)
+                heads.append(F.linear(t.mean(dim=(2, 3)) if t.dim() == 4 else t, head.weight, head.bias))
+            feature = L.ca_mkd_feature_loss(trans, f_ts, heads, y)
+            term = kd + float(self.hparams["feature_weight"]) * feature
+            parts["feature"] = feature
+        return self.combine(z_s, self.ce(z_s, y), term, **parts)
 
 
 def _reset_parameters_(model: nn.Module) -> nn.Module:
@@ -107,8 +159,6 @@ def _reset_parameters_(model: nn.Module) -> nn.Module:
 
 def _peer_from_name(student: nn.Module, name: str, kwargs: dict | None) -> nn.Module:
     """A registered model ``name`` with the student's ``num_classes`` (last Linear) and ``in_channels``."""
-    from bsnn.models import create_model
-
     fc = last_module_name(student, nn.Linear)
     if fc is None:
         raise ConfigError(f"cannot infer num_classes for the peer {name!r} (the student has no nn.Linear); "
@@ -133,10 +183,11 @@ class DML(Distiller):
     ``params['peer_kwargs']``), else ``num_peers`` deep copies of the student with re-initialised parameters
     (``reinit``; identical copies would never diverge). Binary peers' latent weights are clamped before each
     training forward. A given teacher is ignored. Params: ``num_peers`` (1), ``peer`` (None), ``peer_kwargs``
-    ({}), ``reinit`` (True). Published weights: CE 1, KL 1 (the paper uses T = 1).
+    ({}), ``reinit`` (True). Published: CE 1, KL 1, T = 1 (the paper's plain softmax).
     """
 
     needs_teacher = False
+    default_temperature = 1.0
     param_defaults = {"num_peers": 1, "peer": None, "peer_kwargs": None, "reinit": True}
 
     def __init__(self, student, teacher, cfg, *, peer: nn.Module | Sequence[nn.Module] | None = None,
@@ -161,20 +212,15 @@ class DML(Distiller):
                 q.requires_grad_(True)
         self.peers = nn.ModuleList(peers).to(device)
 
-    def divergence(self, z_i: torch.Tensor, z_j: torch.Tensor) -> torch.Tensor:
-        """Distillation term of network i towards network j (``z_j`` detached)."""
-        return L.kd_loss(z_i, z_j, self.temperature)
-
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> dict:
         if self.training:
-            from bsnn.binary import clamp_latent_
-
             clamp_latent_(self.peers)
         zs = [self.student(x)] + [p(x) for p in self.peers]
         ces, kls = [], []
         for i, z_i in enumerate(zs):
             ces.append(self.ce(z_i, y))
-            kls.append(sum(self.divergence(z_i, z_j.detach()) for j, z_j in enumerate(zs) if j != i) / (len(zs) - 1))
+            kls.append(sum(L.kd_loss(z_i, z_j.detach(), self.temperature) for j, z_j in enumerate(zs) if j != i)
+                       / (len(zs) - 1))
         loss = sum(self.ce_weight * c + self.kd_weight * k for c, k in zip(ces, kls))
         return {"loss": loss, "ce": ces[0].detach(), "kl": kls[0].detach(),
                 "peer_ce": torch.stack(ces[1:]).mean().detach(), "peer_kl": torch.stack(kls[1:]).mean().detach(),
@@ -182,14 +228,45 @@ class DML(Distiller):
 
 
 @register("bd_kd")
-class BDKD(DML):
-    """Online KD with balanced forward / reverse KL (after BD-KD, Amara 2022).
+class BDKD(Distiller):
+    """BD-KD (Amara 2022): online KD, the (larger) teacher trained together with the student.
 
-    As :class:`DML`, but each network's term is
-    ``mean_b [w_fwd · T²·KL(p_j ‖ p_i) + w_rev · T²·KL(p_i ‖ p_j)]`` with sample-wise weights from the entropy gap
-    (:func:`bsnn.distill.losses.balanced_kl_weights`: ``w_rev = H_i / (H_i + H_j)``). This is a simplified,
-    symmetric reading of BD-KD's entropy-guided weighting, not a line-by-line port. Params as :class:`DML`.
+    * student: ``ce_weight·CE(z_s, y) + kd_weight·mean_b [w_fwd·T²KL(p_t ‖ p_s) + w_rev·T²KL(p_s ‖ p_t)]`` with
+      sample-wise weights from the teacher–student entropy gap (:func:`bsnn.distill.losses.balanced_kl_weights`;
+      teacher detached);
+    * teacher: ``ce_weight·CE(z_t, y) + teacher_kd_weight·T²KL(p_s ‖ p_t)`` (the paper's reverse KL as the teacher's
+      regulariser; student detached).
+
+    The loss is their sum, so one optimiser step trains both: the teacher is a submodule (``parameters()``,
+    ``state_dict()``), in train mode with the distiller. ``teacher`` must be exactly one network; the pipeline
+    gives a freshly initialised ``model.teacher`` (the paper trains both from scratch). No authors' code is
+    public: the weighting follows bsnn's reading of the paper (see :func:`~bsnn.distill.losses.balanced_kl_weights`).
+    Params: ``teacher_kd_weight`` (1). Defaults: CE 1, KD 1, T = 4.
     """
 
-    def divergence(self, z_i: torch.Tensor, z_j: torch.Tensor) -> torch.Tensor:
-        return L.balanced_kd_loss(z_i, z_j, self.temperature)
+    trains_teacher = True
+    param_defaults = {"teacher_kd_weight": 1.0}
+
+    def __init__(self, student, teacher, cfg, **context) -> None:
+        online = teacher_list(teacher)
+        if len(online) != 1:
+            raise ConfigError(f"bd_kd trains one teacher online with the student; give exactly one teacher network "
+                              f"(model.teacher), got {len(online)}")
+        super().__init__(student, teacher, cfg, **context)
+        self.online_teacher = online[0]
+        device = next(iter(student.parameters()), torch.empty(0)).device
+        self.online_teacher.to(device).train(student.training)
+        for q in self.online_teacher.parameters():
+            q.requires_grad_(True)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> dict:
+        t = self.temperature
+        z_s = self.student(x)
+        z_t = self.online_teacher(x)
+        kd_s = L.balanced_kd_loss(z_s, z_t.detach(), t)
+        kd_t = L.reverse_kd_loss(z_s.detach(), z_t, t)
+        ce_s, ce_t = self.ce(z_s, y), self.ce(z_t, y)
+        loss = (self.ce_weight * ce_s + self.kd_weight * kd_s
+                + self.ce_weight * ce_t + float(self.hparams["teacher_kd_weight"]) * kd_t)
+        return {"loss": loss, "ce": ce_s.detach(), "kd": kd_s.detach(), "teacher_ce": ce_t.detach(),
+                "teacher_kd": kd_t.detach(), "logits": z_s}
