@@ -18,10 +18,13 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 from torch.utils.data import DataLoader, TensorDataset
 
-from bsnn.config import DistillConfig, TrainConfig, from_dict
+from bsnn.config import DistillConfig, TrainConfig, from_dict, load_config
 from bsnn.distill import METHODS, DistillWarning, IndexedDataset, build_distiller, list_methods, losses as L
+from bsnn.distill.logit import mixed_targets, partial_mixup
 from bsnn.errors import ConfigError
-from bsnn.pipeline import check_models, fit_schedules, takd_chain
+from bsnn.pipeline import (check_models, fit_schedules, load_model, make_context, stage_student, stage_teacher,
+                           takd_chain)
+from bsnn.train import fit
 
 K = 5
 
@@ -422,8 +425,6 @@ def test_takd_chain_trains_assistant_then_student(tmp_path):
 
 
 def test_fit_trains_method_owned_heads_and_uses_index():
-    from bsnn.train import fit
-
     g = torch.Generator().manual_seed(0)
     ds = IndexedDataset(TensorDataset(torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, K, (8,), generator=g)))
     assert ds[5][2] == 5 and len(ds) == 8
@@ -894,7 +895,6 @@ def test_ref_mixup_kd_std_scaled_losses():
     z_t = _z(k=K, seed=1)
     _pure_agrees(lambda z: 0.1 * L.std_kd_parts(z, z_t, target)[0] + 0.9 * L.std_kd_parts(z, z_t, target)[1],
                  lambda z: ref_mixstd(z, z_t, target, 0.1, 0.9), _z(k=K))
-    from bsnn.distill.logit import mixed_targets, partial_mixup
     x, y = _xb()
     torch.manual_seed(0)
     x_mix, a, perm = partial_mixup(x, unmixed=0.5)
@@ -939,9 +939,6 @@ def test_tf_nkd_without_a_mid_stage_warns_and_leaves_the_weak_head_out():
 
 
 def test_pipeline_trains_further_teachers_assistants_and_the_online_teacher(tmp_path):
-    from bsnn.config import load_config
-    from bsnn.pipeline import load_model, make_context, stage_student, stage_teacher
-
     base = ["data.name=digits", "data.limit_train=256", "train.epochs=1", "student.epochs=1", "run.quiet=true"]
 
     def ctx_for(name, *extra):
