@@ -5,14 +5,18 @@
 * Backward: straight-through estimator clipped to the latent range, d sign(w)/dw = 1 if |w| <= clip else 0.
 * Latent weights are clamped to [-clip, clip] after every optimiser step (:func:`clamp_latent_`).
 
-First and last layers stay full precision by default (Lu & Sengupta 2020; REFERENCE §1, §4).
+First and last layers (in execution order, :func:`execution_order`) stay full precision by default
+(Lu & Sengupta 2020; REFERENCE §1, §4).
 """
 
 from __future__ import annotations
 
+import copy
+import warnings
 from typing import Callable
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -140,19 +144,66 @@ def _to_binary(m: nn.Module, cfg: BinaryConfig) -> nn.Module:
     return new
 
 
+class _LayerTracer(fx.Tracer):
+    """fx tracer that stops at conv/linear layers (bsnn's binary ones included), so each is one graph node."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, qualname)
+
+
+def execution_order(model: nn.Module, example_input: torch.Tensor | None = None) -> list[str] | None:
+    """Qualified names of the conv/linear layers of ``model`` in the order its forward calls them (a layer called
+    twice appears twice); layers forward never calls are left out.
+
+    With ``example_input`` (a batch ``[B, ...]``) the order is recorded by forward hooks on one forward pass, in
+    eval mode and without gradients (BatchNorm statistics and the train/eval flags are left as they were);
+    otherwise it is read from a ``torch.fx`` trace. Returns None when there is no example and forward cannot be
+    traced (e.g. Python control flow on tensor values).
+    """
+    layers = {id(m): n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    if example_input is None:
+        try:
+            graph = _LayerTracer().trace(model)
+        except Exception:  # noqa: BLE001 - fx raises many types; the caller falls back
+            return None
+        return [n.target for n in graph.nodes if n.op == "call_module" and id(model.get_submodule(n.target)) in layers]
+    order: list[str] = []
+    modes = {m: m.training for m in model.modules()}
+    hooks = [m.register_forward_pre_hook(lambda mod, _args: order.append(layers[id(mod)]))
+             for m in model.modules() if id(m) in layers]
+    try:
+        with torch.no_grad():
+            model.eval()(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes.items():
+            m.train(mode)
+    return order
+
+
 def binarize_(
     model: nn.Module,
     cfg: BinaryConfig | None = None,
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
+    *,
+    example_input: torch.Tensor | None = None,
 ) -> nn.Module:
     """Replace conv/linear layers of ``model`` by binary-weight layers, in place.
 
+    "First" and "last" layer mean the first and last conv/linear layer *forward runs* (not the first and last
+    registered): the order comes from :func:`execution_order` — forward hooks on ``example_input`` when given,
+    else a ``torch.fx`` trace. If there is no example and forward cannot be traced, it falls back to registration
+    order (``model.named_modules()``) with a warning; pass ``example_input`` for such models.
+
     Args:
         model: the network to edit.
-        cfg: binarisation settings; ``keep_first`` / ``keep_last`` keep the first / last conv-or-linear
-            layer (in ``model.modules()`` order) full precision.
+        cfg: binarisation settings; ``keep_first`` / ``keep_last`` keep the first / last executed conv-or-linear
+            layer full precision.
         filter_fn: optional ``(qualified_name, module) -> bool``; when given, a layer is binarised only if it
             returns True (applied after the first/last rule).
+        example_input: optional input batch ``[B, ...]`` to record the execution order with (one forward pass in
+            eval mode, no gradients; nothing in the model changes).
 
     Returns:
         ``model`` itself (edited in place), for chaining.
@@ -162,12 +213,18 @@ def binarize_(
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and not is_binary(m)]
     if not layers:
         raise ConfigError(f"binarize_: {type(model).__name__} has no nn.Conv2d / nn.Linear layer to binarise")
-    all_layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    order = execution_order(model, example_input) if cfg.keep_first or cfg.keep_last else []
+    if order is None:
+        warnings.warn(f"binarize_: cannot trace {type(model).__name__}.forward with torch.fx, so the first/last layer "
+                      "kept full precision are the first/last registered ones; pass example_input=<a batch> to use "
+                      "the execution order", stacklevel=2)
+    if not order:
+        order = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     skip = set()
     if cfg.keep_first:
-        skip.add(all_layers[0])
+        skip.add(order[0])
     if cfg.keep_last:
-        skip.add(all_layers[-1])
+        skip.add(order[-1])
     for name, m in layers:
         if name in skip or (filter_fn is not None and not filter_fn(name, m)):
             continue
@@ -193,8 +250,6 @@ def binary_layer_names(model: nn.Module) -> list[str]:
 def materialize(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose binary layers are plain ``nn.Conv2d`` / ``nn.Linear`` holding the effective
     weight α·sign(W) — the same function, usable by tools that know nothing of bsnn (e.g. other converters)."""
-    import copy
-
     out = copy.deepcopy(model)
     for name, m in list(out.named_modules()):
         if not is_binary(m):

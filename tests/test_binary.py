@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -107,3 +109,40 @@ def test_materialize_same_function_plain_layers():
     assert not binary_layer_names(plain) and binary_layer_names(net) == ["2", "5"]
     x = torch.randn(3, 1, 8, 8)
     torch.testing.assert_close(plain(x), net(x))
+
+
+class _HeadRegisteredFirst(nn.Module):
+    """Registered: head, stem, mid1, mid2; executed: stem, mid1, mid2, head (optionally behind data-dependent
+    control flow, which torch.fx cannot trace)."""
+
+    def __init__(self, branchy: bool = False) -> None:
+        super().__init__()
+        self.branchy = branchy
+        self.head = nn.Linear(4, 3)
+        self.stem = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.mid1, self.mid2 = nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.stem(x)))
+        if self.branchy and bool(h.sum() > 0):
+            h = h * 1.0
+        h = torch.relu(self.mid2(torch.relu(self.mid1(h))))
+        return self.head(h.mean((2, 3)))
+
+
+def test_binarize_keeps_first_and_last_in_execution_order():
+    net = binarize_(_HeadRegisteredFirst())  # traced with torch.fx
+    assert type(net.stem) is nn.Conv2d and type(net.head) is nn.Linear
+    assert binary_layer_names(net) == ["mid1", "mid2"]
+
+
+def test_binarize_execution_order_from_an_example_input():
+    net = _HeadRegisteredFirst(branchy=True).train()
+    with pytest.warns(UserWarning, match="example_input"):  # untraceable: registration order, with a warning
+        binarize_(copy.deepcopy(net))
+    bn = {k: v.clone() for k, v in net.bn.state_dict().items()}
+    binarize_(net, example_input=torch.randn(2, 1, 8, 8))
+    assert binary_layer_names(net) == ["mid1", "mid2"]
+    assert net.training and net.bn.training  # modes restored
+    assert all(torch.equal(v, net.bn.state_dict()[k]) for k, v in bn.items())  # BN statistics untouched
