@@ -217,3 +217,27 @@ def test_per_channel_scale_into_binary_layer_refused_by_surgery():
     thresholds = {k: torch.ones(8) if i == 0 else torch.ones(()) for i, k in enumerate(relu_modules(gm))}
     with pytest.raises(ConversionError, match="per_channel=false"):
         convert_with_thresholds(gm, thresholds, ConvertConfig(), [1, 8, 8])
+
+
+def test_convert_leaves_the_callers_model_where_it_is():
+    """Calibration on another device must not move the caller's model (fx shares its submodules)."""
+    moved = []
+
+    class Tracked(Residual):
+        def _apply(self, fn, *args, **kwargs):  # .to() / .cpu() / .cuda() all go through here
+            if self is net:
+                moved.append(fn)
+            return super()._apply(fn, *args, **kwargs)
+
+    torch.manual_seed(0)
+    net = Tracked().eval()
+    snn = convert(net, _loader(torch.randn(16, 1, 8, 8)), ConvertConfig(threshold=Max()), device="cpu")
+    assert moved == []  # neither .to(device) nor .cpu() touched the caller's model
+    shared = {id(m) for m in net.modules()} & {id(m) for m in snn.modules()}
+    assert not shared  # and the SNN holds none of its modules
+
+
+def test_empty_calibration_loader_is_a_conversion_error():
+    empty = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    with pytest.raises(ConversionError, match="calibration loader yielded no samples"):
+        convert(_residual(), empty)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -44,8 +45,9 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
     cfg = cfg or ConvertConfig()
     cfg.validate()
     warn_architecture(model, cfg.v_init, cfg.snn_calibration, where="convert: ")
-    example = next(iter(calib_loader))[0]
-    gm = capture(model.to(device), example.to(device))
+    example = _first_batch(calib_loader)
+    # capture a copy: fx shares submodules with the traced model, and calibration moves them to ``device``
+    gm = capture(copy.deepcopy(model).to(device), example.to(device))
     acts = activation_modules(gm)
     if not acts:
         raise ConversionError(f"{type(model).__name__} has no ReLU activation to turn into spiking neurons")
@@ -83,6 +85,17 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
         snn.meta["snn_calibration_error"] = calibrate_snn_(snn, gm, x, cfg.snn_calibration_timesteps,
                                                            cfg.snn_calibration)
     return snn
+
+
+def _first_batch(loader) -> torch.Tensor:
+    """The inputs ``[B, C, H, W]`` of the loader's first batch (a clear error for an empty loader)."""
+    for batch in loader:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if isinstance(x, torch.Tensor) and x.shape[0] > 0:
+            return x
+        break
+    raise ConversionError("convert: the calibration loader yielded no samples; pass a DataLoader over (a part of) "
+                          "the training set, e.g. bsnn.data.calibration_loader(splits, data_cfg, 2048)")
 
 
 def _first_samples(loader, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,6 +42,9 @@ class IFNeuron(nn.Module):
         v_init_bias: extra initial membrane in units of θ (set by post-conversion calibration), per channel
             (``channel_shape``: ``[C, 1, 1]`` or ``[F]``).
         i_bias: extra input current per timestep in units of θ (bias calibration), per channel.
+        i_bias_steps: number of timesteps after each reset during which ``i_bias`` flows (int64 scalar); 0 = every
+            timestep. Bias calibration sets it to the T it was calibrated for, so the correction's total charge is
+            bounded and its effect on the firing rate vanishes as ``1/T``: the SNN still converges to the ANN.
 
     Attributes:
         time_chunk: number of timesteps folded into the batch of the current call (set by the simulator).
@@ -57,6 +60,7 @@ class IFNeuron(nn.Module):
         per_channel = torch.zeros(channel_shape) if channel_shape is not None else torch.zeros_like(self.threshold)
         self.register_buffer("v_init_bias", per_channel.clone())
         self.register_buffer("i_bias", per_channel.clone())
+        self.register_buffer("i_bias_steps", torch.tensor(0, dtype=torch.int64))
         self.name = name
         self.time_chunk = 1
         self.kernel = "torch"
@@ -64,12 +68,19 @@ class IFNeuron(nn.Module):
         self.pre_bias: torch.Tensor | None = None  # synaptic bias deferred into the neuron (bsnn.snn.synapse)
         self.spike_dtype: torch.dtype | None = None  # dtype of emitted spikes (None: the input's)
         self.v: torch.Tensor | None = None
+        self.t = 0  # timesteps run since the last reset
         self.spike_count: list[float] = []
         self.neurons_per_sample = 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # networks saved before ``i_bias_steps`` existed had a bias current on every timestep (0 = no window)
+        state_dict.setdefault(prefix + "i_bias_steps", torch.tensor(0, dtype=torch.int64))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset(self) -> None:
         """Forget the membrane potential and the spike record (call before each new input batch)."""
         self.v = None
+        self.t = 0
         self.spike_count = []
 
     def gain(self) -> torch.Tensor:
@@ -92,9 +103,19 @@ class IFNeuron(nn.Module):
             self._one = torch.ones((), dtype=torch.float32, device=x.device)
             self._gain = self.gain()
             self._bias = self.i_bias if bool(self.i_bias.any()) else None
+            self._bias_steps = int(self.i_bias_steps)
         counts: list[torch.Tensor] | None = [] if self.record else None
-        spikes, self.v = get_kernel(self.kernel)(x_seq, self._one, self.v, self._gain, self._bias, self.pre_bias,
-                                                 self.spike_dtype, counts)
+        # the bias current flows during the first i_bias_steps timesteps only: split the chunk where it stops
+        split = tc if self._bias is None or not self._bias_steps else min(tc, max(0, self._bias_steps - self.t))
+        kernel = get_kernel(self.kernel)
+        parts = []
+        for lo, hi, bias in ((0, split, self._bias), (split, tc, None)):
+            if hi > lo:
+                out, self.v = kernel(x_seq[lo:hi], self._one, self.v, self._gain, bias, self.pre_bias,
+                                     self.spike_dtype, counts)
+                parts.append(out)
+        spikes = parts[0] if len(parts) == 1 else torch.cat(parts)
+        self.t += tc
         if counts:
             # python floats, not tensor views: no small long-lived tensors pinning the heap as T grows;
             # per-sample counts are exact in float32 (< 2^24), the sum over samples in float64
