@@ -147,10 +147,13 @@ def prepare_mnist5k(args) -> dict:
     default_student = ROOT / "runs" / "default" / "student.pt"
     cache_full = Path(args.cache) / "mnist5k_default_student.pt"
     cache_quick = Path(args.cache) / "mnist5k_quick_student.pt"
+    def _g(v) -> str:  # None = the method's published value (KD: T 4, ce 0.1 / kd 0.9)
+        return "published" if v is None else f"{v:g}"
+
     def recipe(t_ep, s_ep) -> str:
         return (f"configs/default.yaml: small_cnn teacher (CE, Adam lr {cfg.train.lr:g} cosine, wd "
                 f"{cfg.train.weight_decay:g}, {t_ep} epochs) -> binary small_cnn student (vanilla KD, temperature "
-                f"{cfg.distill.temperature:g}, ce {cfg.distill.ce_weight:g} / kd {cfg.distill.kd_weight:g}, Adam lr "
+                f"{_g(cfg.distill.temperature)}, ce {_g(cfg.distill.ce_weight)} / kd {_g(cfg.distill.kd_weight)}, Adam lr "
                 f"{cfg.student.lr:g} cosine, {s_ep} epochs), batch {cfg.data.batch_size}, no augmentation")
 
     budget: dict = {"recipe": recipe(cfg.train.epochs, cfg.student.epochs),

@@ -277,7 +277,7 @@ def train_student(
     with torch.random.fork_rng(devices=[]):  # probing the data must not move the RNG (determinism)
         example = dataset[0][0].unsqueeze(0) if dataset is not None else _first_batch(train_loader)[0][:1]
     objective = build_distiller(student, teacher, distill, example_input=example.to(device),
-                                n_data=len(dataset) if dataset is not None else None)
+                                n_data=len(dataset) if dataset is not None else None, epochs=cfg.epochs)
     return fit(objective, student, train_loader, cfg, desc=kwargs.pop("desc", f"student[{distill.method}]"), **kwargs)
 
 
