@@ -8,7 +8,9 @@ are type-checked and range-checked by ``validate()``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +25,36 @@ from bsnn.errors import ConfigError
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: ``1e30`` / ``1e-3`` are numbers, not strings (YAML 1.1 wanted
+    ``1.0e+30``); ``.inf`` / ``.nan`` stay floats (and are refused where a finite number is needed)."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text safely (no code, plain data only) with YAML 1.2 floats (``1e30`` is a number)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    """A real number (not a bool) that is neither NaN nor infinite."""
+    return _number(value) and math.isfinite(value)
 
 
 @dataclass
@@ -83,6 +115,10 @@ class DataConfig:
         _check(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0, got {self.eval_batch_size}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _check(0.0 <= self.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        for key in ("limit_train", "limit_test"):
+            v = getattr(self, key)
+            _check(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                   f"data.{key} must be a positive number of samples or null (all), got {v!r}")
 
 
 @dataclass
@@ -171,12 +207,18 @@ class TrainConfig:
     def validate(self) -> None:
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _check(self.optimizer in ("sgd", "adam"), f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        for key in ("lr", "momentum", "weight_decay", "gamma", "label_smoothing"):
+            v = getattr(self, key)
+            _check(_finite(v), f"{key} must be a finite number, got {v!r}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(0.0 <= self.momentum < 1.0, f"momentum must be in [0, 1), got {self.momentum}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.gamma > 0, f"gamma must be > 0, got {self.gamma}")
         _check(self.schedule in ("cosine", "step", "constant"),
                f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
         _check(self.step_epochs >= 1, f"step_epochs must be >= 1, got {self.step_epochs}")
-        _check(len(self.betas) == 2, f"betas must have two values, got {self.betas!r}")
+        _check(len(self.betas) == 2 and all(_finite(b) and 0.0 <= b < 1.0 for b in self.betas),
+               f"betas must be two numbers in [0, 1) (Adam's (beta1, beta2), e.g. [0.9, 0.999]), got {self.betas!r}")
         _check(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _check(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
@@ -200,7 +242,7 @@ class BinaryConfig:
     def validate(self) -> None:
         _check(self.scale in ("channel", "layer", "none"),
                f"binary.scale must be 'channel', 'layer' or 'none', got {self.scale!r}")
-        _check(self.clip > 0, f"binary.clip must be > 0, got {self.clip}")
+        _check(_finite(self.clip) and self.clip > 0, f"binary.clip must be a finite number > 0, got {self.clip}")
 
 
 @dataclass
@@ -349,10 +391,14 @@ class SimConfig:
     constraints: Union[dict, None] = None
 
     def validate(self) -> None:
-        _check(len(self.timesteps) > 0 and all(isinstance(t, int) and t >= 1 for t in self.timesteps),
-               f"simulate.timesteps must be positive integers, got {self.timesteps!r}")
+        _check(len(self.timesteps) > 0 and all(isinstance(t, int) and not isinstance(t, bool) and t >= 1
+                                               for t in self.timesteps),
+               f"simulate.timesteps must be a list of positive integers (e.g. [1, 2, 4, 8]), got {self.timesteps!r}")
         _check(self.time_chunk >= 1, f"simulate.time_chunk must be >= 1, got {self.time_chunk}")
-        _check(self.max_samples is None or (isinstance(self.max_samples, int) and self.max_samples >= 1),
+        _check(self.constraints is None or isinstance(self.constraints, dict),
+               f"simulate.constraints must be a mapping of constraint settings or null, got {self.constraints!r}")
+        _check(self.max_samples is None or (isinstance(self.max_samples, int) and not isinstance(self.max_samples, bool)
+                                            and self.max_samples >= 1),
                f"simulate.max_samples must be a positive number of samples or null (all), got {self.max_samples!r}")
         _check(self.encoding in ("direct", "poisson"),
                f"simulate.encoding must be 'direct' or 'poisson', got {self.encoding!r}")
@@ -397,7 +443,9 @@ class CostConfig:
 
         _check(self.preset in list_presets(), f"cost.preset must be one of {list_presets()}, got {self.preset!r}")
         _check(self.mode in ("dense", "event_driven"), f"cost.mode must be 'dense' or 'event_driven', got {self.mode!r}")
-        _check(self.timesteps is None or self.timesteps >= 1, f"cost.timesteps must be >= 1, got {self.timesteps}")
+        _check(self.timesteps is None or (isinstance(self.timesteps, int) and not isinstance(self.timesteps, bool)
+                                          and self.timesteps >= 1),
+               f"cost.timesteps must be a positive integer or null (the largest simulated T), got {self.timesteps!r}")
 
 
 @dataclass
@@ -482,6 +530,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -526,7 +576,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not parts:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -569,9 +619,16 @@ def read_yaml_mapping(path: str | os.PathLike, what: str, hint: str) -> dict:
     if not p.is_file():
         raise ConfigError(f"{what} {str(p)!r} not found; {hint}")
     try:
-        d = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {str(p)!r} is not a text file (not UTF-8); {hint}") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {str(p)!r} cannot be read ({e.strerror or e}); {hint}") from None
+    try:
+        d = yaml_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {e}") from None
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {msg}; {hint}") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{what} {str(p)!r} must hold a mapping of sections, got {type(d).__name__}")
     return d

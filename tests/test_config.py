@@ -62,3 +62,41 @@ def test_override_syntax():
 def test_section_from_dict():
     t = from_dict({"epochs": 2, "lr": 1}, TrainConfig)
     assert t.lr == 1.0 and isinstance(t.lr, float)
+
+
+def test_yaml_12_floats_on_the_command_line_and_in_files(tmp_path):
+    """``1e30`` / ``1e-3`` are numbers (YAML 1.2), not the strings PyYAML's YAML 1.1 resolver makes of them."""
+    assert load_config(None, ["train.lr=1e30"]).train.lr == 1e30
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 2e-3\n  weight_decay: 5E-4\n")
+    cfg = load_config(p)
+    assert cfg.train.lr == 2e-3 and cfg.train.weight_decay == 5e-4
+    assert apply_overrides({}, ["a.b=1e", "a.c=e5", "a.d=1_000"])["a"] == {"b": "1e", "c": "e5", "d": 1000}
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.lr=.inf", r"train.lr: expected a finite number, got inf"),
+    ("train.lr=.nan", r"train.lr: expected a finite number"),
+    ("train.betas=[2,3]", r"betas must be two numbers in \[0, 1\)"),
+    ("train.betas=[0.9,x]", r"betas must be two numbers"),
+    ("train.momentum=1.5", r"momentum must be in \[0, 1\)"),
+    ("simulate.timesteps=[true]", r"simulate.timesteps must be a list of positive integers"),
+    ("simulate.max_samples=-1", r"simulate.max_samples must be a positive number"),
+    ("data.limit_test=0", r"data.limit_test must be a positive number"),
+    ("cost.timesteps=0", r"cost.timesteps must be a positive integer"),
+])
+def test_non_finite_and_out_of_range_values(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_binary_config_file_is_a_config_error(tmp_path):
+    p = tmp_path / "model.pt"
+    p.write_bytes(b"\x80\x02\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match=r"not a text file.*pass an existing YAML file"):
+        load_config(p)
+    q = tmp_path / "ctrl.yaml"
+    q.write_bytes(b"train:\n  lr: \x07\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as e:
+        load_config(q)
+    assert "\n" not in str(e.value)
