@@ -14,6 +14,8 @@ import gzip
 import pickle
 import socket
 import struct
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, Union
@@ -178,14 +180,66 @@ def channel_stats(images_u8: np.ndarray) -> tuple[tuple[float, ...], tuple[float
 
 
 def _to_nchw(x: np.ndarray, source: str) -> np.ndarray:
-    """``uint8`` NHW or NHWC images -> contiguous ``uint8 [N, C, H, W]``."""
+    """``uint8`` NHW or NHWC images -> contiguous ``uint8 [N, C, H, W]``.
+
+    Raises:
+        DataError: not uint8, not 3-D/4-D, or a 4-D array that is channels-first (NCHW: ``shape[1]`` is 1 or 3
+            and the last dim is not a channel count).
+    """
     if x.dtype != np.uint8:
-        raise DataError(f"{source}: images must be uint8 (0-255), got {x.dtype}")
+        raise DataError(f"{source}: images must be uint8 (0-255), got {x.dtype}; convert them with "
+                        "np.clip(x, 0, 255).astype(np.uint8)")
     if x.ndim == 3:
         return np.ascontiguousarray(x[:, None])
     if x.ndim == 4:
+        if x.shape[1] in (1, 3, 4) and x.shape[3] not in (1, 3, 4):
+            raise DataError(f"{source}: images of shape {x.shape} look channels-first (NCHW); Keras-style archives "
+                            "are NHWC: store x.transpose(0, 2, 3, 1)")
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     raise DataError(f"{source}: images must be NHW or NHWC, got shape {x.shape}")
+
+
+def _labels(y: np.ndarray, n: int, source: str) -> np.ndarray:
+    """Check ``y`` holds ``n`` whole-number class labels >= 0 (``[N]`` or ``[N, 1]``) and return them as int64.
+
+    Raises:
+        DataError: wrong count or shape, non-numeric, non-finite, fractional or negative labels.
+    """
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or y.shape[0] != n:
+        raise DataError(f"{source}: expected {n} labels (one per image, shape [{n}] or [{n}, 1]), got shape "
+                        f"{y.shape}")
+    if y.dtype == np.bool_ or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise DataError(f"{source}: labels must be integer class indices, got dtype {y.dtype}")
+    if np.issubdtype(y.dtype, np.floating):
+        bad = ~np.isfinite(y) | (y != np.round(y))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{source}: labels must be whole class indices 0, 1, ...; label {i} is {y[i].item()!r} "
+                            f"({int(bad.sum())} such); store integer labels")
+    if y.size and y.min() < 0:
+        i = int(np.argmin(y))
+        raise DataError(f"{source}: labels must be class indices >= 0; label {i} is {y[i].item()!r}")
+    return y.astype(np.int64)
+
+
+def _check_split_labels(name: str, y_train: np.ndarray, y_test: np.ndarray, num_classes: int | None) -> int:
+    """The number of classes: ``num_classes`` (a registered dataset's own) with every label checked to be below it,
+    or, when None, ``max(train label) + 1`` with every test label checked to be a class the train split has."""
+    if num_classes is not None:
+        for split, y in (("train", y_train), ("test", y_test)):
+            if y.size and y.max() >= num_classes:
+                raise DataError(f"{name}: {split} label {int(y.max())} is out of range: {name} has {num_classes} "
+                                f"classes (labels 0..{num_classes - 1}); the data files are not {name}'s")
+        return num_classes
+    num_classes = int(y_train.max()) + 1
+    unseen = sorted(set(np.unique(y_test).tolist()) - set(np.unique(y_train).tolist()))
+    if unseen:
+        raise DataError(f"{name}: test label(s) {unseen[:5]} never occur in the train split (train labels "
+                        f"0..{num_classes - 1}); every test class must be trained on: check y_test")
+    return num_classes
 
 
 def _array_splits(name: str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
@@ -196,13 +250,19 @@ def _array_splits(name: str, train: tuple[np.ndarray, np.ndarray], test: tuple[n
     ``stats=None`` computes mean/std from the train part (after the val split).
     """
     (x_train, y_train), (x_test, y_test) = train, test
-    y_train, y_test = y_train.astype(np.int64).ravel(), y_test.astype(np.int64).ravel()
+    y_train = _labels(y_train, len(x_train), f"{name}: train")
+    y_test = _labels(y_test, len(x_test), f"{name}: test")
+    for split, x in (("train", x_train), ("test", x_test)):
+        if len(x) == 0:
+            raise DataError(f"{name}: the {split} split is empty (0 images); give the dataset {split} images")
+    num_classes = _check_split_labels(name, y_train, y_test, num_classes)
     tr_idx, val_idx = stratified_split(y_train, cfg.val_fraction, rng)
+    if len(tr_idx) == 0:
+        raise DataError(f"{name}: data.val_fraction={cfg.val_fraction} holds out all {len(y_train)} training "
+                        "images; lower data.val_fraction")
     mean, std = stats if stats is not None else channel_stats(x_train[tr_idx])
     full = ArrayDataset(torch.from_numpy(x_train), torch.from_numpy(y_train), mean, std)
     test_ds = ArrayDataset(torch.from_numpy(x_test), torch.from_numpy(y_test), mean, std)
-    if num_classes is None:
-        num_classes = int(max(y_train.max(initial=-1), y_test.max(initial=-1))) + 1
     return DataSplits(train=full.subset(tr_idx, augment), val=full.subset(val_idx), test=test_ds,
                       num_classes=num_classes, in_channels=int(x_train.shape[1]),
                       image_size=(int(x_train.shape[2]), int(x_train.shape[3])), name=name)
@@ -263,6 +323,9 @@ def build_splits(cfg: DataConfig) -> DataSplits:
     splits.train = _limit(splits.train, cfg.limit_train, cfg.seed)
     splits.val = _limit(splits.val, cfg.limit_test, cfg.seed + 1)
     splits.test = _limit(splits.test, cfg.limit_test, cfg.seed + 2)
+    for split in ("train", "test"):
+        if len(getattr(splits, split)) == 0:
+            raise DataError(f"dataset {cfg.name!r}: the {split} split is empty; check data.name and data.root")
     return splits
 
 
@@ -343,10 +406,14 @@ IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 def read_idx(path: Union[str, Path]) -> np.ndarray:
     """Read an idx file of unsigned bytes (optionally ``.gz``) into a ``uint8`` array of its shape."""
     path = Path(path)
-    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
-        data = f.read()
-    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
-        raise DataError(f"{path} is not an idx file of unsigned bytes")
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path} cannot be read ({type(e).__name__}: {e}); replace it with the original idx file") \
+            from None
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or len(data) < 4 + 4 * data[3]:
+        raise DataError(f"{path} is not an idx file of unsigned bytes; replace it with the original idx file")
     ndim = data[3]
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
@@ -380,6 +447,9 @@ def _idx_dataset(cfg: DataConfig, sub: str, system_dirs: Sequence[str], stats: t
     x_tr, y_tr, x_te, y_te = (read_idx(f) for f in files)
     if len(x_tr) != len(y_tr) or len(x_te) != len(y_te):
         raise DataError(f"{cfg.name}: image/label counts differ in {files[0].parent}")
+    if x_tr.ndim != 3 or x_te.ndim != 3:
+        raise DataError(f"{cfg.name}: the image files in {files[0].parent} must hold [N, H, W] images, got shapes "
+                        f"{x_tr.shape} and {x_te.shape}")
     rng = np.random.default_rng(cfg.seed)
     return _array_splits(cfg.name, (x_tr[:, None], y_tr), (x_te[:, None], y_te), cfg, stats, "none", rng, 10)
 
@@ -397,6 +467,10 @@ def fashion_mnist(cfg: DataConfig) -> DataSplits:
                         "`apt-get install dataset-fashion-mnist`, ")
 
 
+class _Refused(pickle.UnpicklingError):
+    """A data file asked for something other than numpy arrays and plain data."""
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickler that only rebuilds numpy arrays: a data file can never run code."""
 
@@ -409,17 +483,40 @@ class _ArrayUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> object:
         if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+            raise _Refused(f"refusing to load {module}.{name} from a data file")
         return super().find_class(module, name)
 
 
 def _load_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR python batch -> ``uint8 [N, 3, 32, 32]``, ``int64 [N]``."""
-    with open(path, "rb") as f:
-        entry = _ArrayUnpickler(f, encoding="latin1").load()
+    """One CIFAR python batch -> ``uint8 [N, 3, 32, 32]``, labels ``[N]`` (checked by the caller).
+
+    Raises:
+        DataError: the file is not a CIFAR python batch, or holds anything but arrays and plain data (nothing from
+            such a file is executed).
+    """
+    hint = "replace it with the file from the dataset's python version (or use a Keras-style .npz archive)"
+    try:
+        with open(path, "rb") as f:
+            entry = _ArrayUnpickler(f, encoding="latin1").load()
+    except _Refused as e:
+        raise DataError(f"{path}: refused to load: {e} (a CIFAR batch holds only arrays and lists); {hint}") from None
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways inside pickle
+        raise DataError(f"{path} is not a CIFAR python batch ({type(e).__name__}: {e}); {hint}") from None
+    if not isinstance(entry, dict):
+        raise DataError(f"{path} is not a CIFAR python batch (holds a {type(entry).__name__}, not a dict); {hint}")
     entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
-    x = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return x, np.asarray(entry[label_key], dtype=np.int64)
+    missing = [k for k in ("data", label_key) if k not in entry]
+    if missing:
+        raise DataError(f"{path}: CIFAR batch lacks {missing} (has {sorted(map(str, entry))}); {hint}")
+    try:
+        data = np.asarray(entry["data"])
+        if data.dtype != np.uint8 or data.size % 3072:
+            raise ValueError(f"data is {data.dtype} {data.shape}, expected uint8 [N, 3072]")
+        x = data.reshape(-1, 3, 32, 32)
+        y = np.asarray(entry[label_key])
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path}: not a CIFAR batch: {e}; {hint}") from None
+    return x, _labels(y, len(x), str(path))
 
 
 def _cifar(cfg: DataConfig, folder: str, train_files: Sequence[str], test_file: str, label_key: str,
@@ -467,14 +564,30 @@ def load_npz(path: str, cfg: DataConfig) -> DataSplits:
     file = Path(path).expanduser()
     if not file.is_file():
         raise DataError(f"npz archive not found: {file} (resolved: {file.resolve()})")
-    with np.load(file, allow_pickle=False) as archive:
-        keys = ("x_train", "y_train", "x_test", "y_test")
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    hint = "write it with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...) from plain arrays"
+    try:
+        archive = np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{file} is not a readable .npz archive ({type(e).__name__}: {e}); {hint}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{file} holds a single array, not an .npz archive of {list(keys)}; {hint}")
+    with archive:
         absent = [k for k in keys if k not in archive.files]
         if absent:
             raise DataError(f"{file}: missing key(s) {absent}; present keys: {sorted(archive.files)}; "
                             f"need {list(keys)}")
-        x_tr, y_tr, x_te, y_te = (archive[k] for k in keys)
-    x_tr, x_te = _to_nchw(x_tr, str(file)), _to_nchw(x_te, str(file))
+        arrays = {}
+        for k in keys:
+            try:
+                arrays[k] = archive[k]
+            except ValueError as e:  # object arrays need pickle, which is never used for data files
+                raise DataError(f"{file}: member {k!r} cannot be loaded without pickle ({e}); bsnn reads only "
+                                f"plain numeric arrays: {hint}") from None
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                raise DataError(f"{file}: member {k!r} is corrupt ({type(e).__name__}: {e}); {hint}") from None
+    x_tr, y_tr, x_te, y_te = (arrays[k] for k in keys)
+    x_tr, x_te = _to_nchw(x_tr, f"{file}: x_train"), _to_nchw(x_te, f"{file}: x_test")
     if x_tr.shape[1:] != x_te.shape[1:]:
         raise DataError(f"{file}: train images {x_tr.shape[1:]} and test images {x_te.shape[1:]} differ")
     augment = "crop_flip" if cfg.augment and x_tr.shape[1:] == (3, 32, 32) else "none"
@@ -519,6 +632,56 @@ def imagefolder(cfg: DataConfig) -> DataSplits:
         train, val, test = Subset(train_full, tr_idx.tolist()), Subset(plain_full, val_idx.tolist()), eval_sets[0]
     return DataSplits(train=train, val=val, test=test, num_classes=len(train_full.classes), in_channels=3,
                       image_size=(h, w), name=cfg.name)
+
+
+def unpack_batch(batch, where: str, step: int | None = None, labels: bool = True, finite: bool = True
+                 ) -> tuple[torch.Tensor, Union[torch.Tensor, None], Union[torch.Tensor, None]]:
+    """Check one loader batch and split it into ``(x, y, index)``.
+
+    Args:
+        batch: ``(x [B, ...], y [B])`` or ``(x, y, index [B])`` as a tuple or list (a bare tensor ``x`` when
+            ``labels`` is False).
+        where: the caller, for messages (e.g. ``"train_teacher"``).
+        step: the batch's 0-based position in the loader, for messages.
+        labels: labels are required and checked (integer class indices >= 0, one per sample); when False, a
+            second element is returned unchecked.
+        finite: refuse NaN / infinite inputs.
+
+    Returns:
+        ``(x, y, index)``; ``y`` None when absent and not required, ``index`` None when absent.
+
+    Raises:
+        ConfigError: the batch is not such a tuple (e.g. a dict) or its parts do not match.
+        DataError: NaN / infinite inputs or negative labels.
+    """
+    at = f"{where}: batch {step + 1}" if step is not None else f"{where}: a batch"
+    shape_hint = "loaders must yield (inputs [B, C, H, W], labels [B]) tuples, as torch's DataLoader over a " \
+                 "TensorDataset or bsnn.data.build_loaders does"
+    if isinstance(batch, torch.Tensor) and not labels:
+        x, y, index = batch, None, None
+    elif isinstance(batch, (tuple, list)) and len(batch) >= (2 if labels else 1):
+        x = batch[0]
+        y = batch[1] if len(batch) > 1 else None
+        index = batch[2] if len(batch) > 2 else None
+    else:
+        got = (f"a dict with keys {sorted(map(str, batch))}" if isinstance(batch, dict) else
+               f"a {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+        raise ConfigError(f"{at} is {got}; {shape_hint}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+        desc = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ConfigError(f"{at}: inputs must be a floating-point tensor [B, ...], got {desc}; {shape_hint}")
+    if labels:
+        if not isinstance(y, torch.Tensor) or y.dtype in (torch.bool,) or y.is_floating_point() or y.is_complex() \
+                or y.shape != (x.shape[0],):
+            desc = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ConfigError(f"{at}: labels must be an integer tensor [B] with one class index per input "
+                              f"({x.shape[0]}), got {desc}; {shape_hint}")
+        if y.numel() and int(y.min()) < 0:
+            raise DataError(f"{at}: labels must be class indices >= 0, got {int(y.min())}; fix the labels")
+    if finite and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise DataError(f"{at}: {bad} input value(s) are NaN or infinite; clean or re-normalise the data")
+    return x, y, index
 
 
 def calibration_loader(splits: DataSplits, cfg: DataConfig, max_samples: int) -> DataLoader:

@@ -17,6 +17,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from bsnn.config import SimConfig
+from bsnn.data import unpack_batch
 from bsnn.errors import ConfigError
 from bsnn.snn.encode import get_encoder
 from bsnn.snn.kernels import check_kernel, default_kernel
@@ -172,8 +173,9 @@ def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cf
     bar = tqdm(total=total, desc=f"simulate T<={t_max}", unit="sample", disable=quiet or None)
     mode = resolve_mode(cfg.synapse, dev)
     with synapse_mode(snn, mode) as exact_layers:
-        for batch in loader:
-            x, y = batch[0].to(dev), batch[1].to(dev)
+        for step, batch in enumerate(loader):
+            x, y, _ = unpack_batch(batch, "simulate", step)  # NaN inputs, dict batches: a clear error
+            x, y = x.to(dev), y.to(dev)
             if cfg.max_samples is not None:
                 x, y = x[: cfg.max_samples - n], y[: cfg.max_samples - n]
             if x.shape[0] == 0:

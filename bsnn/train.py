@@ -31,10 +31,11 @@ from tqdm.auto import tqdm
 
 from bsnn.binary import clamp_latent_
 from bsnn.config import DistillConfig, TrainConfig
+from bsnn.data import unpack_batch
 from bsnn.distill import METHODS, IndexedDataset, build_distiller
 from bsnn.distill.base import teacher_list
 from bsnn.distributed import all_reduce_sum, barrier, current_env
-from bsnn.errors import CheckpointError, ConfigError, TrainingError
+from bsnn.errors import CheckpointError, ConfigError, DataError, TrainingError
 from bsnn.io import load_checkpoint, save_checkpoint
 
 log = logging.getLogger("bsnn")
@@ -95,25 +96,56 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim
     return torch.optim.lr_scheduler.StepLR(opt, step_size=10**9, gamma=1.0)
 
 
+def non_finite_tensors(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``model`` holding NaN or infinite values."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _check_labels_fit(y: torch.Tensor, z: torch.Tensor, at: str) -> None:
+    """Labels ``y [B]`` must index the ``z.shape[1]`` outputs of ``z [B, K]``."""
+    if z.dim() != 2 or z.shape[0] != y.shape[0]:
+        raise ConfigError(f"{at}: the model returned {tuple(z.shape)}, expected logits [B, K] for {y.shape[0]} inputs")
+    if y.numel() and int(y.max()) >= z.shape[1]:
+        raise DataError(f"{at}: label {int(y.max())} is out of range for a model with {z.shape[1]} outputs "
+                        f"(classes 0..{z.shape[1] - 1}); check the labels or build the model with more classes")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu") -> dict:
     """Top-1 accuracy (%) and mean cross-entropy of ``model`` over ``loader``.
 
     Returns:
         ``{"accuracy": float, "loss": float, "samples": int}``.
+
+    Raises:
+        ConfigError: the loader yields no samples or malformed batches.
+        DataError: NaN/inf inputs, labels the model has no output for.
+        TrainingError: the model's outputs are NaN/inf (its non-finite parameters are named when that is why).
     """
     device = torch.device(device)
     was_training = model.training
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
-    for batch in loader:
-        x, y = batch[0].to(device), batch[1].to(device)
-        z = model(x)
-        loss_sum += F.cross_entropy(z, y, reduction="sum").item()
-        correct += (z.argmax(1) == y).sum().item()
-        n += y.numel()
-    model.train(was_training)
-    return {"accuracy": 100.0 * correct / max(n, 1), "loss": loss_sum / max(n, 1), "samples": n}
+    try:
+        for step, batch in enumerate(loader):
+            x, y, _ = unpack_batch(batch, "evaluate", step)
+            x, y = x.to(device), y.to(device)
+            z = model(x)
+            _check_labels_fit(y, z, f"evaluate: batch {step + 1}")
+            loss_sum += F.cross_entropy(z, y, reduction="sum").item()
+            correct += (z.argmax(1) == y).sum().item()
+            n += y.numel()
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ConfigError("evaluate: the loader yielded no samples; evaluate on a non-empty split")
+    if not math.isfinite(loss_sum):
+        bad = non_finite_tensors(model)
+        cause = (f"parameter(s) {', '.join(bad[:5])} hold NaN/inf values; retrain the model or load an earlier "
+                 "checkpoint") if bad else "its outputs overflow (NaN/inf logits); check the model's weights"
+        raise TrainingError(f"evaluate: the model's loss is not finite: {cause}")
+    return {"accuracy": 100.0 * correct / n, "loss": loss_sum / n, "samples": n}
 
 
 class _Supervised(nn.Module):
@@ -204,9 +236,18 @@ def fit(
         runner.train()
         loss_sum, correct, n = 0.0, 0, 0
         for step, batch in enumerate(train_loader):
-            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-            index = batch[2].to(device) if len(batch) > 2 else None
-            out = runner(x, y, index)
+            x, y, index = unpack_batch(batch, desc, step)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            index = index.to(device) if index is not None else None
+            try:
+                out = runner(x, y, index)
+            except IndexError as e:  # cross-entropy on a label the model has no output for
+                if "out of bounds" not in str(e):
+                    raise
+                raise DataError(f"{desc}: epoch {epoch + 1}, batch {step + 1}: label {int(y.max())} is out of range "
+                                f"for the model's outputs ({str(e).splitlines()[0]}); check the labels or build the "
+                                "model with more classes") from None
+            _check_labels_fit(y, out["logits"], f"{desc}: epoch {epoch + 1}, batch {step + 1}")
             loss = out["loss"]
             if not torch.isfinite(loss):
                 raise TrainingError(f"{desc}: the loss became {loss.item()} at epoch {epoch + 1}, batch {step + 1}; "
@@ -220,6 +261,9 @@ def fit(
             n += y.numel()
         sched.step()
         loss_sum, correct, n = all_reduce_sum([loss_sum, float(correct), float(n)], device)
+        if n == 0:
+            raise ConfigError(f"{desc}: the training loader yielded no batch in epoch {epoch + 1}; train on a "
+                              "non-empty dataset (check data.limit_train and the batch size)")
         metrics = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum / max(n, 1),
                    "train_acc": 100.0 * correct / max(n, 1)}
         if val_loader is not None:
@@ -275,17 +319,39 @@ def train_student(
         train_loader = _with_index(train_loader)
         dataset = train_loader.dataset
     with torch.random.fork_rng(devices=[]):  # probing the data must not move the RNG (determinism)
-        example = dataset[0][0].unsqueeze(0) if dataset is not None else _first_batch(train_loader)[0][:1]
+        example = _example_input(train_loader, dataset)
     objective = build_distiller(student, teacher, distill, example_input=example.to(device),
                                 n_data=len(dataset) if dataset is not None else None, epochs=cfg.epochs)
     return fit(objective, student, train_loader, cfg, desc=kwargs.pop("desc", f"student[{distill.method}]"), **kwargs)
 
 
 def _first_batch(loader):
-    """The first batch of ``loader`` (any iterable of ``(x, y, ...)`` batches)."""
+    """The first batch of ``loader`` (any iterable of ``(x, y, ...)`` batches), checked by :func:`unpack_batch`."""
     for batch in loader:
+        unpack_batch(batch, "train_student", 0)
         return batch
     raise ConfigError("train_student: the training loader yielded no batch; check the dataset and batch size")
+
+
+def _example_input(loader, dataset) -> torch.Tensor:
+    """One input ``[1, C, H, W]``: the dataset's first item, else the loader's first batch."""
+    if dataset is None:
+        return _first_batch(loader)[0][:1]
+    try:
+        n = len(dataset)
+    except TypeError:
+        n = None
+    if n == 0:
+        raise ConfigError("train_student: the training dataset is empty; train on a non-empty dataset")
+    try:
+        item = dataset[0]
+    except (IndexError, KeyError, TypeError, NotImplementedError):
+        return _first_batch(loader)[0][:1]  # e.g. an iterable-style dataset
+    x = item[0] if isinstance(item, (tuple, list)) and item else None
+    if not isinstance(x, torch.Tensor):
+        got = f"a dict with keys {sorted(map(str, item))}" if isinstance(item, dict) else f"a {type(item).__name__}"
+        raise ConfigError(f"train_student: dataset items must be (input tensor [C, H, W], label) pairs, got {got}")
+    return x.unsqueeze(0)
 
 
 def _with_index(loader: DataLoader) -> DataLoader:

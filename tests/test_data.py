@@ -290,7 +290,7 @@ def test_cifar_missing_and_unsafe_pickle(tmp_path: Path) -> None:
     _write_cifar10(tmp_path)
     with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
         pickle.dump({b"data": Path("x"), b"labels": []}, f)
-    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+    with pytest.raises(DataError, match="refus"):
         D.build_splits(DataConfig(name="cifar10", root=str(tmp_path)))
 
 
@@ -361,3 +361,83 @@ def test_build_loaders_distributed(tmp_path: Path) -> None:
         assert sum(len(yb) for _, yb in loaders.val) == len(loaders.splits.val)
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------ bad archives (issue #12)
+
+
+def _npz(path: Path, **over) -> Path:
+    x_tr, y_tr = _fake_arrays(40, (8, 8), classes=4)
+    x_te, y_te = _fake_arrays(12, (8, 8), classes=4, seed=3)
+    arrays = dict(x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
+    arrays.update(over)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(y_test=np.array([0, 1, 2, 3] * 2 + [0, 1, 2, 57])), r"test label\(s\) \[57\] never occur in the train split"),
+    (dict(y_train=np.arange(40) % 4 - 1), r"labels must be class indices >= 0; label 0 is -1"),
+    (dict(y_train=(np.arange(40) % 4) + 0.5), r"whole class indices.*label 0 is 0.5"),
+    (dict(y_train=np.full(40, np.nan)), r"whole class indices"),
+    (dict(y_train=np.zeros(39, np.int64)), r"expected 40 labels"),
+    (dict(x_test=np.zeros((0, 8, 8), np.uint8), y_test=np.zeros(0, np.int64)), r"the test split is empty"),
+    (dict(x_train=np.zeros((0, 8, 8), np.uint8), y_train=np.zeros(0, np.int64)), r"the train split is empty"),
+    (dict(x_train=np.zeros((40, 1, 8, 8), np.uint8)), r"look channels-first \(NCHW\).*transpose\(0, 2, 3, 1\)"),
+    (dict(x_train=np.zeros((40, 8, 8), np.float32)), r"images must be uint8"),
+    (dict(y_train=np.array([{"a": 1}] * 40, dtype=object)), r"'y_train' cannot be loaded without pickle"),
+])
+def test_bad_npz_is_a_data_error(tmp_path: Path, over: dict, match: str) -> None:
+    with pytest.raises(DataError, match=match):
+        D.build_splits(DataConfig(name=f"npz:{_npz(tmp_path / 'a.npz', **over)}"))
+
+
+def test_float_whole_labels_are_accepted(tmp_path: Path) -> None:
+    s = D.build_splits(DataConfig(name=f"npz:{_npz(tmp_path / 'a.npz', y_train=(np.arange(40) % 4).astype(float))}"))
+    assert s.num_classes == 4 and s.train.labels.dtype == torch.int64
+
+
+def test_non_archive_files_are_data_errors(tmp_path: Path) -> None:
+    (tmp_path / "text.npz").write_text("not a zip")
+    with pytest.raises(DataError, match="not a readable .npz archive"):
+        D.build_splits(DataConfig(name=f"npz:{tmp_path / 'text.npz'}"))
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    with pytest.raises(DataError, match="single array"):
+        D.build_splits(DataConfig(name=f"npz:{tmp_path / 'one.npy'}"))
+    with pytest.raises(DataError, match="holds out all"):
+        D.build_splits(DataConfig(name=f"npz:{_npz(tmp_path / 'a.npz', x_train=np.zeros((1, 8, 8), np.uint8), y_train=np.zeros(1, np.int64), y_test=np.zeros(12, np.int64))}", val_fraction=0.9))
+
+
+class _Code:
+    def __reduce__(self):
+        import os
+
+        return (os.getcwd, ())
+
+
+def test_cifar_batch_with_code_or_garbage_is_a_data_error(tmp_path: Path) -> None:
+    _write_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    batch.write_bytes(pickle.dumps({b"data": _Code(), b"labels": []}))
+    with pytest.raises(DataError, match=r"data_batch_2: refused to load: refusing to load posix.getcwd"):
+        D.build_splits(DataConfig(name="cifar10", root=str(tmp_path)))
+    batch.write_bytes(b"\x80\x04garbage")
+    with pytest.raises(DataError, match="not a CIFAR python batch"):
+        D.build_splits(DataConfig(name="cifar10", root=str(tmp_path)))
+    batch.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 11]}))
+    with pytest.raises(DataError, match=r"train label 11 is out of range: cifar10 has 10 classes"):
+        D.build_splits(DataConfig(name="cifar10", root=str(tmp_path)))
+
+
+def test_unpack_batch() -> None:
+    x, y = torch.zeros(2, 1, 4, 4), torch.tensor([0, 1])
+    assert D.unpack_batch((x, y), "t")[2] is None
+    with pytest.raises(ConfigError, match=r"t: batch 3 is a dict with keys \['image', 'label'\]"):
+        D.unpack_batch({"image": x, "label": y}, "t", 2)
+    with pytest.raises(ConfigError, match="labels must be an integer tensor"):
+        D.unpack_batch((x, y.float()), "t")
+    with pytest.raises(DataError, match="labels must be class indices >= 0"):
+        D.unpack_batch((x, torch.tensor([0, -1])), "t")
+    with pytest.raises(DataError, match="1 input value"):
+        D.unpack_batch((x.index_fill(0, torch.tensor([1]), float("nan"))[:, :, :1, :1].clone(), y), "t")
+    assert D.unpack_batch(x, "t", labels=False)[0] is x

@@ -9,7 +9,11 @@ weights (so binary weights stay ±1) and moves the factors into the thresholds.
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from bsnn.errors import ConfigError, ConversionError
 
 
 def balanced_thresholds(stats: dict[str, torch.Tensor], threshold_scale: float = 1.0,
@@ -23,8 +27,23 @@ def balanced_thresholds(stats: dict[str, torch.Tensor], threshold_scale: float =
 
     Returns:
         ReLU name -> λ with the same shapes.
+
+    Raises:
+        ConversionError: a statistic is NaN or infinite (the layer is named).
+        ConfigError: ``threshold_scale`` is not a finite number > 0.
     """
-    return {name: (s.float() * threshold_scale).clamp_min(floor) for name, s in stats.items()}
+    if isinstance(threshold_scale, bool) or not isinstance(threshold_scale, (int, float)) \
+            or not math.isfinite(threshold_scale) or threshold_scale <= 0:
+        raise ConfigError(f"convert.threshold_scale must be a finite number > 0, got {threshold_scale!r}")
+    out = {}
+    for name, s in stats.items():
+        s = torch.as_tensor(s).float()
+        if not bool(torch.isfinite(s).all()):
+            raise ConversionError(f"threshold of layer '{name}': its activation statistic is "
+                                  f"{s.flatten()[:4].tolist()} (NaN or infinite); the weights or calibration inputs "
+                                  "before it are not finite: check the model and the calibration data")
+        out[name] = (s * threshold_scale).clamp_min(floor)
+    return out
 
 
 def weight_scale_factors(lambdas: list[float]) -> list[float]:

@@ -16,7 +16,8 @@ from typing import Iterator, Union
 import torch
 import torch.nn as nn
 
-from bsnn.errors import ConfigError
+from bsnn.data import unpack_batch
+from bsnn.errors import ConfigError, ConversionError
 
 
 @dataclass(frozen=True)
@@ -134,9 +135,32 @@ def calibrate_many(model: nn.Module, modules: dict[str, nn.Module], loader, stat
     Returns:
         statistic -> (module name -> value).
     """
+    check_finite_weights(model, "calibration")
     widest = _widest(stats)
     observers = _observe_pass(model, modules, loader, widest, per_channel, max_samples, device)
-    return {s: {n: o.value(s) for n, o in observers.items()} for s in stats}
+    out = {s: {n: o.value(s) for n, o in observers.items()} for s in stats}
+    for s, values in out.items():
+        for n, v in values.items():
+            if not bool(torch.isfinite(v).all()):
+                raise ConversionError(f"calibration: the {s.describe()} of layer '{n}' is {v.flatten()[:4].tolist()} "
+                                      "(non-finite activations); the inputs or the weights before it overflow: "
+                                      "check the model and rescale the inputs")
+    return out
+
+
+def check_finite_weights(model: nn.Module, where: str) -> None:
+    """Refuse NaN / infinite parameters or buffers, naming the layers that hold them.
+
+    Raises:
+        ConversionError: the first few offending tensors (``layer.weight``, ``bn.running_var``, ...).
+    """
+    bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        named = [f"layer '{n.rpartition('.')[0] or n}' ({n.rpartition('.')[2]})" for n in bad[:5]]
+        raise ConversionError(f"{where}: {', '.join(named)}{' and more' if len(bad) > 5 else ''} "
+                              f"hold{'s' if len(bad) == 1 else ''} NaN or infinite values; the model is broken: "
+                              "retrain it or use an earlier checkpoint")
 
 
 @torch.no_grad()
@@ -168,23 +192,43 @@ def _observe_pass(model: nn.Module, modules: dict[str, nn.Module], loader, stat:
         n_total = max_samples if n_total is None else min(n_total, max_samples)
     if n_total is None or n_total == 0:
         raise ConfigError("calibration loader is empty or has no dataset length")
+    first = None
+    for batch in loader:
+        first = unpack_batch(batch, "calibration", 0, labels=False)[0]
+        break
+    if first is None or first.shape[0] == 0:
+        raise ConversionError("calibration: the loader yielded no samples; pass a DataLoader over (a part of) the "
+                              "training set")
     # one sample's activation sizes -> exact value counts for the percentile buffers
-    x0 = next(iter(loader))[0][:1].to(device)
     sizes: dict[str, int] = {}
     with observe(modules, Max(), per_channel) as probe:
-        model(x0)
+        _run(model, first[:1].to(device), 0, first.shape)
         for n, o in probe.items():
             sizes[n] = o.seen * n_total
     seen = 0
     with observe(modules, stat, per_channel, sizes) as observers:
-        for batch in loader:
-            x = batch[0]
+        for step, batch in enumerate(loader):
+            x = unpack_batch(batch, "calibration", step, labels=False)[0]
             if max_samples is not None:
                 x = x[: max_samples - seen]
             if x.shape[0] == 0:
                 break
-            model(x.to(device))
+            _run(model, x.to(device), step, first.shape)
             seen += x.shape[0]
             if max_samples is not None and seen >= max_samples:
                 break
     return observers
+
+
+def _run(model: nn.Module, x: torch.Tensor, step: int, first_shape: tuple) -> None:
+    """``model(x)`` with a failure on this batch's data (wrong shape, channels, ...) named as such."""
+    if x.shape[1:] != first_shape[1:]:
+        raise ConversionError(f"calibration: batch {step + 1} has inputs of shape {tuple(x.shape[1:])}, the first "
+                              f"batch {tuple(first_shape[1:])}; every calibration sample must have the model's input "
+                              "shape")
+    try:
+        model(x)
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise ConversionError(f"calibration: the model fails on batch {step + 1} (inputs {tuple(x.shape)}): "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; give calibration inputs "
+                              "of the shape the model was trained on") from None

@@ -30,6 +30,14 @@ from bsnn.errors import ConversionError
 from bsnn.snn.neuron import ChannelScale, IFNeuron, Integrator
 
 
+def _finite(t: torch.Tensor | None, what: str) -> None:
+    """Refuse a NaN / infinite tensor ``t`` (``what`` names the layer and tensor)."""
+    if t is not None and not bool(torch.isfinite(t).all()):
+        n = int((~torch.isfinite(t)).sum())
+        raise ConversionError(f"{what} holds {n} NaN or infinite value(s); the model is broken: retrain it or use "
+                              "an earlier checkpoint")
+
+
 def _bcast(scale: torch.Tensor, shape: tuple | None) -> torch.Tensor:
     """Reshape a 1-D scale ``[1]`` or ``[C]`` to broadcast on one sample ``shape[1:]``."""
     if scale.numel() == 1:
@@ -58,6 +66,8 @@ class _Builder:
         src = node.args[0]
         s_in, in_shape = self.scale[src], src.meta["shape"]
         w = m.weight.detach().float()
+        _finite(w, f"layer '{node.target}': weight")
+        _finite(m.bias.detach() if m.bias is not None else None, f"layer '{node.target}': bias")
         if is_binary(m):
             if s_in.numel() != 1:
                 raise ConversionError(
@@ -102,6 +112,12 @@ class _Builder:
             raise ConversionError(f"BatchNorm '{node.target}' at {where(node)} must directly follow a conv/linear whose "
                                   "output feeds only it, so that it can be folded")
         conv = self.synapse[src]
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(bn, key, None)
+            _finite(t.detach() if isinstance(t, torch.Tensor) else None, f"BatchNorm '{node.target}': {key}")
+        if (bn.running_var < 0).any():
+            raise ConversionError(f"BatchNorm '{node.target}': running_var has negative entries; the model is broken: "
+                                  "retrain it or use an earlier checkpoint")
         gamma = bn.weight.detach().float() if bn.weight is not None else torch.ones(bn.num_features)  # affine=False
         beta = bn.bias.detach().float() if bn.bias is not None else torch.zeros(bn.num_features)
         k = gamma / torch.sqrt(bn.running_var.float() + bn.eps)
@@ -120,9 +136,15 @@ class _Builder:
 
     def relu(self, node: fx.Node) -> None:
         src = node.args[0]
-        lam = self.thresholds[node.target].float().reshape(-1).clamp_min(1e-6)
+        if node.target not in self.thresholds:
+            raise ConversionError(f"no threshold for activation '{node.target}'; thresholds given for "
+                                  f"{sorted(self.thresholds)}")
+        lam = torch.as_tensor(self.thresholds[node.target]).float().reshape(-1)
+        _finite(lam, f"threshold of layer '{node.target}'")
+        lam = lam.clamp_min(1e-6)
         s_in = self.scale[src]
         theta = _bcast(lam / s_in, node.meta["shape"])
+        _finite(theta, f"threshold of layer '{node.target}' (in the stored domain: λ / input scale)")
         shape = node.meta["shape"]
         channel_shape = (shape[1], *([1] * (len(shape) - 2)))
         neuron = IFNeuron(theta, v_init_frac=self.v_init[node.target], name=node.target, channel_shape=channel_shape)
@@ -189,7 +211,9 @@ class _Builder:
             value = self.gm
             for part in operand.target.split("."):
                 value = getattr(value, part)
-            return torch.as_tensor(value).detach().float().cpu()
+            c = torch.as_tensor(value).detach().float().cpu()
+            _finite(c, f"constant '{operand.target}' added at {where(node)}")
+            return c
         if isinstance(operand, bool) or not isinstance(operand, (int, float)):
             raise ConversionError(f"add at {where(node)}: unsupported operand {operand!r}")
         return torch.tensor(float(operand))

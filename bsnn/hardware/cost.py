@@ -35,6 +35,7 @@ b dense passes, no timesteps) and the digital baseline (Horowitz 45 nm: ANN Σ M
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 
 from bsnn.errors import ConfigError
@@ -374,9 +375,9 @@ def estimate(network, activity=None, hw: HardwareConfig | str = "spikesim-rram-6
             timesteps = max(activity.timesteps)
         else:
             raise ConfigError("estimate: pass timesteps=T (no simulation result to take it from)")
+    if isinstance(timesteps, bool) or not isinstance(timesteps, numbers.Integral) or timesteps < 1:
+        raise ConfigError(f"estimate: timesteps must be a positive integer, got {timesteps!r}")
     T = int(timesteps)
-    if T < 1:
-        raise ConfigError(f"estimate: timesteps must be >= 1, got {T}")
     mode = mode or ("event_driven" if act is not None else "dense")
     if mode not in MODES:
         raise ConfigError(f"estimate: mode must be one of {MODES}, got {mode!r}")
@@ -385,7 +386,11 @@ def estimate(network, activity=None, hw: HardwareConfig | str = "spikesim-rram-6
                           "Activity); use mode='dense' for an activity-independent estimate")
     rates_for = (lambda s: act.steps(s.name, T)) if mode == "event_driven" else (lambda s: None)
     unmeasured = [s.name for s in layers if act is not None and not s.analog_input and s.name not in act.rates]
-    ann_bits = ann_bits or max(1, math.ceil(math.log2(T + 1)))
+    if ann_bits is None:
+        ann_bits = max(1, math.ceil(math.log2(T + 1)))
+    elif isinstance(ann_bits, bool) or not isinstance(ann_bits, numbers.Integral) or ann_bits < 1:
+        raise ConfigError(f"estimate: ann_bits (activation bits of the bit-serial ANN comparison) must be a positive "
+                          f"integer or None (ceil(log2(T + 1))), got {ann_bits!r}")
     macs = sum(s.macs for s in layers)
     notes = [f"mode {mode}: " + ("every crossbar read every timestep (SpikeSim analytical model)" if mode == "dense"
                                  else "costs scaled by measured per-layer, per-timestep input spike rates")]

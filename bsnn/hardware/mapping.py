@@ -159,11 +159,22 @@ def count_tiles(mappings: list[LayerMapping], hw: HardwareConfig) -> int:
 
 
 # ------------------------------------------------------------------------------------ layer tables
+def _whole(text: str) -> int:
+    """``"32"`` or ``"32.0"`` -> 32; anything else (``"2.5"``, ``"inf"``, ``"nan"``, ``""``) raises ValueError."""
+    try:
+        return int(text)
+    except ValueError:
+        f = float(text)
+        if not f.is_integer():
+            raise
+        return int(f)
+
+
 def _size(value: str, where: str) -> tuple:
     text = str(value).strip().lower()
     try:
-        parts = [int(p) for p in text.split("x")] if "x" in text else [int(float(text))] * 2
-    except ValueError:
+        parts = [_whole(p) for p in text.split("x")] if "x" in text else [_whole(text)] * 2
+    except (ValueError, OverflowError):
         raise ConfigError(f"{where}: expected a size like 32 or 32x16, got {value!r}") from None
     if len(parts) != 2 or min(parts) < 1:
         raise ConfigError(f"{where}: expected a positive size like 32 or 32x16, got {value!r}")
@@ -198,20 +209,38 @@ def load_layer_table(path: str | Path) -> list[LayerSpec]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"layer table {str(p)!r} not found (columns: {','.join(TABLE_COLUMNS)})")
-    with p.open(newline="") as f:
-        rows = list(csv.DictReader(line for line in f if line.strip() and not line.lstrip().startswith("#")))
+    try:
+        with p.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(line for line in f if line.strip() and not line.lstrip().startswith("#"))
+            rows = list(reader)
+            header = [c.strip() if isinstance(c, str) else c for c in (reader.fieldnames or [])]
+    except UnicodeDecodeError:
+        raise ConfigError(f"layer table {str(p)!r} is not a text (UTF-8) CSV file; columns: "
+                          f"{','.join(TABLE_COLUMNS)}") from None
+    except csv.Error as e:
+        raise ConfigError(f"layer table {str(p)!r} is not a valid CSV file ({e})") from None
     if not rows:
         raise ConfigError(f"layer table {str(p)!r} has no rows")
-    missing = [c for c in TABLE_COLUMNS if c not in rows[0]]
+    rows = [{(k.strip() if isinstance(k, str) else k): v for k, v in r.items()} for r in rows]
+    missing = [c for c in TABLE_COLUMNS if c not in header]
     if missing:
         raise ConfigError(f"layer table {str(p)!r} lacks column(s) {missing}; required: {','.join(TABLE_COLUMNS)}")
+    unknown = [c for c in header if c not in TABLE_COLUMNS + OPTIONAL_COLUMNS]
+    duplicate = sorted({c for c in header if header.count(c) > 1})
+    if unknown or duplicate:
+        what = f"unknown column(s) {unknown}" if unknown else f"duplicate column(s) {duplicate}"
+        raise ConfigError(f"layer table {str(p)!r} has {what}; valid columns: {','.join(TABLE_COLUMNS)} (required), "
+                          f"{','.join(OPTIONAL_COLUMNS)} (optional)")
     specs = []
     for i, r in enumerate(rows):
         where = f"{p.name} row {i + 1}"
+        if None in r or any(r.get(c) is None for c in TABLE_COLUMNS):
+            raise ConfigError(f"{where} has {'more' if None in r else 'fewer'} values than the {len(header)} "
+                              f"columns ({','.join(header)})")
         try:
-            cin, cout = int(r["in_channels"]), int(r["out_channels"])
-            groups = int(r.get("groups") or 1)
-        except ValueError:
+            cin, cout = _whole(r["in_channels"]), _whole(r["out_channels"])
+            groups = _whole(r.get("groups") or "1")
+        except (ValueError, OverflowError):
             raise ConfigError(f"{where}: channels/groups must be integers, got {r}") from None
         k = _size(r["kernel"], f"{where} kernel")
         out = _size(r["out_size"], f"{where} out_size")
