@@ -18,7 +18,8 @@ def _common(p: argparse.ArgumentParser, default_config: Path | None = None) -> N
     p.add_argument("--config", type=Path, default=default_config, help="YAML config (sections as in configs/)")
     p.add_argument("--out", type=str, default=None, help="run folder (overrides run.out_dir)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoints")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace what this command and the later stages wrote "
+                   "in --out (only bsnn's own files, by name)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
 
 
@@ -27,7 +28,11 @@ def _load(args: argparse.Namespace, reuse_run: bool = False):
     own ``config.yaml``, else ``configs/default.yaml``; then the overrides."""
     from bsnn.config import load_config
 
+    from bsnn.errors import ConfigError
+
     overrides = list(args.overrides)
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out is empty: name the run folder, e.g. --out runs/my_run")
     if args.out is not None:
         overrides.append(f"run.out_dir={args.out}")
     if args.quiet:
@@ -53,10 +58,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from bsnn.pipeline import make_context, stage_teacher
 
     cfg = _load(args)
-    ctx = make_context(cfg, resume=args.resume, overwrite=args.overwrite)
-    stage_teacher(ctx)
-    _print_summary(ctx.run.metrics(), cfg.run.out_dir)
+    with make_context(cfg, resume=args.resume, overwrite=args.overwrite) as ctx:
+        stage_teacher(ctx)
+        metrics = ctx.run.metrics()
+    _print_summary(metrics, cfg.run.out_dir)
     return 0
+
+
+def _hint(command: str, out: str) -> str:
+    return f"bsnn {command} --out {out or '<run folder>'} --resume"
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -68,12 +78,16 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from bsnn.pipeline import TEACHER_SECTIONS, load_model, make_context, stage_student
 
     cfg = _load(args, reuse_run=args.teacher is None)
-    ctx = make_context(cfg, resume=args.resume, overwrite=args.overwrite,
-                       reuse=TEACHER_SECTIONS if args.teacher is None else ())
-    teacher_path = Path(args.teacher) if args.teacher else ctx.run.path("teacher.pt")
-    teacher = load_model(teacher_path, ctx.device)[0] if cfg.distill.method != "ce" else None
-    stage_student(ctx, teacher)
-    _print_summary(ctx.run.metrics(), cfg.run.out_dir)
+    with make_context(cfg, resume=args.resume, overwrite=args.overwrite, stage="student",
+                      reuse=TEACHER_SECTIONS if args.teacher is None else ()) as ctx:
+        teacher = None
+        if cfg.distill.method != "ce":
+            if args.teacher is None:
+                ctx.run.require("teacher", "teacher.pt", _hint("train", args.out))
+            teacher = load_model(Path(args.teacher) if args.teacher else ctx.run.path("teacher.pt"), ctx.device)[0]
+        stage_student(ctx, teacher)
+        metrics = ctx.run.metrics()
+    _print_summary(metrics, cfg.run.out_dir)
     return 0
 
 
@@ -81,26 +95,41 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from bsnn.pipeline import TRAINING_SECTIONS, load_model, make_context, stage_convert
 
     cfg = _load(args, reuse_run=args.model is None)
-    ctx = make_context(cfg, reuse=TRAINING_SECTIONS if args.model is None else ())
-    path = Path(args.model) if args.model else ctx.run.path("student.pt")
-    ann, record = load_model(path, ctx.device)
-    stage_convert(ctx, ann, record["arch"])
-    print(f"spiking network written to {ctx.run.path('snn.pt')}")
+    with make_context(cfg, overwrite=args.overwrite, stage="convert",
+                      reuse=TRAINING_SECTIONS if args.model is None else ()) as ctx:
+        if args.model is None:
+            ctx.run.require("student", "student.pt", _hint("distill", args.out))
+        ann, record = load_model(Path(args.model) if args.model else ctx.run.path("student.pt"), ctx.device)
+        stage_convert(ctx, ann, record["arch"])
+        print(f"spiking network written to {ctx.run.path('snn.pt')}")
     return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from bsnn.pipeline import TRAINING_SECTIONS, load_model, load_snn, make_context, stage_simulate
+    from bsnn.errors import ConfigError
+    from bsnn.io import model_digest
+    from bsnn.pipeline import TRAINING_SECTIONS, load_model, load_snn, log, make_context, stage_simulate
 
     if args.timesteps:
         args.overrides.append(f"simulate.timesteps=[{args.timesteps}]")
     cfg = _load(args, reuse_run=args.snn is None)
-    ctx = make_context(cfg, reuse=TRAINING_SECTIONS if args.snn is None else ())
-    snn, record = load_snn(Path(args.snn) if args.snn else ctx.run.path("snn.pt"))
-    ann_path = Path(args.ann) if args.ann else ctx.run.path("student.pt")
-    ann = load_model(ann_path, ctx.device)[0] if ann_path.is_file() else None
-    stage_simulate(ctx, snn, ann)
-    _print_summary(ctx.run.metrics(), cfg.run.out_dir)
+    with make_context(cfg, overwrite=args.overwrite, stage="simulate",
+                      reuse=TRAINING_SECTIONS if args.snn is None else ()) as ctx:
+        if args.snn is None:
+            ctx.run.require("convert", "snn.pt", f"bsnn convert --out {args.out or '<run folder>'}")
+        snn, record = load_snn(Path(args.snn) if args.snn else ctx.run.path("snn.pt"))
+        ann_path = Path(args.ann) if args.ann else ctx.run.path("student.pt")
+        ann = load_model(ann_path, ctx.device)[0] if ann_path.is_file() else None
+        source = (record.get("derived_from") or {}).get("student")
+        if ann is not None and source is not None and source != model_digest(ann):
+            msg = (f"{ann_path} is not the network {args.snn or ctx.run.path('snn.pt')} was converted from, so it is "
+                   "no reference for it")
+            if args.ann is None:
+                raise ConfigError(f"{msg}; run `bsnn convert --out {args.out}` again, or pass --ann")
+            log.warning("%s (kept, as --ann asks)", msg)
+        stage_simulate(ctx, snn, ann)
+        metrics = ctx.run.metrics()
+    _print_summary(metrics, cfg.run.out_dir)
     return 0
 
 
@@ -181,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except BsnnError as e:
         print(f"bsnn: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read or write the stages did not wrap: still one clear line, not a traceback
+        where = f" {e.filename!r}" if e.filename else ""
+        print(f"bsnn: error: cannot access{where}: {e.strerror or e}; check the path, its permissions and the free "
+              "disk space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bsnn: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)

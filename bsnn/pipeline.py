@@ -1,45 +1,60 @@
 """The end-to-end pipeline behind ``bsnn run`` and the stage commands, driven by a :class:`Config`.
 
-Run folder layout (``run.out_dir``)::
+Run folder layout (``run.out_dir``; its lock, records and overwrite rules: :mod:`bsnn.runfolder`)::
 
-    config.yaml            resolved configuration
+    config.yaml            resolved configuration (of the latest command)
     log.txt                log of every stage
-    metrics.json           per-stage metrics (history, val/test accuracy), updated after each stage
-    teacher.pt, student.pt final model checkpoints (architecture + state_dict, loadable with weights_only)
+    run.lock               held by the process working in the folder (removed when it ends)
+    metrics.json           per-stage metrics (history, val/test accuracy), each with its record: output files'
+                           SHA-256, the model's content hash and what it was derived from (committed last)
+    teacher.pt, student.pt final model checkpoints (architecture + state_dict + content hash, weights_only)
     teacher_<i>.pt         further teachers of multi-teacher methods (model.teachers; ca_mkd)
     assistant_<i>.pt       teacher assistants (model.assistants; takd)
     online_teacher.pt      the teacher trained online with the student (bd_kd)
+    snn.pt                 the converted network (±1 weights checked on load)
+    sweep.*, cost.*        accuracy-vs-T sweep and hardware cost (their JSON names the network's content hash)
     checkpoints/*_last.pt  resumable training checkpoints
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import yaml
 
 from bsnn.activations import replace_activations_
 from bsnn.binary import binarize_
-from bsnn.config import BinaryConfig, Config, ConvertConfig, DistillConfig, TrainConfig, from_dict, save_config
+from bsnn.config import BinaryConfig, Config, ConvertConfig, DistillConfig, TrainConfig, from_dict
 from bsnn.convert import capture, convert, convert_with_thresholds
 from bsnn.convert.checks import warn_architecture
 from bsnn.data import Loaders, build_loaders, calibration_loader
 from bsnn.distill import METHODS
 from bsnn.distributed import DistEnv, barrier, init_distributed
 from bsnn.errors import CheckpointError, ConfigError
-from bsnn.io import atomic_write_json, load_checkpoint, save_checkpoint
+from bsnn.io import digest, file_sha256, load_checkpoint, model_digest, save_checkpoint, write_failure
 from bsnn.models import create_model
-from bsnn.report import write_sweep
+from bsnn.report import plot_sweep, sweep_rows, write_table
+from bsnn.runfolder import (STAGES, TEACHER_INDEPENDENT, TEACHER_SECTIONS, TRAINING_SECTIONS, Entry, RunFolder,
+                            config_digest)
 from bsnn.simulate import SimResult, simulate
 from bsnn.snn.network import SpikingNetwork
 from bsnn.train import evaluate, resolve_device, set_seed, train_student, train_teacher
 
+__all__ = ["STAGES", "TEACHER_INDEPENDENT", "TEACHER_SECTIONS", "TRAINING_SECTIONS", "Context", "RunFolder",
+           "build_model", "check_models", "fit_schedules", "load_model", "load_snn", "make_context", "run_pipeline",
+           "save_model", "save_snn", "stage_convert", "stage_cost", "stage_simulate", "stage_student",
+           "stage_teacher", "takd_chain"]
+
 log = logging.getLogger("bsnn")
+
+#: config the stages' outputs depend on (hashed into each record's ``derived_from``)
+TEACHER_CONFIG = ("data", "model", "train", "run.seed")
+STUDENT_CONFIG = (*TRAINING_SECTIONS, "run.seed")
+CONVERT_CONFIG = ("data", "convert")
+SIMULATE_CONFIG = ("data", "simulate", "run.seed")
 
 
 # ----------------------------------------------------------------------------------------- model files
@@ -54,13 +69,15 @@ def build_model(arch: dict) -> nn.Module:
     return model
 
 
-def save_model(path: str | Path, model: nn.Module, arch: dict, extra: dict | None = None) -> None:
-    """Atomically write ``{'arch', 'state_dict', **extra}``; loadable with ``weights_only=True``."""
-    save_checkpoint({"arch": arch, "state_dict": model.state_dict(), **(extra or {})}, path)
+def save_model(path: str | Path, model: nn.Module, arch: dict, extra: dict | None = None) -> str:
+    """Atomically write ``{'arch', 'state_dict', **extra}`` with its content hash; loadable with
+    ``weights_only=True``. Returns the file's content hash."""
+    return save_checkpoint({"arch": arch, "state_dict": model.state_dict(), **(extra or {})}, path)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Load a model written by :func:`save_model` without executing code. Returns ``(model, record)``."""
+    """Load a model written by :func:`save_model` without executing code, its content hash verified (see
+    :func:`bsnn.io.load_checkpoint`). Returns ``(model, record)``."""
     ck = load_checkpoint(path, map_location=device)
     if "arch" not in ck or "state_dict" not in ck:
         raise CheckpointError(f"{str(path)!r} is not a bsnn model file (needs 'arch' and 'state_dict' entries)")
@@ -72,15 +89,35 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     return model.to(device), ck
 
 
-def save_snn(path: str | Path, snn: SpikingNetwork, arch: dict) -> None:
+def save_snn(path: str | Path, snn: SpikingNetwork, arch: dict, extra: dict | None = None) -> str:
     """Atomically save a converted network: the source ANN's architecture, the conversion record and the SNN
-    state (±1 weights, thresholds, scales). Loading rebuilds the graph from these — no code is unpickled."""
-    save_checkpoint({"arch": arch, "snn_meta": snn.meta, "input_shape": snn.input_shape,
-                     "state_dict": snn.state_dict()}, path)
+    state (±1 weights, thresholds, scales), plus ``extra`` and the content hash. Loading rebuilds the graph from
+    these — no code is unpickled. Returns the content hash."""
+    return save_checkpoint({"arch": arch, "snn_meta": snn.meta, "input_shape": snn.input_shape,
+                            "state_dict": snn.state_dict(), **(extra or {})}, path)
+
+
+def check_binary(snn: SpikingNetwork, where: str) -> None:
+    """Every binary layer of ``snn`` holds exactly ±1.
+
+    Raises:
+        CheckpointError: naming the first layer that does not, with some of its other values.
+    """
+    modules = snn.synaptic_modules()
+    for layer in snn.layers:
+        if not layer.get("binary"):
+            continue
+        w = modules[layer["name"]].weight.detach()
+        bad = w[(w != 1) & (w != -1)]
+        if bad.numel():
+            shown = ", ".join(f"{v:.5g}" for v in bad.unique()[:4].tolist())
+            raise CheckpointError(f"{where}: binary layer {layer['name']!r} holds {bad.numel()} weight(s) other than "
+                                  f"±1 ({shown}); the file is damaged or was edited: re-create it with `bsnn convert`")
 
 
 def load_snn(path: str | Path) -> tuple[SpikingNetwork, dict]:
-    """Load a network written by :func:`save_snn` (``weights_only``). Returns ``(snn, record)``."""
+    """Load a network written by :func:`save_snn` (``weights_only``, content hash verified, binary layers checked
+    to hold exactly ±1). Returns ``(snn, record)``."""
     ck = load_checkpoint(path)
     if "snn_meta" not in ck:
         raise CheckpointError(f"{str(path)!r} is not a bsnn spiking-network file (write one with `bsnn convert`)")
@@ -94,88 +131,30 @@ def load_snn(path: str | Path) -> tuple[SpikingNetwork, dict]:
         snn.load_state_dict(ck["state_dict"])
     except RuntimeError as e:
         raise CheckpointError(f"{str(path)!r}: spiking-network state does not fit its architecture: {e}") from None
+    check_binary(snn, repr(str(path)))
     snn.meta = meta
     return snn.eval(), ck
 
 
-# ----------------------------------------------------------------------------------------- run folder
-class RunFolder:
-    """A run folder: resolved config, log, metrics and checkpoints (rank 0 writes)."""
-
-    def __init__(self, cfg: Config, resume: bool = False, overwrite: bool = False, env: DistEnv = DistEnv(),
-                 reuse: tuple[str, ...] | None = None):
-        """Open (or create) the run folder ``cfg.run.out_dir``.
-
-        Args:
-            resume: continue the run: finished stages are skipped, training resumes from checkpoints.
-            overwrite: replace an existing run (its model files are deleted).
-            reuse: work on an existing run's outputs (e.g. distil from its teacher, convert its student): the
-                named config sections must equal the stored ones. None: the folder must be new, or
-                ``resume`` / ``overwrite`` given.
-        """
-        self.cfg, self.env = cfg, env
-        self.root = Path(cfg.run.out_dir)
-        cfg_path = self.root / "config.yaml"
-        if cfg_path.exists() and not (resume or overwrite or reuse is not None):
-            raise ConfigError(f"run folder {str(self.root)!r} already holds a run; pass --resume to continue it, "
-                              "--overwrite to replace it, or choose another --out")
-        if cfg_path.exists() and (resume or reuse is not None) and not overwrite:
-            sections = TRAINING_SECTIONS if resume or reuse is None else reuse
-            old, new = yaml.safe_load(cfg_path.read_text()), cfg.to_dict()
-            ignored = {} if sections == TRAINING_SECTIONS else TEACHER_INDEPENDENT
-            changed = [k for k in sections if _without(old.get(k), ignored.get(k, ())) !=
-                       _without(new.get(k), ignored.get(k, ()))]
-            if changed:
-                raise ConfigError(f"run folder {str(self.root)!r} was made with other {', '.join(changed)} settings "
-                                  "than this config, so its models cannot be reused; use a new --out or --overwrite")
-        if env.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            (self.root / "checkpoints").mkdir(exist_ok=True)
-            save_config(cfg, cfg_path)
-            if overwrite and not resume:
-                for p in list(self.root.glob("*.pt")) + list((self.root / "checkpoints").glob("*.pt")):
-                    p.unlink()
-        barrier()
-        self.resume = resume
-
-    def path(self, name: str) -> Path:
-        return self.root / name
-
-    def metrics(self) -> dict:
-        p = self.path("metrics.json")
-        return json.loads(p.read_text()) if p.is_file() else {}
-
-    def update_metrics(self, stage: str, values: dict) -> None:
-        if self.env.is_main:
-            m = self.metrics()
-            m[stage] = values
-            atomic_write_json(self.path("metrics.json"), m)
-
-
-TRAINING_SECTIONS = ("data", "model", "train", "binary", "student", "distill")
-TEACHER_SECTIONS = ("data", "model", "train")
-#: keys that do not change ``teacher.pt``: ignored when a run's teacher is reused (``bsnn distill``)
-TEACHER_INDEPENDENT = {"model": ("teachers", "assistants")}
-
-
-def _without(section: dict | None, keys: tuple) -> dict | None:
-    return section if not isinstance(section, dict) else {k: v for k, v in section.items() if k not in keys}
-
-
+# ----------------------------------------------------------------------------------------- logging
 def setup_logging(log_file: Path | None, quiet: bool = False) -> None:
     """Log to stderr (INFO, or WARNING when quiet) and to ``log_file`` (INFO)."""
     log.setLevel(logging.INFO)
     log.propagate = False
     for h in list(log.handlers):
         log.removeHandler(h)
+        h.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     sh = logging.StreamHandler()
     sh.setLevel(logging.WARNING if quiet else logging.INFO)
     sh.setFormatter(fmt)
     log.addHandler(sh)
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file)
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(log_file)
+        except OSError as e:
+            raise write_failure(log_file, e) from None
         fh.setFormatter(fmt)
         log.addHandler(fh)
 
@@ -183,7 +162,8 @@ def setup_logging(log_file: Path | None, quiet: bool = False) -> None:
 # ----------------------------------------------------------------------------------------- stages
 @dataclasses.dataclass
 class Context:
-    """Everything a stage needs: config, run folder, device, data."""
+    """Everything a stage needs: config, run folder, device, data. ``with ctx:`` (or :meth:`close`) releases
+    the run folder's lock at the end."""
 
     cfg: Config
     run: RunFolder
@@ -209,41 +189,91 @@ class Context:
                 "binary": dataclasses.asdict(self.cfg.binary) if role == "student" else None,
                 "activation": {"kind": kind, "clip": m.act_clip, "levels": m.act_levels}}
 
+    def close(self) -> None:
+        """Release the run folder (its lock)."""
+        self.run.close()
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def make_context(cfg: Config, resume: bool = False, overwrite: bool = False,
-                 reuse: tuple[str, ...] | None = None) -> Context:
-    """Resolve device, join torchrun's process group if any, seed, build data and the run folder."""
+                 reuse: tuple[str, ...] | None = None, stage: str = "teacher") -> Context:
+    """Resolve device, join torchrun's process group if any, open and lock the run folder (see
+    :class:`RunFolder`; ``stage``: the first stage the caller computes, the scope of ``overwrite``), seed, build
+    the data."""
     device = resolve_device(cfg.run.device)
     env = init_distributed(device)
     if env.distributed and device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
-    run = RunFolder(cfg, resume=resume, overwrite=overwrite, env=env, reuse=reuse)
-    setup_logging(run.path("log.txt") if env.is_main else None, quiet=cfg.run.quiet or not env.is_main)
-    set_seed(cfg.run.seed)
-    loaders = build_loaders(cfg.data, seed=cfg.run.seed, distributed=env.distributed)
+    run = RunFolder(cfg, resume=resume, overwrite=overwrite, env=env, reuse=reuse, stage=stage)
+    try:
+        setup_logging(run.path("log.txt") if env.is_main else None, quiet=cfg.run.quiet or not env.is_main)
+        for note in run.notes:
+            log.log(logging.WARNING if note.startswith("took over") else logging.INFO, "%s", note)
+        set_seed(cfg.run.seed)
+        loaders = build_loaders(cfg.data, seed=cfg.run.seed, distributed=env.distributed)
+    except BaseException:
+        run.close()
+        raise
     s = loaders.splits
     log.info("data %s: %d train / %d val / %d test, %d classes, %dx%dx%d", s.name, len(s.train), len(s.val),
              len(s.test), s.num_classes, s.in_channels, *s.image_size)
     return Context(cfg, run, device, loaders, env)
 
 
-def _finish(ctx: Context, stage: str, model: nn.Module, history: list[dict]) -> dict:
+def _digests(models) -> str | list | None:
+    """Content hash of a model, of each model of a list, or None."""
+    if models is None:
+        return None
+    if isinstance(models, (list, tuple)):
+        return [_digests(m) for m in models]
+    return model_digest(models)
+
+
+def _finish(ctx: Context, stage: str, key: str, model: nn.Module, history: list[dict], files: list[str],
+            derived_from: dict) -> dict:
+    """Evaluate ``model`` and commit its record (``files`` are written already): the stage's last step."""
     test = evaluate(model, ctx.loaders.test, ctx.device)
     val = evaluate(model, ctx.loaders.val, ctx.device) if len(ctx.loaders.splits.val) else {"accuracy": None}
     values = {"test_acc": test["accuracy"], "test_loss": test["loss"], "val_acc": val["accuracy"],
               "params": sum(p.numel() for p in model.parameters()), "history": history}
-    ctx.run.update_metrics(stage, values)
-    log.info("%s: test accuracy %.2f %% (val %s)", stage, test["accuracy"],
+    ctx.run.commit(stage, {key: Entry(values, files, derived_from, model_digest(model))})
+    log.info("%s: test accuracy %.2f %% (val %s)", key, test["accuracy"],
              "n/a" if val["accuracy"] is None else f"{val['accuracy']:.2f} %")
     return values
 
 
+def _same_settings(ctx: Context, key: str, entry: dict, derived_from: dict) -> None:
+    """On resume: refuse a finished ``key`` whose record names other settings or other source models."""
+    old = (entry.get("record") or {}).get("derived_from")
+    if old is None:  # recorded before derived_from existed
+        return
+    diff = [k for k, v in derived_from.items() if old.get(k) != v]
+    if diff:
+        what = " and ".join("settings" if k == "config" else f"{k} weights" for k in diff)
+        raise ConfigError(f"{key} in {str(ctx.run.root)!r} was made from other {what} than this run uses, so it "
+                          "cannot be resumed; use --overwrite to redo it, or a new --out")
+
+
 def stage_teacher(ctx: Context) -> nn.Module:
-    """Train (or, on resume, reload) the full-precision teacher; writes ``teacher.pt``."""
+    """Train (or, on resume, reload) the full-precision teacher; writes ``teacher.pt``, then its record.
+
+    On resume a ``teacher.pt`` without its record (the run was killed before the record was written) is not
+    trusted: training resumes from ``checkpoints/teacher_last.pt`` and the stage finishes."""
     final = ctx.run.path("teacher.pt")
-    if ctx.run.resume and final.is_file():
-        log.info("teacher: found %s, skipping training", final)
-        return load_model(final, ctx.device)[0]
+    derived = {"config": config_digest(ctx.cfg, TEACHER_CONFIG, TEACHER_INDEPENDENT)}
+    if ctx.run.resume:
+        done = ctx.run.finished("teacher", ("teacher.pt",))
+        if done is not None:
+            _same_settings(ctx, "teacher", done, derived)
+            log.info("teacher: found %s, skipping training", final)
+            return load_model(final, ctx.device)[0]
+        if final.is_file():
+            log.info("teacher: %s has no record (the run stopped before the stage finished): finishing it", final)
     set_seed(ctx.cfg.run.seed)
     arch = ctx.arch("teacher")
     model = build_model(arch).to(ctx.device)
@@ -251,8 +281,8 @@ def stage_teacher(ctx: Context) -> nn.Module:
                          checkpoint_path=ctx.run.path("checkpoints/teacher_last.pt"), resume=ctx.run.resume,
                          device=ctx.device, quiet=ctx.cfg.run.quiet)
     if ctx.env.is_main:
-        save_model(final, model, arch)
-    _finish(ctx, "teacher", model, hist)
+        save_model(final, model, arch, {"derived_from": derived})
+    _finish(ctx, "teacher", "teacher", model, hist, ["teacher.pt"], derived)
     return model
 
 
@@ -283,19 +313,20 @@ def _train_or_load(ctx: Context, entry: str | dict, file: str, recipe: dict, see
     same ``recipe``, else ``build -> train(model, checkpoint) -> save``."""
     if isinstance(entry, str) and entry.endswith(".pt"):
         return load_model(entry, ctx.device)[0]
-    final = ctx.run.path(file)
-    if final.is_file():
+    final, key = ctx.run.path(file), Path(file).stem
+    derived = {"recipe": digest(recipe)}
+    if ctx.run.finished(key, (file,)) is not None:
         model, record = load_model(final, ctx.device)
         if record.get("recipe") == recipe:
-            log.info("%s: found %s, skipping training", Path(file).stem, final)
+            log.info("%s: found %s, skipping training", key, final)
             return model
     set_seed(seed)
     arch = ctx.arch("teacher", entry)
     model = build_model(arch).to(ctx.device)
-    hist = train(model, ctx.run.path(f"checkpoints/{Path(file).stem}_last.pt"))
+    hist = train(model, ctx.run.path(f"checkpoints/{key}_last.pt"))
     if ctx.env.is_main:
-        save_model(final, model, arch, {"recipe": recipe})
-    _finish(ctx, Path(file).stem, model, hist)
+        save_model(final, model, arch, {"recipe": recipe, "derived_from": derived})
+    _finish(ctx, "student", key, model, hist, [file], derived)
     return model
 
 
@@ -318,9 +349,10 @@ def stage_assistants(ctx: Context, teacher: nn.Module, distill: DistillConfig) -
     with the ``train`` settings (full precision, seed ``run.seed + 200 + i``); saved as ``assistant_<i>.pt``."""
     chain = [teacher]
     for i, entry in enumerate(ctx.cfg.model.assistants, 1):
-        recipe = {"chain": list(ctx.cfg.model.assistants[:i]), "teacher": ctx.cfg.model.teacher,
-                  "distill": dataclasses.asdict(distill), "train": dataclasses.asdict(ctx.cfg.train)}
         prev = chain[-1]
+        recipe = {"chain": list(ctx.cfg.model.assistants[:i]), "teacher": ctx.cfg.model.teacher,
+                  "distill": dataclasses.asdict(distill), "train": dataclasses.asdict(ctx.cfg.train),
+                  "from": model_digest(prev)}  # distilled from these weights: a retrained teacher retrains it
         chain.append(_train_or_load(
             ctx, entry, f"assistant_{i}.pt", recipe, ctx.cfg.run.seed + 200 + i,
             lambda m, ck, prev=prev, i=i: train_student(
@@ -337,19 +369,27 @@ def fit_schedules(distill: DistillConfig, epochs: int) -> DistillConfig:
 
 
 def stage_student(ctx: Context, teacher: nn.Module | None) -> nn.Module:
-    """Distil the binary-weight student from ``teacher``; writes ``student.pt``.
+    """Distil the binary-weight student from ``teacher``; writes ``student.pt``, then its record.
 
     Multi-model methods get their models here: ``ca_mkd`` the teacher plus ``model.teachers``
     (:func:`stage_teachers`), ``takd`` the chain through ``model.assistants`` (:func:`stage_assistants`), ``bd_kd``
     a freshly initialised ``model.teacher`` trained online with the student (the paper's setting; ``teacher`` is
-    not used), saved as ``online_teacher.pt``.
+    not used), saved as ``online_teacher.pt``. On resume, a finished student is reused only if it was distilled
+    from ``teacher``'s weights with these settings.
     """
     check_models(ctx.cfg)
     final = ctx.run.path("student.pt")
-    if ctx.run.resume and final.is_file():
-        log.info("student: found %s, skipping training", final)
-        return load_model(final, ctx.device)[0]
     cls = METHODS.get(ctx.cfg.distill.method)
+    derived = {"config": config_digest(ctx.cfg, STUDENT_CONFIG),
+               "teacher": None if cls.trains_teacher else _digests(teacher)}
+    if ctx.run.resume:
+        done = ctx.run.finished("student", ("student.pt",))
+        if done is not None:
+            _same_settings(ctx, "student", done, derived)
+            log.info("student: found %s, skipping training", final)
+            return load_model(final, ctx.device)[0]
+        if final.is_file():
+            log.info("student: %s has no record (the run stopped before the stage finished): finishing it", final)
     distill = fit_schedules(ctx.cfg.distill, ctx.cfg.student.epochs)
     if cls.trains_teacher:
         set_seed(ctx.cfg.run.seed)
@@ -357,8 +397,10 @@ def stage_student(ctx: Context, teacher: nn.Module | None) -> nn.Module:
         log.info("%s: training a fresh %s teacher online with the student", distill.method, ctx.cfg.model.teacher)
     elif cls.min_teachers > 1:
         teacher = stage_teachers(ctx, teacher)
+        derived["teachers"] = _digests(teacher[1:])
     elif cls.uses_assistants:
         teacher = stage_assistants(ctx, teacher, fit_schedules(ctx.cfg.distill, ctx.cfg.train.epochs))
+        derived["assistants"] = _digests(teacher[1:])
     set_seed(ctx.cfg.run.seed + 1)
     arch = ctx.arch("student")
     student = build_model(arch).to(ctx.device)
@@ -368,12 +410,12 @@ def stage_student(ctx: Context, teacher: nn.Module | None) -> nn.Module:
                          val_loader=ctx.loaders.val, checkpoint_path=ctx.run.path("checkpoints/student_last.pt"),
                          resume=ctx.run.resume, device=ctx.device, quiet=ctx.cfg.run.quiet)
     if ctx.env.is_main:
-        save_model(final, student, arch, {"distill": dataclasses.asdict(distill)})
         if cls.trains_teacher:
-            save_model(ctx.run.path("online_teacher.pt"), teacher, ctx.arch("teacher"))
+            save_model(ctx.run.path("online_teacher.pt"), teacher, ctx.arch("teacher"), {"derived_from": derived})
+        save_model(final, student, arch, {"distill": dataclasses.asdict(distill), "derived_from": derived})
     if cls.trains_teacher:
-        _finish(ctx, "online_teacher", teacher, [])
-    _finish(ctx, "student", student, hist)
+        _finish(ctx, "student", "online_teacher", teacher, [], ["online_teacher.pt"], derived)
+    _finish(ctx, "student", "student", student, hist, ["student.pt"], derived)
     return student
 
 
@@ -416,96 +458,127 @@ def takd_chain(teacher: nn.Module, assistants: list[nn.Module], student: nn.Modu
 
 
 def stage_convert(ctx: Context, ann: nn.Module, arch: dict) -> SpikingNetwork:
-    """Convert ``ann`` (calibrated on the un-augmented training split); writes ``snn.pt``."""
+    """Convert ``ann`` (calibrated on the un-augmented training split); writes ``snn.pt``, then its record."""
+    derived = {"config": config_digest(ctx.cfg, CONVERT_CONFIG), "student": model_digest(ann)}
     calib = calibration_loader(ctx.loaders.splits, ctx.cfg.data, ctx.cfg.convert.calib_samples)
     snn = convert(ann.eval(), calib, ctx.cfg.convert, device=ctx.device)
+    values = {"layers": len(snn.layers), "binary_layers": sum(bool(l["binary"]) for l in snn.layers),
+              "if_layers": len(snn.neuron_names)}
     if ctx.env.is_main:
-        save_snn(ctx.run.path("snn.pt"), snn, arch)
-    log.info("converted: %d synaptic layers (%d binary, weights ±1), %d IF layers", len(snn.layers),
-             sum(l["binary"] for l in snn.layers), len(snn.neuron_names))
+        save_snn(ctx.run.path("snn.pt"), snn, arch, {"derived_from": derived})
+    ctx.run.commit("convert", {"convert": Entry(values, ["snn.pt"], derived, model_digest(snn))}, replace=True)
+    log.info("converted: %d synaptic layers (%d binary, weights ±1), %d IF layers", values["layers"],
+             values["binary_layers"], values["if_layers"])
     return snn
 
 
+def write_sweep_files(res: SimResult, root: Path, derived_from: dict, title: str, stem: str = "sweep") -> list[str]:
+    """``<stem>.{md,csv,json,png}`` of ``res`` in ``root``; the JSON also names what the sweep was derived from.
+    Returns the file names."""
+    headers, rows = sweep_rows(res)
+    paths = write_table(root / stem, headers, rows, {**res.to_dict(), "derived_from": derived_from})
+    paths["png"] = plot_sweep(res, root / f"{stem}.png", title)
+    return [p.name for p in paths.values()]
+
+
 def stage_simulate(ctx: Context, snn: SpikingNetwork, ann: nn.Module | None, stem: str = "sweep") -> SimResult:
-    """Accuracy-vs-T sweep on the test split; writes ``sweep.{md,csv,json,png}`` and metrics['snn']."""
+    """Accuracy-vs-T sweep on the test split; writes ``sweep.{md,csv,json,png}`` (and, when asked, the early-exit
+    and constrained tables), then the records ``snn`` (+ ``early_exit``, ``snn_constrained``). Earlier tables of
+    this stage that this run does not make are removed."""
+    derived = {"config": config_digest(ctx.cfg, SIMULATE_CONFIG), "snn": model_digest(snn),
+               "ann": None if ann is None else model_digest(ann)}
+    main = ctx.env.is_main
     res = simulate(snn, ctx.loaders.test, cfg=ctx.cfg.simulate, device=ctx.device, ann=ann,
-                   quiet=ctx.cfg.run.quiet or not ctx.env.is_main, seed=ctx.cfg.run.seed)
-    if ctx.env.is_main:
-        write_sweep(res, ctx.run.root, stem, title=f"{ctx.loaders.splits.name}: binary SNN vs ANN")
-    ctx.run.update_metrics("snn", {"accuracy": {str(k): v for k, v in res.accuracy.items()},
-                                   "ann_accuracy": res.ann_accuracy, "samples": res.samples,
-                                   "firing_rates": res.firing_rates(), "wall_time_s": res.wall_time_s})
+                   quiet=ctx.cfg.run.quiet or not main, seed=ctx.cfg.run.seed)
+    files = write_sweep_files(res, ctx.run.root, derived, f"{ctx.loaders.splits.name}: binary SNN vs ANN",
+                              stem) if main else []
+    entries = {"snn": Entry({"accuracy": {str(k): v for k, v in res.accuracy.items()},
+                             "ann_accuracy": res.ann_accuracy, "samples": res.samples,
+                             "firing_rates": res.firing_rates(), "wall_time_s": res.wall_time_s}, files, derived)}
     for t in res.timesteps:
         log.info("SNN T=%d: %.2f %%", t, res.accuracy[t])
     if res.predictions is not None:
-        _early_exit_report(ctx, res, stem)
+        entries["early_exit"] = _early_exit_report(ctx, res, stem, derived)
     constraints = ctx.cfg.simulate.constraint_config()
     if constraints is not None:
         from bsnn.hardware.constraints import apply_constraints
-        from bsnn.report import write_table
 
         with apply_constraints(snn, constraints):
             hw = simulate(snn, ctx.loaders.test, cfg=ctx.cfg.simulate, device=ctx.device,
-                          quiet=ctx.cfg.run.quiet or not ctx.env.is_main, seed=ctx.cfg.run.seed)
+                          quiet=ctx.cfg.run.quiet or not main, seed=ctx.cfg.run.seed)
         rows = [[t, res.accuracy[t], hw.accuracy[t], res.accuracy[t] - hw.accuracy[t]] for t in res.timesteps]
-        if ctx.env.is_main:
-            write_table(ctx.run.path(f"{stem}_constrained"), ["T", "ideal SNN (%)", "with constraints (%)",
-                                                              "drop (points)"], rows,
-                        {"constraints": ctx.cfg.simulate.constraints, "ideal": res.to_dict(), "constrained": hw.to_dict()})
-        ctx.run.update_metrics("snn_constrained", {"constraints": ctx.cfg.simulate.constraints,
-                                                   "accuracy": {str(k): v for k, v in hw.accuracy.items()}})
+        files = []
+        if main:
+            paths = write_table(ctx.run.path(f"{stem}_constrained"), ["T", "ideal SNN (%)", "with constraints (%)",
+                                                                      "drop (points)"], rows,
+                                {"constraints": ctx.cfg.simulate.constraints, "ideal": res.to_dict(),
+                                 "constrained": hw.to_dict(), "derived_from": derived})
+            files = [p.name for p in paths.values()]
+        entries["snn_constrained"] = Entry({"constraints": ctx.cfg.simulate.constraints,
+                                            "accuracy": {str(k): v for k, v in hw.accuracy.items()}}, files, derived)
+    ctx.run.commit("simulate", entries, replace=True)
     return res
 
 
-def _early_exit_report(ctx: Context, res: SimResult, stem: str) -> None:
+def _early_exit_report(ctx: Context, res: SimResult, stem: str, derived: dict) -> Entry:
     """``<stem>_early_exit.{md,csv,json}``: accuracy vs *average* timesteps of the per-sample early-exit rule
     (:mod:`bsnn.early_exit`) next to the fixed T that reaches the same accuracy. There are no warm-up steps, so
-    the latency of a sample is the number of timesteps it ran."""
+    the latency of a sample is the number of timesteps it ran. Returns the ``early_exit`` entry."""
     from bsnn.early_exit import early_exit_curve, fixed_T_needed
-    from bsnn.report import write_table
 
     rows = []
     for r in early_exit_curve(res):
         fixed = fixed_T_needed(res, r["accuracy"])
         rows.append([r["patience"], r["margin"], r["accuracy"], r["mean_timesteps"],
                      fixed if fixed is not None else "not reached"])
+    files = []
     if ctx.env.is_main:
-        write_table(ctx.run.path(f"{stem}_early_exit"), ["patience", "margin", "accuracy (%)", "average timesteps",
-                                                         "fixed T for the same accuracy"], rows,
-                    {"rule": "exit at the first step whose prediction has been stable for `patience` steps and whose "
-                             "time-averaged logit margin is >= `margin` (Pareto-optimal rules of the grid)",
-                     "simulated_T": max(res.timesteps)})
-    ctx.run.update_metrics("early_exit", {"curve": [dict(zip(("patience", "margin", "accuracy", "mean_timesteps",
-                                                              "fixed_T"), r)) for r in rows]})
+        paths = write_table(ctx.run.path(f"{stem}_early_exit"), ["patience", "margin", "accuracy (%)",
+                                                                 "average timesteps", "fixed T for the same accuracy"],
+                            rows,
+                            {"rule": "exit at the first step whose prediction has been stable for `patience` steps "
+                                     "and whose time-averaged logit margin is >= `margin` (Pareto-optimal rules of "
+                                     "the grid)", "simulated_T": max(res.timesteps), "derived_from": derived})
+        files = [p.name for p in paths.values()]
+    return Entry({"curve": [dict(zip(("patience", "margin", "accuracy", "mean_timesteps", "fixed_T"), r))
+                            for r in rows]}, files, derived)
 
 
 def stage_cost(ctx: Context, snn: SpikingNetwork, res: SimResult) -> dict:
-    """In-memory-hardware cost at ``cost.timesteps``; writes ``cost.{json,md,png}`` and metrics['cost']."""
-    from bsnn.hardware.cli import run_cost
+    """In-memory-hardware cost at ``cost.timesteps``; writes ``cost.{json,md}`` and its plots, then the record
+    ``cost``."""
+    from bsnn.hardware.cli import COST_FILES, run_cost
 
     c = ctx.cfg.cost
-    report = run_cost(snn, res, ctx.run.root, hw=c.preset, timesteps=c.timesteps, mode=c.mode)
-    total = report.to_dict()["total"]
-    ctx.run.update_metrics("cost", {"preset": c.preset, "mode": c.mode, "total": total})
-    log.info("cost (%s, %s, T=%s): %.4g pJ, %.4g ns, %.4g um2", c.preset, c.mode, report.timesteps,
-             total["energy_pj"], total["latency_ns"] or float("nan"), total["area_um2"] or float("nan"))
+    sweep = ctx.run.path("sweep.json")
+    derived = {"config": config_digest(ctx.cfg, ("cost",)), "snn": model_digest(snn),
+               "sweep.json": file_sha256(sweep) if sweep.is_file() else None}
+    report = run_cost(snn, res, ctx.run.root, hw=c.preset, timesteps=c.timesteps, mode=c.mode,
+                      derived_from=derived) if ctx.env.is_main else None
+    total = report.to_dict()["total"] if report is not None else {}
+    files = [f for f in COST_FILES if ctx.run.path(f).is_file()]
+    ctx.run.commit("cost", {"cost": Entry({"preset": c.preset, "mode": c.mode, "total": total}, files, derived)},
+                   replace=True)
+    if report is not None:
+        log.info("cost (%s, %s, T=%s): %.4g pJ, %.4g ns, %.4g um2", c.preset, c.mode, report.timesteps,
+                 total["energy_pj"], total["latency_ns"] or float("nan"), total["area_um2"] or float("nan"))
     return total
 
 
 def run_pipeline(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     """teacher(s) -> binary student by distillation -> conversion -> accuracy-vs-T sweep -> hardware cost.
 
-    Returns the metrics dict (also in ``metrics.json``).
+    The run folder is locked for the whole run. Returns the metrics dict (also in ``metrics.json``).
     """
     check_models(cfg)
-    ctx = make_context(cfg, resume=resume, overwrite=overwrite)
-    online = METHODS.get(cfg.distill.method).trains_teacher  # bd_kd: the student stage trains its own teacher
-    teacher = None if online else stage_teacher(ctx)
-    student = stage_student(ctx, teacher)
-    if ctx.env.is_main:
-        snn = stage_convert(ctx, student, ctx.arch("student"))
-        res = stage_simulate(ctx, snn, student)
-        if cfg.cost.enabled:
-            stage_cost(ctx, snn, res)
-    barrier()
-    return ctx.run.metrics()
+    with make_context(cfg, resume=resume, overwrite=overwrite) as ctx:
+        online = METHODS.get(cfg.distill.method).trains_teacher  # bd_kd: the student stage trains its own teacher
+        teacher = None if online else stage_teacher(ctx)
+        student = stage_student(ctx, teacher)
+        if ctx.env.is_main:
+            snn = stage_convert(ctx, student, ctx.arch("student"))
+            res = stage_simulate(ctx, snn, student)
+            if cfg.cost.enabled:
+                stage_cost(ctx, snn, res)
+        barrier()
+        return ctx.run.metrics()

@@ -123,7 +123,10 @@ def test_distill_another_method_from_the_runs_teacher(run_dir, tmp_path, capsys)
     assert len(m["student"]["history"]) == 1
     assert main(["distill", "--out", str(run_dir), *FAST, "train.epochs=5"]) == 2
     assert "other train settings" in capsys.readouterr().err
+    # the new student made the folder's snn.pt (converted from the old one) stale: it is gone until re-converted
+    assert not (run_dir / "snn.pt").exists() and "snn" not in json.loads((run_dir / "metrics.json").read_text())
     # without --config and overrides, the run folder's own config is the base (data.name=digits is kept)
+    assert main(["convert", "--out", str(run_dir), "--quiet"]) == 0
     assert main(["simulate", "--out", str(run_dir), "--timesteps", "1,2", "--quiet"]) == 0
 
 

@@ -12,14 +12,19 @@ Files written into ``--out``: ``cost.json`` (top-level ``total`` with ``energy_p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 
 from bsnn.errors import ConfigError, DataError
 from bsnn.hardware.config import HardwareConfig, list_presets, load_hardware_config, preset
 from bsnn.hardware.cost import MODES, Activity, CostReport, estimate, sweep_timesteps
-from bsnn.io import atomic_write_json, atomic_write_text
+from bsnn.io import atomic_write_json, atomic_write_text, file_sha256, model_digest, write_failure
+
+#: the files :func:`run_cost` writes into a run folder
+COST_FILES = ("cost.json", "cost.md", "cost_breakdown.png", "cost_vs_T.png")
 
 
 def add_cost_parser(subparsers) -> argparse.ArgumentParser:
@@ -67,6 +72,13 @@ def hardware_from_args(args: argparse.Namespace) -> HardwareConfig:
 
 
 def _load_run(run_dir: Path):
+    """The run's network and, if there is one, its sweep (``sweep.json``), checked to come from this network.
+
+    Raises:
+        DataError: no ``snn.pt`` or an unreadable ``sweep.json``.
+        ConfigError: ``sweep.json`` was simulated from another ``snn.pt`` (converted again since): costing it
+            would mix two networks. A sweep that records no network (older bsnn, hand-made) is used with a warning.
+    """
     from bsnn.pipeline import load_snn
 
     snn_path = run_dir / "snn.pt"
@@ -80,31 +92,61 @@ def _load_run(run_dir: Path):
             result = json.loads(sweep.read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"{str(sweep)!r} is not valid JSON: {e}") from None
+        source = (result.get("derived_from") or {}).get("snn") if isinstance(result, dict) else None
+        if source is None:
+            warnings.warn(f"{str(sweep)!r} does not record which network it simulated (older bsnn, or written by "
+                          "hand), so it cannot be checked to belong to snn.pt; rerun `bsnn simulate` to be sure",
+                          UserWarning, stacklevel=2)
+        elif source != model_digest(snn):
+            raise ConfigError(f"{str(sweep)!r} was simulated from another snn.pt than the one now in the folder "
+                              "(converted again since), so its activity is not this network's; run "
+                              f"`bsnn simulate --out {run_dir}` first")
     return snn, result
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    """Handler of ``bsnn cost``: estimate, then write cost.json / cost.md / plots into ``--out``."""
-    hw = hardware_from_args(args)
-    if args.run is not None:
-        network, activity = _load_run(args.run)
-        if args.mode == "event_driven" and activity is None:
-            raise ConfigError(f"--mode event_driven needs {args.run / 'sweep.json'} (run `bsnn simulate`)")
-        T = args.timesteps or (max(int(t) for t in activity["timesteps"]) if activity else 5)
-    else:
-        network, activity = args.layers, None
-        T = args.timesteps or 5
-        if args.rate is not None:
-            from bsnn.hardware.mapping import load_layer_table
+    """Handler of ``bsnn cost``: estimate, then write cost.json / cost.md / plots into ``--out``.
 
-            if not 0.0 <= args.rate <= 1.0:
-                raise ConfigError(f"--rate must be in [0, 1], got {args.rate}")
-            network = load_layer_table(args.layers)
-            activity = Activity.uniform(network, args.rate, T)
-        elif args.mode == "event_driven":
-            raise ConfigError("--mode event_driven with --layers needs --rate R (uniform input spike rate)")
-    report = estimate(network, activity, hw, timesteps=T, mode=args.mode, ann_bits=args.ann_bits)
-    paths = write_cost_report(report, args.out, network, activity, hw)
+    With ``--out`` equal to ``--run`` the report replaces the run's own ``cost.*``: the run folder is locked and
+    the ``cost`` record of ``metrics.json`` is committed after the files.
+    """
+    from bsnn.runfolder import Entry, RunLock, check_out_dir, commit_entries
+
+    hw = hardware_from_args(args)
+    out = check_out_dir(args.out)
+    in_run = args.run is not None and out.resolve() == Path(args.run).resolve()
+    lock = RunLock(out).acquire() if in_run else None
+    try:
+        derived = None
+        if args.run is not None:
+            network, activity = _load_run(args.run)
+            if args.mode == "event_driven" and activity is None:
+                raise ConfigError(f"--mode event_driven needs {args.run / 'sweep.json'} (run `bsnn simulate`)")
+            T = args.timesteps or (max(int(t) for t in activity["timesteps"]) if activity else 5)
+            sweep = args.run / "sweep.json"
+            derived = {"snn": model_digest(network), "sweep.json": file_sha256(sweep) if activity else None,
+                       "hardware": dataclasses.asdict(hw)}
+        else:
+            network, activity = args.layers, None
+            T = args.timesteps or 5
+            if args.rate is not None:
+                from bsnn.hardware.mapping import load_layer_table
+
+                if not 0.0 <= args.rate <= 1.0:
+                    raise ConfigError(f"--rate must be in [0, 1], got {args.rate}")
+                network = load_layer_table(args.layers)
+                activity = Activity.uniform(network, args.rate, T)
+            elif args.mode == "event_driven":
+                raise ConfigError("--mode event_driven with --layers needs --rate R (uniform input spike rate)")
+        report = estimate(network, activity, hw, timesteps=T, mode=args.mode, ann_bits=args.ann_bits)
+        paths = write_cost_report(report, out, network, activity, hw, derived_from=derived)
+        if in_run:
+            commit_entries(out, "cost", {"cost": Entry({"preset": report.hardware, "mode": report.mode,
+                                                        "total": report.to_dict()["total"]},
+                                                       [p.name for p in paths.values()], derived)}, replace=True)
+    finally:
+        if lock is not None:
+            lock.release()
     if not args.quiet:
         t = report.total
         lat = "n/a" if t.latency_ns is None else f"{t.latency_ns:.4g} ns"
@@ -123,14 +165,24 @@ def _ts_up_to(T: int) -> list[int]:
 
 
 def write_cost_report(report: CostReport, out_dir: str | os.PathLike, network=None, activity=None,
-                      hw: HardwareConfig | None = None, stem: str = "cost", plots: bool = True) -> dict[str, Path]:
+                      hw: HardwareConfig | None = None, stem: str = "cost", plots: bool = True,
+                      derived_from: dict | None = None) -> dict[str, Path]:
     """Write ``cost.json``, ``cost.md`` and (with ``plots``) ``cost_breakdown.png`` / ``cost_vs_T.png``.
 
-    ``network``/``activity``/``hw`` (as given to :func:`estimate`) enable the energy/latency-vs-T sweep.
+    ``network``/``activity``/``hw`` (as given to :func:`estimate`) enable the energy/latency-vs-T sweep;
+    ``derived_from`` (content hashes of the network and the sweep it was costed from) goes into ``cost.json``.
+
+    Raises:
+        OutputError: ``out_dir`` cannot be created or written.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_failure(out, e) from None
     d = report.to_dict()
+    if derived_from is not None:
+        d["derived_from"] = derived_from
     d["breakdown_pj"] = report.total.breakdown_pj
     vs_t: dict[str, list] = {}
     if network is not None and hw is not None:
@@ -154,9 +206,14 @@ def _save(fig, path: Path) -> Path:
 
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_failure(path, e) from None
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -215,11 +272,12 @@ def plot_vs_t(vs_t: dict, report: CostReport, path: str | os.PathLike) -> Path:
 
 
 def run_cost(snn, result, out_dir: str | os.PathLike, hw: HardwareConfig | str = "spikesim-rram-65nm",
-             timesteps: int | None = None, mode: str = "event_driven", plots: bool = True) -> CostReport:
+             timesteps: int | None = None, mode: str = "event_driven", plots: bool = True,
+             derived_from: dict | None = None) -> CostReport:
     """For ``bsnn run``: cost the converted network at T (default: the largest simulated T) and write
-    ``cost.{json,md}`` (+ plots) into the run folder. Returns the report."""
+    ``cost.{json,md}`` (+ plots; :data:`COST_FILES`) into the run folder. Returns the report."""
     report = estimate(snn, result, hw, timesteps=timesteps, mode=mode)
     from bsnn.hardware.config import resolve_hardware
 
-    write_cost_report(report, out_dir, snn, result, resolve_hardware(hw), plots=plots)
+    write_cost_report(report, out_dir, snn, result, resolve_hardware(hw), plots=plots, derived_from=derived_from)
     return report
