@@ -94,6 +94,11 @@ def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Atomically write a binary file (see :func:`atomic_write_text`)."""
+    _atomic_write_bytes(path, data)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Atomically write a UTF-8 text file."""
     _atomic_write_bytes(path, text.encode("utf-8"))

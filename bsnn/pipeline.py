@@ -1,6 +1,7 @@
 """The end-to-end pipeline behind ``bsnn run`` and the stage commands, driven by a :class:`Config`.
 
-Run folder layout (``run.out_dir``; its lock, records and overwrite rules: :mod:`bsnn.runfolder`)::
+Run folder layout (``run.out_dir``; its lock, records and overwrite rules: :mod:`bsnn.runfolder`; model files:
+:mod:`bsnn.modelfile`)::
 
     config.yaml            resolved configuration (of the latest command)
     log.txt                log of every stage
@@ -20,22 +21,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from bsnn.activations import replace_activations_
-from bsnn.binary import binarize_
-from bsnn.config import BinaryConfig, Config, ConvertConfig, DistillConfig, TrainConfig, from_dict
-from bsnn.convert import capture, convert, convert_with_thresholds
+from bsnn.config import Config, DistillConfig, TrainConfig
+from bsnn.convert import convert
 from bsnn.convert.checks import warn_architecture
 from bsnn.data import Loaders, build_loaders, calibration_loader
 from bsnn.distill import METHODS
 from bsnn.distributed import DistEnv, barrier, init_distributed
-from bsnn.errors import CheckpointError, ConfigError
-from bsnn.io import digest, file_sha256, load_checkpoint, model_digest, save_checkpoint, write_failure
-from bsnn.models import create_model
+from bsnn.errors import ConfigError
+from bsnn.io import digest, file_sha256, model_digest, write_failure
+from bsnn.modelfile import build_model, check_binary, load_model, load_snn, save_model, save_snn
 from bsnn.report import plot_sweep, sweep_rows, write_table
 from bsnn.runfolder import (STAGES, TEACHER_INDEPENDENT, TEACHER_SECTIONS, TRAINING_SECTIONS, Entry, RunFolder,
                             config_digest)
@@ -44,7 +44,7 @@ from bsnn.snn.network import SpikingNetwork
 from bsnn.train import evaluate, resolve_device, set_seed, train_student, train_teacher
 
 __all__ = ["STAGES", "TEACHER_INDEPENDENT", "TEACHER_SECTIONS", "TRAINING_SECTIONS", "Context", "RunFolder",
-           "build_model", "check_models", "fit_schedules", "load_model", "load_snn", "make_context", "run_pipeline",
+           "build_model", "check_binary", "check_models", "fit_schedules", "load_model", "load_snn", "make_context", "run_pipeline",
            "save_model", "save_snn", "stage_convert", "stage_cost", "stage_simulate", "stage_student",
            "stage_teacher", "takd_chain"]
 
@@ -55,85 +55,6 @@ TEACHER_CONFIG = ("data", "model", "train", "run.seed")
 STUDENT_CONFIG = (*TRAINING_SECTIONS, "run.seed")
 CONVERT_CONFIG = ("data", "convert")
 SIMULATE_CONFIG = ("data", "simulate", "run.seed")
-
-
-# ----------------------------------------------------------------------------------------- model files
-def build_model(arch: dict) -> nn.Module:
-    """Rebuild a model from its architecture record (see :func:`save_model`)."""
-    model = create_model(arch["name"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
-                         **arch.get("kwargs", {}))
-    act = arch.get("activation") or {"kind": "relu"}
-    replace_activations_(model, act["kind"], clip=act.get("clip", 4.0), levels=act.get("levels", 8))
-    if arch.get("binary") is not None:
-        binarize_(model, from_dict(arch["binary"], BinaryConfig))
-    return model
-
-
-def save_model(path: str | Path, model: nn.Module, arch: dict, extra: dict | None = None) -> str:
-    """Atomically write ``{'arch', 'state_dict', **extra}`` with its content hash; loadable with
-    ``weights_only=True``. Returns the file's content hash."""
-    return save_checkpoint({"arch": arch, "state_dict": model.state_dict(), **(extra or {})}, path)
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Load a model written by :func:`save_model` without executing code, its content hash verified (see
-    :func:`bsnn.io.load_checkpoint`). Returns ``(model, record)``."""
-    ck = load_checkpoint(path, map_location=device)
-    if "arch" not in ck or "state_dict" not in ck:
-        raise CheckpointError(f"{str(path)!r} is not a bsnn model file (needs 'arch' and 'state_dict' entries)")
-    model = build_model(ck["arch"])
-    try:
-        model.load_state_dict(ck["state_dict"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{str(path)!r}: weights do not fit architecture {ck['arch']['name']!r}: {e}") from None
-    return model.to(device), ck
-
-
-def save_snn(path: str | Path, snn: SpikingNetwork, arch: dict, extra: dict | None = None) -> str:
-    """Atomically save a converted network: the source ANN's architecture, the conversion record and the SNN
-    state (±1 weights, thresholds, scales), plus ``extra`` and the content hash. Loading rebuilds the graph from
-    these — no code is unpickled. Returns the content hash."""
-    return save_checkpoint({"arch": arch, "snn_meta": snn.meta, "input_shape": snn.input_shape,
-                            "state_dict": snn.state_dict(), **(extra or {})}, path)
-
-
-def check_binary(snn: SpikingNetwork, where: str) -> None:
-    """Every binary layer of ``snn`` holds exactly ±1.
-
-    Raises:
-        CheckpointError: naming the first layer that does not, with some of its other values.
-    """
-    modules = snn.synaptic_modules()
-    for layer in snn.layers:
-        if not layer.get("binary"):
-            continue
-        w = modules[layer["name"]].weight.detach()
-        bad = w[(w != 1) & (w != -1)]
-        if bad.numel():
-            shown = ", ".join(f"{v:.5g}" for v in bad.unique()[:4].tolist())
-            raise CheckpointError(f"{where}: binary layer {layer['name']!r} holds {bad.numel()} weight(s) other than "
-                                  f"±1 ({shown}); the file is damaged or was edited: re-create it with `bsnn convert`")
-
-
-def load_snn(path: str | Path) -> tuple[SpikingNetwork, dict]:
-    """Load a network written by :func:`save_snn` (``weights_only``, content hash verified, binary layers checked
-    to hold exactly ±1). Returns ``(snn, record)``."""
-    ck = load_checkpoint(path)
-    if "snn_meta" not in ck:
-        raise CheckpointError(f"{str(path)!r} is not a bsnn spiking-network file (write one with `bsnn convert`)")
-    ann = build_model(ck["arch"]).eval()
-    meta = ck["snn_meta"]
-    cfg = from_dict({k: v for k, v in meta["convert"].items()}, ConvertConfig)
-    gm = capture(ann, torch.zeros(1, *ck["input_shape"]))
-    thresholds = {k: torch.as_tensor(v) for k, v in meta["thresholds"].items()}
-    snn = convert_with_thresholds(gm, thresholds, cfg, ck["input_shape"])
-    try:
-        snn.load_state_dict(ck["state_dict"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{str(path)!r}: spiking-network state does not fit its architecture: {e}") from None
-    check_binary(snn, repr(str(path)))
-    snn.meta = meta
-    return snn.eval(), ck
 
 
 # ----------------------------------------------------------------------------------------- logging
@@ -189,15 +110,25 @@ class Context:
                 "binary": dataclasses.asdict(self.cfg.binary) if role == "student" else None,
                 "activation": {"kind": kind, "clip": m.act_clip, "levels": m.act_levels}}
 
-    def close(self) -> None:
-        """Release the run folder (its lock)."""
-        self.run.close()
+    def close(self, failed: bool = False) -> None:
+        """Release the run folder (its lock); ``failed``: see :meth:`RunFolder.close`."""
+        _close_log(self.run.path("log.txt"))
+        self.run.close(failed=failed)
 
     def __enter__(self) -> "Context":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(failed=exc_type is not None)
+
+
+def _close_log(log_file: Path) -> None:
+    """Stop logging into ``log_file`` (the run is over; messages still reach stderr)."""
+    target = os.path.abspath(log_file)
+    for h in list(log.handlers):
+        if isinstance(h, logging.FileHandler) and h.baseFilename == target:
+            log.removeHandler(h)
+            h.close()
 
 
 def make_context(cfg: Config, resume: bool = False, overwrite: bool = False,
@@ -217,7 +148,8 @@ def make_context(cfg: Config, resume: bool = False, overwrite: bool = False,
         set_seed(cfg.run.seed)
         loaders = build_loaders(cfg.data, seed=cfg.run.seed, distributed=env.distributed)
     except BaseException:
-        run.close()
+        _close_log(run.path("log.txt"))
+        run.close(failed=True)
         raise
     s = loaders.splits
     log.info("data %s: %d train / %d val / %d test, %d classes, %dx%dx%d", s.name, len(s.train), len(s.val),

@@ -38,7 +38,7 @@ import yaml
 from bsnn.config import Config, save_config
 from bsnn.distributed import DistEnv, barrier
 from bsnn.errors import CheckpointError, ConfigError
-from bsnn.io import atomic_write_json, digest, file_sha256, write_failure
+from bsnn.io import atomic_write_bytes, atomic_write_json, digest, file_sha256, write_failure
 
 try:
     import fcntl
@@ -269,6 +269,13 @@ def _identity(entry) -> object:
     return None if not isinstance(rec, dict) else (rec.get("digest") or rec.get("outputs"))
 
 
+def _stat(p: Path) -> os.stat_result | None:
+    try:
+        return p.stat()
+    except OSError:
+        return None
+
+
 def _write_metrics(root: Path, m: dict) -> None:
     atomic_write_json(root / "metrics.json", m)
 
@@ -379,19 +386,29 @@ class RunFolder:
         self.root = check_out_dir(cfg.run.out_dir)
         self.notes: list[str] = []  # logged by make_context once the run's log is open
         self._release = None
+        self._made: list[Path] = []  # folders this open created, outermost first
+        self._undo: dict | None = None  # how to put config.yaml / log.txt back if the command fails at once
         if env.is_main:
+            p = Path(os.path.abspath(self.root))
+            while not p.exists():
+                self._made.insert(0, p)
+                p = p.parent
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise write_failure(self.root, e) from None
-            lock = RunLock(self.root).acquire()
+            try:
+                lock = RunLock(self.root).acquire()
+            except BaseException:
+                self._remove_made()
+                raise
             self._release = weakref.finalize(self, lock.release)
             if lock.previous:
                 self.notes.append(f"took over the stale lock of {_describe(lock.previous)}: that process is gone")
         try:
             self._open(overwrite, reuse)
         except BaseException:
-            self.close()
+            self.close(failed=True)
             raise
         barrier()
 
@@ -416,6 +433,10 @@ class RunFolder:
             self.notes.append(f"{root} held no finished or partial stage (an earlier command stopped first): "
                               "starting afresh")
         if self.env.is_main:
+            cfg_path, log_path = root / "config.yaml", root / "log.txt"
+            self._undo = {"config": cfg_path.read_bytes() if cfg_path.is_file() else None,
+                          "log_size": log_path.stat().st_size if log_path.is_file() else None,
+                          "checkpoints": not (root / "checkpoints").exists()}
             if overwrite and is_run:
                 removed = remove_stages(root, self.stage)
                 if removed:
@@ -426,6 +447,7 @@ class RunFolder:
             except OSError as e:
                 raise write_failure(root / "checkpoints", e) from None
             save_config(self.cfg, root / "config.yaml")
+            self._undo["state"] = self._state()
 
     def _check_config(self, reuse: tuple[str, ...] | None) -> None:
         sections = TRAINING_SECTIONS if self.resume or reuse is None else reuse
@@ -437,16 +459,56 @@ class RunFolder:
             raise ConfigError(f"run folder {str(self.root)!r} was made with other {', '.join(changed)} settings "
                               "than this config, so its models cannot be reused; use a new --out or --overwrite")
 
-    def close(self) -> None:
-        """Release the folder's lock (idempotent)."""
+    def _state(self) -> dict:
+        """Size and mtime of every stage file and of metrics.json: did the command write anything?"""
+        names = [*_owned_files(self.root, STAGES), "metrics.json"]
+        return {f: (st.st_size, st.st_mtime_ns) for f in names if (st := _stat(self.root / f)) is not None}
+
+    def close(self, failed: bool = False) -> None:
+        """Release the folder's lock (idempotent).
+
+        ``failed``: the command failed. If it wrote no stage file and no record, the folder is put back as it was:
+        config.yaml restored, log.txt cut back, the folders this open created removed (a new run folder vanishes).
+        Partial work (a training checkpoint, a finished stage) is kept for ``--resume``.
+        """
+        undo, self._undo = self._undo, None
+        rollback = failed and undo is not None and "state" in undo and self._state() == undo["state"]
+        if rollback:
+            self._put_back(undo)
         if self._release is not None:
             self._release()
+        if failed and (rollback or undo is None):
+            self._remove_made()
+
+    def _put_back(self, undo: dict) -> None:
+        cfg_path, log_path = self.root / "config.yaml", self.root / "log.txt"
+        try:
+            if undo["config"] is None:
+                cfg_path.unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(cfg_path, undo["config"])
+            if undo["log_size"] is None:
+                log_path.unlink(missing_ok=True)
+            elif log_path.is_file():
+                os.truncate(log_path, undo["log_size"])
+            if undo["checkpoints"]:
+                (self.root / "checkpoints").rmdir()
+        except OSError:  # best effort: the command's own error is what the user needs to see
+            pass
+
+    def _remove_made(self) -> None:
+        for p in reversed(self._made):
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        self._made = []
 
     def __enter__(self) -> "RunFolder":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(failed=exc_type is not None)
 
     def path(self, name: str) -> Path:
         return self.root / name

@@ -265,17 +265,46 @@ def test_full_disk_and_read_only_folders_are_one_clear_error(tmp_path, monkeypat
     assert "Permission denied" in capsys.readouterr().err
 
 
-def test_a_run_that_failed_before_any_stage_does_not_block_the_plain_rerun(tmp_path, monkeypatch):
-    run = tmp_path / "run"
+def test_a_run_that_failed_before_any_stage_does_not_block_the_plain_rerun(tiny_run, tmp_path, monkeypatch):
+    run = tmp_path / "new" / "run"
 
     def no_data(*a, **k):
         raise DataError("no data today")
 
     monkeypatch.setattr(bsnn.pipeline, "build_loaders", no_data)
     assert main(["train", "--out", str(run), *TINY]) == 2
-    assert (run / "config.yaml").is_file()
+    assert not (tmp_path / "new").exists()  # a refused command leaves no folder behind
     monkeypatch.undo()
-    assert main(["train", "--out", str(run), *TINY]) == 0
+    killed = tmp_path / "killed"  # a run killed (-9) before its first stage: config.yaml, log.txt, checkpoints/
+    (killed / "checkpoints").mkdir(parents=True)
+    shutil.copy(tiny_run / "config.yaml", killed / "config.yaml")
+    (killed / "log.txt").write_text("09:00:00 INFO data digits\n")
+    assert main(["train", "--out", str(killed), *TINY]) == 0
+
+
+def _snapshot(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_a_refused_command_leaves_the_run_folder_as_it_was(tiny_run, tmp_path, capsys):
+    run = _copy(tiny_run, tmp_path)
+    before = _snapshot(run)
+    assert main(["convert", "--out", str(run), "--model", str(tmp_path / "missing.pt"), *TINY]) == 2
+    assert main(["simulate", "--out", str(run), "--snn", str(run / "config.yaml"), *TINY]) == 2
+    assert "refused to load" in capsys.readouterr().err
+    assert _snapshot(run) == before
+
+
+def test_model_files_with_a_bad_architecture_record_are_refused(tiny_run, tmp_path):
+    ck = torch.load(tiny_run / "student.pt", weights_only=True)
+    ck.pop(bsnn.io.INTEGRITY_KEY, None)
+    save_checkpoint({**ck, "arch": {}}, tmp_path / "empty_arch.pt")
+    with pytest.raises(CheckpointError, match="architecture record .* must name name, num_classes, in_channels"):
+        load_model(tmp_path / "empty_arch.pt")
+    huge = {**ck["arch"], "kwargs": {**ck["arch"].get("kwargs", {}), "width": 2 ** 13}}
+    save_checkpoint({**ck, "arch": huge}, tmp_path / "huge.pt")
+    with pytest.raises(CheckpointError, match=r"the record asks for [\d,]+ values.*nothing was built"):
+        load_model(tmp_path / "huge.pt")
 
 
 def test_run_folder_files_keep_the_umask(tiny_run):

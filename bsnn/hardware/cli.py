@@ -112,6 +112,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
     """
     from bsnn.runfolder import Entry, RunLock, check_out_dir, commit_entries
 
+    if args.timesteps is not None and args.timesteps < 1:
+        raise ConfigError(f"--timesteps must be an integer >= 1, got {args.timesteps}")
     hw = hardware_from_args(args)
     out = check_out_dir(args.out)
     in_run = args.run is not None and out.resolve() == Path(args.run).resolve()
