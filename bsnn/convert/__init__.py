@@ -17,6 +17,7 @@ from bsnn.activations import QCFS, is_trained_threshold
 from bsnn.convert.checks import warn_architecture
 from bsnn.convert.graph import activation_modules, capture, per_channel_allowed, relu_modules
 from bsnn.convert.surgery import build_spiking_graph
+from bsnn.data import unpack_batch
 from bsnn.errors import ConversionError
 from bsnn.snn.network import SpikingNetwork
 
@@ -90,8 +91,8 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
 def _first_batch(loader) -> torch.Tensor:
     """The inputs ``[B, C, H, W]`` of the loader's first batch (a clear error for an empty loader)."""
     for batch in loader:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        if isinstance(x, torch.Tensor) and x.shape[0] > 0:
+        x, _, _ = unpack_batch(batch, "calibration", 0, labels=False)
+        if x.shape[0] > 0:
             return x
         break
     raise ConversionError("convert: the calibration loader yielded no samples; pass a DataLoader over (a part of) "
