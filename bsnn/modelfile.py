@@ -72,10 +72,11 @@ def _check_fits(path: str | Path, arch: dict, state_dict: dict) -> None:
     if want != have:
         first = next(k for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k))
         n_want, n_have = (sum(math.prod(s) for s in d.values()) for d in (want, have))
+        gb = sum(v.numel() * v.element_size() for v in shell.state_dict().values()) / 1e9
         raise CheckpointError(
-            f"{str(path)!r}: weights do not fit architecture {arch['name']!r}: the record asks for {n_want:,} values, "
-            f"the file holds {n_have:,} (first difference: {first!r}: {want.get(first)} vs {have.get(first)}); "
-            "nothing was built")
+            f"{str(path)!r}: weights do not fit architecture {arch['name']!r}: the record asks for {n_want:,} "
+            f"parameters and buffers ({gb:.3g} GB), the file holds {n_have:,} (first difference: {first!r}: "
+            f"{want.get(first)} vs {have.get(first)}); nothing was built")
 
 
 def save_model(path: str | Path, model: nn.Module, arch: dict, extra: dict | None = None) -> str:
