@@ -57,15 +57,16 @@ def _mem_total_gib() -> float | None:
 def git_state(root: Path = ROOT) -> dict:
     """``{'commit', 'dirty', 'dirty_paths'}`` of the repository (``None`` values when git is unavailable)."""
     def run(*args: str) -> str | None:
-        try:
+        try:  # strip newlines only: porcelain lines start with a status column that may be a space
             return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
-                                  check=True).stdout.strip()
+                                  check=True).stdout.strip("\n")
         except (OSError, subprocess.SubprocessError):
             return None
 
     status = run("status", "--porcelain", "--untracked-files=no")
     paths = [line[3:] for line in (status or "").splitlines()]
-    return {"commit": run("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
+    commit = run("rev-parse", "HEAD")
+    return {"commit": commit.strip() if commit else None, "dirty": None if status is None else bool(status),
             "dirty_paths": paths[:20]}
 
 
