@@ -4,8 +4,7 @@ Every row feeds one bad input through the command line (``bsnn.cli.main([...])``
 A CLI row must exit with code 2 and print exactly one ``bsnn: error: ...`` line (no traceback) matching the row's
 pattern, which names what is wrong (and, in most rows, what to do); an API row must raise a one-line ``BsnnError``
 that matches. A second test runs the same rows and lists and hashes the working folder (config, any run folder, the
-command's output folder) before and after: a refused input must leave it as it was. Rows whose fix belongs to
-another module are strict xfails naming it.
+command's output folder) before and after: a refused input must leave it as it was.
 """
 
 from __future__ import annotations
@@ -59,10 +58,6 @@ HUGE_ARCH = {**ARCH, "kwargs": {"width": 2 ** 14, "hidden": 16}}
 ISOLATED_LIMIT_BYTES = 8 * 2 ** 30
 CSV_HEADER = "name,in_channels,out_channels,in_size,out_size,kernel\n"
 CSV_OK = CSV_HEADER + "conv1,1,8,8,8,3\nconv2,8,8,8,4,3\nfc,128,10,1,1,1\n"
-#: why a row's run folder is not yet left as it was (the run folder is bsnn/pipeline.py's and bsnn/runfolder.py's)
-NEW_FOLDER = ("pipeline: make_context creates the run folder (config.yaml, log.txt, checkpoints/) before the data "
-              "and the model files are checked")
-OLD_FOLDER = "pipeline: a refused command rewrites the existing run's log.txt"
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING) ")
 
 
@@ -237,9 +232,7 @@ class Row:
     cli: list[str] | None = None
     api: Callable[[Path], object] | None = None
     run: str | None = None  # an assets run folder copied to <work>/run first
-    xfail: str | None = None  # the error itself is not yet a bsnn error (owner: reason)
     isolated: bool = False  # run the command in a child process with a capped address space
-    folder_xfail: str | None = None  # the error is right, but the run folder is not yet left as it was
 
 
 def _cli(*argv: str) -> list[str]:
@@ -250,19 +243,19 @@ def _cli(*argv: str) -> list[str]:
 ROWS = [
     # ---- §5 non-finite values
     Row("convert-nan-weight", r"calibration: layer 'conv2' \(weight\) holds NaN or infinite values.*retrain",
-        cli=_cli("convert", "--model", "{A}/nan.pt", "--out", "run"), folder_xfail=NEW_FOLDER),
+        cli=_cli("convert", "--model", "{A}/nan.pt", "--out", "run")),
     Row("convert-inf-bias", r"layer 'bn1' \(bias\) holds NaN or infinite values",
-        cli=_cli("convert", "--model", "{A}/infbias.pt", "--out", "run"), folder_xfail=NEW_FOLDER),
+        cli=_cli("convert", "--model", "{A}/infbias.pt", "--out", "run")),
     Row("distill-nan-teacher-into-run", r"the loss became nan at epoch 1, batch 1",
-        cli=_cli("distill", "--out", "run", "--teacher", "{A}/nan.pt"), run="run", folder_xfail=OLD_FOLDER),
+        cli=_cli("distill", "--out", "run", "--teacher", "{A}/nan.pt"), run="run"),
     Row("evaluate-nan-weight", r"evaluate: the model's loss is not finite: parameter\(s\) conv2.weight hold NaN",
         cli=_cli("evaluate", "{A}/nan.pt")),
     Row("simulate-nan-threshold-into-run", r"threshold of layer '\w+' holds 1 NaN or infinite value",
-        cli=_cli("simulate", "--out", "run", "--snn", "{A}/snn_nan.pt"), run="run", folder_xfail=OLD_FOLDER),
+        cli=_cli("simulate", "--out", "run", "--snn", "{A}/snn_nan.pt"), run="run"),
     Row("cost-run-nan-threshold", r"threshold of layer '\w+' holds 1 NaN",
         cli=["cost", "--run", "{A}/nan_snn_folder", "--out", "cost", "--mode", "dense"]),
     Row("simulate-inf-threshold-file", r"threshold of layer '\w+' holds 1 NaN or infinite",
-        cli=_cli("simulate", "--snn", "{A}/snn_inf.pt", "--out", "run"), folder_xfail=NEW_FOLDER),
+        cli=_cli("simulate", "--snn", "{A}/snn_inf.pt", "--out", "run")),
     Row("api-convert-nan-weight", r"layer 'conv2' \(weight\) holds NaN",
         api=lambda a: convert(_broken("nan"), _loader())),
     Row("api-convert-nan-calibration-inputs", r"calibration: batch 1: 1 input value\(s\) are NaN or infinite",
@@ -280,12 +273,10 @@ ROWS = [
     Row("api-train-nan-inputs", r"teacher: batch 1: 1 input value\(s\) are NaN",
         api=lambda a: train_teacher(_model(), _nan_inputs(), TrainConfig(epochs=1))),
     # ---- §7 silently wrong values
-    Row("cost-timesteps-0", r"--timesteps must be.*>= 1|timesteps.*positive",
-        cli=["cost", "--layers", "{A}/ok.csv", "--timesteps", "0", "--out", "cost"],
-        xfail="hardware/cli: --timesteps 0 becomes T = 5 (`args.timesteps or 5`)"),
-    Row("cost-run-timesteps-0", r"--timesteps must be.*>= 1|timesteps.*positive",
-        cli=["cost", "--run", "run", "--timesteps", "0", "--out", "run/cost"], run="run",
-        xfail="hardware/cli: --timesteps 0 becomes the largest simulated T"),
+    Row("cost-timesteps-0", r"--timesteps must be an integer >= 1, got 0",
+        cli=["cost", "--layers", "{A}/ok.csv", "--timesteps", "0", "--out", "cost"]),
+    Row("cost-run-timesteps-0", r"--timesteps must be an integer >= 1, got 0",
+        cli=["cost", "--run", "run", "--timesteps", "0", "--out", "run/cost"], run="run"),
     Row("cost-ann-bits-0", r"ann_bits .* must be a positive integer",
         cli=["cost", "--layers", "{A}/ok.csv", "--timesteps", "4", "--ann-bits", "0", "--out", "cost"]),
     Row("cost-run-ann-bits-0", r"ann_bits .* must be a positive integer",
@@ -301,13 +292,13 @@ ROWS = [
     Row("simulate-timesteps-0", r"simulate.timesteps must be a list of positive integers",
         cli=_cli("simulate", "--out", "run", "--timesteps", "0,4")),
     Row("train-npz-test-label-57", r"test label\(s\) \[57\] never occur in the train split",
-        cli=_cli("train", "--out", "run", "data.name=npz:{A}/label57.npz"), folder_xfail=NEW_FOLDER),
+        cli=_cli("train", "--out", "run", "data.name=npz:{A}/label57.npz")),
     Row("train-npz-empty-test", r"the test split is empty",
-        cli=_cli("train", "--out", "run", "data.name=npz:{A}/empty_test.npz"), folder_xfail=NEW_FOLDER),
+        cli=_cli("train", "--out", "run", "data.name=npz:{A}/empty_test.npz")),
     Row("train-npz-empty-train", r"the train split is empty",
-        cli=_cli("train", "--out", "run", "data.name=npz:{A}/empty_train.npz"), folder_xfail=NEW_FOLDER),
+        cli=_cli("train", "--out", "run", "data.name=npz:{A}/empty_train.npz")),
     Row("train-npz-float-labels", r"labels must be whole class indices.*label 0 is 0.25.*store integer labels",
-        cli=_cli("train", "--out", "run", "data.name=npz:{A}/float_labels.npz"), folder_xfail=NEW_FOLDER),
+        cli=_cli("train", "--out", "run", "data.name=npz:{A}/float_labels.npz")),
     Row("train-limit-train-0", r"data.limit_train must be a positive number of samples",
         cli=_cli("train", "--out", "run", "data.limit_train=0")),
     Row("evaluate-empty-val-split", r"evaluate: the loader yielded no samples",
@@ -336,25 +327,25 @@ ROWS = [
         api=lambda a: train_teacher(_model(), [], TrainConfig(epochs=1))),
     # ---- §8 tracebacks where a bsnn error belongs
     Row("train-npz-object-member", r"member 'y_train' cannot be loaded without pickle",
-        cli=_cli("train", "--out", "run", "data.name=npz:{A}/object.npz"), folder_xfail=NEW_FOLDER),
+        cli=_cli("train", "--out", "run", "data.name=npz:{A}/object.npz")),
     Row("train-npz-pickled-member", r"member 'x_train' cannot be loaded without pickle",
-        cli=_cli("train", "--out", "run", "data.name=npz:{A}/pickled.npz"), folder_xfail=NEW_FOLDER),
+        cli=_cli("train", "--out", "run", "data.name=npz:{A}/pickled.npz")),
     Row("train-npz-corrupt", r"is not a readable .npz archive",
-        cli=_cli("train", "--out", "run", "data.name=npz:{A}/corrupt.npz"), folder_xfail=NEW_FOLDER),
+        cli=_cli("train", "--out", "run", "data.name=npz:{A}/corrupt.npz")),
     Row("train-npz-nchw", r"look channels-first \(NCHW\).*store x.transpose\(0, 2, 3, 1\)",
-        cli=_cli("train", "--out", "run", "data.name=npz:{A}/nchw.npz"), folder_xfail=NEW_FOLDER),
+        cli=_cli("train", "--out", "run", "data.name=npz:{A}/nchw.npz")),
     Row("train-npz-float-images", r"images must be uint8",
-        cli=_cli("train", "--out", "run", "data.name=npz:{A}/float_images.npz"), folder_xfail=NEW_FOLDER),
+        cli=_cli("train", "--out", "run", "data.name=npz:{A}/float_images.npz")),
     Row("train-npz-negative-labels", r"labels must be class indices >= 0; label 0 is -1",
-        cli=_cli("train", "--out", "run", "data.name=npz:{A}/neg_labels.npz"), folder_xfail=NEW_FOLDER),
+        cli=_cli("train", "--out", "run", "data.name=npz:{A}/neg_labels.npz")),
     Row("train-cifar-batch-with-code", r"data_batch_3: refused to load: refusing to load posix.getcwd",
-        cli=_cli("train", "--out", "run", "data.name=cifar10", "data.root={A}/cifar_code"), folder_xfail=NEW_FOLDER),
+        cli=_cli("train", "--out", "run", "data.name=cifar10", "data.root={A}/cifar_code")),
     Row("train-cifar-garbage-batch", r"data_batch_3 is not a CIFAR python batch",
-        cli=_cli("train", "--out", "run", "data.name=cifar10", "data.root={A}/cifar_garbage"), folder_xfail=NEW_FOLDER),
+        cli=_cli("train", "--out", "run", "data.name=cifar10", "data.root={A}/cifar_garbage")),
     Row("train-cifar-label-out-of-range", r"train label 12 is out of range: cifar10 has 10 classes",
-        cli=_cli("train", "--out", "run", "data.name=cifar10", "data.root={A}/cifar_labels"), folder_xfail=NEW_FOLDER),
+        cli=_cli("train", "--out", "run", "data.name=cifar10", "data.root={A}/cifar_labels")),
     Row("train-mnist-truncated-idx", r"is not an idx file of unsigned bytes",
-        cli=_cli("train", "--out", "run", "data.name=mnist", "data.root={A}/mnist_bad"), folder_xfail=NEW_FOLDER),
+        cli=_cli("train", "--out", "run", "data.name=mnist", "data.root={A}/mnist_bad")),
     Row("run-binary-config", r"config file '.*binary.yaml' is not a text file",
         cli=["run", "--out", "run", "--config", "{A}/binary.yaml"]),
     Row("run-config-not-a-mapping", r"must hold a mapping of sections",
@@ -369,13 +360,11 @@ ROWS = [
         cli=_cli("train", "--out", "run", "train.optimizer=sgd", "train.momentum=2")),
     Row("convert-threshold-scale-inf", r"convert.threshold_scale: expected a finite number",
         cli=_cli("convert", "--out", "run", "convert.threshold_scale=.inf"), run="run"),
-    Row("convert-arch-empty", r"arch",
-        cli=_cli("convert", "--model", "{A}/arch_empty.pt", "--out", "run"),
-        xfail="pipeline/io: a checkpoint whose arch is {} raises KeyError in build_model"),
-    Row("convert-huge-arch", r"GB|parameters|too large",
-        cli=_cli("convert", "--model", "{A}/huge.pt", "--out", "run"),
-        xfail="pipeline/io: a checkpoint asking for a ~97 GB model is built (allocated) before anything checks it",
-        isolated=True),
+    Row("convert-arch-empty", r"architecture record \('arch'\) must name name, num_classes, in_channels, got \{\}",
+        cli=_cli("convert", "--model", "{A}/arch_empty.pt", "--out", "run")),
+    Row("convert-huge-arch", r"weights do not fit architecture 'small_cnn': the record asks for [\d,]+ parameters "
+                             r"and buffers \(96.7 GB\).*nothing was built",
+        cli=_cli("convert", "--model", "{A}/huge.pt", "--out", "run"), isolated=True),
     Row("api-train-negative-labels", r"labels must be class indices >= 0, got -1",
         api=lambda a: train_teacher(_model(), _loader(labels=torch.arange(16) % 10 - 1), TrainConfig(epochs=1))),
     Row("api-train-label-beyond-outputs", r"label 57 is out of range for the model's outputs",
@@ -438,14 +427,9 @@ def _snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*"))}
 
 
-def _params(folder: bool = False):
+def _params():
     for row in ROWS:
-        marks = []
-        if row.xfail:
-            marks.append(pytest.mark.xfail(strict=True, reason=row.xfail))
-        elif folder and row.folder_xfail:
-            marks.append(pytest.mark.xfail(strict=True, reason=row.folder_xfail))
-        yield pytest.param(row, id=row.id, marks=marks)
+        yield pytest.param(row, id=row.id)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -457,7 +441,7 @@ def test_bad_input_is_a_bsnn_error(row: Row, assets: Path, tmp_path: Path, monke
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("row", list(_params(folder=True)))
+@pytest.mark.parametrize("row", list(_params()))
 def test_bad_input_leaves_the_run_folder_as_it_was(row: Row, assets: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """The same rows: the working folder (config, run folder, output folder) is byte for byte as it was."""
