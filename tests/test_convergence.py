@@ -7,15 +7,18 @@ here, so no clipping error remains in the limit (a percentile threshold converge
 """
 
 import copy
+import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
 from bsnn.activations import replace_activations_
 from bsnn.binary import binarize_
-from bsnn.config import ConvertConfig
+from bsnn.config import ConvertConfig, load_config
 from bsnn.convert import Max, convert
 from bsnn.simulate import run_batch
 
@@ -95,3 +98,57 @@ def test_qcfs_snn_converges_to_its_clipped_relu_network():
     snn = convert(net, _loader(x), ConvertConfig(threshold=Max()))
     err = _rel_errors(snn, clipped, x)
     assert err[T_LONG] < err[T_SHORT] / 10 and err[T_LONG] < 4e-3, err
+
+
+def test_one_default_recipe_for_the_api_and_the_cli():
+    """``bsnn.convert(model, loader)`` and ``bsnn run`` convert with the same, measured recipe."""
+    cli = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml").convert
+    assert dataclasses.asdict(cli) == dataclasses.asdict(ConvertConfig())
+
+
+class _DigitsNet(nn.Module):
+    """conv-BN-ReLU, a residual add, avg-pool, binary hidden layers: the shape of the issue's digits network."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.res = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.relu, self.pool = nn.ReLU(), nn.AvgPool2d(2)
+        self.head = nn.Sequential(nn.Conv2d(c, 2 * c, 3, padding=1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU(),
+                                  nn.Flatten(), nn.Linear(2 * c * 16, 10))
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(self.pool(self.relu(h + self.res(h))))
+
+
+def test_default_recipe_is_fast_and_converges_on_a_plainly_trained_digits_cnn():
+    """A binary CNN trained by a plain loop (not by bsnn): the default conversion is within 1 point of the ANN by
+    T = 4 and within 0.5 points (about one image) from T = 16 to T = 256, never falling back."""
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(y), generator=g)
+    tr, te = perm[:1400], perm[1400:]
+    torch.manual_seed(0)
+    net = binarize_(_DigitsNet())
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(12):
+        net.train()
+        for idx in torch.randperm(1400, generator=g).split(50):
+            loss = nn.functional.cross_entropy(net(x[tr][idx]), y[tr][idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    snn = convert(net, DataLoader(TensorDataset(x[tr], y[tr]), batch_size=256))
+    with torch.no_grad():
+        ann = 100.0 * (net(x[te]).argmax(1) == y[te]).float().mean().item()
+    mem = run_batch(snn, x[te], 256, 16)
+    acc = {t: 100.0 * (mem[t - 1].argmax(1) == y[te]).float().mean().item() for t in (1, 2, 4, 8, 16, 32, 64, 256)}
+    assert ann > 90.0, ann
+    assert acc[4] >= ann - 1.0, (ann, acc)
+    one_image = 100.0 / len(te)
+    for t in (16, 32, 64, 256):
+        assert abs(acc[t] - ann) <= max(0.3, one_image) + 1e-6, (ann, acc)
