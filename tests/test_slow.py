@@ -33,8 +33,8 @@ def demo_run(tmp_path_factory) -> Path:
 
 
 def test_default_pipeline_reaches_the_readme_results(demo_run):
-    """README "Results": teacher 99.00 %, student 98.40 %, SNN at T = 4 97.70 % and within 1 point of its ANN
-    from T = 4 on, mean firing rate 7-10 %, cost 5.66e7 pJ / 2.21e8 ns / 3.88e6 µm² / 0.27 TOPS/W."""
+    """README "Results": teacher 99.00 %, student 98.50 %, SNN within 1 point of its ANN from T = 8 on and 98.60 % at
+    T = 64, mean firing rate ≈ 9 %, cost 5.65e7 pJ / 2.21e8 ns / 3.88e6 µm² / 0.27 TOPS/W."""
     m = json.loads((demo_run / "metrics.json").read_text())
     teacher, student = m["teacher"]["test_acc"], m["student"]["test_acc"]
     assert teacher >= 98.5, teacher
@@ -42,12 +42,13 @@ def test_default_pipeline_reaches_the_readme_results(demo_run):
     snn = {int(t): a for t, a in m["snn"]["accuracy"].items()}
     assert sorted(snn) == [1, 2, 4, 8, 16, 32, 64]
     assert m["snn"]["ann_accuracy"] == pytest.approx(student)  # the sweep's reference is the student
-    assert snn[4] >= 97.0, snn
-    assert all(snn[t] >= student - 1.0 for t in snn if t >= 4), (student, snn)  # T@1 = 4
+    assert snn[4] >= 96.0, snn
+    assert all(snn[t] >= student - 1.0 for t in snn if t >= 8), (student, snn)  # T@1 <= 8
+    assert snn[64] >= student - 0.3, (student, snn)  # converged by T = 64
     rates = m["snn"]["firing_rates"]
     assert 0.05 <= sum(rates.values()) / len(rates) <= 0.12, rates
     total = m["cost"]["total"]
-    assert total["energy_pj"] == pytest.approx(5.66e7, rel=0.02)
+    assert total["energy_pj"] == pytest.approx(5.65e7, rel=0.02)
     assert total["latency_ns"] == pytest.approx(2.21e8, rel=0.02)
     assert total["area_um2"] == pytest.approx(3.88e6, rel=0.02)
     assert total["tops_per_w"] == pytest.approx(0.27, rel=0.05)
@@ -67,11 +68,11 @@ def _clip_limit(model: torch.nn.Module) -> torch.nn.Module:
 
 def test_demo_snn_converges_to_its_ann_at_large_t(demo_run):
     """The time-averaged output ``mem[T] / T`` of the trained demo SNN approaches the ANN it implements, with an
-    error falling about as 1/T (the θ/2 shift and the bias calibration act for a bounded number of steps only).
+    error falling about as 1/T (the θ/2 shift and the potential calibration add a bounded charge only).
 
-    The demo student uses QCFS activations; an IF neuron's rate tends to the *continuous* clipped input, so the
-    limit is the student with QCFS replaced by a clip ReLU at the same λ (against the QCFS student itself the
-    error stays near 25 %: the quantisation error that QCFS hides at small T)."""
+    The demo student has plain ReLUs, so the limit is the student itself; for a QCFS student (``model.activation=
+    qcfs``) an IF neuron's rate tends to the *continuous* clipped input, so the limit is the student with QCFS
+    replaced by a clip ReLU at the same λ (:func:`_clip_limit`)."""
     cfg = load_config(demo_run / "config.yaml")
     snn, _ = load_snn(demo_run / "snn.pt")
     student, _ = load_model(demo_run / "student.pt")
