@@ -164,17 +164,22 @@ def _bsnn_splits(name: str, **kw):
     return cfg, build_loaders(cfg, seed=0)
 
 
-def net_digits(args) -> dict:
-    cfg, ld = _bsnn_splits("digits", val_fraction=0.2)
+def _plain_net(data: str, val_fraction: float, build, epochs: int, cache: str, desc: str) -> dict:
+    """A binary network ``build()`` trained by :func:`plain_fit` on bsnn's ``data`` splits (cached)."""
+    cfg, ld = _bsnn_splits(data, val_fraction=val_fraction)
     torch.manual_seed(0)
 
     def make(train: bool) -> nn.Module:
-        m = bsnn.binarize_(DigitsResCNN())
-        return plain_fit(m, ld.train, 30) if train else m
-    model = _cached(CACHE / "recipe_digits_rescnn.pt", make)
+        m = bsnn.binarize_(build())
+        return plain_fit(m, ld.train, epochs) if train else m
+    model = _cached(CACHE / cache, make)
     s = ld.splits
     return {"model": model, "calib": calibration_loader(s, cfg, 2048), "val": s.val, "test": s.test,
-            "trained_by": "plain loop (CE, Adam, 30 epochs), ReLU", "data": "sklearn digits 8x8"}
+            "trained_by": f"plain loop (CE, Adam, {epochs} epochs), ReLU", "data": desc}
+
+
+def net_digits(args) -> dict:
+    return _plain_net("digits", 0.2, DigitsResCNN, 30, "recipe_digits_rescnn.pt", "sklearn digits 8x8")
 
 
 def _net_mnist5k(activation: str) -> dict:
@@ -203,16 +208,8 @@ def net_mnist5k_relu(args) -> dict:
 
 
 def net_fashion(args) -> dict:
-    cfg, ld = _bsnn_splits("fashion_mnist", val_fraction=1 / 12)
-    torch.manual_seed(0)
-
-    def make(train: bool) -> nn.Module:
-        m = bsnn.binarize_(fashion_cnn())
-        return plain_fit(m, ld.train, 3) if train else m
-    model = _cached(CACHE / "recipe_fashion_cnn.pt", make)
-    s = ld.splits
-    return {"model": model, "calib": calibration_loader(s, cfg, 2048), "val": s.val, "test": s.test,
-            "trained_by": "plain loop (CE, Adam, 3 epochs), ReLU", "data": "Fashion-MNIST (Debian package)"}
+    return _plain_net("fashion_mnist", 1 / 12, fashion_cnn, 3, "recipe_fashion_cnn.pt",
+                      "Fashion-MNIST (Debian package)")
 
 
 def net_cifar10(args) -> dict | None:

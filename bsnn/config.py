@@ -347,6 +347,13 @@ class ConvertConfig:
     def __post_init__(self) -> None:
         self.threshold = parse_statistic(self.threshold)
 
+    @classmethod
+    def plain(cls, **changes: Any) -> "ConvertConfig":
+        """Plain layer-wise max-norm conversion (``Max()`` thresholds, membranes from 0, no calibration), the
+        baseline of the latency literature, with ``changes`` applied."""
+        return cls(**{"threshold": parse_statistic("max"), "per_channel": False, "v_init": 0.0,
+                      "snn_calibration": "none", **changes})
+
     def validate(self) -> None:
         self.threshold = parse_statistic(self.threshold)
         _check(self.threshold_scale > 0, f"convert.threshold_scale must be > 0, got {self.threshold_scale}")

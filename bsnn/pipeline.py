@@ -92,6 +92,10 @@ class Context:
     loaders: Loaders
     env: DistEnv
 
+    def val_loader(self):
+        """The validation loader, or None when the split is empty (``data.val_fraction=0``)."""
+        return self.loaders.val if len(self.loaders.splits.val) else None
+
     def arch(self, role: str, entry: str | dict | None = None) -> dict:
         """Architecture record of the ``teacher`` or the ``student``; ``entry`` (a ``model.teachers`` /
         ``model.assistants`` entry: a name or ``{name, kwargs}``) overrides the teacher's architecture (full
@@ -209,7 +213,7 @@ def stage_teacher(ctx: Context) -> nn.Module:
     set_seed(ctx.cfg.run.seed)
     arch = ctx.arch("teacher")
     model = build_model(arch).to(ctx.device)
-    hist = train_teacher(model, ctx.loaders.train, ctx.cfg.train, val_loader=ctx.loaders.val,
+    hist = train_teacher(model, ctx.loaders.train, ctx.cfg.train, val_loader=ctx.val_loader(),
                          checkpoint_path=ctx.run.path("checkpoints/teacher_last.pt"), resume=ctx.run.resume,
                          device=ctx.device, quiet=ctx.cfg.run.quiet)
     if ctx.env.is_main:
@@ -270,7 +274,7 @@ def stage_teachers(ctx: Context, teacher: nn.Module) -> list[nn.Module]:
         recipe = {"entry": entry, "train": dataclasses.asdict(ctx.cfg.train)}
         out.append(_train_or_load(
             ctx, entry, f"teacher_{i}.pt", recipe, ctx.cfg.run.seed + 100 + i,
-            lambda m, ck: train_teacher(m, ctx.loaders.train, ctx.cfg.train, val_loader=ctx.loaders.val,
+            lambda m, ck: train_teacher(m, ctx.loaders.train, ctx.cfg.train, val_loader=ctx.val_loader(),
                                         checkpoint_path=ck, resume=ctx.run.resume, device=ctx.device,
                                         quiet=ctx.cfg.run.quiet, desc=f"teacher_{i}")))
     return out
@@ -288,7 +292,7 @@ def stage_assistants(ctx: Context, teacher: nn.Module, distill: DistillConfig) -
         chain.append(_train_or_load(
             ctx, entry, f"assistant_{i}.pt", recipe, ctx.cfg.run.seed + 200 + i,
             lambda m, ck, prev=prev, i=i: train_student(
-                m, prev, ctx.loaders.train, distill, ctx.cfg.train, val_loader=ctx.loaders.val, checkpoint_path=ck,
+                m, prev, ctx.loaders.train, distill, ctx.cfg.train, val_loader=ctx.val_loader(), checkpoint_path=ck,
                 resume=ctx.run.resume, device=ctx.device, quiet=ctx.cfg.run.quiet, desc=f"assistant_{i}")))
     return chain
 
@@ -339,7 +343,7 @@ def stage_student(ctx: Context, teacher: nn.Module | None) -> nn.Module:
     if ctx.env.is_main:  # hear about max-pools and the like before training, not after
         warn_architecture(student, ctx.cfg.convert.v_init, ctx.cfg.convert.snn_calibration, where="student: ")
     hist = train_student(student, teacher, ctx.loaders.train, distill, ctx.cfg.student,
-                         val_loader=ctx.loaders.val, checkpoint_path=ctx.run.path("checkpoints/student_last.pt"),
+                         val_loader=ctx.val_loader(), checkpoint_path=ctx.run.path("checkpoints/student_last.pt"),
                          resume=ctx.run.resume, device=ctx.device, quiet=ctx.cfg.run.quiet)
     if ctx.env.is_main:
         if cls.trains_teacher:

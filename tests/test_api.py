@@ -17,10 +17,11 @@ def test_public_api_pipeline():
                              bsnn.BinaryConfig())
     bsnn.train_student(student, teacher, loader, bsnn.DistillConfig(method="kd"), bsnn.TrainConfig(epochs=1),
                        quiet=True)
-    snn = bsnn.convert(student, loader, bsnn.ConvertConfig(threshold=bsnn.Percentile(99.9)))
+    snn = bsnn.convert(student, loader)  # the default recipe
+    plain = bsnn.convert(student, loader, bsnn.ConvertConfig.plain())  # spikingjelly's IFNode starts at v = 0
     res = bsnn.simulate(snn, loader, timesteps=[1, 4, 16], quiet=True)
     assert isinstance(res, bsnn.SimResult) and set(res.accuracy) == {1, 4, 16}
     cost = bsnn.hardware.estimate(snn, res, "spikesim-rram-65nm")
     assert cost.total.energy_pj > 0
     assert "kd" in bsnn.distill.list_methods()
-    assert bsnn.export.to_spikingjelly(snn) is not None
+    assert bsnn.export.to_spikingjelly(plain) is not None

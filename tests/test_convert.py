@@ -52,7 +52,7 @@ def _residual(seed=0):
 def test_stored_binary_weights_are_exactly_pm1_and_functional_relu_converted():
     net = _residual()
     x = torch.randn(32, 1, 8, 8)
-    snn = convert(net, _loader(x), ConvertConfig(threshold=Max()))
+    snn = convert(net, _loader(x), ConvertConfig.plain())
     assert len(snn.neuron_names) == 4  # F.relu, torch.relu, Tensor.relu and F.relu in the head
     binary = [l["name"] for l in snn.layers if l["binary"]]
     assert set(binary) == {"c2", "c3", "sc", "fc1"}
@@ -65,7 +65,7 @@ def test_stored_binary_weights_are_exactly_pm1_and_functional_relu_converted():
 def test_time_averaged_output_converges_to_ann_logits_as_1_over_T():
     net = _residual()
     x = torch.randn(32, 1, 8, 8)
-    snn = convert(net, _loader(x), ConvertConfig(threshold=Max()))
+    snn = convert(net, _loader(x), ConvertConfig.plain())
     with torch.no_grad():
         z = net(x)
         mem = run_batch(snn, x, 1024, time_chunk=64)
@@ -79,7 +79,7 @@ def test_time_averaged_output_converges_to_ann_logits_as_1_over_T():
 def test_bn_folding_is_exact():
     net = _residual()
     x = torch.randn(8, 1, 8, 8)
-    snn = convert(net, _loader(x), ConvertConfig(threshold=Max()))
+    snn = convert(net, _loader(x), ConvertConfig.plain())
     # first IF layer's input current, in units of its threshold, times λ is the ANN's BN output exactly
     seen = {}
     neuron = snn.neurons()["if_act_relu"]
@@ -102,7 +102,7 @@ def test_bn_fold_in_binary_layer_with_negative_gain_exact():
     net[3].running_var.uniform_(0.5, 2)
     binarize_(net, BinaryConfig()).eval()
     x = torch.randn(16, 1, 8, 8)
-    snn = convert(net, _loader(x), ConvertConfig(threshold=Max()))
+    snn = convert(net, _loader(x), ConvertConfig.plain())
     spikes, currents = {}, {}
     n1, n2 = snn.neurons().values()
     h1 = n1.register_forward_hook(lambda m, a, out: spikes.setdefault("s", out))
@@ -231,7 +231,7 @@ def test_convert_leaves_the_callers_model_where_it_is():
 
     torch.manual_seed(0)
     net = Tracked().eval()
-    snn = convert(net, _loader(torch.randn(16, 1, 8, 8)), ConvertConfig(threshold=Max()), device="cpu")
+    snn = convert(net, _loader(torch.randn(16, 1, 8, 8)), ConvertConfig.plain(), device="cpu")
     assert moved == []  # neither .to(device) nor .cpu() touched the caller's model
     shared = {id(m) for m in net.modules()} & {id(m) for m in snn.modules()}
     assert not shared  # and the SNN holds none of its modules

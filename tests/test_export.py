@@ -44,7 +44,7 @@ def test_spikingjelly_export_gives_identical_spikes(make):
     else:
         net = _residual()
     x = torch.randn(16, 1, 8, 8)
-    snn = convert(net, DataLoader(TensorDataset(x, torch.zeros(16).long()), batch_size=8))
+    snn = convert(net, DataLoader(TensorDataset(x, torch.zeros(16).long()), batch_size=8), ConvertConfig.plain())
     sj = to_spikingjelly(snn)
     assert sum(isinstance(m, neuron.IFNode) for m in sj.modules()) == len(snn.neuron_names)
     assert all(m.v_reset is None and m.step_mode == "m" for m in sj.modules() if isinstance(m, neuron.IFNode))
@@ -59,6 +59,6 @@ def test_spikingjelly_export_gives_identical_spikes(make):
 def test_export_refuses_initial_potential():
     net = _residual()
     x = torch.randn(8, 1, 8, 8)
-    snn = convert(net, DataLoader(TensorDataset(x, torch.zeros(8).long())), ConvertConfig(v_init=0.5))
+    snn = convert(net, DataLoader(TensorDataset(x, torch.zeros(8).long())), ConvertConfig.plain(v_init=0.5))
     with pytest.raises(ConversionError, match="v_init=0"):
         to_spikingjelly(snn)

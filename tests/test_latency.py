@@ -42,8 +42,8 @@ def test_qcfs_closed_form():
 
 def test_shift_sets_initial_potential_half_threshold():
     net, x = _net(), torch.randn(16, 1, 8, 8)
-    plain = convert(net, _loader(x), ConvertConfig(threshold=Max()))
-    shifted = convert(net, _loader(x), ConvertConfig(threshold=Max(), v_init=0.5))
+    plain = convert(net, _loader(x), ConvertConfig.plain())
+    shifted = convert(net, _loader(x), ConvertConfig.plain(v_init=0.5))
     for n in shifted.neurons().values():
         v0 = n.initial_potential(torch.zeros(2, *n.v_init_bias.shape))
         assert torch.all(v0 == 0.5)  # units of θ: v0 = θ/2
@@ -62,8 +62,8 @@ def test_shift_sets_initial_potential_half_threshold():
 
 def test_threshold_scale_multiplies_thresholds():
     net, x = _net(), torch.randn(16, 1, 8, 8)
-    a = convert(net, _loader(x), ConvertConfig(threshold=Max()))
-    b = convert(net, _loader(x), ConvertConfig(threshold=Max(), threshold_scale=0.8))
+    a = convert(net, _loader(x), ConvertConfig.plain())
+    b = convert(net, _loader(x), ConvertConfig.plain(threshold_scale=0.8))
     for k, lam in a.meta["thresholds"].items():  # every λ scaled ...
         torch.testing.assert_close(torch.tensor(b.meta["thresholds"][k]), 0.8 * torch.tensor(lam))
     first = a.neuron_names[0]  # ... so the first IF threshold (analog input) scales; later ratios λ_l/λ_{l-1} do not
@@ -73,7 +73,7 @@ def test_threshold_scale_multiplies_thresholds():
 @pytest.mark.parametrize("mode", ["bias", "potential"])
 def test_snn_calibration_reduces_layer_error(mode):
     net, x = _net(1), torch.randn(64, 1, 8, 8)
-    snn = convert(net, _loader(x), ConvertConfig(threshold=Max()))
+    snn = convert(net, _loader(x), ConvertConfig.plain())
     gm = capture(net, x)
     before = calibrate_snn_(snn, gm, x, timesteps=8, mode=mode)   # corrects; returns errors before correcting
     after = calibrate_snn_(snn, gm, x, timesteps=8, mode=mode)    # errors of the corrected network
@@ -87,7 +87,7 @@ def test_snn_calibration_reduces_layer_error(mode):
 def test_qcfs_and_clip_convert_with_trained_threshold():
     torch.manual_seed(0)
     x = torch.randn(32, 1, 8, 8)
-    lam = convert(_net(), _loader(x), ConvertConfig(threshold=Max())).meta["thresholds"]
+    lam = convert(_net(), _loader(x), ConvertConfig.plain()).meta["thresholds"]
     net = replace_activations_(_net(), "qcfs", levels=4).eval()
     for name, value in lam.items():  # clip each QCFS at its layer's activation range (as training would)
         net.get_submodule(name).clip.data.fill_(value)
@@ -100,14 +100,14 @@ def test_qcfs_and_clip_convert_with_trained_threshold():
     # QCFS + θ/2 shift is accurate at T = L = 4: far closer to its ANN than plain max-norm conversion of the
     # same weights with ReLU is to its own ANN
     plain_net = _net()
-    plain = convert(plain_net, _loader(x), ConvertConfig(threshold=Max()))
+    plain = convert(plain_net, _loader(x), ConvertConfig.plain())
     with torch.no_grad():
         err_plain = (run_batch(plain, x, 4, 16)[-1] / 4 - plain_net(x)).abs().mean().item()
     assert err[4] < 0.5 * err_plain, (err, err_plain)
     clip = replace_activations_(_net(), "clip", clip=3.0).eval()
-    snn_c = convert(clip, _loader(x))
+    snn_c = convert(clip, _loader(x), ConvertConfig.plain())
     assert isinstance(clip[2], ClipReLU) and snn_c.meta["thresholds"]["2"] == pytest.approx(3.0)
-    assert all(n.v_init_frac.item() == 0.0 for n in snn_c.neurons().values())
+    assert all(n.v_init_frac.item() == 0.0 for n in snn_c.neurons().values())  # no built-in shift: v_init rules
 
 
 def test_percentile_search_picks_best_recorded_candidate():
@@ -138,7 +138,7 @@ def test_early_exit_curve_from_simulation():
     net, x = _net(3), torch.randn(48, 1, 8, 8)
     with torch.no_grad():
         y = net(x).argmax(1)
-    snn = convert(net, _loader(x, y), ConvertConfig(threshold=Max()))
+    snn = convert(net, _loader(x, y), ConvertConfig.plain())
     res = simulate(snn, _loader(x, y), [32], SimConfig(record_predictions=True), quiet=True)
     assert res.predictions.shape == (32, 48)
     assert (res.predictions[-1].long() == y).float().mean().item() * 100 == pytest.approx(res.accuracy[32])
