@@ -47,7 +47,9 @@ from _common import (ROOT, Timer, command_line, log, machine_info, machine_markd
 from train_plain_vgg import DATA as CIFAR_NPZ, load_cifar, normalise, plain_vgg  # noqa: E402
 
 import bsnn  # noqa: E402
-from bsnn.binary import clamp_latent_  # noqa: E402
+from spikingjelly.activation_based import ann2snn, functional  # noqa: E402
+
+from bsnn.binary import clamp_latent_, materialize  # noqa: E402
 from bsnn.config import ConvertConfig, DataConfig, load_config  # noqa: E402
 from bsnn.convert import Max, Percentile  # noqa: E402
 from bsnn.data import build_loaders, calibration_loader  # noqa: E402
@@ -101,6 +103,9 @@ def constant_bias_(snn) -> None:
 
 
 POST = {"old CLI: p99.9 + shift + bias cal@4": constant_bias_}
+
+# the peer: spikingjelly 2.0's best post-training recipe (the one the issue names), on the materialised ANN
+SPIKINGJELLY = "spikingjelly 2.0: 99.9% channel-wise + half threshold"
 
 
 # ----------------------------------------------------------------------------------------- networks
@@ -253,6 +258,37 @@ def measure(snn, ann: nn.Module, ds, n: int, grid: list[int]) -> dict:
             "rel_err": {t: math.sqrt(err_num[t] / max(err_den, 1e-12)) for t in ts}}
 
 
+@torch.no_grad()
+def measure_spikingjelly(model: nn.Module, calib: DataLoader, ds, n: int, grid: list[int]) -> dict:
+    """:func:`measure` for spikingjelly's ``RateCodingRecipe('99.9%', channel_wise, half_threshold)`` conversion of
+    the same ANN (binary layers materialised as α·sign(W)), simulated step by step (its output summed over time)."""
+    ann = materialize(model).eval()
+    net = ann2snn.Converter(ann2snn.RateCodingRecipe(calib, mode="99.9%", channel_wise=True,
+                                                     half_threshold=True)).convert(ann).eval()
+    loader = DataLoader(Subset(ds, range(min(n, len(ds)))), batch_size=250)
+    ts = sorted(grid)
+    correct, agree, err_num = ({t: 0 for t in ts}, {t: 0 for t in ts}, {t: 0.0 for t in ts})
+    err_den, ann_correct, total = 0.0, 0, 0
+    for x, y in loader:
+        logits = ann(x)
+        pred = logits.argmax(1)
+        functional.reset_net(net)
+        cum = torch.zeros_like(logits)
+        for t in range(1, ts[-1] + 1):
+            cum += net(x)
+            if t in correct:
+                correct[t] += (cum.argmax(1) == y).sum().item()
+                agree[t] += (cum.argmax(1) == pred).sum().item()
+                err_num[t] += (cum / t - logits).norm().pow(2).item()
+        err_den += logits.norm().pow(2).item()
+        ann_correct += (pred == y).sum().item()
+        total += len(y)
+    return {"n": total, "ann": 100.0 * ann_correct / total,
+            "acc": {t: 100.0 * correct[t] / total for t in ts},
+            "agree": {t: 100.0 * agree[t] / total for t in ts},
+            "rel_err": {t: math.sqrt(err_num[t] / max(err_den, 1e-12)) for t in ts}}
+
+
 def _run(snn, ann, loader, ts, correct, agree, err_num) -> tuple[float, int, int]:
     err_den, ann_correct, total = 0.0, 0, 0
     for x, y in loader:
@@ -297,7 +333,7 @@ def converges(m: dict, tol: float = 0.3, images: int = 3) -> bool:
 def choose(results: dict, names: list[str]) -> tuple[str | None, dict]:
     """The recipe converging on every network's validation split with the smallest sum of log2 T@1."""
     score = {}
-    for r in [r for r in results[names[0]] if all(r in results[n] for n in names)]:
+    for r in [r for r in results[names[0]] if r != SPIKINGJELLY and all(r in results[n] for n in names)]:
         vals = [results[n][r]["val"] for n in names]
         if not all(converges(v) for v in vals) or any(t_at_1(v) is None for v in vals):
             continue
@@ -351,7 +387,11 @@ def report(results: dict, info: dict, grid: list[int], cands: dict, out: Path, s
           "**validation** split; test shown for reference. `ch` = per-channel thresholds where consumers are full "
           "precision, `shift` = membranes start at θ/2, `pot@4` / `bias@4` = SNN-Calibration potential / bias "
           "correction computed at T=4 (the bias current flows during the first 4 steps; both effects decay as "
-          "1/T); `old CLI` = the previous default, whose bias current flowed on every step.\n",
+          "1/T); `old CLI` = the previous default, whose bias current flowed on every step. The spikingjelly row is "
+          "the peer's best post-training recipe on the same (materialised) ANN, for reference, not a candidate: its "
+          "scalers multiply the spikes per channel (ChannelVoltageScaler around each IFNode), so its layers receive "
+          "graded values instead of {0,1} spikes against ±1 weights, which a binary crossbar does not compute; "
+          "it does not run the network's trainable-clip layers (no row for mnist5k_clip).\n",
           f"**Chosen default: {best}**\n" if best else "**No recipe converged on every network.**\n"]
     for split in ("val", "test"):
         for n in names:
@@ -381,6 +421,7 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=500, help="test images per network")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--spikingjelly", action="store_true", help="also convert with the peer's best recipe")
     ap.add_argument("--fresh", action="store_true", help="drop the other networks of an existing results file")
     ap.add_argument("--merge", nargs="*", default=[], help="also take the networks of these results files")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -416,6 +457,12 @@ def main() -> None:
             v = results[name][rname]["val"]
             log(f"{name} | {rname}: val ANN {v['ann']:.2f}, " + " ".join(f"{t}:{v['acc'][t]:.1f}" for t in grid)
                 + f" | T@1={t_at_1(v)} conv={converges(v)} ({tm.s:.0f} s)")
+        if args.spikingjelly:
+            with Timer() as tm:
+                results[name][SPIKINGJELLY] = {sp: measure_spikingjelly(net["model"], net["calib"], net[sp], k, grid)
+                                               for sp, k in (("val", n_val), ("test", n_test))}
+            v = results[name][SPIKINGJELLY]["val"]
+            log(f"{name} | {SPIKINGJELLY}: " + " ".join(f"{t}:{v['acc'][t]:.1f}" for t in grid) + f" ({tm.s:.0f} s)")
         report(results, info, grid, cands, out, stem)  # after every network: a killed run keeps what it measured
     best = report(results, info, grid, cands, out, stem) if results else None
     log(f"chosen default: {best}; wrote {out / stem}.md/.json/.png")
