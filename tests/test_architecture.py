@@ -178,6 +178,17 @@ def test_no_import_cycle():
         " <-> ".join(c) for c in found)
 
 
+def test_layers_point_one_way():
+    """cli -> pipeline -> stages: no library module imports the CLI, the pipeline or the public ``bsnn`` facade."""
+    graph = import_graph()
+    importers = {t: {m for m, ts in graph.items() if t in ts} for t in ("bsnn", "bsnn.cli", "bsnn.pipeline",
+                                                                        "bsnn.hardware.cli")}
+    assert importers["bsnn"] == set()
+    assert importers["bsnn.cli"] <= {"bsnn.__main__"}
+    assert importers["bsnn.pipeline"] <= {"bsnn.cli"}
+    assert importers["bsnn.hardware.cli"] <= {"bsnn.cli"}
+
+
 def test_no_function_local_bsnn_imports():
     found = local_imports()
     assert not found, ("bsnn modules imported inside functions (only bsnn.cli may; import at module level, "
