@@ -21,8 +21,8 @@ from bsnn.data import unpack_batch
 from bsnn.distributed import resolve_device
 from bsnn.errors import ConfigError
 from bsnn.snn.encode import get_encoder
-from bsnn.snn.kernels import KERNELS, check_kernel, default_kernel
 from bsnn.hardware.config import ConstraintConfig
+from bsnn.snn.kernels import KERNELS, check_kernel, default_kernel
 from bsnn.snn.network import SpikingNetwork
 from bsnn.snn.synapse import SYNAPSE_MODES, resolve_mode, synapse_mode
 

@@ -30,12 +30,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from bsnn.binary import clamp_latent_
 from bsnn._validate import _check, _finite
-from bsnn.distill.config import DistillConfig
+from bsnn.binary import clamp_latent_
 from bsnn.data import unpack_batch
 from bsnn.distill import METHODS, IndexedDataset, build_distiller
 from bsnn.distill.base import teacher_list
+from bsnn.distill.config import DistillConfig
 from bsnn.distributed import all_reduce_sum, barrier, current_env, resolve_device  # noqa: F401 (re-export)
 from bsnn.errors import CheckpointError, ConfigError, DataError, TrainingError
 from bsnn.io import load_checkpoint, save_checkpoint

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from bsnn.convert.balance import balanced_thresholds
-from bsnn.convert.config import ConvertConfig, parse_statistic
 from bsnn.convert.calibrate import Max, Percentile, calibrate, calibrate_many
+from bsnn.convert.config import ConvertConfig, parse_statistic
 from bsnn.convert.snn_calibration import calibrate_snn_
 from bsnn.activations import QCFS, is_trained_threshold
 from bsnn.convert.checks import warn_architecture

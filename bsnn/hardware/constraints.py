@@ -34,19 +34,18 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, Union
+from typing import Iterator
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bsnn.errors import ConfigError
 from bsnn.hardware.config import PARTITIONS, ConstraintConfig  # noqa: F401 (re-export)
-from bsnn.snn.neuron import IFNeuron
 from bsnn.simulate import simulate
+from bsnn.snn.neuron import IFNeuron
 from bsnn.snn.synapse import input_grids, replace_submodule
+
 
 def exact_adc_bits(rows: int, unit: float = 1.0) -> int:
     """Signed ADC bits that represent every partial sum of ``rows`` inputs in [0, 1] (steps of ``unit``) times
