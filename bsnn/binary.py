@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -20,8 +21,30 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bsnn.config import BinaryConfig
+from bsnn._validate import _check, _finite
 from bsnn.errors import ConfigError
+
+
+@dataclass
+class BinaryConfig:
+    """Weight binarisation (XNOR-Net style, weights only).
+
+    Attributes:
+        scale: ``"channel"`` (α = mean|W| per output channel), ``"layer"`` (one α) or ``"none"`` (α = 1).
+        keep_first: keep the first conv/linear layer full precision.
+        keep_last: keep the last conv/linear layer full precision.
+        clip: latent weights are clamped to [-clip, clip]; the STE gradient is zero outside.
+    """
+
+    scale: str = "channel"
+    keep_first: bool = True
+    keep_last: bool = True
+    clip: float = 1.0
+
+    def validate(self) -> None:
+        _check(self.scale in ("channel", "layer", "none"),
+               f"binary.scale must be 'channel', 'layer' or 'none', got {self.scale!r}")
+        _check(_finite(self.clip) and self.clip > 0, f"binary.clip must be a finite number > 0, got {self.clip}")
 
 
 def binary_sign(w: torch.Tensor) -> torch.Tensor:

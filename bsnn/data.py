@@ -25,8 +25,50 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from bsnn._registry import Registry
-from bsnn.config import DataConfig
+from bsnn._validate import _check
 from bsnn.errors import ConfigError, DataError
+
+
+@dataclass
+class DataConfig:
+    """Dataset and loader settings (see :mod:`bsnn.data` for the registered names).
+
+    Attributes:
+        name: registered dataset name (``mnist5k``, ``digits``, ``mnist``, ``fashion_mnist``, ``cifar10``,
+            ``cifar100``, ``imagefolder``) or ``npz:<path>`` for a Keras-style archive.
+        root: directory holding the data files (torchvision datasets, ImageFolder).
+        download: allow torchvision to download missing data (off by default: no hidden network use).
+        batch_size: training batch size (per process under torchrun).
+        eval_batch_size: batch size for validation/test/calibration.
+        num_workers: DataLoader worker processes.
+        augment: training augmentation (CIFAR: random crop + horizontal flip).
+        val_fraction: fraction of the training data held out as validation (seeded, stratified).
+        seed: seed of the train/val(/test) split; independent of the run seed so splits stay fixed.
+        limit_train: optional cap on the number of training samples (quick experiments, tests).
+        limit_test: optional cap on the number of test samples.
+    """
+
+    name: str = "mnist5k"
+    root: Union[str, None] = None
+    download: bool = False
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    augment: bool = True
+    val_fraction: float = 0.1
+    seed: int = 0
+    limit_train: Union[int, None] = None
+    limit_test: Union[int, None] = None
+
+    def validate(self) -> None:
+        _check(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}")
+        _check(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0, got {self.eval_batch_size}")
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(0.0 <= self.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        for key in ("limit_train", "limit_test"):
+            v = getattr(self, key)
+            _check(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                   f"data.{key} must be a positive number of samples or null (all), got {v!r}")
 
 MNIST_STATS = ((0.1307,), (0.3081,))
 FASHION_STATS = ((0.2860,), (0.3530,))

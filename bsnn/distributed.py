@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from bsnn.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -65,3 +67,25 @@ def barrier() -> None:
     """Synchronise ranks (no-op when not distributed)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available else CPU; otherwise ``torch.device(name)``, checked to exist.
+
+    Raises:
+        ConfigError: an unknown device name, CUDA requested without a CUDA device, or ``cuda:N`` beyond the
+            devices present.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"run.device {name!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device is {name!r} but no CUDA device is available; use run.device=cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ConfigError(f"run.device is {name!r} but this machine has {n} CUDA device(s) (cuda:0 .. cuda:{n - 1}); "
+                          "use one of those, cuda or auto")
+    return dev

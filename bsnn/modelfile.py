@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 
 from bsnn.activations import replace_activations_
-from bsnn.binary import binarize_
-from bsnn.config import BinaryConfig, ConvertConfig, from_dict
+from bsnn.binary import BinaryConfig, binarize_
+from bsnn._validate import from_dict
 from bsnn.convert import capture, convert_with_thresholds
+from bsnn.convert.config import ConvertConfig
 from bsnn.errors import BsnnError, CheckpointError
 from bsnn.io import load_checkpoint, save_checkpoint
 from bsnn.models import create_model

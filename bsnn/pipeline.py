@@ -33,7 +33,10 @@ from bsnn.convert.checks import warn_architecture
 from bsnn.data import Loaders, build_loaders, calibration_loader
 from bsnn.distill import METHODS
 from bsnn.distributed import DistEnv, barrier, init_distributed
+from bsnn.early_exit import early_exit_curve, fixed_T_needed
 from bsnn.errors import ConfigError
+from bsnn.hardware.constraints import apply_constraints
+from bsnn.hardware.report import COST_FILES, run_cost
 from bsnn.io import digest, file_sha256, model_digest, write_failure
 from bsnn.modelfile import build_model, check_binary, load_model, load_snn, save_model, save_snn
 from bsnn.report import plot_sweep, sweep_rows, write_table
@@ -437,8 +440,6 @@ def stage_simulate(ctx: Context, snn: SpikingNetwork, ann: nn.Module | None, ste
         entries["early_exit"] = _early_exit_report(ctx, res, stem, derived)
     constraints = ctx.cfg.simulate.constraint_config()
     if constraints is not None:
-        from bsnn.hardware.constraints import apply_constraints
-
         with apply_constraints(snn, constraints):
             hw = simulate(snn, ctx.loaders.test, cfg=ctx.cfg.simulate, device=ctx.device,
                           quiet=ctx.cfg.run.quiet or not main, seed=ctx.cfg.run.seed)
@@ -460,8 +461,6 @@ def _early_exit_report(ctx: Context, res: SimResult, stem: str, derived: dict) -
     """``<stem>_early_exit.{md,csv,json}``: accuracy vs *average* timesteps of the per-sample early-exit rule
     (:mod:`bsnn.early_exit`) next to the fixed T that reaches the same accuracy. There are no warm-up steps, so
     the latency of a sample is the number of timesteps it ran. Returns the ``early_exit`` entry."""
-    from bsnn.early_exit import early_exit_curve, fixed_T_needed
-
     rows = []
     for r in early_exit_curve(res):
         fixed = fixed_T_needed(res, r["accuracy"])
@@ -483,8 +482,6 @@ def _early_exit_report(ctx: Context, res: SimResult, stem: str, derived: dict) -
 def stage_cost(ctx: Context, snn: SpikingNetwork, res: SimResult) -> dict:
     """In-memory-hardware cost at ``cost.timesteps``; writes ``cost.{json,md}`` and its plots, then the record
     ``cost``."""
-    from bsnn.hardware.cli import COST_FILES, run_cost
-
     c = ctx.cfg.cost
     sweep = ctx.run.path("sweep.json")
     derived = {"config": config_digest(ctx.cfg, ("cost",)), "snn": model_digest(snn),

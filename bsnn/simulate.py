@@ -10,19 +10,78 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import Iterator, Union
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from bsnn.config import SimConfig
+from bsnn._validate import _check, from_dict
 from bsnn.data import unpack_batch
+from bsnn.distributed import resolve_device
 from bsnn.errors import ConfigError
 from bsnn.snn.encode import get_encoder
-from bsnn.snn.kernels import check_kernel, default_kernel
+from bsnn.hardware.config import ConstraintConfig
+from bsnn.snn.kernels import KERNELS, check_kernel, default_kernel
 from bsnn.snn.network import SpikingNetwork
-from bsnn.snn.synapse import resolve_mode, synapse_mode
+from bsnn.snn.synapse import SYNAPSE_MODES, resolve_mode, synapse_mode
+
+
+@dataclass
+class SimConfig:
+    """Simulation of the spiking network.
+
+    Attributes:
+        timesteps: every T at which accuracy is reported (one run to max(T)).
+        time_chunk: timesteps folded into the batch per call (bounds peak memory; independent of T).
+        encoding: ``"direct"`` (the analog image every timestep) or ``"poisson"`` (rate-coded spikes).
+        kernel: IF-scan backend (see :mod:`bsnn.snn.kernels`); ``auto`` = the fused Triton kernel on CUDA, the
+            fused ``inductor`` kernel on CPU where a C++ compiler exists (compiled once, a few seconds), else the
+            in-place torch loop.
+        synapse: arithmetic of binary layers fed by spikes (see :mod:`bsnn.snn.synapse`): ``float``, ``bf16``
+            (bit-identical to float, faster), ``int`` (int8/int32 crossbar arithmetic, the integer oracle) or
+            ``auto`` (bf16 on CUDA and on CPUs with native bf16, else float).
+        max_samples: simulate only the first N test samples (None: all).
+        record_predictions: keep every sample's prediction and logit margin at every step (``[T, N]``), the
+            input of run-time early-exit analysis (:mod:`bsnn.early_exit`).
+        constraints: in-memory hardware limits to simulate next to the ideal SNN (fields of
+            :class:`bsnn.hardware.constraints.ConstraintConfig`: ``xbar_rows``, ``adc_bits``, ``membrane_bits``, ...);
+            None = ideal only.
+    """
+
+    timesteps: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
+    time_chunk: int = 1
+    encoding: str = "direct"
+    kernel: str = "auto"
+    synapse: str = "auto"
+    max_samples: Union[int, None] = None
+    record_predictions: bool = False
+    constraints: Union[dict, None] = None
+
+    def validate(self) -> None:
+        _check(len(self.timesteps) > 0 and all(isinstance(t, int) and not isinstance(t, bool) and t >= 1
+                                               for t in self.timesteps),
+               f"simulate.timesteps must be a list of positive integers (e.g. [1, 2, 4, 8]), got {self.timesteps!r}")
+        _check(self.time_chunk >= 1, f"simulate.time_chunk must be >= 1, got {self.time_chunk}")
+        _check(self.constraints is None or isinstance(self.constraints, dict),
+               f"simulate.constraints must be a mapping of constraint settings or null, got {self.constraints!r}")
+        _check(self.max_samples is None or (isinstance(self.max_samples, int) and not isinstance(self.max_samples, bool)
+                                            and self.max_samples >= 1),
+               f"simulate.max_samples must be a positive number of samples or null (all), got {self.max_samples!r}")
+        _check(self.encoding in ("direct", "poisson"),
+               f"simulate.encoding must be 'direct' or 'poisson', got {self.encoding!r}")
+        if self.kernel != "auto":
+            KERNELS.get(self.kernel)
+        if self.synapse != "auto":
+            SYNAPSE_MODES.get(self.synapse)
+        if self.constraints is not None:
+            self.constraint_config()
+
+    def constraint_config(self):
+        """The :class:`bsnn.hardware.constraints.ConstraintConfig` of ``constraints`` (validated), or None."""
+        if self.constraints is None:
+            return None
+        return from_dict(self.constraints, ConstraintConfig).validate()
 
 
 @dataclass
@@ -66,8 +125,6 @@ class SimResult:
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
-    from bsnn.train import resolve_device
-
     return resolve_device(device) if isinstance(device, str) else device
 
 

@@ -18,6 +18,7 @@ import math
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,38 +30,66 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from bsnn._validate import _check, _finite
 from bsnn.binary import clamp_latent_
-from bsnn.config import DistillConfig, TrainConfig
 from bsnn.data import unpack_batch
 from bsnn.distill import METHODS, IndexedDataset, build_distiller
 from bsnn.distill.base import teacher_list
-from bsnn.distributed import all_reduce_sum, barrier, current_env
+from bsnn.distill.config import DistillConfig
+from bsnn.distributed import all_reduce_sum, barrier, current_env, resolve_device  # noqa: F401 (re-export)
 from bsnn.errors import CheckpointError, ConfigError, DataError, TrainingError
 from bsnn.io import load_checkpoint, save_checkpoint
 
-log = logging.getLogger("bsnn")
 
+@dataclass
+class TrainConfig:
+    """Optimisation settings for one training stage (teacher or student).
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available else CPU; otherwise ``torch.device(name)``, checked to exist.
-
-    Raises:
-        ConfigError: an unknown device name, CUDA requested without a CUDA device, or ``cuda:N`` beyond the
-            devices present.
+    Attributes:
+        epochs: number of epochs.
+        optimizer: ``"sgd"`` or ``"adam"``.
+        lr: peak learning rate.
+        momentum: SGD momentum.
+        betas: Adam betas.
+        weight_decay: weight decay on conv/linear weights (never on BN, biases or scales).
+        schedule: ``"cosine"``, ``"step"`` or ``"constant"`` (stepped once per epoch).
+        step_epochs: for ``step``: decay every this many epochs.
+        gamma: for ``step``: multiplicative decay.
+        label_smoothing: cross-entropy label smoothing.
+        checkpoint_every: save a resumable checkpoint every this many epochs.
     """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"run.device {name!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"run.device is {name!r} but no CUDA device is available; use run.device=cpu or auto")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        n = torch.cuda.device_count()
-        raise ConfigError(f"run.device is {name!r} but this machine has {n} CUDA device(s) (cuda:0 .. cuda:{n - 1}); "
-                          "use one of those, cuda or auto")
-    return dev
+
+    epochs: int = 5
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    step_epochs: int = 30
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    checkpoint_every: int = 1
+
+    def validate(self) -> None:
+        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(self.optimizer in ("sgd", "adam"), f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        for key in ("lr", "momentum", "weight_decay", "gamma", "label_smoothing"):
+            v = getattr(self, key)
+            _check(_finite(v), f"{key} must be a finite number, got {v!r}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(0.0 <= self.momentum < 1.0, f"momentum must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.gamma > 0, f"gamma must be > 0, got {self.gamma}")
+        _check(self.schedule in ("cosine", "step", "constant"),
+               f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
+        _check(self.step_epochs >= 1, f"step_epochs must be >= 1, got {self.step_epochs}")
+        _check(len(self.betas) == 2 and all(_finite(b) and 0.0 <= b < 1.0 for b in self.betas),
+               f"betas must be two numbers in [0, 1) (Adam's (beta1, beta2), e.g. [0.9, 0.999]), got {self.betas!r}")
+        _check(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+
+log = logging.getLogger("bsnn")
 
 
 def set_seed(seed: int) -> None:

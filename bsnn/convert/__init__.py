@@ -8,10 +8,9 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from bsnn.config import ConvertConfig
 from bsnn.convert.balance import balanced_thresholds
-from bsnn.config import parse_statistic
 from bsnn.convert.calibrate import Max, Percentile, calibrate, calibrate_many
+from bsnn.convert.config import ConvertConfig, parse_statistic
 from bsnn.convert.snn_calibration import calibrate_snn_
 from bsnn.activations import QCFS, is_trained_threshold
 from bsnn.convert.checks import warn_architecture
@@ -19,6 +18,7 @@ from bsnn.convert.graph import activation_modules, capture, per_channel_allowed,
 from bsnn.convert.surgery import build_spiking_graph
 from bsnn.data import unpack_batch
 from bsnn.errors import ConversionError
+from bsnn.simulate import run_batch
 from bsnn.snn.network import SpikingNetwork
 
 __all__ = ["Max", "Percentile", "convert", "convert_with_thresholds", "calibrate", "capture"]
@@ -112,8 +112,6 @@ def _first_samples(loader, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def _accuracy_at(snn: SpikingNetwork, x: torch.Tensor, y: torch.Tensor, timesteps: int, batch: int = 256) -> float:
-    from bsnn.simulate import run_batch
-
     correct = 0
     for i in range(0, len(x), batch):
         mem = run_batch(snn, x[i:i + batch], timesteps, min(16, timesteps))[-1]

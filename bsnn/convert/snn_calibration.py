@@ -24,6 +24,7 @@ import torch.fx as fx
 
 from bsnn.convert.graph import activation_modules
 from bsnn.errors import ConfigError
+from bsnn.simulate import iter_chunks
 from bsnn.snn.network import SpikingNetwork
 
 MODES = ("bias", "potential")
@@ -54,8 +55,6 @@ def ann_activations(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, torch.Tens
 def snn_layer_output(snn: SpikingNetwork, neuron_name: str, x: torch.Tensor, timesteps: int,
                      time_chunk: int = 16) -> torch.Tensor:
     """Spike count of one IF layer over ``timesteps`` steps of direct input, ``[B, ...]``."""
-    from bsnn.simulate import iter_chunks
-
     neuron = snn.neurons()[neuron_name]
     total: list[torch.Tensor] = []
 

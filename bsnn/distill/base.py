@@ -28,16 +28,18 @@ at the start of every epoch (0-based): DKD's warm-up reads it.
 from __future__ import annotations
 
 import warnings
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from bsnn._registry import Registry
-from bsnn.config import DistillConfig
 from bsnn.distill.hooks import FeatureTap
 from bsnn.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: DistillConfig validates against this module's registry
+    from bsnn.distill.config import DistillConfig
 
 METHODS: Registry[type] = Registry("distillation method")
 

@@ -2,7 +2,8 @@
 
 Wiring (in ``bsnn/cli.py``): ``from bsnn.hardware.cli import add_cost_parser`` and call
 ``add_cost_parser(sub)`` inside ``build_parser``; the sub-command sets ``fn=cmd_cost`` like the others.
-``bsnn run`` can call :func:`run_cost` after the simulation stage.
+``bsnn run`` calls :func:`bsnn.hardware.report.run_cost` (the library side, re-exported here) after the
+simulation stage.
 
 Files written into ``--out``: ``cost.json`` (top-level ``total`` with ``energy_pj``, ``latency_ns``, ``area_um2``,
 ``layers``, ``breakdown_pj``, ``comparisons``, ``vs_T``), ``cost.md``, ``cost_breakdown.png`` and
@@ -14,17 +15,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import warnings
 from pathlib import Path
 
 from bsnn.errors import ConfigError, DataError
 from bsnn.hardware.config import HardwareConfig, list_presets, load_hardware_config, preset
-from bsnn.hardware.cost import MODES, Activity, CostReport, estimate, sweep_timesteps
-from bsnn.io import atomic_write_json, atomic_write_text, file_sha256, model_digest, write_failure
+from bsnn.hardware.cost import MODES, Activity, estimate
+from bsnn.hardware.mapping import load_layer_table
+from bsnn.hardware.report import (COST_FILES, _save, _ts_up_to, plot_breakdown, plot_vs_t,  # noqa: F401 (re-exports)
+                                  run_cost, write_cost_report)
+from bsnn.io import file_sha256, model_digest
+from bsnn.modelfile import load_snn
+from bsnn.runfolder import Entry, RunLock, check_out_dir, commit_entries
 
-#: the files :func:`run_cost` writes into a run folder
-COST_FILES = ("cost.json", "cost.md", "cost_breakdown.png", "cost_vs_T.png")
 
 
 def add_cost_parser(subparsers) -> argparse.ArgumentParser:
@@ -79,8 +82,6 @@ def _load_run(run_dir: Path):
         ConfigError: ``sweep.json`` was simulated from another ``snn.pt`` (converted again since): costing it
             would mix two networks. A sweep that records no network (older bsnn, hand-made) is used with a warning.
     """
-    from bsnn.pipeline import load_snn
-
     snn_path = run_dir / "snn.pt"
     if not snn_path.is_file():
         raise DataError(f"run folder {str(run_dir)!r} has no snn.pt; run `bsnn convert` first")
@@ -110,8 +111,6 @@ def cmd_cost(args: argparse.Namespace) -> int:
     With ``--out`` equal to ``--run`` the report replaces the run's own ``cost.*``: the run folder is locked and
     the ``cost`` record of ``metrics.json`` is committed after the files.
     """
-    from bsnn.runfolder import Entry, RunLock, check_out_dir, commit_entries
-
     if args.timesteps is not None and args.timesteps < 1:
         raise ConfigError(f"--timesteps must be an integer >= 1, got {args.timesteps}")
     hw = hardware_from_args(args)
@@ -132,8 +131,6 @@ def cmd_cost(args: argparse.Namespace) -> int:
             network, activity = args.layers, None
             T = args.timesteps or 5
             if args.rate is not None:
-                from bsnn.hardware.mapping import load_layer_table
-
                 if not 0.0 <= args.rate <= 1.0:
                     raise ConfigError(f"--rate must be in [0, 1], got {args.rate}")
                 network = load_layer_table(args.layers)
@@ -159,127 +156,3 @@ def cmd_cost(args: argparse.Namespace) -> int:
             print(f"  - {n}")
         print(f"written: {', '.join(str(p) for p in paths.values())}")
     return 0
-
-
-def _ts_up_to(T: int) -> list[int]:
-    """1..T for T <= 16, else the powers of two below T and T."""
-    return list(range(1, T + 1)) if T <= 16 else sorted({2 ** i for i in range(T.bit_length()) if 2 ** i < T} | {T})
-
-
-def write_cost_report(report: CostReport, out_dir: str | os.PathLike, network=None, activity=None,
-                      hw: HardwareConfig | None = None, stem: str = "cost", plots: bool = True,
-                      derived_from: dict | None = None) -> dict[str, Path]:
-    """Write ``cost.json``, ``cost.md`` and (with ``plots``) ``cost_breakdown.png`` / ``cost_vs_T.png``.
-
-    ``network``/``activity``/``hw`` (as given to :func:`estimate`) enable the energy/latency-vs-T sweep;
-    ``derived_from`` (content hashes of the network and the sweep it was costed from) goes into ``cost.json``.
-
-    Raises:
-        OutputError: ``out_dir`` cannot be created or written.
-    """
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise write_failure(out, e) from None
-    d = report.to_dict()
-    if derived_from is not None:
-        d["derived_from"] = derived_from
-    d["breakdown_pj"] = report.total.breakdown_pj
-    vs_t: dict[str, list] = {}
-    if network is not None and hw is not None:
-        ts = _ts_up_to(report.timesteps)
-        vs_t["dense"] = sweep_timesteps(network, activity, hw, ts, "dense")
-        if activity is not None:
-            vs_t["event_driven"] = sweep_timesteps(network, activity, hw, ts, "event_driven")
-    d["vs_T"] = vs_t
-    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md"}
-    atomic_write_json(paths["json"], d)
-    atomic_write_text(paths["md"], report.markdown())
-    if plots:
-        paths["breakdown_png"] = plot_breakdown(report, out / f"{stem}_breakdown.png")
-        if vs_t:
-            paths["vs_T_png"] = plot_vs_t(vs_t, report, out / f"{stem}_vs_T.png")
-    return paths
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.tight_layout()
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise write_failure(path, e) from None
-    finally:
-        plt.close(fig)
-    return path
-
-
-def plot_breakdown(report: CostReport, path: str | os.PathLike) -> Path:
-    """Energy by component (total) and per layer (stacked by component)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    comps = [k for k, v in report.total.breakdown_pj.items() if v > 0]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
-    vals = [report.total.breakdown_pj[k] for k in comps]
-    a.barh(comps, vals)
-    a.set_xlabel("energy per inference (pJ)")
-    a.set_title(f"{report.hardware} [{report.mode}], T={report.timesteps}")
-    names = [l.name for l in report.layers]
-    bottom = [0.0] * len(names)
-    for k in comps:
-        h = [l.breakdown_pj.get(k, 0.0) for l in report.layers]
-        b.bar(range(len(names)), h, bottom=bottom, label=k)
-        bottom = [x + y for x, y in zip(bottom, h)]
-    b.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-    b.set_ylabel("energy (pJ)")
-    b.set_title("per layer")
-    b.legend(fontsize=7)
-    return _save(fig, Path(path))
-
-
-def plot_vs_t(vs_t: dict, report: CostReport, path: str | os.PathLike) -> Path:
-    """Energy and latency vs T for each mode, with the bit-serial ANN as a reference line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for mode, rows in vs_t.items():
-        ts = [r["T"] for r in rows]
-        a.plot(ts, [r["energy_pj"] for r in rows], "o-", label=f"SNN {mode}")
-        if rows and rows[0]["latency_ns"] is not None:
-            b.plot(ts, [r["latency_ns"] for r in rows], "o-", label=f"SNN {mode}")
-    ann = report.comparisons.get("ann_bit_serial_imc")
-    if ann:
-        lab = f"ANN, {ann.get('activation_bits', '?')}-bit bit-serial (same hw)"
-        a.axhline(ann["energy_pj"], color="k", ls="--", label=lab)
-        if ann["latency_ns"] is not None:
-            b.axhline(ann["latency_ns"], color="k", ls="--", label=lab)
-    for ax, lab in ((a, "energy per inference (pJ)"), (b, "latency (ns)")):
-        ax.set_xlabel("timesteps T")
-        ax.set_ylabel(lab)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    a.set_title(report.hardware)
-    return _save(fig, Path(path))
-
-
-def run_cost(snn, result, out_dir: str | os.PathLike, hw: HardwareConfig | str = "spikesim-rram-65nm",
-             timesteps: int | None = None, mode: str = "event_driven", plots: bool = True,
-             derived_from: dict | None = None) -> CostReport:
-    """For ``bsnn run``: cost the converted network at T (default: the largest simulated T) and write
-    ``cost.{json,md}`` (+ plots; :data:`COST_FILES`) into the run folder. Returns the report."""
-    report = estimate(snn, result, hw, timesteps=timesteps, mode=mode)
-    from bsnn.hardware.config import resolve_hardware
-
-    write_cost_report(report, out_dir, snn, result, resolve_hardware(hw), plots=plots, derived_from=derived_from)
-    return report

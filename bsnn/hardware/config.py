@@ -22,7 +22,7 @@ from typing import Callable, Union
 
 
 from bsnn._registry import Registry
-from bsnn.config import apply_overrides, from_dict, read_yaml_mapping
+from bsnn._validate import _check, apply_overrides, from_dict, read_yaml_mapping
 from bsnn.errors import ConfigError
 
 MAPPINGS = ("spikesim", "unrolled")
@@ -387,3 +387,80 @@ def resolve_hardware(hw: "HardwareConfig | str | Path") -> HardwareConfig:
     if s.endswith((".yaml", ".yml")) or Path(s).is_file():
         return load_hardware_config(s)
     return preset(s)
+
+
+PARTITIONS = ("spikesim", "unrolled")
+
+
+@dataclass
+class ConstraintConfig:
+    """Hardware non-idealities for simulation (None = that part stays ideal).
+
+    Attributes:
+        xbar_rows: crossbar rows (row-group size).
+        mapping: ``"spikesim"`` or ``"unrolled"`` row partition (see module docstring).
+        adc_bits: signed ADC resolution (sign bit included); None = exact partial sums.
+        adc_range: ADC full scale, |partial sum| in input units; None = rows per conversion.
+        membrane_bits: fixed-point membrane width (sign included); None = float membrane.
+        membrane_frac_bits: fractional bits of the membrane (and of the bias it accumulates).
+        threshold_frac_bits: fractional bits of the threshold; None = membrane_frac_bits.
+    """
+
+    xbar_rows: int = 64
+    mapping: str = "spikesim"
+    adc_bits: Union[int, None] = 4
+    adc_range: Union[float, None] = None
+    membrane_bits: Union[int, None] = None
+    membrane_frac_bits: int = 8
+    threshold_frac_bits: Union[int, None] = None
+
+    def validate(self) -> "ConstraintConfig":
+        if self.xbar_rows < 1:
+            raise ConfigError(f"constraints.xbar_rows must be >= 1, got {self.xbar_rows}")
+        if self.mapping not in PARTITIONS:
+            raise ConfigError(f"constraints.mapping must be one of {PARTITIONS}, got {self.mapping!r}")
+        if self.adc_bits is not None and self.adc_bits < 2:
+            raise ConfigError(f"constraints.adc_bits must be >= 2 (sign + magnitude) or null, got {self.adc_bits}")
+        if self.adc_range is not None and not self.adc_range > 0:
+            raise ConfigError(f"constraints.adc_range must be > 0 or null, got {self.adc_range}")
+        if self.membrane_bits is not None and self.membrane_bits <= self.membrane_frac_bits:
+            raise ConfigError(f"constraints.membrane_bits ({self.membrane_bits}) must exceed membrane_frac_bits "
+                              f"({self.membrane_frac_bits}) (one sign bit at least)")
+        if self.membrane_frac_bits < 0 or (self.threshold_frac_bits is not None and self.threshold_frac_bits < 0):
+            raise ConfigError("constraints: fractional bits must be >= 0")
+        return self
+
+    @classmethod
+    def from_hardware(cls, hw, **changes) -> "ConstraintConfig":
+        """Crossbar rows, mapping and ADC bits (+1 sign bit for popcount/paired sign handling, whose ADCs
+        read unsigned counts) of a :class:`~bsnn.hardware.config.HardwareConfig`; ``changes`` override."""
+        sign = 0 if hw.sign_handling == "none" else 1
+        return cls(**{"xbar_rows": hw.xbar_rows, "mapping": hw.mapping, "adc_bits": hw.adc_bits + sign,
+                      **changes}).validate()
+
+
+# ------------------------------------------------------------------------------------------ pure math
+
+
+@dataclass
+class CostConfig:
+    """In-memory-hardware cost report added by ``bsnn run`` (see :mod:`bsnn.hardware`).
+
+    Attributes:
+        enabled: write ``cost.{json,md,png}`` after the sweep.
+        preset: hardware preset (``spikesim-rram-65nm``, ``xnor-sram-65nm``, ``isaac-rram-32nm``, ``digital-45nm``).
+        timesteps: T at which to cost the network (None: the largest simulated T).
+        mode: ``event_driven`` (measured spike counts) or ``dense`` (every crossbar read every timestep).
+    """
+
+    enabled: bool = True
+    preset: str = "spikesim-rram-65nm"
+    timesteps: Union[int, None] = None
+    mode: str = "event_driven"
+
+    def validate(self) -> None:
+        _check(self.preset in list_presets(), f"cost.preset must be one of {list_presets()}, got {self.preset!r}")
+        _check(self.mode in ("dense", "event_driven"), f"cost.mode must be 'dense' or 'event_driven', got {self.mode!r}")
+        _check(self.timesteps is None or (isinstance(self.timesteps, int) and not isinstance(self.timesteps, bool)
+                                          and self.timesteps >= 1),
+               f"cost.timesteps must be a positive integer or null (the largest simulated T), got {self.timesteps!r}")

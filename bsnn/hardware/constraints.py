@@ -34,69 +34,19 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, Union
+from typing import Iterator
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bsnn.errors import ConfigError
+from bsnn.hardware.config import PARTITIONS, ConstraintConfig  # noqa: F401 (re-export)
+from bsnn.simulate import simulate
 from bsnn.snn.neuron import IFNeuron
 from bsnn.snn.synapse import input_grids, replace_submodule
 
-PARTITIONS = ("spikesim", "unrolled")
 
-
-@dataclass
-class ConstraintConfig:
-    """Hardware non-idealities for simulation (None = that part stays ideal).
-
-    Attributes:
-        xbar_rows: crossbar rows (row-group size).
-        mapping: ``"spikesim"`` or ``"unrolled"`` row partition (see module docstring).
-        adc_bits: signed ADC resolution (sign bit included); None = exact partial sums.
-        adc_range: ADC full scale, |partial sum| in input units; None = rows per conversion.
-        membrane_bits: fixed-point membrane width (sign included); None = float membrane.
-        membrane_frac_bits: fractional bits of the membrane (and of the bias it accumulates).
-        threshold_frac_bits: fractional bits of the threshold; None = membrane_frac_bits.
-    """
-
-    xbar_rows: int = 64
-    mapping: str = "spikesim"
-    adc_bits: Union[int, None] = 4
-    adc_range: Union[float, None] = None
-    membrane_bits: Union[int, None] = None
-    membrane_frac_bits: int = 8
-    threshold_frac_bits: Union[int, None] = None
-
-    def validate(self) -> "ConstraintConfig":
-        if self.xbar_rows < 1:
-            raise ConfigError(f"constraints.xbar_rows must be >= 1, got {self.xbar_rows}")
-        if self.mapping not in PARTITIONS:
-            raise ConfigError(f"constraints.mapping must be one of {PARTITIONS}, got {self.mapping!r}")
-        if self.adc_bits is not None and self.adc_bits < 2:
-            raise ConfigError(f"constraints.adc_bits must be >= 2 (sign + magnitude) or null, got {self.adc_bits}")
-        if self.adc_range is not None and not self.adc_range > 0:
-            raise ConfigError(f"constraints.adc_range must be > 0 or null, got {self.adc_range}")
-        if self.membrane_bits is not None and self.membrane_bits <= self.membrane_frac_bits:
-            raise ConfigError(f"constraints.membrane_bits ({self.membrane_bits}) must exceed membrane_frac_bits "
-                              f"({self.membrane_frac_bits}) (one sign bit at least)")
-        if self.membrane_frac_bits < 0 or (self.threshold_frac_bits is not None and self.threshold_frac_bits < 0):
-            raise ConfigError("constraints: fractional bits must be >= 0")
-        return self
-
-    @classmethod
-    def from_hardware(cls, hw, **changes) -> "ConstraintConfig":
-        """Crossbar rows, mapping and ADC bits (+1 sign bit for popcount/paired sign handling, whose ADCs
-        read unsigned counts) of a :class:`~bsnn.hardware.config.HardwareConfig`; ``changes`` override."""
-        sign = 0 if hw.sign_handling == "none" else 1
-        return cls(**{"xbar_rows": hw.xbar_rows, "mapping": hw.mapping, "adc_bits": hw.adc_bits + sign,
-                      **changes}).validate()
-
-
-# ------------------------------------------------------------------------------------------ pure math
 def exact_adc_bits(rows: int, unit: float = 1.0) -> int:
     """Signed ADC bits that represent every partial sum of ``rows`` inputs in [0, 1] (steps of ``unit``) times
     ±1 weights exactly: ⌈log2(rows/unit + 1)⌉ + 1."""
@@ -316,8 +266,6 @@ def constrained(snn, cfg: ConstraintConfig):
 def simulate_with_constraints(snn, loader, timesteps: list[int], cfg: ConstraintConfig, **simulate_kw):
     """Simulate ``snn`` ideal and under ``cfg`` on the same samples; returns ``(ideal, constrained, rows)`` where
     ``rows`` = [T, ideal accuracy (%), constrained accuracy (%), drop (points)] for a table next to the sweep."""
-    from bsnn.simulate import simulate
-
     ideal = simulate(snn, loader, timesteps, **simulate_kw)
     with apply_constraints(snn, cfg):
         hw = simulate(snn, loader, timesteps, **simulate_kw)

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 
 from bsnn.errors import ConfigError
 from bsnn.hardware.config import HardwareConfig, preset, resolve_hardware
+from bsnn.report import markdown_table
 from bsnn.hardware.mapping import LayerMapping, LayerSpec, count_tiles, map_layer, resolve_layers
 
 MODES = ("dense", "event_driven")
@@ -285,8 +286,6 @@ class CostReport:
 
     def markdown(self) -> str:
         """Per-layer table, totals and comparisons as markdown."""
-        from bsnn.report import markdown_table
-
         head = f"## {self.hardware}: mode `{self.mode}`, T={self.timesteps}\n\n"
         rows = [[l.name, l.kind, l.pes, l.crossbars, round(l.utilisation, 3),
                  None if l.input_rate is None else round(l.input_rate, 4), f"{l.energy_pj:.4g}",

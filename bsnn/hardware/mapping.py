@@ -30,6 +30,8 @@ import torch.nn as nn
 
 from bsnn.errors import ConfigError, DataError
 from bsnn.hardware.config import HardwareConfig
+from bsnn.snn.network import SpikingNetwork
+from bsnn.snn.neuron import IFNeuron, Integrator
 
 
 @dataclass
@@ -269,8 +271,6 @@ def layer_specs_from_network(snn) -> list[LayerSpec]:
     """
     from torch.fx.passes.shape_prop import ShapeProp
 
-    from bsnn.snn.neuron import IFNeuron, Integrator
-
     gm: fx.GraphModule = snn.graph_module
     snn.reset()
     snn.set_time_chunk(1)
@@ -338,8 +338,6 @@ def layer_specs_from_network(snn) -> list[LayerSpec]:
 
 def resolve_layers(network) -> list[LayerSpec]:
     """A layer table from a SpikingNetwork, a list of :class:`LayerSpec`, or a CSV path."""
-    from bsnn.snn.network import SpikingNetwork
-
     if isinstance(network, SpikingNetwork):
         return layer_specs_from_network(network)
     if isinstance(network, (str, Path)):

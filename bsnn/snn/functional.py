@@ -40,3 +40,19 @@ def if_multistep(x_seq: torch.Tensor, theta: torch.Tensor | float, v0: torch.Ten
     for t in range(x_seq.shape[0]):
         out[t], v = if_step(v, x_seq[t], theta)
     return out, v
+
+
+def memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A view of ``t`` with its dims permuted into memory order (contiguous for any dense layout, e.g.
+    channels-last), so reductions over trailing dims run without a layout copy. Leading dims whose stride
+    order already matches (time, batch) stay first."""
+    order = sorted(range(t.dim()), key=lambda i: (-t.stride(i), i))
+    return t.permute(order)
+
+
+def per_sample_spikes(spikes: torch.Tensor) -> torch.Tensor:
+    """Spikes per sample ``[Tc, B]`` (float32, exact below 2^24) of spikes ``[Tc, B, ...]`` in any dense layout."""
+    flat = memory_order(spikes)
+    if flat.shape[:2] != spikes.shape[:2]:  # time/batch not outermost in memory: reduce in logical order
+        return spikes.float().sum(dim=tuple(range(2, spikes.dim())))
+    return flat.reshape(spikes.shape[0], spikes.shape[1], -1).float().sum(-1)

@@ -10,23 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from bsnn.snn.functional import memory_order, per_sample_spikes  # noqa: F401 (re-export)
 from bsnn.snn.kernels import get_kernel
-
-
-def memory_order(t: torch.Tensor) -> torch.Tensor:
-    """A view of ``t`` with its dims permuted into memory order (contiguous for any dense layout, e.g.
-    channels-last), so reductions over trailing dims run without a layout copy. Leading dims whose stride
-    order already matches (time, batch) stay first."""
-    order = sorted(range(t.dim()), key=lambda i: (-t.stride(i), i))
-    return t.permute(order)
-
-
-def per_sample_spikes(spikes: torch.Tensor) -> torch.Tensor:
-    """Spikes per sample ``[Tc, B]`` (float32, exact below 2^24) of spikes ``[Tc, B, ...]`` in any dense layout."""
-    flat = memory_order(spikes)
-    if flat.shape[:2] != spikes.shape[:2]:  # time/batch not outermost in memory: reduce in logical order
-        return spikes.float().sum(dim=tuple(range(2, spikes.dim())))
-    return flat.reshape(spikes.shape[0], spikes.shape[1], -1).float().sum(-1)
 
 
 class IFNeuron(nn.Module):

@@ -23,7 +23,8 @@ import torch
 
 from bsnn._registry import Registry
 from bsnn.errors import ConfigError
-from bsnn.snn.functional import if_multistep
+from bsnn.snn.functional import if_multistep, per_sample_spikes
+from bsnn.snn.kernels.inductor_if import compiler_works, if_scan_fused
 
 Kernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 KERNELS: Registry[Kernel] = Registry("IF kernel")
@@ -46,8 +47,6 @@ def prescale(x_seq: torch.Tensor, gain: torch.Tensor | None, bias: torch.Tensor 
 def _counted(spikes: torch.Tensor, counts: list | None) -> torch.Tensor:
     """Append the per-sample spike counts of every timestep of ``spikes [T, B, ...]`` to ``counts`` (if given)."""
     if counts is not None:
-        from bsnn.snn.neuron import per_sample_spikes
-
         counts.extend(per_sample_spikes(spikes).unbind(0))
     return spikes
 
@@ -103,15 +102,11 @@ def inductor_kernel(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, g
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """One fused, vectorised C++ loop per timestep (:mod:`bsnn.snn.kernels.inductor_if`, compiled by
     ``torch.compile`` on first use): gain, bias, integrate, fire and reset in a single pass over the neurons."""
-    from bsnn.snn.kernels.inductor_if import if_scan_fused
-
     return if_scan_fused(x_seq, theta, v, gain, bias, pre_bias, out_dtype, counts)
 
 
 def inductor_available() -> bool:
     """Whether ``torch.compile`` can build CPU kernels here (a C++ compiler is on the PATH)."""
-    from bsnn.snn.kernels.inductor_if import compiler_works
-
     return compiler_works()
 
 

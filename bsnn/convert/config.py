@@ -1,0 +1,94 @@
+"""The ``convert`` section: :class:`ConvertConfig` and :func:`parse_statistic` (YAML ``max`` / ``99.9`` ->
+:class:`~bsnn.convert.calibrate.Max` / :class:`~bsnn.convert.calibrate.Percentile`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from bsnn._validate import _check
+from bsnn.convert.calibrate import Max, Percentile
+from bsnn.errors import ConfigError
+
+
+def parse_statistic(value: Any, where: str = "convert.threshold") -> Any:
+    """``"max"`` -> ``Max()``; a number p or ``"p99.9"`` -> ``Percentile(p)``; Max/Percentile pass through."""
+    if isinstance(value, (Max, Percentile)):
+        return value
+    if isinstance(value, str) and value.strip().lower() == "max":
+        return Max()
+    if isinstance(value, str) and value.strip().lower().startswith("p"):
+        value = value.strip()[1:]
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return Percentile(float(value))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be 'max' or a percentile such as 99.9, got {value!r}") from None
+
+
+def _statistic_default() -> Any:
+    return Percentile(99.99)
+
+
+@dataclass
+class ConvertConfig:
+    """ANN -> SNN conversion. The defaults are the recipe measured best in ``benchmarks/default_recipe.py``
+    (per-channel p99.99 thresholds, θ/2 shift, potential calibration at T = 8: the fastest recipe that converges on
+    every network tried; see ``docs/conversion.md``).
+
+    Attributes:
+        threshold: activation statistic that sets each IF layer's threshold: ``Max()`` or ``Percentile(p)``
+            (YAML: ``max`` or a number such as ``99.9``).
+        per_channel: per-channel thresholds where every consumer of the layer's spikes is a full-precision
+            conv/linear (through pooling/flatten); layers feeding binary layers (whose weights must stay ±1) or
+            residual adds stay layer-wise.
+        threshold_scale: global factor applied to every threshold.
+        v_init: initial membrane potential as a fraction of the threshold (0.5 = the θ/2 shift).
+        calib_samples: number of training samples used for calibration.
+        search_percentiles: when non-empty, the threshold percentile is chosen among these (100 = max) by the
+            accuracy of the converted SNN at ``search_timesteps`` on ``search_samples`` calibration samples.
+        search_timesteps: target T of the percentile search.
+        search_samples: labelled calibration samples used to score the candidates.
+        snn_calibration: post-conversion layer-wise correction against the ANN: ``none``, ``bias`` or
+            ``potential`` (SNN Calibration, light pipeline; both add a bounded charge, so the SNN still converges).
+        snn_calibration_timesteps: the T the correction is computed for (the bias current flows for that many
+            timesteps).
+        snn_calibration_samples: calibration samples used for the correction.
+    """
+
+    threshold: Any = field(default_factory=_statistic_default)
+    per_channel: bool = True
+    threshold_scale: float = 1.0
+    v_init: float = 0.5
+    calib_samples: int = 2048
+    search_percentiles: list = field(default_factory=list)
+    search_timesteps: int = 16
+    search_samples: int = 512
+    snn_calibration: str = "potential"
+    snn_calibration_timesteps: int = 8
+    snn_calibration_samples: int = 256
+
+    def __post_init__(self) -> None:
+        self.threshold = parse_statistic(self.threshold)
+
+    @classmethod
+    def plain(cls, **changes: Any) -> "ConvertConfig":
+        """Plain layer-wise max-norm conversion (``Max()`` thresholds, membranes from 0, no calibration), the
+        baseline of the latency literature, with ``changes`` applied."""
+        return cls(**{"threshold": parse_statistic("max"), "per_channel": False, "v_init": 0.0,
+                      "snn_calibration": "none", **changes})
+
+    def validate(self) -> None:
+        self.threshold = parse_statistic(self.threshold)
+        _check(self.threshold_scale > 0, f"convert.threshold_scale must be > 0, got {self.threshold_scale}")
+        _check(0.0 <= self.v_init < 1.0, f"convert.v_init must be in [0, 1), got {self.v_init}")
+        _check(self.calib_samples >= 1, f"convert.calib_samples must be >= 1, got {self.calib_samples}")
+        for p in self.search_percentiles:
+            parse_statistic(p, "convert.search_percentiles")
+        _check(self.search_timesteps >= 1 and self.snn_calibration_timesteps >= 1,
+               "convert.search_timesteps and convert.snn_calibration_timesteps must be >= 1")
+        _check(self.search_samples >= 1 and self.snn_calibration_samples >= 1,
+               "convert.search_samples and convert.snn_calibration_samples must be >= 1")
+        _check(self.snn_calibration in ("none", "bias", "potential"),
+               f"convert.snn_calibration must be 'none', 'bias' or 'potential', got {self.snn_calibration!r}")
