@@ -405,11 +405,12 @@ class RunFolder:
             self._release = weakref.finalize(self, lock.release)
             if lock.previous:
                 self.notes.append(f"took over the stale lock of {_describe(lock.previous)}: that process is gone")
-        try:
-            self._open(overwrite, reuse)
-        except BaseException:
-            self.close(failed=True)
-            raise
+        if env.is_main:  # rank 0 checks and prepares the folder; the others must not look while it writes
+            try:
+                self._open(overwrite, reuse)
+            except BaseException:
+                self.close(failed=True)
+                raise
         barrier()
 
     def _open(self, overwrite: bool, reuse: tuple[str, ...] | None) -> None:
