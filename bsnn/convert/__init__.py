@@ -8,13 +8,13 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from bsnn.convert.balance import balanced_thresholds
+from bsnn.convert.balance import balanced_thresholds, clipped_thresholds
 from bsnn.convert.calibrate import Max, Percentile, calibrate, calibrate_many
 from bsnn.convert.config import ConvertConfig, parse_statistic
 from bsnn.convert.snn_calibration import calibrate_snn_
 from bsnn.activations import QCFS, is_trained_threshold
 from bsnn.convert.checks import warn_architecture
-from bsnn.convert.graph import activation_modules, capture, per_channel_allowed, relu_modules
+from bsnn.convert.graph import activation_modules, capture, clip_bounds, per_channel_allowed, relu_modules
 from bsnn.convert.surgery import build_spiking_graph
 from bsnn.data import unpack_batch
 from bsnn.errors import ConversionError
@@ -67,7 +67,8 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
     def build(stat) -> SpikingNetwork:
         values = {k: v.cpu() for k, v in stats[stat].items()}
         values.update({k: m.clip.detach().cpu().clamp_min(1e-6) for k, m in acts.items() if is_trained_threshold(m)})
-        thresholds = balanced_thresholds({k: values[k] for k in acts}, cfg.threshold_scale)
+        thresholds = clipped_thresholds(balanced_thresholds({k: values[k] for k in acts}, cfg.threshold_scale),
+                                        clip_bounds(gm))
         return convert_with_thresholds(gm, thresholds, cfg, list(example.shape[1:]))
 
     search = {}

@@ -46,6 +46,20 @@ def balanced_thresholds(stats: dict[str, torch.Tensor], threshold_scale: float =
     return out
 
 
+def clipped_thresholds(thresholds: dict[str, torch.Tensor], clips: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Thresholds of clipped ReLUs ``min(max(x, 0), a)`` (``nn.ReLU6``, ``nn.Hardtanh(0, a)``, ``x.clamp(0, a)``):
+    ``min(λ, a)``. An IF neuron's rate is at most one spike (worth λ) per step, so λ <= a realises the clip.
+
+    Args:
+        thresholds: activation name -> λ (scalar or ``[C]``).
+        clips: activation name -> its upper bound ``a`` (only the clipped activations).
+
+    Returns:
+        The thresholds with every clipped activation's λ capped at its ``a`` (same shapes).
+    """
+    return {k: torch.clamp(v, max=clips[k]) if k in clips else v for k, v in thresholds.items()}
+
+
 def weight_scale_factors(lambdas: list[float]) -> list[float]:
     """The equivalent weight-normalisation factors λ_{l-1}/λ_l (λ_0 = 1 for the analog input), for reference."""
     prev, out = 1.0, []

@@ -5,7 +5,7 @@ Findings are returned as messages and emitted as :class:`ConversionWarning` (a `
 
 * **max-pooling** (``nn.MaxPool2d`` / ``F.max_pool2d``): conversion refuses it — the max of spike trains is not
   the spike train of the max. Use ``nn.AvgPool2d``.
-* **activations other than ReLU / clip / QCFS** (GELU, SiLU, LeakyReLU, ...): IF neurons only realise ReLU-like
+* **activations other than ReLU / ReLU6 / Hardtanh(0, a) / clip / QCFS** (GELU, SiLU, LeakyReLU, ...): IF neurons only realise ReLU-like
   rate functions; conversion will fail.
 * **bias after BatchNorm folding**: a conv/linear followed by BatchNorm (or with its own bias) becomes a layer
   with a bias, i.e. a constant current injected every timestep. It converts correctly, but at few timesteps it
@@ -20,7 +20,7 @@ import warnings
 
 import torch.nn as nn
 
-_NON_RELU = (nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.PReLU, nn.ReLU6, nn.Mish)
+_NON_RELU = (nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.PReLU, nn.Mish)
 
 
 class ConversionWarning(UserWarning):
@@ -35,6 +35,9 @@ def architecture_findings(model: nn.Module, v_init: float = 0.0, snn_calibration
         if isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)):
             found.append(f"{name or 'model'}: {type(m).__name__} cannot be converted (the max of spike trains is "
                          "not a spike train of the max); replace it by nn.AvgPool2d before training")
+        elif isinstance(m, nn.Hardtanh) and m.min_val != 0:
+            found.append(f"{name or 'model'}: {type(m).__name__}(min_val={m.min_val}) is not a clipped ReLU; IF "
+                         "neurons realise min(max(x, 0), a) only (nn.Hardtanh(0, a), nn.ReLU6) — conversion will fail")
         elif isinstance(m, _NON_RELU):
             found.append(f"{name or 'model'}: {type(m).__name__} is not a ReLU; IF neurons realise ReLU / clip / "
                          "QCFS only — conversion will fail")

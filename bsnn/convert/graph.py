@@ -4,6 +4,9 @@
 
 * every activation is its own ``nn.ReLU`` call (functional ``F.relu`` / ``torch.relu`` / ``x.relu()``,
   inplace variants and re-used ReLU modules are all given a module of their own — never silently skipped),
+* every clipped activation ``min(max(x, 0), a)`` is its own ``nn.Hardtanh(0, a)`` call (``nn.ReLU6``, ``F.relu6``,
+  ``F.hardtanh(x, 0, a)``, ``torch.clamp(x, 0, a)`` / ``x.clamp(0, a)`` / ``torch.clip``; ``clamp(x, min=0)`` alone is
+  a ReLU): the IF neuron realises the clip, its threshold being at most ``a``; other lower bounds are refused,
 * dropout is removed (identity at inference),
 * every node has its output shape in ``node.meta['shape']`` (from one sample),
 * dim 0 is the batch everywhere (checked on two samples) and every ``view`` / ``reshape`` is batch-size free
@@ -28,6 +31,8 @@ from bsnn.snn.network import is_pass_through
 
 RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_}
 RELU_METHODS = {"relu", "relu_"}
+CLIP_FUNCTIONS = {F.relu6, F.hardtanh, F.hardtanh_, torch.clamp, torch.clamp_, torch.clip, torch.clip_}
+CLIP_METHODS = {"clamp", "clamp_", "clip", "clip_"}
 DROPOUT_FUNCTIONS = {F.dropout, torch.dropout}
 ADD_FUNCTIONS = {operator.add, torch.add, operator.iadd}
 SHAPE_FUNCTIONS = {torch.flatten}
@@ -36,7 +41,7 @@ SHAPE_METHODS = {"view", "reshape", "flatten", "size", "contiguous"}
 MAXPOOL_FUNCTIONS = {F.max_pool2d, torch.max_pool2d, F.adaptive_max_pool2d}
 
 SYNAPTIC = (nn.Conv2d, nn.Linear)
-ACTIVATION_MODULES = (nn.ReLU, ClipReLU, QCFS)
+ACTIVATION_MODULES = (nn.ReLU, nn.Hardtanh, ClipReLU, QCFS)  # nn.ReLU6 is a Hardtanh(0, 6)
 LINEAR_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity)
 MAXPOOL_HINT = ("max-pooling spike trains does not compute the max of firing rates; replace it with "
                 "nn.AvgPool2d (same kernel/stride) and retrain, as conversion-friendly ANNs do")
@@ -158,22 +163,57 @@ def _batch_free_reshapes(gm: fx.GraphModule, one: dict[fx.Node, tuple | None]) -
     gm.recompile()
 
 
+def _clip_bounds(node: fx.Node) -> tuple:
+    """``(input, lower, upper)`` of a functional / method clip (relu6, hardtanh, clamp, clip)."""
+    args, kw = list(node.args), node.kwargs
+    if node.target is F.relu6:
+        return args[0], 0.0, 6.0
+    if node.target in (F.hardtanh, F.hardtanh_):
+        names, defaults = ("min_val", "max_val"), (-1.0, 1.0)
+    else:
+        names, defaults = ("min", "max"), (None, None)
+    bounds = [args[1 + i] if len(args) > 1 + i else kw.get(n, d) for i, (n, d) in enumerate(zip(names, defaults))]
+    return args[0], *bounds
+
+
+def _clip_module(node: fx.Node) -> nn.Module:
+    """The module replacing a functional clip: ``nn.ReLU`` for ``clamp(x, min=0)``, else ``nn.Hardtanh(0, a)``.
+
+    Raises:
+        ConversionError: a lower bound other than 0, an upper bound <= 0, or bounds that are not numbers.
+    """
+    _, lo, hi = _clip_bounds(node)
+    numbers = all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in (lo, hi))
+    if not numbers or lo is None or float(lo) != 0.0 or (hi is not None and float(hi) <= 0.0):
+        raise ConversionError(f"unsupported clip at {where(node)} (lower bound {lo!r}, upper bound {hi!r}): an IF "
+                              "neuron realises only min(max(x, 0), a) with number bounds, a > 0; use F.relu, "
+                              "F.relu6, F.hardtanh(x, 0, a) or x.clamp(0, a)")
+    return nn.ReLU() if hi is None else nn.Hardtanh(0.0, float(hi))
+
+
 def _normalise(gm: fx.GraphModule) -> None:
     graph, used, count = gm.graph, set(), 0
     for node in list(graph.nodes):
-        is_fn_relu = node.op == "call_function" and node.target in RELU_FUNCTIONS
-        is_method_relu = node.op == "call_method" and node.target in RELU_METHODS
-        is_mod_relu = node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.ReLU)
-        if is_fn_relu or is_method_relu or (is_mod_relu and node.target in used):
-            name = f"act_{node.name}" if not is_mod_relu else f"{node.target.replace('.', '_')}_{count}"
+        new_module = None
+        if node.op == "call_function" and node.target in RELU_FUNCTIONS or \
+                node.op == "call_method" and node.target in RELU_METHODS:
+            new_module = nn.ReLU()
+        elif node.op == "call_function" and node.target in CLIP_FUNCTIONS or \
+                node.op == "call_method" and node.target in CLIP_METHODS:
+            new_module = _clip_module(node)
+        is_mod_act = node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.ReLU, nn.Hardtanh))
+        if new_module is not None or (is_mod_act and node.target in used):
+            if new_module is None:  # a re-used module: a copy of its own
+                new_module = copy.deepcopy(gm.get_submodule(node.target))
+            name = f"act_{node.name}" if not is_mod_act else f"{node.target.replace('.', '_')}_{count}"
             count += 1
-            gm.add_submodule(name, nn.ReLU())
+            gm.add_submodule(name, new_module)
             with graph.inserting_after(node):
                 new = graph.call_module(name, (node.args[0],))
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             used.add(name)
-        elif is_mod_relu:
+        elif is_mod_act:
             used.add(node.target)
         elif (node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Dropout)) or \
                 (node.op == "call_function" and node.target in DROPOUT_FUNCTIONS):
@@ -203,18 +243,24 @@ def _check_supported(gm: fx.GraphModule) -> None:
             m = gm.get_submodule(node.target)
             if isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)):
                 raise ConversionError(f"unsupported max-pool at {where(node)}: {MAXPOOL_HINT}")
+            if isinstance(m, nn.Hardtanh) and (m.min_val != 0 or m.max_val <= 0):
+                raise ConversionError(f"unsupported {type(m).__name__}(min_val={m.min_val}, max_val={m.max_val}) at "
+                                      f"{where(node)}: an IF neuron realises only min(max(x, 0), a) with a > 0; use "
+                                      "nn.Hardtanh(0, a), nn.ReLU6 or nn.ReLU")
             if not isinstance(m, (*SYNAPTIC, *LINEAR_MODULES, *ACTIVATION_MODULES, nn.BatchNorm2d, nn.BatchNorm1d)):
                 raise ConversionError(f"unsupported module {type(m).__name__} at {where(node)}; supported: Conv2d, "
-                                      "Linear, BatchNorm, ReLU, AvgPool2d, AdaptiveAvgPool2d, Flatten, Dropout")
+                                      "Linear, BatchNorm, ReLU, ReLU6, Hardtanh(0, a), AvgPool2d, AdaptiveAvgPool2d, "
+                                      "Flatten, Dropout")
         elif node.op == "call_function":
             if node.target in MAXPOOL_FUNCTIONS:
                 raise ConversionError(f"unsupported max-pool at {where(node)}: {MAXPOOL_HINT}")
             if node.target not in ADD_FUNCTIONS | SHAPE_FUNCTIONS | POOL_FUNCTIONS:
                 raise ConversionError(f"unsupported function at {where(node)}; supported functions: add, flatten, "
-                                      "relu, avg_pool2d, adaptive_avg_pool2d")
+                                      "relu, relu6, hardtanh(x, 0, a), clamp(x, 0, a), avg_pool2d, "
+                                      "adaptive_avg_pool2d")
         elif node.op == "call_method" and node.target not in SHAPE_METHODS:
             raise ConversionError(f"unsupported method at {where(node)}; supported: "
-                                  f"{', '.join(sorted(SHAPE_METHODS | RELU_METHODS))}")
+                                  f"{', '.join(sorted(SHAPE_METHODS | RELU_METHODS | CLIP_METHODS))}")
 
 
 def activation_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
@@ -224,8 +270,14 @@ def activation_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
 
 
 def relu_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
-    """The plain ReLU modules of a captured graph, in graph order (their thresholds come from calibration)."""
-    return {k: m for k, m in activation_modules(gm).items() if isinstance(m, nn.ReLU)}
+    """The ReLU and clipped-ReLU (``nn.Hardtanh(0, a)``, ``nn.ReLU6``) modules of a captured graph, in graph order:
+    their thresholds come from calibration (a clip's is at most ``a``, :func:`clip_bounds`)."""
+    return {k: m for k, m in activation_modules(gm).items() if isinstance(m, (nn.ReLU, nn.Hardtanh))}
+
+
+def clip_bounds(gm: fx.GraphModule) -> dict[str, float]:
+    """Activation module name -> its upper bound ``a`` for the clipped ReLUs (``nn.Hardtanh(0, a)``, ``nn.ReLU6``)."""
+    return {k: float(m.max_val) for k, m in activation_modules(gm).items() if isinstance(m, nn.Hardtanh)}
 
 
 _PASS_THROUGH = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)

@@ -1,0 +1,112 @@
+"""The operations of the models people bring: clipped activations (ReLU6, Hardtanh(0, a), clamp(0, a)) and
+channel concatenation convert with the default ``ConvertConfig()`` and their SNNs converge to the ANN's logits."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from bsnn.binary import binarize_
+from bsnn.config import ConvertConfig
+from bsnn.convert import capture, convert
+from bsnn.convert.graph import clip_bounds, relu_modules
+from bsnn.errors import ConversionError
+from bsnn.simulate import run_batch
+
+TS = (16, 64, 256, 1024)
+
+
+def _loader(x: torch.Tensor) -> DataLoader:
+    return DataLoader(TensorDataset(x, torch.zeros(len(x), dtype=torch.long)), batch_size=64)
+
+
+def _rel_errors(snn, ann: nn.Module, x: torch.Tensor) -> dict[int, float]:
+    logits = ann.eval()(x).detach()
+    mem = run_batch(snn, x, max(TS), 256)  # [T, B, K] accumulated output
+    return {t: ((mem[t - 1] / t - logits).norm() / logits.norm()).item() for t in TS}
+
+
+def _assert_converges(ann: nn.Module, x: torch.Tensor):
+    snn = convert(ann, _loader(x), ConvertConfig())
+    err = _rel_errors(snn, ann, x)
+    assert err[1024] < 0.05 and err[1024] < err[64] < err[16], err
+    return snn
+
+
+class ClipNet(nn.Module):
+    """Every form of clipped ReLU once; ``a`` small enough that the clips bind on random data."""
+
+    def __init__(self, a: float = 0.5) -> None:
+        super().__init__()
+        self.a = a
+        self.c1, self.b1, self.act1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6()
+        self.c2, self.act2 = nn.Conv2d(8, 8, 3, padding=1), nn.Hardtanh(0.0, a)
+        self.c3, self.c4, self.c5, self.c6 = (nn.Conv2d(8, 8, 3, padding=1) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(8 * 4 * 4, 16), nn.Linear(16, 4)
+        with torch.no_grad():
+            self.c1.weight.mul_(20)  # activations above 6 before the ReLU6
+
+    def forward(self, x):
+        h = self.act1(self.b1(self.c1(x)))
+        h = self.act2(self.c2(h))
+        h = torch.clamp(self.c3(h), 0, self.a)
+        h = F.avg_pool2d(self.c4(h).clamp(0, self.a), 2)
+        h = F.relu6(self.c5(h))
+        h = F.hardtanh(self.c6(h), 0.0, self.a).flatten(1)
+        return self.fc2(self.fc1(h).clamp(min=0))
+
+
+def test_clipped_activations_become_clipped_relus_in_capture():
+    torch.manual_seed(0)
+    gm = capture(ClipNet(), torch.randn(2, 3, 8, 8))
+    assert clip_bounds(gm) == {"act1": 6.0, "act2": 0.5, "act_clamp": 0.5, "act_clamp_1": 0.5, "act_relu6": 6.0,
+                               "act_hardtanh": 0.5}
+    assert len(relu_modules(gm)) == 7  # the six clips and clamp(min=0), a plain ReLU
+
+
+def test_clipped_activations_convert_and_converge():
+    torch.manual_seed(0)
+    ann, x = ClipNet().eval(), torch.randn(256, 3, 8, 8)
+    snn = _assert_converges(ann, x)
+    lam = snn.meta["thresholds"]
+    assert max(max(torch.as_tensor(lam["act2"]).reshape(-1).tolist()), 0) == pytest.approx(0.5)  # clip binds
+    assert all(v <= 0.5 + 1e-6 for k in ("act2", "act_clamp", "act_clamp_1", "act_hardtanh")
+               for v in torch.as_tensor(lam[k]).reshape(-1).tolist())
+
+
+def test_clipped_threshold_is_the_clip_where_the_statistic_exceeds_it():
+    torch.manual_seed(0)
+    ann, x = ClipNet(a=0.05), torch.randn(128, 3, 8, 8)
+    snn = convert(ann, _loader(x), ConvertConfig(per_channel=False, snn_calibration="none"))
+    lam = {k: torch.as_tensor(v).item() for k, v in snn.meta["thresholds"].items()}
+    assert [lam[k] for k in ("act2", "act_clamp", "act_clamp_1", "act_hardtanh")] == pytest.approx([0.05] * 4)
+    assert lam["act1"] == pytest.approx(6.0)  # the ReLU6 before it binds too (weights x20)
+    # stored domain: λ / (the scale of its input); a full-precision conv's output has scale 1
+    assert snn.neurons()["if_act2"].threshold.reshape(-1).tolist() == pytest.approx([0.05])
+
+
+def test_binary_relu6_network_converges():
+    torch.manual_seed(1)
+    ann = binarize_(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(), nn.AvgPool2d(2),
+                                  nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.ReLU6(), nn.Linear(16, 4))).eval()
+    _assert_converges(ann, torch.randn(256, 3, 8, 8))
+
+
+@pytest.mark.parametrize("act, what", [(nn.Hardtanh(), "Hardtanh"), (nn.Hardtanh(-0.5, 1.0), "Hardtanh"),
+                                       (lambda h: h.clamp(-1, 1), "clamp"), (lambda h: F.hardtanh(h), "hardtanh"),
+                                       (lambda h: h.clamp(max=1.0), "clamp")])
+def test_clips_with_another_lower_bound_are_refused(act, what):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4 * 6 * 6, 2)
+            self.act = act if isinstance(act, nn.Module) else None
+
+        def forward(self, x):
+            h = self.conv(x)
+            return self.fc((self.act(h) if self.act is not None else act(h)).flatten(1))
+
+    with pytest.raises(ConversionError, match=f"(?s)unsupported.*{what}.*graph node"):
+        capture(Net(), torch.randn(2, 3, 8, 8))
