@@ -110,3 +110,75 @@ def test_clips_with_another_lower_bound_are_refused(act, what):
 
     with pytest.raises(ConversionError, match=f"(?s)unsupported.*{what}.*graph node"):
         capture(Net(), torch.randn(2, 3, 8, 8))
+
+
+class DenseBlock(nn.Module):
+    """conv -> cat with its input -> BN -> ReLU -> conv (DenseNet style), functional in-place ReLUs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.grow = nn.Conv2d(6, 4, 3, padding=1)
+        self.bn1, self.conv = nn.BatchNorm2d(10), nn.Conv2d(10, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 4)
+
+    def forward(self, x):
+        h = F.relu(self.bn0(self.stem(x)), inplace=True)
+        h = torch.cat([h, self.grow(h)], 1)
+        h = F.relu(self.bn1(h), inplace=True)
+        h = F.avg_pool2d(F.relu(self.conv(h), inplace=True), 2)
+        return self.fc(torch.flatten(h, 1))
+
+
+def _settle_bn(model: nn.Module, shape: tuple) -> nn.Module:
+    """Running statistics from a few train-mode passes on random data (random BN statistics otherwise)."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(*shape))
+    return model.eval()
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_dense_block_with_concatenation_converges(binary):
+    torch.manual_seed(2)
+    ann = DenseBlock()
+    if binary:
+        binarize_(ann)
+    _settle_bn(ann, (64, 3, 8, 8))
+    snn = _assert_converges(ann, torch.randn(256, 3, 8, 8))
+    assert any(n.target is torch.cat for n in snn.graph_module.graph.nodes)
+
+
+def test_concatenated_spikes_of_different_thresholds_converge():
+    """Inception style: two ReLU branches (each its own λ) joined, then a full-precision conv."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+            self.conv, self.fc = nn.Conv2d(8, 6, 3, padding=1), nn.Linear(6 * 8 * 8, 4)
+            with torch.no_grad():
+                self.b.weight.mul_(10)  # very different scales
+
+        def forward(self, x):
+            h = torch.cat((F.relu(self.a(x)), F.relu6(self.b(x))), dim=1)
+            return self.fc(F.relu(self.conv(h)).flatten(1))
+
+    torch.manual_seed(3)
+    _assert_converges(Net().eval(), torch.randn(256, 3, 8, 8))
+
+
+@pytest.mark.parametrize("dim", [0, 2, -1])
+def test_concatenation_along_other_dims_is_refused(dim):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = F.relu(self.conv(x))
+            return self.fc(F.adaptive_avg_pool2d(torch.cat([h, h], dim), 1).flatten(1))
+
+    with pytest.raises(ConversionError, match=rf"concatenation along dim {dim} .*graph node 'cat'"):
+        convert(Net(), _loader(torch.randn(8, 3, 8, 8)), ConvertConfig())

@@ -7,6 +7,7 @@
 * every clipped activation ``min(max(x, 0), a)`` is its own ``nn.Hardtanh(0, a)`` call (``nn.ReLU6``, ``F.relu6``,
   ``F.hardtanh(x, 0, a)``, ``torch.clamp(x, 0, a)`` / ``x.clamp(0, a)`` / ``torch.clip``; ``clamp(x, min=0)`` alone is
   a ReLU): the IF neuron realises the clip, its threshold being at most ``a``; other lower bounds are refused,
+* ``torch.cat`` joins values along the channels (dim 1) only; other dims are refused with the node's name,
 * dropout is removed (identity at inference),
 * every node has its output shape in ``node.meta['shape']`` (from one sample),
 * dim 0 is the batch everywhere (checked on two samples) and every ``view`` / ``reshape`` is batch-size free
@@ -36,6 +37,7 @@ CLIP_METHODS = {"clamp", "clamp_", "clip", "clip_"}
 DROPOUT_FUNCTIONS = {F.dropout, torch.dropout}
 ADD_FUNCTIONS = {operator.add, torch.add, operator.iadd}
 SHAPE_FUNCTIONS = {torch.flatten}
+CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 POOL_FUNCTIONS = {F.avg_pool2d, F.adaptive_avg_pool2d, torch.nn.functional.avg_pool2d}
 SHAPE_METHODS = {"view", "reshape", "flatten", "size", "contiguous"}
 MAXPOOL_FUNCTIONS = {F.max_pool2d, torch.max_pool2d, F.adaptive_max_pool2d}
@@ -215,6 +217,8 @@ def _normalise(gm: fx.GraphModule) -> None:
             used.add(name)
         elif is_mod_act:
             used.add(node.target)
+        elif node.op == "call_function" and node.target in CAT_FUNCTIONS:
+            _check_cat(node, before_shapes=True)
         elif (node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Dropout)) or \
                 (node.op == "call_function" and node.target in DROPOUT_FUNCTIONS):
             node.replace_all_uses_with(node.args[0])
@@ -254,13 +258,39 @@ def _check_supported(gm: fx.GraphModule) -> None:
         elif node.op == "call_function":
             if node.target in MAXPOOL_FUNCTIONS:
                 raise ConversionError(f"unsupported max-pool at {where(node)}: {MAXPOOL_HINT}")
-            if node.target not in ADD_FUNCTIONS | SHAPE_FUNCTIONS | POOL_FUNCTIONS:
-                raise ConversionError(f"unsupported function at {where(node)}; supported functions: add, flatten, "
-                                      "relu, relu6, hardtanh(x, 0, a), clamp(x, 0, a), avg_pool2d, "
+            if node.target in CAT_FUNCTIONS:
+                _check_cat(node)
+            elif node.target not in ADD_FUNCTIONS | SHAPE_FUNCTIONS | POOL_FUNCTIONS:
+                raise ConversionError(f"unsupported function at {where(node)}; supported functions: add, cat (dim 1), "
+                                      "flatten, relu, relu6, hardtanh(x, 0, a), clamp(x, 0, a), avg_pool2d, "
                                       "adaptive_avg_pool2d")
         elif node.op == "call_method" and node.target not in SHAPE_METHODS:
             raise ConversionError(f"unsupported method at {where(node)}; supported: "
                                   f"{', '.join(sorted(SHAPE_METHODS | RELU_METHODS | CLIP_METHODS))}")
+
+
+def cat_inputs(node: fx.Node) -> list:
+    """The tensors joined by a ``torch.cat`` node (its first argument, a list or tuple)."""
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors", node.kwargs.get("inputs"))
+    return list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
+
+
+def _check_cat(node: fx.Node, before_shapes: bool = False) -> None:
+    """A concatenation must join network values of rank >= 2 along the channels (dim 1). ``before_shapes``: only
+    what is known before shapes are recorded (the batch dim is refused before the batch check names it)."""
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
+    shape = node.meta.get("shape")
+    rank = len(shape) if shape is not None else 0
+    inputs = cat_inputs(node)
+    if before_shapes and isinstance(dim, int) and dim != 0:
+        return
+    if not isinstance(dim, int) or rank < 2 or dim % rank != 1:
+        raise ConversionError(f"unsupported concatenation along dim {dim!r} at {where(node)} (output shape {shape}): "
+                              "only channels (dim 1) can be joined — dim 0 is the batch (the simulator folds time "
+                              "into it) and spatial/feature dims would mix neurons; concatenate with dim=1")
+    if not all(isinstance(a, fx.Node) and a.op != "get_attr" and a.meta.get("shape") is not None for a in inputs):
+        raise ConversionError(f"concatenation at {where(node)} joins a constant or non-tensor operand; only network "
+                              "values computed from the input can be concatenated")
 
 
 def activation_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
@@ -285,13 +315,17 @@ _PASS_THROUGH = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.
 
 def per_channel_allowed(gm: fx.GraphModule, names: list[str] | set[str]) -> set[str]:
     """The activations among ``names`` whose spikes may carry a per-channel scale: every path from them reaches
-    only full-precision conv/linear layers through pooling/flatten. A binary consumer (its weights must stay ±1),
+    only full-precision conv/linear layers through pooling/flatten/channel concatenation. A binary consumer (its weights must stay ±1),
     a residual add or any other op makes the layer layer-wise."""
     def ok(node: fx.Node) -> bool:
         for user in node.users:
             m = gm.get_submodule(user.target) if user.op == "call_module" else None
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 if isinstance(m, (BinaryConv2d, BinaryLinear)):
+                    return False
+                continue
+            if user.op == "call_function" and user.target in CAT_FUNCTIONS:  # cat keeps each input's channels
+                if not ok(user):
                     return False
                 continue
             if not is_pass_through(gm, user, _PASS_THROUGH) or not ok(user):

@@ -15,6 +15,10 @@ a scalar or one factor per channel. The pass walks the captured ANN graph once:
 * add (``a + b``, ``torch.add(a, b, alpha=...)``): the second operand, times alpha, is re-expressed in the first
   operand's scale by a :class:`ChannelScale`; a constant operand (parameter, buffer, number) becomes that
   ChannelScale's bias, in the value's scale;
+* cat along the channels: the output scale is the inputs' scales side by side (one factor per channel, a scalar
+  where all inputs share it);
+* BatchNorm that follows no conv/linear of its own (e.g. after a cat, DenseNet-style): a :class:`ChannelScale`
+  with gain BN-gain·scale and bias the BN shift, output scale 1;
 * output: a :class:`ChannelScale` back to logits, then the non-spiking :class:`Integrator`.
 """
 
@@ -25,7 +29,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from bsnn.binary import is_binary
-from bsnn.convert.graph import ACTIVATION_MODULES, ADD_FUNCTIONS, where
+from bsnn.convert.graph import ACTIVATION_MODULES, ADD_FUNCTIONS, CAT_FUNCTIONS, cat_inputs, where
 from bsnn.errors import ConversionError
 from bsnn.snn.neuron import ChannelScale, IFNeuron, Integrator
 
@@ -108,10 +112,6 @@ class _Builder:
 
     def batchnorm(self, node: fx.Node, bn: nn.Module) -> None:
         src = node.args[0]
-        if src not in self.synapse or len(src.users) != 1:
-            raise ConversionError(f"BatchNorm '{node.target}' at {where(node)} must directly follow a conv/linear whose "
-                                  "output feeds only it, so that it can be folded")
-        conv = self.synapse[src]
         for key in ("weight", "bias", "running_mean", "running_var"):
             t = getattr(bn, key, None)
             _finite(t.detach() if isinstance(t, torch.Tensor) else None, f"BatchNorm '{node.target}': {key}")
@@ -122,6 +122,15 @@ class _Builder:
         beta = bn.bias.detach().float() if bn.bias is not None else torch.zeros(bn.num_features)
         k = gamma / torch.sqrt(bn.running_var.float() + bn.eps)
         shift = beta - k * bn.running_mean.float()
+        if src not in self.synapse or len(src.users) != 1:  # nothing to fold into: an affine map per channel
+            shape = node.meta["shape"]
+            gain = k * self.scale[src]  # real out = k·(s·stored) + shift, kept at scale 1
+            name = self.add_module(f"bn_{node.target}", ChannelScale(_bcast(gain.reshape(-1), shape),
+                                                                     _bcast(shift.reshape(-1), shape)))
+            self.env[node] = self.graph.call_module(name, (self.env[src],))
+            self.scale[node] = torch.ones(1)
+            return
+        conv = self.synapse[src]
         c = k * self.scale[src]
         if (c == 0).any():
             raise ConversionError(f"BatchNorm '{node.target}' has channels with zero gain "
@@ -205,6 +214,18 @@ class _Builder:
         self.env[node] = self.graph.call_module(name, (self.env[value],))
         self.scale[node] = self.scale[value]
 
+    def cat(self, node: fx.Node) -> None:
+        """``torch.cat(values, dim=1)``: each input keeps its stored values; the output's scale lists each input's
+        scale for its channels (a scalar when all inputs share one)."""
+        inputs = cat_inputs(node)
+        scales = [self.scale[a] for a in inputs]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
+        self.env[node] = self.graph.call_function(torch.cat, ([self.env[a] for a in inputs], dim))
+        if all(t.numel() == 1 for t in scales) and all(bool(t == scales[0]) for t in scales):
+            self.scale[node] = scales[0]
+        else:
+            self.scale[node] = torch.cat([t.reshape(-1).expand(a.meta["shape"][1]) for t, a in zip(scales, inputs)])
+
     def constant(self, operand, node: fx.Node) -> torch.Tensor:
         """The value of a constant operand of ``node``: a number or a parameter / buffer (``get_attr``)."""
         if isinstance(operand, fx.Node):
@@ -257,6 +278,8 @@ class _Builder:
                 self.get_attr(node)
             elif node.op == "call_function" and node.target in ADD_FUNCTIONS:
                 self.add(node)
+            elif node.op == "call_function" and node.target in CAT_FUNCTIONS:
+                self.cat(node)
             else:
                 self.passthrough(node)
         self.graph.lint()
