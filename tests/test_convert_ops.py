@@ -22,6 +22,7 @@ def _loader(x: torch.Tensor) -> DataLoader:
 
 
 def _rel_errors(snn, ann: nn.Module, x: torch.Tensor) -> dict[int, float]:
+    x = x[:64]
     logits = ann.eval()(x).detach()
     mem = run_batch(snn, x, max(TS), 256)  # [T, B, K] accumulated output
     return {t: ((mem[t - 1] / t - logits).norm() / logits.norm()).item() for t in TS}
@@ -182,3 +183,41 @@ def test_concatenation_along_other_dims_is_refused(dim):
 
     with pytest.raises(ConversionError, match=rf"concatenation along dim {dim} .*graph node 'cat'"):
         convert(Net(), _loader(torch.randn(8, 3, 8, 8)), ConvertConfig())
+
+
+def test_depthwise_conv_after_per_channel_thresholds_converges():
+    """A grouped conv reads only its group's input channels: per-channel input scales are folded per group."""
+    torch.manual_seed(4)
+    ann = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                        nn.ReLU(), nn.Conv2d(8, 8, 1, groups=2), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(8 * 8 * 8, 4)).eval()
+    _assert_converges(ann, torch.randn(256, 3, 8, 8))
+
+
+def _torchvision_model(name: str) -> nn.Module:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None, num_classes=10)
+    if name.startswith("densenet"):  # max-pooling stays refused: the stem's pool becomes an average pool
+        model.features.pool0 = nn.AvgPool2d(3, 2, 1)
+    return _settle_bn(model, (16, 3, 32, 32))
+
+
+def _assert_torchvision_converges(ann: nn.Module) -> None:
+    x = torch.randn(32, 3, 32, 32)
+    snn = convert(ann, _loader(x), ConvertConfig(calib_samples=32, snn_calibration_samples=16))
+    logits = ann(x[:4]).detach()
+    mem = run_batch(snn, x[:4], 256, 16)
+    err = [((mem[t - 1] / t - logits).norm() / logits.norm()).item() for t in (4, 16, 64, 256)]
+    assert err[3] < 0.05 and err[3] < err[2] < err[1] < err[0], err
+
+
+def test_torchvision_mobilenet_v2_converges():
+    """ReLU6, depthwise convs, residual adds (random init, BN statistics settled on random data)."""
+    _assert_torchvision_converges(_torchvision_model("mobilenet_v2"))
+
+
+@pytest.mark.slow
+def test_torchvision_densenet121_converges():
+    """torch.cat of every dense layer, BN after cat, functional in-place ReLU (~20 s on 2 cores)."""
+    _assert_torchvision_converges(_torchvision_model("densenet121"))

@@ -86,8 +86,9 @@ class _Builder:
         else:
             if s_in.numel() == 1:
                 new_w = w * s_in
-            elif isinstance(m, nn.Conv2d):
-                new_w = w * s_in.view(1, -1, 1, 1)
+            elif isinstance(m, nn.Conv2d):  # output channel o reads the input channels of its group g(o)
+                per_group = s_in.view(m.groups, -1)[torch.arange(w.shape[0]) // (w.shape[0] // m.groups)]
+                new_w = w * per_group.view(w.shape[0], -1, 1, 1)
             else:
                 new_w = w * s_in.view(1, -1)
             out_scale = torch.ones(1)
