@@ -221,3 +221,20 @@ def test_torchvision_mobilenet_v2_converges():
 def test_torchvision_densenet121_converges():
     """torch.cat of every dense layer, BN after cat, functional in-place ReLU (~20 s on 2 cores)."""
     _assert_torchvision_converges(_torchvision_model("densenet121"))
+
+
+def test_binary_layer_after_concatenation_of_different_scales_is_refused_clearly():
+    from bsnn.binary import BinaryConv2d
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+            self.c, self.fc = BinaryConv2d(8, 6, 3, padding=1), nn.Linear(6 * 8 * 8, 4)
+
+        def forward(self, x):
+            h = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1)
+            return self.fc(F.relu(self.c(h)).flatten(1))
+
+    with pytest.raises(ConversionError, match=r"binary layer 'c'.*concatenation.*BatchNorm \+ ReLU"):
+        convert(Net(), _loader(torch.randn(64, 3, 8, 8)), ConvertConfig())

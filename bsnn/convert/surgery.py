@@ -49,6 +49,18 @@ def _bcast(scale: torch.Tensor, shape: tuple | None) -> torch.Tensor:
     return scale.reshape(scale.numel(), *([1] * (len(shape) - 2)))
 
 
+def _joins(node: fx.Node) -> bool:
+    """``node`` is a ``torch.cat`` or only pools / reshapes one."""
+    while node.op != "call_function" or node.target not in CAT_FUNCTIONS:
+        if not (node.op in ("call_module", "call_method") or node.target is torch.flatten) or not node.all_input_nodes:
+            return False
+        if node.op == "call_module" and not isinstance(node.graph.owning_module.get_submodule(node.target),
+                                                       (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity)):
+            return False
+        node = node.all_input_nodes[0]
+    return True
+
+
 class _Builder:
     def __init__(self, gm: fx.GraphModule, thresholds: dict[str, torch.Tensor], v_init: dict[str, float]) -> None:
         self.gm, self.thresholds, self.v_init = gm, thresholds, v_init
@@ -73,6 +85,12 @@ class _Builder:
         _finite(w, f"layer '{node.target}': weight")
         _finite(m.bias.detach() if m.bias is not None else None, f"layer '{node.target}': bias")
         if is_binary(m):
+            if s_in.numel() != 1 and _joins(src):
+                raise ConversionError(
+                    f"binary layer '{node.target}' at {where(node)} receives a concatenation of values with different "
+                    "scales (branches with their own thresholds); spikes worth different amounts per channel cannot "
+                    "meet ±1 weights. Put a BatchNorm + ReLU between the torch.cat and the binary layer (as DenseNet "
+                    "does), or keep this layer full precision")
             if s_in.numel() != 1:
                 raise ConversionError(
                     f"binary layer '{node.target}' at {where(node)} receives per-channel scaled spikes; its weights "
