@@ -198,6 +198,21 @@ def _same_settings(ctx: Context, key: str, entry: dict, derived_from: dict) -> N
                           "cannot be resumed; use --overwrite to redo it, or a new --out")
 
 
+def _resumed(ctx: Context, stage: str, final: Path, derived: dict) -> nn.Module | None:
+    """On ``--resume``, the finished model of ``stage`` (its file *and* record present, same settings), else None;
+    a model file without its record is logged as unfinished and trained again from its checkpoint."""
+    if not ctx.run.resume:
+        return None
+    done = ctx.run.finished(stage, (final.name,))
+    if done is not None:
+        _same_settings(ctx, stage, done, derived)
+        log.info("%s: found %s, skipping training", stage, final)
+        return load_model(final, ctx.device)[0]
+    if final.is_file():
+        log.info("%s: %s has no record (the run stopped before the stage finished): finishing it", stage, final)
+    return None
+
+
 def stage_teacher(ctx: Context) -> nn.Module:
     """Train (or, on resume, reload) the full-precision teacher; writes ``teacher.pt``, then its record.
 
@@ -205,14 +220,9 @@ def stage_teacher(ctx: Context) -> nn.Module:
     trusted: training resumes from ``checkpoints/teacher_last.pt`` and the stage finishes."""
     final = ctx.run.path("teacher.pt")
     derived = {"config": config_digest(ctx.cfg, TEACHER_CONFIG, TEACHER_INDEPENDENT)}
-    if ctx.run.resume:
-        done = ctx.run.finished("teacher", ("teacher.pt",))
-        if done is not None:
-            _same_settings(ctx, "teacher", done, derived)
-            log.info("teacher: found %s, skipping training", final)
-            return load_model(final, ctx.device)[0]
-        if final.is_file():
-            log.info("teacher: %s has no record (the run stopped before the stage finished): finishing it", final)
+    resumed = _resumed(ctx, "teacher", final, derived)
+    if resumed is not None:
+        return resumed
     set_seed(ctx.cfg.run.seed)
     arch = ctx.arch("teacher")
     model = build_model(arch).to(ctx.device)
@@ -321,14 +331,9 @@ def stage_student(ctx: Context, teacher: nn.Module | None) -> nn.Module:
     cls = METHODS.get(ctx.cfg.distill.method)
     derived = {"config": config_digest(ctx.cfg, STUDENT_CONFIG),
                "teacher": None if cls.trains_teacher else _digests(teacher)}
-    if ctx.run.resume:
-        done = ctx.run.finished("student", ("student.pt",))
-        if done is not None:
-            _same_settings(ctx, "student", done, derived)
-            log.info("student: found %s, skipping training", final)
-            return load_model(final, ctx.device)[0]
-        if final.is_file():
-            log.info("student: %s has no record (the run stopped before the stage finished): finishing it", final)
+    resumed = _resumed(ctx, "student", final, derived)
+    if resumed is not None:
+        return resumed
     distill = fit_schedules(ctx.cfg.distill, ctx.cfg.student.epochs)
     if cls.trains_teacher:
         set_seed(ctx.cfg.run.seed)

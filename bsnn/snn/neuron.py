@@ -93,13 +93,15 @@ class IFNeuron(nn.Module):
         # the bias current flows during the first i_bias_steps timesteps only: split the chunk where it stops
         split = tc if self._bias is None or not self._bias_steps else min(tc, max(0, self._bias_steps - self.t))
         kernel = get_kernel(self.kernel)
-        parts = []
-        for lo, hi, bias in ((0, split, self._bias), (split, tc, None)):
-            if hi > lo:
-                out, self.v = kernel(x_seq[lo:hi], self._one, self.v, self._gain, bias, self.pre_bias,
-                                     self.spike_dtype, counts)
-                parts.append(out)
-        spikes = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if split in (0, tc):  # the usual case: one kernel call for the whole chunk
+            spikes, self.v = kernel(x_seq, self._one, self.v, self._gain, self._bias if split else None,
+                                    self.pre_bias, self.spike_dtype, counts)
+        else:  # the bias window ends inside this chunk
+            head, self.v = kernel(x_seq[:split], self._one, self.v, self._gain, self._bias, self.pre_bias,
+                                  self.spike_dtype, counts)
+            tail, self.v = kernel(x_seq[split:], self._one, self.v, self._gain, None, self.pre_bias,
+                                  self.spike_dtype, counts)
+            spikes = torch.cat((head, tail))
         self.t += tc
         if counts:
             # python floats, not tensor views: no small long-lived tensors pinning the heap as T grows;
