@@ -7,7 +7,11 @@ clipping, no bsnn training code. Data: ``../shared/data/cifar10.npz`` (CIFAR-10,
 the last 5,000 of the training set are the validation split (the best epoch is picked on it), the test set is
 untouched here.
 
+``--pool max --full-precision`` trains the max-pool, full-precision VGG that ``benchmarks/maxpool.py`` converts.
+
 Run:  python benchmarks/train_plain_vgg.py --epochs 20 --out benchmarks/models/cifar10_plain_bvgg.pt
+      python benchmarks/train_plain_vgg.py --pool max --full-precision --epochs 8 --threads 1 \
+          --out benchmarks/models/cifar10_maxpool_vgg.pt
 """
 
 from __future__ import annotations
@@ -33,15 +37,16 @@ MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 
 
-def plain_vgg(width: int = 32, num_classes: int = 10) -> nn.Sequential:
-    """6 conv + 2 FC VGG with average pooling, written with plain torch layers (``[B, 3, 32, 32]`` -> logits)."""
+def plain_vgg(width: int = 32, num_classes: int = 10, pool: str = "avg") -> nn.Sequential:
+    """6 conv + 2 FC VGG with average (``pool="avg"``) or max pooling (``"max"``), written with plain torch layers
+    (``[B, 3, 32, 32]`` -> logits)."""
     c = [width, width, 2 * width, 2 * width, 4 * width, 4 * width]
     layers: list[nn.Module] = []
     cin = 3
     for i, cout in enumerate(c):
         layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
         if i % 2 == 1:
-            layers.append(nn.AvgPool2d(2))
+            layers.append(nn.AvgPool2d(2) if pool == "avg" else nn.MaxPool2d(2))
         cin = cout
     layers += [nn.Flatten(), nn.Linear(cin * 16, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU(),
                nn.Linear(256, num_classes)]
@@ -96,12 +101,16 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pool", choices=("avg", "max"), default="avg", help="pooling of the VGG")
+    ap.add_argument("--full-precision", action="store_true", help="keep every layer full precision (no binarize_)")
     ap.add_argument("--out", default="benchmarks/models/cifar10_plain_bvgg.pt")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     data = load_cifar()
-    model = bsnn.binarize_(plain_vgg(args.width))
+    model = plain_vgg(args.width, pool=args.pool)
+    if not args.full_precision:
+        model = bsnn.binarize_(model)
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
     rest = [p for n, p in model.named_parameters() if p.dim() <= 1]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": rest, "weight_decay": 0.0}],
@@ -131,7 +140,8 @@ def main() -> None:
         print(json.dumps(history[-1]), flush=True)
         if val > best:
             best = val
-            save_checkpoint({"model": model.state_dict(), "width": args.width, "epoch": epoch + 1, "val_acc": val}, out)
+            save_checkpoint({"model": model.state_dict(), "width": args.width, "pool": args.pool,
+                             "binary": not args.full_precision, "epoch": epoch + 1, "val_acc": val}, out)
     state = load_checkpoint(out)
     model.load_state_dict(state["model"])
     test = accuracy(model, data["x_test"], data["y_test"])

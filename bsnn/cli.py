@@ -92,15 +92,30 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from bsnn.pipeline import TRAINING_SECTIONS, load_model, make_context, stage_convert
+    from bsnn.errors import ConfigError
 
-    cfg = _load(args, reuse_run=args.model is None)
+    if args.list_ops:
+        from bsnn.convert.graph import supported_operations_markdown
+
+        print(supported_operations_markdown())
+        return 0
+    from bsnn.pipeline import TRAINING_SECTIONS, imported_model, load_model, make_context, stage_convert
+
+    if (args.arch is None) != (args.weights is None) or (args.arch and args.model):
+        raise ConfigError("convert: give --arch and --weights together (a state-dict file of that architecture), or "
+                          "--model (a bsnn model file), or neither (the run folder's student.pt)")
+    external = args.model is not None or args.arch is not None
+    cfg = _load(args, reuse_run=not external)
     with make_context(cfg, overwrite=args.overwrite, stage="convert",
-                      reuse=TRAINING_SECTIONS if args.model is None else ()) as ctx:
-        if args.model is None:
-            ctx.run.require("student", "student.pt", _hint("distill", args.out))
-        ann, record = load_model(Path(args.model) if args.model else ctx.run.path("student.pt"), ctx.device)
-        stage_convert(ctx, ann, record["arch"])
+                      reuse=() if external else TRAINING_SECTIONS) as ctx:
+        if args.arch is not None:
+            ann, arch = imported_model(ctx, args.arch, Path(args.weights), args.num_classes)
+        else:
+            if args.model is None:
+                ctx.run.require("student", "student.pt", _hint("distill", args.out))
+            ann, record = load_model(Path(args.model) if args.model else ctx.run.path("student.pt"), ctx.device)
+            arch = record["arch"]
+        stage_convert(ctx, ann, arch, keep_ann=args.arch is not None)
         print(f"spiking network written to {ctx.run.path('snn.pt')}")
     return 0
 
@@ -119,6 +134,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             ctx.run.require("convert", "snn.pt", f"bsnn convert --out {args.out or '<run folder>'}")
         snn, record = load_snn(Path(args.snn) if args.snn else ctx.run.path("snn.pt"))
         ann_path = Path(args.ann) if args.ann else ctx.run.path("student.pt")
+        if args.ann is None and not ann_path.is_file():  # converted from --arch/--weights: the imported ANN
+            ann_path = ctx.run.path("ann.pt")
         ann = load_model(ann_path, ctx.device)[0] if ann_path.is_file() else None
         source = (record.get("derived_from") or {}).get("student")
         if ann is not None and source is not None and source != model_digest(ann):
@@ -178,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a trained ANN into a binary spiking network (snn.pt)")
     _common(p)
     p.add_argument("--model", type=str, default=None, help="ANN model file (default: <out>/student.pt)")
+    p.add_argument("--arch", type=str, default=None, help="architecture of --weights: a bsnn model name or "
+                   "torchvision:<name> (e.g. torchvision:resnet18)")
+    p.add_argument("--weights", type=str, default=None, help="your PyTorch state-dict file for --arch "
+                   "(torch.save(model.state_dict(), path); loaded with weights_only, no code runs)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes --weights was trained for "
+                   "(default: the data's)")
+    p.add_argument("--list-ops", action="store_true", help="print the operations the converter supports")
     p.set_defaults(fn=cmd_convert)
     p = sub.add_parser("simulate", help="accuracy-vs-timesteps sweep of a converted network")
     _common(p)

@@ -19,6 +19,7 @@ import torch.nn as nn
 from bsnn.errors import ConversionError
 from bsnn.snn.network import SpikingNetwork
 from bsnn.snn.neuron import ChannelScale, IFNeuron, Integrator
+from bsnn.snn.pool import SpikingMaxPool2d
 
 
 class _TimeFlatten(nn.Module):
@@ -62,6 +63,10 @@ def to_spikingjelly(snn: SpikingNetwork) -> fx.GraphModule:
                 root.add_module(name + "_gain", ChannelScale(m.gain(), m.i_bias if bool(m.i_bias.any()) else None))
                 root.add_module(name, neuron.IFNode(v_threshold=1.0, v_reset=None, step_mode="m"))
                 env[node] = graph.call_module(name, (graph.call_module(name + "_gain", (x,)),))
+            elif isinstance(m, SpikingMaxPool2d):
+                raise ConversionError(f"to_spikingjelly: '{node.target}' is a spiking max-pool of running spike "
+                                      "counts, which spikingjelly has no layer for (its max-pool pools each "
+                                      "step's spikes); convert with convert.maxpool=preact or avg to export")
             elif isinstance(m, (ChannelScale, Integrator)):
                 root.add_module(name, m)  # broadcast over [T, B, ...] as they are
                 env[node] = graph.call_module(name, (x,))

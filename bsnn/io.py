@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,20 @@ def _reason(e: BaseException) -> str:
     return first[:300]
 
 
+def _is_program_archive(path: Path) -> bool:
+    """``path`` is a zip archive holding TorchScript code (``code/``, ``constants.pkl``) or a ``torch.export``
+    program (``archive_format`` / ``models/*.json``), not a plain pickled state."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any("/code/" in n or n.endswith(("constants.pkl", "/archive_format", "serialized_exported_program.json"))
+               for n in names)
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint with ``weights_only=True`` (it can never run code) and verify its stored hash.
 
@@ -197,6 +212,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} not found; train first or pass an existing .pt file")
+    if _is_program_archive(path):  # torch.load would hand these to torch.jit.load, which runs their code
+        raise CheckpointError(f"refused to load {str(path)!r}: it is a TorchScript / torch.export archive (it carries "
+                              "a program, and loading it runs that program); bsnn loads only state dicts: save "
+                              "torch.save(model.state_dict(), path) and pass that file")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to parse is a damaged or foreign file

@@ -10,6 +10,7 @@ spiking network, that every binary layer holds exactly ±1.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from bsnn._validate import from_dict
 from bsnn.convert import capture, convert_with_thresholds
 from bsnn.convert.config import ConvertConfig
 from bsnn.errors import BsnnError, CheckpointError
-from bsnn.io import load_checkpoint, save_checkpoint
+from bsnn.io import CheckpointWarning, load_checkpoint, save_checkpoint
 from bsnn.models import create_model
 from bsnn.snn.network import SpikingNetwork
 
@@ -109,6 +110,52 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     return model.to(device), ck
 
 
+#: keys under which training scripts commonly nest a model's state dict
+_NESTED_STATE = ("state_dict", "model_state_dict", "model", "net", "module")
+
+
+def load_state_dict_file(path: str | Path, model: nn.Module) -> nn.Module:
+    """Load a user's PyTorch checkpoint of ``model``'s weights (a state dict, as ``torch.save(model.state_dict())``
+    writes) into ``model``, without executing anything from the file (``weights_only=True``).
+
+    Accepted layouts: a bare state dict, or one nested under ``state_dict`` / ``model_state_dict`` / ``model`` /
+    ``net`` / ``module`` (training-script checkpoints); ``module.`` prefixes of DataParallel / DDP are dropped.
+    TorchScript and ``torch.export`` archives are refused: they carry a program, and bsnn rebuilds the
+    architecture from its name instead.
+
+    Raises:
+        CheckpointError: the file is missing or damaged, holds objects other than tensors and plain data, or its
+            weights do not fit ``model`` (missing / unexpected keys, shapes; the message names them).
+    """
+    with warnings.catch_warnings():  # a user's file carries no bsnn hash: that is expected, not a warning
+        warnings.simplefilter("ignore", CheckpointWarning)
+        obj = load_checkpoint(path)  # refuses TorchScript / torch.export archives before torch.load sees them
+    state = obj
+    while isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        nested = next((state[k] for k in _NESTED_STATE if isinstance(state.get(k), dict)), None)
+        if nested is None:
+            break
+        state = nested
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{str(path)!r} holds no state dict of tensors (top-level keys: {keys}); save "
+                              "torch.save(model.state_dict(), path)")
+    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    want, have = _shapes(model.state_dict()), _shapes(state)
+    missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    wrong = [f"{k}: {have[k]} in the file, {want[k]} in the model" for k in sorted(set(want) & set(have))
+             if want[k] != have[k]]
+    if missing or unexpected or wrong:
+        parts = [f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}" if missing else "",
+                 f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}" if unexpected else "",
+                 f"shapes differ ({'; '.join(wrong[:3])})" if wrong else ""]
+        raise CheckpointError(f"{str(path)!r} does not fit {type(model).__name__}: "
+                              f"{', '.join(p for p in parts if p)}; check --arch and --num-classes (the number of "
+                              "classes the weights were trained for)")
+    model.load_state_dict(state)
+    return model
+
+
 def save_snn(path: str | Path, snn: SpikingNetwork, arch: dict, extra: dict | None = None) -> str:
     """Atomically save a converted network: the source ANN's architecture, the conversion record and the SNN
     state (±1 weights, thresholds, scales), plus ``extra`` and the content hash. Loading rebuilds the graph from
@@ -144,7 +191,7 @@ def load_snn(path: str | Path) -> tuple[SpikingNetwork, dict]:
     ann = _build(path, ck.get("arch")).eval()
     meta = ck["snn_meta"]
     cfg = from_dict({k: v for k, v in meta["convert"].items()}, ConvertConfig)
-    gm = capture(ann, torch.zeros(1, *ck["input_shape"]))
+    gm = capture(ann, torch.zeros(1, *ck["input_shape"]), cfg.maxpool)
     thresholds = {k: torch.as_tensor(v) for k, v in meta["thresholds"].items()}
     snn = convert_with_thresholds(gm, thresholds, cfg, ck["input_shape"])
     try:

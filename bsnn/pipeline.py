@@ -38,7 +38,8 @@ from bsnn.errors import ConfigError
 from bsnn.hardware.constraints import apply_constraints
 from bsnn.hardware.report import COST_FILES, run_cost
 from bsnn.io import digest, file_sha256, model_digest, write_failure
-from bsnn.modelfile import build_model, check_binary, load_model, load_snn, save_model, save_snn
+from bsnn.modelfile import (build_model, check_binary, load_model, load_snn, load_state_dict_file, save_model,
+                            save_snn)
 from bsnn.report import plot_sweep, sweep_rows, write_table
 from bsnn.runfolder import (STAGES, TEACHER_INDEPENDENT, TEACHER_SECTIONS, TRAINING_SECTIONS, Entry, RunFolder,
                             config_digest)
@@ -401,16 +402,34 @@ def takd_chain(teacher: nn.Module, assistants: list[nn.Module], student: nn.Modu
     return histories
 
 
-def stage_convert(ctx: Context, ann: nn.Module, arch: dict) -> SpikingNetwork:
-    """Convert ``ann`` (calibrated on the un-augmented training split); writes ``snn.pt``, then its record."""
+def imported_model(ctx: Context, name: str, weights: Path, num_classes: int | None = None) -> tuple[nn.Module, dict]:
+    """A user's trained ANN: architecture ``name`` (a bsnn model or ``torchvision:<name>``) with the state dict in
+    ``weights`` (loaded without running code), for the run's data (its input channels; ``num_classes`` defaults
+    to the data's). Returns ``(model, architecture record)``."""
+    s = ctx.loaders.splits
+    arch = {"name": name, "num_classes": int(num_classes or s.num_classes), "in_channels": s.in_channels,
+            "kwargs": {}, "binary": None, "activation": {"kind": "relu"}}
+    if arch["num_classes"] != s.num_classes:
+        raise ConfigError(f"--num-classes {arch['num_classes']} but data.name={ctx.cfg.data.name!r} has "
+                          f"{s.num_classes} classes; convert with the data the weights were trained on")
+    model = load_state_dict_file(weights, build_model(arch))
+    return model.to(ctx.device).eval(), arch
+
+
+def stage_convert(ctx: Context, ann: nn.Module, arch: dict, keep_ann: bool = False) -> SpikingNetwork:
+    """Convert ``ann`` (calibrated on the un-augmented training split); writes ``snn.pt`` (and, with ``keep_ann``,
+    the ANN itself as the bsnn model file ``ann.pt``: the reference of ``bsnn simulate``), then its record."""
     derived = {"config": config_digest(ctx.cfg, CONVERT_CONFIG), "student": model_digest(ann)}
     calib = calibration_loader(ctx.loaders.splits, ctx.cfg.data, ctx.cfg.convert.calib_samples)
     snn = convert(ann.eval(), calib, ctx.cfg.convert, device=ctx.device)
     values = {"layers": len(snn.layers), "binary_layers": sum(bool(l["binary"]) for l in snn.layers),
               "if_layers": len(snn.neuron_names)}
+    files = ["snn.pt", "ann.pt"] if keep_ann else ["snn.pt"]
     if ctx.env.is_main:
         save_snn(ctx.run.path("snn.pt"), snn, arch, {"derived_from": derived})
-    ctx.run.commit("convert", {"convert": Entry(values, ["snn.pt"], derived, model_digest(snn))}, replace=True)
+        if keep_ann:
+            save_model(ctx.run.path("ann.pt"), ann, arch, {"derived_from": derived})
+    ctx.run.commit("convert", {"convert": Entry(values, files, derived, model_digest(snn))}, replace=True)
     log.info("converted: %d synaptic layers (%d binary, weights ±1), %d IF layers", values["layers"],
              values["binary_layers"], values["if_layers"])
     return snn

@@ -118,7 +118,7 @@ def test_bn_fold_in_binary_layer_with_negative_gain_exact():
 
 
 @pytest.mark.parametrize("module, features, match", [
-    (nn.MaxPool2d(2), 4 * 3 * 3, "max-pool.*AvgPool2d"),
+    (nn.Upsample(scale_factor=2), 4 * 12 * 12, "unsupported module Upsample at module '2'"),
     (nn.Sigmoid(), 4 * 6 * 6, "unsupported module Sigmoid at module '2'"),
 ])
 def test_unsupported_ops_raise_naming_the_node(module, features, match):

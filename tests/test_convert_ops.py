@@ -194,33 +194,7 @@ def test_depthwise_conv_after_per_channel_thresholds_converges():
     _assert_converges(ann, torch.randn(256, 3, 8, 8))
 
 
-def _torchvision_model(name: str) -> nn.Module:
-    torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None, num_classes=10)
-    if name.startswith("densenet"):  # max-pooling stays refused: the stem's pool becomes an average pool
-        model.features.pool0 = nn.AvgPool2d(3, 2, 1)
-    return _settle_bn(model, (16, 3, 32, 32))
-
-
-def _assert_torchvision_converges(ann: nn.Module) -> None:
-    x = torch.randn(32, 3, 32, 32)
-    snn = convert(ann, _loader(x), ConvertConfig(calib_samples=32, snn_calibration_samples=16))
-    logits = ann(x[:4]).detach()
-    mem = run_batch(snn, x[:4], 256, 16)
-    err = [((mem[t - 1] / t - logits).norm() / logits.norm()).item() for t in (4, 16, 64, 256)]
-    assert err[3] < 0.05 and err[3] < err[2] < err[1] < err[0], err
-
-
-def test_torchvision_mobilenet_v2_converges():
-    """ReLU6, depthwise convs, residual adds (random init, BN statistics settled on random data)."""
-    _assert_torchvision_converges(_torchvision_model("mobilenet_v2"))
-
-
-@pytest.mark.slow
-def test_torchvision_densenet121_converges():
-    """torch.cat of every dense layer, BN after cat, functional in-place ReLU (~20 s on 2 cores)."""
-    _assert_torchvision_converges(_torchvision_model("densenet121"))
+# torchvision models (mobilenet_v2, densenet121, resnets, vgg11_bn): tests/test_torchvision.py
 
 
 def test_binary_layer_after_concatenation_of_different_scales_is_refused_clearly():
@@ -238,3 +212,29 @@ def test_binary_layer_after_concatenation_of_different_scales_is_refused_clearly
 
     with pytest.raises(ConversionError, match=r"binary layer 'c'.*concatenation.*BatchNorm \+ ReLU"):
         convert(Net(), _loader(torch.randn(64, 3, 8, 8)), ConvertConfig())
+
+
+def test_per_channel_thresholds_pass_residual_adds_into_full_precision_layers_only():
+    from bsnn.binary import BinaryConv2d
+    from bsnn.convert.graph import per_channel_allowed
+
+    class Block(nn.Module):
+        def __init__(self, binary: bool):
+            super().__init__()
+            conv = BinaryConv2d if binary else nn.Conv2d
+            self.stem, self.c1 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.r0, self.r1, self.r2 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+            self.next, self.fc = conv(8, 8, 3, padding=1), nn.Linear(8 * 8 * 8, 4)
+
+        def forward(self, x):
+            h = self.r0(self.stem(x))
+            h = self.r1(self.c1(h) + h)  # r0 feeds c1 and the add; the add feeds r1
+            return self.fc(self.r2(self.next(h)).flatten(1))
+
+    x = torch.randn(2, 3, 8, 8)
+    gm = capture(Block(binary=False), x)
+    assert per_channel_allowed(gm, set(relu_modules(gm))) == {"r0", "r1", "r2"}
+    gm = capture(Block(binary=True), x)  # r1 feeds a binary conv: its weights must stay ±1
+    assert per_channel_allowed(gm, set(relu_modules(gm))) == {"r0", "r2"}
+    net = Block(binary=False)
+    _assert_converges(net.eval(), torch.randn(256, 3, 8, 8))

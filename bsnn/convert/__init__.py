@@ -14,7 +14,8 @@ from bsnn.convert.config import ConvertConfig, parse_statistic
 from bsnn.convert.snn_calibration import calibrate_snn_
 from bsnn.activations import QCFS, is_trained_threshold
 from bsnn.convert.checks import warn_architecture
-from bsnn.convert.graph import activation_modules, capture, clip_bounds, per_channel_allowed, relu_modules
+from bsnn.convert.graph import (activation_modules, capture, clip_bounds, observed_modules, per_channel_allowed,
+                                relu_modules)
 from bsnn.convert.surgery import build_spiking_graph
 from bsnn.data import unpack_batch
 from bsnn.errors import ConversionError
@@ -48,7 +49,7 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
     warn_architecture(model, cfg.v_init, cfg.snn_calibration, where="convert: ")
     example = _first_batch(calib_loader)
     # capture a copy: fx shares submodules with the traced model, and calibration moves them to ``device``
-    gm = capture(copy.deepcopy(model).to(device), example.to(device))
+    gm = capture(copy.deepcopy(model).to(device), example.to(device), cfg.maxpool)
     acts = activation_modules(gm)
     if not acts:
         raise ConversionError(f"{type(model).__name__} has no ReLU activation to turn into spiking neurons")
@@ -59,8 +60,8 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
     for group, per_channel in (({k: m for k, m in relus.items() if k not in pc}, False),
                                ({k: m for k, m in relus.items() if k in pc}, True)):
         if group:  # per-channel statistics only where the consumers are full precision (one extra pass)
-            for c, values in calibrate_many(gm, group, calib_loader, candidates, per_channel, cfg.calib_samples,
-                                            device).items():
+            for c, values in calibrate_many(gm, observed_modules(gm, group), calib_loader, candidates, per_channel,
+                                            cfg.calib_samples, device).items():
                 stats[c].update(values)
     gm = gm.cpu()
 
@@ -129,7 +130,7 @@ def initial_potentials(gm, cfg: ConvertConfig) -> dict[str, float]:
 def convert_with_thresholds(gm, thresholds: dict[str, torch.Tensor], cfg: ConvertConfig,
                             input_shape: list[int]) -> SpikingNetwork:
     """Surgery only: build the SNN from a captured graph and given thresholds λ (no calibration)."""
-    sgm, layers, neurons = build_spiking_graph(gm, thresholds, initial_potentials(gm, cfg))
+    sgm, layers, neurons = build_spiking_graph(gm, thresholds, initial_potentials(gm, cfg), cfg.maxpool)
     record = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     record["threshold"] = cfg.threshold.describe()
     meta = {"convert": record,

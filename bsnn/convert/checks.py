@@ -3,8 +3,6 @@
 Findings are returned as messages and emitted as :class:`ConversionWarning` (a ``UserWarning``), so a user hears
 *before* spending hours of training that a network will convert badly or not at all:
 
-* **max-pooling** (``nn.MaxPool2d`` / ``F.max_pool2d``): conversion refuses it — the max of spike trains is not
-  the spike train of the max. Use ``nn.AvgPool2d``.
 * **activations other than ReLU / ReLU6 / Hardtanh(0, a) / clip / QCFS** (GELU, SiLU, LeakyReLU, ...): IF neurons only realise ReLU-like
   rate functions; conversion will fail.
 * **bias after BatchNorm folding**: a conv/linear followed by BatchNorm (or with its own bias) becomes a layer
@@ -28,14 +26,11 @@ class ConversionWarning(UserWarning):
 
 
 def architecture_findings(model: nn.Module, v_init: float = 0.0, snn_calibration: str = "none") -> list[str]:
-    """Conversion-friendliness findings of ``model`` (module-level; functional max-pools are caught at
-    conversion). ``v_init`` / ``snn_calibration``: the conversion settings that compensate biases."""
+    """Conversion-friendliness findings of ``model`` (module-level; functional ops are checked at conversion).
+    ``v_init`` / ``snn_calibration``: the conversion settings that compensate biases."""
     found = []
     for name, m in model.named_modules():
-        if isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)):
-            found.append(f"{name or 'model'}: {type(m).__name__} cannot be converted (the max of spike trains is "
-                         "not a spike train of the max); replace it by nn.AvgPool2d before training")
-        elif isinstance(m, nn.Hardtanh) and m.min_val != 0:
+        if isinstance(m, nn.Hardtanh) and m.min_val != 0:
             found.append(f"{name or 'model'}: {type(m).__name__}(min_val={m.min_val}) is not a clipped ReLU; IF "
                          "neurons realise min(max(x, 0), a) only (nn.Hardtanh(0, a), nn.ReLU6) — conversion will fail")
         elif isinstance(m, _NON_RELU):

@@ -8,6 +8,7 @@ from typing import Any
 
 from bsnn._validate import _check
 from bsnn.convert.calibrate import Max, Percentile
+from bsnn.convert.maxpool import MAXPOOL_STRATEGIES
 from bsnn.errors import ConfigError
 
 
@@ -55,6 +56,10 @@ class ConvertConfig:
         snn_calibration_timesteps: the T the correction is computed for (the bias current flows for that many
             timesteps).
         snn_calibration_samples: calibration samples used for the correction.
+        maxpool: how max-pooling is converted (:mod:`bsnn.convert.maxpool`): ``spiking`` (max of running spike
+            counts, exact pooled counts at every T), ``gate`` (Rueckauer et al.'s count gating), ``preact``
+            (max-pool of input currents before the IF neuron, LTB's placement) or ``avg`` (replaced by average
+            pooling in the ANN, for networks that will be fine-tuned).
     """
 
     threshold: Any = field(default_factory=_statistic_default)
@@ -68,6 +73,7 @@ class ConvertConfig:
     snn_calibration: str = "potential"
     snn_calibration_timesteps: int = 8
     snn_calibration_samples: int = 256
+    maxpool: str = "spiking"
 
     def __post_init__(self) -> None:
         self.threshold = parse_statistic(self.threshold)
@@ -90,5 +96,7 @@ class ConvertConfig:
                "convert.search_timesteps and convert.snn_calibration_timesteps must be >= 1")
         _check(self.search_samples >= 1 and self.snn_calibration_samples >= 1,
                "convert.search_samples and convert.snn_calibration_samples must be >= 1")
+        _check(self.maxpool in MAXPOOL_STRATEGIES,
+               f"convert.maxpool must be one of {MAXPOOL_STRATEGIES.names()}, got {self.maxpool!r}")
         _check(self.snn_calibration in ("none", "bias", "potential"),
                f"convert.snn_calibration must be 'none', 'bias' or 'potential', got {self.snn_calibration!r}")

@@ -8,6 +8,10 @@
   ``F.hardtanh(x, 0, a)``, ``torch.clamp(x, 0, a)`` / ``x.clamp(0, a)`` / ``torch.clip``; ``clamp(x, min=0)`` alone is
   a ReLU): the IF neuron realises the clip, its threshold being at most ``a``; other lower bounds are refused,
 * ``torch.cat`` joins values along the channels (dim 1) only; other dims are refused with the node's name,
+* every max-pool (``F.max_pool2d``, ``torch.max_pool2d``, ``F.adaptive_max_pool2d`` included) is its own
+  ``nn.MaxPool2d`` / ``nn.AdaptiveMaxPool2d`` module, placed beside its neighbouring activation as the
+  ``convert.maxpool`` strategy asks (:mod:`bsnn.convert.maxpool`; max commutes with monotone activations), or
+  replaced by an average pool (``avg``),
 * dropout is removed (identity at inference),
 * every node has its output shape in ``node.meta['shape']`` (from one sample),
 * dim 0 is the batch everywhere (checked on two samples) and every ``view`` / ``reshape`` is batch-size free
@@ -27,8 +31,10 @@ import torch.nn.functional as F
 
 from bsnn.activations import ClipReLU, QCFS
 from bsnn.binary import BinaryConv2d, BinaryLinear
+from bsnn.convert.maxpool import MAXPOOL_MODULES, MAXPOOL_STRATEGIES, MaxPoolStrategy, average_pool_like
 from bsnn.errors import ConversionError
 from bsnn.snn.network import is_pass_through
+from bsnn.snn.synapse import replace_submodule
 
 RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_}
 RELU_METHODS = {"relu", "relu_"}
@@ -40,13 +46,43 @@ SHAPE_FUNCTIONS = {torch.flatten}
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 POOL_FUNCTIONS = {F.avg_pool2d, F.adaptive_avg_pool2d, torch.nn.functional.avg_pool2d}
 SHAPE_METHODS = {"view", "reshape", "flatten", "size", "contiguous"}
-MAXPOOL_FUNCTIONS = {F.max_pool2d, torch.max_pool2d, F.adaptive_max_pool2d}
+#: functional max-pools -> (module, its arguments after the input, in order)
+MAXPOOL_FUNCTIONS = {F.max_pool2d: (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                                                   "return_indices")),
+                     torch.max_pool2d: (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode")),
+                     F.adaptive_max_pool2d: (nn.AdaptiveMaxPool2d, ("output_size", "return_indices"))}
 
 SYNAPTIC = (nn.Conv2d, nn.Linear)
 ACTIVATION_MODULES = (nn.ReLU, nn.Hardtanh, ClipReLU, QCFS)  # nn.ReLU6 is a Hardtanh(0, 6)
 LINEAR_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity)
-MAXPOOL_HINT = ("max-pooling spike trains does not compute the max of firing rates; replace it with "
-                "nn.AvgPool2d (same kernel/stride) and retrain, as conversion-friendly ANNs do")
+
+
+#: every module type capture accepts (activations, pools and shape modules are normalised to these)
+SUPPORTED_MODULES = (*SYNAPTIC, nn.BatchNorm1d, nn.BatchNorm2d, *ACTIVATION_MODULES, nn.ReLU6, *LINEAR_MODULES,
+                     *MAXPOOL_MODULES, nn.Dropout)
+
+
+def _op_name(op) -> str:
+    module = getattr(op, "__module__", None) or ""
+    prefix = {"torch.nn.functional": "F.", "_operator": "operator.", "operator": "operator."}.get(module, "torch.")
+    return prefix + getattr(op, "__name__", str(op))
+
+
+def supported_operations() -> dict[str, list[str]]:
+    """What capture accepts, by kind (``modules``, ``functions``, ``methods``): the lists the converter checks
+    against, so the documentation generated from them (:func:`supported_operations_markdown`) cannot drift."""
+    functions = RELU_FUNCTIONS | CLIP_FUNCTIONS | set(MAXPOOL_FUNCTIONS) | DROPOUT_FUNCTIONS | ADD_FUNCTIONS | \
+        SHAPE_FUNCTIONS | CAT_FUNCTIONS | POOL_FUNCTIONS
+    return {"modules": sorted({m.__name__ for m in SUPPORTED_MODULES}),
+            "functions": sorted({_op_name(f) for f in functions}),
+            "methods": sorted(f"Tensor.{m}" for m in SHAPE_METHODS | RELU_METHODS | CLIP_METHODS)}
+
+
+def supported_operations_markdown() -> str:
+    """The supported-operation lists as markdown (``docs/conversion.md`` embeds it; ``bsnn convert --list-ops``
+    prints it)."""
+    ops = supported_operations()
+    return "\n".join(f"* **{kind}**: " + ", ".join(f"`{n}`" for n in names) for kind, names in ops.items())
 
 
 class _Tracer(fx.Tracer):
@@ -66,12 +102,14 @@ def where(node: fx.Node) -> str:
     return f"{what} (graph node '{node.name}', inputs: {ins})"
 
 
-def capture(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+def capture(model: nn.Module, example: torch.Tensor, maxpool: str = "spiking") -> fx.GraphModule:
     """Trace and normalise ``model`` (a deep copy; the original is not touched).
 
     Args:
         model: the ANN.
         example: one input batch ``[B, C, H, W]`` used to record shapes.
+        maxpool: the ``convert.maxpool`` strategy (:data:`~bsnn.convert.maxpool.MAXPOOL_STRATEGIES`): where
+            max-pools go relative to their activations, or ``avg`` to replace them.
 
     Raises:
         ConversionError: untraceable code (with the tracer's reason) or an unsupported op.
@@ -86,7 +124,9 @@ def capture(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
             "or wrap it in a leaf module"
         ) from None
     gm = fx.GraphModule(model, graph)
+    strategy = MAXPOOL_STRATEGIES.get(maxpool)
     _normalise(gm)
+    _place_maxpools(gm, strategy)
     _check_batchnorm(gm)
     one = _ShapeRecorder(gm).shapes_on(example[:1], type(model).__name__)
     for node in gm.graph.nodes:
@@ -193,6 +233,28 @@ def _clip_module(node: fx.Node) -> nn.Module:
     return nn.ReLU() if hi is None else nn.Hardtanh(0.0, float(hi))
 
 
+def _maxpool_module(node: fx.Node) -> nn.Module:
+    """The module replacing a functional max-pool (``F.max_pool2d``, ``torch.max_pool2d``,
+    ``F.adaptive_max_pool2d``) with the same settings.
+
+    Raises:
+        ConversionError: ``return_indices=True`` (the indices are no network value), or settings that are not
+            constants.
+    """
+    cls, names = MAXPOOL_FUNCTIONS[node.target]
+    given = dict(zip(names, node.args[1:]))
+    given.update({k: v for k, v in node.kwargs.items() if k in names})
+    if any(isinstance(v, fx.Node) for v in given.values()) or set(node.kwargs) - set(names):
+        raise ConversionError(f"max-pool at {where(node)} has settings computed in forward or unknown keywords "
+                              f"({sorted(node.kwargs)}); give kernel_size / stride / padding as constants")
+    if given.pop("return_indices", False):
+        raise ConversionError(f"max-pool at {where(node)} returns its indices; a converted network can use only the "
+                              "pooled values: call it with return_indices=False")
+    if cls is nn.MaxPool2d and given.get("stride") in (None, [], ()):
+        given.pop("stride", None)  # torch.max_pool2d's default stride [] means the kernel size, as in nn.MaxPool2d
+    return cls(**given)
+
+
 def _normalise(gm: fx.GraphModule) -> None:
     graph, used, count = gm.graph, set(), 0
     for node in list(graph.nodes):
@@ -203,11 +265,15 @@ def _normalise(gm: fx.GraphModule) -> None:
         elif node.op == "call_function" and node.target in CLIP_FUNCTIONS or \
                 node.op == "call_method" and node.target in CLIP_METHODS:
             new_module = _clip_module(node)
-        is_mod_act = node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.ReLU, nn.Hardtanh))
+        elif node.op == "call_function" and node.target in MAXPOOL_FUNCTIONS:
+            new_module = _maxpool_module(node)
+        is_mod_act = node.op == "call_module" and isinstance(gm.get_submodule(node.target),
+                                                             (nn.ReLU, nn.Hardtanh, *MAXPOOL_MODULES))
         if new_module is not None or (is_mod_act and node.target in used):
             if new_module is None:  # a re-used module: a copy of its own
                 new_module = copy.deepcopy(gm.get_submodule(node.target))
-            name = f"act_{node.name}" if not is_mod_act else f"{node.target.replace('.', '_')}_{count}"
+            prefix = "pool" if isinstance(new_module, MAXPOOL_MODULES) else "act"
+            name = f"{prefix}_{node.name}" if not is_mod_act else f"{node.target.replace('.', '_')}_{count}"
             count += 1
             gm.add_submodule(name, new_module)
             with graph.inserting_after(node):
@@ -225,6 +291,48 @@ def _normalise(gm: fx.GraphModule) -> None:
             graph.erase_node(node)
     graph.lint()
     gm.recompile()
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _is_activation(gm: fx.GraphModule, node) -> bool:
+    return isinstance(node, fx.Node) and isinstance(_module(gm, node), ACTIVATION_MODULES)
+
+
+def _place_maxpools(gm: fx.GraphModule, strategy: MaxPoolStrategy) -> None:
+    """Put each max-pool module beside its activation as ``strategy`` asks, or replace it by an average pool.
+
+    ``act -> pool`` and ``pool -> act`` compute the same (max commutes with monotone activations); a pool is
+    moved only across an activation that feeds only it (or that only it feeds), so nothing else changes.
+    """
+    graph = gm.graph
+    for pool in list(graph.nodes):
+        m = _module(gm, pool)
+        if not isinstance(m, MAXPOOL_MODULES):
+            continue
+        if strategy.activation_first is None:  # avg: the ANN itself changes
+            replace_submodule(gm, pool.target, average_pool_like(m, where(pool)))
+            continue
+        src = pool.args[0]
+        users = list(pool.users)
+        if strategy.activation_first and len(users) == 1 and _is_activation(gm, users[0]) \
+                and not _is_activation(gm, src):  # pool -> act  becomes  act -> pool
+            _swap(graph, first=pool, second=users[0])
+        elif not strategy.activation_first and _is_activation(gm, src) and len(src.users) == 1:
+            _swap(graph, first=src, second=pool)  # act -> pool  becomes  pool -> act
+    graph.lint()
+    gm.recompile()
+
+
+def _swap(graph: fx.Graph, first: fx.Node, second: fx.Node) -> None:
+    """``second(first(x))`` -> ``first(second(x))`` for two single-input modules, ``first`` used only by ``second``."""
+    x = first.args[0]
+    second.replace_all_uses_with(first)
+    first.args = (second, *first.args[1:])
+    second.args = (x, *second.args[1:])
+    second.append(first)  # keep topological order: first now runs after second
 
 
 def _check_batchnorm(gm: fx.GraphModule) -> None:
@@ -245,28 +353,25 @@ def _check_supported(gm: fx.GraphModule) -> None:
             continue
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
-            if isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)):
-                raise ConversionError(f"unsupported max-pool at {where(node)}: {MAXPOOL_HINT}")
             if isinstance(m, nn.Hardtanh) and (m.min_val != 0 or m.max_val <= 0):
                 raise ConversionError(f"unsupported {type(m).__name__}(min_val={m.min_val}, max_val={m.max_val}) at "
                                       f"{where(node)}: an IF neuron realises only min(max(x, 0), a) with a > 0; use "
                                       "nn.Hardtanh(0, a), nn.ReLU6 or nn.ReLU")
-            if not isinstance(m, (*SYNAPTIC, *LINEAR_MODULES, *ACTIVATION_MODULES, nn.BatchNorm2d, nn.BatchNorm1d)):
-                raise ConversionError(f"unsupported module {type(m).__name__} at {where(node)}; supported: Conv2d, "
-                                      "Linear, BatchNorm, ReLU, ReLU6, Hardtanh(0, a), AvgPool2d, AdaptiveAvgPool2d, "
-                                      "Flatten, Dropout")
+            if isinstance(m, MAXPOOL_MODULES) and m.return_indices:
+                raise ConversionError(f"max-pool at {where(node)} returns its indices; a converted network can use "
+                                      "only the pooled values: build it with return_indices=False")
+            if not isinstance(m, SUPPORTED_MODULES):
+                raise ConversionError(f"unsupported module {type(m).__name__} at {where(node)}; supported modules: "
+                                      f"{', '.join(supported_operations()['modules'])} (docs/conversion.md)")
         elif node.op == "call_function":
-            if node.target in MAXPOOL_FUNCTIONS:
-                raise ConversionError(f"unsupported max-pool at {where(node)}: {MAXPOOL_HINT}")
             if node.target in CAT_FUNCTIONS:
                 _check_cat(node)
             elif node.target not in ADD_FUNCTIONS | SHAPE_FUNCTIONS | POOL_FUNCTIONS:
-                raise ConversionError(f"unsupported function at {where(node)}; supported functions: add, cat (dim 1), "
-                                      "flatten, relu, relu6, hardtanh(x, 0, a), clamp(x, 0, a), avg_pool2d, "
-                                      "adaptive_avg_pool2d")
+                raise ConversionError(f"unsupported function at {where(node)}; supported functions: "
+                                      f"{', '.join(supported_operations()['functions'])} (docs/conversion.md)")
         elif node.op == "call_method" and node.target not in SHAPE_METHODS:
-            raise ConversionError(f"unsupported method at {where(node)}; supported: "
-                                  f"{', '.join(sorted(SHAPE_METHODS | RELU_METHODS | CLIP_METHODS))}")
+            raise ConversionError(f"unsupported method at {where(node)}; supported methods: "
+                                  f"{', '.join(supported_operations()['methods'])}")
 
 
 def cat_inputs(node: fx.Node) -> list:
@@ -305,18 +410,37 @@ def relu_modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
     return {k: m for k, m in activation_modules(gm).items() if isinstance(m, (nn.ReLU, nn.Hardtanh))}
 
 
+def observed_modules(gm: fx.GraphModule, names: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Where each activation in ``names`` is calibrated: the module itself, or the max-pool it alone feeds.
+
+    A max-pool passes on only the largest activations of each window, so the percentile that sets the
+    threshold must be taken over the *pooled* values — over the activation itself it would clip exactly the
+    values the pool selects (on a random-init torchvision ResNet-18, clipping its stem at the p99.99 of the
+    un-pooled values alone cost 4 % of the logits).
+    """
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    out = {}
+    for k, m in names.items():
+        users = list(nodes[k].users)
+        pool = _module(gm, users[0]) if len(users) == 1 else None
+        out[k] = pool if isinstance(pool, MAXPOOL_MODULES) else m
+    return out
+
+
 def clip_bounds(gm: fx.GraphModule) -> dict[str, float]:
     """Activation module name -> its upper bound ``a`` for the clipped ReLUs (``nn.Hardtanh(0, a)``, ``nn.ReLU6``)."""
     return {k: float(m.max_val) for k, m in activation_modules(gm).items() if isinstance(m, nn.Hardtanh)}
 
 
-_PASS_THROUGH = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+_PASS_THROUGH = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, *MAXPOOL_MODULES, nn.Flatten, nn.Dropout, nn.Identity)
 
 
 def per_channel_allowed(gm: fx.GraphModule, names: list[str] | set[str]) -> set[str]:
-    """The activations among ``names`` whose spikes may carry a per-channel scale: every path from them reaches
-    only full-precision conv/linear layers through pooling/flatten/channel concatenation. A binary consumer (its weights must stay ±1),
-    a residual add or any other op makes the layer layer-wise."""
+    """The activations among ``names`` whose spikes may carry a per-channel scale: every path from them, through
+    pooling / flatten / channel concatenation / residual adds, ends at a full-precision conv/linear (the scale
+    folds into its weights), at an activation (an IF neuron takes any per-channel input scale into its
+    threshold; an add aligns its operands per channel) or at the output. A binary consumer (its weights must stay
+    ±1) or any other op makes the layer layer-wise."""
     def ok(node: fx.Node) -> bool:
         for user in node.users:
             m = gm.get_submodule(user.target) if user.op == "call_module" else None
@@ -324,8 +448,10 @@ def per_channel_allowed(gm: fx.GraphModule, names: list[str] | set[str]) -> set[
                 if isinstance(m, (BinaryConv2d, BinaryLinear)):
                     return False
                 continue
-            if user.op == "call_function" and user.target in CAT_FUNCTIONS:  # cat keeps each input's channels
-                if not ok(user):
+            if isinstance(m, ACTIVATION_MODULES) or user.op == "output":
+                continue
+            if user.op == "call_function" and user.target in CAT_FUNCTIONS | ADD_FUNCTIONS:
+                if not ok(user):  # the joined / summed value carries the per-channel scale on
                     return False
                 continue
             if not is_pass_through(gm, user, _PASS_THROUGH) or not ok(user):

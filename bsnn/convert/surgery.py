@@ -12,6 +12,9 @@ a scalar or one factor per channel. The pass walks the captured ANN graph once:
 * ReLU / ClipReLU / QCFS -> :class:`IFNeuron`: threshold θ = λ / scale in the stored domain, where λ is the calibrated
   activation statistic (threshold balancing); its spikes stand for λ, the new scale;
 * avg-pool / flatten / reshape: scale passes through (per-channel scales are expanded by flatten);
+* max-pool (scales are positive, so max commutes with them): a plain max-pool of values that depend only on the
+  input (the same every timestep), else the ``convert.maxpool`` strategy's module
+  (:mod:`bsnn.convert.maxpool`: a spiking max-pool of running spike counts by default);
 * add (``a + b``, ``torch.add(a, b, alpha=...)``): the second operand, times alpha, is re-expressed in the first
   operand's scale by a :class:`ChannelScale`; a constant operand (parameter, buffer, number) becomes that
   ChannelScale's bias, in the value's scale;
@@ -30,6 +33,7 @@ import torch.nn as nn
 
 from bsnn.binary import is_binary
 from bsnn.convert.graph import ACTIVATION_MODULES, ADD_FUNCTIONS, CAT_FUNCTIONS, cat_inputs, where
+from bsnn.convert.maxpool import MAXPOOL_MODULES, MAXPOOL_STRATEGIES
 from bsnn.errors import ConversionError
 from bsnn.snn.neuron import ChannelScale, IFNeuron, Integrator
 
@@ -55,15 +59,19 @@ def _joins(node: fx.Node) -> bool:
         if not (node.op in ("call_module", "call_method") or node.target is torch.flatten) or not node.all_input_nodes:
             return False
         if node.op == "call_module" and not isinstance(node.graph.owning_module.get_submodule(node.target),
-                                                       (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity)):
+                                                       (nn.AvgPool2d, nn.AdaptiveAvgPool2d, *MAXPOOL_MODULES,
+                                                        nn.Flatten, nn.Identity)):
             return False
         node = node.all_input_nodes[0]
     return True
 
 
 class _Builder:
-    def __init__(self, gm: fx.GraphModule, thresholds: dict[str, torch.Tensor], v_init: dict[str, float]) -> None:
+    def __init__(self, gm: fx.GraphModule, thresholds: dict[str, torch.Tensor], v_init: dict[str, float],
+                 maxpool: str = "spiking") -> None:
         self.gm, self.thresholds, self.v_init = gm, thresholds, v_init
+        self.maxpool = MAXPOOL_STRATEGIES.get(maxpool)
+        self.static: set[fx.Node] = set()  # values computed from the input alone (the same every timestep)
         self.root = nn.Module()
         self.graph = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
@@ -181,10 +189,11 @@ class _Builder:
         self.scale[node] = lam
         self.neurons.append(name)
 
-    def passthrough(self, node: fx.Node) -> None:
-        """Linear, channel-preserving ops (pooling, flatten, reshape): copy; scale follows the layout."""
+    def passthrough(self, node: fx.Node, module: nn.Module | None = None) -> None:
+        """Channel-preserving ops (pooling, flatten, reshape): copy (or call ``module`` instead of the ANN's);
+        scale follows the layout."""
         if node.op == "call_module":
-            name = self.add_module(node.target, self.gm.get_submodule(node.target))
+            name = self.add_module(node.target, module if module is not None else self.gm.get_submodule(node.target))
             new = self.graph.call_module(name, tuple(self.env.get(a, a) for a in node.args))
         else:
             new = self.graph.node_copy(node, lambda n: self.env[n])
@@ -278,6 +287,10 @@ class _Builder:
     # --------------------------------------------------------------------------------------- driver
     def build(self) -> tuple[fx.GraphModule, list[dict], list[str]]:
         for node in self.gm.graph.nodes:
+            m = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+            if node.op in ("placeholder", "get_attr") or (node.all_input_nodes and not isinstance(m, ACTIVATION_MODULES)
+                                                         and all(a in self.static for a in node.all_input_nodes)):
+                self.static.add(node)
             if node.op == "placeholder":
                 self.env[node] = self.graph.placeholder(node.name)
                 self.scale[node] = torch.ones(1)
@@ -291,6 +304,8 @@ class _Builder:
                     self.batchnorm(node, m)
                 elif isinstance(m, ACTIVATION_MODULES):
                     self.relu(node)
+                elif isinstance(m, MAXPOOL_MODULES) and node not in self.static:
+                    self.passthrough(node, self.maxpool.spiking(m))
                 else:
                     self.passthrough(node)
             elif node.op == "get_attr":
@@ -305,8 +320,8 @@ class _Builder:
         return fx.GraphModule(self.root, self.graph), self.layers, self.neurons
 
 
-def build_spiking_graph(gm: fx.GraphModule, thresholds: dict[str, torch.Tensor], v_init: dict[str, float]
-                        ) -> tuple[fx.GraphModule, list[dict], list[str]]:
+def build_spiking_graph(gm: fx.GraphModule, thresholds: dict[str, torch.Tensor], v_init: dict[str, float],
+                        maxpool: str = "spiking") -> tuple[fx.GraphModule, list[dict], list[str]]:
     """Turn a captured ANN graph into a spiking graph.
 
     Args:
@@ -314,8 +329,9 @@ def build_spiking_graph(gm: fx.GraphModule, thresholds: dict[str, torch.Tensor],
         thresholds: activation module name -> λ, the balanced threshold in the ANN's activation domain
             (scalar or ``[C]``).
         v_init: activation module name -> initial membrane potential as a fraction of θ (0.5 = the θ/2 shift).
+        maxpool: the ``convert.maxpool`` strategy (the graph's pools were placed for it by ``capture``).
 
     Returns:
         ``(spiking GraphModule, synaptic layer table, IF neuron module names)``.
     """
-    return _Builder(gm, thresholds, v_init).build()
+    return _Builder(gm, thresholds, v_init, maxpool).build()

@@ -41,7 +41,8 @@ from dataclasses import asdict, dataclass, field
 from bsnn.errors import ConfigError
 from bsnn.hardware.config import HardwareConfig, preset, resolve_hardware
 from bsnn.report import markdown_table
-from bsnn.hardware.mapping import LayerMapping, LayerSpec, count_tiles, map_layer, resolve_layers
+from bsnn.hardware.mapping import (LayerMapping, LayerSpec, PoolSpec, count_tiles, map_layer, resolve_layers,
+                                   resolve_pools)
 
 MODES = ("dense", "event_driven")
 ROW_DRIVEN = ("xbar", "row_drivers")
@@ -184,6 +185,20 @@ def digital_energy_pj(spec: LayerSpec, T: int, hw: HardwareConfig, rates: list[f
         return {"mac": spec.macs * T * e.mac_pj, "ac": 0.0}
     events = spec.macs * (T if rates is None else sum(rates[:T]))
     return {"mac": 0.0, "ac": events * e.ac_pj}
+
+
+def maxpool_energy_pj(pool: PoolSpec, T: int, hw: HardwareConfig) -> dict[str, float]:
+    """A spiking max-pool over ``T`` timesteps, one sample: one counter increment per input per step (an upper
+    bound: every input spiking), ``window − 1`` comparisons and one subtraction per output per step, each one
+    digital 8-bit add."""
+    ops = T * (pool.inputs + pool.outputs * pool.window)
+    return {"maxpool": ops * hw.energy.digital_add_pj}
+
+
+def maxpool_area_um2(pools: list[PoolSpec], hw: HardwareConfig) -> float:
+    """SRAM for the max-pools' state: a counter per input and the last pooled count per output, each
+    ``membrane_bits`` wide."""
+    return sum(p.inputs + p.outputs for p in pools) * hw.area.sram_bit_um2 * hw.area.membrane_bits
 
 
 # ------------------------------------------------------------------------------------ latency, area
@@ -346,7 +361,8 @@ def _entry(label_desc: str, energy: float, latency: float | None, area: float | 
 
 
 def estimate(network, activity=None, hw: HardwareConfig | str = "spikesim-rram-65nm", *, timesteps: int | None = None,
-             mode: str | None = None, ann_bits: int | None = None, compare: bool = True) -> CostReport:
+             mode: str | None = None, ann_bits: int | None = None, compare: bool = True,
+             pools: list[PoolSpec] | None = None) -> CostReport:
     """Cost of one inference (one sample) of ``network`` on ``hw``.
 
     Args:
@@ -360,12 +376,14 @@ def estimate(network, activity=None, hw: HardwareConfig | str = "spikesim-rram-6
         ann_bits: activation bits of the bit-serial ANN comparison (default ⌈log2(T+1)⌉, the resolution of a
             T-step rate code).
         compare: add the dense/event-driven, bit-serial ANN and digital-baseline comparisons.
+        pools: the spiking max-pools (default: those of ``network`` when it is a SpikingNetwork).
 
     Returns:
         :class:`CostReport`; energies pJ, latencies ns, areas µm², EDP pJ·ns, all per sample.
     """
     hw = resolve_hardware(hw)
     layers = resolve_layers(network)
+    pools = resolve_pools(network) if pools is None else pools
     act = _resolve_activity(layers, activity)
     if timesteps is None:
         if isinstance(activity, dict) and "timesteps" in activity:
@@ -401,11 +419,21 @@ def estimate(network, activity=None, hw: HardwareConfig | str = "spikesim-rram-6
     hw_d = preset("digital-45nm") if not hw.is_digital else hw
     dig_snn = [digital_energy_pj(s, T, hw_d, rates_for(s)) for s in layers]
     dig_ann = [digital_energy_pj(s, 1, hw_d, ann=True) for s in layers]
+    pool_e = [maxpool_energy_pj(p, T, hw) for p in pools]
+    pool_rows = [LayerCost(p.name, "maxpool", sum(e.values()), None, None, None, e, None, 0, 0, 0, 0.0, 0)
+                 for p, e in zip(pools, pool_e)]
+    if pools:
+        notes.append(f"{len(pools)} spiking max-pool(s): counters and comparators costed as digital adds "
+                     "(energy line 'maxpool', one increment per input per step: an upper bound), their state as "
+                     "SRAM (area line 'maxpool_counters'); no latency charged")
+        dig_snn += [maxpool_energy_pj(p, T, hw_d) for p in pools]
     if hw.is_digital:
         maps: list[LayerMapping] = []
         costs = [LayerCost(s.name, s.kind, sum(e.values()), None, None, None, e,
                            act.mean(s.name, T) if act and mode == "event_driven" else None, s.macs, 0, 0, 0.0, 0)
                  for s, e in zip(layers, dig_snn)]
+        costs += [LayerCost(r.name, r.kind, sum(e.values()), None, None, None, e, None, 0, 0, 0, 0.0, 0)
+                  for r, e in zip(pool_rows, dig_snn[len(layers):])]
         total = _totals(dig_snn, None, {}, macs, maps, hw, 0)
         notes.append("digital baseline (Horowitz 45 nm): energy only; latency and area not modelled")
         comparisons = {"digital_ann": _entry("same network as an ANN, digital MACs", sum(_sum(dig_ann).values()),
@@ -418,6 +446,10 @@ def estimate(network, activity=None, hw: HardwareConfig | str = "spikesim-rram-6
     lat, spans = latency_ns(layers, hw, T)
     area = area_breakdown_um2(layers, maps, hw)
     tile_area = sum(v for k, v in area.items() if k not in ("input_buffer", "membrane")) / tiles
+    if pools:
+        area["maxpool_counters"] = maxpool_area_um2(pools, hw)
+        for r, p in zip(pool_rows, pools):
+            r.area_um2 = maxpool_area_um2([p], hw)
     mem_n = len(layers) if hw.membrane_area_layers is None else hw.membrane_area_layers
     bit = hw.area.sram_bit_um2
     costs = []
@@ -427,7 +459,8 @@ def estimate(network, activity=None, hw: HardwareConfig | str = "spikesim-rram-6
         costs.append(LayerCost(s.name, s.kind, sum(e.values()), busy, st, a, e,
                                act.mean(s.name, T) if act and mode == "event_driven" else None, s.macs, m.pes,
                                m.crossbars, m.utilisation, m.adc_bits_exact, m.to_dict()))
-    total = _totals(per_layer, lat, area, macs, maps, hw, tiles)
+    costs += pool_rows
+    total = _totals(per_layer + pool_e, lat, area, macs, maps, hw, tiles)
     max_bits = max(m.adc_bits_exact for m in maps)
     if hw.adc_bits < max_bits:
         notes.append(f"ADC {hw.adc_bits} bits < {max_bits} bits for exact partial sums: costs assume the "
@@ -440,12 +473,13 @@ def estimate(network, activity=None, hw: HardwareConfig | str = "spikesim-rram-6
         if mode == "event_driven":
             d = [layer_energy_pj(s, m, hw, T) for s, m in zip(layers, maps)]
             comparisons["snn_dense_imc"] = _entry("same SNN, every crossbar read every step",
-                                                  sum(_sum(d).values()), lat, total.area_um2, ref)
+                                                  sum(_sum(d + pool_e).values()), lat, total.area_um2, ref)
         elif act is not None:
             ev = [layer_energy_pj(s, m, hw, T, act.steps(s.name, T)) for s, m in zip(layers, maps)]
-            comparisons["snn_event_driven_imc"] = _entry("same SNN, measured spike rates", sum(_sum(ev).values()),
-                                                         lat, total.area_um2, ref)
-        ann = [layer_energy_pj(s, m, hw, 1, None, ann_bits) for s, m in zip(layers, maps)]
+            comparisons["snn_event_driven_imc"] = _entry("same SNN, measured spike rates",
+                                                         sum(_sum(ev + pool_e).values()), lat, total.area_um2, ref)
+        ann = [layer_energy_pj(s, m, hw, 1, None, ann_bits) for s, m in zip(layers, maps)] + \
+            [maxpool_energy_pj(p, 1, hw) for p in pools]  # the ANN's max-pools: one comparison pass
         comparisons["ann_bit_serial_imc"] = _entry(
             f"same network as an ANN on the same hardware, {ann_bits}-bit bit-serial activations",
             sum(_sum(ann).values()), latency_ns(layers, hw, 1, ann_bits)[0], total.area_um2, ref)
@@ -463,10 +497,11 @@ def estimate(network, activity=None, hw: HardwareConfig | str = "spikesim-rram-6
 def sweep_timesteps(network, activity, hw, timesteps: list[int], mode: str = "dense", **kw) -> list[dict]:
     """Total energy / latency / EDP at each T (``estimate`` per T; event-driven uses each T's prefix of rates)."""
     layers = resolve_layers(network)
+    pools = resolve_pools(network)
     activity = _resolve_activity(layers, activity)
     rows = []
     for t in timesteps:
-        r = estimate(layers, activity, hw, timesteps=t, mode=mode, compare=False, **kw)
+        r = estimate(layers, activity, hw, timesteps=t, mode=mode, compare=False, pools=pools, **kw)
         rows.append({"T": t, "energy_pj": r.total.energy_pj, "latency_ns": r.total.latency_ns,
                      "edp_pj_ns": r.total.edp_pj_ns})
     return rows

@@ -32,6 +32,7 @@ from bsnn.errors import ConfigError, DataError
 from bsnn.hardware.config import HardwareConfig
 from bsnn.snn.network import SpikingNetwork
 from bsnn.snn.neuron import IFNeuron, Integrator
+from bsnn.snn.pool import SpikingMaxPool2d
 
 
 @dataclass
@@ -334,6 +335,45 @@ def layer_specs_from_network(snn) -> list[LayerSpec]:
             binary=bool(layer["binary"]), analog_input=analog and not src, input_neurons=list(dict.fromkeys(src)),
             kind="linear" if linear else "conv"))
     return specs
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """One spiking max-pool (:class:`~bsnn.snn.pool.SpikingMaxPool2d`) in hardware terms: digital logic beside the
+    crossbars — a spike counter per input neuron and, per output, ``window − 1`` comparisons and one subtraction
+    each timestep.
+
+    Attributes:
+        name: module name in the spiking graph.
+        inputs: input neurons per sample (C·H·W): one counter each.
+        outputs: pooled outputs per sample (C·H'·W').
+        window: neurons per pooling window (k², the largest window of an adaptive pool).
+    """
+
+    name: str
+    inputs: int
+    outputs: int
+    window: int
+
+
+def pool_specs_from_network(snn: SpikingNetwork) -> list[PoolSpec]:
+    """The spiking max-pools of ``snn`` with their sizes (one shape pass on a zero sample)."""
+    gm = snn.graph_module
+    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
+                                                                               SpikingMaxPool2d)]
+    if not nodes:
+        return []
+    shapes = snn.node_shapes()
+    specs = []
+    for n in nodes:
+        (c, h, w), (_, ho, wo) = shapes[n.args[0]][1:], shapes[n][1:]
+        specs.append(PoolSpec(n.target, c * h * w, c * ho * wo, max(1, math.ceil(h / ho)) * max(1, math.ceil(w / wo))))
+    return specs
+
+
+def resolve_pools(network) -> list[PoolSpec]:
+    """The spiking max-pools of a SpikingNetwork (layer tables and CSVs describe none)."""
+    return pool_specs_from_network(network) if isinstance(network, SpikingNetwork) else []
 
 
 def resolve_layers(network) -> list[LayerSpec]:

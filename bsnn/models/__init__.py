@@ -15,5 +15,6 @@ from bsnn.models.registry import MODELS, create_model, list_models
 from bsnn.models import cnn as _cnn  # noqa: F401,E402
 from bsnn.models import resnet as _resnet  # noqa: F401,E402
 from bsnn.models import vgg as _vgg  # noqa: F401,E402
+from bsnn.models import torchvision_models as _torchvision  # noqa: F401,E402  (the torchvision: namespace)
 
 __all__ = ["MODELS", "create_model", "list_models"]

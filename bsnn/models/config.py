@@ -12,7 +12,8 @@ from bsnn.models import MODELS
 
 @dataclass
 class ModelConfig:
-    """Architectures (names from :func:`bsnn.models.list_models`).
+    """Architectures (names from :func:`bsnn.models.list_models`, or ``torchvision:<name>`` for torchvision's
+    classification models, e.g. ``torchvision:resnet18``).
 
     Attributes:
         teacher: full-precision teacher architecture.
@@ -53,7 +54,7 @@ class ModelConfig:
         for key in ("teachers", "assistants"):
             for entry in getattr(self, key):
                 name = entry.get("name") if isinstance(entry, dict) else entry
-                ok = isinstance(name, str) and (name in MODELS.names() or (name.endswith(".pt") and entry is name))
+                ok = isinstance(name, str) and (name in MODELS or (name.endswith(".pt") and entry is name))
                 if isinstance(entry, dict):
                     ok = ok and set(entry) <= {"name", "kwargs"} and isinstance(entry.get("kwargs", {}), dict)
                 _check(ok, f"model.{key} entries must be registered architectures ({', '.join(MODELS.names())}), "

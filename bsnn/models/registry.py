@@ -53,7 +53,8 @@ def create_model(name: str, num_classes: int = 10, in_channels: Optional[int] = 
     factory = MODELS.get(name)
     key = str(name).lower()
     options = _model_options(factory)
-    unknown = sorted(set(kw) - set(options))
+    passes_on = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
+    unknown = [] if passes_on else sorted(set(kw) - set(options))  # **options: the library checks them
     if unknown:
         accepted = ", ".join(
             f"{k}={p.default!r}" if p.default is not p.empty else k for k, p in options.items()

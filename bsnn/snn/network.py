@@ -8,6 +8,10 @@ import torch.nn as nn
 
 from bsnn.snn.kernels import get_kernel
 from bsnn.snn.neuron import IFNeuron, Integrator
+from bsnn.snn.pool import SpikingMaxPool2d
+
+#: modules whose output depends on earlier timesteps (reset per batch, told the time chunk)
+STATEFUL = (IFNeuron, SpikingMaxPool2d)
 
 
 def is_pass_through(gm: fx.GraphModule, node: fx.Node, modules: tuple[type, ...]) -> bool:
@@ -33,8 +37,11 @@ class _ShapeInterpreter(fx.Interpreter):
         return out
 
     def call_module(self, target, args, kwargs):
-        if isinstance(self.fetch_attr(target), (IFNeuron, Integrator)):
+        m = self.fetch_attr(target)
+        if isinstance(m, (IFNeuron, Integrator)):
             return args[0]
+        if isinstance(m, SpikingMaxPool2d):
+            return m.pool_once(args[0])
         return super().call_module(target, args, kwargs)
 
 
@@ -78,14 +85,19 @@ class SpikingNetwork(nn.Module):
         """IF layers by name, in graph order."""
         return {n: self.graph_module.get_submodule(n) for n in self.neuron_names}
 
+    def stateful(self) -> list[nn.Module]:
+        """The modules with state across timesteps: IF neurons and spiking max-pools."""
+        return [m for m in self.graph_module.modules() if isinstance(m, STATEFUL)]
+
     def reset(self) -> None:
-        """Reset every neuron's membrane and spike record (before a new batch)."""
-        for m in self.neurons().values():
+        """Reset every neuron's membrane and spike record, and every spiking max-pool's counts (before a new
+        batch)."""
+        for m in self.stateful():
             m.reset()
 
     def set_time_chunk(self, timesteps: int) -> None:
-        """Tell the neurons how many timesteps are folded into the batch of the next calls."""
-        for m in self.neurons().values():
+        """Tell the neurons and spiking max-pools how many timesteps are folded into the batch of the next calls."""
+        for m in self.stateful():
             m.time_chunk = timesteps
 
     def set_kernel(self, name: str) -> None:
@@ -118,7 +130,7 @@ class SpikingNetwork(nn.Module):
 
 
 def _is_stateful(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), (IFNeuron, Integrator))
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), (*STATEFUL, Integrator))
 
 
 def _split_static(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
