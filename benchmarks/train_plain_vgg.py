@@ -38,19 +38,9 @@ STD = (0.2470, 0.2435, 0.2616)
 
 
 def plain_vgg(width: int = 32, num_classes: int = 10, pool: str = "avg") -> nn.Sequential:
-    """6 conv + 2 FC VGG with average (``pool="avg"``) or max pooling (``"max"``), written with plain torch layers
-    (``[B, 3, 32, 32]`` -> logits)."""
-    c = [width, width, 2 * width, 2 * width, 4 * width, 4 * width]
-    layers: list[nn.Module] = []
-    cin = 3
-    for i, cout in enumerate(c):
-        layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-        if i % 2 == 1:
-            layers.append(nn.AvgPool2d(2) if pool == "avg" else nn.MaxPool2d(2))
-        cin = cout
-    layers += [nn.Flatten(), nn.Linear(cin * 16, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU(),
-               nn.Linear(256, num_classes)]
-    return nn.Sequential(*layers)
+    """6 conv + 2 FC VGG with average (``pool="avg"``) or max pooling (``"max"``): bsnn's registered
+    ``plain_vgg8`` (plain torch layers, so it is rebuilt from a model record), ``[B, 3, 32, 32]`` -> logits."""
+    return bsnn.create_model("plain_vgg8", num_classes=num_classes, width=width, pool=pool)
 
 
 def load_cifar(path: Path = DATA) -> dict[str, torch.Tensor]:

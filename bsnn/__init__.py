@@ -7,7 +7,7 @@ Note: ``bsnn.convert`` and ``bsnn.simulate`` are the functions (their modules st
 ``bsnn.convert.graph``, ``from bsnn.simulate import run_batch``, ...).
 """
 
-from bsnn import distill, export, hardware
+from bsnn import distill, export, hardware, zoo
 from bsnn.activations import QCFS, ClipReLU, replace_activations_
 from bsnn.binary import BinaryConv2d, BinaryLinear, binarize_, clamp_latent_, materialize
 from bsnn.config import (BinaryConfig, Config, ConvertConfig, CostConfig, DataConfig, DistillConfig, ModelConfig,

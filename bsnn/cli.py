@@ -76,6 +76,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print("\n".join(list_methods()))
         return 0
     from bsnn.pipeline import TEACHER_SECTIONS, load_model, make_context, stage_student
+    from bsnn.zoo import load_any
 
     cfg = _load(args, reuse_run=args.teacher is None)
     with make_context(cfg, resume=args.resume, overwrite=args.overwrite, stage="student",
@@ -84,7 +85,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         if cfg.distill.method != "ce":
             if args.teacher is None:
                 ctx.run.require("teacher", "teacher.pt", _hint("train", args.out))
-            teacher = load_model(Path(args.teacher) if args.teacher else ctx.run.path("teacher.pt"), ctx.device)[0]
+            teacher = (load_any(args.teacher, ctx.device) if args.teacher else
+                       load_model(ctx.run.path("teacher.pt"), ctx.device))[0]
         stage_student(ctx, teacher)
         metrics = ctx.run.metrics()
     _print_summary(metrics, cfg.run.out_dir)
@@ -99,7 +101,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
         print(supported_operations_markdown())
         return 0
-    from bsnn.pipeline import TRAINING_SECTIONS, imported_model, load_model, make_context, stage_convert
+    from bsnn.pipeline import TRAINING_SECTIONS, imported_model, make_context, stage_convert
+    from bsnn.zoo import load_any
 
     if (args.arch is None) != (args.weights is None) or (args.arch and args.model):
         raise ConfigError("convert: give --arch and --weights together (a state-dict file of that architecture), or "
@@ -113,7 +116,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         else:
             if args.model is None:
                 ctx.run.require("student", "student.pt", _hint("distill", args.out))
-            ann, record = load_model(Path(args.model) if args.model else ctx.run.path("student.pt"), ctx.device)
+            ann, record = load_any(args.model if args.model else ctx.run.path("student.pt"), ctx.device)
             arch = record["arch"]
         stage_convert(ctx, ann, arch, keep_ann=args.arch is not None)
         print(f"spiking network written to {ctx.run.path('snn.pt')}")
@@ -123,7 +126,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from bsnn.errors import ConfigError
     from bsnn.io import model_digest
-    from bsnn.pipeline import TRAINING_SECTIONS, load_model, load_snn, log, make_context, stage_simulate
+    from bsnn.pipeline import TRAINING_SECTIONS, load_snn, log, make_context, stage_simulate
+    from bsnn.zoo import is_zoo, load_any
 
     if args.timesteps:
         args.overrides.append(f"simulate.timesteps=[{args.timesteps}]")
@@ -133,10 +137,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if args.snn is None:
             ctx.run.require("convert", "snn.pt", f"bsnn convert --out {args.out or '<run folder>'}")
         snn, record = load_snn(Path(args.snn) if args.snn else ctx.run.path("snn.pt"))
-        ann_path = Path(args.ann) if args.ann else ctx.run.path("student.pt")
+        ann_path = args.ann if is_zoo(args.ann) else Path(args.ann) if args.ann else ctx.run.path("student.pt")
         if args.ann is None and not ann_path.is_file():  # converted from --arch/--weights: the imported ANN
             ann_path = ctx.run.path("ann.pt")
-        ann = load_model(ann_path, ctx.device)[0] if ann_path.is_file() else None
+        ann = load_any(ann_path, ctx.device)[0] if is_zoo(ann_path) or ann_path.is_file() else None
         source = (record.get("derived_from") or {}).get("student")
         if ann is not None and source is not None and source != model_digest(ann):
             msg = (f"{ann_path} is not the network {args.snn or ctx.run.path('snn.pt')} was converted from, so it is "
@@ -153,16 +157,35 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from bsnn.config import load_config
     from bsnn.data import build_loaders
-    from bsnn.pipeline import load_model
     from bsnn.train import evaluate, resolve_device
+    from bsnn.zoo import load_any
 
     cfg = load_config(args.config if args.config else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None),
                       list(args.overrides))
     device = resolve_device(cfg.run.device)
-    model, _ = load_model(args.checkpoint, device)
+    model, _ = load_any(args.checkpoint, device)
     loaders = build_loaders(cfg.data, seed=cfg.run.seed)
     res = evaluate(model, getattr(loaders, args.split), device)
     print(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split, **res}, indent=2))
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from bsnn import zoo
+
+    if args.action == "list":
+        rows = []
+        for name in zoo.names():
+            c = zoo.card(name)
+            rows.append(f"{name:28s} {c.get('summary', '')}")
+        print("\n".join(rows) if rows else "(no released models)")
+        return 0
+    if not args.name:
+        from bsnn.errors import ConfigError
+
+        raise ConfigError("bsnn zoo show needs a name: bsnn zoo show <name> (bsnn zoo list names them)")
+    zoo.card(args.name)  # unknown names: a clear error
+    print((zoo.ZOO_DIR / f"{args.name}.md").read_text())
     return 0
 
 
@@ -189,12 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("distill", help="distil the binary-weight student from a teacher")
     _common(p)
-    p.add_argument("--teacher", type=str, default=None, help="teacher model file (default: <out>/teacher.pt)")
+    p.add_argument("--teacher", type=str, default=None, help="teacher model file or zoo:<name> (default: "
+                   "<out>/teacher.pt)")
     p.add_argument("--list-methods", action="store_true", help="print the registered distillation methods")
     p.set_defaults(fn=cmd_distill)
     p = sub.add_parser("convert", help="convert a trained ANN into a binary spiking network (snn.pt)")
     _common(p)
-    p.add_argument("--model", type=str, default=None, help="ANN model file (default: <out>/student.pt)")
+    p.add_argument("--model", type=str, default=None, help="ANN model file or zoo:<name> (default: "
+                   "<out>/student.pt)")
     p.add_argument("--arch", type=str, default=None, help="architecture of --weights: a bsnn model name or "
                    "torchvision:<name> (e.g. torchvision:resnet18)")
     p.add_argument("--weights", type=str, default=None, help="your PyTorch state-dict file for --arch "
@@ -206,14 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="accuracy-vs-timesteps sweep of a converted network")
     _common(p)
     p.add_argument("--snn", type=str, default=None, help="spiking network file (default: <out>/snn.pt)")
-    p.add_argument("--ann", type=str, default=None, help="source ANN for the reference line (default: <out>/student.pt)")
+    p.add_argument("--ann", type=str, default=None, help="source ANN for the reference line, a model file or "
+                   "zoo:<name> (default: <out>/student.pt)")
     p.add_argument("--timesteps", type=str, default=None, help="comma-separated T values, e.g. 1,2,4,8,16,32,64")
     p.set_defaults(fn=cmd_simulate)
     from bsnn.hardware.cli import add_cost_parser
 
     add_cost_parser(sub)
+    p = sub.add_parser("zoo", help="released models: bsnn zoo list | bsnn zoo show <name>")
+    p.add_argument("action", choices=["list", "show"])
+    p.add_argument("name", nargs="?", default=None)
+    p.set_defaults(fn=cmd_zoo)
     p = sub.add_parser("evaluate", help="accuracy of a model file on a data split")
-    p.add_argument("checkpoint", type=Path, help="model file written by bsnn (teacher.pt, student.pt)")
+    p.add_argument("checkpoint", help="model file written by bsnn (teacher.pt, student.pt) or zoo:<name>")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     p.add_argument("--config", type=Path, default=None)
     p.add_argument("--split", choices=["train", "val", "test"], default="test")

@@ -46,6 +46,9 @@ from bsnn.runfolder import (STAGES, TEACHER_INDEPENDENT, TEACHER_SECTIONS, TRAIN
 from bsnn.simulate import SimResult, simulate
 from bsnn.snn.network import SpikingNetwork
 from bsnn.train import evaluate, resolve_device, set_seed, train_student, train_teacher
+from bsnn.zoo import PREFIX as ZOO_PREFIX
+from bsnn.zoo import card as zoo_card
+from bsnn.zoo import is_zoo, load_any
 
 __all__ = ["STAGES", "TEACHER_INDEPENDENT", "TEACHER_SECTIONS", "TRAINING_SECTIONS", "Context", "RunFolder",
            "build_model", "check_binary", "check_models", "fit_schedules", "load_model", "load_snn", "make_context", "run_pipeline",
@@ -108,6 +111,9 @@ class Context:
         kwargs = dict(m.kwargs)
         if entry is None:
             name = m.teacher if role == "teacher" else (m.student or m.teacher)
+            if is_zoo(name):  # a released teacher's architecture
+                released = zoo_card(name[len(ZOO_PREFIX):])["arch"]
+                name, kwargs = released["name"], {**dict(released.get("kwargs") or {}), **kwargs}
         elif isinstance(entry, dict):
             name, kwargs = entry["name"], {**kwargs, **dict(entry.get("kwargs") or {})}
         else:
@@ -224,6 +230,12 @@ def stage_teacher(ctx: Context) -> nn.Module:
     resumed = _resumed(ctx, "teacher", final, derived)
     if resumed is not None:
         return resumed
+    if is_zoo(ctx.cfg.model.teacher):  # a released teacher: copied into the run folder, not trained
+        model, record = load_any(ctx.cfg.model.teacher, ctx.device)
+        if ctx.env.is_main:
+            save_model(final, model, record["arch"], {"derived_from": derived, "zoo": ctx.cfg.model.teacher})
+        _finish(ctx, "teacher", "teacher", model, [], ["teacher.pt"], derived)
+        return model
     set_seed(ctx.cfg.run.seed)
     arch = ctx.arch("teacher")
     model = build_model(arch).to(ctx.device)

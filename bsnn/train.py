@@ -27,9 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from bsnn._registry import Registry
 from bsnn._validate import _check, _finite
 from bsnn.binary import clamp_latent_
 from bsnn.data import unpack_batch
@@ -52,10 +54,19 @@ class TrainConfig:
         momentum: SGD momentum.
         betas: Adam betas.
         weight_decay: weight decay on conv/linear weights (never on BN, biases or scales).
-        schedule: ``"cosine"``, ``"step"`` or ``"constant"`` (stepped once per epoch).
+        schedule: a registered schedule (:data:`SCHEDULES`): ``"cosine"``, ``"step"``, ``"constant"`` (stepped once
+            per epoch) or ``"onecycle"`` (linear warm-up over ``warmup_epochs``, then linear decay to 0, stepped
+            every batch: the fast-training recipe).
         step_epochs: for ``step``: decay every this many epochs.
         gamma: for ``step``: multiplicative decay.
+        warmup_epochs: for ``onecycle``: epochs (fractions allowed) of linear warm-up from 0 to ``lr``.
+        nesterov: Nesterov momentum (SGD).
         label_smoothing: cross-entropy label smoothing.
+        ema_decay: keep an exponential moving average of the weights (and BN statistics) with this decay per step,
+            used for validation and returned as the trained model; 0 = off.
+        autocast: ``"none"`` or ``"bf16"`` (bfloat16 autocast of the forward pass: CPUs with AVX512-BF16 / AMX and
+            GPUs; master weights stay fp32).
+        channels_last: train in channels-last memory format (faster convolutions on CPU and GPU).
         checkpoint_every: save a resumable checkpoint every this many epochs.
     """
 
@@ -68,7 +79,12 @@ class TrainConfig:
     schedule: str = "cosine"
     step_epochs: int = 30
     gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    nesterov: bool = False
     label_smoothing: float = 0.0
+    ema_decay: float = 0.0
+    autocast: str = "none"
+    channels_last: bool = False
     checkpoint_every: int = 1
 
     def validate(self) -> None:
@@ -81,8 +97,12 @@ class TrainConfig:
         _check(0.0 <= self.momentum < 1.0, f"momentum must be in [0, 1), got {self.momentum}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.gamma > 0, f"gamma must be > 0, got {self.gamma}")
-        _check(self.schedule in ("cosine", "step", "constant"),
-               f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
+        _check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES.names()}, got {self.schedule!r}")
+        _check(_finite(self.warmup_epochs) and 0.0 <= self.warmup_epochs <= self.epochs,
+               f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs!r}")
+        _check(_finite(self.ema_decay) and 0.0 <= self.ema_decay < 1.0,
+               f"ema_decay must be in [0, 1) (0 = no EMA), got {self.ema_decay!r}")
+        _check(self.autocast in ("none", "bf16"), f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
         _check(self.step_epochs >= 1, f"step_epochs must be >= 1, got {self.step_epochs}")
         _check(len(self.betas) == 2 and all(_finite(b) and 0.0 <= b < 1.0 for b in self.betas),
                f"betas must be two numbers in [0, 1) (Adam's (beta1, beta2), e.g. [0.9, 0.999]), got {self.betas!r}")
@@ -109,20 +129,48 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, nesterov off) or Adam over :func:`param_groups`."""
+    """SGD (momentum, optional Nesterov) or Adam over :func:`param_groups`."""
     groups = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-epoch schedule: cosine to 0 over ``epochs``, step decay, or constant."""
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    if cfg.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_epochs, gamma=cfg.gamma)
-    return torch.optim.lr_scheduler.StepLR(opt, step_size=10**9, gamma=1.0)
+class Schedule:
+    """A learning-rate schedule: ``build(opt, cfg, steps_per_epoch)`` and whether it is stepped every batch."""
+
+    def __init__(self, build: Callable, per_step: bool) -> None:
+        self.build, self.per_step = build, per_step
+
+
+#: Registered learning-rate schedules (``train.schedule``).
+SCHEDULES: Registry[Schedule] = Registry("lr schedule (train.schedule)")
+SCHEDULES.register("cosine")(Schedule(
+    lambda opt, cfg, steps: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs), per_step=False))
+SCHEDULES.register("step")(Schedule(
+    lambda opt, cfg, steps: torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_epochs, gamma=cfg.gamma),
+    per_step=False))
+SCHEDULES.register("constant")(Schedule(
+    lambda opt, cfg, steps: torch.optim.lr_scheduler.StepLR(opt, step_size=10**9, gamma=1.0), per_step=False))
+
+
+def onecycle_factor(step: int, total: int, warmup: int) -> float:
+    """The ``onecycle`` multiplier of ``lr`` after ``step`` batches of ``total``: linear from 0 to 1 over
+    ``warmup`` steps, then linear to 0 at ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+SCHEDULES.register("onecycle")(Schedule(
+    lambda opt, cfg, steps: torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: onecycle_factor(i, cfg.epochs * steps, round(cfg.warmup_epochs * steps))), per_step=True))
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig,
+                    steps_per_epoch: int = 1) -> torch.optim.lr_scheduler.LRScheduler:
+    """The ``cfg.schedule`` scheduler (per-step schedules need ``steps_per_epoch``)."""
+    return SCHEDULES.get(cfg.schedule).build(opt, cfg, steps_per_epoch)
 
 
 def non_finite_tensors(model: nn.Module) -> list[str]:
@@ -231,8 +279,13 @@ def fit(
     device = torch.device(device)
     env = current_env()
     objective.to(device)
+    if cfg.channels_last:
+        objective.to(memory_format=torch.channels_last)
     opt = build_optimizer(objective, cfg)
-    sched = build_scheduler(opt, cfg)
+    per_step = SCHEDULES.get(cfg.schedule).per_step
+    sched = build_scheduler(opt, cfg, len(train_loader) if per_step else 1)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
+        if cfg.ema_decay > 0 else None
     history: list[dict] = []
     start_epoch = 0
     if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
@@ -241,6 +294,8 @@ def fit(
             objective.load_state_dict(ck["objective"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(ck["ema"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(
                 f"cannot resume from {str(checkpoint_path)!r}: it does not match this model/optimiser ({e}); "
@@ -267,9 +322,12 @@ def fit(
         for step, batch in enumerate(train_loader):
             x, y, index = unpack_batch(batch, desc, step)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cfg.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             index = index.to(device) if index is not None else None
             try:
-                out = runner(x, y, index)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
+                    out = runner(x, y, index)
             except IndexError as e:  # cross-entropy on a label the model has no output for
                 if "out of bounds" not in str(e):
                     raise
@@ -277,7 +335,7 @@ def fit(
                                 f"for the model's outputs ({str(e).splitlines()[0]}); check the labels or build the "
                                 "model with more classes") from None
             _check_labels_fit(y, out["logits"], f"{desc}: epoch {epoch + 1}, batch {step + 1}")
-            loss = out["loss"]
+            loss = out["loss"].float()
             if not torch.isfinite(loss):
                 raise TrainingError(f"{desc}: the loss became {loss.item()} at epoch {epoch + 1}, batch {step + 1}; "
                                     f"lower the lr (now {cfg.lr:g}) or check the inputs for NaN/inf values")
@@ -285,10 +343,15 @@ def fit(
             loss.backward()
             opt.step()
             clamp_latent_(objective)  # the student and any trained peers
+            if per_step:
+                sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
             loss_sum += loss.item() * y.numel()
             correct += (out["logits"].detach().argmax(1) == y).sum().item()
             n += y.numel()
-        sched.step()
+        if not per_step:
+            sched.step()
         loss_sum, correct, n = all_reduce_sum([loss_sum, float(correct), float(n)], device)
         if n == 0:
             raise ConfigError(f"{desc}: the training loader yielded no batch in epoch {epoch + 1}; train on a "
@@ -296,7 +359,7 @@ def fit(
         metrics = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum / max(n, 1),
                    "train_acc": 100.0 * correct / max(n, 1)}
         if val_loader is not None:
-            ev = evaluate(model, val_loader, device)
+            ev = evaluate(ema.module if ema is not None else model, val_loader, device)
             metrics.update(val_acc=ev["accuracy"], val_loss=ev["loss"])
         metrics["time_s"] = time.perf_counter() - t0
         history.append(metrics)
@@ -307,10 +370,16 @@ def fit(
         if checkpoint_path is not None and env.is_main and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
             save_checkpoint({"epoch": epoch + 1, "objective": objective.state_dict(), "optimizer": opt.state_dict(),
                              "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
-                             "history": history}, checkpoint_path)
+                             "history": history, **({"ema": ema.state_dict()} if ema is not None else {})},
+                            checkpoint_path)
         barrier()
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, metrics)
+    if ema is not None:  # the averaged weights are the trained model
+        with torch.no_grad():
+            model.load_state_dict(ema.module.state_dict())
+    if cfg.channels_last:
+        objective.to(memory_format=torch.contiguous_format)
     return history
 
 

@@ -19,6 +19,7 @@ CASES: dict[str, tuple[dict, list[tuple[int, int, int]]]] = {
     "vgg11_cifar": ({"width": 0.25}, [(3, 32, 32)]),
     "vgg15_snn": ({"width": 0.125, "hidden": 64}, [(3, 32, 32)]),
     "resnet20_cifar": ({"width": 0.5}, [(3, 32, 32)]),
+    "plain_vgg8": ({"width": 8}, [(3, 32, 32)]),
 }
 
 

@@ -41,13 +41,19 @@ def _loader(x: torch.Tensor) -> DataLoader:
 
 
 def _assert_converges(name: str) -> None:
+    """The conversion error: measured on calibration images, whose activations the thresholds cover, the SNN's
+    time-averaged output must approach the ANN's logits (< 2 % at T = 1024). On other random images the error
+    also falls with T but levels off where their activations exceed every calibration image's (clipping; the
+    held-out errors are in ``benchmarks/results/torchvision_conversion.md``)."""
     ann = _settled(name)
-    x = torch.randn(32, 3, 32, 32)
-    snn = convert(ann, _loader(x), ConvertConfig())  # the default recipe (calibration on the 32 images given)
-    logits = ann(x[:4]).detach()
-    mem = run_batch(snn, x[:4], max(TS), 64)
-    err = [((mem[t - 1] / t - logits).norm() / logits.norm()).item() for t in TS]
-    assert err[-1] < 0.02 and all(a > b for a, b in zip(err, err[1:])), dict(zip(TS, err))
+    x = torch.randn(36, 3, 32, 32)
+    snn = convert(ann, _loader(x[:32]), ConvertConfig())  # the default recipe (calibration on 32 images)
+    for images, limit in ((x[:4], 0.02), (x[32:], None)):
+        logits = ann(images).detach()
+        mem = run_batch(snn, images, max(TS), 64)
+        err = [((mem[t - 1] / t - logits).norm() / logits.norm()).item() for t in TS]
+        assert all(a > b for a, b in zip(err, err[1:])), dict(zip(TS, err))
+        assert limit is None or err[-1] < limit, dict(zip(TS, err))
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])

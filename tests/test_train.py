@@ -122,3 +122,69 @@ def test_train_student_wires_methods(method, params):
                          quiet=True)
     assert len(hist) == 2 and math.isfinite(hist[-1]["train_loss"])
     assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())
+
+
+def test_onecycle_warms_up_then_decays_linearly_every_batch():
+    from bsnn.train import SCHEDULES, onecycle_factor
+
+    train, _ = _data()  # 6 batches per epoch
+    cfg = TrainConfig(epochs=3, lr=0.2, schedule="onecycle", warmup_epochs=0.5, optimizer="sgd", nesterov=True)
+    assert SCHEDULES.get("onecycle").per_step and not SCHEDULES.get("cosine").per_step
+    opt = build_optimizer(_net(), cfg)
+    sched = build_scheduler(opt, cfg, len(train))
+    lrs = []
+    for _ in range(18):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:3] == pytest.approx([0.2 / 3, 0.4 / 3, 0.2])  # warm-up over round(0.5 * 6) = 3 steps
+    assert lrs[3:] == pytest.approx([0.2 * (18 - i) / 15 for i in range(3, 18)])  # linear to 0 at step 18
+    assert onecycle_factor(18, 18, 3) == 0.0 and opt.param_groups[0]["nesterov"]
+
+
+def test_ema_weights_are_the_trained_model_and_resume_exactly(tmp_path):
+    train, test = _data()
+    cfg = TrainConfig(epochs=4, lr=0.02, ema_decay=0.9)
+    torch.manual_seed(1)
+    a = _net()
+    train_teacher(a, train, cfg, quiet=True)
+    torch.manual_seed(1)
+    plain = _net()
+    train_teacher(plain, train, TrainConfig(epochs=4, lr=0.02), quiet=True)
+    assert not torch.equal(a[0].weight, plain[0].weight)  # the returned weights are the average, not the last
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_2(epoch, metrics):
+        if epoch == 2:
+            raise Crash()
+
+    ck = tmp_path / "last.pt"
+    torch.manual_seed(1)
+    with pytest.raises(Crash):
+        train_teacher(_net(), train, cfg, checkpoint_path=ck, quiet=True, on_epoch_end=crash_after_2)
+    torch.manual_seed(12345)
+    c = _net(seed=99)
+    train_teacher(c, train, cfg, checkpoint_path=ck, resume=True, quiet=True)  # the EMA state resumes too
+    for pa, pc in zip(a.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(pa, pc)
+
+
+def test_bf16_autocast_and_channels_last_train_and_leave_a_plain_fp32_model():
+    train, test = _data()
+    net = _net()
+    h = train_teacher(net, train, TrainConfig(epochs=6, lr=0.02, autocast="bf16", channels_last=True), quiet=True)
+    assert h[-1]["train_loss"] < h[0]["train_loss"]
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in net.parameters())
+
+
+@pytest.mark.parametrize("key, value, match", [("schedule", "linear", "schedule must be one of"),
+                                               ("ema_decay", 1.0, "ema_decay must be in"),
+                                               ("autocast", "fp16", "autocast must be"),
+                                               ("warmup_epochs", 9, "warmup_epochs must be in")])
+def test_fast_training_settings_are_validated(key, value, match):
+    from bsnn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(epochs=3, **{key: value}).validate()

@@ -8,6 +8,7 @@ from typing import Union
 from bsnn._validate import _check
 from bsnn.activations import ACTIVATIONS
 from bsnn.models import MODELS
+from bsnn.zoo import PREFIX, card, is_zoo
 
 
 @dataclass
@@ -16,7 +17,8 @@ class ModelConfig:
     classification models, e.g. ``torchvision:resnet18``).
 
     Attributes:
-        teacher: full-precision teacher architecture.
+        teacher: full-precision teacher architecture, or ``zoo:<name>``: a released teacher, used as it is (not
+            trained; the student defaults to its architecture).
         student: student architecture (binarised by :func:`bsnn.binarize_`); ``None`` = same as teacher.
         kwargs: extra keyword arguments for both constructors (e.g. ``width``, ``dropout``).
         activation: the student's activation: ``relu``, ``clip`` (trainable clip, threshold-ReLU) or ``qcfs``
@@ -49,7 +51,9 @@ class ModelConfig:
         _check(self.act_levels >= 1 and self.act_clip > 0, "model.act_levels must be >= 1 and act_clip > 0")
 
         for role, name in (("teacher", self.teacher), ("student", self.student)):
-            if name is not None:
+            if name is not None and role == "teacher" and is_zoo(name):
+                card(name[len(PREFIX):])  # raises listing the released models
+            elif name is not None:
                 MODELS.get(name)  # raises listing valid names
         for key in ("teachers", "assistants"):
             for entry in getattr(self, key):

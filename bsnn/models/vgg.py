@@ -1,6 +1,8 @@
-"""Conversion-friendly VGG networks: CIFAR VGG-7 / VGG-11 (with BN) and the VGG-15 of Lu & Sengupta.
+"""Conversion-friendly VGG networks: CIFAR VGG-7 / VGG-11 (with BN), the VGG-15 of Lu & Sengupta, and a plain
+6-conv + 2-FC VGG written as users write one (``plain_vgg8``).
 
-All of them use average pooling only, one ``nn.ReLU`` module per activation and ``nn.Flatten``.
+All of them use one ``nn.ReLU`` module per activation and ``nn.Flatten``, and average pooling by default
+(``plain_vgg8(pool="max")`` has max-pools, which convert through a spiking max-pool).
 """
 
 from __future__ import annotations
@@ -188,3 +190,38 @@ class VGG15SNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``[B, C, H, W]`` images to ``[B, num_classes]`` logits."""
         return self.classifier(self.features(x))
+
+
+@MODELS.register("plain_vgg8")
+def plain_vgg8(num_classes: int = 10, in_channels: int = 3, *, width: int = 32, pool: str = "avg",
+               input_size: int = 32) -> nn.Sequential:
+    """A plain 6-conv + 2-FC VGG as users write one (``nn.Sequential`` of torch layers, PyTorch's default init):
+    ``conv3x3-BN-ReLU`` x 6 with a 2x2 pool after every second conv, then ``Linear(4w·s², 256)-BN-ReLU-Linear``.
+    Channels ``w, w, 2w, 2w, 4w, 4w``; ``s = input_size // 8``. The network of ``benchmarks/train_plain_vgg.py`` and
+    of the zoo's ``cifar10_plain_*`` entries.
+
+    Args:
+        width: channels of the first two convs.
+        pool: ``"avg"`` (conversion-friendly) or ``"max"`` (converted by a spiking max-pool).
+        input_size: side of the square input, a multiple of 8.
+
+    Shape:
+        input ``[B, in_channels, input_size, input_size]``, output ``[B, num_classes]``.
+    """
+    check_positive_int("plain_vgg8", "width", width)
+    if pool not in ("avg", "max"):
+        raise ConfigError(f"model 'plain_vgg8': pool must be 'avg' or 'max', got {pool!r}")
+    if input_size % 8:
+        raise ConfigError(f"model 'plain_vgg8': input_size must be a multiple of 8, got {input_size}")
+    channels = [width, width, 2 * width, 2 * width, 4 * width, 4 * width]
+    layers: list[nn.Module] = []
+    c = in_channels
+    for i, out in enumerate(channels):
+        layers += [nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+        if i % 2 == 1:
+            layers.append(nn.AvgPool2d(2) if pool == "avg" else nn.MaxPool2d(2))
+        c = out
+    s = input_size // 8
+    layers += [nn.Flatten(), nn.Linear(c * s * s, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU(),
+               nn.Linear(256, num_classes)]
+    return nn.Sequential(*layers)

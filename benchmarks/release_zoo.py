@@ -1,0 +1,152 @@
+"""Release trained networks into ``bsnn/zoo`` (safetensors weights + model card), measuring what the card states.
+
+For each entry: the ANN's accuracy on the full CIFAR-10 test set (10,000 images) and on the validation split (the
+last 5,000 training images, which picked the best epoch), the default conversion (``ConvertConfig()``), SNN
+accuracy vs T on the first ``--snn-test`` test images (with the ANN's accuracy on the same images), T@1 (the
+smallest T within 1 point of the ANN on those images), firing rates, and the in-memory cost at that operating
+point (``spikesim-rram-65nm``, event-driven, measured rates). A data-free check (the logits of a fixed random
+input) lets tests verify the weights without the dataset.
+
+Entries (trained by ``benchmarks/train_plain_vgg.py``, plain PyTorch loops, not by bsnn's recipes):
+
+* ``cifar10_plain_bvgg``: binary-weight ``plain_vgg8`` (width 32, average pooling, first/last layer full precision);
+* ``cifar10_maxpool_vgg``: full-precision ``plain_vgg8`` (width 32, max-pooling).
+
+Run:  python benchmarks/release_zoo.py [--entries cifar10_maxpool_vgg] [--snn-test 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, command_line, log, machine_info, markdown_table  # noqa: E402
+from train_plain_vgg import DATA as CIFAR_NPZ, load_cifar, normalise  # noqa: E402
+
+import bsnn  # noqa: E402
+from bsnn.binary import BinaryConfig  # noqa: E402
+from bsnn.hardware.cost import estimate  # noqa: E402
+from bsnn.io import load_checkpoint  # noqa: E402
+from bsnn.modelfile import build_model  # noqa: E402
+
+TS = [1, 2, 4, 8, 16, 32, 64, 128]
+DATA_NOTE = ("CIFAR-10, JPEG copy (../shared/data/cifar10.npz): train = first 45,000 training images, validation = "
+             "last 5,000 (best epoch picked on it), test = the 10,000 test images")
+
+
+def _arch(width: int, pool: str, binary: bool) -> dict:
+    return {"name": "plain_vgg8", "num_classes": 10, "in_channels": 3, "kwargs": {"width": width, "pool": pool},
+            "binary": dataclasses.asdict(BinaryConfig()) if binary else None, "activation": {"kind": "relu"}}
+
+
+ENTRIES = {
+    "cifar10_plain_bvgg": dict(file="cifar10_plain_bvgg.pt", pool="avg", binary=True,
+                               train="python benchmarks/train_plain_vgg.py --epochs 12 --threads 1 --out "
+                                     "benchmarks/models/cifar10_plain_bvgg.pt",
+                               what="binary-weight VGG (6 conv + 2 FC, width 32, average pooling, first and last layer "
+                                    "full precision, α·sign(W) per output channel), plain ReLU, trained by a plain "
+                                    "PyTorch loop (CE, SGD one-cycle, crop + flip)"),
+    "cifar10_maxpool_vgg": dict(file="cifar10_maxpool_vgg.pt", pool="max", binary=False,
+                                train="python benchmarks/train_plain_vgg.py --pool max --full-precision --epochs 8 "
+                                      "--threads 1 --out benchmarks/models/cifar10_maxpool_vgg.pt",
+                                what="full-precision VGG (6 conv + 2 FC, width 32, max-pooling), plain ReLU, trained by "
+                                     "a plain PyTorch loop (CE, SGD one-cycle, crop + flip)"),
+}
+
+
+@torch.no_grad()
+def accuracy(model, ds, batch: int = 1000) -> float:
+    loader = DataLoader(ds, batch_size=batch)
+    correct = sum((model(x).argmax(1) == y).sum().item() for x, y in loader)
+    return 100.0 * correct / len(ds)
+
+
+@torch.no_grad()
+def data_free_check(model) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    logits = model(x)
+    return {"input": "torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))",
+            "logits_sum": float(logits.sum()), "logits_abs_sum": float(logits.abs().sum()),
+            "argmax": logits.argmax(1).tolist()}
+
+
+def release(name: str, spec: dict, n_snn: int, d: dict) -> None:
+    state = load_checkpoint(ROOT / "benchmarks" / "models" / spec["file"])
+    arch = _arch(state["width"], spec["pool"], spec["binary"])
+    model = build_model(arch)
+    model.load_state_dict(state["model"])
+    model.eval()
+    ds = {k: TensorDataset(normalise(d[f"x_{k}"]), d[f"y_{k}"]) for k in ("train", "val", "test")}
+    test_acc, val_acc = accuracy(model, ds["test"]), accuracy(model, ds["val"])
+    subset_500 = accuracy(model, Subset(ds["test"], range(500)))
+    t0 = time.perf_counter()
+    snn = bsnn.convert(model, DataLoader(Subset(ds["train"], range(2048)), batch_size=256))
+    convert_s = time.perf_counter() - t0
+    res = bsnn.simulate(snn, DataLoader(Subset(ds["test"], range(n_snn)), batch_size=250), TS, ann=model, quiet=True)
+    ann_sub = res.ann_accuracy
+    t_at_1 = next((t for t in TS if res.accuracy[t] >= ann_sub - 1.0), None)
+    op_t = t_at_1 or max(TS)
+    cost = estimate(snn, res, "spikesim-rram-65nm", timesteps=op_t, mode="event_driven")
+    history = state.get("history") or []
+    info = {
+        "summary": f"{spec['what'].split(',')[0]}: test {test_acc:.2f} %, SNN T@1 {t_at_1}",
+        "description": spec["what"],
+        "data": DATA_NOTE,
+        "ann": {"test_acc": test_acc, "val_acc": val_acc, "test_acc_first_500": subset_500,
+                "best_epoch": state.get("epoch"), "epochs": len(history) or state.get("epoch")},
+        "snn": {"convert": "bsnn.convert(model, first 2048 training images) with the default ConvertConfig()",
+                "convert_s": round(convert_s, 1), "test_images": n_snn, "ann_acc_same_images": ann_sub,
+                "accuracy": {str(t): res.accuracy[t] for t in TS}, "t_at_1": t_at_1,
+                "firing_rates_at_t_at_1": res.firing_rates(op_t)},
+        "cost": {"hardware": "spikesim-rram-65nm", "mode": "event_driven", "timesteps": op_t,
+                 "energy_pj": cost.total.energy_pj, "latency_ns": cost.total.latency_ns,
+                 "area_um2": cost.total.area_um2,
+                 "ann_bit_serial_energy_ratio": cost.comparisons["ann_bit_serial_imc"]["energy_ratio"]},
+        "training": {"command": spec["train"], "wall_s": history[-1]["wall_s"] if history else None,
+                     "history": history, "machine": "2-core CPU (AVX-512), 1 thread, torch "
+                                                     f"{torch.__version__}"},
+        "check": data_free_check(model),
+        "released_by": command_line(),
+        "machine": machine_info(),
+    }
+    rows = [[f"T={t}", f"{res.accuracy[t]:.2f}"] for t in TS]
+    md = (f"# `{name}`\n\n{spec['what']}.\n\n**Data**: {DATA_NOTE}.\n\n"
+          f"**ANN**: test {test_acc:.2f} % (10,000 images), validation {val_acc:.2f} % (best epoch "
+          f"{state.get('epoch')} of {info['ann']['epochs']}).\n\n"
+          f"**SNN** (default `ConvertConfig()`, first {n_snn} test images, ANN {ann_sub:.2f} % on them), T@1 = "
+          f"{t_at_1}:\n\n{markdown_table(['T', 'SNN accuracy (%)'], rows)}\n"
+          f"**Cost** at T = {op_t} (spikesim-rram-65nm, event-driven, measured rates): "
+          f"{cost.total.energy_pj:.4g} pJ, {cost.total.latency_ns:.4g} ns, {cost.total.area_um2:.4g} µm² per "
+          f"inference; {info['cost']['ann_bit_serial_energy_ratio']:.3g}x the energy of the same network as a "
+          "bit-serial ANN on the same hardware.\n\n"
+          f"**Training**: `{spec['train']}` ({info['training']['wall_s']} s on {info['training']['machine']}).\n\n"
+          f"Load: `model, card = bsnn.zoo.load({name!r})`; CLI: `zoo:{name}`.\n")
+    path = bsnn.zoo.release(name, model, arch, info, md)
+    log(f"{name}: test {test_acc:.2f}, SNN T@1 {t_at_1}; wrote {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--entries", default=",".join(ENTRIES))
+    ap.add_argument("--snn-test", type=int, default=2000, help="test images for the SNN curve")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if not CIFAR_NPZ.is_file():
+        log(f"needs {CIFAR_NPZ}")
+        return
+    d = load_cifar()
+    for name in args.entries.split(","):
+        release(name, ENTRIES[name], args.snn_test, d)
+
+
+if __name__ == "__main__":
+    main()
