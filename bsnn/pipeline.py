@@ -523,13 +523,15 @@ def stage_cost(ctx: Context, snn: SpikingNetwork, res: SimResult) -> dict:
     derived = {"config": config_digest(ctx.cfg, ("cost",)), "snn": model_digest(snn),
                "sweep.json": file_sha256(sweep) if sweep.is_file() else None}
     report = run_cost(snn, res, ctx.run.root, hw=c.preset, timesteps=c.timesteps, mode=c.mode,
-                      derived_from=derived) if ctx.env.is_main else None
+                      derived_from=derived, tolerance=c.accuracy_tolerance) if ctx.env.is_main else None
     total = report.to_dict()["total"] if report is not None else {}
+    point = report.operating_point if report is not None else {}
     files = [f for f in COST_FILES if ctx.run.path(f).is_file()]
-    ctx.run.commit("cost", {"cost": Entry({"preset": c.preset, "mode": c.mode, "total": total}, files, derived)},
-                   replace=True)
+    ctx.run.commit("cost", {"cost": Entry({"preset": c.preset, "mode": c.mode, "timesteps": point.get("timesteps"),
+                                           "operating_point": point.get("reason"), "total": total}, files,
+                                          derived)}, replace=True)
     if report is not None:
-        log.info("cost (%s, %s, T=%s): %.4g pJ, %.4g ns, %.4g um2", c.preset, c.mode, report.timesteps,
+        log.info("cost (%s, %s, operating point %s): %.4g pJ, %.4g ns, %.4g um2", c.preset, c.mode, point["reason"],
                  total["energy_pj"], total["latency_ns"] or float("nan"), total["area_um2"] or float("nan"))
     return total
 

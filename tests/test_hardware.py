@@ -393,3 +393,38 @@ def test_cli_cost_run_folder(tmp_path):
     d = json.loads((out / "cost.json").read_text())
     assert d["timesteps"] == 4 and d["mode"] == "event_driven" and d["hardware"] == "xnor-sram-65nm"
     assert len(d["layers"]) == len(snn.layers) and d["total"]["energy_pj"] > 0
+
+
+def test_operating_point_is_the_smallest_T_within_tolerance_of_the_ann():
+    from bsnn.hardware.report import operating_point
+
+    sweep = {"accuracy": {"1": 40.0, "2": 80.0, "4": 97.2, "8": 98.0, "64": 98.4}, "ann_accuracy": 98.1}
+    assert operating_point(sweep)[0] == 4
+    assert operating_point(sweep, tolerance=0.3)[0] == 8
+    t, reason = operating_point(sweep, tolerance=0.0)
+    assert t == 64 and "smallest simulated T within 0 point" in reason
+    t, reason = operating_point({"accuracy": {"1": 10.0, "8": 50.0}, "ann_accuracy": 98.0})
+    assert t == 8 and "no simulated T reaches" in reason
+    t, reason = operating_point({"accuracy": {"1": 10.0, "8": 50.0}, "ann_accuracy": None})
+    assert t == 8 and "no ANN accuracy" in reason
+
+
+def test_cost_of_a_run_is_at_its_operating_point(tmp_path):
+    import json
+
+    from bsnn.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--quiet", "data.name=digits", "train.epochs=2", "student.epochs=2",
+                 "simulate.timesteps=[1,2,4,8,16,32]"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    sweep = json.loads((out / "sweep.json").read_text())
+    ann, acc = sweep["ann_accuracy"], {int(t): a for t, a in sweep["accuracy"].items()}
+    expected = next((t for t in sorted(acc) if acc[t] >= ann - 1.0), max(acc))
+    cost = json.loads((out / "cost.json").read_text())
+    assert cost["timesteps"] == expected == metrics["cost"]["timesteps"]
+    assert cost["operating_point"]["reason"].startswith(f"T={expected}")
+    assert "Operating point: T=" in (out / "cost.md").read_text()
+    assert main(["cost", "--run", str(out), "--out", str(tmp_path / "c"), "--mode", "event_driven",
+                 "--tolerance", "100", "--quiet"]) == 0
+    assert json.loads((tmp_path / "c" / "cost.json").read_text())["timesteps"] == 1  # any T is within 100 points

@@ -23,7 +23,7 @@ from bsnn.hardware.config import HardwareConfig, list_presets, load_hardware_con
 from bsnn.hardware.cost import MODES, Activity, estimate
 from bsnn.hardware.mapping import load_layer_table
 from bsnn.hardware.report import (COST_FILES, _save, _ts_up_to, plot_breakdown, plot_vs_t,  # noqa: F401 (re-exports)
-                                  run_cost, write_cost_report)
+                                  operating_point, run_cost, write_cost_report)
 from bsnn.io import file_sha256, model_digest
 from bsnn.modelfile import load_snn
 from bsnn.runfolder import Entry, RunLock, check_out_dir, commit_entries
@@ -50,7 +50,10 @@ def add_cost_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--adc-bits", type=int, default=None)
     p.add_argument("--mapping", choices=["spikesim", "unrolled"], default=None)
     p.add_argument("--sign-handling", choices=["none", "popcount", "paired"], default=None)
-    p.add_argument("--timesteps", type=int, default=None, help="T (default: the largest simulated T, else 5)")
+    p.add_argument("--timesteps", type=int, default=None, help="T (default with --run: the operating point, the "
+                   "smallest simulated T within --tolerance of the ANN; with --layers: 5)")
+    p.add_argument("--tolerance", type=float, default=1.0, help="accuracy points below the ANN that count as "
+                   "reaching it (operating point; default 1)")
     p.add_argument("--mode", choices=list(MODES), default="dense")
     p.add_argument("--rate", type=float, default=None, help="uniform input spike rate for event_driven costs of "
                    "a layer table")
@@ -123,13 +126,19 @@ def cmd_cost(args: argparse.Namespace) -> int:
             network, activity = _load_run(args.run)
             if args.mode == "event_driven" and activity is None:
                 raise ConfigError(f"--mode event_driven needs {args.run / 'sweep.json'} (run `bsnn simulate`)")
-            T = args.timesteps or (max(int(t) for t in activity["timesteps"]) if activity else 5)
+            if args.timesteps:
+                T, reason = args.timesteps, f"T={args.timesteps}: set by --timesteps"
+            elif activity:
+                T, reason = operating_point(activity, args.tolerance)
+            else:
+                T, reason = 5, "T=5: no sweep.json to choose an operating point from (run `bsnn simulate`)"
             sweep = args.run / "sweep.json"
             derived = {"snn": model_digest(network), "sweep.json": file_sha256(sweep) if activity else None,
                        "hardware": dataclasses.asdict(hw)}
         else:
             network, activity = args.layers, None
             T = args.timesteps or 5
+            reason = f"T={T}: " + ("set by --timesteps" if args.timesteps else "the default for a layer table")
             if args.rate is not None:
                 if not 0.0 <= args.rate <= 1.0:
                     raise ConfigError(f"--rate must be in [0, 1], got {args.rate}")
@@ -138,6 +147,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
             elif args.mode == "event_driven":
                 raise ConfigError("--mode event_driven with --layers needs --rate R (uniform input spike rate)")
         report = estimate(network, activity, hw, timesteps=T, mode=args.mode, ann_bits=args.ann_bits)
+        report.operating_point = {"timesteps": T, "reason": reason}
+        report.notes.insert(1, f"operating point {reason}")
         paths = write_cost_report(report, out, network, activity, hw, derived_from=derived)
         if in_run:
             commit_entries(out, "cost", {"cost": Entry({"preset": report.hardware, "mode": report.mode,

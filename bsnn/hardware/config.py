@@ -449,13 +449,16 @@ class CostConfig:
     Attributes:
         enabled: write ``cost.{json,md,png}`` after the sweep.
         preset: hardware preset (``spikesim-rram-65nm``, ``xnor-sram-65nm``, ``isaac-rram-32nm``, ``digital-45nm``).
-        timesteps: T at which to cost the network (None: the largest simulated T).
+        timesteps: T at which to cost the network (None: the operating point, the smallest simulated T within
+            ``accuracy_tolerance`` points of the ANN).
+        accuracy_tolerance: accuracy points below the ANN that count as reaching it (operating point).
         mode: ``event_driven`` (measured spike counts) or ``dense`` (every crossbar read every timestep).
     """
 
     enabled: bool = True
     preset: str = "spikesim-rram-65nm"
     timesteps: Union[int, None] = None
+    accuracy_tolerance: float = 1.0
     mode: str = "event_driven"
 
     def validate(self) -> None:
@@ -463,4 +466,8 @@ class CostConfig:
         _check(self.mode in ("dense", "event_driven"), f"cost.mode must be 'dense' or 'event_driven', got {self.mode!r}")
         _check(self.timesteps is None or (isinstance(self.timesteps, int) and not isinstance(self.timesteps, bool)
                                           and self.timesteps >= 1),
-               f"cost.timesteps must be a positive integer or null (the largest simulated T), got {self.timesteps!r}")
+               f"cost.timesteps must be a positive integer or null (the operating point), got {self.timesteps!r}")
+        _check(isinstance(self.accuracy_tolerance, (int, float)) and not isinstance(self.accuracy_tolerance, bool)
+               and 0 <= self.accuracy_tolerance < 100,
+               f"cost.accuracy_tolerance must be a number of accuracy points in [0, 100), got "
+               f"{self.accuracy_tolerance!r}")

@@ -295,6 +295,7 @@ class CostReport:
     comparisons: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    operating_point: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -302,6 +303,8 @@ class CostReport:
     def markdown(self) -> str:
         """Per-layer table, totals and comparisons as markdown."""
         head = f"## {self.hardware}: mode `{self.mode}`, T={self.timesteps}\n\n"
+        if self.operating_point:
+            head += f"Operating point: {self.operating_point['reason']}.\n\n"
         rows = [[l.name, l.kind, l.pes, l.crossbars, round(l.utilisation, 3),
                  None if l.input_rate is None else round(l.input_rate, 4), f"{l.energy_pj:.4g}",
                  None if l.latency_ns is None else f"{l.latency_ns:.4g}",

@@ -18,6 +18,32 @@ from bsnn.io import atomic_write_json, atomic_write_text, write_failure
 COST_FILES = ("cost.json", "cost.md", "cost_breakdown.png", "cost_vs_T.png")
 
 
+def operating_point(result, tolerance: float = 1.0) -> tuple[int, str]:
+    """The T at which a network is run: the smallest simulated T whose accuracy is within ``tolerance`` points of
+    the ANN's (on the same samples), with the reason in words.
+
+    Args:
+        result: a :class:`~bsnn.simulate.SimResult` or its ``to_dict()`` (``sweep.json``): ``accuracy`` per T and
+            ``ann_accuracy``.
+        tolerance: accuracy points below the ANN that count as reaching it.
+
+    Returns:
+        ``(T, reason)``; without an ANN reference, or when no simulated T comes within ``tolerance``, the largest
+        simulated T (the reason says which).
+    """
+    d = result if isinstance(result, dict) else result.to_dict()
+    acc = {int(t): float(a) for t, a in d["accuracy"].items()}
+    t_max, ann = max(acc), d.get("ann_accuracy")
+    if ann is None:
+        return t_max, f"T={t_max}: the largest simulated T (no ANN accuracy to compare with)"
+    t = next((t for t in sorted(acc) if acc[t] >= ann - tolerance), None)
+    if t is None:
+        return t_max, (f"T={t_max}: the largest simulated T; no simulated T reaches the ANN's {ann:.2f} % within "
+                       f"{tolerance:g} point(s) (best {max(acc.values()):.2f} %)")
+    return t, (f"T={t}: the smallest simulated T within {tolerance:g} point(s) of the ANN ({acc[t]:.2f} % vs "
+               f"{ann:.2f} %)")
+
+
 def _ts_up_to(T: int) -> list[int]:
     """1..T for T <= 16, else the powers of two below T and T."""
     return list(range(1, T + 1)) if T <= 16 else sorted({2 ** i for i in range(T.bit_length()) if 2 ** i < T} | {T})
@@ -132,9 +158,15 @@ def plot_vs_t(vs_t: dict, report: CostReport, path: str | os.PathLike) -> Path:
 
 def run_cost(snn, result, out_dir: str | os.PathLike, hw: HardwareConfig | str = "spikesim-rram-65nm",
              timesteps: int | None = None, mode: str = "event_driven", plots: bool = True,
-             derived_from: dict | None = None) -> CostReport:
-    """For ``bsnn run``: cost the converted network at T (default: the largest simulated T) and write
+             derived_from: dict | None = None, tolerance: float = 1.0) -> CostReport:
+    """For ``bsnn run``: cost the converted network at T — ``timesteps``, else the operating point
+    (:func:`operating_point`: the smallest T within ``tolerance`` points of the ANN) — and write
     ``cost.{json,md}`` (+ plots; :data:`COST_FILES`) into the run folder. Returns the report."""
+    reason = f"T={timesteps}: set by cost.timesteps"
+    if timesteps is None:
+        timesteps, reason = operating_point(result, tolerance)
     report = estimate(snn, result, hw, timesteps=timesteps, mode=mode)
+    report.operating_point = {"timesteps": timesteps, "reason": reason}
+    report.notes.insert(1, f"operating point {reason}")
     write_cost_report(report, out_dir, snn, result, resolve_hardware(hw), plots=plots, derived_from=derived_from)
     return report
