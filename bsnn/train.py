@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -62,8 +62,8 @@ class TrainConfig:
         warmup_epochs: for ``onecycle``: epochs (fractions allowed) of linear warm-up from 0 to ``lr``.
         nesterov: Nesterov momentum (SGD).
         label_smoothing: cross-entropy label smoothing.
-        ema_decay: keep an exponential moving average of the weights (and BN statistics) with this decay per step,
-            used for validation and returned as the trained model; 0 = off.
+        ema_decay: keep an exponential moving average of the weights (and BN statistics) with this decay per step
+            (warmed up: :func:`ema_decay_at`), used for validation and returned as the trained model; 0 = off.
         autocast: ``"none"`` or ``"bf16"`` (bfloat16 autocast of the forward pass: CPUs with AVX512-BF16 / AMX and
             GPUs; master weights stay fp32).
         channels_last: train in channels-last memory format (faster convolutions on CPU and GPU).
@@ -165,6 +165,22 @@ def onecycle_factor(step: int, total: int, warmup: int) -> float:
 SCHEDULES.register("onecycle")(Schedule(
     lambda opt, cfg, steps: torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: onecycle_factor(i, cfg.epochs * steps, round(cfg.warmup_epochs * steps))), per_step=True))
+
+
+def ema_decay_at(decay: float, updates: int) -> float:
+    """The EMA decay after ``updates`` averaging steps: ``min(decay, (1 + n) / (10 + n))``, so the random
+    initialisation leaves the average within the first few hundred steps instead of lingering as ``decay^n``
+    (with decay 0.999 it would still weigh 12 % after 2,000 steps)."""
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
+def ema_average(decay: float) -> Callable:
+    """``AveragedModel``'s ``avg_fn`` for an EMA with the warm-up of :func:`ema_decay_at`."""
+    def avg(averaged: torch.Tensor, current: torch.Tensor, updates) -> torch.Tensor:
+        d = ema_decay_at(decay, int(updates))
+        return averaged * d + current * (1.0 - d)
+
+    return avg
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig,
@@ -284,8 +300,7 @@ def fit(
     opt = build_optimizer(objective, cfg)
     per_step = SCHEDULES.get(cfg.schedule).per_step
     sched = build_scheduler(opt, cfg, len(train_loader) if per_step else 1)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
-        if cfg.ema_decay > 0 else None
+    ema = AveragedModel(model, avg_fn=ema_average(cfg.ema_decay), use_buffers=True) if cfg.ema_decay > 0 else None
     history: list[dict] = []
     start_epoch = 0
     if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():

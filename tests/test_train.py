@@ -188,3 +188,14 @@ def test_fast_training_settings_are_validated(key, value, match):
 
     with pytest.raises(ConfigError, match=match):
         TrainConfig(epochs=3, **{key: value}).validate()
+
+
+def test_ema_forgets_the_initialisation():
+    from bsnn.train import ema_average, ema_decay_at
+
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1) and ema_decay_at(0.999, 10**6) == 0.999
+    avg, w = torch.zeros(()), torch.ones(())
+    fn = ema_average(0.999)
+    for n in range(2000):  # a constant weight of 1 after an initial 0: the average must have forgotten the 0
+        avg = fn(avg, w, n)
+    assert float(avg) > 0.999
