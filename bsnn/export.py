@@ -2,10 +2,12 @@
 
 :func:`to_spikingjelly` builds an equivalent network of spikingjelly 2.0 modules working multi-step on
 ``[T, B, ...]``: every stateless op is wrapped in ``layer.SeqToANNContainer`` and every bsnn IF layer becomes
-``neuron.IFNode(v_threshold=1.0, v_reset=None, step_mode='m')`` (reset by subtraction) preceded by a
-per-channel input gain 1/θ (spikingjelly thresholds are scalars; bsnn's are per channel because the binary
-layers' α is folded into them). The output is the output layer's current per timestep ``[T, B, K]``; sum it
-over time for the integrator's membrane.
+a per-channel input gain 1/θ (spikingjelly thresholds are scalars; bsnn's are per channel because the binary
+layers' α is folded into them) followed by ``neuron.IFNode(v_threshold=1.0, v_reset=None, step_mode='m')``
+(reset by subtraction) — or, where the layer starts from a non-zero membrane (the θ/2 shift, potential
+calibration) or carries a bias-calibration current, by :class:`CalibratedIFNode`, an ``IFNode`` subclass that adds
+exactly those two things. Every SNN bsnn's default recipe produces exports, spike for spike. The output is the
+output layer's current per timestep ``[T, B, K]``; sum it over time for the integrator's membrane.
 """
 
 from __future__ import annotations
@@ -16,10 +18,50 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from spikingjelly.activation_based import layer, neuron
+
 from bsnn.errors import ConversionError
 from bsnn.snn.network import SpikingNetwork
 from bsnn.snn.neuron import ChannelScale, IFNeuron, Integrator
 from bsnn.snn.pool import SpikingMaxPool2d
+
+
+class CalibratedIFNode(neuron.IFNode):
+    """spikingjelly's ``IFNode`` (threshold 1, reset by subtraction, multi-step) with bsnn's two calibration terms:
+
+    * an initial membrane ``v_init`` (units of the threshold, per channel ``[C, 1, 1]`` / ``[F]`` or a scalar)
+      instead of 0 after every ``reset()``: the θ/2 shift plus potential calibration's correction;
+    * a bias current ``i_bias`` (units of the threshold, per channel) added to the input during the first
+      ``i_bias_steps`` timesteps after a reset (0 = every timestep): bias calibration's windowed current.
+
+    With both zero it is exactly ``IFNode(v_threshold=1.0, v_reset=None, step_mode='m')``.
+    """
+
+    def __init__(self, v_init: torch.Tensor, i_bias: torch.Tensor | None = None, i_bias_steps: int = 0) -> None:
+        super().__init__(v_threshold=1.0, v_reset=None, step_mode="m")
+        self.register_buffer("v_init", torch.as_tensor(v_init, dtype=torch.float32).clone())
+        self.register_buffer("i_bias", None if i_bias is None else torch.as_tensor(i_bias, dtype=torch.float32))
+        self.i_bias_steps = int(i_bias_steps)
+        self.steps_seen = 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.steps_seen = 0
+
+    def materialize_states(self, inputs, states, step_mode):
+        if isinstance(states[0], float):  # the first step after a reset: start from v_init, not from 0
+            x = inputs[0][0] if step_mode == "m" else inputs[0]
+            states = (torch.zeros_like(x) + self.v_init.to(x.dtype) + states[0], *states[1:])
+        return super().materialize_states(inputs, states, step_mode)
+
+    def multi_step_forward(self, x_seq: torch.Tensor, *args, **kwargs):
+        if self.i_bias is not None:
+            t = x_seq.shape[0]
+            n = t if not self.i_bias_steps else min(t, max(0, self.i_bias_steps - self.steps_seen))
+            if n:
+                x_seq = torch.cat((x_seq[:n] + self.i_bias.to(x_seq.dtype), x_seq[n:]))
+        self.steps_seen += x_seq.shape[0]
+        return super().multi_step_forward(x_seq, *args, **kwargs)
 
 
 class _TimeFlatten(nn.Module):
@@ -37,13 +79,9 @@ def to_spikingjelly(snn: SpikingNetwork) -> fx.GraphModule:
     """An equivalent multi-step spikingjelly network: input ``[T, B, C, H, W]`` -> output currents ``[T, B, K]``.
 
     Raises:
-        ConversionError: when spikingjelly is not installed, or the network uses a feature with no
-            spikingjelly counterpart (a non-zero initial membrane potential).
+        ConversionError: the network uses a layer with no spikingjelly counterpart (a spiking max-pool of
+            running spike counts), naming it.
     """
-    try:
-        from spikingjelly.activation_based import layer, neuron
-    except ImportError as e:  # pragma: no cover - spikingjelly is a core dependency
-        raise ConversionError("to_spikingjelly needs spikingjelly>=2.0: pip install spikingjelly") from e
     gm = copy.deepcopy(snn.graph_module)
     root, graph = nn.Module(), fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -57,11 +95,12 @@ def to_spikingjelly(snn: SpikingNetwork) -> fx.GraphModule:
             name = node.target.replace(".", "_")
             x = env[node.args[0]]
             if isinstance(m, IFNeuron):
-                if torch.any(m.v_init_frac + m.v_init_bias != 0):
-                    raise ConversionError(f"IF layer '{node.target}' starts from a non-zero membrane potential, which "
-                                          "spikingjelly's IFNode cannot express; convert with convert.v_init=0")
-                root.add_module(name + "_gain", ChannelScale(m.gain(), m.i_bias if bool(m.i_bias.any()) else None))
-                root.add_module(name, neuron.IFNode(v_threshold=1.0, v_reset=None, step_mode="m"))
+                v_init = (m.v_init_frac + m.v_init_bias).detach()
+                bias = m.i_bias.detach() if bool(m.i_bias.any()) else None
+                root.add_module(name + "_gain", ChannelScale(m.gain()))
+                plain = not bool(v_init.any()) and bias is None
+                root.add_module(name, neuron.IFNode(v_threshold=1.0, v_reset=None, step_mode="m") if plain else
+                                CalibratedIFNode(v_init, bias, int(m.i_bias_steps)))
                 env[node] = graph.call_module(name, (graph.call_module(name + "_gain", (x,)),))
             elif isinstance(m, SpikingMaxPool2d):
                 raise ConversionError(f"to_spikingjelly: '{node.target}' is a spiking max-pool of running spike "

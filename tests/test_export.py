@@ -56,9 +56,24 @@ def test_spikingjelly_export_gives_identical_spikes(make):
     assert torch.equal(out, out_sj)
 
 
-def test_export_refuses_initial_potential():
+@pytest.mark.parametrize("cfg", [ConvertConfig(), ConvertConfig(snn_calibration="bias", snn_calibration_timesteps=5),
+                                 ConvertConfig.plain(v_init=0.5)], ids=["default", "bias@5", "shift"])
+def test_every_recipe_exports_spike_for_spike(cfg):
+    """The default recipe (per-channel thresholds, θ/2 shift, potential calibration) and windowed bias
+    calibration export with CalibratedIFNode; spikes equal bsnn's at every step (across the end of the bias
+    window too)."""
+    from bsnn.export import CalibratedIFNode
+
+    torch.manual_seed(0)
     net = _residual()
-    x = torch.randn(8, 1, 8, 8)
-    snn = convert(net, DataLoader(TensorDataset(x, torch.zeros(8).long())), ConvertConfig.plain(v_init=0.5))
-    with pytest.raises(ConversionError, match="v_init=0"):
-        to_spikingjelly(snn)
+    x = torch.randn(32, 1, 8, 8)
+    snn = convert(net, DataLoader(TensorDataset(x, torch.zeros(32).long()), batch_size=16), cfg)
+    sj = to_spikingjelly(snn)
+    assert any(isinstance(m, CalibratedIFNode) for m in sj.modules())
+    ours, theirs, out, out_sj = _spikes(snn, sj, x[:8], T=12)
+    for k, name in enumerate(snn.neuron_names):
+        assert torch.equal(ours[name].view(12, 8, *ours[name].shape[1:]), theirs[k]), name
+    torch.testing.assert_close(out, out_sj)
+    SF.reset_net(sj)  # reset restores the initial membrane and the bias window
+    ours2, theirs2, _, _ = _spikes(snn, sj, x[:8], T=12)
+    assert all(torch.equal(theirs[k], theirs2[k]) for k in theirs)
