@@ -425,6 +425,14 @@ def test_cost_of_a_run_is_at_its_operating_point(tmp_path):
     assert cost["timesteps"] == expected == metrics["cost"]["timesteps"]
     assert cost["operating_point"]["reason"].startswith(f"T={expected}")
     assert "Operating point: T=" in (out / "cost.md").read_text()
+    front = cost["front"]  # accuracy vs energy over every simulated T, the ANN beside it
+    assert [r["T"] for r in front["rows"]] == sorted(acc) and (out / "cost_front.png").is_file()
+    assert [r["accuracy"] for r in front["rows"]] == [acc[t] for t in sorted(acc)]
+    energies = [r["energy_dense_pj"] for r in front["rows"]]
+    assert energies == sorted(energies) and front["ann"]["accuracy"] == ann
+    wins = [r["T"] for r in front["rows"] if r["energy_event_pj"] < front["ann"]["energy_bit_serial_pj"]]
+    assert front["snn_wins_up_to_T"] == (max(wins) if wins else None)
+    assert front["summary"] in (out / "cost_front.md").read_text()
     assert main(["cost", "--run", str(out), "--out", str(tmp_path / "c"), "--mode", "event_driven",
                  "--tolerance", "100", "--quiet"]) == 0
     assert json.loads((tmp_path / "c" / "cost.json").read_text())["timesteps"] == 1  # any T is within 100 points

@@ -12,10 +12,11 @@ from pathlib import Path
 
 from bsnn.hardware.config import HardwareConfig, resolve_hardware
 from bsnn.hardware.cost import CostReport, estimate, sweep_timesteps
+from bsnn.hardware.front import accuracy_energy_front, front_markdown, plot_front
 from bsnn.io import atomic_write_json, atomic_write_text, write_failure
 
 #: the files :func:`run_cost` writes into a run folder
-COST_FILES = ("cost.json", "cost.md", "cost_breakdown.png", "cost_vs_T.png")
+COST_FILES = ("cost.json", "cost.md", "cost_breakdown.png", "cost_vs_T.png", "cost_front.md", "cost_front.png")
 
 
 def operating_point(result, tolerance: float = 1.0) -> tuple[int, str]:
@@ -76,9 +77,19 @@ def write_cost_report(report: CostReport, out_dir: str | os.PathLike, network=No
         if activity is not None:
             vs_t["event_driven"] = sweep_timesteps(network, activity, hw, ts, "event_driven")
     d["vs_T"] = vs_t
+    sweep = activity if isinstance(activity, dict) else activity.to_dict() if hasattr(activity, "to_dict") else None
+    front = accuracy_energy_front(network, sweep, hw) if network is not None and hw is not None and sweep \
+        and sweep.get("accuracy") and not hw.is_digital else None
+    if front is not None:
+        d["front"] = front
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md"}
     atomic_write_json(paths["json"], d)
     atomic_write_text(paths["md"], report.markdown())
+    if front is not None:
+        paths["front_md"] = out / f"{stem}_front.md"
+        atomic_write_text(paths["front_md"], front_markdown(front))
+        if plots:
+            paths["front_png"] = plot_front(front, out / f"{stem}_front.png")
     if plots:
         paths["breakdown_png"] = plot_breakdown(report, out / f"{stem}_breakdown.png")
         if vs_t:
