@@ -436,3 +436,24 @@ def test_cost_of_a_run_is_at_its_operating_point(tmp_path):
     assert main(["cost", "--run", str(out), "--out", str(tmp_path / "c"), "--mode", "event_driven",
                  "--tolerance", "100", "--quiet"]) == 0
     assert json.loads((tmp_path / "c" / "cost.json").read_text())["timesteps"] == 1  # any T is within 100 points
+
+
+def test_operation_counts_are_acs_for_spikes_macs_for_the_analog_layer():
+    from bsnn.hardware.cost import estimate
+    from bsnn.hardware.mapping import LayerSpec
+    from bsnn.hardware.ops import AC_PJ, MAC_PJ, operation_counts
+
+    layers = [LayerSpec("c1", 3, 8, (3, 3), (8, 8), (8, 8), analog_input=True),
+              LayerSpec("c2", 8, 8, (3, 3), (8, 8), (8, 8), input_neurons=["if1"]),
+              LayerSpec("fc", 512, 10, kind="linear", input_neurons=["if2"])]
+    rates = {"c2": [0.5, 0.25, 0.25, 0.0], "fc": 0.1}
+    ops = operation_counts(layers, rates, 4)
+    c1, c2, fc = ops["layers"]
+    assert c1["macs"] == 4 * 8 * 8 * 8 * 3 * 9 and c1["acs"] == 0  # analog input: a MAC per weight per step
+    assert c2["acs"] == pytest.approx(8 * 8 * 8 * 8 * 9 * 1.0) and c2["macs"] == 0  # Σ rates = 1
+    assert fc["acs"] == pytest.approx(512 * 10 * 0.4) and fc["neuron_updates"] == 10 * 4
+    assert ops["total"]["energy_pj"] == pytest.approx(ops["total"]["acs"] * AC_PJ + ops["total"]["macs"] * MAC_PJ)
+    digital = estimate(layers, rates, "digital-45nm", timesteps=4, mode="event_driven")
+    assert ops["total"]["energy_pj"] == pytest.approx(digital.total.energy_pj)  # the digital baseline, same counts
+    dense = operation_counts(layers, None, 4)
+    assert dense["rates"] == "dense" and dense["layers"][1]["acs"] == 4 * c2["macs_per_step"]

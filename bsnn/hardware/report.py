@@ -13,6 +13,7 @@ from pathlib import Path
 from bsnn.hardware.config import HardwareConfig, resolve_hardware
 from bsnn.hardware.cost import CostReport, estimate, sweep_timesteps
 from bsnn.hardware.front import accuracy_energy_front, front_markdown, plot_front
+from bsnn.hardware.ops import operation_counts, operations_markdown
 from bsnn.io import atomic_write_json, atomic_write_text, write_failure
 
 #: the files :func:`run_cost` writes into a run folder
@@ -82,9 +83,13 @@ def write_cost_report(report: CostReport, out_dir: str | os.PathLike, network=No
         and sweep.get("accuracy") and not hw.is_digital else None
     if front is not None:
         d["front"] = front
+    ops = operation_counts(network, activity if report.mode == "event_driven" else None, report.timesteps) \
+        if network is not None else None
+    if ops is not None:
+        d["operations"] = ops
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md"}
     atomic_write_json(paths["json"], d)
-    atomic_write_text(paths["md"], report.markdown())
+    atomic_write_text(paths["md"], report.markdown() + ("\n" + operations_markdown(ops) if ops else ""))
     if front is not None:
         paths["front_md"] = out / f"{stem}_front.md"
         atomic_write_text(paths["front_md"], front_markdown(front))
