@@ -10,7 +10,7 @@ PyTorch loop (plain ReLU, cross-entropy, no distillation, no bsnn training code)
   previous default), trainable-clip or plain ReLU activations (KD from the default teacher; trained by bsnn);
 * ``fashion`` — Fashion-MNIST (Debian's ``dataset-fashion-mnist``), a binary 4-conv CNN with avg-pool (plain loop);
 * ``cifar10`` — CIFAR-10 (JPEG copy, ``../shared/data/cifar10.npz``), the binary 6-conv + 2-FC VGG of
-  ``benchmarks/train_plain_vgg.py`` (plain loop, weights in ``benchmarks/models/``).
+  ``benchmarks/train_plain_vgg.py`` (plain loop; released as the zoo entry ``cifar10_plain_bvgg``).
 
 Rules (the issue's): a recipe *converges* on a network when its accuracy at T = 256 is within 0.3 points (at least
 one image) of the ANN and it never falls by more than 0.3 points — at least 3 images, the issue's 0.3 points of
@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (ROOT, Timer, command_line, log, machine_info, machine_markdown, markdown_table,  # noqa: E402
                      now_iso, write_results)
-from train_plain_vgg import DATA as CIFAR_NPZ, load_cifar, normalise, plain_vgg  # noqa: E402
+from train_plain_vgg import DATA as CIFAR_NPZ, load_cifar, normalise  # noqa: E402
 
 import bsnn  # noqa: E402
 from spikingjelly.activation_based import ann2snn, functional  # noqa: E402
@@ -218,18 +218,15 @@ def net_fashion(args) -> dict:
 
 
 def net_cifar10(args) -> dict | None:
-    path = ROOT / "benchmarks" / "models" / "cifar10_plain_bvgg.pt"
-    if not CIFAR_NPZ.is_file() or not path.is_file():
-        log(f"cifar10: needs {CIFAR_NPZ} and {path} (python benchmarks/train_plain_vgg.py) — skipping")
+    if not CIFAR_NPZ.is_file():
+        log(f"cifar10: needs {CIFAR_NPZ} — skipping")
         return None
-    state = load_checkpoint(path)
-    model = bsnn.binarize_(plain_vgg(state["width"]))
-    model.load_state_dict(state["model"])
+    model, card = bsnn.zoo.load("cifar10_plain_bvgg")  # trained by benchmarks/train_plain_vgg.py (its card)
     d = load_cifar()
     ds = {k: TensorDataset(normalise(d[f"x_{k}"]), d[f"y_{k}"]) for k in ("train", "val", "test")}
     calib = DataLoader(Subset(ds["train"], range(2048)), batch_size=256)
     return {"model": model.eval(), "calib": calib, "val": ds["val"], "test": ds["test"],
-            "trained_by": f"plain loop (CE, SGD one-cycle, {state['epoch']} epochs), ReLU",
+            "trained_by": f"plain loop (CE, SGD one-cycle, {card['ann']['best_epoch']} epochs), ReLU",
             "data": "CIFAR-10 (JPEG copy)"}
 
 

@@ -4,7 +4,7 @@ max-pool network, accuracy vs T against its ANN.
 The network: the 6-conv + 2-FC CIFAR-10 VGG of ``benchmarks/train_plain_vgg.py`` with **max-pooling** (three 2x2
 pools right after a ReLU), full precision, trained by a plain PyTorch loop (CE, SGD one-cycle, augmentation) —
 ``python benchmarks/train_plain_vgg.py --pool max --full-precision --epochs 8 --threads 1 --out
-benchmarks/models/cifar10_maxpool_vgg.pt``; the best epoch picked on the validation split (last 5,000 training
+benchmarks/models/cifar10_maxpool_vgg.pt``, released as the zoo entry ``cifar10_maxpool_vgg``; the best epoch picked on the validation split (last 5,000 training
 images). Calibration: the first 2,048 training images, un-augmented.
 
 Each bsnn strategy is the default ``ConvertConfig()`` with ``maxpool`` changed; spikingjelly 2.0 converts the
@@ -35,29 +35,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (ROOT, Timer, command_line, log, machine_info, machine_markdown, markdown_table,  # noqa: E402
                      write_results)
 from default_recipe import converges, max_drop, measure, measure_spikingjelly, t_at_1  # noqa: E402
-from train_plain_vgg import DATA as CIFAR_NPZ, load_cifar, normalise, plain_vgg  # noqa: E402
+from train_plain_vgg import DATA as CIFAR_NPZ, load_cifar, normalise  # noqa: E402
 
 import bsnn  # noqa: E402
 from bsnn.config import ConvertConfig  # noqa: E402
 from bsnn.convert.maxpool import MAXPOOL_STRATEGIES  # noqa: E402
-from bsnn.io import load_checkpoint  # noqa: E402
 
-MODEL = ROOT / "benchmarks" / "models" / "cifar10_maxpool_vgg.pt"
 GRID = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 SPIKINGJELLY = "spikingjelly 2.0 (99.9% channel-wise + half threshold; MaxPool2d on spikes)"
 
 
 def network() -> dict | None:
-    if not CIFAR_NPZ.is_file() or not MODEL.is_file():
-        log(f"needs {CIFAR_NPZ} and {MODEL} (see this script's docstring) — nothing to measure")
+    if not CIFAR_NPZ.is_file():
+        log(f"needs {CIFAR_NPZ} — nothing to measure")
         return None
-    state = load_checkpoint(MODEL)
-    model = plain_vgg(state["width"], pool="max")
-    model.load_state_dict(state["model"])
+    model, card = bsnn.zoo.load("cifar10_maxpool_vgg")  # trained as this script's docstring says (its card)
     d = load_cifar()
     ds = {k: TensorDataset(normalise(d[f"x_{k}"]), d[f"y_{k}"]) for k in ("train", "val", "test")}
     return {"model": model.eval(), "calib": DataLoader(Subset(ds["train"], range(2048)), batch_size=256),
-            "val": ds["val"], "test": ds["test"], "epoch": state["epoch"], "val_acc": state["val_acc"]}
+            "val": ds["val"], "test": ds["test"], "epoch": card["ann"]["best_epoch"], "val_acc": card["ann"]["val_acc"]}
 
 
 def plot(results: dict, path: Path) -> None:
