@@ -205,7 +205,7 @@ def test_balanced_kl_weights_sum_to_one():
 
 _PARAMS = {"crd": {"n_data": 16, "feat_dim": 8, "nce_k": 5}, "tf_nkd": {"weak_layer": "3:in"}}
 ALL = ["kd", "dkd", "dist", "nkd", "tf_nkd", "zipf_ls", "bake", "fitnet", "at", "sp", "rkd", "pkt", "crd", "takd",
-       "ca_mkd", "dml", "bd_kd", "mixup_kd", "ce"]
+       "ca_mkd", "dml", "bd_kd", "mixup_kd", "ce", "ls_kd", "logit_mse", "nst", "cc"]
 
 
 def _teacher_for(method: str):
@@ -466,6 +466,10 @@ PUBLISHED = {  # method: (ce_weight, kd_weight, temperature or None when unused,
     "dml": (1.0, 1.0, 1.0, {}),
     "bd_kd": (1.0, 1.0, 4.0, {"teacher_kd_weight": 1.0}),
     "mixup_kd": (0.1, 0.9, None, {"partmixup": 0.9, "beta_a": 1.0}),
+    "ls_kd": (0.1, 9.0, 2.0, {}),
+    "logit_mse": (0.0, 1.0, None, {}),
+    "nst": (1.0, 50.0, None, {}),
+    "cc": (1.0, 0.02, None, {"feat_dim": 128}),
 }
 
 
@@ -962,3 +966,92 @@ def test_pipeline_trains_further_teachers_assistants_and_the_online_teacher(tmp_
     assert (tmp_path / "bd" / "online_teacher.pt").is_file() and not (tmp_path / "bd" / "teacher.pt").exists()
     student = load_model(tmp_path / "bd" / "student.pt")[1]
     assert student["distill"]["method"] == "bd_kd"
+
+
+# ------------------------------------------------------ logit standardisation, logit regression, NST, CC
+
+
+def ref_ls_kd(z_s, z_t, t):
+    """sunshangquan/logit-standardization-KD mdistiller/distillers/KD.py: ``normalize`` then ``kd_loss``."""
+    def normalize(z):
+        return (z - z.mean(dim=-1, keepdims=True)) / (1e-7 + z.std(dim=-1, keepdims=True))
+    log_p = F.log_softmax(normalize(z_s) / t, dim=1)
+    q = F.softmax(normalize(z_t) / t, dim=1)
+    return F.kl_div(log_p, q, reduction="none").sum(1).mean() * t ** 2
+
+
+def ref_nst(f_s, f_t):
+    """HobbitLong/RepDistiller distiller_zoo/NST.py ``nst_loss`` (full_loss=True), written with explicit channel
+    loops: MMD² with the kernel k(a, b) = ⟨a, b⟩² between normalised channel maps."""
+    s_h, t_h = f_s.shape[2], f_t.shape[2]
+    if s_h > t_h:
+        f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
+    elif s_h < t_h:
+        f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+    a = F.normalize(f_s.reshape(f_s.shape[0], f_s.shape[1], -1), dim=2)
+    b = F.normalize(f_t.reshape(f_t.shape[0], f_t.shape[1], -1), dim=2)
+
+    def mean_k(u, v):
+        return torch.stack([torch.stack([(u[:, i] * v[:, j]).sum(-1) ** 2 for i in range(u.shape[1])])
+                            for j in range(v.shape[1])]).mean()
+    return mean_k(b, b).detach() + mean_k(a, a) - 2 * mean_k(a, b)
+
+
+def ref_cc(e_s, e_t):
+    """HobbitLong/RepDistiller distiller_zoo/CC.py ``Correlation``, as an explicit sum over consecutive pairs."""
+    delta = (e_s - e_t).abs()
+    return sum((delta[b] * delta[b + 1]).sum() for b in range(delta.shape[0] - 1)) / (delta.shape[0] - 1)
+
+
+def test_ref_ls_kd_logit_mse_nst_cc_methods():
+    t = _net2(1, 6)
+    _method_agrees("ls_kd", lambda d, x, y: 0.1 * F.cross_entropy(d.student(x), y)
+                   + 9.0 * ref_ls_kd(d.student(x), t(x).detach(), 2.0), _net2(0), t)
+    _method_agrees("logit_mse", lambda d, x, y: 0.5 * ((d.student(x) - t(x).detach()) ** 2).sum(1).mean(),
+                   _net2(0), t)
+
+    def nst_reference(d, x, y):
+        zs, fs = _taps(d.student, x, outputs=["3"])
+        _, ft = _taps(t, x, outputs=["3"])
+        return F.cross_entropy(zs, y) + 50.0 * ref_nst(fs["3"], ft["3"])
+    _method_agrees("nst", nst_reference, _net2(0), t)
+
+    def cc_reference(d, x, y):
+        zs, fs = _taps(d.student, x, inputs=["7"])
+        _, ft = _taps(t, x, inputs=["7"])
+        e_s, e_t = d.embed_s.linear(fs["7:in"].flatten(1)), d.embed_t.linear(ft["7:in"].flatten(1))  # no L2 norm
+        return F.cross_entropy(zs, y) + 0.02 * ref_cc(e_s, e_t)
+    d, _ = _method_agrees("cc", cc_reference, _net2(0), t,
+                          extra_params=lambda d: list(d.embed_s.parameters()) + list(d.embed_t.parameters()))
+    assert d.embed_s.linear.out_features == 128
+
+
+def test_nst_pools_the_larger_map_and_vanishes_for_equal_maps():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(3, 4, 6, 6, generator=g, dtype=D)
+    assert float(L.nst_loss(f, f)) == pytest.approx(0.0, abs=1e-12)
+    big = torch.randn(3, 5, 8, 8, generator=g, dtype=D)
+    torch.testing.assert_close(L.nst_loss(big, f), ref_nst(big, f))
+
+
+def test_logit_standardisation_ignores_the_teacher_s_shift_and_scale():
+    g = torch.Generator().manual_seed(1)
+    z_s, z_t = torch.randn(5, K, generator=g, dtype=D), torch.randn(5, K, generator=g, dtype=D)
+    a = L.ls_kd_loss(z_s, z_t, 2.0)
+    torch.testing.assert_close(L.ls_kd_loss(z_s, 7.0 * z_t + 3.0, 2.0), a, rtol=1e-6, atol=0)
+    assert not torch.allclose(L.kd_loss(z_s, 7.0 * z_t + 3.0, 2.0), L.kd_loss(z_s, z_t, 2.0))
+
+
+def test_kd_gradient_approaches_logit_regression_as_temperature_grows():
+    """Hinton 2015 §2.1: for zero-mean logits, T²·∂KD/∂z_s → (z_s − z_t)/K as T → ∞, i.e. KD tends to logit
+    regression (``logit_mse`` = K · that limit)."""
+    g = torch.Generator().manual_seed(2)
+    z_s = torch.randn(4, K, generator=g, dtype=D)
+    z_t = torch.randn(4, K, generator=g, dtype=D)
+    z_s, z_t = (z_s - z_s.mean(1, keepdim=True)).requires_grad_(), z_t - z_t.mean(1, keepdim=True)
+    g_mse = torch.autograd.grad(L.logit_mse_loss(z_s, z_t), z_s)[0]
+    errs = []
+    for t in (10.0, 100.0, 1000.0):
+        g_kd = torch.autograd.grad(K * L.kd_loss(z_s, z_t, t), z_s)[0]
+        errs.append(float((g_kd - g_mse).norm() / g_mse.norm()))
+    assert errs[2] < 1e-3 and all(8 < a / b < 12 for a, b in zip(errs, errs[1:])), errs  # the gap falls as 1/T

@@ -1,4 +1,4 @@
-"""Feature-based methods: fitnet, at, sp, rkd, pkt, crd.
+"""Feature-based methods: fitnet, at, sp, rkd, pkt, crd, nst, cc.
 
 Features are read through forward hooks on named layers (``cfg.params``: ``student_layer`` / ``teacher_layer``,
 each a module name or a list of names paired in order; ``"name:in"`` taps a module's input). By default both
@@ -256,3 +256,61 @@ class CRD(FeatureDistiller):
         for bank, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
             rows = F.normalize(bank[index] * m + v.to(bank.dtype) * (1.0 - m), dim=1)
             bank.index_copy_(0, index, rows)
+
+
+@register("nst")
+class NST(FeatureDistiller):
+    """Neuron selectivity transfer (Huang & Wang 2017): ``Σ_pairs MMD²_poly2(f_s, f_t)`` over the channels' spatial
+    maps (:func:`bsnn.distill.losses.nst_loss`, RepDistiller's ``NSTLoss``).
+
+    Needs ``[B, C, H, W]`` maps (default: output of the last ``nn.Conv2d``; RepDistiller pairs every intermediate
+    block output: give them as lists). Params: ``student_layer``, ``teacher_layer``. Published weights
+    (RepDistiller): CE 1, NST 50.
+    """
+
+    spatial = True
+    default_kd_weight = 50.0
+
+    def pair_loss(self, i: int, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+        if f_s.dim() != 4 or f_t.dim() != 4:
+            raise ConfigError(f"nst: layers {self.student_layers[i]!r} / {self.teacher_layers[i]!r} must give "
+                              f"[B, C, H, W] maps, got {tuple(f_s.shape)} / {tuple(f_t.shape)}")
+        return L.nst_loss(f_s, f_t)
+
+
+class LinearEmbed(nn.Module):
+    """RepDistiller's ``LinearEmbed``: ``Linear(flatten(f))`` (not normalised), ``[B, ...]`` -> ``[B, feat_dim]``."""
+
+    def __init__(self, in_dim: int, feat_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, feat_dim)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.linear(f.flatten(1))
+
+
+@register("cc")
+class CC(FeatureDistiller):
+    """Correlation congruence (Peng et al. 2019), as RepDistiller runs it: penultimate features of both networks
+    embedded by trainable linear heads (``feat_dim``, both trained with the student), then
+    :func:`bsnn.distill.losses.cc_loss` on the pair.
+
+    Params: ``feat_dim`` (128), ``student_layer``, ``teacher_layer``, ``input_shape``. Published weights
+    (RepDistiller): CE 1, CC 0.02.
+    """
+
+    default_kd_weight = 0.02
+    param_defaults = {**_LAYER_PARAMS, "feat_dim": 128}
+
+    def __init__(self, student, teacher, cfg, **context) -> None:
+        super().__init__(student, teacher, cfg, **context)
+        if len(self.student_layers) != 1:
+            raise ConfigError("cc: give exactly one student_layer / teacher_layer pair")
+        (f_s,), (f_t,) = self.probe()
+        device, dtype = model_device(student)
+        dim = int(self.hparams["feat_dim"])
+        self.embed_s = LinearEmbed(f_s[0].numel(), dim).to(device, dtype)
+        self.embed_t = LinearEmbed(f_t[0].numel(), dim).to(device, dtype)
+
+    def pair_loss(self, i: int, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+        return L.cc_loss(self.embed_s(f_s), self.embed_t(f_t))

@@ -321,3 +321,42 @@ class MixupKD(Distiller):
         out = self.combine(z_s, ce, kd, kd=kd)
         out["mixed"] = torch.tensor(float(mix is not None))
         return out
+
+
+@register("ls_kd")
+class LogitStandardKD(Distiller):
+    """KD with logit standardisation (Sun et al., CVPR 2024; the authors' ``mdistiller`` KD with
+    ``--logit-stand``): ``ce_weight·CE + kd_weight·T²·KL(softmax(ẑ_t/T) ‖ softmax(ẑ_s/T))`` with
+    ``ẑ = (z − mean) / (1e-7 + std)`` per sample (:func:`bsnn.distill.losses.ls_kd_loss`).
+
+    Published (the authors' README, CIFAR-100): ``--base-temp 2 --kd-weight 9``, CE weight 0.1 (mdistiller's
+    default).
+    """
+
+    default_ce_weight = 0.1
+    default_kd_weight = 9.0
+    default_temperature = 2.0
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> dict:
+        z_t = self.teacher_logits(x)
+        z_s = self.student(x)
+        kd = L.ls_kd_loss(z_s, z_t, self.temperature)
+        return self.combine(z_s, self.ce(z_s, y), kd, ls_kd=kd)
+
+
+@register("logit_mse")
+class LogitMSE(Distiller):
+    """Logit matching (Ba & Caruana 2014): ``ce_weight·CE + kd_weight·mean_b ½‖z_s − z_t‖²``, the infinite-
+    temperature limit of KD (Hinton 2015 §2.1; :func:`bsnn.distill.losses.logit_mse_loss`).
+
+    Published: regression on the teacher's logits alone (CE weight 0, weight 1).
+    """
+
+    default_ce_weight = 0.0
+    default_kd_weight = 1.0
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> dict:
+        z_t = self.teacher_logits(x)
+        z_s = self.student(x)
+        mse = L.logit_mse_loss(z_s, z_t)
+        return self.combine(z_s, self.ce(z_s, y), mse, logit_mse=mse)

@@ -562,3 +562,54 @@ def balanced_kd_loss(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float = 
     fwd = kd_loss(z_s, z_t, temperature, reduction="none")
     rev = reverse_kd_loss(z_s, z_t, temperature, reduction="none")
     return (w_f * fwd + w_r * rev).mean()
+
+
+def standardize_logits(z: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardisation (Sun et al., CVPR 2024, the authors' ``normalize``): ``(z − mean) / (eps + std)`` per
+    row, ``std`` unbiased (``torch.std``), ``[B, K]`` -> ``[B, K]``."""
+    return (z - z.mean(dim=-1, keepdim=True)) / (eps + z.std(dim=-1, keepdim=True))
+
+
+def ls_kd_loss(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """KD on standardised logits: :func:`kd_loss` of :func:`standardize_logits` of both (``T²`` included), the
+    authors' ``kd_loss(..., logit_stand=True)``. Invariant to a per-sample shift and positive scale of either side's
+    logits: the student matches the teacher's logit *relations*, not their magnitude."""
+    return kd_loss(standardize_logits(z_s), standardize_logits(z_t), temperature)
+
+
+def logit_mse_loss(z_s: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+    """Logit regression (Ba & Caruana 2014, "Do deep nets really need to be deep?"): ``mean_b ½‖z_s − z_t‖²``.
+    ``K ·`` :func:`logit_matching_loss`: its gradient is the ``T → ∞`` limit of ``K · T² ·`` :func:`kd_loss`'s for
+    zero-mean logits (Hinton 2015, §2.1)."""
+    return 0.5 * ((z_s - z_t) ** 2).sum(dim=1).mean()
+
+
+def _poly_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``k(a_i, b_j) = ⟨a_i, b_j⟩²`` for every channel pair: ``[B, C, N]`` x ``[B, C, N]`` -> ``[B, C, C]``
+    (entry ``[:, j, i]`` pairs ``a_i`` with ``b_j``, as the authors' ``poly_kernel``)."""
+    return (a.unsqueeze(1) * b.unsqueeze(2)).sum(-1).pow(2)
+
+
+def nst_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """Neuron selectivity transfer (Huang & Wang 2017), RepDistiller's ``NSTLoss``: the squared MMD with a
+    degree-2 polynomial kernel between the channels' spatial maps, each L2-normalised over space::
+
+        mean k(t, t) (detached) + mean k(s, s) − 2 mean k(s, t)
+
+    Maps ``[B, C, H, W]`` (channel counts may differ); the larger map is adaptive-average-pooled to the smaller
+    square size first (the authors pool to ``(H, H)``)."""
+    s_h, t_h = f_s.shape[2], f_t.shape[2]
+    if s_h > t_h:
+        f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
+    elif s_h < t_h:
+        f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+    f_s = F.normalize(f_s.reshape(f_s.shape[0], f_s.shape[1], -1), dim=2)
+    f_t = F.normalize(f_t.reshape(f_t.shape[0], f_t.shape[1], -1), dim=2)
+    return _poly_kernel(f_t, f_t).mean().detach() + _poly_kernel(f_s, f_s).mean() - 2 * _poly_kernel(f_s, f_t).mean()
+
+
+def cc_loss(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
+    """Correlation congruence (Peng et al. 2019), RepDistiller's ``Correlation``: with ``δ = |e_s − e_t|`` of the
+    embedded features ``[B, D]``, ``mean_b Σ_d δ_b,d · δ_(b+1),d`` over consecutive samples of the batch."""
+    delta = (e_s - e_t).abs()
+    return (delta[:-1] * delta[1:]).sum(1).mean()
