@@ -89,3 +89,22 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"run.device is {name!r} but this machine has {n} CUDA device(s) (cuda:0 .. cuda:{n - 1}); "
                           "use one of those, cuda or auto")
     return dev
+
+
+def all_reduce_tensor_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over all ranks (a new tensor; ``t`` itself when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    out = t.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable, sent through the process group, never read from disk), in rank order;
+    ``[obj]`` when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

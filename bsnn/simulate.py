@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from bsnn._validate import _check, from_dict
 from bsnn.data import unpack_batch
-from bsnn.distributed import resolve_device
+from bsnn.distributed import all_gather_objects, all_reduce_tensor_sum, current_env, resolve_device
 from bsnn.errors import ConfigError
 from bsnn.snn.encode import get_encoder
 from bsnn.hardware.config import ConstraintConfig
@@ -188,8 +188,12 @@ def run_batch(snn: SpikingNetwork, x: torch.Tensor, timesteps: int, time_chunk: 
 @torch.no_grad()
 def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cfg: SimConfig | None = None, *,
              device: str | torch.device = "cpu", ann: nn.Module | None = None, quiet: bool = False,
-             seed: int = 0) -> SimResult:
+             seed: int = 0, shard: bool = True) -> SimResult:
     """Accuracy of ``snn`` at every T in ``timesteps`` from one run to ``max(timesteps)``.
+
+    Under ``torchrun`` (``shard``, the default) the batches are dealt to the ranks (batch i to rank i mod N), and
+    the correct counts, spike counts, ANN accuracy and recorded predictions are reduced over the ranks: every rank
+    returns exactly the single-process result (integer counts; predictions in the single process's order).
 
     Args:
         snn: converted network.
@@ -199,7 +203,9 @@ def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cf
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         ann: optional source ANN, evaluated on the same samples for reference.
         quiet: no progress bar.
-        seed: seed of stochastic encoders.
+        seed: seed of stochastic encoders (each batch's encoder is seeded from ``seed`` and its index, so the
+            result does not depend on how batches are dealt to ranks).
+        shard: split the batches over the ranks of a torchrun job (False: every rank simulates everything).
 
     Returns:
         :class:`SimResult` with accuracies, per-layer spike counts per timestep and neuron counts.
@@ -217,7 +223,9 @@ def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cf
     snn.set_kernel(kernel)
     if ann is not None:
         ann = ann.to(dev).eval()
-    gen = torch.Generator(device=dev).manual_seed(seed)
+    gen = torch.Generator(device=dev)
+    env = current_env()
+    rank, world = (env.rank, env.world_size) if shard else (0, 1)
     correct = {t: 0 for t in ts}
     preds, margins, labels = [], [], []
     ann_correct, n = 0, 0
@@ -229,14 +237,20 @@ def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cf
         total = cfg.max_samples if total is None else min(cfg.max_samples, total)
     bar = tqdm(total=total, desc=f"simulate T<={t_max}", unit="sample", disable=quiet or None)
     mode = resolve_mode(cfg.synapse, dev)
+    seen = 0  # samples of all ranks' batches so far (max_samples counts the whole job's samples)
     with synapse_mode(snn, mode) as exact_layers:
         for step, batch in enumerate(loader):
             x, y, _ = unpack_batch(batch, "simulate", step)  # NaN inputs, dict batches: a clear error
-            x, y = x.to(dev), y.to(dev)
             if cfg.max_samples is not None:
-                x, y = x[: cfg.max_samples - n], y[: cfg.max_samples - n]
+                x, y = x[: cfg.max_samples - seen], y[: cfg.max_samples - seen]
+            seen += y.numel()
             if x.shape[0] == 0:
                 break
+            if step % world != rank:
+                bar.update(y.numel())
+                continue
+            gen.manual_seed(seed * 1_000_003 + step)
+            x, y = x.to(dev), y.to(dev)
             batch_preds, batch_margins = [], []
             for start, membrane in iter_chunks(snn, x, t_max, min(cfg.time_chunk, t_max), cfg.encoding, gen):
                 for t in ts:
@@ -248,9 +262,9 @@ def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cf
                     batch_preds.append(membrane.argmax(-1).to(torch.int16).cpu())
                     batch_margins.append(((top2[..., 0] - top2[..., 1]) / steps).cpu())
             if cfg.record_predictions:
-                preds.append(torch.cat(batch_preds))
-                margins.append(torch.cat(batch_margins))
-                labels.append(y.cpu())
+                preds.append((step, torch.cat(batch_preds)))
+                margins.append((step, torch.cat(batch_margins)))
+                labels.append((step, y.cpu()))
             for name, m in snn.neurons().items():
                 if m.record:  # a neuron with recording off contributes no counts (its rates read as 0)
                     counts[name] += torch.tensor(m.spike_count, dtype=torch.float64)
@@ -259,9 +273,24 @@ def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cf
                 ann_correct += (ann(x).argmax(1) == y).sum().item()
             n += y.numel()
             bar.update(y.numel())
-            if cfg.max_samples is not None and n >= cfg.max_samples:
+            if cfg.max_samples is not None and seen >= cfg.max_samples:
                 break
     bar.close()
+    if world > 1:  # integer counts summed over the ranks: exactly the single-process totals
+        names = list(counts)
+        flat = torch.tensor([n, ann_correct, *[correct[t] for t in ts]], dtype=torch.float64)
+        flat = all_reduce_tensor_sum(flat)
+        n, ann_correct = int(flat[0]), int(flat[1])
+        correct = {t: int(v) for t, v in zip(ts, flat[2:].tolist())}
+        if names:
+            stacked = all_reduce_tensor_sum(torch.stack([counts[k] for k in names]))
+            counts = dict(zip(names, stacked))
+        neurons = {k: v for part in all_gather_objects(neurons) for k, v in part.items()}
+        if cfg.record_predictions:
+            preds, margins, labels = ([item for part in all_gather_objects(lst) for item in part]
+                                      for lst in (preds, margins, labels))
+    order = sorted(range(len(preds)), key=lambda i: preds[i][0])
+    preds, margins, labels = ([lst[i][1] for i in order] for lst in (preds, margins, labels))
     if n == 0:
         raise ConfigError("simulate: the loader yielded no samples")
     return SimResult(timesteps=ts, accuracy={t: 100.0 * c / n for t, c in correct.items()}, samples=n,

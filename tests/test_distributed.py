@@ -52,6 +52,33 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert m2["test_acc"] == pytest.approx(m1["test_acc"], abs=1e-9)
 
 
+def test_torchrun_simulation_shards_the_test_set_and_equals_one_process(tmp_path):
+    """``bsnn simulate`` under torchrun deals the test batches to 2 gloo ranks and reduces the counts: accuracy at
+    every T, spike counts and recorded predictions equal the single process's exactly."""
+    import shutil
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = tmp_path / "one"
+    run = [*ARGS[:-1], "model.student=ddp_test_mlp", "student.epochs=1", "train.epochs=1", "data.limit_test=200",
+           "data.eval_batch_size=32", "simulate.timesteps=[1,2,4,8]", "simulate.record_predictions=true",
+           "cost.enabled=false", "--quiet"]
+    proc = subprocess.run([sys.executable, WORKER, "run", "--out", str(one), *run], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER,
+                           "simulate", "--out", str(two), "--overwrite", *run[-4:]],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (json.loads((d / "sweep.json").read_text()) for d in (one, two))
+    assert a["samples"] == b["samples"] == 200
+    assert a["accuracy"] == b["accuracy"] and a["ann_accuracy"] == b["ann_accuracy"]
+    assert a["spike_counts"] == b["spike_counts"] and a["neurons"] == b["neurons"]
+    ea, eb = ((d / "sweep_early_exit.csv").read_text() for d in (one, two))  # built from every sample's predictions
+    assert ea == eb and len(ea.splitlines()) > 1
+
+
 if __name__ == "__main__":
     from torch import nn
 
