@@ -25,6 +25,15 @@ def _net(seed=0):
                          nn.Dropout(0.2), nn.Flatten(), nn.Linear(8 * 2 * 2, 16), nn.ReLU(), nn.Linear(16, 4))
 
 
+class Crash(Exception):
+    """Raised by :func:`crash_after_2` to kill a training run after its second epoch's checkpoint."""
+
+
+def crash_after_2(epoch, metrics):
+    if epoch == 2:
+        raise Crash()
+
+
 def test_param_groups_no_decay_on_bn_and_bias():
     net = _net()
     decay, no_decay = param_groups(net, 5e-4)
@@ -64,13 +73,6 @@ def test_resume_after_crash_gives_identical_weights(tmp_path):
     ref = binarize_(_net())
     torch.manual_seed(3)
     train_teacher(ref, train, cfg, quiet=True)
-
-    class Crash(Exception):
-        pass
-
-    def crash_after_2(epoch, metrics):
-        if epoch == 2:
-            raise Crash()
 
     ck = tmp_path / "last.pt"
     run1 = binarize_(_net())
@@ -153,13 +155,6 @@ def test_ema_weights_are_the_trained_model_and_resume_exactly(tmp_path):
     plain = _net()
     train_teacher(plain, train, TrainConfig(epochs=4, lr=0.02), quiet=True)
     assert not torch.equal(a[0].weight, plain[0].weight)  # the returned weights are the average, not the last
-
-    class Crash(Exception):
-        pass
-
-    def crash_after_2(epoch, metrics):
-        if epoch == 2:
-            raise Crash()
 
     ck = tmp_path / "last.pt"
     torch.manual_seed(1)
