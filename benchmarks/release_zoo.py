@@ -7,10 +7,16 @@ smallest T within 1 point of the ANN on those images), firing rates, and the in-
 point (``spikesim-rram-65nm``, event-driven, measured rates). A data-free check (the logits of a fixed random
 input) lets tests verify the weights without the dataset.
 
-Entries (trained by ``benchmarks/train_plain_vgg.py``, plain PyTorch loops, not by bsnn's recipes):
+Entries trained by ``benchmarks/train_plain_vgg.py`` (plain PyTorch loops, not bsnn's recipes):
 
 * ``cifar10_plain_bvgg``: binary-weight ``plain_vgg8`` (width 32, average pooling, first/last layer full precision);
 * ``cifar10_maxpool_vgg``: full-precision ``plain_vgg8`` (width 32, max-pooling).
+
+Entries trained by ``bsnn run --config configs/cifar10.yaml --out runs/cifar10`` (bsnn's own recipe; measured with
+bsnn's data pipeline for that config, whose normalisation the card records):
+
+* ``cifar10_vgg_teacher``: the full-precision teacher (``runs/cifar10/teacher.pt``);
+* ``cifar10_vgg_binary``: the binary-weight ReLU student distilled from it by KD (``runs/cifar10/student.pt``).
 
 Run:  python benchmarks/release_zoo.py [--entries cifar10_maxpool_vgg] [--snn-test 2000]
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -34,7 +41,9 @@ import bsnn  # noqa: E402
 from bsnn.binary import BinaryConfig  # noqa: E402
 from bsnn.hardware.cost import estimate  # noqa: E402
 from bsnn.io import load_checkpoint  # noqa: E402
-from bsnn.modelfile import build_model  # noqa: E402
+from bsnn.config import load_config  # noqa: E402
+from bsnn.data import build_loaders, calibration_loader  # noqa: E402
+from bsnn.modelfile import build_model, load_model  # noqa: E402
 
 TS = [1, 2, 4, 8, 16, 32, 64, 128]
 DATA_NOTE = ("CIFAR-10, JPEG copy (../shared/data/cifar10.npz): train = first 45,000 training images, validation = "
@@ -58,6 +67,18 @@ ENTRIES = {
                                       "--threads 1 --out benchmarks/models/cifar10_maxpool_vgg.pt",
                                 what="full-precision VGG (6 conv + 2 FC, width 32, max-pooling), plain ReLU, trained by "
                                      "a plain PyTorch loop (CE, SGD one-cycle, crop + flip)"),
+}
+
+
+RUN_ENTRIES = {
+    "cifar10_vgg_teacher": dict(file="teacher.pt", what="full-precision VGG (plain_vgg8: 6 conv + 2 FC, width 64, "
+                                                        "average pooling), trained by bsnn run --config "
+                                                        "configs/cifar10.yaml (SGD + Nesterov, one-cycle, label "
+                                                        "smoothing 0.1, EMA, bf16 autocast)"),
+    "cifar10_vgg_binary": dict(file="student.pt", what="binary-weight VGG (plain_vgg8, width 64, average pooling, "
+                                                       "first and last layer full precision, α·sign(W) per output "
+                                                       "channel), plain ReLU, distilled by KD from "
+                                                       "cifar10_vgg_teacher by bsnn run --config configs/cifar10.yaml"),
 }
 
 
@@ -133,9 +154,70 @@ def release(name: str, spec: dict, n_snn: int, d: dict) -> None:
     log(f"{name}: test {test_acc:.2f}, SNN T@1 {t_at_1}; wrote {path}")
 
 
+def release_from_run(name: str, spec: dict, run_dir: Path, n_snn: int) -> None:
+    """A model of a ``bsnn run`` folder, measured with the run's own data pipeline (config.yaml)."""
+    cfg = load_config(run_dir / "config.yaml", [])
+    loaders = build_loaders(cfg.data, seed=cfg.run.seed)
+    s = loaders.splits
+    model, record = load_model(run_dir / spec["file"])
+    arch = record["arch"]
+    test_acc, val_acc = accuracy(model, s.test), accuracy(model, s.val)
+    subset_500 = accuracy(model, Subset(s.test, range(500)))
+    t0 = time.perf_counter()
+    snn = bsnn.convert(model, calibration_loader(s, cfg.data, 2048))
+    convert_s = time.perf_counter() - t0
+    res = bsnn.simulate(snn, DataLoader(Subset(s.test, range(n_snn)), batch_size=250), TS, ann=model, quiet=True)
+    ann_sub = res.ann_accuracy
+    t_at_1 = next((t for t in TS if res.accuracy[t] >= ann_sub - 1.0), None)
+    op_t = t_at_1 or max(TS)
+    cost = estimate(snn, res, "spikesim-rram-65nm", timesteps=op_t, mode="event_driven")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    stage = "teacher" if spec["file"] == "teacher.pt" else "student"
+    history = metrics.get(stage, {}).get("history", [])
+    wall = sum(h.get("time_s", 0.0) for h in history)
+    data_note = (f"CIFAR-10, JPEG copy (../shared/data/cifar10.npz) through bsnn's npz loader: {len(s.train)} train / "
+                 f"{len(s.val)} validation (stratified, seed {cfg.data.seed}) / {len(s.test)} test images, "
+                 f"normalised by the train split's channel mean/std (recorded in this card)")
+    norm = {"mean": list(s.test.mean), "std": list(s.test.std)}
+    info = {
+        "summary": f"{spec['what'].split(' (')[0]}: test {test_acc:.2f} %, SNN T@1 {t_at_1}",
+        "description": spec["what"], "data": data_note, "normalisation": norm,
+        "ann": {"test_acc": test_acc, "val_acc": val_acc, "test_acc_first_500": subset_500,
+                "best_epoch": len(history), "epochs": len(history)},
+        "snn": {"convert": "bsnn.convert(model, first 2048 training images) with the default ConvertConfig()",
+                "convert_s": round(convert_s, 1), "test_images": n_snn, "ann_acc_same_images": ann_sub,
+                "accuracy": {str(t): res.accuracy[t] for t in TS}, "t_at_1": t_at_1,
+                "firing_rates_at_t_at_1": res.firing_rates(op_t)},
+        "cost": {"hardware": "spikesim-rram-65nm", "mode": "event_driven", "timesteps": op_t,
+                 "energy_pj": cost.total.energy_pj, "latency_ns": cost.total.latency_ns,
+                 "area_um2": cost.total.area_um2,
+                 "ann_bit_serial_energy_ratio": cost.comparisons["ann_bit_serial_imc"]["energy_ratio"]},
+        "training": {"command": "bsnn run --config configs/cifar10.yaml --out runs/cifar10", "wall_s": round(wall, 1),
+                     "history": history, "machine": "2-core CPU (AVX-512), 1 thread (OMP_NUM_THREADS=1), torch "
+                                                     f"{torch.__version__}"},
+        "check": data_free_check(model), "released_by": command_line(), "machine": machine_info(),
+    }
+    rows = [[f"T={t}", f"{res.accuracy[t]:.2f}"] for t in TS]
+    md = (f"# `{name}`\n\n{spec['what']}.\n\n**Data**: {data_note}.\n\n"
+          f"**ANN**: test {test_acc:.2f} % (10,000 images), validation {val_acc:.2f} % ({len(history)} epochs, the "
+          "last kept: EMA weights).\n\n"
+          f"**SNN** (default `ConvertConfig()`, first {n_snn} test images, ANN {ann_sub:.2f} % on them), T@1 = "
+          f"{t_at_1}:\n\n{markdown_table(['T', 'SNN accuracy (%)'], rows)}\n"
+          f"**Cost** at T = {op_t} (spikesim-rram-65nm, event-driven, measured rates): "
+          f"{cost.total.energy_pj:.4g} pJ, {cost.total.latency_ns:.4g} ns, {cost.total.area_um2:.4g} µm² per "
+          f"inference; {info['cost']['ann_bit_serial_energy_ratio']:.3g}x the energy of the same network as a "
+          "bit-serial ANN on the same hardware.\n\n"
+          f"**Training**: `bsnn run --config configs/cifar10.yaml` ({wall:.0f} s for this stage on "
+          f"{info['training']['machine']}).\n\n"
+          f"Load: `model, card = bsnn.zoo.load({name!r})`; CLI: `zoo:{name}`.\n")
+    path = bsnn.zoo.release(name, model, arch, info, md)
+    log(f"{name}: test {test_acc:.2f}, SNN T@1 {t_at_1}; wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--entries", default=",".join(ENTRIES))
+    ap.add_argument("--run", default=str(ROOT / "runs" / "cifar10"), help="bsnn run folder of the run entries")
     ap.add_argument("--snn-test", type=int, default=2000, help="test images for the SNN curve")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -143,8 +225,12 @@ def main() -> None:
     if not CIFAR_NPZ.is_file():
         log(f"needs {CIFAR_NPZ}")
         return
-    d = load_cifar()
+    d = None
     for name in args.entries.split(","):
+        if name in RUN_ENTRIES:
+            release_from_run(name, RUN_ENTRIES[name], Path(args.run), args.snn_test)
+            continue
+        d = d if d is not None else load_cifar()
         release(name, ENTRIES[name], args.snn_test, d)
 
 

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 LOCAL_IMPORTS_ALLOWED = {"bsnn.cli"}
 #: optional heavy third-party packages that may be imported inside functions, and so may the bsnn modules that
 #: import one of them at module level (the Triton kernel backend)
-OPTIONAL_DEPS = {"triton", "spikingjelly", "matplotlib"}
+OPTIONAL_DEPS = {"triton", "matplotlib"}  # spikingjelly is a core dependency (bsnn.export subclasses its IFNode)
 
 
 def _modules() -> dict[str, Path]:
