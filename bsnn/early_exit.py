@@ -100,3 +100,31 @@ def fixed_T_needed(result, accuracy: float) -> int | None:
     acc = (preds.long() == labels.view(1, -1)).float().mean(1) * 100
     hit = (acc >= accuracy - 1e-9).nonzero()
     return int(hit[0].item()) + 1 if len(hit) else None
+
+
+def validated_early_exit(val_result, test_result, ann_val_accuracy: float | None = None, tolerance: float = 1.0,
+                         patiences: tuple[int, ...] = PATIENCES, margins: tuple[float, ...] = MARGINS,
+                         min_timesteps: int = 1) -> dict:
+    """Early-exit rules chosen on a validation split, reported on the test split.
+
+    The Pareto front of the rule grid is computed on ``val_result`` (validation labels only); each rule of it is
+    then applied, unchanged, to ``test_result``. The *chosen* rule is the cheapest one (fewest average timesteps on
+    validation) whose validation accuracy is within ``tolerance`` points of the ANN's validation accuracy
+    (``ann_val_accuracy``; default: of the SNN at the last simulated step).
+
+    Returns:
+        ``{"rows": [{patience, margin, val_accuracy, val_mean_timesteps, accuracy, mean_timesteps}], "chosen": the
+        chosen row or None, "target": validation accuracy the choice aimed at}``.
+    """
+    front = early_exit_curve(val_result, patiences, margins, min_timesteps)
+    last = (val_result.predictions[-1].long() == val_result.labels).float().mean().item() * 100.0
+    target = (ann_val_accuracy if ann_val_accuracy is not None else last) - tolerance
+    rows = []
+    for r in front:
+        t = apply_early_exit(test_result.predictions, test_result.margins, test_result.labels,
+                             EarlyExit(r["patience"], r["margin"], min_timesteps))
+        rows.append({"patience": r["patience"], "margin": r["margin"], "val_accuracy": r["accuracy"],
+                     "val_mean_timesteps": r["mean_timesteps"], "accuracy": t["accuracy"],
+                     "mean_timesteps": t["mean_timesteps"]})
+    chosen = next((r for r in rows if r["val_accuracy"] >= target - 1e-9), None)
+    return {"rows": rows, "chosen": chosen, "target": target}

@@ -65,7 +65,9 @@ def test_convert_simulate_evaluate_commands(run_dir, capsys):
                  "simulate.record_predictions=true"]) == 0
     curve = json.loads((run_dir / "metrics.json").read_text())["early_exit"]["curve"]
     assert curve and all(1 <= r["mean_timesteps"] <= 16 for r in curve)
-    assert "average timesteps" in (run_dir / "sweep_early_exit.md").read_text()
+    assert "test average T" in (run_dir / "sweep_early_exit.md").read_text()
+    ee = json.loads((run_dir / "metrics.json").read_text())["early_exit"]
+    assert ee["selected_on"] == "validation split" and all(r["val_accuracy"] is not None for r in curve)
     capsys.readouterr()
     assert main(["evaluate", str(run_dir / "student.pt"), "data.name=digits"]) == 0
     res = json.loads(capsys.readouterr().out)

@@ -173,3 +173,34 @@ def test_architecture_checks_warn_before_conversion():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_architecture(good)
+
+
+def test_early_exit_rules_are_chosen_on_validation_and_reported_on_test():
+    """The rule grid's front and the chosen rule come from the validation result only: relabelling the test
+    split changes the test accuracies reported but not which rules are listed or chosen."""
+    from types import SimpleNamespace
+
+    from bsnn.early_exit import validated_early_exit
+
+    g = torch.Generator().manual_seed(0)
+
+    def result(n):
+        labels = torch.randint(0, 4, (n,), generator=g)
+        preds = torch.where(torch.rand(16, n, generator=g) < torch.linspace(0.3, 0.95, 16).view(-1, 1),
+                            labels.view(1, -1), torch.randint(0, 4, (16, n), generator=g))
+        margins = torch.linspace(0.1, 3.0, 16).view(-1, 1).expand(16, n).clone()
+        return SimpleNamespace(predictions=preds.to(torch.int16), margins=margins, labels=labels)
+
+    val, test = result(300), result(300)
+    a = validated_early_exit(val, test, ann_val_accuracy=95.0)
+    shuffled = SimpleNamespace(predictions=test.predictions, margins=test.margins, labels=test.labels.flip(0))
+    b = validated_early_exit(val, shuffled, ann_val_accuracy=95.0)
+    assert [(r["patience"], r["margin"]) for r in a["rows"]] == [(r["patience"], r["margin"]) for r in b["rows"]]
+    assert [r["val_accuracy"] for r in a["rows"]] == [r["val_accuracy"] for r in b["rows"]]
+    assert (a["chosen"]["patience"], a["chosen"]["margin"]) == (b["chosen"]["patience"], b["chosen"]["margin"])
+    assert a["chosen"]["val_accuracy"] >= 94.0 - 1e-9 and a["target"] == 94.0
+    cheaper = [r for r in a["rows"] if r["val_mean_timesteps"] < a["chosen"]["val_mean_timesteps"]]
+    assert all(r["val_accuracy"] < 94.0 for r in cheaper)  # the cheapest rule within 1 point on validation
+    for r in a["rows"]:  # each rule's test numbers are that rule applied to the test split
+        t = apply_early_exit(test.predictions, test.margins, test.labels, EarlyExit(r["patience"], r["margin"]))
+        assert (r["accuracy"], r["mean_timesteps"]) == (t["accuracy"], t["mean_timesteps"])
