@@ -28,6 +28,7 @@ from bsnn.errors import ConfigError
 MAPPINGS = ("spikesim", "unrolled")
 SIGN_HANDLING = ("none", "popcount", "paired")
 DEVICES = ("rram", "sram", "digital")
+FIRST_LAYER = ("per_step", "once", "digital")
 
 
 @dataclass
@@ -122,6 +123,11 @@ class HardwareConfig:
         adc_ref_bits: the resolution at which ``energy.adc_pj`` was reported.
         analog_input_bits: input bit-planes of an analog-input (first) layer per timestep; None = SpikeSim's
             convention (costed like a spiking layer, one pass per timestep).
+        first_layer: how the analog-input layer is computed under direct encoding (its input is the same every
+            timestep): ``per_step`` (SpikeSim's convention: read again every timestep, ``analog_input_bits``
+            passes each), ``once`` (read once per inference with ``analog_input_bits`` (default 8) bit-serial
+            passes, its output current held for the T timesteps) or ``digital`` (its MACs on a digital core at
+            ``energy.mac_pj``, once per inference). Energy only: latency and area keep the crossbar schedule.
         weight_cell_bits: bits per cell for full-precision layers; None = one cell per weight whatever its
             precision (SpikeSim's convention). Binary layers always use one cell (one column per output).
         fp_weight_bits: weight precision of the full-precision (first/last) layers when ``weight_cell_bits`` is set.
@@ -149,6 +155,7 @@ class HardwareConfig:
     adc_bits: int = 4
     adc_ref_bits: int = 4
     analog_input_bits: Union[int, None] = None
+    first_layer: str = "per_step"
     weight_cell_bits: Union[int, None] = None
     fp_weight_bits: int = 8
     membrane_area_layers: Union[int, None] = None
@@ -199,6 +206,7 @@ class HardwareConfig:
             v = getattr(self, name)
             check(v is None or v >= 1, f"{name} must be >= 1 or null, got {v}")
         check(self.sub_ops_per_step >= 0, f"sub_ops_per_step must be >= 0, got {self.sub_ops_per_step}")
+        check(self.first_layer in FIRST_LAYER, f"first_layer must be one of {FIRST_LAYER}, got {self.first_layer!r}")
         for table in (self.energy, self.area):
             for f in dataclasses.fields(table):
                 v = getattr(table, f.name)

@@ -159,6 +159,10 @@ def layer_energy_pj(spec: LayerSpec, m: LayerMapping, hw: HardwareConfig, T: int
         rates: per-timestep input rates (event-driven); None = dense (every array read every step).
         ann_bits: cost as a bit-serial ANN instead (T must be 1).
     """
+    if spec.analog_input and ann_bits is None and hw.first_layer == "digital":  # MACs on a digital core, once
+        return {"first_layer_digital": spec.macs * hw.energy.mac_pj}
+    if spec.analog_input and ann_bits is None and hw.first_layer == "once":  # bit-serial once, current held
+        T, ann_bits = 1, hw.analog_input_bits or 8
     per_pos = pe_cycle_energy_pj(hw, m.xbars_per_pe)
     scale = m.pes * spec.positions * passes_per_step(spec, hw, ann_bits)
     sign = sign_correction_pj(spec, m, hw) * spec.positions * passes_per_step(spec, hw, ann_bits)
@@ -468,8 +472,16 @@ def estimate(network, activity=None, hw: HardwareConfig | str = "spikesim-rram-6
     if hw.adc_bits < max_bits:
         notes.append(f"ADC {hw.adc_bits} bits < {max_bits} bits for exact partial sums: costs assume the "
                      "quantised read (see bsnn.hardware.constraints for its accuracy effect)")
-    if hw.mapping == "spikesim" and hw.analog_input_bits is None:
-        notes.append("SpikeSim convention: the analog first layer is costed like a spiking layer (one pass per step)")
+    first = [c for c, s in zip(costs, layers) if s.analog_input]
+    if first and total.energy_pj > 0:
+        how = {"per_step": "read every timestep" + (" (SpikeSim's convention: like a spiking layer, one pass per step)"
+                                                    if hw.analog_input_bits is None else
+                                                    f" ({hw.analog_input_bits} bit-serial passes per step)"),
+               "once": f"read once per inference ({hw.analog_input_bits or 8} bit-serial passes), current held",
+               "digital": "computed once on a digital core (MACs at energy.mac_pj)"}[hw.first_layer]
+        share = 100.0 * sum(c.energy_pj for c in first) / total.energy_pj
+        notes.append(f"first (analog-input) layer {how}: {share:.1f} % of the energy (hardware first_layer="
+                     "per_step | once | digital)")
     comparisons = {}
     if compare:
         ref = total.energy_pj
