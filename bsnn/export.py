@@ -21,6 +21,7 @@ import torch.nn as nn
 from spikingjelly.activation_based import layer, neuron
 
 from bsnn.errors import ConversionError
+from bsnn.export_nir import from_nir, to_nir  # noqa: F401 (bsnn.export.to_nir / from_nir)
 from bsnn.snn.network import SpikingNetwork
 from bsnn.snn.neuron import ChannelScale, IFNeuron, Integrator
 from bsnn.snn.pool import SpikingMaxPool2d
