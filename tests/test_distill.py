@@ -205,7 +205,7 @@ def test_balanced_kl_weights_sum_to_one():
 
 _PARAMS = {"crd": {"n_data": 16, "feat_dim": 8, "nce_k": 5}, "tf_nkd": {"weak_layer": "3:in"}}
 ALL = ["kd", "dkd", "dist", "nkd", "tf_nkd", "zipf_ls", "bake", "fitnet", "at", "sp", "rkd", "pkt", "crd", "takd",
-       "ca_mkd", "dml", "bd_kd", "mixup_kd", "ce", "ls_kd", "logit_mse", "nst", "cc"]
+       "ca_mkd", "dml", "bd_kd", "mixup_kd", "ce", "ls_kd", "logit_mse", "nst", "cc", "vid"]
 
 
 def _teacher_for(method: str):
@@ -470,6 +470,7 @@ PUBLISHED = {  # method: (ce_weight, kd_weight, temperature or None when unused,
     "logit_mse": (0.0, 1.0, None, {}),
     "nst": (1.0, 50.0, None, {}),
     "cc": (1.0, 0.02, None, {"feat_dim": 128}),
+    "vid": (1.0, 1.0, None, {"init_pred_var": 5.0}),
 }
 
 
@@ -1055,3 +1056,29 @@ def test_kd_gradient_approaches_logit_regression_as_temperature_grows():
         g_kd = torch.autograd.grad(K * L.kd_loss(z_s, z_t, t), z_s)[0]
         errs.append(float((g_kd - g_mse).norm() / g_mse.norm()))
     assert errs[2] < 1e-3 and all(8 < a / b < 12 for a, b in zip(errs, errs[1:])), errs  # the gap falls as 1/T
+
+
+def ref_vid(f_s, f_t, regressor, log_scale, eps=1e-5):
+    """HobbitLong/RepDistiller distiller_zoo/VIDLoss.forward (pool for dimension match, softplus variance)."""
+    s_h, t_h = f_s.shape[2], f_t.shape[2]
+    if s_h > t_h:
+        f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
+    elif s_h < t_h:
+        f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+    pred_mean = regressor(f_s)
+    pred_var = (torch.log(1.0 + torch.exp(log_scale)) + eps).view(1, -1, 1, 1)
+    return torch.mean(0.5 * ((pred_mean - f_t) ** 2 / pred_var + torch.log(pred_var)))
+
+
+def test_ref_vid_method_and_its_initial_variance():
+    t = _net2(1, 6)
+
+    def reference(d, x, y):
+        zs, fs = _taps(d.student, x, outputs=["3"])
+        _, ft = _taps(t, x, outputs=["3"])
+        head = d.heads[0]
+        return F.cross_entropy(zs, y) + ref_vid(fs["3"], ft["3"], head.regressor, head.log_scale)
+    d, _ = _method_agrees("vid", reference, _net2(0), t, extra_params=lambda d: d.heads.parameters())
+    var = torch.log(1.0 + torch.exp(d.heads[0].log_scale)) + 1e-5
+    torch.testing.assert_close(var, torch.full_like(var, 5.0))  # init_pred_var
+    assert [m.bias for m in d.heads[0].regressor if isinstance(m, nn.Conv2d)] == [None] * 3

@@ -112,7 +112,7 @@ def test_nonfinite_loss_is_reported():
 
 @pytest.mark.parametrize("method, params", [("crd", {"feat_dim": 8, "nce_k": 16}), ("dkd", {"warmup": 2}),
                                             ("fitnet", {}), ("dml", {}), ("cc", {"feat_dim": 8}), ("nst", {}),
-                                            ("ls_kd", {}), ("logit_mse", {})])
+                                            ("ls_kd", {}), ("logit_mse", {}), ("vid", {})])
 def test_train_student_wires_methods(method, params):
     """train_student supplies what methods need: the sample index (CRD), the epoch (DKD warm-up), projection heads
     built before the optimiser (FitNet), and peers trained jointly (DML)."""

@@ -1,4 +1,4 @@
-"""Feature-based methods: fitnet, at, sp, rkd, pkt, crd, nst, cc.
+"""Feature-based methods: fitnet, at, sp, rkd, pkt, crd, nst, cc, vid.
 
 Features are read through forward hooks on named layers (``cfg.params``: ``student_layer`` / ``teacher_layer``,
 each a module name or a list of names paired in order; ``"name:in"`` taps a module's input). By default both
@@ -314,3 +314,49 @@ class CC(FeatureDistiller):
 
     def pair_loss(self, i: int, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
         return L.cc_loss(self.embed_s(f_s), self.embed_t(f_t))
+
+
+class VIDHead(nn.Module):
+    """VID's regressor (three 1x1 convs, no bias, ReLU between; mid channels = the teacher's, as RepDistiller's
+    ``VIDLoss(s, t, t)``) and per-channel ``log_scale`` initialised so that the variance starts at
+    ``init_pred_var`` (5)."""
+
+    def __init__(self, c_s: int, c_t: int, init_pred_var: float = 5.0, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.regressor = nn.Sequential(nn.Conv2d(c_s, c_t, 1, bias=False), nn.ReLU(), nn.Conv2d(c_t, c_t, 1, bias=False),
+                                       nn.ReLU(), nn.Conv2d(c_t, c_t, 1, bias=False))
+        self.log_scale = nn.Parameter(math.log(math.exp(init_pred_var - eps) - 1.0) * torch.ones(c_t))
+        self.eps = eps
+
+    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+        f_s, f_t = L.pool_to_square(f_s, f_t)
+        return L.vid_loss(self.regressor(f_s), f_t, self.log_scale, self.eps)
+
+
+@register("vid")
+class VID(FeatureDistiller):
+    """Variational information distillation (Ahn et al. 2019), as RepDistiller runs it:
+    ``Σ_pairs NLL_Gauss(f_t | regressor(f_s), σ²)`` with trainable regressors and variances (:class:`VIDHead`,
+    :func:`bsnn.distill.losses.vid_loss`).
+
+    Needs ``[B, C, H, W]`` maps (default: the last ``nn.Conv2d`` output; RepDistiller pairs every intermediate block
+    output). Params: ``init_pred_var`` (5), ``student_layer``, ``teacher_layer``, ``input_shape``. Published weights
+    (RepDistiller): CE 1, VID 1.
+    """
+
+    spatial = True
+    param_defaults = {**_LAYER_PARAMS, "init_pred_var": 5.0}
+
+    def __init__(self, student, teacher, cfg, **context) -> None:
+        super().__init__(student, teacher, cfg, **context)
+        f_s, f_t = self.probe()
+        for i, (a, b) in enumerate(zip(f_s, f_t)):
+            if a.dim() != 4 or b.dim() != 4:
+                raise ConfigError(f"vid: layers {self.student_layers[i]!r} / {self.teacher_layers[i]!r} must give "
+                                  f"[B, C, H, W] maps, got {tuple(a.shape)} / {tuple(b.shape)}")
+        device, dtype = model_device(student)
+        self.heads = nn.ModuleList([VIDHead(a.shape[1], b.shape[1], float(self.hparams["init_pred_var"]))
+                                    for a, b in zip(f_s, f_t)]).to(device, dtype)
+
+    def pair_loss(self, i: int, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+        return self.heads[i](f_s, f_t)

@@ -584,6 +584,25 @@ def logit_mse_loss(z_s: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((z_s - z_t) ** 2).sum(dim=1).mean()
 
 
+def pool_to_square(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RepDistiller's dimension match (NST, VID): the map with the larger height is adaptive-average-pooled to the
+    other's ``(H, H)`` (square maps assumed, as the authors do)."""
+    s_h, t_h = f_s.shape[2], f_t.shape[2]
+    if s_h > t_h:
+        return F.adaptive_avg_pool2d(f_s, (t_h, t_h)), f_t
+    if s_h < t_h:
+        return f_s, F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+    return f_s, f_t
+
+
+def vid_loss(pred_mean: torch.Tensor, f_t: torch.Tensor, log_scale: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Variational information distillation (Ahn et al. 2019), RepDistiller's ``VIDLoss``: the Gaussian negative
+    log-likelihood ``mean ½((μ − t)² / σ² + log σ²)`` of the teacher map ``t [B, C, H, W]`` under the student's
+    regressed mean ``μ`` and a per-channel variance ``σ² = softplus(log_scale) + eps`` (``log_scale [C]``)."""
+    var = (torch.log(1.0 + torch.exp(log_scale)) + eps).view(1, -1, 1, 1)
+    return (0.5 * ((pred_mean - f_t) ** 2 / var + torch.log(var))).mean()
+
+
 def _poly_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``k(a_i, b_j) = ⟨a_i, b_j⟩²`` for every channel pair: ``[B, C, N]`` x ``[B, C, N]`` -> ``[B, C, C]``
     (entry ``[:, j, i]`` pairs ``a_i`` with ``b_j``, as the authors' ``poly_kernel``)."""
@@ -598,11 +617,7 @@ def nst_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
 
     Maps ``[B, C, H, W]`` (channel counts may differ); the larger map is adaptive-average-pooled to the smaller
     square size first (the authors pool to ``(H, H)``)."""
-    s_h, t_h = f_s.shape[2], f_t.shape[2]
-    if s_h > t_h:
-        f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
-    elif s_h < t_h:
-        f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+    f_s, f_t = pool_to_square(f_s, f_t)
     f_s = F.normalize(f_s.reshape(f_s.shape[0], f_s.shape[1], -1), dim=2)
     f_t = F.normalize(f_t.reshape(f_t.shape[0], f_t.shape[1], -1), dim=2)
     return _poly_kernel(f_t, f_t).mean().detach() + _poly_kernel(f_s, f_s).mean() - 2 * _poly_kernel(f_s, f_t).mean()
