@@ -192,6 +192,10 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 def _print_summary(metrics: dict, out_dir: str) -> None:
     rows = [f"| {stage} | {m['test_acc']:.2f} |" for stage, m in metrics.items()
             if isinstance(m, dict) and "test_acc" in m]
+    student = metrics.get("student", {})
+    if "teacher_agreement" in student:
+        rows.append(f"| student: top-1 agreement with the teacher | {student['teacher_agreement']:.2f} |")
+        rows.append(f"| student: KL(teacher ‖ student), nats | {student['teacher_kl']:.4f} |")
     snn = metrics.get("snn", {})
     rows += [f"| binary SNN, T={t} | {a:.2f} |" for t, a in snn.get("accuracy", {}).items()]
     if rows:

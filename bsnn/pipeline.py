@@ -45,7 +45,7 @@ from bsnn.runfolder import (STAGES, TEACHER_INDEPENDENT, TEACHER_SECTIONS, TRAIN
                             config_digest)
 from bsnn.simulate import SimResult, simulate
 from bsnn.snn.network import SpikingNetwork
-from bsnn.train import evaluate, resolve_device, set_seed, train_student, train_teacher
+from bsnn.train import evaluate, fidelity, resolve_device, set_seed, train_student, train_teacher
 from bsnn.zoo import PREFIX as ZOO_PREFIX
 from bsnn.zoo import card as zoo_card
 from bsnn.zoo import is_zoo, load_any
@@ -181,12 +181,12 @@ def _digests(models) -> str | list | None:
 
 
 def _finish(ctx: Context, stage: str, key: str, model: nn.Module, history: list[dict], files: list[str],
-            derived_from: dict) -> dict:
+            derived_from: dict, extra: dict | None = None) -> dict:
     """Evaluate ``model`` and commit its record (``files`` are written already): the stage's last step."""
     test = evaluate(model, ctx.loaders.test, ctx.device)
     val = evaluate(model, ctx.loaders.val, ctx.device) if len(ctx.loaders.splits.val) else {"accuracy": None}
     values = {"test_acc": test["accuracy"], "test_loss": test["loss"], "val_acc": val["accuracy"],
-              "params": sum(p.numel() for p in model.parameters()), "history": history}
+              "params": sum(p.numel() for p in model.parameters()), "history": history, **(extra or {})}
     ctx.run.commit(stage, {key: Entry(values, files, derived_from, model_digest(model))})
     log.info("%s: test accuracy %.2f %% (val %s)", key, test["accuracy"],
              "n/a" if val["accuracy"] is None else f"{val['accuracy']:.2f} %")
@@ -372,7 +372,14 @@ def stage_student(ctx: Context, teacher: nn.Module | None) -> nn.Module:
         save_model(final, student, arch, {"distill": dataclasses.asdict(distill), "derived_from": derived})
     if cls.trains_teacher:
         _finish(ctx, "student", "online_teacher", teacher, [], ["online_teacher.pt"], derived)
-    _finish(ctx, "student", "student", student, hist, ["student.pt"], derived)
+    main_teacher = teacher[0] if isinstance(teacher, (list, tuple)) else teacher
+    extra = None
+    if main_teacher is not None:  # fidelity to the teacher on the test set, next to accuracy
+        f = fidelity(student, main_teacher, ctx.loaders.test, ctx.device)
+        extra = {"teacher_agreement": f["agreement"], "teacher_kl": f["kl"]}
+        log.info("student: %.2f %% top-1 agreement with the teacher, KL(teacher || student) %.4f nats", f["agreement"],
+                 f["kl"])
+    _finish(ctx, "student", "student", student, hist, ["student.pt"], derived, extra)
     return student
 
 

@@ -241,6 +241,37 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu") -> di
     return {"accuracy": 100.0 * correct / n, "loss": loss_sum / n, "samples": n}
 
 
+@torch.no_grad()
+def fidelity(student: nn.Module, teacher: nn.Module, loader, device: torch.device | str = "cpu") -> dict:
+    """How closely ``student`` follows ``teacher`` ("Does knowledge distillation really work?", Stanton et al.
+    2021): top-1 agreement (%) and the mean predictive ``KL(p_teacher ‖ p_student)`` (nats, T = 1) over
+    ``loader``.
+
+    Returns:
+        ``{"agreement": float, "kl": float, "samples": int}``.
+    """
+    device = torch.device(device)
+    modes = student.training, teacher.training
+    student.eval()
+    teacher.eval()
+    agree, kl, n = 0, 0.0, 0
+    try:
+        for step, batch in enumerate(loader):
+            x, _, _ = unpack_batch(batch, "fidelity", step)
+            x = x.to(device)
+            z_s, z_t = student(x), teacher(x)
+            agree += (z_s.argmax(1) == z_t.argmax(1)).sum().item()
+            log_t, log_s = F.log_softmax(z_t, 1), F.log_softmax(z_s, 1)
+            kl += (log_t.exp() * (log_t - log_s)).sum().item()
+            n += x.shape[0]
+    finally:
+        student.train(modes[0])
+        teacher.train(modes[1])
+    if n == 0:
+        raise ConfigError("fidelity: the loader yielded no samples")
+    return {"agreement": 100.0 * agree / n, "kl": kl / n, "samples": n}
+
+
 class _Supervised(nn.Module):
     """Plain supervised objective for the teacher: CE with optional label smoothing."""
 

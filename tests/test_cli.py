@@ -26,6 +26,7 @@ def test_run_writes_the_whole_pipeline(run_dir):
         assert (run_dir / f).is_file(), f
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["teacher"]["test_acc"] > 70 and m["student"]["test_acc"] > 50
+    assert 0 <= m["student"]["teacher_agreement"] <= 100 and m["student"]["teacher_kl"] >= 0  # fidelity
     assert set(m["snn"]["accuracy"]) == {"1", "4", "16", "32"}
     assert len(m["teacher"]["history"]) == 2
     assert m["cost"]["mode"] == "event_driven" and m["cost"]["total"]["energy_pj"] > 0

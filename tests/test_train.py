@@ -195,3 +195,20 @@ def test_ema_forgets_the_initialisation():
     for n in range(2000):  # a constant weight of 1 after an initial 0: the average must have forgotten the 0
         avg = fn(avg, w, n)
     assert float(avg) > 0.999
+
+
+def test_fidelity_is_agreement_and_kl_against_the_teacher():
+    from bsnn.train import fidelity
+
+    _, test = _data()
+    teacher = _net(1).eval()
+    same = fidelity(teacher, teacher, test)
+    assert same["agreement"] == 100.0 and same["kl"] == pytest.approx(0.0, abs=1e-6)
+    other = _net(2).eval()
+    f = fidelity(other, teacher, test)
+    x = torch.cat([b[0] for b in test])
+    with torch.no_grad():
+        p_t, log_s = torch.softmax(teacher(x), 1), torch.log_softmax(other(x), 1)
+        kl = (p_t * (p_t.log() - log_s)).sum(1).mean().item()
+        agree = 100.0 * (teacher(x).argmax(1) == other(x).argmax(1)).float().mean().item()
+    assert f["kl"] == pytest.approx(kl, rel=1e-5) and f["agreement"] == pytest.approx(agree)
