@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from bsnn.config import Config, DistillConfig, TrainConfig
 from bsnn.convert import convert
 from bsnn.convert.checks import warn_architecture
 from bsnn.data import Loaders, build_loaders, calibration_loader
-from bsnn.distill import METHODS
+from bsnn.distill import METHODS, DistillWarning
 from bsnn.distributed import DistEnv, barrier, init_distributed
 from bsnn.early_exit import early_exit_curve, fixed_T_needed, validated_early_exit
 from bsnn.errors import ConfigError
@@ -358,6 +359,12 @@ def stage_student(ctx: Context, teacher: nn.Module | None) -> nn.Module:
     elif cls.uses_assistants:
         teacher = stage_assistants(ctx, teacher, fit_schedules(ctx.cfg.distill, ctx.cfg.train.epochs))
         derived["assistants"] = _digests(teacher[1:])
+    if teacher is not None and not cls.trains_teacher and ctx.cfg.train.label_smoothing > 0 and \
+            not is_zoo(ctx.cfg.model.teacher) and ctx.env.is_main:
+        warnings.warn(f"the teacher was trained with label smoothing {ctx.cfg.train.label_smoothing:g}: smoothed "
+                      "teachers distil worse (Müller et al., 'When does label smoothing help?', 2019: it erases the "
+                      "class relations KD transfers); train the teacher with train.label_smoothing=0 to distil from it",
+                      DistillWarning, stacklevel=2)
     set_seed(ctx.cfg.run.seed + 1)
     arch = ctx.arch("student")
     student = build_model(arch).to(ctx.device)

@@ -1082,3 +1082,12 @@ def test_ref_vid_method_and_its_initial_variance():
     var = torch.log(1.0 + torch.exp(d.heads[0].log_scale)) + 1e-5
     torch.testing.assert_close(var, torch.full_like(var, 5.0))  # init_pred_var
     assert [m.bias for m in d.heads[0].regressor if isinstance(m, nn.Conv2d)] == [None] * 3
+
+
+def test_distilling_from_a_label_smoothed_teacher_warns(tmp_path):
+    cfg = load_config(None, ["data.name=digits", "data.limit_train=128", "data.limit_test=64", "train.epochs=1",
+                             "student.epochs=1", "train.label_smoothing=0.1", f"run.out_dir={tmp_path}", "run.quiet=true"])
+    with make_context(cfg) as ctx:
+        teacher = stage_teacher(ctx)
+        with pytest.warns(DistillWarning, match="label smoothing 0.1.*distil worse"):
+            stage_student(ctx, teacher)
