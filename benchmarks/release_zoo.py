@@ -100,6 +100,34 @@ def data_free_check(model) -> dict:
             "argmax": logits.argmax(1).tolist()}
 
 
+def measure_snn(model, calib: DataLoader, test_ds, n_snn: int, ts: list[int]) -> tuple[dict, dict, str]:
+    """Convert ``model`` with the default recipe, simulate it on the first ``n_snn`` test images to ``max(ts)`` and
+    cost it at T@1: the card's ``snn`` and ``cost`` sections and their markdown."""
+    t0 = time.perf_counter()
+    snn = bsnn.convert(model, calib)
+    convert_s = time.perf_counter() - t0
+    res = bsnn.simulate(snn, DataLoader(Subset(test_ds, range(n_snn)), batch_size=250), ts, ann=model, quiet=True)
+    ann_sub = res.ann_accuracy
+    t_at_1 = next((t for t in ts if res.accuracy[t] >= ann_sub - 1.0), None)
+    op_t = t_at_1 or max(ts)
+    cost = estimate(snn, res, "spikesim-rram-65nm", timesteps=op_t, mode="event_driven")
+    snn_info = {"convert": "bsnn.convert(model, first 2048 training images) with the default ConvertConfig()",
+                "convert_s": round(convert_s, 1), "test_images": n_snn, "ann_acc_same_images": ann_sub,
+                "accuracy": {str(t): res.accuracy[t] for t in ts}, "t_at_1": t_at_1,
+                "firing_rates_at_t_at_1": res.firing_rates(op_t)}
+    ratio = cost.comparisons["ann_bit_serial_imc"]["energy_ratio"]
+    cost_info = {"hardware": "spikesim-rram-65nm", "mode": "event_driven", "timesteps": op_t,
+                 "energy_pj": cost.total.energy_pj, "latency_ns": cost.total.latency_ns,
+                 "area_um2": cost.total.area_um2, "ann_bit_serial_energy_ratio": ratio}
+    rows = [[f"T={t}", f"{res.accuracy[t]:.2f}"] for t in ts]
+    md = (f"**SNN** (default `ConvertConfig()`, first {n_snn} test images, ANN {ann_sub:.2f} % on them), T@1 = "
+          f"{t_at_1}:\n\n{markdown_table(['T', 'SNN accuracy (%)'], rows)}\n"
+          f"**Cost** at T = {op_t} (spikesim-rram-65nm, event-driven, measured rates): "
+          f"{cost.total.energy_pj:.4g} pJ, {cost.total.latency_ns:.4g} ns, {cost.total.area_um2:.4g} µm² per "
+          f"inference; {ratio:.3g}x the energy of the same network as a bit-serial ANN on the same hardware.\n\n")
+    return snn_info, cost_info, md
+
+
 def release(name: str, spec: dict, n_snn: int, d: dict) -> None:
     state = load_checkpoint(ROOT / "benchmarks" / "models" / spec["file"])
     arch = _arch(state["width"], spec["pool"], spec["binary"])
@@ -109,29 +137,16 @@ def release(name: str, spec: dict, n_snn: int, d: dict) -> None:
     ds = {k: TensorDataset(normalise(d[f"x_{k}"]), d[f"y_{k}"]) for k in ("train", "val", "test")}
     test_acc, val_acc = accuracy(model, ds["test"]), accuracy(model, ds["val"])
     subset_500 = accuracy(model, Subset(ds["test"], range(500)))
-    t0 = time.perf_counter()
-    snn = bsnn.convert(model, DataLoader(Subset(ds["train"], range(2048)), batch_size=256))
-    convert_s = time.perf_counter() - t0
-    res = bsnn.simulate(snn, DataLoader(Subset(ds["test"], range(n_snn)), batch_size=250), TS, ann=model, quiet=True)
-    ann_sub = res.ann_accuracy
-    t_at_1 = next((t for t in TS if res.accuracy[t] >= ann_sub - 1.0), None)
-    op_t = t_at_1 or max(TS)
-    cost = estimate(snn, res, "spikesim-rram-65nm", timesteps=op_t, mode="event_driven")
+    snn_info, cost_info, snn_md = measure_snn(model, DataLoader(Subset(ds["train"], range(2048)), batch_size=256),
+                                              ds["test"], n_snn, TS)
     history = state.get("history") or []
     info = {
-        "summary": f"{spec['what'].split(',')[0]}: test {test_acc:.2f} %, SNN T@1 {t_at_1}",
+        "summary": f"{spec['what'].split(',')[0]}: test {test_acc:.2f} %, SNN T@1 {snn_info['t_at_1']}",
         "description": spec["what"],
         "data": DATA_NOTE,
         "ann": {"test_acc": test_acc, "val_acc": val_acc, "test_acc_first_500": subset_500,
                 "best_epoch": state.get("epoch"), "epochs": len(history) or state.get("epoch")},
-        "snn": {"convert": "bsnn.convert(model, first 2048 training images) with the default ConvertConfig()",
-                "convert_s": round(convert_s, 1), "test_images": n_snn, "ann_acc_same_images": ann_sub,
-                "accuracy": {str(t): res.accuracy[t] for t in TS}, "t_at_1": t_at_1,
-                "firing_rates_at_t_at_1": res.firing_rates(op_t)},
-        "cost": {"hardware": "spikesim-rram-65nm", "mode": "event_driven", "timesteps": op_t,
-                 "energy_pj": cost.total.energy_pj, "latency_ns": cost.total.latency_ns,
-                 "area_um2": cost.total.area_um2,
-                 "ann_bit_serial_energy_ratio": cost.comparisons["ann_bit_serial_imc"]["energy_ratio"]},
+        "snn": snn_info, "cost": cost_info,
         "training": {"command": spec["train"], "wall_s": history[-1]["wall_s"] if history else None,
                      "history": history, "machine": "2-core CPU (AVX-512), 1 thread, torch "
                                                      f"{torch.__version__}"},
@@ -139,20 +154,13 @@ def release(name: str, spec: dict, n_snn: int, d: dict) -> None:
         "released_by": command_line(),
         "machine": machine_info(),
     }
-    rows = [[f"T={t}", f"{res.accuracy[t]:.2f}"] for t in TS]
     md = (f"# `{name}`\n\n{spec['what']}.\n\n**Data**: {DATA_NOTE}.\n\n"
           f"**ANN**: test {test_acc:.2f} % (10,000 images), validation {val_acc:.2f} % (best epoch "
-          f"{state.get('epoch')} of {info['ann']['epochs']}).\n\n"
-          f"**SNN** (default `ConvertConfig()`, first {n_snn} test images, ANN {ann_sub:.2f} % on them), T@1 = "
-          f"{t_at_1}:\n\n{markdown_table(['T', 'SNN accuracy (%)'], rows)}\n"
-          f"**Cost** at T = {op_t} (spikesim-rram-65nm, event-driven, measured rates): "
-          f"{cost.total.energy_pj:.4g} pJ, {cost.total.latency_ns:.4g} ns, {cost.total.area_um2:.4g} µm² per "
-          f"inference; {info['cost']['ann_bit_serial_energy_ratio']:.3g}x the energy of the same network as a "
-          "bit-serial ANN on the same hardware.\n\n"
+          f"{state.get('epoch')} of {info['ann']['epochs']}).\n\n{snn_md}"
           f"**Training**: `{spec['train']}` ({info['training']['wall_s']} s on {info['training']['machine']}).\n\n"
           f"Load: `model, card = bsnn.zoo.load({name!r})`; CLI: `zoo:{name}`.\n")
     path = bsnn.zoo.release(name, model, arch, info, md)
-    log(f"{name}: test {test_acc:.2f}, SNN T@1 {t_at_1}; wrote {path}")
+    log(f"{name}: test {test_acc:.2f}, SNN T@1 {snn_info['t_at_1']}; wrote {path}")
 
 
 def release_from_run(name: str, spec: dict, run_dir: Path, n_snn: int) -> None:
@@ -165,14 +173,7 @@ def release_from_run(name: str, spec: dict, run_dir: Path, n_snn: int) -> None:
     arch = record["arch"]
     test_acc, val_acc = accuracy(model, s.test), accuracy(model, s.val)
     subset_500 = accuracy(model, Subset(s.test, range(500)))
-    t0 = time.perf_counter()
-    snn = bsnn.convert(model, calibration_loader(s, cfg.data, 2048))
-    convert_s = time.perf_counter() - t0
-    res = bsnn.simulate(snn, DataLoader(Subset(s.test, range(n_snn)), batch_size=250), RUN_TS, ann=model, quiet=True)
-    ann_sub = res.ann_accuracy
-    t_at_1 = next((t for t in RUN_TS if res.accuracy[t] >= ann_sub - 1.0), None)
-    op_t = t_at_1 or max(RUN_TS)
-    cost = estimate(snn, res, "spikesim-rram-65nm", timesteps=op_t, mode="event_driven")
+    snn_info, cost_info, snn_md = measure_snn(model, calibration_loader(s, cfg.data, 2048), s.test, n_snn, RUN_TS)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     stage = "teacher" if spec["file"] == "teacher.pt" else "student"
     history = metrics.get(stage, {}).get("history", [])
@@ -182,38 +183,24 @@ def release_from_run(name: str, spec: dict, run_dir: Path, n_snn: int) -> None:
                  f"normalised by the train split's channel mean/std (recorded in this card)")
     norm = {"mean": list(s.test.mean), "std": list(s.test.std)}
     info = {
-        "summary": f"{spec['what'].split(' (')[0]}: test {test_acc:.2f} %, SNN T@1 {t_at_1}",
+        "summary": f"{spec['what'].split(' (')[0]}: test {test_acc:.2f} %, SNN T@1 {snn_info['t_at_1']}",
         "description": spec["what"], "data": data_note, "normalisation": norm,
         "ann": {"test_acc": test_acc, "val_acc": val_acc, "test_acc_first_500": subset_500,
                 "best_epoch": len(history), "epochs": len(history)},
-        "snn": {"convert": "bsnn.convert(model, first 2048 training images) with the default ConvertConfig()",
-                "convert_s": round(convert_s, 1), "test_images": n_snn, "ann_acc_same_images": ann_sub,
-                "accuracy": {str(t): res.accuracy[t] for t in RUN_TS}, "t_at_1": t_at_1,
-                "firing_rates_at_t_at_1": res.firing_rates(op_t)},
-        "cost": {"hardware": "spikesim-rram-65nm", "mode": "event_driven", "timesteps": op_t,
-                 "energy_pj": cost.total.energy_pj, "latency_ns": cost.total.latency_ns,
-                 "area_um2": cost.total.area_um2,
-                 "ann_bit_serial_energy_ratio": cost.comparisons["ann_bit_serial_imc"]["energy_ratio"]},
+        "snn": snn_info, "cost": cost_info,
         "training": {"command": "bsnn run --config configs/cifar10.yaml --out runs/cifar10", "wall_s": round(wall, 1),
                      "history": history, "machine": "2-core CPU (AVX-512), 1 thread (OMP_NUM_THREADS=1), torch "
                                                      f"{torch.__version__}"},
         "check": data_free_check(model), "released_by": command_line(), "machine": machine_info(),
     }
-    rows = [[f"T={t}", f"{res.accuracy[t]:.2f}"] for t in RUN_TS]
     md = (f"# `{name}`\n\n{spec['what']}.\n\n**Data**: {data_note}.\n\n"
           f"**ANN**: test {test_acc:.2f} % (10,000 images), validation {val_acc:.2f} % ({len(history)} epochs, the "
-          "last kept: EMA weights).\n\n"
-          f"**SNN** (default `ConvertConfig()`, first {n_snn} test images, ANN {ann_sub:.2f} % on them), T@1 = "
-          f"{t_at_1}:\n\n{markdown_table(['T', 'SNN accuracy (%)'], rows)}\n"
-          f"**Cost** at T = {op_t} (spikesim-rram-65nm, event-driven, measured rates): "
-          f"{cost.total.energy_pj:.4g} pJ, {cost.total.latency_ns:.4g} ns, {cost.total.area_um2:.4g} µm² per "
-          f"inference; {info['cost']['ann_bit_serial_energy_ratio']:.3g}x the energy of the same network as a "
-          "bit-serial ANN on the same hardware.\n\n"
+          f"last kept: EMA weights).\n\n{snn_md}"
           f"**Training**: `bsnn run --config configs/cifar10.yaml` ({wall:.0f} s for this stage on "
           f"{info['training']['machine']}).\n\n"
           f"Load: `model, card = bsnn.zoo.load({name!r})`; CLI: `zoo:{name}`.\n")
     path = bsnn.zoo.release(name, model, arch, info, md)
-    log(f"{name}: test {test_acc:.2f}, SNN T@1 {t_at_1}; wrote {path}")
+    log(f"{name}: test {test_acc:.2f}, SNN T@1 {snn_info['t_at_1']}; wrote {path}")
 
 
 def main() -> None:
