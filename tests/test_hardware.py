@@ -483,3 +483,18 @@ def test_first_layer_alternatives_and_its_share_of_the_energy():
     assert any("digital core" in n for n in digital.notes)
     with pytest.raises(ConfigError, match="first_layer must be one of"):
         base.replace(first_layer="analog")
+
+
+def test_cost_reports_name_the_constants_not_verified_against_their_source():
+    from bsnn.hardware.config import preset
+    from bsnn.hardware.cost import estimate
+    from bsnn.hardware.mapping import LayerSpec
+
+    layers = [LayerSpec("c1", 3, 8, (3, 3), (8, 8), (8, 8), analog_input=True)]
+    for name, listed in (("spikesim-rram-65nm", False), ("isaac-rram-32nm", True), ("xnor-sram-65nm", True)):
+        hw = preset(name)
+        notes = estimate(layers, None, hw, timesteps=2, mode="dense").notes
+        said = [n for n in notes if "not verified against their source" in n]
+        assert bool(said) == listed, (name, notes)
+        assert all(c in said[0] for c in hw.unverified) if listed else not hw.unverified
+    assert "adc_pj" not in preset("isaac-rram-32nm").unverified  # ISAAC's ADC figure is confirmed (REFERENCE §5)

@@ -472,6 +472,8 @@ def estimate(network, activity=None, hw: HardwareConfig | str = "spikesim-rram-6
     if hw.adc_bits < max_bits:
         notes.append(f"ADC {hw.adc_bits} bits < {max_bits} bits for exact partial sums: costs assume the "
                      "quantised read (see bsnn.hardware.constraints for its accuracy effect)")
+    if hw.unverified:
+        notes.append(f"preset {hw.name}: constants not verified against their source: {', '.join(hw.unverified)}")
     first = [c for c, s in zip(costs, layers) if s.analog_input]
     if first and total.energy_pj > 0:
         how = {"per_step": "read every timestep" + (" (SpikeSim's convention: like a spiking layer, one pass per step)"
