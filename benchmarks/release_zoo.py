@@ -2,9 +2,10 @@
 
 For each entry: the ANN's accuracy on the full CIFAR-10 test set (10,000 images) and on the validation split (the
 last 5,000 training images, which picked the best epoch), the default conversion (``ConvertConfig()``), SNN
-accuracy vs T on the first ``--snn-test`` test images (with the ANN's accuracy on the same images), T@1 (the
-smallest T within 1 point of the ANN on those images), firing rates, and the in-memory cost at that operating
-point (``spikesim-rram-65nm``, event-driven, measured rates). A data-free check (the logits of a fixed random
+accuracy vs T on the first ``--snn-test`` validation and test images (with the ANN's accuracy on the same
+images), the operating point (the smallest T within 1 point of the ANN, chosen on the validation images), the test
+T@1, firing rates, and the in-memory cost at the operating point (``spikesim-rram-65nm``, event-driven, measured
+rates). A data-free check (the logits of a fixed random
 input) lets tests verify the weights without the dataset.
 
 Entries trained by ``benchmarks/train_plain_vgg.py`` (plain PyTorch loops, not bsnn's recipes):
@@ -44,9 +45,10 @@ from bsnn.io import load_checkpoint  # noqa: E402
 from bsnn.config import load_config  # noqa: E402
 from bsnn.data import build_loaders, calibration_loader  # noqa: E402
 from bsnn.modelfile import build_model, load_model  # noqa: E402
+from bsnn.train import evaluate  # noqa: E402
 
 TS = [1, 2, 4, 8, 16, 32, 64, 128]
-RUN_TS = [1, 2, 4, 8, 16, 32, 64]  # run entries: wider networks, one CPU thread
+RUN_TS = [1, 2, 4, 8, 16, 32, 64]  # run entries: wider networks
 DATA_NOTE = ("CIFAR-10, JPEG copy (../shared/data/cifar10.npz): train = first 45,000 training images, validation = "
              "last 5,000 (best epoch picked on it), test = the 10,000 test images")
 
@@ -83,11 +85,9 @@ RUN_ENTRIES = {
 }
 
 
-@torch.no_grad()
 def accuracy(model, ds, batch: int = 1000) -> float:
-    loader = DataLoader(ds, batch_size=batch)
-    correct = sum((model(x).argmax(1) == y).sum().item() for x, y in loader)
-    return 100.0 * correct / len(ds)
+    """Top-1 accuracy (%) of ``model`` on dataset ``ds`` (:func:`bsnn.train.evaluate`)."""
+    return evaluate(model, DataLoader(ds, batch_size=batch))["accuracy"]
 
 
 @torch.no_grad()
@@ -100,29 +100,36 @@ def data_free_check(model) -> dict:
             "argmax": logits.argmax(1).tolist()}
 
 
-def measure_snn(model, calib: DataLoader, test_ds, n_snn: int, ts: list[int]) -> tuple[dict, dict, str]:
-    """Convert ``model`` with the default recipe, simulate it on the first ``n_snn`` test images to ``max(ts)`` and
-    cost it at T@1: the card's ``snn`` and ``cost`` sections and their markdown."""
+def measure_snn(model, calib: DataLoader, val_ds, test_ds, n_snn: int, ts: list[int]) -> tuple[dict, dict, str]:
+    """Convert ``model`` with the default recipe and simulate it to ``max(ts)`` on the first ``n_snn`` validation and
+    test images; the operating point (the smallest T within 1 point of the ANN) is chosen on the **validation**
+    images and the network costed there; test accuracies are reported. Returns the card's ``snn`` and ``cost``
+    sections and their markdown."""
     t0 = time.perf_counter()
     snn = bsnn.convert(model, calib)
     convert_s = time.perf_counter() - t0
-    res = bsnn.simulate(snn, DataLoader(Subset(test_ds, range(n_snn)), batch_size=250), ts, ann=model, quiet=True)
-    ann_sub = res.ann_accuracy
-    t_at_1 = next((t for t in ts if res.accuracy[t] >= ann_sub - 1.0), None)
-    op_t = t_at_1 or max(ts)
+    val, res = (bsnn.simulate(snn, DataLoader(Subset(ds, range(n_snn)), batch_size=250), ts, ann=model, quiet=True)
+                for ds in (val_ds, test_ds))
+    op_t = next((t for t in ts if val.accuracy[t] >= val.ann_accuracy - 1.0), max(ts))
+    t_at_1 = next((t for t in ts if res.accuracy[t] >= res.ann_accuracy - 1.0), None)
     cost = estimate(snn, res, "spikesim-rram-65nm", timesteps=op_t, mode="event_driven")
     snn_info = {"convert": "bsnn.convert(model, first 2048 training images) with the default ConvertConfig()",
-                "convert_s": round(convert_s, 1), "test_images": n_snn, "ann_acc_same_images": ann_sub,
+                "convert_s": round(convert_s, 1), "test_images": n_snn, "ann_acc_same_images": res.ann_accuracy,
                 "accuracy": {str(t): res.accuracy[t] for t in ts}, "t_at_1": t_at_1,
-                "firing_rates_at_t_at_1": res.firing_rates(op_t)}
+                "val_images": n_snn, "val_ann_accuracy": val.ann_accuracy,
+                "val_accuracy": {str(t): val.accuracy[t] for t in ts}, "operating_point": op_t,
+                "firing_rates_at_operating_point": res.firing_rates(op_t)}
     ratio = cost.comparisons["ann_bit_serial_imc"]["energy_ratio"]
     cost_info = {"hardware": "spikesim-rram-65nm", "mode": "event_driven", "timesteps": op_t,
-                 "energy_pj": cost.total.energy_pj, "latency_ns": cost.total.latency_ns,
-                 "area_um2": cost.total.area_um2, "ann_bit_serial_energy_ratio": ratio}
-    rows = [[f"T={t}", f"{res.accuracy[t]:.2f}"] for t in ts]
-    md = (f"**SNN** (default `ConvertConfig()`, first {n_snn} test images, ANN {ann_sub:.2f} % on them), T@1 = "
-          f"{t_at_1}:\n\n{markdown_table(['T', 'SNN accuracy (%)'], rows)}\n"
-          f"**Cost** at T = {op_t} (spikesim-rram-65nm, event-driven, measured rates): "
+                 "chosen_on": "validation images", "energy_pj": cost.total.energy_pj,
+                 "latency_ns": cost.total.latency_ns, "area_um2": cost.total.area_um2,
+                 "ann_bit_serial_energy_ratio": ratio}
+    rows = [[f"T={t}", f"{val.accuracy[t]:.2f}", f"{res.accuracy[t]:.2f}"] for t in ts]
+    md = (f"**SNN** (default `ConvertConfig()`, first {n_snn} validation / test images, ANN {val.ann_accuracy:.2f} / "
+          f"{res.ann_accuracy:.2f} % on them); operating point T = {op_t} (the smallest T within 1 point of the ANN "
+          f"on the validation images); on the test images T@1 = {t_at_1}:\n\n"
+          f"{markdown_table(['T', 'validation (%)', 'test (%)'], rows)}\n"
+          f"**Cost** at the operating point T = {op_t} (spikesim-rram-65nm, event-driven, measured rates): "
           f"{cost.total.energy_pj:.4g} pJ, {cost.total.latency_ns:.4g} ns, {cost.total.area_um2:.4g} µm² per "
           f"inference; {ratio:.3g}x the energy of the same network as a bit-serial ANN on the same hardware.\n\n")
     return snn_info, cost_info, md
@@ -138,10 +145,11 @@ def release(name: str, spec: dict, n_snn: int, d: dict) -> None:
     test_acc, val_acc = accuracy(model, ds["test"]), accuracy(model, ds["val"])
     subset_500 = accuracy(model, Subset(ds["test"], range(500)))
     snn_info, cost_info, snn_md = measure_snn(model, DataLoader(Subset(ds["train"], range(2048)), batch_size=256),
-                                              ds["test"], n_snn, TS)
+                                              ds["val"], ds["test"], n_snn, TS)
     history = state.get("history") or []
     info = {
-        "summary": f"{spec['what'].split(',')[0]}: test {test_acc:.2f} %, SNN T@1 {snn_info['t_at_1']}",
+        "summary": f"{spec['what'].split(',')[0]}: test {test_acc:.2f} %, "
+                   f"SNN operating point T={snn_info['operating_point']}",
         "description": spec["what"],
         "data": DATA_NOTE,
         "ann": {"test_acc": test_acc, "val_acc": val_acc, "test_acc_first_500": subset_500,
@@ -173,7 +181,8 @@ def release_from_run(name: str, spec: dict, run_dir: Path, n_snn: int) -> None:
     arch = record["arch"]
     test_acc, val_acc = accuracy(model, s.test), accuracy(model, s.val)
     subset_500 = accuracy(model, Subset(s.test, range(500)))
-    snn_info, cost_info, snn_md = measure_snn(model, calibration_loader(s, cfg.data, 2048), s.test, n_snn, RUN_TS)
+    snn_info, cost_info, snn_md = measure_snn(model, calibration_loader(s, cfg.data, 2048), s.val, s.test, n_snn,
+                                              RUN_TS)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     stage = "teacher" if spec["file"] == "teacher.pt" else "student"
     history = metrics.get(stage, {}).get("history", [])
@@ -183,7 +192,8 @@ def release_from_run(name: str, spec: dict, run_dir: Path, n_snn: int) -> None:
                  f"normalised by the train split's channel mean/std (recorded in this card)")
     norm = {"mean": list(s.test.mean), "std": list(s.test.std)}
     info = {
-        "summary": f"{spec['what'].split(' (')[0]}: test {test_acc:.2f} %, SNN T@1 {snn_info['t_at_1']}",
+        "summary": f"{spec['what'].split(' (')[0]}: test {test_acc:.2f} %, "
+                   f"SNN operating point T={snn_info['operating_point']}",
         "description": spec["what"], "data": data_note, "normalisation": norm,
         "ann": {"test_acc": test_acc, "val_acc": val_acc, "test_acc_first_500": subset_500,
                 "best_epoch": len(history), "epochs": len(history)},

@@ -55,6 +55,7 @@ class _Exporter:
         self.src: dict[fx.Node, list[str]] = {}  # fx value -> NIR nodes whose sum it is
         self.pending: dict[fx.Node, float] = {}  # value -> factor still to fold into its synaptic consumer
         self.neurons: dict[str, dict] = {}
+        self.folded_gain: str | None = None  # the IF module whose input gain the last synaptic layer absorbed
 
     def shape(self, node: fx.Node) -> tuple:
         return tuple(self.shapes[node][1:])
@@ -91,7 +92,7 @@ class _Exporter:
     def neuron(self, node: fx.Node, m: IFNeuron) -> None:
         shape = self.shape(node)
         inputs = self.src[node.args[0]]
-        if getattr(self, "folded_gain", None) != node.target:
+        if self.folded_gain != node.target:
             if self.fold:
                 raise ConversionError(f"to_nir(fold_scales=True): IF layer '{node.target}' is not fed by one "
                                       "conv/linear layer alone, so its input gain cannot be folded; export with "

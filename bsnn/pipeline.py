@@ -471,7 +471,8 @@ def write_sweep_files(res: SimResult, root: Path, derived_from: dict, title: str
 
 
 def stage_simulate(ctx: Context, snn: SpikingNetwork, ann: nn.Module | None, stem: str = "sweep") -> SimResult:
-    """Accuracy-vs-T sweep on the test split; writes ``sweep.{md,csv,json,png}`` (and, when asked, the early-exit
+    """Accuracy-vs-T sweep on the test split (and, with a validation split, on it too: ``res.validation``, what the
+    operating point and the early-exit rule are chosen on); writes ``sweep.{md,csv,json,png}`` (and, when asked, the early-exit
     and constrained tables), then the records ``snn`` (+ ``early_exit``, ``snn_constrained``). Earlier tables of
     this stage that this run does not make are removed."""
     derived = {"config": config_digest(ctx.cfg, SIMULATE_CONFIG), "snn": model_digest(snn),
@@ -479,15 +480,21 @@ def stage_simulate(ctx: Context, snn: SpikingNetwork, ann: nn.Module | None, ste
     main = ctx.env.is_main
     res = simulate(snn, ctx.loaders.test, cfg=ctx.cfg.simulate, device=ctx.device, ann=ann,
                    quiet=ctx.cfg.run.quiet or not main, seed=ctx.cfg.run.seed)
+    val = None
+    if ctx.val_loader() is not None:  # the split choices are made on (operating point, early-exit rule)
+        val = simulate(snn, ctx.val_loader(), cfg=ctx.cfg.simulate, device=ctx.device, ann=ann,
+                       quiet=ctx.cfg.run.quiet or not main, seed=ctx.cfg.run.seed)
+        res.validation = {"accuracy": val.accuracy, "ann_accuracy": val.ann_accuracy, "samples": val.samples}
     files = write_sweep_files(res, ctx.run.root, derived, f"{ctx.loaders.splits.name}: binary SNN vs ANN",
                               stem) if main else []
     entries = {"snn": Entry({"accuracy": {str(k): v for k, v in res.accuracy.items()},
                              "ann_accuracy": res.ann_accuracy, "samples": res.samples,
+                             "val_accuracy": None if val is None else {str(k): v for k, v in val.accuracy.items()},
                              "firing_rates": res.firing_rates(), "wall_time_s": res.wall_time_s}, files, derived)}
     for t in res.timesteps:
         log.info("SNN T=%d: %.2f %%", t, res.accuracy[t])
     if res.predictions is not None:
-        entries["early_exit"] = _early_exit_report(ctx, res, stem, derived, snn, ann)
+        entries["early_exit"] = _early_exit_report(ctx, res, val, stem, derived)
     constraints = ctx.cfg.simulate.constraint_config()
     if constraints is not None:
         with apply_constraints(snn, constraints):
@@ -507,18 +514,15 @@ def stage_simulate(ctx: Context, snn: SpikingNetwork, ann: nn.Module | None, ste
     return res
 
 
-def _early_exit_report(ctx: Context, res: SimResult, stem: str, derived: dict, snn: SpikingNetwork,
-                       ann: nn.Module | None) -> Entry:
+def _early_exit_report(ctx: Context, res: SimResult, val: SimResult | None, stem: str, derived: dict) -> Entry:
     """``<stem>_early_exit.{md,csv,json}``: accuracy vs *average* timesteps of the per-sample early-exit rules
     (:mod:`bsnn.early_exit`), next to the fixed T that reaches the same test accuracy. The rules are chosen on the
-    validation split (its own simulation, validation labels only) and reported on the test split; the chosen rule
+    validation sweep (validation labels only) and reported on the test split; the chosen rule
     is the cheapest within 1 point of the ANN on validation. Without a validation split the front is computed on
     the test split and the table says so (optimistic). There are no warm-up steps, so the latency of a sample is the
-    number of timesteps it ran. Returns the ``early_exit`` entry."""
-    val_loader = ctx.val_loader()
-    if val_loader is not None:
-        val = simulate(snn, val_loader, cfg=ctx.cfg.simulate, device=ctx.device, ann=ann,
-                       quiet=ctx.cfg.run.quiet or not ctx.env.is_main, seed=ctx.cfg.run.seed)
+    number of timesteps it ran. ``val``: the validation sweep of :func:`stage_simulate` (same settings), None
+    without a validation split. Returns the ``early_exit`` entry."""
+    if val is not None:
         report = validated_early_exit(val, res, val.ann_accuracy)
         chosen, selected_on = report["chosen"], "validation split"
         curve = report["rows"]

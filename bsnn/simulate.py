@@ -97,6 +97,8 @@ class SimResult:
         ann_accuracy: accuracy (%) of the source ANN on the same samples, when given.
         wall_time_s: simulation wall time.
         config: the simulation settings used.
+        validation: the same network's sweep on the validation split, when one was made (``{"accuracy": {T: %},
+            "ann_accuracy", "samples"}``): what choices (the cost's operating point) are made on.
     """
 
     timesteps: list[int]
@@ -110,6 +112,7 @@ class SimResult:
     predictions: torch.Tensor | None = field(default=None, repr=False)
     margins: torch.Tensor | None = field(default=None, repr=False)
     labels: torch.Tensor | None = field(default=None, repr=False)
+    validation: dict | None = None
 
     def firing_rates(self, T: int | None = None) -> dict[str, float]:
         """Mean spikes per neuron per timestep over the first ``T`` steps (default: all), per IF layer."""
@@ -120,6 +123,9 @@ class SimResult:
         """JSON-ready summary (per-sample predictions are left out)."""
         d = {k: v for k, v in asdict(self).items() if k not in ("predictions", "margins", "labels")}
         d["accuracy"] = {str(k): v for k, v in self.accuracy.items()}
+        if self.validation is not None:
+            d["validation"] = {**self.validation,
+                               "accuracy": {str(k): v for k, v in self.validation["accuracy"].items()}}
         d["firing_rates"] = self.firing_rates()
         return d
 

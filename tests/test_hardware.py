@@ -419,17 +419,21 @@ def test_cost_of_a_run_is_at_its_operating_point(tmp_path):
                  "simulate.timesteps=[1,2,4,8,16,32]"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     sweep = json.loads((out / "sweep.json").read_text())
-    ann, acc = sweep["ann_accuracy"], {int(t): a for t, a in sweep["accuracy"].items()}
+    val = sweep["validation"]  # the operating point is chosen on the validation sweep, never on test labels
+    ann, acc = val["ann_accuracy"], {int(t): a for t, a in val["accuracy"].items()}
     expected = next((t for t in sorted(acc) if acc[t] >= ann - 1.0), max(acc))
+    assert set(acc) == {int(t) for t in sweep["accuracy"]} and val["samples"] > 0
     cost = json.loads((out / "cost.json").read_text())
     assert cost["timesteps"] == expected == metrics["cost"]["timesteps"]
-    assert cost["operating_point"]["reason"].startswith(f"T={expected}")
+    assert cost["operating_point"]["reason"].startswith(f"T={expected}") and "validation split" in \
+        cost["operating_point"]["reason"]
     assert "Operating point: T=" in (out / "cost.md").read_text()
-    front = cost["front"]  # accuracy vs energy over every simulated T, the ANN beside it
-    assert [r["T"] for r in front["rows"]] == sorted(acc) and (out / "cost_front.png").is_file()
-    assert [r["accuracy"] for r in front["rows"]] == [acc[t] for t in sorted(acc)]
+    front = cost["front"]  # test accuracy vs energy over every simulated T, the ANN beside it (a report)
+    test_acc = {int(t): a for t, a in sweep["accuracy"].items()}
+    assert [r["T"] for r in front["rows"]] == sorted(test_acc) and (out / "cost_front.png").is_file()
+    assert [r["accuracy"] for r in front["rows"]] == [test_acc[t] for t in sorted(test_acc)]
     energies = [r["energy_dense_pj"] for r in front["rows"]]
-    assert energies == sorted(energies) and front["ann"]["accuracy"] == ann
+    assert energies == sorted(energies) and front["ann"]["accuracy"] == sweep["ann_accuracy"]
     wins = [r["T"] for r in front["rows"] if r["energy_event_pj"] < front["ann"]["energy_bit_serial_pj"]]
     assert front["snn_wins_up_to_T"] == (max(wins) if wins else None)
     assert front["summary"] in (out / "cost_front.md").read_text()

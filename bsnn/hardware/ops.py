@@ -10,12 +10,14 @@ model's ``neuron_pj``).
 
 from __future__ import annotations
 
+from bsnn.hardware.config import preset
 from bsnn.hardware.cost import _resolve_activity
 from bsnn.hardware.mapping import resolve_layers
 from bsnn.report import markdown_table
 
-AC_PJ = 0.9  # 32-bit add, 45 nm (Horowitz 2014)
-MAC_PJ = 4.6  # 32-bit multiply + add, 45 nm (Horowitz 2014: 3.7 + 0.9)
+_HOROWITZ_45NM = preset("digital-45nm").energy  # the digital baseline's figures: one source for both
+AC_PJ = _HOROWITZ_45NM.ac_pj  # 32-bit add, 45 nm (Horowitz 2014): 0.9 pJ
+MAC_PJ = _HOROWITZ_45NM.mac_pj  # 32-bit multiply + add, 45 nm (Horowitz 2014: 3.7 + 0.9 = 4.6 pJ)
 
 
 def operation_counts(network, activity, timesteps: int) -> dict:

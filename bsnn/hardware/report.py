@@ -22,11 +22,12 @@ COST_FILES = ("cost.json", "cost.md", "cost_breakdown.png", "cost_vs_T.png", "co
 
 def operating_point(result, tolerance: float = 1.0) -> tuple[int, str]:
     """The T at which a network is run: the smallest simulated T whose accuracy is within ``tolerance`` points of
-    the ANN's (on the same samples), with the reason in words.
+    the ANN's on the same samples — on the **validation** sweep when the result carries one (``validation``), so the
+    choice never reads test labels — with the reason in words.
 
     Args:
-        result: a :class:`~bsnn.simulate.SimResult` or its ``to_dict()`` (``sweep.json``): ``accuracy`` per T and
-            ``ann_accuracy``.
+        result: a :class:`~bsnn.simulate.SimResult` or its ``to_dict()`` (``sweep.json``): ``accuracy`` per T,
+            ``ann_accuracy`` and optionally ``validation``.
         tolerance: accuracy points below the ANN that count as reaching it.
 
     Returns:
@@ -34,6 +35,8 @@ def operating_point(result, tolerance: float = 1.0) -> tuple[int, str]:
         simulated T (the reason says which).
     """
     d = result if isinstance(result, dict) else result.to_dict()
+    split = "validation" if d.get("validation") else "test (no validation sweep)"
+    d = d.get("validation") or d
     acc = {int(t): float(a) for t, a in d["accuracy"].items()}
     t_max, ann = max(acc), d.get("ann_accuracy")
     if ann is None:
@@ -41,9 +44,9 @@ def operating_point(result, tolerance: float = 1.0) -> tuple[int, str]:
     t = next((t for t in sorted(acc) if acc[t] >= ann - tolerance), None)
     if t is None:
         return t_max, (f"T={t_max}: the largest simulated T; no simulated T reaches the ANN's {ann:.2f} % within "
-                       f"{tolerance:g} point(s) (best {max(acc.values()):.2f} %)")
-    return t, (f"T={t}: the smallest simulated T within {tolerance:g} point(s) of the ANN ({acc[t]:.2f} % vs "
-               f"{ann:.2f} %)")
+                       f"{tolerance:g} point(s) on the {split} split (best {max(acc.values()):.2f} %)")
+    return t, (f"T={t}: the smallest simulated T within {tolerance:g} point(s) of the ANN on the {split} split "
+               f"({acc[t]:.2f} % vs {ann:.2f} %)")
 
 
 def _ts_up_to(T: int) -> list[int]:

@@ -33,31 +33,30 @@ import torch.nn as nn
 from bsnn._registry import Registry
 
 MaxPool = nn.MaxPool2d | nn.AdaptiveMaxPool2d
-#: step(pool_with_indices, counts [N, C, H, W], x [N, C, H, W], previous pooled counts [B, C, H', W'] or None)
+#: step(module, running counts [Tc, B, C, H, W], inputs [Tc, B, C, H, W]) -> pooled [Tc, B, C, H', W']
 SPIKING_MAXPOOL_MODES: Registry[Callable] = Registry("spiking max-pool mode")
 
 
-def _pool(pool: MaxPool, x: torch.Tensor, indices: bool = False):
-    """``pool(x)`` with or without the argmax indices (flat over H·W per channel)."""
-    p = copy.copy(pool)
-    p.return_indices = indices
-    return p(x)
+def _with_indices(pool: MaxPool) -> MaxPool:
+    """A copy of ``pool`` that also returns the argmax indices (flat over H·W per channel)."""
+    p = copy.deepcopy(pool)
+    p.return_indices = True
+    return p
 
 
 @SPIKING_MAXPOOL_MODES.register("count")
-def _count_mode(pool: MaxPool, counts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _count_mode(m: "SpikingMaxPool2d", counts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Max of the running counts ``counts [Tc, B, ...]``: returns M(t) for each step ``[Tc, B, ...]``."""
     tc, b = counts.shape[:2]
-    pooled = _pool(pool, counts.reshape(tc * b, *counts.shape[2:]))
+    pooled = m.pool(counts.reshape(tc * b, *counts.shape[2:]))
     return pooled.reshape(tc, b, *pooled.shape[1:])
 
 
 @SPIKING_MAXPOOL_MODES.register("gate")
-def _gate_mode(pool: MaxPool, counts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _gate_mode(m: "SpikingMaxPool2d", counts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Each window passes the input of its neuron with the highest running count: ``[Tc, B, ...]``."""
     tc, b = counts.shape[:2]
-    flat = counts.reshape(tc * b, *counts.shape[2:])
-    _, idx = _pool(pool, flat, indices=True)
+    _, idx = m.pool_indices(counts.reshape(tc * b, *counts.shape[2:]))
     src = x.reshape(tc * b, x.shape[2], -1)
     out = src.gather(2, idx.reshape(tc * b, idx.shape[1], -1)).reshape(idx.shape)
     return out.reshape(tc, b, *out.shape[1:])
@@ -80,6 +79,7 @@ class SpikingMaxPool2d(nn.Module):
         self.mode = mode.lower()
         self.pool = copy.deepcopy(pool)
         self.pool.return_indices = False
+        self.pool_indices = _with_indices(pool) if self.mode == "gate" else None
         self.time_chunk = 1
         self.counts: torch.Tensor | None = None  # running count C(t) per input neuron [B, C, H, W]
         self.pooled: torch.Tensor | None = None  # M(t) of the last step [B, C, H', W'] (count mode)
@@ -101,11 +101,11 @@ class SpikingMaxPool2d(nn.Module):
         if self.counts is not None:
             counts += self.counts
         self.counts = counts[-1].clone()
-        out = self._step(self.pool, counts, seq)
+        out = self._step(self, counts, seq)
         if self.mode == "count":  # M(t) - M(t-1); M(0) = 0 (no counts yet)
             prev = torch.zeros_like(out[:1]) if self.pooled is None else self.pooled[None]
             self.pooled = out[-1].clone()
-            out = out - torch.cat((prev, out[:-1]))
+            out = torch.diff(out, dim=0, prepend=prev)
         return out.reshape(tc * seq.shape[1], *out.shape[2:]).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -115,8 +115,7 @@ class SpikingMaxPool2d(nn.Module):
 def spiking_maxpool_reference(pool: MaxPool, spikes: torch.Tensor, mode: str = "count") -> torch.Tensor:
     """Oracle of :class:`SpikingMaxPool2d`: ``spikes [T, B, C, H, W]`` -> ``[T, B, C, H', W']``, one timestep at a
     time with explicit loops over windows' argmax (``gate``) or the max of running counts (``count``)."""
-    plain = copy.deepcopy(pool)
-    plain.return_indices = True
+    plain = _with_indices(pool)
     counts = torch.zeros_like(spikes[0], dtype=torch.float64)
     prev = None
     outs = []
