@@ -11,7 +11,8 @@ import torch.nn as nn
 from bsnn.convert.balance import balanced_thresholds, clipped_thresholds
 from bsnn.convert.calibrate import Max, Percentile, calibrate, calibrate_many
 from bsnn.convert.config import ConvertConfig, parse_statistic
-from bsnn.convert.snn_calibration import calibrate_snn_
+from bsnn.convert.ltb import ltb_batches, ltb_thresholds
+from bsnn.convert.snn_calibration import WeightCalibration, calibrate_snn_
 from bsnn.activations import QCFS, is_trained_threshold
 from bsnn.convert.checks import warn_architecture
 from bsnn.convert.graph import (activation_modules, capture, clip_bounds, observed_modules, per_channel_allowed,
@@ -57,9 +58,14 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
     candidates = [parse_statistic(p, "convert.search_percentiles") for p in cfg.search_percentiles] or [cfg.threshold]
     pc = per_channel_allowed(gm, set(relus)) if cfg.per_channel else set()
     stats: dict = {c: {} for c in candidates}
+    if cfg.threshold_opt == "ltb":  # λ fitted by local threshold balancing instead of a statistic
+        x_ltb, _ = _first_samples(calib_loader, cfg.ltb_iterations * cfg.ltb_batch_size)
+        stats[candidates[0]] = ltb_thresholds(gm, observed_modules(gm, relus), pc,
+                                              ltb_batches(x_ltb, cfg.ltb_iterations, cfg.ltb_batch_size), device)
     for group, per_channel in (({k: m for k, m in relus.items() if k not in pc}, False),
                                ({k: m for k, m in relus.items() if k in pc}, True)):
-        if group:  # per-channel statistics only where the consumers are full precision (one extra pass)
+        # per-channel statistics only where the consumers are full precision (one extra pass)
+        if group and cfg.threshold_opt == "none":
             for c, values in calibrate_many(gm, observed_modules(gm, group), calib_loader, candidates, per_channel,
                                             cfg.calib_samples, device).items():
                 stats[c].update(values)
@@ -80,13 +86,15 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
     else:
         best = candidates[0]
     snn = build(best)
-    snn.meta["convert"]["threshold"] = best.describe()
+    snn.meta["convert"]["threshold"] = best.describe() if cfg.threshold_opt == "none" else cfg.threshold_opt
     if search:
         snn.meta["threshold_search"] = {c.describe(): a for c, a in search.items()}
     if cfg.snn_calibration != "none":
         x, _ = _first_samples(calib_loader, cfg.snn_calibration_samples)
+        weights = WeightCalibration(cfg.snn_calibration_weight_iters, cfg.snn_calibration_weight_lr,
+                                    cfg.snn_calibration_weight_batch)
         snn.meta["snn_calibration_error"] = calibrate_snn_(snn, gm, x, cfg.snn_calibration_timesteps,
-                                                           cfg.snn_calibration)
+                                                           cfg.snn_calibration, weights=weights)
     return snn
 
 

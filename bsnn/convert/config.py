@@ -10,6 +10,7 @@ from bsnn._validate import _check
 from bsnn.convert.calibrate import Max, Percentile
 from bsnn.convert.maxpool import MAXPOOL_STRATEGIES
 from bsnn.errors import ConfigError
+from bsnn.snn.offset import check_offset_correction
 
 
 def parse_statistic(value: Any, where: str = "convert.threshold") -> Any:
@@ -52,14 +53,32 @@ class ConvertConfig:
         search_timesteps: target T of the percentile search.
         search_samples: labelled calibration samples used to score the candidates.
         snn_calibration: post-conversion layer-wise correction against the ANN: ``none``, ``bias`` or
-            ``potential`` (SNN Calibration, light pipeline; both add a bounded charge, so the SNN still converges).
+            ``potential`` (SNN Calibration, light pipeline; both add a bounded charge, so the SNN still converges),
+            or ``advanced`` (SNN Calibration's advanced pipeline: layer-wise weight calibration — full-precision
+            weights, ±1-weight layers' per-channel gains and biases — then ``potential``; it changes the
+            network's limit to the calibrated one, see :mod:`bsnn.convert.snn_calibration`).
         snn_calibration_timesteps: the T the correction is computed for (the bias current flows for that many
             timesteps).
         snn_calibration_samples: calibration samples used for the correction.
+        snn_calibration_weight_iters: ``advanced``: Adam steps per layer of the weight calibration (authors: 5000).
+        snn_calibration_weight_lr: ``advanced``: Adam's initial learning rate, cosine to 0 (authors: 1e-5).
+        snn_calibration_weight_batch: ``advanced``: samples per weight-calibration step (authors: 32).
+        threshold_opt: ``none`` (thresholds from ``threshold``) or ``ltb`` (local threshold balancing, Bu et al.
+            2025, :mod:`bsnn.convert.ltb`: λ fitted per layer by ``ltb_iterations`` steps of
+            ``λ += 2·E[(a - λ)_+]`` on the activations of the already-clipped earlier layers, per channel where
+            ``per_channel`` allows it; ``threshold`` and ``search_percentiles`` are then unused).
+        ltb_iterations: LTB update steps (authors' demo: 12, batches 0..11).
+        ltb_batch_size: calibration samples per LTB step (authors: 100).
         maxpool: how max-pooling is converted (:mod:`bsnn.convert.maxpool`): ``spiking`` (max of running spike
             counts, exact pooled counts at every T), ``gate`` (Rueckauer et al.'s count gating), ``preact``
             (max-pool of input currents before the IF neuron, LTB's placement) or ``avg`` (replaced by average
             pooling in the ANN, for networks that will be fine-tuned).
+        offset_correction: run-time, per-sample correction with pre-steps, applied wherever the SNN is simulated
+            (:mod:`bsnn.snn.offset`): ``none``, ``cos`` (calibrating offset spikes, Hao et al. ICLR 2023: each
+            IF layer's initial membrane shifted from ρ pre-steps) or ``srp`` (residual membrane potential, Hao et
+            al. AAAI 2023: neurons whose membrane is <= 0 after τ pre-steps are silenced); the pre-steps add to
+            the latency (``SimResult.pre_steps``).
+        offset_pre_steps: ρ (``cos``) or τ (``srp``), the pre-steps per input (authors' default: 4).
     """
 
     threshold: Any = field(default_factory=_statistic_default)
@@ -74,6 +93,14 @@ class ConvertConfig:
     snn_calibration_timesteps: int = 8
     snn_calibration_samples: int = 256
     maxpool: str = "spiking"
+    offset_correction: str = "none"
+    offset_pre_steps: int = 4
+    snn_calibration_weight_iters: int = 5000
+    snn_calibration_weight_lr: float = 1e-5
+    snn_calibration_weight_batch: int = 32
+    threshold_opt: str = "none"
+    ltb_iterations: int = 12
+    ltb_batch_size: int = 100
 
     def __post_init__(self) -> None:
         self.threshold = parse_statistic(self.threshold)
@@ -96,7 +123,21 @@ class ConvertConfig:
                "convert.search_timesteps and convert.snn_calibration_timesteps must be >= 1")
         _check(self.search_samples >= 1 and self.snn_calibration_samples >= 1,
                "convert.search_samples and convert.snn_calibration_samples must be >= 1")
+        check_offset_correction(self.offset_correction, self.offset_pre_steps)
         _check(self.maxpool in MAXPOOL_STRATEGIES,
                f"convert.maxpool must be one of {MAXPOOL_STRATEGIES.names()}, got {self.maxpool!r}")
-        _check(self.snn_calibration in ("none", "bias", "potential"),
-               f"convert.snn_calibration must be 'none', 'bias' or 'potential', got {self.snn_calibration!r}")
+        _check(self.snn_calibration in ("none", "bias", "potential", "advanced"),
+               "convert.snn_calibration must be 'none', 'bias', 'potential' or 'advanced', got "
+               f"{self.snn_calibration!r}")
+        _check(self.snn_calibration_weight_iters >= 0 and self.snn_calibration_weight_batch >= 1
+               and self.snn_calibration_weight_lr >= 0,
+               "convert.snn_calibration_weight_iters must be >= 0, snn_calibration_weight_batch >= 1 and "
+               f"snn_calibration_weight_lr >= 0, got {self.snn_calibration_weight_iters}, "
+               f"{self.snn_calibration_weight_batch}, {self.snn_calibration_weight_lr}")
+        _check(self.threshold_opt in ("none", "ltb"),
+               f"convert.threshold_opt must be 'none' or 'ltb', got {self.threshold_opt!r}")
+        _check(self.ltb_iterations >= 1 and self.ltb_batch_size >= 1,
+               f"convert.ltb_iterations and convert.ltb_batch_size must be >= 1, got {self.ltb_iterations}, "
+               f"{self.ltb_batch_size}")
+        _check(self.threshold_opt == "none" or not self.search_percentiles,
+               "convert.threshold_opt 'ltb' fits the thresholds itself: leave convert.search_percentiles empty")
