@@ -206,6 +206,7 @@ def test_balanced_kl_weights_sum_to_one():
 _PARAMS = {"crd": {"n_data": 16, "feat_dim": 8, "nce_k": 5}, "tf_nkd": {"weak_layer": "3:in"}}
 ALL = ["kd", "dkd", "dist", "nkd", "tf_nkd", "zipf_ls", "bake", "fitnet", "at", "sp", "rkd", "pkt", "crd", "takd",
        "ca_mkd", "dml", "bd_kd", "mixup_kd", "ce", "ls_kd", "logit_mse", "nst", "cc", "vid"]
+ALL += ["sakd", "lipschitz", "ie_kd"]  # bsnn/distill/adaptive.py
 
 
 def _teacher_for(method: str):
@@ -471,6 +472,9 @@ PUBLISHED = {  # method: (ce_weight, kd_weight, temperature or None when unused,
     "nst": (1.0, 50.0, None, {}),
     "cc": (1.0, 0.02, None, {"feat_dim": 128}),
     "vid": (1.0, 1.0, None, {"init_pred_var": 5.0}),
+    "sakd": (1.0, 1.0, 4.0, {"base": "at", "policy_temperature": 5.0, "policy_weight": 0.5, "homo": True}),
+    "lipschitz": (1.0, 0.004, None, {"feature_weight": 1e-3, "power_iterations": 10, "decay_factor": 0.25}),
+    "ie_kd": (1.0, 1.0, None, {"inh_weight": 1.0, "exp_weight": 1.0, "factor_rate": 0.5, "divide": "natural"}),
 }
 
 
