@@ -331,13 +331,36 @@ def fit_schedules(distill: DistillConfig, epochs: int) -> DistillConfig:
     return dataclasses.replace(distill, params=cls.resolve_schedule(dict(distill.params), epochs))
 
 
+def later_generations(ctx: Context, student: nn.Module, hist: list[dict], teacher: nn.Module, arch: dict,
+                      distill: DistillConfig, derived: dict) -> tuple[nn.Module, list[dict], nn.Module]:
+    """Born-again generations (Furlanello 2018), ``distill.params.generations`` = G: ``student`` (generation 1,
+    trained from ``teacher``) is saved as ``student_gen1.pt`` with its record, then generation g = 2..G, a fresh
+    student (seed ``run.seed + g``), is distilled by ``distill`` from generation g - 1, and so on; generation G is
+    returned for ``student.pt``. Returns ``(last generation, its history, its teacher)``: the arguments when G = 1."""
+    n = int(distill.params.get("generations") or 1)
+    for g in range(2, n + 1):
+        file = f"student_gen{g - 1}.pt"
+        if ctx.env.is_main:
+            save_model(ctx.run.path(file), student, arch, {"distill": dataclasses.asdict(distill),
+                                                           "derived_from": derived, "generation": g - 1})
+        _finish(ctx, "student", f"student_gen{g - 1}", student, hist, [file], derived)
+        set_seed(ctx.cfg.run.seed + g)
+        teacher, student = student, build_model(arch).to(ctx.device)
+        hist = train_student(student, teacher, ctx.loaders.train, distill, ctx.cfg.student,
+                             val_loader=ctx.val_loader(), resume=ctx.run.resume, device=ctx.device,
+                             checkpoint_path=ctx.run.path(f"checkpoints/student_gen{g}_last.pt"),
+                             quiet=ctx.cfg.run.quiet, desc=f"student[{distill.method} generation {g}/{n}]")
+    return student, hist, teacher
+
+
 def stage_student(ctx: Context, teacher: nn.Module | None) -> nn.Module:
     """Distil the binary-weight student from ``teacher``; writes ``student.pt``, then its record.
 
     Multi-model methods get their models here: ``ca_mkd`` the teacher plus ``model.teachers``
     (:func:`stage_teachers`), ``takd`` the chain through ``model.assistants`` (:func:`stage_assistants`), ``bd_kd``
     a freshly initialised ``model.teacher`` trained online with the student (the paper's setting; ``teacher`` is
-    not used), saved as ``online_teacher.pt``. On resume, a finished student is reused only if it was distilled
+    not used), saved as ``online_teacher.pt``; ``born_again`` trains ``distill.params.generations`` generations
+    (:func:`later_generations`). On resume, a finished student is reused only if it was distilled
     from ``teacher``'s weights with these settings.
     """
     check_models(ctx.cfg)
@@ -373,6 +396,8 @@ def stage_student(ctx: Context, teacher: nn.Module | None) -> nn.Module:
     hist = train_student(student, teacher, ctx.loaders.train, distill, ctx.cfg.student,
                          val_loader=ctx.val_loader(), checkpoint_path=ctx.run.path("checkpoints/student_last.pt"),
                          resume=ctx.run.resume, device=ctx.device, quiet=ctx.cfg.run.quiet)
+    if "generations" in cls.param_defaults:  # born_again: generation g learns from generation g - 1
+        student, hist, teacher = later_generations(ctx, student, hist, teacher, arch, distill, derived)
     if ctx.env.is_main:
         if cls.trains_teacher:
             save_model(ctx.run.path("online_teacher.pt"), teacher, ctx.arch("teacher"), {"derived_from": derived})

@@ -206,6 +206,8 @@ def test_balanced_kl_weights_sum_to_one():
 _PARAMS = {"crd": {"n_data": 16, "feat_dim": 8, "nce_k": 5}, "tf_nkd": {"weak_layer": "3:in"}}
 ALL = ["kd", "dkd", "dist", "nkd", "tf_nkd", "zipf_ls", "bake", "fitnet", "at", "sp", "rkd", "pkt", "crd", "takd",
        "ca_mkd", "dml", "bd_kd", "mixup_kd", "ce", "ls_kd", "logit_mse", "nst", "cc", "vid"]
+ALL += ["switokd", "sokd", "byot", "born_again"]  # bsnn/distill/online.py
+_PARAMS["born_again"] = {"strict": False}  # the contract teacher is wider than the student
 ALL += ["sakd", "lipschitz", "ie_kd"]  # bsnn/distill/adaptive.py
 
 
@@ -472,6 +474,10 @@ PUBLISHED = {  # method: (ce_weight, kd_weight, temperature or None when unused,
     "nst": (1.0, 50.0, None, {}),
     "cc": (1.0, 0.02, None, {"feat_dim": 128}),
     "vid": (1.0, 1.0, None, {"init_pred_var": 5.0}),
+    "switokd": (1.0, 1.0, 1.0, {}),
+    "sokd": (1.0, 1.0, 4.0, {"branch_ce_weight": 1.0, "branch_teacher_weight": 1.0, "branch_student_weight": 1.0}),
+    "byot": (0.9, 0.1, 3.0, {"feature_weight": 1e-6}),
+    "born_again": (1.0, 1.0, 1.0, {"generations": 1}),
     "sakd": (1.0, 1.0, 4.0, {"base": "at", "policy_temperature": 5.0, "policy_weight": 0.5, "homo": True}),
     "lipschitz": (1.0, 0.004, None, {"feature_weight": 1e-3, "power_iterations": 10, "decay_factor": 0.25}),
     "ie_kd": (1.0, 1.0, None, {"inh_weight": 1.0, "exp_weight": 1.0, "factor_rate": 0.5, "divide": "natural"}),

@@ -17,9 +17,11 @@ from bsnn.distill.feature import AT, CRD, PKT, RKD, SP, FeatureDistiller, FitNet
 from bsnn.distill.logit import BAKE, DIST, DKD, KD, NKD, CrossEntropyOnly, MixupKD, TfNKD, ZipfLS
 from bsnn.distill.adaptive import IEKD, SAKD, Lipschitz
 from bsnn.distill.multi import BDKD, CAMKD, DML, TAKD
+from bsnn.distill.online import BYOT, SOKD, BornAgain, SwitOKD
 
 __all__ = [
     "AT", "BAKE", "BDKD", "CAMKD", "CRD", "DIST", "DKD", "DML", "KD", "METHODS", "NKD", "PKT", "RKD", "SP", "TAKD",
+    "BYOT", "BornAgain", "SOKD", "SwitOKD",
     "CrossEntropyOnly", "DistillWarning", "Distiller", "FeatureDistiller", "FitNet", "MixupKD", "TfNKD", "ZipfLS",
     "IEKD", "Lipschitz", "SAKD",
     "build_distiller", "list_methods", "register",
