@@ -24,6 +24,7 @@ from bsnn.snn.encode import get_encoder
 from bsnn.hardware.config import ConstraintConfig
 from bsnn.snn.kernels import KERNELS, check_kernel, default_kernel
 from bsnn.snn.network import SpikingNetwork
+from bsnn.snn.offset import latency_pre_steps, offset_correction
 from bsnn.snn.synapse import SYNAPSE_MODES, resolve_mode, synapse_mode
 
 
@@ -99,6 +100,9 @@ class SimResult:
         config: the simulation settings used.
         validation: the same network's sweep on the validation split, when one was made (``{"accuracy": {T: %},
             "ann_accuracy", "samples"}``): what choices (the cost's operating point) are made on.
+        pre_steps: timesteps each sample ran before the T counted in ``accuracy`` (a run-time offset correction's
+            pre-steps, :func:`bsnn.snn.offset.latency_pre_steps`; 0 without one): ``accuracy[T]`` takes
+            ``pre_steps + T`` timesteps. ``spike_counts`` count the real steps only.
     """
 
     timesteps: list[int]
@@ -113,6 +117,7 @@ class SimResult:
     margins: torch.Tensor | None = field(default=None, repr=False)
     labels: torch.Tensor | None = field(default=None, repr=False)
     validation: dict | None = None
+    pre_steps: int = 0
 
     def firing_rates(self, T: int | None = None) -> dict[str, float]:
         """Mean spikes per neuron per timestep over the first ``T`` steps (default: all), per IF layer."""
@@ -150,7 +155,9 @@ def iter_chunks(snn: SpikingNetwork, x: torch.Tensor, timesteps: int, time_chunk
     its output is repeated over the chunk's timesteps.
 
     ``membrane[i]`` is the output integrator's membrane after step ``first_step + i + 1``. Only one chunk of
-    activations is alive at a time, so memory does not grow with ``timesteps``. The state is reset first.
+    activations is alive at a time, so memory does not grow with ``timesteps``. The state is reset first. A
+    network converted with a run-time offset correction (:mod:`bsnn.snn.offset`: COS, SRP) first runs its
+    pre-steps on the batch; the steps yielded are the real ones after them.
     """
     snn.reset()
     enc = get_encoder(encoding)
@@ -159,18 +166,21 @@ def iter_chunks(snn: SpikingNetwork, x: torch.Tensor, timesteps: int, time_chunk
         prefix, suffix = snn.split_static()
         # channels-last from here on: faster convolutions and pooling, and no layout copies downstream
         static = tuple(v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for v in prefix(x))
-    acc = None
-    for start in range(0, timesteps, time_chunk):
-        tc = min(time_chunk, timesteps - start)
+
+    def step(tc: int) -> torch.Tensor:  # the network's next tc timesteps of this batch, [tc * B, K]
         snn.set_time_chunk(tc)
         if static is not None:
-            out = suffix(*(enc(v, tc) for v in static))
-        else:
-            out = snn(enc(x, tc, generator))
-        cur = out.reshape(tc, x.shape[0], -1)
-        cum = cur.cumsum(0) if acc is None else cur.cumsum(0).add_(acc)
-        acc = cum[-1].clone()
-        yield start, cum
+            return suffix(*(enc(v, tc) for v in static))
+        return snn(enc(x, tc, generator))
+
+    acc = None
+    with offset_correction(snn, step, encoding):
+        for start in range(0, timesteps, time_chunk):
+            tc = min(time_chunk, timesteps - start)
+            cur = step(tc).reshape(tc, x.shape[0], -1)
+            cum = cur.cumsum(0) if acc is None else cur.cumsum(0).add_(acc)
+            acc = cum[-1].clone()
+            yield start, cum
 
 
 @torch.no_grad()
@@ -303,6 +313,7 @@ def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cf
                      spike_counts={k: v.tolist() for k, v in counts.items()}, neurons=neurons,
                      ann_accuracy=100.0 * ann_correct / n if ann is not None else None,
                      wall_time_s=time.perf_counter() - t0,
+                     pre_steps=latency_pre_steps(snn),
                      config={**asdict(cfg), "synapse_resolved": mode, "exact_layers": sorted(exact_layers)},
                      predictions=torch.cat(preds, 1) if preds else None,
                      margins=torch.cat(margins, 1) if margins else None, labels=torch.cat(labels) if labels else None)

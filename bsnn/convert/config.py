@@ -10,6 +10,7 @@ from bsnn._validate import _check
 from bsnn.convert.calibrate import Max, Percentile
 from bsnn.convert.maxpool import MAXPOOL_STRATEGIES
 from bsnn.errors import ConfigError
+from bsnn.snn.offset import check_offset_correction
 
 
 def parse_statistic(value: Any, where: str = "convert.threshold") -> Any:
@@ -72,6 +73,12 @@ class ConvertConfig:
             counts, exact pooled counts at every T), ``gate`` (Rueckauer et al.'s count gating), ``preact``
             (max-pool of input currents before the IF neuron, LTB's placement) or ``avg`` (replaced by average
             pooling in the ANN, for networks that will be fine-tuned).
+        offset_correction: run-time, per-sample correction with pre-steps, applied wherever the SNN is simulated
+            (:mod:`bsnn.snn.offset`): ``none``, ``cos`` (calibrating offset spikes, Hao et al. ICLR 2023: each
+            IF layer's initial membrane shifted from ρ pre-steps) or ``srp`` (residual membrane potential, Hao et
+            al. AAAI 2023: neurons whose membrane is <= 1e-3 θ after τ pre-steps are silenced); pre-steps add to
+            the latency (``SimResult.pre_steps``).
+        offset_pre_steps: ρ (``cos``) or τ (``srp``), the pre-steps per input (authors' default: 4).
     """
 
     threshold: Any = field(default_factory=_statistic_default)
@@ -86,6 +93,8 @@ class ConvertConfig:
     snn_calibration_timesteps: int = 8
     snn_calibration_samples: int = 256
     maxpool: str = "spiking"
+    offset_correction: str = "none"
+    offset_pre_steps: int = 4
     snn_calibration_weight_iters: int = 5000
     snn_calibration_weight_lr: float = 1e-5
     snn_calibration_weight_batch: int = 32
@@ -114,6 +123,7 @@ class ConvertConfig:
                "convert.search_timesteps and convert.snn_calibration_timesteps must be >= 1")
         _check(self.search_samples >= 1 and self.snn_calibration_samples >= 1,
                "convert.search_samples and convert.snn_calibration_samples must be >= 1")
+        check_offset_correction(self.offset_correction, self.offset_pre_steps)
         _check(self.maxpool in MAXPOOL_STRATEGIES,
                f"convert.maxpool must be one of {MAXPOOL_STRATEGIES.names()}, got {self.maxpool!r}")
         _check(self.snn_calibration in ("none", "bias", "potential", "advanced"),
