@@ -165,5 +165,9 @@ def cmd_cost(args: argparse.Namespace) -> int:
               f"area {area}, {t.tops_per_w:.3g} TOPS/W")
         for n in report.notes[1:]:
             print(f"  - {n}")
+        for key in hw.unverified:
+            print(f"  - unverified {key}: {hw.sources.get(key, 'no source given').split('] ', 1)[-1]}")
+        if hw.sources:
+            print(f"  - every constant's source: {paths['md']} (section 'Sources of the constants')")
         print(f"written: {', '.join(str(p) for p in paths.values())}")
     return 0

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Union
 
+import yaml
+
 
 from bsnn._registry import Registry
 from bsnn._validate import _check, apply_overrides, from_dict, read_yaml_mapping
@@ -228,12 +230,49 @@ class HardwareConfig:
 # ------------------------------------------------------------------------------------------- presets
 PRESETS: Registry[Callable[[], HardwareConfig]] = Registry("hardware preset")
 
-_SPIKESIM = ("SpikeSim, Moitra et al., IEEE TCAD 2023, ela_spikesim.py (github.com/Intelligent-Computing-Lab-Yale/"
-             "SpikeSim): compute_energy / compute_area / latency_gen constants, 65 nm RRAM")
-_HOROWITZ = ("M. Horowitz, 'Computing's energy problem', ISSCC 2014, 45 nm: fp32 mult 3.7 + add 0.9 = 4.6 pJ "
-             "per MAC, fp32 add 0.9 pJ per AC, int8 add 0.03 pJ")
-_ISAAC = ("ISAAC, Shafiee et al., ISCA 2016, Table of tile/IMA parameters at 32 nm, 1.2 GHz, 100 ns crossbar "
-          "read; per-event energies = listed power x 100 ns (per-unit shares stated per field)")
+#: the status tags that open every entry of ``HardwareConfig.sources``: ``verified`` (the source states this value),
+#: ``derived`` (computed from values the source states; the arithmetic is in the entry), ``choice`` (a modelling
+#: choice of bsnn, not a published constant), ``user`` (set by a YAML file or an override), ``unverified`` (with
+#: why; these keys form ``HardwareConfig.unverified``, named in every cost report)
+SOURCE_STATUS = ("verified", "derived", "choice", "user", "unverified")
+
+
+def _src(status: str, text: str) -> str:
+    """One ``sources`` entry: ``[status] text`` (``status`` may carry a note: ``unverified: op count``)."""
+    assert status.split(":", 1)[0] in SOURCE_STATUS, status
+    return f"[{status}] {text}"
+
+
+def source_status(entry: str) -> str:
+    """The status tag of a ``sources`` entry (``[derived] ...`` -> ``derived``; untagged -> ``unverified``)."""
+    tag = str(entry)[1:].split("]", 1)[0].split(":", 1)[0].strip() if str(entry).startswith("[") else ""
+    return tag if tag in SOURCE_STATUS else "unverified"
+
+
+def unverified_keys(sources: dict) -> list[str]:
+    """The keys of ``sources`` whose entry is not verified, derived, a choice or user-set."""
+    return [k for k, v in sources.items() if source_status(v) == "unverified"]
+
+
+# SpikeSim (Moitra et al., "SpikeSim: An end-to-end Compute-in-Memory Hardware Evaluation Tool for Benchmarking
+# Spiking Neural Networks", IEEE TCAD 2023), read at commit c2627bc of github.com/Intelligent-Computing-Lab-Yale/SpikeSim
+_SS = "SpikeSim ela_spikesim.py"  # SNN_train_infer_quantization_ela/ela_spikesim.py
+_SS_NICE = "SpikeSim NICE_Evaluation/hw_inference.py"
+_HOROWITZ = "Horowitz, ISSCC 2014, 45 nm (REFERENCE.md §5)"
+# ISAAC (Shafiee et al., ISCA 2016) Table I "ISAAC parameters", as transcribed with page citations in
+# dyigitpolat/mimarsinan src/mimarsinan/deployment_record/platform_physics/profiles/isaac_like.md, cross-checked
+# against two simulators' ISAAC component models: thu-nics/MNSIM-2.0 MNSIM/Hardware_Model/{ADC,DAC}.py (commit
+# ca39ccb) and Accelergy-Project/hwcomponents-library hwcomponents_library/library/isaac.py (commit 8b56f7e).
+# Table I powers are group totals per IMA (8 arrays) or per tile (12 IMAs); one crossbar read = one 100 ns cycle
+# (§IV), in which the IMA makes 8 arrays x 128 columns = 1024 ADC conversions (§V): energy per event = group power
+# x 100 ns / events per cycle.
+_T1 = "ISAAC Table I"
+_MNSIM = "MNSIM-2.0 MNSIM/Hardware_Model"
+_ACC = "Accelergy hwcomponents-library isaac.py"
+_CYCLE_NS = 100.0  # ISAAC §IV: one cycle = one crossbar read = 100 ns
+_CONV_PER_IMA_CYCLE = 8 * 128  # 8 arrays x 128 columns, each converted once per cycle
+_XNOR = ("Yin, Jiang, Seo, Seok, 'XNOR-SRAM: In-Memory Computing SRAM Macro for Binary/Ternary Deep Neural "
+         "Networks', IEEE JSSC 2020, doi 10.1109/JSSC.2019.2963616, abstract")
 
 
 def _spikesim_energy() -> EnergyTable:
@@ -248,100 +287,293 @@ def _spikesim_area() -> AreaTable:
                      sram_bit_um2=0.7391, input_buffer_bits=22, membrane_bits=22)
 
 
+_HOROWITZ_SOURCES = {
+    "energy.digital_add_pj": _src("verified", f"0.03 pJ, 8-bit integer add ({_HOROWITZ})"),
+    "energy.mac_pj": _src("derived", f"3.7 (fp32 mult) + 0.9 (fp32 add) = 4.6 pJ ({_HOROWITZ})"),
+    "energy.ac_pj": _src("verified", f"0.9 pJ, fp32 add ({_HOROWITZ})"),
+}
+
+_SPIKESIM_PERIPHERY = {
+    "energy.sub_pj": _src("verified", f"Sub = 1.15E-6 pJ: {_SS} L46"),
+    "energy.temp_buff_pj": _src("verified", f"Temp_Buff = 0.2 pJ: {_SS} L45"),
+    "energy.tile_buff_pj": _src("verified", f"Tile_buff = 397 pJ: {_SS} L44"),
+    "energy.htree_pj": _src("verified", f"Htree = 19.64 * 8 pJ: {_SS} L49"),
+    "energy.mem_fetch_pj": _src("verified", f"mem_fetch = 4.64 pJ: {_SS} L52"),
+    "energy.neuron_pj": _src("verified", f"neuron = 1.274 * 4.0 pJ: {_SS} L53"),
+    "area.sub_um2": _src("verified", f"Sub = 13411.41498 um2: {_SS} L82"),
+    "area.temp_buff_um2": _src("verified", f"Temp_Buff = 484.643999 um2: {_SS} L81"),
+    "area.tile_buff_um2": _src("verified", f"Tile_buff = 0.7391 * 64 * 128 um2: {_SS} L80"),
+    "area.htree_um2": _src("verified", f"Htree = 216830 * 2 um2: {_SS} L85"),
+    "area.sram_bit_um2": _src("verified", f"0.7391 um2 per SRAM bit (input buffers, membranes): {_SS} L93, L96"),
+    "area.input_buffer_bits": _src("verified", f"22 bits per stored input: {_SS} L93 ('* 0.7391 * 22')"),
+    "area.membrane_bits": _src("verified", f"22 bits per membrane: {_SS} L96"),
+}
+
+_SPIKESIM_SCHEDULE = {
+    "pe_per_tile": _src("verified", f"pe_per_tile = 8: {_SS} L206"),
+    "clock_mhz": _src("verified", f"clk_freq = 250 MHz: {_SS} L208"),
+    "pe_cycle_clocks": _src("verified", f"PE_cycle = 26 * (1000 / clk_freq) ns: {_SS} L209"),
+    "pipeline_overlap": _src("verified", f"cp = [0.75, ...] (next layer starts at 75 %): {_SS} L158, L164"),
+}
+
+
+def _spikesim_sources() -> dict:
+    return {
+        "xbar_rows": _src("verified", f"xbar_size = 64 (square crossbar): {_SS} L204"),
+        "xbar_cols": _src("verified", f"xbar_size = 64: {_SS} L204"),
+        "mapping": _src("verified", f"a PE holds k*k crossbars ('k * k * xbar_ar'), channels on rows, "
+                                    f"ceil(Cin/X)*ceil(Cout/X) PEs: {_SS} L10, L55"),
+        "sign_handling": _src("verified", f"signed weights in the array, no sign-correction term: {_SS} L55-57"),
+        **_SPIKESIM_SCHEDULE,
+        "cols_per_adc": _src("derived", f"xbar_size / 8 ADC(+MUX) per crossbar read ('(xbar_size / 8) * (ADC + "
+                                        f"MUX)') = one ADC per 8 columns: {_SS} L55"),
+        "adc_steps_per_pe_cycle": _src("verified", f"null = SpikeSim's X/8 sequential reads per PE cycle "
+                                                   f"('xbar_size / 8 * PE_ar'): {_SS} L56"),
+        "sample_and_hold": _src("verified", f"false: the array is read at each of the X/8 steps "
+                                            f"('xbar_size / 8 * PE_ar', PE_ar contains k*k*xbar_ar): {_SS} L55-56"),
+        "sub_ops_per_step": _src("verified", f"'(xbar_size / 8) * 16 * Sub': {_SS} L56"),
+        "adc_bits": _src("verified", f"--ADC_precision default 4: {_SS_NICE} L25 (and the README's command)"),
+        "adc_ref_bits": _src("verified", f"E_ADC is SpikeSim's 4-bit ADC (--ADC_precision 4): {_SS_NICE} L25"),
+        "analog_input_bits": _src("verified", f"null: every layer, the first included, costs one pass per "
+                                              f"timestep ('* time_steps'): {_SS} L65"),
+        "first_layer": _src("verified", f"per_step: the first layer is read every timestep like the others: {_SS} "
+                                        "L62-67"),
+        "weight_cell_bits": _src("verified", f"null: one cell per weight (PEs from channel counts only): {_SS} L63"),
+        "membrane_area_layers": _src("verified", f"membrane memory for out_ch_list[0:5]: {_SS} L95-96"),
+        "energy.xbar_read_pj": _src("verified", f"xbar_ar = 1.76423 pJ (device 'rram'): {_SS} L40"),
+        "energy.row_driver_pj": _src("verified", f"0: no row-driver term in SpikeSim's PE energy: {_SS} L55-57"),
+        "energy.adc_pj": _src("verified", f"ADC = 2.03084 pJ: {_SS} L47"),
+        "energy.mux_pj": _src("verified", f"MUX = 0.094245 pJ: {_SS} L51"),
+        **_SPIKESIM_PERIPHERY,
+        "area.xbar_um2": _src("verified", f"xbar_ar = 26.2144 um2 (device 'rram'): {_SS} L76"),
+        "area.adc_um2": _src("verified", f"ADC = 693.633 um2: {_SS} L83"),
+        "area.mux_um2": _src("verified", f"MUX = 45.9 um2: {_SS} L87"),
+        **_HOROWITZ_SOURCES,
+    }
+
+
 @PRESETS.register("spikesim-rram-65nm")
 def spikesim_rram_65nm() -> HardwareConfig:
     """SpikeSim's analytical model, RRAM, 65 nm: the reference the ``dense`` mode reproduces exactly.
 
-    Constants (ela_spikesim.py, Moitra et al. 2023): energies pJ E_xbar 1.76423 (RRAM array read), E_ADC 2.03084
-    (4-bit, 8 columns share one ADC), E_MUX 0.094245, E_htree 19.64·8, E_mem_fetch 4.64, E_neuron 1.274·4,
-    E_sub 1.15e-6, E_temp_buff 0.2, E_tile_buff 397; areas µm² crossbar 26.2144, ADC 693.633, MUX 45.9,
-    Sub 13411.41498, Temp_Buff 484.643999, Tile_buff 0.7391·64·128, H-tree 216830·2, SRAM 0.7391 per bit with
-    22-bit entries, membrane memory for the first 5 layers. Architecture: 64x64 crossbars, k² crossbars per PE,
-    8 PEs per tile, 250 MHz, PE cycle 26 clocks, 0.75 pipeline overlap, 16 subtractions per step. SpikeSim's
-    SRAM crossbar *energy* (671.089 pJ) equals its SRAM area constant and is likely a copy error: not used.
-    Digital-baseline energies (mac/ac/add) are Horowitz's 45 nm figures.
+    Every constant is read from SpikeSim's code (github.com/Intelligent-Computing-Lab-Yale/SpikeSim, commit c2627bc,
+    ``SNN_train_infer_quantization_ela/ela_spikesim.py``; ``sources`` gives the line of each): energies pJ E_xbar
+    1.76423, E_ADC 2.03084 (4-bit, ``NICE_Evaluation/hw_inference.py`` default, 8 columns share one ADC), E_MUX
+    0.094245, E_htree 19.64·8, E_mem_fetch 4.64, E_neuron 1.274·4, E_sub 1.15e-6, E_temp_buff 0.2, E_tile_buff 397;
+    areas µm² crossbar 26.2144, ADC 693.633, MUX 45.9, Sub 13411.41498, Temp_Buff 484.643999, Tile_buff
+    0.7391·64·128, H-tree 216830·2, SRAM 0.7391 per bit with 22-bit entries, membrane memory for the first 5
+    layers. Architecture: 64x64 crossbars, k² crossbars per PE, 8 PEs per tile, 250 MHz, PE cycle 26 clocks, 0.75
+    pipeline overlap, 16 subtractions per step. SpikeSim's SRAM crossbar *energy* (671.089 pJ, L42) equals its SRAM
+    area constant (L78) and is likely a copy error: not used. Digital-baseline energies (mac/ac/add) are
+    Horowitz's 45 nm figures.
     """
+    sources = _spikesim_sources()
     return HardwareConfig(
         name="spikesim-rram-65nm", description="SpikeSim analytical model (TCAD 2023), 65 nm RRAM, 64x64",
         technology_nm=65, device="rram", xbar_rows=64, xbar_cols=64, mapping="spikesim", sign_handling="none",
         pe_per_tile=8, clock_mhz=250.0, pe_cycle_clocks=26, pipeline_overlap=0.75, cols_per_adc=8,
         adc_steps_per_pe_cycle=None, sample_and_hold=False, sub_ops_per_step=16, adc_bits=4, adc_ref_bits=4,
         analog_input_bits=None, weight_cell_bits=None, membrane_area_layers=5,
-        energy=_spikesim_energy(), area=_spikesim_area(),
-        sources={"energy": _SPIKESIM, "area": _SPIKESIM, "architecture": _SPIKESIM,
-                 "digital_add_pj, mac_pj, ac_pj": _HOROWITZ})
+        energy=_spikesim_energy(), area=_spikesim_area(), sources=sources, unverified=unverified_keys(sources))
+
+
+def _xnor_sources() -> dict:
+    return {
+        "xbar_rows": _src("choice", "64 rows for comparability with SpikeSim; the XNOR-SRAM macro turns on all 256 "
+                                    f"rows at once ({_XNOR}); its per-op energy is used as size-independent"),
+        "xbar_cols": _src("choice", "64 columns (the macro has 64: 256x64 = 16 Kb)"),
+        "mapping": _src("choice", "unrolled: one array per PE, rows = Cin*k*k (a macro computes one dot product "
+                                  "per column)"),
+        "sign_handling": _src("choice", "popcount: spikes {0,1} x weights ±1 as 2*popcount(s AND w) - popcount(s) "
+                                        "(REFERENCE.md §5); the macro itself computes ternary XNOR"),
+        "pe_per_tile": _SPIKESIM_SCHEDULE["pe_per_tile"],
+        "clock_mhz": _SPIKESIM_SCHEDULE["clock_mhz"],
+        "pe_cycle_clocks": _src("unverified", "SpikeSim's RRAM PE cycle (26 clocks at 250 MHz, ela_spikesim.py "
+                                              "L209) reused for the SRAM macro; the macro's own read time is "
+                                              "not checked here"),
+        "pipeline_overlap": _src("unverified", "SpikeSim's 0.75 (ela_spikesim.py L158), a schedule of its RRAM "
+                                               "system, reused unchecked for this SRAM system"),
+        "cols_per_adc": _src("choice", "8 columns share one ADC (SpikeSim's sharing, ela_spikesim.py L55); the "
+                                       f"macro's ADC is 'column-multiplexed' ({_XNOR}) at a ratio not checked here; "
+                                       "area only (the macro energy includes its ADCs)"),
+        "adc_steps_per_pe_cycle": _src("choice", "1: the macro figure is per whole array read"),
+        "sample_and_hold": _src("choice", "true: the array is read once per PE cycle (the macro figure is per "
+                                          "read)"),
+        "sub_ops_per_step": _src("verified", "16 subtractions per step: SpikeSim ela_spikesim.py L56"),
+        "adc_bits": _src("derived", f"an 11-level flash ADC ({_XNOR}): ceil(log2 11) = 4 bits"),
+        "adc_ref_bits": _src("choice", "4 (= adc_bits; adc_pj is 0, so the reference resolution has no effect)"),
+        "analog_input_bits": _src("choice", "8: the analog first layer streams 8 input bit-planes per timestep"),
+        "first_layer": _src("choice", "per_step: the analog first layer is read every timestep"),
+        "weight_cell_bits": _src("choice", "1: one SRAM cell per bit"),
+        "membrane_area_layers": _src("choice", "null: membrane memory for every layer"),
+        "energy.xbar_read_pj": _src("unverified: op count",
+                                    f"403 TOPS/W for ternary XNOR-and-accumulate at 0.6 V, 65 nm ({_XNOR}) -> "
+                                    "1/403 pJ per op; 2 ops (XNOR + accumulate) per cell and 64x64 cells per read: "
+                                    "2*64*64/403 = 20.33 pJ, ADCs included. 403 TOPS/W is verified; that the paper "
+                                    "counts 2 ops per XAC (bsnn's TOPS/W convention) is not: with 1 op the read "
+                                    "costs half"),
+        "energy.row_driver_pj": _src("choice", "0: inside the macro figure"),
+        "energy.adc_pj": _src("choice", "0: inside the macro figure (403 TOPS/W includes the flash ADCs)"),
+        "energy.mux_pj": _src("choice", "0: inside the macro figure"),
+        **_SPIKESIM_PERIPHERY,
+        "area.xbar_um2": _src("unverified", "671.089 um2 is SpikeSim's SRAM crossbar area (ela_spikesim.py L78), "
+                                            "but its comment's formula does not reproduce it and the value equals "
+                                            "64*64 cells x 160 F^2 only at F = 32 nm (at 65 nm: 2769 um2); the "
+                                            "XNOR-SRAM bitcell area was not found in a public source"),
+        "area.adc_um2": _src("unverified", "693.633 um2 is SpikeSim's 4-bit ADC (ela_spikesim.py L83), not the "
+                                           "macro's 11-level flash ADC"),
+        "area.mux_um2": _src("verified", "MUX = 45.9 um2: SpikeSim ela_spikesim.py L87 (SpikeSim's mux)"),
+        **_HOROWITZ_SOURCES,
+    }
 
 
 @PRESETS.register("xnor-sram-65nm")
 def xnor_sram_65nm() -> HardwareConfig:
     """A binary XNOR/AND-SRAM macro (65 nm) inside SpikeSim's 65 nm system periphery.
 
-    Macro: 403 TOPS/W ≈ 2.48 fJ per op (XNOR-SRAM, Yin et al., IEEE JSSC 2020, as summarised in bsnn's
-    REFERENCE §5), so one full 64x64 array read (2·64·64 ops, ADCs included) costs 2·64·64/403 = 20.33 pJ;
+    Macro: 403 TOPS/W for ternary XNOR-and-accumulate at 0.6 V (XNOR-SRAM, Yin et al., IEEE JSSC 2020, abstract:
+    256 rows on at once, column-multiplexed 11-level flash ADC, 65 nm), so one full 64x64 array read (2·64·64 ops,
+    ADCs included) costs 2·64·64/403 = 20.33 pJ — assuming 2 ops per XAC, which is not checked (unverified);
     ``adc_pj`` and ``mux_pj`` are therefore 0 (inside the macro figure). The 64x64 size is bsnn's choice for
-    comparability with SpikeSim (the per-op figure is size-independent here). Spikes {0,1} x weights ±1 use the
-    AND form with popcount correction (one digital add per partial sum, Horowitz int8 add 0.03 pJ). Array
-    area: SpikeSim's 65 nm SRAM crossbar area 671.089 µm²; ADC area SpikeSim's 4-bit ADC (8 columns share one).
-    System periphery (buffers, H-tree, fetch, neuron, shift-subtract), tile organisation, clock and schedule:
-    SpikeSim's 65 nm constants (the macro paper reports the array only; system level is 10-100x worse).
-    The analog first layer streams 8 input bit-planes per timestep.
+    comparability with SpikeSim (the per-op figure is used as size-independent). Spikes {0,1} x weights ±1 use
+    the AND form with popcount correction (one digital add per partial sum, Horowitz int8 add 0.03 pJ). ADC
+    resolution: 11 levels -> 4 bits. Array area: SpikeSim's SRAM crossbar area 671.089 µm², ADC area SpikeSim's
+    4-bit ADC (both unverified for this macro). System periphery (buffers, H-tree, fetch, neuron, shift-subtract),
+    tile organisation and clock: SpikeSim's 65 nm constants, each read from ``ela_spikesim.py``; its PE cycle and
+    pipeline overlap are SpikeSim's RRAM schedule (unverified for SRAM). The analog first layer streams 8 input
+    bit-planes per timestep. ``sources`` cites every constant.
     """
     e = _spikesim_energy()
     e.xbar_read_pj, e.adc_pj, e.mux_pj = 2 * 64 * 64 / 403.0, 0.0, 0.0
     a = _spikesim_area()
     a.xbar_um2 = 671.089
+    sources = _xnor_sources()
     return HardwareConfig(
         name="xnor-sram-65nm", description="binary XNOR/AND-SRAM macro (403 TOPS/W) + SpikeSim 65 nm periphery",
         technology_nm=65, device="sram", xbar_rows=64, xbar_cols=64, mapping="unrolled",
         sign_handling="popcount", pe_per_tile=8, clock_mhz=250.0, pe_cycle_clocks=26, pipeline_overlap=0.75,
         cols_per_adc=8, adc_steps_per_pe_cycle=1, sample_and_hold=True, sub_ops_per_step=16, adc_bits=4,
         adc_ref_bits=4, analog_input_bits=8, weight_cell_bits=1, fp_weight_bits=8, membrane_area_layers=None,
-        energy=e, area=a,
-        sources={"xbar_read_pj": "XNOR-SRAM, Yin et al., JSSC 2020: 403 TOPS/W (65 nm) -> 2*64*64/403 pJ",
-                 "xbar_um2": _SPIKESIM + " (SRAM crossbar area)", "periphery, area, schedule": _SPIKESIM,
-                 "digital_add_pj, mac_pj, ac_pj": _HOROWITZ},
-        # the macro figure is REFERENCE.md §5's; SpikeSim's periphery is verified as SpikeSim's (reproduced exactly),
-        # not as this macro's system: the schedule (PE cycle, overlap) is SpikeSim's RRAM one, unchecked for SRAM
-        unverified=["pe_cycle_clocks", "pipeline_overlap"])
+        energy=e, area=a, sources=sources, unverified=unverified_keys(sources))
+
+
+def _isaac_energy() -> EnergyTable:
+    """Per-event energies from ISAAC's Table I powers (see :func:`isaac_rram_32nm`), pJ = mW x ns."""
+    c, n = _CYCLE_NS, _CONV_PER_IMA_CYCLE
+    return EnergyTable(xbar_read_pj=2.4 / 8 * c, row_driver_pj=4.0 / (8 * 128) * c, adc_pj=16.0 / 8 / 1.28,
+                       mux_pj=0.010 * c / n, sub_pj=0.2 * c / n, temp_buff_pj=0.23 * c / n,
+                       tile_buff_pj=(20.7 + 1.68) * c / 96, htree_pj=(7.0 + 42.0 / 4) * c / 96,
+                       mem_fetch_pj=1.24 / 8 * c, neuron_pj=1.274 * 4.0)
+
+
+def _isaac_area() -> AreaTable:
+    """Per-instance areas from ISAAC's Table I (mm² x 1e6 = µm²)."""
+    return AreaTable(xbar_um2=0.0002e6 / 8, adc_um2=0.0096e6 / 8, mux_um2=0.00004e6 / 8, sub_um2=12 * 0.00024e6,
+                     temp_buff_um2=12 * (0.0021 + 0.00077) * 1e6, tile_buff_um2=(0.083 + 0.0032) * 1e6,
+                     htree_um2=(0.090 + 0.151 / 4) * 1e6, sram_bit_um2=0.083e6 / (64 * 1024 * 8),
+                     input_buffer_bits=22, membrane_bits=22)
+
+
+def _isaac_sources() -> dict:
+    per_conv = "x 100 ns / 1024 conversions per IMA cycle"
+    return {
+        "xbar_rows": _src("verified", f"128x128 arrays ({_T1}: memristor array size; §VIII-A ISAAC-CE)"),
+        "xbar_cols": _src("verified", f"128 ({_T1})"),
+        "mapping": _src("choice", "unrolled: one array per PE, rows = Cin*k*k (ISAAC maps unrolled kernels)"),
+        "sign_handling": _src("choice", "paired positive/negative columns; ISAAC itself biases weights by 2^15 and "
+                                        "adds a unit column (§V), closer to bsnn's 'popcount'"),
+        "pe_per_tile": _src("derived", f"12 IMAs per tile x 8 arrays per IMA = 96 ({_T1})"),
+        "clock_mhz": _src("verified", f"'ISAAC Tile at 1.2 GHz' ({_T1} header)"),
+        "pe_cycle_clocks": _src("derived", "one crossbar read = 100 ns (§IV) = 120 clocks at 1.2 GHz"),
+        "pipeline_overlap": _src("unverified", "SpikeSim's layer overlap 0.75 (ela_spikesim.py L158); ISAAC's own "
+                                               "pipeline (§VI, Fig. 4b) is not modelled"),
+        "cols_per_adc": _src("derived", f"8 ADCs for 8 arrays per IMA ({_T1}): one ADC per array, all 128 columns "
+                                        "(§V: 'a single 1.28 GSps ADC unit')"),
+        "adc_steps_per_pe_cycle": _src("derived", "128 bitlines converted one after another per 100 ns cycle (§V)"),
+        "sample_and_hold": _src("verified", f"8x128 sample-and-holds per IMA ({_T1}; §V)"),
+        "sub_ops_per_step": _src("derived", "one shift-and-add per ADC output (§V)"),
+        "adc_bits": _src("verified", f"8-bit ADC ({_T1}; {_MNSIM}/ADC.py L55)"),
+        "adc_ref_bits": _src("verified", f"adc_pj is the 8-bit ADC's ({_T1})"),
+        "analog_input_bits": _src("choice", "8 bit-planes of an 8-bit image (ISAAC streams 16-bit inputs over 16 "
+                                            "cycles, §V)"),
+        "first_layer": _src("choice", "per_step: the analog first layer is read every timestep"),
+        "weight_cell_bits": _src("verified", f"2 bits per cell ({_T1})"),
+        "fp_weight_bits": _src("choice", "8-bit full-precision layers (ISAAC uses 16-bit weights, §V)"),
+        "membrane_area_layers": _src("choice", "null: membrane memory for every layer"),
+        "energy.xbar_read_pj": _src("derived", f"memristor arrays 2.4 mW per IMA of 8 ({_T1}) x 100 ns / 8 = 30 pJ"),
+        "energy.row_driver_pj": _src("derived", f"1-bit DACs 4 mW per IMA of 8x128 ({_T1}) x 100 ns / 1024 = 0.3906 "
+                                                f"pJ; per DAC 3.9 uW in {_MNSIM}/DAC.py L63 ({_ACC} L652: 0.4167 pJ "
+                                                "over a 106.7 ns read)"),
+        "energy.adc_pj": _src("derived", f"ADCs 16 mW per IMA of 8 ({_T1}) = 2 mW per ADC at 1.28 GS/s (§V) = "
+                                         f"1.5625 pJ; {_MNSIM}/ADC.py L71 (2 mW), L94 (1.28 GS/s); {_ACC} L298 takes "
+                                         "the table's 1.2 GS/s: 1.667 pJ"),
+        "energy.mux_pj": _src("derived", f"the sample-and-hold read per conversion: S+H 10 uW per IMA ({_T1}) "
+                                         f"{per_conv} = 0.00098 pJ"),
+        "energy.sub_pj": _src("derived", f"shift-and-add 0.2 mW per IMA (4 units, {_T1}; {_ACC} L469) {per_conv} = "
+                                         "0.0195 pJ per shift-add (was 0.2/4/1.2 = 0.0417 pJ: one op per unit per "
+                                         "1.2 GHz clock, 4.8 Gop/s, fewer than the 10.24 GS/s the ADCs deliver)"),
+        "energy.temp_buff_pj": _src("derived", f"output register 256 B, 0.23 mW per IMA ({_T1}) {per_conv} = "
+                                               "0.0225 pJ per write (was 0.23/1.2 = 0.19 pJ, which charged an IMA "
+                                               "8.5x the table's OR power)"),
+        "energy.tile_buff_pj": _src("derived", f"eDRAM 20.7 mW + tile output register 1.68 mW per tile ({_T1}; "
+                                               f"eDRAM also {_ACC} L23) x 100 ns / 96 arrays = 23.3 pJ per array "
+                                               "read (was 21.6 pJ, the OR left out while its area was counted)"),
+        "energy.htree_pj": _src("derived", f"eDRAM-IMA bus 7 mW + router 42 mW shared by 4 tiles ({_T1}; {_ACC} "
+                                           "L551, L207) x 100 ns / 96 = 18.2 pJ"),
+        "energy.mem_fetch_pj": _src("derived", f"input register 2 KB, 1.24 mW per IMA ({_T1}) x 100 ns / 8 arrays = "
+                                               "15.5 pJ per array read"),
+        "energy.neuron_pj": _src("unverified", "ISAAC has no IF neuron (its sigmoid unit is a shared CNN unit); "
+                                               "SpikeSim's 65 nm 5.096 pJ (ela_spikesim.py L53) reused unscaled, an "
+                                               "upper bound at 32 nm"),
+        "area.xbar_um2": _src("derived", f"memristor arrays 0.0002 mm² per IMA of 8 ({_T1}) = 25 um2 (one "
+                                         "significant figure in the table)"),
+        "area.adc_um2": _src("derived", f"0.0096 mm² per IMA of 8 ADCs ({_T1}) = 1200 um2; {_MNSIM}/ADC.py L34; "
+                                        f"{_ACC} L300"),
+        "area.mux_um2": _src("derived", f"sample-and-holds 0.00004 mm² per IMA ({_T1}) / 8 arrays = 5 um2"),
+        "area.sub_um2": _src("derived", f"IMA shift-and-add 0.00024 mm² x 12 IMAs ({_T1}) = 2880 um2 per tile "
+                                        "(the tile's own 60 um2 S+A left out)"),
+        "area.temp_buff_um2": _src("derived", f"IMA input register 0.0021 + output register 0.00077 mm², x 12 "
+                                              f"({_T1}) = 34440 um2 per tile"),
+        "area.tile_buff_um2": _src("derived", f"eDRAM 0.083 + tile output register 0.0032 mm² ({_T1}; eDRAM {_ACC} "
+                                              "L20) = 86200 um2"),
+        "area.htree_um2": _src("derived", f"bus 0.090 + router 0.151 / 4 tiles mm² ({_T1}) = 127750 um2"),
+        "area.sram_bit_um2": _src("derived", f"eDRAM density: 0.083 mm² / 64 KB ({_T1}) = 0.158 um2 per bit"),
+        "area.input_buffer_bits": _src("choice", "22 bits per stored value (SpikeSim's width, ela_spikesim.py L93)"),
+        "area.membrane_bits": _src("choice", "22 bits per membrane (SpikeSim's width, ela_spikesim.py L96)"),
+        **_HOROWITZ_SOURCES,
+    }
 
 
 @PRESETS.register("isaac-rram-32nm")
 def isaac_rram_32nm() -> HardwareConfig:
     """An ISAAC-like 32 nm RRAM design (Shafiee et al., ISCA 2016), run with SpikeSim's cost structure.
 
-    From ISAAC's parameter table (32 nm, 1.2 GHz, 100 ns crossbar read, IMA = 8 arrays of 128x128 + 8 ADCs,
-    tile = 12 IMAs): array read 2.4 mW/8 x 100 ns = 30 pJ; 1-bit DAC (row driver) 4 mW/(8·128) x 100 ns
-    = 0.39 pJ per row; 8-bit ADC 16 mW/8 at 1.28 GS/s = 1.5625 pJ per conversion, one ADC per array serving all
-    128 columns after sample-and-hold (128 steps); shift-and-add 0.2 mW/4 units /1.2 GHz = 0.0417 pJ per op;
-    output register 0.23 mW / 1.2 GHz = 0.19 pJ per write; input register 1.24 mW/8 x 100 ns = 15.5 pJ per
-    array read (mem fetch); eDRAM tile buffer 20.7 mW x 100 ns / 96 arrays = 21.6 pJ; bus 7 mW + router
-    42 mW/4 -> 17.5 mW x 100 ns / 96 = 18.2 pJ (H-tree). Areas: array 0.0002/8 mm² = 25 µm², ADC
-    0.0096/8 mm² = 1200 µm², tile S+A 12·0.00024 mm² = 2880 µm², IMA registers 12·(0.0021+0.00077) mm²
-    = 34440 µm², eDRAM 0.083 + tile OR 0.0032 mm² = 86200 µm², bus + router/4 = 127750 µm²; buffers at ISAAC's
-    eDRAM density 0.083 mm²/64 KB = 0.158 µm² per bit. Not in ISAAC (reused, unscaled SpikeSim 65 nm values,
-    an upper bound): the IF neuron 5.096 pJ. PE = one array (unrolled mapping), 96 per tile; spikes x ±1
-    weights on paired columns; analog first layer streamed as 8 bit-planes (ISAAC is bit-serial).
+    From ISAAC's Table I (32 nm, tile at 1.2 GHz, 100 ns crossbar read, IMA = 8 arrays of 128x128 with 2-bit
+    cells + 8 ADCs, tile = 12 IMAs; powers and areas are group totals per IMA or per tile), each event's energy
+    is the group's power x 100 ns / the events per cycle (8 arrays x 128 conversions = 1024 per IMA): array read
+    2.4 mW/8 -> 30 pJ; 1-bit DAC (row driver) 4 mW/1024 -> 0.39 pJ per row; 8-bit ADC 16 mW/8 at 1.28 GS/s
+    -> 1.5625 pJ per conversion, one ADC per array serving all 128 columns after sample-and-hold (S+H 10 µW/1024
+    -> 0.001 pJ per conversion, the ``mux`` line); shift-and-add 0.2 mW/1024 -> 0.0195 pJ per op; output
+    register 0.23 mW/1024 -> 0.0225 pJ per write; input register 1.24 mW/8 -> 15.5 pJ per array read (mem fetch);
+    eDRAM + tile output register (20.7 + 1.68) mW / 96 arrays -> 23.3 pJ; bus 7 mW + router 42 mW/4 -> 17.5 mW
+    / 96 -> 18.2 pJ (H-tree). Areas: array 0.0002/8 mm² = 25 µm², ADC 0.0096/8 mm² = 1200 µm², S+H 5 µm² per
+    array, tile S+A 12·0.00024 mm² = 2880 µm², IMA registers 12·(0.0021+0.00077) mm² = 34440 µm², eDRAM 0.083 +
+    tile OR 0.0032 mm² = 86200 µm², bus + router/4 = 127750 µm²; buffers at ISAAC's eDRAM density 0.083 mm²/64 KB
+    = 0.158 µm² per bit. At full activity a tile then draws 12·24.08 + 39.9 ≈ 329 mW plus the neurons (Table I:
+    330 mW). Not in ISAAC (reused, unscaled SpikeSim 65 nm values, an upper bound): the IF neuron 5.096 pJ and
+    the pipeline overlap. PE = one array (unrolled mapping), 96 per tile; spikes x ±1 weights on paired columns;
+    analog first layer streamed as 8 bit-planes (ISAAC is bit-serial). ``sources`` cites every constant
+    (Table I as transcribed in dyigitpolat/mimarsinan, cross-checked with MNSIM-2.0's and Accelergy's ISAAC
+    component models).
     """
-    e = EnergyTable(xbar_read_pj=30.0, row_driver_pj=4.0 / (8 * 128) * 100.0, adc_pj=16.0 / 8 / 1.28,
-                    mux_pj=0.0, sub_pj=0.2 / 4 / 1.2, temp_buff_pj=0.23 / 1.2, tile_buff_pj=20.7 * 100 / 96,
-                    htree_pj=(7.0 + 42.0 / 4) * 100 / 96, mem_fetch_pj=1.24 / 8 * 100, neuron_pj=1.274 * 4.0)
-    a = AreaTable(xbar_um2=0.0002e6 / 8, adc_um2=0.0096e6 / 8, mux_um2=0.0, sub_um2=12 * 0.00024e6,
-                  temp_buff_um2=12 * (0.0021 + 0.00077) * 1e6, tile_buff_um2=(0.083 + 0.0032) * 1e6,
-                  htree_um2=(0.09 + 0.151 / 4) * 1e6, sram_bit_um2=0.083e6 / (64 * 1024 * 8),
-                  input_buffer_bits=22, membrane_bits=22)
+    sources = _isaac_sources()
     return HardwareConfig(
         name="isaac-rram-32nm", description="ISAAC-like (ISCA 2016) 32 nm RRAM, 128x128, 8-bit ADC per array",
         technology_nm=32, device="rram", xbar_rows=128, xbar_cols=128, mapping="unrolled", sign_handling="paired",
         pe_per_tile=96, clock_mhz=1200.0, pe_cycle_clocks=120, pipeline_overlap=0.75, cols_per_adc=128,
         adc_steps_per_pe_cycle=128, sample_and_hold=True, sub_ops_per_step=1, adc_bits=8, adc_ref_bits=8,
-        analog_input_bits=8, weight_cell_bits=2, fp_weight_bits=8, membrane_area_layers=None, energy=e, area=a,
-        sources={"energy, area, architecture": _ISAAC, "neuron_pj, schedule overlap": _SPIKESIM,
-                 "digital_add_pj, mac_pj, ac_pj": _HOROWITZ},
-        # ISAAC's table was transcribed without the paper at hand; only the ADC figure (≈1.56 pJ) is confirmed by
-        # REFERENCE.md §5. The IF neuron and the schedule overlap are SpikeSim's 65 nm values, unscaled to 32 nm.
-        unverified=["xbar_read_pj", "row_driver_pj", "sub_pj", "temp_buff_pj", "tile_buff_pj", "htree_pj",
-                    "mem_fetch_pj", "neuron_pj", "xbar_um2", "adc_um2", "sub_um2", "temp_buff_um2", "tile_buff_um2",
-                    "htree_um2", "sram_bit_um2", "pipeline_overlap"])
+        analog_input_bits=8, weight_cell_bits=2, fp_weight_bits=8, membrane_area_layers=None,
+        energy=_isaac_energy(), area=_isaac_area(), sources=sources, unverified=unverified_keys(sources))
 
 
 @PRESETS.register("digital-45nm")
@@ -350,9 +582,10 @@ def digital_45nm() -> HardwareConfig:
     add), E_AC = 0.9 pJ (fp32 add). SNN energy = Σ_l ops_l · rate_l · T · E_AC (analog-input layer: E_MAC every
     timestep), ANN energy = Σ_l ops_l · E_MAC. Energy only: memory traffic, latency and area are not modelled
     (reported as null)."""
+    sources = dict(_HOROWITZ_SOURCES)
     return HardwareConfig(name="digital-45nm", description="digital baseline, Horowitz 45 nm op energies",
-                          technology_nm=45, device="digital", energy=EnergyTable(),
-                          sources={"mac_pj, ac_pj, digital_add_pj": _HOROWITZ})
+                          technology_nm=45, device="digital", energy=EnergyTable(), sources=sources,
+                          unverified=unverified_keys(sources))
 
 
 def list_presets() -> list[str]:
@@ -363,6 +596,8 @@ def list_presets() -> list[str]:
 def hardware_from_dict(d: dict) -> HardwareConfig:
     """Build a validated :class:`HardwareConfig` from a nested dict; ``preset: NAME`` starts from that preset.
 
+    A cited constant whose value differs from the preset's gets the source ``[user] ...`` (naming the preset's
+    value and citation) and leaves ``unverified``, unless the dict gives its own ``sources`` entry for it.
     Unknown keys raise :class:`bsnn.ConfigError` listing the valid keys.
     """
     d = dict(d or {})
@@ -374,12 +609,34 @@ def hardware_from_dict(d: dict) -> HardwareConfig:
         else:
             start[key] = value
     hw = from_dict(start, HardwareConfig)
+    return _mark_user_values(hw, preset(base), set((d.get("sources") or {}))) if base else hw
+
+
+def _value(hw: HardwareConfig, key: str):
+    """The value of a dotted constant key (``energy.adc_pj``, ``xbar_rows``) of ``hw``; None if it has none."""
+    node = hw
+    for part in key.split("."):
+        if not hasattr(node, part):
+            return None
+        node = getattr(node, part)
+    return node
+
+
+def _mark_user_values(hw: HardwareConfig, base: HardwareConfig, explicit: set) -> HardwareConfig:
+    """Re-cite the constants of ``hw`` that differ from the preset ``base`` as user-set (see
+    :func:`hardware_from_dict`)."""
+    changed = [k for k in base.sources if k not in explicit and _value(hw, k) != _value(base, k)]
+    for k in changed:
+        hw.sources[k] = _src("user", f"{_value(hw, k)!r}, set by a YAML file or an override (the preset "
+                                     f"{base.name} has {_value(base, k)!r}: {base.sources[k]})")
+    hw.unverified = [k for k in hw.unverified if k not in changed]
     return hw
 
 
 def preset(name: str, overrides: list[str] | dict | None = None) -> HardwareConfig:
     """A named preset (fresh copy), optionally with dotted overrides (``["xbar_rows=128", "energy.adc_pj=1"]``)
-    or a dict of changes (nested ``energy`` / ``area`` dicts change only the keys they name).
+    or a dict of changes (nested ``energy`` / ``area`` dicts change only the keys they name). Changed constants
+    are cited as user-set (:func:`hardware_from_dict`).
 
     Raises:
         ConfigError: unknown preset (the message lists the valid names) or invalid override.
@@ -389,13 +646,72 @@ def preset(name: str, overrides: list[str] | dict | None = None) -> HardwareConf
         return hw
     if isinstance(overrides, dict):
         return hardware_from_dict({"preset": name, **overrides})
-    return hardware_from_dict(apply_overrides(hw.to_dict(), list(overrides)))
+    d = apply_overrides(hw.to_dict(), list(overrides))
+    explicit = {k for k, v in (d.get("sources") or {}).items() if hw.sources.get(k) != v}
+    return _mark_user_values(hardware_from_dict(d), hw, explicit)
 
 
 def load_hardware_config(path: str | Path, overrides: list[str] | None = None) -> HardwareConfig:
     """Load a hardware YAML file (optionally ``preset: NAME`` + changed fields) and apply dotted overrides."""
     d = read_yaml_mapping(path, "hardware config", "see configs/hardware/ for examples")
     return hardware_from_dict(apply_overrides(d, list(overrides or [])))
+
+
+_YAML_HEAD = """Hardware preset {name!r} (bsnn.hardware.preset({name!r})); every field can be changed here or
+with `bsnn cost --hw-config THIS.yaml key=value`. Units are in the field names. Written by
+bsnn.hardware.config.preset_yaml({name!r}); the preset function is the reference.
+"""
+_YAML_KEY = """The comment above a constant cites its source, as `sources` below does: [verified] the source states the
+value, [derived] computed from the source's values (the arithmetic is given), [choice] a modelling choice of bsnn,
+[unverified] not checked, with why (these form `unverified`; `bsnn cost` names them in every report)."""
+
+
+def _comment(text: str, indent: str = "", width: int = 118) -> list[str]:
+    """``text`` as ``#`` comment lines wrapped to ``width`` (blank lines kept)."""
+    out = []
+    for para in text.strip("\n").split("\n\n"):
+        words, line = " ".join(para.split()).split(" "), ""
+        for w in words:
+            if line and len(indent) + 2 + len(line) + 1 + len(w) > width:
+                out.append(f"{indent}# {line}")
+                line = w
+            else:
+                line = f"{line} {w}" if line else w
+        out.append(f"{indent}# {line}".rstrip())
+        out.append(f"{indent}#")
+    return out[:-1]
+
+
+def _scalar(value) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10_000).strip()
+    return text[:-3].strip() if text.endswith("...") else text
+
+
+def preset_yaml(name: str) -> str:
+    """The YAML file of preset ``name`` (``configs/hardware/NAME.yaml``): every field, the source of each cited
+    constant as a comment above it, then the ``sources`` mapping and the ``unverified`` list. Loading it gives
+    the preset back (``load_hardware_config(path) == preset(name)``)."""
+    hw = preset(name)
+    doc = (PRESETS.get(name).__doc__ or "").strip()
+    lines = _comment(_YAML_HEAD.format(name=name)) + ["#"] + _comment(doc) + ["#"] + _comment(_YAML_KEY)
+    d = hw.to_dict()
+    for key, value in d.items():
+        if key in ("sources", "unverified"):
+            continue
+        if isinstance(value, dict):
+            lines.append(f"{key}:")
+            for sub, v in value.items():
+                if f"{key}.{sub}" in hw.sources:
+                    lines += _comment(hw.sources[f"{key}.{sub}"], indent="  ")
+                lines.append(f"  {sub}: {_scalar(v)}")
+            continue
+        if key in hw.sources:
+            lines += _comment(hw.sources[key])
+        lines.append(f"{key}: {_scalar(value)}")
+    lines.append(yaml.safe_dump({"sources": hw.sources}, allow_unicode=True, sort_keys=False, width=116).rstrip())
+    lines.append("# the constants not checked against their source (bsnn cost names them in every report)")
+    lines.append(f"unverified: {_scalar(list(hw.unverified))}")
+    return "\n".join(lines) + "\n"
 
 
 def resolve_hardware(hw: "HardwareConfig | str | Path") -> HardwareConfig:

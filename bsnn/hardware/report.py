@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bsnn.hardware.config import HardwareConfig, resolve_hardware
+from bsnn.hardware.config import HardwareConfig, resolve_hardware, source_status
 from bsnn.hardware.cost import CostReport, estimate, sweep_timesteps
 from bsnn.hardware.front import accuracy_energy_front, front_markdown, plot_front
 from bsnn.hardware.ops import operation_counts, operations_markdown
 from bsnn.io import atomic_write_json, atomic_write_text, write_failure
+from bsnn.report import markdown_table
 
 #: the files :func:`run_cost` writes into a run folder
 COST_FILES = ("cost.json", "cost.md", "cost_breakdown.png", "cost_vs_T.png", "cost_front.md", "cost_front.png")
@@ -92,7 +93,8 @@ def write_cost_report(report: CostReport, out_dir: str | os.PathLike, network=No
         d["operations"] = ops
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md"}
     atomic_write_json(paths["json"], d)
-    atomic_write_text(paths["md"], report.markdown() + ("\n" + operations_markdown(ops) if ops else ""))
+    atomic_write_text(paths["md"], report.markdown() + ("\n" + operations_markdown(ops) if ops else "")
+                      + "\n" + sources_markdown(report.config))
     if front is not None:
         paths["front_md"] = out / f"{stem}_front.md"
         atomic_write_text(paths["front_md"], front_markdown(front))
@@ -103,6 +105,35 @@ def write_cost_report(report: CostReport, out_dir: str | os.PathLike, network=No
         if vs_t:
             paths["vs_T_png"] = plot_vs_t(vs_t, report, out / f"{stem}_vs_T.png")
     return paths
+
+
+def _config_value(config: dict, key: str):
+    """The value of a dotted key (``energy.adc_pj``) in a nested config dict; None if absent."""
+    node = config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def sources_markdown(config: dict) -> str:
+    """The ``Sources`` section of ``cost.md``: every cited constant of the hardware config (``CostReport.config``,
+    i.e. ``HardwareConfig.to_dict()``) with its value, status and citation, the unverified ones first; "" when
+    the config cites nothing."""
+    sources = config.get("sources") or {}
+    if not sources:
+        return ""
+    order = list(sources)
+    keys = sorted(order, key=lambda k: (source_status(sources[k]) != "unverified", order.index(k)))
+    rows = []
+    for k in keys:
+        v = _config_value(config, k)
+        shown = f"{v:.6g}" if isinstance(v, float) else "null" if v is None else v
+        rows.append([f"`{k}`", shown, source_status(sources[k]), str(sources[k]).split("] ", 1)[-1]])
+    unverified = config.get("unverified") or []
+    head = f"## Sources of the constants ({config.get('name')})\n\n" + (
+        f"Not verified against their source: {', '.join(f'`{k}`' for k in unverified)}.\n\n" if unverified
+        else "Every cited constant is verified against its source, derived from it, or a stated choice.\n\n")
+    return head + markdown_table(["constant", "value", "status", "source"], rows)
 
 
 def _save(fig, path: Path) -> Path:
