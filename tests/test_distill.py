@@ -209,6 +209,8 @@ ALL = ["kd", "dkd", "dist", "nkd", "tf_nkd", "zipf_ls", "bake", "fitnet", "at", 
 ALL += ["switokd", "sokd", "byot", "born_again"]  # bsnn/distill/online.py
 _PARAMS["born_again"] = {"strict": False}  # the contract teacher is wider than the student
 ALL += ["sakd", "lipschitz", "ie_kd"]  # bsnn/distill/adaptive.py
+ALL += ["ab", "fsp", "ft", "irg", "reviewkd"]  # bsnn/distill/feature_classic.py
+_PARAMS["fsp"] = {"student_layer": ["0:in", "8"]}  # FSP needs equal channels; the contract teacher is wider
 
 
 def _teacher_for(method: str):
@@ -474,6 +476,11 @@ PUBLISHED = {  # method: (ce_weight, kd_weight, temperature or None when unused,
     "nst": (1.0, 50.0, None, {}),
     "cc": (1.0, 0.02, None, {"feat_dim": 128}),
     "vid": (1.0, 1.0, None, {"init_pred_var": 5.0}),
+    "ab": (1.0, 1.0, None, {"margin": 1.0, "init_epochs": None}),
+    "fsp": (1.0, 1.0, None, {"init_epochs": None}),
+    "ft": (1.0, 200.0, None, {"rate": 0.5, "p1": 2.0, "p2": 1.0, "init_epochs": None}),
+    "irg": (1.0, 0.005, None, {}),
+    "reviewkd": (1.0, 5.0, None, {"warmup": None}),
     "switokd": (1.0, 1.0, 1.0, {}),
     "sokd": (1.0, 1.0, 4.0, {"branch_ce_weight": 1.0, "branch_teacher_weight": 1.0, "branch_student_weight": 1.0}),
     "byot": (0.9, 0.1, 3.0, {"feature_weight": 1e-6}),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from bsnn.distill.base import METHODS, Distiller, DistillWarning, build_distiller, list_methods, register
 from bsnn.distill.feature import AT, CRD, PKT, RKD, SP, FeatureDistiller, FitNet
+from bsnn.distill.feature_classic import AB, FSP, FT, IRG, ReviewKD
 from bsnn.distill.logit import BAKE, DIST, DKD, KD, NKD, CrossEntropyOnly, MixupKD, TfNKD, ZipfLS
 from bsnn.distill.adaptive import IEKD, SAKD, Lipschitz
 from bsnn.distill.multi import BDKD, CAMKD, DML, TAKD
@@ -24,5 +25,6 @@ __all__ = [
     "BYOT", "BornAgain", "SOKD", "SwitOKD",
     "CrossEntropyOnly", "DistillWarning", "Distiller", "FeatureDistiller", "FitNet", "MixupKD", "TfNKD", "ZipfLS",
     "IEKD", "Lipschitz", "SAKD",
+    "AB", "FSP", "FT", "IRG", "ReviewKD",
     "build_distiller", "list_methods", "register",
 ]
