@@ -187,6 +187,18 @@ def test_ref_sokd_branch_from_the_last_stage():
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def test_sokd_branch_layer_as_an_output_and_from_the_teacher_s_weights():
+    teacher = _net(1, 6)
+    x, y = _xb()
+    a = build_distiller(_net(0), teacher, DistillConfig(method="sokd")).eval()
+    b = build_distiller(_net(0), teacher, DistillConfig(method="sokd", params={"branch_layer": "2"})).eval()
+    torch.testing.assert_close(b(x, y)["loss"], a(x, y)["loss"])  # the output of ReLU 2 is the input of conv 3
+    warm = build_distiller(_net(0), teacher, DistillConfig(method="sokd", params={"reinit": False}))
+    assert torch.equal(warm.branch[3].weight, teacher[3].weight) and warm.branch[3].weight.requires_grad
+    with pytest.raises(ConfigError, match="teacher has no layer 'nope'; valid layer names: 0, 1"):
+        build_distiller(_net(0), teacher, DistillConfig(method="sokd", params={"branch_layer": "nope:in"}))
+
+
 def test_sokd_branch_on_a_residual_network_starts_at_its_last_stage():
     teacher = create_model("resnet20_cifar", num_classes=K, in_channels=1, width=0.5).double().eval()
     student = create_model("resnet20_cifar", num_classes=K, in_channels=1, width=0.25).double()
@@ -269,6 +281,12 @@ def test_byot_heads_on_every_stage_of_a_resnet_with_the_authors_strides():
     out["loss"].backward()
     assert all(p.grad is not None for p in d.heads.parameters())
     assert isinstance(d.heads[0], BYOTHead) and not hasattr(student, "heads")  # the student stays plain
+
+
+def test_byot_without_an_intermediate_stage_says_which_param_to_set():
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.ReLU(), nn.Linear(8, K))
+    with pytest.raises(ConfigError, match=r"byot: .*no intermediate stage.*distill.params.layers"):
+        build_distiller(mlp, None, DistillConfig(method="byot"))
 
 
 # --------------------------------------------------------------------------------------------- born_again
