@@ -31,12 +31,15 @@ after it; ``main_cal_imagenet.py`` (``--calib advanced``: ``num_cali_samples=102
 iterations by default). Differences from the authors' code:
 
 * binary layers keep their ±1 weights: instead of the weight, a per-output-channel gain ``g`` (> 0, from 1) on
-  the ±1 weights and the layer's bias are fitted, ``z = g·(sign(W) * x̄) + b``, and folded back into the IF
-  threshold (``θ/g``) and the stored bias (``b/g``) — the same network with ±1 weights; a layer with one
-  threshold gets one gain. Full-precision layers (the first) have their weight fitted, as in the authors' code;
+  the ±1 weights and the layer's bias are fitted, ``z = g·s·(sign(W) * x̄) + b`` (``s = λ/θ``: parameters live in
+  the ANN's activation domain, as the authors'), and folded back into the IF threshold (``θ/g``) and the stored
+  bias (``b/(s·g)``) — the same network with ±1 weights; a layer with one threshold gets one gain.
+  Full-precision layers (the first) have their weight fitted (``s·W``, in the ANN's domain), as in the authors'
+  code;
 * the quantiser includes the neuron's initial membrane ``v0`` (bsnn's θ/2 shift, in units of θ): the exact spike
   count of an IF neuron with constant input. The authors' ``floor_ste(clamp(z/θ·T, 0, T))`` is ``v0 = 0``, although
-  their neuron adds the same shift (``enable_shift``);
+  their neuron adds the same shift (``enable_shift``). Much of what their fit gains is learning that half step
+  (the floor's bias); with the shift in the quantiser the first layer (exact analog input) has little left to fit;
 * the last layer (the output integrator) is not calibrated (nor is it in the authors' code); layers whose IF input
   is not a conv/linear output (residual adds, max-pools before the neuron, unfolded BatchNorm) are skipped (the
   authors fit residual blocks jointly, ``weights_cali_res_layer``) and get the potential correction only;
@@ -199,6 +202,11 @@ def calibrate_layer_(snn: SpikingNetwork, neuron_name: str, synapse_name: str, b
                      target: torch.Tensor, timesteps: int, cfg: WeightCalibration) -> tuple[float, float]:
     """Fit one layer (weight, or ±1-weight gain and bias) to the ANN activation, in place.
 
+    The parameters are optimised in the ANN's activation domain, as in the authors' code: with ``s = λ/θ`` (per
+    channel) the real pre-activation is ``s·z``, so a full-precision layer's real weight ``s·W`` and a binary
+    layer's real bias ``s·b`` are what Adam moves (its steps, of size ``lr``, then mean the same as the authors');
+    they are folded back into the stored domain afterwards.
+
     Args:
         snn: the network (the synapse's weight, or its bias and the IF threshold, are updated).
         neuron_name: the IF layer.
@@ -217,22 +225,25 @@ def calibrate_layer_(snn: SpikingNetwork, neuron_name: str, synapse_name: str, b
     conv = isinstance(syn, nn.Conv2d)
     lam = _channel_view(torch.as_tensor(snn.meta["thresholds"][neuron.name]).float(), target)
     theta = neuron.threshold.detach().clone()
+    scale = lam / theta  # real = scale · stored, per channel (or one factor)
     v0 = (neuron.v_init_frac + neuron.v_init_bias).detach()
-    weight = syn.weight.detach().clone()
-    bias0 = _channel_view(syn.bias.detach().clone(), target)
+    w_scale = scale.reshape(-1, *([1] * (syn.weight.dim() - 1))) if scale.numel() > 1 else scale
+    real_bias = (_channel_view(syn.bias.detach(), target) * scale).clone()
     kw = dict(stride=syn.stride, padding=syn.padding, dilation=syn.dilation, groups=syn.groups) if conv else {}
     fwd = nn.functional.conv2d if conv else nn.functional.linear
     if binary:
+        sign = syn.weight.detach()
         gain = torch.ones_like(theta, requires_grad=True)
-        bias = bias0.clone().requires_grad_(True)
-        params = [gain, bias]
+        real_bias.requires_grad_(True)
+        params = [gain, real_bias]
     else:
-        weight.requires_grad_(True)
-        params = [weight]
+        real_weight = (syn.weight.detach() * w_scale).clone().requires_grad_(True)
+        params = [real_weight]
 
     def output(xb: torch.Tensor) -> torch.Tensor:
-        z = gain * fwd(xb, weight, None, **kw) + bias if binary else fwd(xb, weight, None, **kw) + bias0
-        return lam * quantised_count(z, theta, timesteps, v0) / timesteps
+        z = gain * scale * fwd(xb, sign, None, **kw) + real_bias if binary else \
+            fwd(xb, real_weight, None, **kw) + real_bias
+        return lam * quantised_count(z, lam, timesteps, v0) / timesteps
 
     def loss_all() -> float:
         with torch.no_grad():
@@ -241,7 +252,7 @@ def calibrate_layer_(snn: SpikingNetwork, neuron_name: str, synapse_name: str, b
 
     before = loss_all()
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iterations, eta_min=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.iterations), eta_min=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.iterations):
         idx = torch.randperm(len(x_avg), generator=gen)[:cfg.batch_size]
@@ -254,12 +265,12 @@ def calibrate_layer_(snn: SpikingNetwork, neuron_name: str, synapse_name: str, b
                 gain.clamp_(min=1e-3)  # a spike threshold must stay positive
     after = loss_all()
     with torch.no_grad():
-        if binary:  # g·(sign(W) x) + b against θ == (sign(W) x + b/g) against θ/g: the weights stay ±1
+        if binary:  # g·s·(sign(W) x) + b_real against λ == (sign(W) x + b_real/(s·g)) against θ/g: still ±1
             g = gain.detach()
             neuron.threshold.copy_(theta / g)
-            syn.bias.copy_((bias.detach() / _channel_view(g, target)).reshape(syn.bias.shape))
+            syn.bias.copy_((real_bias.detach() / (scale * g)).reshape(syn.bias.shape))
         else:
-            syn.weight.copy_(weight.detach())
+            syn.weight.copy_(real_weight.detach() / w_scale)
     return before, after
 
 
