@@ -209,6 +209,7 @@ ALL = ["kd", "dkd", "dist", "nkd", "tf_nkd", "zipf_ls", "bake", "fitnet", "at", 
 ALL += ["switokd", "sokd", "byot", "born_again"]  # bsnn/distill/online.py
 _PARAMS["born_again"] = {"strict": False}  # the contract teacher is wider than the student
 ALL += ["sakd", "lipschitz", "ie_kd"]  # bsnn/distill/adaptive.py
+ALL += ["metadistil", "prue", "prune_distill"]  # bsnn/distill/teacher_side.py
 ALL += ["ab", "fsp", "ft", "irg", "reviewkd"]  # bsnn/distill/feature_classic.py
 _PARAMS["fsp"] = {"student_layer": ["0:in", "8"]}  # FSP needs equal channels; the contract teacher is wider
 
@@ -488,6 +489,9 @@ PUBLISHED = {  # method: (ce_weight, kd_weight, temperature or None when unused,
     "sakd": (1.0, 1.0, 4.0, {"base": "at", "policy_temperature": 5.0, "policy_weight": 0.5, "homo": True}),
     "lipschitz": (1.0, 0.004, None, {"feature_weight": 1e-3, "power_iterations": 10, "decay_factor": 0.25}),
     "ie_kd": (1.0, 1.0, None, {"inh_weight": 1.0, "exp_weight": 1.0, "factor_rate": 0.5, "divide": "natural"}),
+    "metadistil": (0.1, 0.9, 4.0, {"pilot_lr": 0.05, "pilot_decay": 0.1, "quiz_fraction": 0.1}),
+    "prue": (0.9, 0.1, 4.0, {"sparsity": 0.5}),
+    "prune_distill": (0.05, 0.95, 10.0, {"pruning_ratio": 0.8, "round_fraction": 0.2}),
 }
 
 

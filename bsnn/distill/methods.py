@@ -19,12 +19,14 @@ from bsnn.distill.logit import BAKE, DIST, DKD, KD, NKD, CrossEntropyOnly, Mixup
 from bsnn.distill.adaptive import IEKD, SAKD, Lipschitz
 from bsnn.distill.multi import BDKD, CAMKD, DML, TAKD
 from bsnn.distill.online import BYOT, SOKD, BornAgain, SwitOKD
+from bsnn.distill.teacher_side import MetaDistil, PrUE, PruneDistill
 
 __all__ = [
     "AT", "BAKE", "BDKD", "CAMKD", "CRD", "DIST", "DKD", "DML", "KD", "METHODS", "NKD", "PKT", "RKD", "SP", "TAKD",
     "BYOT", "BornAgain", "SOKD", "SwitOKD",
     "CrossEntropyOnly", "DistillWarning", "Distiller", "FeatureDistiller", "FitNet", "MixupKD", "TfNKD", "ZipfLS",
     "IEKD", "Lipschitz", "SAKD",
+    "MetaDistil", "PrUE", "PruneDistill",
     "AB", "FSP", "FT", "IRG", "ReviewKD",
     "build_distiller", "list_methods", "register",
 ]
