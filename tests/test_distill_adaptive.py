@@ -218,33 +218,38 @@ def ref_kl(y_s, y_t, t=4.0):
     return F.kl_div(F.log_softmax(y_s / t, dim=1), F.softmax(y_t / t, dim=1), reduction="batchmean") * t ** 2
 
 
-def ref_sakd(d, s, t, x, y, u, gamma=2.0, alpha=1.0, beta=1000.0):
-    """spot-adaptive-pytorch train.py ``train_epoch`` for AT at one spot (module "3"): returns ``(loss, loss_cls)``,
-    the student's loss and the policy's (agent optimiser) loss."""
-    z_t, ft = _taps(t, x, outputs=["3"], inputs=["7"])
-    z_s, fs = _taps(s, x, outputs=["3"], inputs=["7"])
+def ref_sakd(d, s, t, x, y, u, spots=(3,), gamma=2.0, alpha=1.0, beta=1000.0):
+    """spot-adaptive-pytorch train.py ``train_epoch`` for AT at the outputs of the Sequential's modules ``spots``:
+    returns ``(loss, loss_cls)``, the student's loss and the policy's (agent optimiser) loss."""
+    names = [str(i) for i in spots]
+    z_t, ft = _taps(t, x, outputs=names, inputs=["7"])
+    z_s, fs = _taps(s, x, outputs=names, inputs=["7"])
     z_t = z_t.detach()
     policy_res = d.policy(torch.cat((ft["7:in"].detach(), fs["7:in"].detach()), 1))
     action = ref_gumbel_softmax(policy_res.view(policy_res.size(0), -1, 2), u, temperature=5)
     ac = [action[:, i, 0].contiguous().view(-1) for i in range(action.shape[1])]  # .float(): a no-op in fp32
     b = z_s.shape[0]
     loss_kd = torch.zeros((), dtype=D)
-    sel = ac[0].detach() > 0.5
-    if sel.sum() > 0:
-        loss_kd = loss_kd + ref_at(fs["3"][sel], ft["3"][sel].detach()) * int(sel.sum()) / b
+    for k, n in enumerate(names):
+        sel = ac[k].detach() > 0.5
+        if sel.sum() > 0:
+            loss_kd = loss_kd + ref_at(fs[n][sel], ft[n][sel].detach()) * int(sel.sum()) / b
     loss_div = torch.zeros((), dtype=D)
     sel = ac[-1].detach() > 0.5
     if sel.sum() > 0:
         loss_div = loss_div + ref_kl(z_s[sel], z_t[sel]) * int(sel.sum()) / b
-    # graft: segments [0, 3] and [4, end]; the student in eval mode
+    # graft: the segments between the spots (the authors' model(x, begin, end)); the student in eval mode
     s.eval()
-    mid_s, mid_t = s[:4](x), t[:4](x)
-    a0 = ac[0].view(-1, 1, 1, 1)
-    to_t = (1 - a0) * d.hints[0](mid_s) + a0 * mid_t
-    to_s = (1 - a0) * mid_s + a0 * d.anti_hints[0](mid_t)
-    out_s, out_t = s[4:](to_s), t[4:](to_t)
+    bounds = [0] + [i + 1 for i in spots] + [len(s)]
+    to_s, to_t = x, x
+    for k in range(len(bounds) - 1):
+        mid_s, mid_t = s[bounds[k]:bounds[k + 1]](to_s), t[bounds[k]:bounds[k + 1]](to_t)
+        if k < len(spots):
+            a = ac[k].view(-1, 1, 1, 1)
+            to_t = (1 - a) * d.hints[k](mid_s) + a * mid_t
+            to_s = (1 - a) * mid_s + a * d.anti_hints[k](mid_t)
     out_ac = ac[-1].view(-1, 1)
-    logit = out_s * (1 - out_ac) + out_t * out_ac
+    logit = mid_s * (1 - out_ac) + mid_t * out_ac
     s.train()
     loss_cls = F.cross_entropy(logit, y)
     loss_ori_cls = F.cross_entropy(z_s, y)
@@ -262,32 +267,41 @@ def _sakd(homo: bool = False, **extra):
     return s, t, d
 
 
-def test_sakd_matches_the_authors_train_epoch_value_and_gradients():
-    s, t, d = _sakd()
-    assert d.student_layers == ["3"] and d.policy_layers == ("7:in", "7:in") and d.gamma == 2.0
-    assert d.feature_weight == 1000.0  # AT's published weight (the authors' other_kd)
+def _check_sakd(s, t, d, spots, seeds=range(12)) -> int:
     d.train()
     x, y = _xb()
     mixed = 0
-    for seed in range(12):
+    for seed in seeds:
         snapshot = _buffers(d)
         torch.manual_seed(seed)
         out = d(x, y)
         _restore(snapshot)
         torch.manual_seed(seed)
-        u = torch.rand(6, 2, 2, dtype=D)
-        loss, loss_cls = ref_sakd(d, s, t, x, y, u)
+        u = torch.rand(6, len(spots) + 1, 2, dtype=D)
+        loss, loss_cls = ref_sakd(d, s, t, x, y, u, spots)
         _close(out["loss"], loss + 0.5 * loss_cls)
         _close(out["policy"], loss_cls.detach())
         _close(_grads(out["loss"], s.parameters()), _grads(loss, s.parameters()))  # the student's optimiser
         agent = list(d.policy.parameters()) + list(d.hints.parameters()) + list(d.anti_hints.parameters())
         _close(_grads(out["loss"], agent), [0.5 * g for g in _grads(loss_cls, agent)])  # the agent's, lr / 2
-        rate = float(out["distill_rate"])
-        mixed += 0.0 < rate < 1.0
-    assert mixed >= 3  # routes that distill some samples and spots but not others were checked
+        mixed += 0.0 < float(out["distill_rate"]) < 1.0
     assert all(m.training for m in s.modules()) and not any(m._forward_hooks or m._forward_pre_hooks
                                                             for m in s.modules())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in t.modules())
+    return mixed
+
+
+def test_sakd_matches_the_authors_train_epoch_value_and_gradients():
+    s, t, d = _sakd()
+    assert d.student_layers == ["3"] and d.policy_layers == ("7:in", "7:in") and d.gamma == 2.0
+    assert d.feature_weight == 1000.0  # AT's published weight (the authors' other_kd)
+    assert _check_sakd(s, t, d, (3,)) >= 3  # routes distilling some samples / spots but not others were checked
+
+
+def test_sakd_grafts_several_spots_like_the_authors_segments():
+    s, t, d = _sakd(base_params={"student_layer": ["1", "3"]})
+    assert d.policy.out_features == 6 and len(d.hints) == 2
+    assert _check_sakd(s, t, d, (1, 3), seeds=range(4)) >= 2
 
 
 def test_sakd_homo_starts_distilling_everywhere_and_wraps_other_methods():

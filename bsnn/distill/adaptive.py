@@ -10,8 +10,8 @@
   teacher's auto-encoded factors, the other half are pushed away from them.
 
 Features come from forward hooks (:class:`bsnn.distill.hooks.FeatureTap`); SAKD's grafted forward replaces tapped
-values with hooks that exist only inside :class:`_Replace`. The pure loss functions are the ``*_loss`` /
-``*_value`` functions below (float64-checked against the authors' code in ``tests/test_distill_adaptive.py``).
+values with hooks that exist only inside :class:`_Replace`. The pure functions come first (each method is checked in
+float64, value and gradient, against a restatement of its authors' code in ``tests/test_distill_adaptive.py``).
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from torch.func import functional_call
 from bsnn.distill import losses as L
 from bsnn.distill.base import METHODS, Distiller, register, teacher_list
 from bsnn.distill.feature import _LAYER_PARAMS, FeatureDistiller
-from bsnn.distill.hooks import (FeatureTap, as_layer_list, default_layer, find_module, last_module_name, model_device,
-                                parse_layer, probe_features)
+from bsnn.distill.hooks import FeatureTap, default_layer, find_module, model_device, parse_layer, probe_features
 from bsnn.errors import ConfigError
 
 # ------------------------------------------------------------------------------------------------ pure losses
@@ -188,9 +187,9 @@ class _Replace:
         for module, use_input, value in self._targets:
             if use_input:
                 self._handles.append(module.register_forward_pre_hook(
-                    lambda m, args, v=value: (v,) + tuple(args[1:])))
-            else:
-                self._handles.append(module.register_forward_hook(lambda m, args, out, v=value: v))
+                    lambda m, args, v=value: (v.clone(),) + tuple(args[1:])))
+            else:  # a copy: an in-place op downstream (ReLU(inplace=True)) must not alter the stored value
+                self._handles.append(module.register_forward_hook(lambda m, args, out, v=value: v.clone()))
         return self
 
     def __exit__(self, *exc) -> None:
