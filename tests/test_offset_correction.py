@@ -21,6 +21,7 @@ from bsnn.config import ConvertConfig
 from bsnn.convert import Max, convert
 from bsnn.convert.graph import activation_modules, capture
 from bsnn.errors import ConfigError
+from bsnn.hardware.constraints import ConstraintConfig, apply_constraints
 from bsnn.simulate import SimConfig, run_batch, simulate
 from bsnn.snn.neuron import IFNeuron
 from bsnn.snn.offset import cos_initial_membrane, latency_pre_steps, set_offset_correction_
@@ -290,3 +291,14 @@ def test_options_are_checked():
         run_batch(_snn(net, x, "cos"), x, 4, 4, encoding="poisson")
     assert run_batch(_snn(net, x, "srp"), x, 4, 4, encoding="poisson").shape == (4, 8, 3)
     assert ConvertConfig().offset_correction == "none"  # the default recipe is unchanged
+
+
+def test_fixed_point_neurons_are_refused_and_crossbar_constraints_kept():
+    """Hardware constraints' fixed-point neurons keep their membrane in input units, not θ: refused by name."""
+    net, x = _net(), torch.randn(8, 1, 8, 8)
+    snn = _snn(net, x, "srp")
+    with apply_constraints(snn, ConstraintConfig(membrane_bits=16)):
+        with pytest.raises(ConfigError, match="if_2 \\(FixedPointIFNeuron\\)"):
+            run_batch(snn, x, 4, 4)
+    with apply_constraints(snn, ConstraintConfig(xbar_rows=16, adc_bits=12)):  # exact ADC: same as the ideal SNN
+        torch.testing.assert_close(run_batch(snn, x, 4, 4), run_batch(_snn(net, x, "srp"), x, 4, 4))

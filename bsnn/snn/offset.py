@@ -53,6 +53,7 @@ from bsnn._registry import Registry
 from bsnn.errors import ConfigError
 from bsnn.snn.functional import per_sample_spikes
 from bsnn.snn.network import SpikingNetwork
+from bsnn.snn.neuron import IFNeuron
 
 Step = Callable[[int], torch.Tensor]
 """``step(tc)``: run the network's next ``tc`` timesteps of the current batch (time folded into the batch) and
@@ -246,6 +247,11 @@ def offset_correction(snn: SpikingNetwork, step: Step, encoding: str = "direct")
         yield
         return
     corr = OFFSET_CORRECTIONS.get(method)
+    other = [f"{k} ({type(m).__name__})" for k, m in snn.neurons().items() if type(m).forward is not IFNeuron.forward]
+    if other:  # e.g. hardware constraints' fixed-point neurons hold their membrane in input units, not θ
+        raise ConfigError(f"offset correction {method!r} reads the membranes of bsnn's ideal IF neurons (units of "
+                          f"θ); these layers are other neurons: {', '.join(other[:3])}; simulate the correction "
+                          "without constraints.membrane_bits, or convert with offset_correction 'none'")
     if encoding not in corr.encodings:
         raise ConfigError(f"offset correction {method!r} needs {' or '.join(corr.encodings)} input encoding (its "
                           f"pre-steps must see the real run's inputs), got simulate.encoding={encoding!r}; use "
