@@ -12,6 +12,10 @@ For batch 128 and each T in {8, 32, 128} (direct encoding, accuracy bookkeeping 
 * **bsnn** = ``bsnn.simulate.simulate`` with its defaults (kernel ``auto`` -> the fused inductor IF kernel on CPU,
   synapse ``auto`` -> exact bf16 binary layers where the CPU has native bf16, first layer once per batch);
 * **bsnn fp32** = the same with ``synapse='float'`` and the eager ``torch`` IF kernel (the previous engine);
+* **bsnn bf16** / **bsnn bitpack** = the default engine with the synapse mode fixed to ``bf16`` (exact bf16
+  convolutions, oneDNN) or ``bitpack`` (spikes and ±1 weights packed 64 per word, AND + popcount in the C++
+  extension of ``bsnn.snn.kernels.bitpack``: AVX-512 VPOPCNTDQ where the CPU has it), the two candidates of the
+  automatic choice;
 * **spikingjelly** = ``ann2snn.Converter(RateCodingRecipe(..., mode='99.9%'))``, multi-step mode (the whole T
   folded into the batch, its registered CPU IF operator) and single-step mode; the faster of the two is the
   reference ("its fastest backend available on the machine");
@@ -51,6 +55,7 @@ from bsnn.convert import Percentile, convert  # noqa: E402
 from bsnn.data import build_loaders  # noqa: E402
 from bsnn.pipeline import build_model, load_model  # noqa: E402
 from bsnn.simulate import simulate  # noqa: E402
+from bsnn.snn.kernels import bitpack  # noqa: E402
 
 NAME = "simulation_speed"
 
@@ -198,10 +203,13 @@ def build_markdown(payload: dict) -> str:
     lines = [f"# Simulation speed: bsnn vs spikingjelly {payload['machine'].get('spikingjelly')}", "",
              f"Machine: {machine_markdown(payload['machine'])}", "",
              f"Command: `{payload['command']}` ({payload['started']}); batch {payload['batch']}, direct encoding, "
-             f"median of {payload['reps']} interleaved rounds (bsnn, bsnn fp32, sj multi-step, sj single-step in turn) after a warm-up run. Throughput in sample·timesteps/s; "
+             f"median of {payload['reps']} interleaved rounds (bsnn, bsnn fp32, bsnn bf16, bsnn bitpack, sj multi-step, "
+             "sj single-step in turn) after a warm-up run. Throughput in sample·timesteps/s; "
              "ratio = bsnn / spikingjelly (fastest of its multi- and single-step modes); dense = T x one fp32 "
              "forward of the plain ANN (lower ratio = faster than the dense limit). Peak = resident-memory growth "
-             "during one simulation (MiB).", ""]
+             "during one simulation (MiB). bitpack / bf16 = throughput ratio of the two synapse modes the automatic "
+             f"choice picks from (bitpack C++ paths on this CPU: {payload.get('bitpack_paths') or 'unavailable'}).",
+             ""]
     for net in payload["networks"]:
         lines += [f"## {net['name']}", "", f"Model: {net['source']}; input: {net['data']}. bsnn exact bf16 "
                   f"layers: {', '.join(net['exact_layers']) or 'none'}; spikingjelly's faster mode per T is "
@@ -210,11 +218,14 @@ def build_markdown(payload: dict) -> str:
         for r in net["rows"]:
             sj_best = max(r["sj_m_tput"], r["sj_s_tput"])
             rows.append([r["T"], f"{r['bsnn_tput']:,.0f}", f"{r['bsnn_fp32_tput']:,.0f}",
+                         f"{r['bsnn_bf16_tput']:,.0f}", f"{r['bsnn_bitpack_tput']:,.0f}",
+                         f"{r['bsnn_bitpack_tput'] / r['bsnn_bf16_tput']:.2f}",
                          f"{r['sj_m_tput']:,.0f}" + (" *" if r["sj_m_tput"] >= r["sj_s_tput"] else ""),
                          f"{r['sj_s_tput']:,.0f}" + (" *" if r["sj_s_tput"] > r["sj_m_tput"] else ""),
                          f"{r['bsnn_tput'] / sj_best:.2f}x", f"{r['bsnn_s'] / r['dense_s']:.2f}",
                          f"{r['dense_s']:.3f}", r["bsnn_peak_mib"], r["sj_m_peak_mib"]])
-        lines += [markdown_table(["T", "bsnn", "bsnn fp32 (eager)", "sj multi-step", "sj single-step",
+        lines += [markdown_table(["T", "bsnn", "bsnn fp32 (eager)", "bsnn bf16", "bsnn bitpack", "bitpack / bf16",
+                                  "sj multi-step", "sj single-step",
                                   "bsnn / sj", "bsnn / dense", "dense s", "bsnn peak MiB", "sj-m peak MiB"], rows),
                   ""]
         if net.get("profile_T32"):
@@ -223,11 +234,12 @@ def build_markdown(payload: dict) -> str:
     if payload.get("integer"):
         lines += ["## Integer-exact mode", "",
                   "The same VGG simulated with `synapse='int'` (int8 counts x ±1 int8 weights, int32 accumulation "
-                  "through `torch._int_mm`, convolutions via im2col) — the crossbar's arithmetic — and with the "
-                  "exact bf16 default; spikes and output membranes are bit-identical (checked here and in the tests).",
-                  "", markdown_table(["T", "int s", "bf16 (default) s", "float s", "outputs identical"],
-                                     [[r["T"], f"{r['int_s']:.3f}", f"{r['bf16_s']:.3f}", f"{r['float_s']:.3f}",
-                                       r["identical"]] for r in payload["integer"]]), ""]
+                  "through `torch._int_mm`, convolutions via im2col) — the crossbar's arithmetic —, with the "
+                  "exact bf16 mode and with the bit-packed popcount mode; spikes and output membranes are "
+                  "bit-identical (checked here and in the tests).",
+                  "", markdown_table(["T", "int s", "bf16 s", "bitpack s", "float s", "outputs identical"],
+                                     [[r["T"], f"{r['int_s']:.3f}", f"{r['bf16_s']:.3f}", f"{r['bitpack_s']:.3f}",
+                                       f"{r['float_s']:.3f}", r["identical"]] for r in payload["integer"]]), ""]
     return "\n".join(lines)
 
 
@@ -246,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     ts = [4, 8] if args.quick else [int(t) for t in args.timesteps.split(",")]
     reps = 1 if args.quick else args.reps
     payload = {"command": command_line(), "machine": machine_info(), "started": now_iso(), "batch": args.batch,
-               "reps": reps, "networks": []}
+               "reps": reps, "networks": [], "bitpack_paths": list(bitpack.extension_paths() or [])}
     for net in networks(args):
         log(f"{net['name']}: converting ({net['source']})")
         calib = DataLoader(TensorDataset(net["calib"], torch.zeros(len(net["calib"]), dtype=torch.long)),
@@ -261,18 +273,24 @@ def main(argv: list[str] | None = None) -> None:
             n = len(x) * T
             tm = timed_interleaved({"bsnn": bsnn_runner(snn, x, T),
                                     "fp32": bsnn_runner(snn, x, T, kernel="torch", synapse="float"),
+                                    "bf16": bsnn_runner(snn, x, T, synapse="bf16"),
+                                    "bitpack": bsnn_runner(snn, x, T, synapse="bitpack"),
                                     "sj_m": sj_runner(sj, x, T, "m"), "sj_s": sj_runner(sj, x, T, "s"),
                                     "dense": ann_runner(ann, x, T)}, reps)
             (b_s, b_all, b_peak), (f_s, _, _) = tm["bsnn"], tm["fp32"]
+            bf_s, bp_s = tm["bf16"][0], tm["bitpack"][0]
             (m_s, _, m_peak), (s_s, _, _) = tm["sj_m"], tm["sj_s"]
             dense_T = tm["dense"][0]
             res = bsnn_runner(snn, x, T)()
             entry["exact_layers"] = res.config.get("exact_layers", [])
             row = {"T": T, "bsnn_s": b_s, "bsnn_all_s": b_all, "bsnn_fp32_s": f_s, "sj_m_s": m_s, "sj_s_s": s_s,
                    "dense_s": dense_T, "bsnn_tput": n / b_s, "bsnn_fp32_tput": n / f_s, "sj_m_tput": n / m_s,
+                   "bsnn_bf16_s": bf_s, "bsnn_bitpack_s": bp_s, "bsnn_bf16_tput": n / bf_s,
+                   "bsnn_bitpack_tput": n / bp_s,
                    "sj_s_tput": n / s_s, "bsnn_peak_mib": b_peak, "sj_m_peak_mib": m_peak,
                    "kernel": res.config.get("kernel"), "synapse": res.config.get("synapse_resolved")}
-            log(f"  T={T}: bsnn {b_s:.3f} s (fp32 eager {f_s:.3f}), sj multi {m_s:.3f} single {s_s:.3f}, "
+            log(f"  T={T}: bsnn {b_s:.3f} s (fp32 eager {f_s:.3f}, bf16 {bf_s:.3f}, bitpack {bp_s:.3f}), "
+                f"sj multi {m_s:.3f} single {s_s:.3f}, "
                 f"dense {dense_T:.3f} s -> x{min(m_s, s_s) / b_s:.2f} vs sj, {b_s / dense_T:.2f} of dense")
             entry["rows"].append(row)
         entry["profile_T32"] = profile_shares(snn, x, 8 if args.quick else 32)
@@ -295,7 +313,8 @@ def profile_shares(snn, x: torch.Tensor, T: int = 32) -> dict[str, float]:
     groups: dict[str, float] = {}
     for e in prof.key_averages():
         n = e.key
-        g = ("convolutions (bf16 exact / fp32)" if "convolution" in n else
+        g = ("bit-packed popcount layers" if "bsnn_bitpack" in n else
+             "convolutions (bf16 exact / fp32)" if "convolution" in n else
              "IF kernel (fused, compiled)" if "CompiledFxGraph" in n else "pooling" if "pool" in n else
              "bf16 exactness check" if "aminmax" in n else "linear layers" if n in ("aten::mm", "aten::addmm")
              else "other (dispatch, bookkeeping, copies)")
@@ -305,7 +324,7 @@ def profile_shares(snn, x: torch.Tensor, T: int = 32) -> dict[str, float]:
 
 
 def integer_check(snn, x: torch.Tensor, ts: list[int], reps: int) -> list[dict]:
-    """Time the integer, bf16 and float synapse modes and check they give identical outputs."""
+    """Time the integer, bf16, bitpack and float synapse modes and check they give identical outputs."""
     from bsnn.simulate import run_batch
     from bsnn.snn.synapse import synapse_mode
 
@@ -313,12 +332,13 @@ def integer_check(snn, x: torch.Tensor, ts: list[int], reps: int) -> list[dict]:
     for T in ts:
         r = {"T": T}
         outs = {}
-        for mode in ("int", "bf16", "float"):
+        for mode in ("int", "bf16", "bitpack", "float"):
             with synapse_mode(snn, mode):
                 r[f"{mode}_s"] = timed(lambda: run_batch(snn, x, T, 1), reps)[0]
                 outs[mode] = run_batch(snn, x, T, 1)
-        r["identical"] = bool(torch.equal(outs["int"], outs["bf16"]) and torch.equal(outs["int"], outs["float"]))
-        log(f"  integer mode T={T}: int {r['int_s']:.3f} s, bf16 {r['bf16_s']:.3f} s, float {r['float_s']:.3f} s, "
+        r["identical"] = all(torch.equal(outs["float"], outs[m]) for m in ("int", "bf16", "bitpack"))
+        log(f"  integer mode T={T}: int {r['int_s']:.3f} s, bf16 {r['bf16_s']:.3f} s, bitpack {r['bitpack_s']:.3f} s, "
+            f"float {r['float_s']:.3f} s, "
             f"identical {r['identical']}")
         rows.append(r)
     return rows

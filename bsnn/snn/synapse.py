@@ -15,6 +15,10 @@ with integer ``n``. Three registered modes compute it:
 * ``int``: what an in-memory crossbar computes: inputs as int8 counts ``n = x/q``, weights int8 ±1, int32
   accumulation (``torch._int_mm``; convolutions through im2col), then ``q·sum + bias`` in fp32. Bit-identical
   to ``float``; the integer oracle of the other two.
+* ``bitpack``: spikes and ``w = +1`` bits packed 64 per int64 word, ``Σ w·s = 2·popcount(s ∧ w⁺) − popcount(s)``
+  (:mod:`bsnn.snn.kernels.bitpack`: a C++ extension with an AVX-512 VPOPCNTDQ path on CPU, Triton on CUDA;
+  non-{0, 1} inputs as bit planes of their counts). Bit-identical to ``float``. Where the extension cannot be
+  built (no compiler) it computes in ``bf16``, after one logged warning.
 
 Layers not eligible (analog input, full-precision weights, residual-add or scaled inputs, grouped or non-zero
 padded convolutions, quanta that are not powers of two ≥ 1/64, inputs beyond an int8 count) are left in fp32. :func:`synapse_mode` swaps the
@@ -24,6 +28,9 @@ them on exit.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import logging
 import math
 from contextlib import contextmanager
 from typing import Callable, Iterator, NamedTuple
@@ -34,8 +41,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bsnn._registry import Registry
+from bsnn.snn.kernels import bitpack
 from bsnn.snn.network import is_pass_through, node_shapes
 from bsnn.snn.neuron import IFNeuron, memory_order
+
+log = logging.getLogger(__name__)
 
 SynapseFn = Callable[["BinarySynapse", torch.Tensor], torch.Tensor]
 SYNAPSE_MODES: Registry[SynapseFn] = Registry("synapse mode")
@@ -156,6 +166,7 @@ class BinarySynapse(nn.Module):
         self.register_buffer("w_bf16", (w.to(memory_format=torch.channels_last) if self.is_conv else w)
                              .to(torch.bfloat16), persistent=False)
         self.register_buffer("w_int8_t", w.reshape(w.shape[0], -1).t().contiguous().to(torch.int8), persistent=False)
+        self.packed: bitpack.PackedWeights | None = None  # bitpack mode: w⁺ bits, packed on first use
         self.fallbacks = 0
         self.calls = 0
         self.defer_bias = False  # the consuming IF neuron adds the bias (its ``pre_bias``)
@@ -225,6 +236,40 @@ def int_mode(syn: BinarySynapse, x: torch.Tensor) -> torch.Tensor:
     return syn.add_bias(y.to(x.dtype) * syn.quantum)
 
 
+@functools.lru_cache(maxsize=None)
+def bitpack_engine(device_type: str) -> bitpack.Engine | None:
+    """The packed engine for a device type: Triton on ``cuda`` (when triton imports), the C++ extension on ``cpu``
+    (when it builds); None otherwise (the ``bitpack`` mode then computes in ``bf16``)."""
+    if device_type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            log.warning("bsnn: the bitpack synapse mode needs triton on CUDA (pip install triton); binary layers "
+                        "use the bf16 synapse mode instead")
+            return None
+        from bsnn.snn.kernels.triton_bitpack import triton_engine  # optional dependency, imported when used
+
+        return triton_engine()
+    if device_type == "cpu" and bitpack.extension_paths() is not None:
+        return bitpack.cpp_engine()
+    return None
+
+
+@SYNAPSE_MODES.register("bitpack")
+def bitpack_mode(syn: BinarySynapse, x: torch.Tensor) -> torch.Tensor:
+    """AND + popcount on bit-packed spikes and ±1 weights (:mod:`bsnn.snn.kernels.bitpack`), exact; the ``bf16``
+    mode where no packed engine runs on ``x``'s device."""
+    m = syn.layer
+    engine = bitpack_engine(x.device.type)
+    if engine is None or (syn.is_conv and isinstance(m.padding, str)):
+        return bf16_mode(syn, x)
+    if syn.packed is None or syn.packed.rows.device != x.device:
+        syn.packed = bitpack.pack_weights(m.weight).to(x.device)
+    bias = None if syn.defer_bias or m.bias is None else m.bias.detach()
+    if syn.is_conv:
+        g = bitpack.Geometry(m.kernel_size, m.stride, m.padding, m.dilation)
+        return bitpack.conv2d(x, syn.packed, bias, g, syn.quantum, engine)
+    return bitpack.linear(x, syn.packed, bias, syn.quantum, engine)
+
+
 def resolve_mode(mode: str, device: torch.device) -> str:
     """``auto`` -> ``bf16`` on CUDA and on CPUs with native bf16 (oneDNN), else ``float``; others unchanged."""
     if mode != "auto":
@@ -271,7 +316,7 @@ def synapse_mode(snn, mode: str) -> Iterator[dict[str, float]]:
             old = gm.get_submodule(name)
             originals[name] = old
             replace_submodule(gm, name, BinarySynapse(old, q, mode).to(old.weight.device))
-        if mode == "bf16":
+        if mode == "bf16":  # the bias of a layer feeding one IF neuron moves into the neuron's kernel
             for name in layers:
                 users = list(nodes[name].users)
                 m = gm.get_submodule(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
@@ -281,6 +326,7 @@ def synapse_mode(snn, mode: str) -> Iterator[dict[str, float]]:
                     b = syn.layer.bias
                     m.pre_bias = None if b is None else (b.detach().view(-1, 1, 1) if syn.is_conv else b.detach())
                     touched.append(m)
+        if mode in ("bf16", "bitpack"):  # neurons feeding only fast binary layers emit bf16 spikes
             for name in snn.neuron_names:
                 m = gm.get_submodule(name)
                 if type(m) is IFNeuron and _feeds_only(gm, nodes[name], set(layers)):

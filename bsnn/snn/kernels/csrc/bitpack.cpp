@@ -1,0 +1,497 @@
+// Bit-packed binary synapses: {0,1} spikes x ±1 weights through AND + popcount on 64-bit words.
+//
+// A ±1 weight w is stored as the bit w+ = (w == +1), a spike s as the bit s. Over one 64-bit word
+//     sum_k w_k s_k = #(s=1, w=+1) - #(s=1, w=-1) = 2 popcount(s & w+) - popcount(s),
+// an integer, so the result is exact. Layouts (all int64 words, bit k of word j is element 64 j + k):
+//   spikes  [N, H, W, CW]   channels packed per pixel, CW = ceil(C / 64), zero bits beyond C
+//   field   [L]             one output pixel's receptive field, its KH * KW * C bits in (kh, kw, channel) order,
+//                           L = ceil(KH * KW * C / 64) words, built in cache per pixel (direct convolution)
+//   weights rows [Cout, L]  the same order
+//           cols [L, CoutP] the same transposed, CoutP = Cout rounded up to 8 (zero columns), for the
+//                           AVX-512 path (8 output channels per 512-bit vector)
+//   output  [N, Ho, Wo, Cout] float32: (out + ) scale * (2 popc(s & w+) - popc(s)) ( + bias[co])
+// A linear layer is the 1 x 1 convolution of [M, 1, 1, CW].
+//
+// Three code paths, picked at run time from the CPU's features: AVX-512 VPOPCNTDQ (8 words per instruction),
+// scalar POPCNT, and generic __builtin_popcountll. They are compiled with function target attributes (the
+// per-function form of -mavx512f -mavx512vpopcntdq / -mpopcnt) so that the rest of the library never uses
+// instructions the CPU may lack.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define BSNN_X86 1
+#else
+#define BSNN_X86 0
+#endif
+
+namespace {
+
+using u64 = uint64_t;
+using i64 = int64_t;
+
+enum Path : i64 { kAuto = 0, kGeneric = 1, kPopcnt = 2, kAvx512 = 3 };
+
+bool cpu_has_avx512_vpopcntdq() {
+#if BSNN_X86 && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vpopcntdq");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_popcnt() {
+#if BSNN_X86 && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("popcnt");
+#else
+  return false;
+#endif
+}
+
+i64 best_path() { return cpu_has_avx512_vpopcntdq() ? kAvx512 : cpu_has_popcnt() ? kPopcnt : kGeneric; }
+
+// ------------------------------------------------------------------------------------------------ packing
+template <typename T>
+struct Bits;
+template <>
+struct Bits<float> {
+  static bool nz(float v) { return v != 0.f; }
+  static bool one(float v) { return v == 1.f; }
+};
+template <>
+struct Bits<uint16_t> {  // bfloat16 bit patterns
+  static bool nz(uint16_t v) { return (v & 0x7fff) != 0; }
+  static bool one(uint16_t v) { return v == 0x3f80; }
+};
+template <>
+struct Bits<uint8_t> {
+  static bool nz(uint8_t v) { return v != 0; }
+  static bool one(uint8_t v) { return v == 1; }
+};
+
+// One row (n, h) of x [N, C, H, W] (any strides) -> o [W, CW]; returns whether some nonzero value was not 1.
+template <typename T>
+__attribute__((always_inline)) inline bool pack_row_scalar(const T* xr, i64 C, i64 W, i64 sC, i64 sW, u64* o,
+                                                           i64 CW) {
+  bool bad = false;
+  if (sC <= sW) {  // channels (nearly) contiguous: build each word in a register
+    for (i64 w = 0; w < W; ++w) {
+      const T* xp = xr + w * sW;
+      for (i64 j = 0; j < CW; ++j) {
+        u64 word = 0;
+        const i64 c0 = 64 * j, c1 = std::min(C, c0 + 64);
+        for (i64 c = c0; c < c1; ++c) {
+          const T v = xp[c * sC];
+          const bool nz = Bits<T>::nz(v);
+          word |= static_cast<u64>(nz) << (c - c0);
+          bad |= nz && !Bits<T>::one(v);
+        }
+        o[w * CW + j] = word;
+      }
+    }
+  } else {  // NCHW: channel outer, contiguous pixels inner
+    std::fill(o, o + W * CW, u64{0});
+    for (i64 c = 0; c < C; ++c) {
+      const T* xc = xr + c * sC;
+      const i64 j = c >> 6, k = c & 63;
+      for (i64 w = 0; w < W; ++w) {
+        const T v = xc[w * sW];
+        const bool nz = Bits<T>::nz(v);
+        o[w * CW + j] |= static_cast<u64>(nz) << k;
+        bad |= nz && !Bits<T>::one(v);
+      }
+    }
+  }
+  return bad;
+}
+
+#if BSNN_X86
+#define BSNN_AVX512BW __attribute__((target("avx512f,avx512bw,avx512vl")))
+// Lanes of one 512-bit load per element type: nonzero mask and "nonzero but not 1" mask of up to ``n`` elements.
+template <typename T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  static constexpr int kN = 16;
+  BSNN_AVX512BW static inline u64 nz(const float* p, i64 n, u64* bad) {
+    const __mmask16 t = n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+    const __m512i v = _mm512_maskz_loadu_epi32(t, p);
+    const __mmask16 m = _mm512_mask_test_epi32_mask(t, v, _mm512_set1_epi32(0x7fffffff));
+    *bad |= _mm512_mask_cmpneq_epi32_mask(m, v, _mm512_set1_epi32(0x3f800000));
+    return m;
+  }
+};
+template <>
+struct Lanes<uint16_t> {
+  static constexpr int kN = 32;
+  BSNN_AVX512BW static inline u64 nz(const uint16_t* p, i64 n, u64* bad) {
+    const __mmask32 t = n >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << n) - 1);
+    const __m512i v = _mm512_maskz_loadu_epi16(t, p);
+    const __mmask32 m = _mm512_mask_test_epi16_mask(t, v, _mm512_set1_epi16(0x7fff));
+    *bad |= _mm512_mask_cmpneq_epi16_mask(m, v, _mm512_set1_epi16(0x3f80));
+    return m;
+  }
+};
+template <>
+struct Lanes<uint8_t> {
+  static constexpr int kN = 64;
+  BSNN_AVX512BW static inline u64 nz(const uint8_t* p, i64 n, u64* bad) {
+    const __mmask64 t = n >= 64 ? ~__mmask64{0} : ((__mmask64{1} << n) - 1);
+    const __m512i v = _mm512_maskz_loadu_epi8(t, p);
+    const __mmask64 m = _mm512_mask_test_epi8_mask(t, v, _mm512_set1_epi8(-1));
+    *bad |= _mm512_mask_cmpneq_epi8_mask(m, v, _mm512_set1_epi8(1));
+    return m;
+  }
+};
+
+// AVX-512 rows: channels-last (sC == 1) builds words from lane masks; NCHW (sW == 1) takes lane masks over pixels
+// and sets the bit of each spike (cost proportional to the spikes: they are sparse).
+template <typename T>
+BSNN_AVX512BW bool pack_row_avx512(const T* xr, i64 C, i64 W, i64 sC, i64 sW, u64* o, i64 CW) {
+  constexpr int kN = Lanes<T>::kN;
+  u64 bad = 0;
+  if (sC == 1) {
+    for (i64 w = 0; w < W; ++w) {
+      const T* xp = xr + w * sW;
+      for (i64 j = 0; j < CW; ++j) {
+        u64 word = 0;
+        const i64 c0 = 64 * j, c1 = std::min(C, c0 + 64);
+        for (i64 c = c0; c < c1; c += kN) word |= Lanes<T>::nz(xp + c, c1 - c, &bad) << (c - c0);
+        o[w * CW + j] = word;
+      }
+    }
+  } else {
+    std::fill(o, o + W * CW, u64{0});
+    for (i64 c = 0; c < C; ++c) {
+      const T* xc = xr + c * sC;
+      const u64 bit = u64{1} << (c & 63);
+      u64* oc = o + (c >> 6);
+      for (i64 w0 = 0; w0 < W; w0 += kN) {
+        u64 m = Lanes<T>::nz(xc + w0, W - w0, &bad);
+        while (m) {
+          oc[(w0 + __builtin_ctzll(m)) * CW] |= bit;
+          m &= m - 1;
+        }
+      }
+    }
+  }
+  return bad != 0;
+}
+#endif
+
+bool cpu_has_avx512bw() {
+#if BSNN_X86 && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+// x [N, C, H, W] (any strides) -> out [N, H, W, CW]; returns whether some nonzero value was not 1.
+template <typename T>
+bool pack_impl(const T* x, i64 N, i64 C, i64 H, i64 W, i64 sN, i64 sC, i64 sH, i64 sW, u64* out, i64 CW,
+               bool vector) {
+  std::atomic<bool> any_bad{false};
+  const i64 grain = std::max<i64>(1, 16384 / std::max<i64>(1, C * W));
+  const bool vec_ok = vector && (sC == 1 || sW == 1);
+  at::parallel_for(0, N * H, grain, [&](i64 b, i64 e) {
+    bool bad = false;
+    for (i64 r = b; r < e; ++r) {
+      const T* xr = x + (r / H) * sN + (r % H) * sH;
+      u64* o = out + r * W * CW;
+#if BSNN_X86
+      if (vec_ok) {
+        bad |= pack_row_avx512<T>(xr, C, W, sC, sW, o, CW);
+        continue;
+      }
+#endif
+      bad |= pack_row_scalar<T>(xr, C, W, sC, sW, o, CW);
+    }
+    if (bad) any_bad.store(true, std::memory_order_relaxed);
+  });
+  return any_bad.load();
+}
+
+// x [N, C, H, W] float32 / bfloat16 / uint8 / bool, any strides -> (words [N, H, W, CW], not_binary).
+std::tuple<at::Tensor, bool> pack(const at::Tensor& x, int64_t path) {
+  TORCH_CHECK(x.dim() == 4, "bitpack.pack: expected x [N, C, H, W], got ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), "bitpack.pack: expected a CPU tensor");
+  const i64 N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), CW = (C + 63) / 64;
+  at::Tensor out = at::empty({N, H, W, CW}, x.options().dtype(at::kLong));
+  u64* o = reinterpret_cast<u64*>(out.data_ptr<int64_t>());
+  const i64 sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  const bool vec = (path == kAuto || path == kAvx512) && cpu_has_avx512bw();
+  bool bad;
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      bad = pack_impl<float>(x.data_ptr<float>(), N, C, H, W, sN, sC, sH, sW, o, CW, vec);
+      break;
+    case at::kBFloat16:
+      bad = pack_impl<uint16_t>(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), N, C, H, W, sN,
+                                sC, sH, sW, o, CW, vec);
+      break;
+    case at::kByte:
+      bad = pack_impl<uint8_t>(x.data_ptr<uint8_t>(), N, C, H, W, sN, sC, sH, sW, o, CW, vec);
+      break;
+    case at::kBool:
+      bad = pack_impl<uint8_t>(reinterpret_cast<const uint8_t*>(x.data_ptr<bool>()), N, C, H, W, sN, sC, sH, sW,
+                               o, CW, vec);
+      break;
+    default:
+      TORCH_CHECK(false, "bitpack.pack: expected float32, bfloat16, uint8 or bool input, got ", x.scalar_type());
+  }
+  return {out, bad};
+}
+
+// ------------------------------------------------------------------------------------------------ geometry
+struct Geom {
+  i64 n, h, w, c, cw, cout, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo;
+  i64 L() const { return (kh * kw * c + 63) / 64; }  // words of one receptive field (kh * kw * c bits)
+  i64 M() const { return n * ho * wo; }
+};
+
+// Output pixel (n, oh, ow) walked in flat [N, Ho, Wo] order without divisions.
+struct Cursor {
+  i64 n, oh, ow;
+  Cursor(const Geom& g, i64 p) : n(p / (g.ho * g.wo)), oh((p / g.wo) % g.ho), ow(p % g.wo) {}
+  inline void next(const Geom& g) {
+    if (++ow == g.wo) {
+      ow = 0;
+      if (++oh == g.ho) oh = 0, ++n;
+    }
+  }
+};
+
+// The receptive field of output pixel ``at`` as one bit string: the c channel bits of each
+// kernel position (kh, kw) in turn, zeros where the window covers the padding -> col[0 .. L] (L + 1 words
+// writable: the last is scratch). Channels that fill whole words are copied; others are shifted into place.
+inline void gather(const u64* s, const Geom& g, const Cursor& at, u64* col) {
+  const i64 n = at.n, oh = at.oh, ow = at.ow;
+  const i64 L = g.L();
+  const bool aligned = (g.c & 63) == 0;
+  if (!aligned) std::fill(col, col + L + 1, u64{0});
+  i64 off = 0;  // bit offset of the current kernel position
+  for (i64 a = 0; a < g.kh; ++a) {
+    const i64 ih = oh * g.sh - g.ph + a * g.dh;
+    for (i64 b = 0; b < g.kw; ++b, off += g.c) {
+      const i64 iw = ow * g.sw - g.pw + b * g.dw;
+      const bool inside = ih >= 0 && ih < g.h && iw >= 0 && iw < g.w;
+      const u64* src = inside ? s + ((n * g.h + ih) * g.w + iw) * g.cw : nullptr;
+      if (aligned) {
+        u64* d = col + (off >> 6);
+        for (i64 j = 0; j < g.cw; ++j) d[j] = inside ? src[j] : 0;
+        continue;
+      }
+      if (!inside) continue;
+      const i64 sh = off & 63;
+      u64* d = col + (off >> 6);
+      if (sh == 0) {
+        for (i64 j = 0; j < g.cw; ++j) d[j] |= src[j];
+      } else {
+        for (i64 j = 0; j < g.cw; ++j) {  // bits beyond c are zero, so nothing spills past col[L]
+          d[j] |= src[j] << sh;
+          d[j + 1] |= src[j] >> (64 - sh);
+        }
+      }
+    }
+  }
+}
+
+struct Epilogue {
+  float* out;          // [M, Cout]
+  const float* bias;   // [Cout] or null
+  float scale;
+  bool accumulate;
+  inline void store(i64 p, i64 co, i64 cout, i64 sum) const {
+    float v = static_cast<float>(sum) * scale;
+    float* o = out + p * cout + co;
+    if (accumulate) v = *o + v;
+    if (bias) v = v + bias[co];
+    *o = v;
+  }
+};
+
+// ------------------------------------------------------------------------------------------------ scalar paths
+__attribute__((always_inline)) inline void range_scalar(i64 b, i64 e, const u64* s, const u64* wrows,
+                                                        const Geom& g, const Epilogue& ep) {
+  const i64 L = g.L();
+  std::vector<u64> col(L + 1);
+  Cursor at(g, b);
+  for (i64 p = b; p < e; ++p, at.next(g)) {
+    gather(s, g, at, col.data());
+    i64 ps = 0;
+    for (i64 l = 0; l < L; ++l) ps += __builtin_popcountll(col[l]);
+    for (i64 co = 0; co < g.cout; ++co) {
+      const u64* wr = wrows + co * L;
+      i64 acc = 0;
+      for (i64 l = 0; l < L; ++l) acc += __builtin_popcountll(col[l] & wr[l]);
+      ep.store(p, co, g.cout, 2 * acc - ps);
+    }
+  }
+}
+
+void range_generic(i64 b, i64 e, const u64* s, const u64* wrows, const Geom& g, const Epilogue& ep) {
+  range_scalar(b, e, s, wrows, g, ep);
+}
+
+#if BSNN_X86
+__attribute__((target("popcnt"))) void range_popcnt(i64 b, i64 e, const u64* s, const u64* wrows, const Geom& g,
+                                                    const Epilogue& ep) {
+  range_scalar(b, e, s, wrows, g, ep);  // inlined here: __builtin_popcountll becomes the POPCNT instruction
+}
+
+// ------------------------------------------------------------------------------------------------ AVX-512 path
+#define BSNN_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512vpopcntdq")))
+constexpr int kPixels = 4;  // output pixels per register tile (each spike word broadcast to 8 lanes)
+
+// Output channels [co, co + 8 NB) of kPixels pixels: acc[q][v] lane i = popcount(s_q & w+_{co + 8 v + i}).
+template <int NB>
+BSNN_AVX512 inline void block_avx512(const u64* col, i64 L, i64 ld, const i64* ps, int np, i64 p0, const u64* wcols,
+                                     i64 coutp, i64 co, i64 cout, const Epilogue& ep) {
+  __m512i acc[kPixels][NB];
+  for (int q = 0; q < kPixels; ++q)
+    for (int v = 0; v < NB; ++v) acc[q][v] = _mm512_setzero_si512();
+  for (i64 l = 0; l < L; ++l) {
+    __m512i w[NB];
+    for (int v = 0; v < NB; ++v) w[v] = _mm512_loadu_si512(wcols + l * coutp + co + 8 * v);
+    for (int q = 0; q < kPixels; ++q) {
+      const __m512i sb = _mm512_set1_epi64(static_cast<long long>(col[q * ld + l]));
+      for (int v = 0; v < NB; ++v)
+        acc[q][v] = _mm512_add_epi64(acc[q][v], _mm512_popcnt_epi64(_mm512_and_si512(sb, w[v])));
+    }
+  }
+  const __m256 scale = _mm256_set1_ps(ep.scale);
+  for (int q = 0; q < np; ++q) {
+    const __m512i psv = _mm512_set1_epi64(ps[q]);
+    for (int v = 0; v < NB; ++v) {
+      const i64 c0 = co + 8 * v;
+      if (c0 >= cout) break;
+      const __mmask8 m = c0 + 8 <= cout ? static_cast<__mmask8>(0xFF) : static_cast<__mmask8>((1u << (cout - c0)) - 1);
+      const __m512i d = _mm512_sub_epi64(_mm512_slli_epi64(acc[q][v], 1), psv);
+      __m256 f = _mm256_mul_ps(_mm512_cvtepi64_ps(d), scale);  // exact: |d| < 2^24, scale a power of two
+      float* o = ep.out + (p0 + q) * cout + c0;
+      if (ep.accumulate) f = _mm256_add_ps(_mm256_maskz_loadu_ps(m, o), f);
+      if (ep.bias) f = _mm256_add_ps(f, _mm256_maskz_loadu_ps(m, ep.bias + c0));
+      _mm256_mask_storeu_ps(o, m, f);
+    }
+  }
+}
+
+BSNN_AVX512 void range_avx512(i64 b, i64 e, const u64* s, const u64* wcols, i64 coutp, const Geom& g,
+                              const Epilogue& ep) {
+  const i64 L = g.L(), ld = L + 1;
+  std::vector<u64> col(kPixels * ld);
+  i64 ps[kPixels];
+  Cursor at(g, b);
+  for (i64 p0 = b; p0 < e; p0 += kPixels) {
+    const int np = static_cast<int>(std::min<i64>(kPixels, e - p0));
+    for (int q = 0; q < kPixels; ++q) {
+      u64* c = col.data() + q * ld;
+      ps[q] = 0;
+      if (q >= np) {
+        std::memset(c, 0, L * sizeof(u64));
+        continue;
+      }
+      gather(s, g, at, c);
+      at.next(g);
+      __m512i cnt = _mm512_setzero_si512();
+      i64 l = 0;
+      for (; l + 8 <= L; l += 8) cnt = _mm512_add_epi64(cnt, _mm512_popcnt_epi64(_mm512_loadu_si512(c + l)));
+      if (l < L) {
+        const __mmask8 m = static_cast<__mmask8>((1u << (L - l)) - 1);
+        cnt = _mm512_add_epi64(cnt, _mm512_popcnt_epi64(_mm512_maskz_loadu_epi64(m, c + l)));
+      }
+      ps[q] = _mm512_reduce_add_epi64(cnt);
+    }
+    i64 co = 0;
+    for (; co + 32 <= coutp; co += 32) block_avx512<4>(col.data(), L, ld, ps, np, p0, wcols, coutp, co, g.cout, ep);
+    for (; co < coutp; co += 8) block_avx512<1>(col.data(), L, ld, ps, np, p0, wcols, coutp, co, g.cout, ep);
+  }
+}
+#endif
+
+// ------------------------------------------------------------------------------------------------ entry points
+// s [N, H, W, CW], wrows [Cout, L], wcols [L, CoutP]; geometry = (c, kh, kw, sh, sw, ph, pw, dh, dw), c the
+// input channels, L = ceil(kh kw c / 64).
+// Returns (or accumulates into ``out``) [N, Ho, Wo, Cout] float32.
+at::Tensor conv(const at::Tensor& s, const at::Tensor& wrows, const at::Tensor& wcols,
+                const std::optional<at::Tensor>& bias, std::vector<int64_t> geom, double scale,
+                const std::optional<at::Tensor>& out, int64_t path) {
+  TORCH_CHECK(s.dim() == 4 && s.scalar_type() == at::kLong && s.is_contiguous(),
+              "bitpack.conv: expected packed spikes [N, H, W, CW] int64 contiguous");
+  TORCH_CHECK(geom.size() == 9, "bitpack.conv: geometry is (c, kh, kw, sh, sw, ph, pw, dh, dw)");
+  Geom g{s.size(0), s.size(1), s.size(2), geom[0], s.size(3), wrows.size(0), geom[1], geom[2], geom[3], geom[4],
+         geom[5], geom[6], geom[7], geom[8], 0, 0};
+  TORCH_CHECK(g.c > 0 && (g.c + 63) / 64 == g.cw, "bitpack.conv: ", g.c, " channels do not fill ", g.cw, " words");
+  g.ho = (g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  g.wo = (g.w + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  TORCH_CHECK(g.ho > 0 && g.wo > 0, "bitpack.conv: empty output for input ", s.sizes());
+  TORCH_CHECK(wrows.is_contiguous() && wrows.scalar_type() == at::kLong && wrows.size(1) == g.L(),
+              "bitpack.conv: packed weights [Cout, ", g.L(), "] int64 expected, got ", wrows.sizes());
+  TORCH_CHECK(wcols.is_contiguous() && wcols.size(0) == g.L() && wcols.size(1) % 8 == 0 &&
+                  wcols.size(1) >= g.cout,
+              "bitpack.conv: transposed packed weights [L, CoutP] (CoutP a multiple of 8) expected");
+  at::Tensor y;
+  if (out.has_value()) {
+    y = *out;
+    TORCH_CHECK(y.is_contiguous() && y.scalar_type() == at::kFloat && y.numel() == g.M() * g.cout,
+                "bitpack.conv: accumulator must be float32 [N, Ho, Wo, Cout] contiguous");
+  } else {
+    y = at::empty({g.n, g.ho, g.wo, g.cout}, s.options().dtype(at::kFloat));
+  }
+  at::Tensor b;
+  if (bias.has_value()) {
+    b = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(b.numel() == g.cout, "bitpack.conv: bias must have Cout = ", g.cout, " elements");
+  }
+  const Epilogue ep{y.data_ptr<float>(), bias.has_value() ? b.data_ptr<float>() : nullptr,
+                    static_cast<float>(scale), out.has_value()};
+  const i64 chosen = path == kAuto ? best_path() : path;
+  TORCH_CHECK(chosen != kAvx512 || cpu_has_avx512_vpopcntdq(), "bitpack.conv: this CPU lacks AVX-512 VPOPCNTDQ");
+  TORCH_CHECK(chosen != kPopcnt || cpu_has_popcnt(), "bitpack.conv: this CPU lacks POPCNT");
+  const u64* sp = reinterpret_cast<const u64*>(s.data_ptr<int64_t>());
+  const u64* wr = reinterpret_cast<const u64*>(wrows.data_ptr<int64_t>());
+  const u64* wc = reinterpret_cast<const u64*>(wcols.data_ptr<int64_t>());
+  const i64 coutp = wcols.size(1);
+  const i64 grain = std::max<i64>(16, 65536 / std::max<i64>(1, g.L() * g.cout));
+  at::parallel_for(0, g.M(), grain, [&](i64 lo, i64 hi) {
+#if BSNN_X86
+    if (chosen == kAvx512) return range_avx512(lo, hi, sp, wc, coutp, g, ep);
+    if (chosen == kPopcnt) return range_popcnt(lo, hi, sp, wr, g, ep);
+#endif
+    range_generic(lo, hi, sp, wr, g, ep);
+  });
+  return y;
+}
+
+// The code paths this CPU can run, comma-separated, best last (path ids 1, 2, 3).
+std::string cpu_paths() {
+  std::string out = "generic";
+  if (cpu_has_popcnt()) out += ",popcnt";
+  if (cpu_has_avx512_vpopcntdq()) out += ",avx512_vpopcntdq";
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bsnn_bitpack, m) {
+  m.def("pack", &pack);  // (x, path)
+  m.def("conv", &conv);
+  m.def("cpu_paths", &cpu_paths);
+}
