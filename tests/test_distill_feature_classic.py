@@ -225,7 +225,8 @@ def test_ref_ft_paraphraser_phase_then_factor_transfer():
     s, t = _net(0), _net(1, 6)
     d = _build("ft", s, t, epoch=0)
     assert d.student_layers == ["7"] and d.teacher_layers == ["7"]
-    assert d.paraphraser.encoder[0].in_channels == 12 and d.paraphraser.encoder[4].out_channels == 6 and d.translator.encoder[-3].out_channels == 6
+    assert d.paraphraser.encoder[0].in_channels == 12 and d.paraphraser.encoder[4].out_channels == 6
+    assert d.translator.encoder[0].in_channels == 8 and d.translator.encoder[-3].out_channels == 6
     run_mean = s[1].running_mean.clone()
     d.train()
     out = d(*_xb())
@@ -419,6 +420,17 @@ def test_ref_reviewkd_with_its_warmup():
 
     out = _agrees(d, reference)
     assert out["warmup"] == pytest.approx(5 / 22.5)
+    # teacher levels of other sizes (the authors' out_shapes, e.g. MobileNet -> ResNet50): outputs resized to them
+    sized = _build("reviewkd", s, t, params={"student_layer": ["2", "7"], "teacher_layer": ["5:in", "8"]})
+
+    def reference_sized(x, y):
+        feats, t_feats = [s[:3](x), s[:8](x)], [t[:5](x), t[:9](x)]
+        abfs = [lambda *a, m=m, **k: ref_abf(m, *a, **k) for m in sized.abfs]
+        outs = ref_review(abfs, feats, [8, 4][::-1], [4, 1][::-1])
+        assert [o.shape[-1] for o in outs] == [4, 1]
+        return F.cross_entropy(s(x), y) + 5.0 * ref_hcl(outs, t_feats)
+
+    _agrees(sized, reference_sized)
     d.set_epoch(0)
     assert d(*_xb())["loss"].item() == pytest.approx(d(*_xb())["ce"].item())  # the authors' 0-based epoch 0
 

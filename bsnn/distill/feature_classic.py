@@ -245,6 +245,17 @@ class ClassicFeatureDistiller(FeatureDistiller):
         """True while the current epoch (set by :meth:`set_epoch`) is in the initialisation phase."""
         return self.epoch is not None and self.epoch < self.init_epochs
 
+    def staged_forward(self, x: torch.Tensor, y: torch.Tensor, init_term) -> dict:
+        """AB / FSP: in the initialisation phase ``loss = kd_weight · init_term(f_s, f_t)`` alone (CE logged, not
+        trained); afterwards ``loss = ce_weight · CE`` (the authors' second stage, ``loss_kd = 0``)."""
+        if not self.in_init():
+            z_s = self.student(x)
+            return self.combine(z_s, self.ce(z_s, y), z_s.new_zeros(()), init_phase=0.0)
+        z_s, f_s, f_t = self.features(x)
+        term = init_term(f_s, f_t)
+        return {"loss": self.kd_weight * term, "ce": self.ce(z_s, y).detach(), self.method_name: term.detach(),
+                "init_phase": 1.0, "logits": z_s}
+
     def _check_maps(self, feats: Sequence[torch.Tensor], role: str, layers: Sequence[str]) -> None:
         for name, f in zip(layers, feats):
             if f.dim() != 4:
@@ -280,15 +291,15 @@ class AB(ClassicFeatureDistiller):
 
     Layers: pre-activation maps paired in order (default: the inputs of every stage's last ReLU, RepDistiller's
     ``feat[1:-1]`` with ``preact=True``); the student's map is connected to the teacher's channel count, the
-    spatial sizes must match. Differences: the teacher stays in eval mode (the authors' CIFAR script runs it in
-    train mode; RepDistiller in eval), the authors' second stage on CIFAR-10 optionally trains with KD (here CE,
-    as RepDistiller), and see the module docstring on the initialisation phase.
+    spatial sizes must match (RepDistiller's connector, a ``ConvReg``, also adapts sizes). Differences: the
+    teacher stays in eval mode (the authors' CIFAR script runs it in train mode; RepDistiller in eval), the
+    authors' second stage on CIFAR-10 optionally trains with KD (here CE, as RepDistiller), and see the module
+    docstring on the initialisation phase.
 
     Params: ``margin`` (1.0), ``init_epochs`` (None: 30 of 270 epochs), ``student_layer``, ``teacher_layer``,
     ``input_shape``. Published weights: CE 1 (second stage), AB 1 (initialisation).
     """
 
-    spatial = True
     param_defaults = {**_LAYER_PARAMS, "margin": 1.0, "init_epochs": None}
     schedule_defaults = dict(_INIT_SCHEDULE)
 
@@ -309,14 +320,9 @@ class AB(ClassicFeatureDistiller):
         return self._stage_ends(pre_s=True, pre_t=True)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> dict:
-        if not self.in_init():
-            z_s = self.student(x)
-            return self.combine(z_s, self.ce(z_s, y), z_s.new_zeros(()), init_phase=0.0)
-        z_s, f_s, f_t = self.features(x)
-        ab = ab_loss([c(f) for c, f in zip(self.connectors, f_s)], f_t, float(self.hparams["margin"]))
-        ce = self.ce(z_s, y)
-        out = {"loss": self.kd_weight * ab, "ce": ce.detach(), "ab": ab.detach(), "init_phase": 1.0, "logits": z_s}
-        return out
+        margin = float(self.hparams["margin"])
+        return self.staged_forward(x, y, lambda f_s, f_t: ab_loss([c(f) for c, f in zip(self.connectors, f_s)], f_t,
+                                                                  margin))
 
 
 # ----------------------------------------------------------------------------------------------------- FSP
@@ -356,14 +362,7 @@ class FSP(ClassicFeatureDistiller):
         return self._stage_ends(pre_s=False, pre_t=False, with_stem=True)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> dict:
-        if not self.in_init():
-            z_s = self.student(x)
-            return self.combine(z_s, self.ce(z_s, y), z_s.new_zeros(()), init_phase=0.0)
-        z_s, f_s, f_t = self.features(x)
-        fsp = fsp_loss([as_map(f) for f in f_s], [as_map(f) for f in f_t])
-        ce = self.ce(z_s, y)
-        return {"loss": self.kd_weight * fsp, "ce": ce.detach(), "fsp": fsp.detach(), "init_phase": 1.0,
-                "logits": z_s}
+        return self.staged_forward(x, y, lambda f_s, f_t: fsp_loss([as_map(f) for f in f_s], [as_map(f) for f in f_t]))
 
 
 # ------------------------------------------------------------------------------------------------------ FT
@@ -616,8 +615,8 @@ class ReviewKD(ClassicFeatureDistiller):
         mid = min(512, f_s[-1].shape[1])
         n = len(f_s)
         device, dtype = model_device(student)
-        self.abfs = nn.ModuleList([ABF(a.shape[1], mid, b.shape[1], i < n - 1) for i, (a, b) in enumerate(zip(f_s, f_t))]
-                                  ).to(device, dtype)
+        abfs = [ABF(a.shape[1], mid, b.shape[1], fuse=i < n - 1) for i, (a, b) in enumerate(zip(f_s, f_t))]
+        self.abfs = nn.ModuleList(abfs).to(device, dtype)
 
     def default_layers(self) -> tuple[list[str], list[str]]:
         s, t = self._stage_ends(pre_s=False, pre_t=True)
