@@ -1,296 +1,198 @@
-"""Benchmark: latency-reduction techniques, each alone and combined, next to spikingjelly 2.0's best recipes.
+"""Benchmark: latency reduction on the CIFAR-10 zoo networks, each technique alone and combined, next to
+spikingjelly 2.0's post-training recipes converting the same ANN in the same run.
 
-For each dataset (mnist5k: the default pipeline's binary student; CIFAR-10: the binary VGG-7 of the conversion
-benchmark's cache) every conversion-time technique is applied alone on top of plain layer-wise max-norm
-conversion (membrane starting at 0), then in combinations, and the design-time techniques (QCFS- and
-trainable-clip-trained ANNs) are converted with their learned clips. Every SNN is simulated on the same test
-images; reported: accuracy (%) vs T, the ANN's accuracy on those images, and **T@1** — the smallest T of the grid
-(powers of two) at which the SNN is within 1 point of its own ANN. spikingjelly 2.0's
-``RateCodingRecipe(mode='99.9%', channel_wise=True, half_threshold=True)`` and ``LocalThresholdBalancingRecipe``
-convert the same (materialised) ANN in the same run. Run-time: per-sample early exit (:mod:`bsnn.early_exit`)
-on the default combination — accuracy vs *average* timesteps next to the fixed-T run.
+Networks (``bsnn/zoo``; data: CIFAR-10, the JPEG copy ``../shared/data/cifar10.npz``):
 
-Design-time models: mnist5k — a binary small CNN with QCFS (L = 8) or trainable-clip activations distilled from
-the default teacher with the default student recipe; CIFAR-10 — the cached CE model fine-tuned for
-``--finetune-epochs`` with QCFS / clip activations (λ initialised at each ReLU's 99.9th percentile), and, as the
-control, the same fine-tuning with plain ReLUs. Models are cached in ``benchmarks/cache``.
+* ``cifar10_vgg_binary`` — bsnn's ReLU binary student (plain_vgg8 w64, KD from the zoo teacher by ``bsnn run``);
+* ``cifar10_plain_bvgg`` — a binary VGG trained with plain ReLU by a plain PyTorch loop, outside bsnn's recipes;
+* ``cifar10_vgg_qcfs`` — the design-time network: the QCFS (L = 4) binary student (when released).
 
-Usage::
+Every row is simulated on the first ``--n-val`` validation and ``--n-test`` test images of the network's own
+splits. Choices are made on validation only: the *best combination* is the candidate with the smallest validation
+T@1 (ties: higher mean validation accuracy over T ≤ 8), and the early-exit rule is chosen on validation
+(:func:`bsnn.early_exit.validated_early_exit`) and reported on test. T@1 / T@0.3 = the smallest T of the grid with
+test accuracy ≥ the ANN's (same images) − 1 / − 0.3 points. Calibration time = the wall time of the conversion
+(threshold statistics, searches and SNN-calibration corrections), not of the simulation.
 
-    python benchmarks/latency_ablation.py                       # mnist5k + CIFAR-10
-    python benchmarks/latency_ablation.py --datasets mnist5k    # one dataset
-    python benchmarks/latency_ablation.py --quick               # smoke run
+Results are cached per (network, row) in the JSON, so a re-run only adds rows that are missing (``--fresh``
+recomputes). Usage::
+
+    python benchmarks/latency_ablation.py --threads 1                      # every network, every row
+    python benchmarks/latency_ablation.py --networks cifar10_plain_bvgg    # one network
+    python benchmarks/latency_ablation.py --quick                          # smoke run (few images, T <= 16)
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
-import torch.nn as nn
-from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (ROOT, Timer, command_line, load_average, log, machine_info, machine_markdown,  # noqa: E402
-                     markdown_table, now_iso, relu_model, write_results)
+                     markdown_table, now_iso, write_results)
+from _zoo import available, first, load_network  # noqa: E402
 
+import bsnn  # noqa: E402
 from bsnn.binary import materialize  # noqa: E402
-from bsnn.config import BinaryConfig, ConvertConfig, DataConfig, SimConfig, TrainConfig, load_config  # noqa: E402
-from bsnn.convert import Max, Percentile, convert  # noqa: E402
-from bsnn.data import build_loaders, calibration_loader  # noqa: E402
-from bsnn.early_exit import early_exit_curve, fixed_T_needed  # noqa: E402
-from bsnn.pipeline import build_model, load_model, save_model  # noqa: E402
-from bsnn.simulate import simulate  # noqa: E402
-from bsnn.train import evaluate, set_seed, train_student, train_teacher  # noqa: E402
+from bsnn.config import SimConfig  # noqa: E402
+from bsnn.convert import ConvertConfig, Max, Percentile  # noqa: E402
+from bsnn.early_exit import validated_early_exit  # noqa: E402
 
 NAME = "latency_ablation"
 GRID = [1, 2, 4, 8, 16, 32, 64]
-EXTRA = [128, 256]
-SEARCH = [99.0, 99.5, 99.9, 99.99, 100.0]
+LONG = GRID + [128, 256]  # rows whose convergence is checked to T = 256
+NETWORKS = ["cifar10_vgg_binary", "cifar10_plain_bvgg", "cifar10_vgg_qcfs"]
+PUBLISHED = [  # (method, network, ANN %, SNN % at T, source) — ../shared/REFERENCE.md §2
+    ("QCFS (design-time, L levels, v0 = θ/2)", "VGG-16, CIFAR-10", "95.52", "90.94 @ T=2, 94.01 @ T=4, 95.01 @ T=8",
+     "Bu et al., ICLR 2022"),
+    ("SNN Calibration, T = 16 (post-training)", "VGG-16, CIFAR-10", "95.76",
+     "none 64.52, light 93.30, advanced 93.65", "Li et al., ICML 2021"),
+    ("COS (offset spikes, + 8 pre-steps)", "ResNet-34, ImageNet", "—", "69.11 @ T=1, 73.81 @ T=4, 74.17 @ T=8 (+8)",
+     "Hao et al., ICLR 2023"),
+    ("ECL", "ResNet-18, CIFAR-10", "—", "94.75 @ T=2", "as quoted in issue #16"),
+    ("spikingjelly 2.0, local threshold balancing", "ResNet-18, ImageNet", "69.76",
+     "65.47 (plain 99.9 % at T=32: 12.46)", "spikingjelly 2.0 documentation"),
+]
 
 
 def plain(**kw) -> ConvertConfig:
-    """Plain max-norm conversion (layer-wise, v0 = 0, no correction) with ``kw`` changed."""
-    return dataclasses.replace(ConvertConfig(threshold=Max(), v_init=0.0, calib_samples=2048), **kw)
+    """Plain layer-wise max-norm conversion (v0 = 0, no correction) with ``kw`` changed."""
+    return dataclasses.replace(ConvertConfig(threshold=Max(), per_channel=False, v_init=0.0,
+                                             snn_calibration="none"), **kw)
 
 
-def conversion_methods(target_T: int) -> dict[str, ConvertConfig]:
-    """Each conversion-time technique alone on top of plain max-norm, then combinations."""
-    cal = {"snn_calibration_timesteps": target_T, "snn_calibration_samples": 256}
-    search = {"search_percentiles": SEARCH, "search_timesteps": target_T, "search_samples": 512}
+def conversion_rows() -> dict[str, tuple[str, ConvertConfig]]:
+    """``label -> (kind, config)``: each technique alone on plain max-norm, then the default and combinations."""
+    cal = {"snn_calibration_timesteps": 8}
+    default = ConvertConfig()
     return {
-        "plain max-norm": plain(),
-        "percentile 99.9": plain(threshold=Percentile(99.9)),
-        "per-channel thresholds": plain(per_channel=True),
-        "shift θ/2": plain(v_init=0.5),
-        "threshold scale 0.9": plain(threshold_scale=0.9),
-        f"percentile search @T={target_T}": plain(**search),
-        f"bias calibration @T={target_T}": plain(snn_calibration="bias", **cal),
-        f"potential calibration @T={target_T}": plain(snn_calibration="potential", **cal),
-        "default (p99.9 + shift + bias cal.)": dataclasses.replace(
-            load_config(ROOT / "configs" / "default.yaml").convert, calib_samples=2048),
-        "search + shift + bias cal.": plain(v_init=0.5, snn_calibration="bias", **search, **cal),
-        "search + shift + per-channel + bias cal.": plain(v_init=0.5, per_channel=True, snn_calibration="bias",
-                                                          **search, **cal),
+        "plain max-norm": ("alone", plain()),
+        "percentile 99.99": ("alone", plain(threshold=Percentile(99.99))),
+        "per-channel thresholds": ("alone", plain(per_channel=True)),
+        "shift θ/2": ("alone", plain(v_init=0.5)),
+        "bias calibration @T=8": ("alone", plain(snn_calibration="bias", **cal)),
+        "potential calibration @T=8": ("alone", plain(snn_calibration="potential", **cal)),
+        "default ConvertConfig()": ("candidate", default),
+        "default + percentile search @T=4": ("candidate", dataclasses.replace(
+            default, search_percentiles=[99.9, 99.99, 99.999, 100.0], search_timesteps=4, search_samples=512)),
+        "default, potential calibration @T=4": ("candidate", dataclasses.replace(default, snn_calibration_timesteps=4)),
     }
 
 
-# ----------------------------------------------------------------------------------------- models
-def relu_percentiles(model: nn.Module, x: torch.Tensor, q: float = 0.999) -> dict[str, float]:
-    """The ``q`` quantile of every ReLU module's output over ``x`` (initial λ of QCFS / clip fine-tuning)."""
-    out, hooks = {}, []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ReLU):
-            hooks.append(m.register_forward_hook(
-                lambda mod, i, o, n=name: out.__setitem__(n, float(torch.quantile(o.flatten()[:2**24].float(), q)))))
-    with torch.no_grad():
-        model.eval()(x)
-    for h in hooks:
-        h.remove()
-    return out
-
-
-def with_activation(model: nn.Module, arch: dict, kind: str, x_calib: torch.Tensor, levels: int = 8):
-    """A copy of ``model`` with its ReLUs replaced by ``kind`` (λ initialised per layer at the p99.9)."""
-    clips = relu_percentiles(model, x_calib)
-    new_arch = {**arch, "activation": {"kind": kind, "clip": 1.0, "levels": levels}}
-    new = build_model(new_arch)
-    new.load_state_dict(model.state_dict(), strict=False)
-    for name, m in new.named_modules():
-        if name in clips and hasattr(m, "clip"):
-            m.clip.data.fill_(max(clips[name], 1e-3))
-    return new, new_arch
-
-
-def design_time_models(name: str, ctx: dict, args) -> dict[str, tuple[nn.Module, str]]:
-    """``{label: (model, how it was obtained)}`` of the QCFS / clip (and control) ANNs, trained or cached."""
-    cache = ROOT / args.cache
-    out = {}
-    x_cal = next(iter(ctx["calib"]))[0]
-    levels = [int(v) for v in str(args.qcfs_levels).split(",")]
-    kinds = [("qcfs", L) for L in levels] + [("clip", 8)] + ([("relu", 8)] if name == "cifar10" else [])
-    for kind, L in kinds:
-        label = {"qcfs": f"QCFS L={L} ANN", "clip": "trainable-clip ANN", "relu": "ReLU ANN, same fine-tuning"}[kind]
-        tag = f"_L{L}" if kind == "qcfs" and L != 8 else ""
-        path = cache / f"latency_{name}_{kind}{tag}{'_quick' if args.quick else ''}.pt"
-        if path.is_file():
-            model, rec = load_model(path)
-            out[label] = (model.eval(), rec.get("how", "cached"))
-            continue
-        set_seed(0)
-        if name == "mnist5k":
-            cfg = load_config(ROOT / "configs" / "default.yaml")
-            arch = {**ctx["arch"], "activation": {"kind": kind, "clip": 4.0, "levels": L}}
-            model = build_model(arch)
-            epochs = 1 if args.quick else cfg.student.epochs
-            how = (f"binary small CNN with {kind} activations (L={L}) distilled from the default teacher by the default "
-                   f"student recipe (KD, {epochs} epochs)")
-            log(f"{name}: training {label}")
-            train_student(model, ctx["teacher"], ctx["train"], cfg.distill,
-                          dataclasses.replace(cfg.student, epochs=epochs), quiet=True)
-        else:
-            model, arch = with_activation(ctx["model"], ctx["arch"], kind, x_cal, levels=L)
-            epochs = 1 if args.quick else args.finetune_epochs
-            how = (f"the cached CE model fine-tuned {epochs} epoch(s) on {len(ctx['train'].dataset)} images with "
-                   f"{kind} activations{f' (L={L})' if kind == 'qcfs' else ''} (λ from each ReLU's p99.9), Adam lr "
-                   "5e-4 cosine")
-            log(f"{name}: fine-tuning {label}")
-            train_teacher(model, ctx["train"], TrainConfig(epochs=epochs, optimizer="adam", lr=5e-4, weight_decay=0.0,
-                                                           schedule="cosine"), quiet=True)
-        save_model(path, model.eval(), arch, {"how": how, "trained_at": now_iso()})
-        out[label] = (model.eval(), how)
-    return out
-
-
-def prepare(name: str, args) -> dict | None:
-    if name == "mnist5k":
-        cfg = load_config(ROOT / "configs" / "default.yaml")
-        loaders = build_loaders(cfg.data, seed=cfg.run.seed)
-        s = loaders.splits
-        path = relu_model(ROOT / "runs/default/student.pt", ROOT / args.cache / "mnist5k_default_student.pt")
-        tpath = next((p for p in (ROOT / "runs/default/teacher.pt", ROOT / args.cache / "distill_mnist5k_teacher_e8.pt")
-                      if p.is_file()), None)
-        if path is None or tpath is None:
-            log("mnist5k: no trained default student/teacher; run `make demo` (or bsnn run) first — skipping")
-            return None
-        model, rec = load_model(path)
-        teacher, _ = load_model(tpath)
-        arch = {k: rec["arch"][k] for k in rec["arch"]} if "arch" in rec else None
-        n_test = 200 if args.quick else len(s.test)
-        return {"model": model.eval(), "arch": arch or {"name": "small_cnn", "num_classes": 10, "in_channels": 1,
-                                                        "kwargs": {}, "binary": dataclasses.asdict(BinaryConfig())},
-                "teacher": teacher.eval(), "train": loaders.train, "source": str(path.relative_to(ROOT)),
-                "calib": calibration_loader(s, cfg.data, 2048),
-                "test": DataLoader(Subset(s.test, range(n_test)), batch_size=128),
-                "test_desc": f"first {n_test} of the {len(s.test)} mnist5k test images", "target_T": 4}
-    npz = Path(args.cifar_npz)
-    npz = npz if npz.is_absolute() else ROOT / npz
-    path = ROOT / args.cache / "cifar10_vgg7_w0.25_h256_e5_n20000_b128_lr0.002.pt"
-    if not npz.is_file() or not path.is_file():
-        log(f"cifar10: needs {npz} and {path.relative_to(ROOT)} (python benchmarks/conversion_vs_spikingjelly.py "
-            "--datasets cifar10 trains it) — skipping")
-        return None
-    dcfg = DataConfig(name=f"npz:{npz}", batch_size=128, eval_batch_size=500, val_fraction=0.0, augment=True,
-                      limit_train=2000 if args.quick else args.finetune_train, seed=0)
-    s = build_loaders(dcfg, seed=0).splits
-    loaders = build_loaders(dcfg, seed=0)
-    model, rec = load_model(path)
-    n_test = 200 if args.quick else args.cifar_test
-    return {"model": model.eval(), "arch": rec["arch"], "teacher": None, "train": loaders.train,
-            "source": str(path.relative_to(ROOT)), "calib": calibration_loader(s, dcfg, 2048),
-            "test": DataLoader(Subset(s.test, range(n_test)), batch_size=128),
-            "test_desc": f"first {n_test} of the 10000 CIFAR-10 test images", "target_T": 16}
+SJ_ROWS = {
+    "spikingjelly RateCoding max": dict(mode="max"),
+    "spikingjelly RateCoding 99.9%": dict(mode="99.9%"),
+    "spikingjelly RateCoding 99.9% channel-wise + half threshold": dict(mode="99.9%", channel_wise=True,
+                                                                         half_threshold=True),
+    "spikingjelly LocalThresholdBalancing (8 calibration batches)": None,
+}
 
 
 # ----------------------------------------------------------------------------------------- measuring
-def t_at_1(acc: dict[int, float], ann: float) -> int | None:
-    return next((t for t in sorted(acc) if acc[t] >= ann - 1.0), None)
+def t_within(acc: dict, ann: float, points: float) -> int | None:
+    return next((int(t) for t in sorted(acc, key=int) if acc[t] >= ann - points - 1e-9), None)
 
 
-def sim_curve(snn, test, ann_acc: float, quick: bool, record: bool = False) -> tuple[dict[int, float], object]:
-    """Accuracy on the grid; extended to 128/256 only when T@1 is not reached by 64."""
-    grid = [1, 4, 16] if quick else GRID
-    res = simulate(snn, test, grid, SimConfig(timesteps=grid, record_predictions=record), quiet=True)
-    acc = dict(res.accuracy)
-    if t_at_1(acc, ann_acc) is None and not quick:
-        more = simulate(snn, test, EXTRA, SimConfig(timesteps=EXTRA), quiet=True)
-        acc.update(more.accuracy)
-    return acc, res
+def curves(snn, net, ts: list[int], n_val: int, n_test: int, record: bool = False) -> dict:
+    cfg = SimConfig(timesteps=ts, record_predictions=record)
+    val = bsnn.simulate(snn, first(net.val, n_val), ts, cfg, ann=net.model, quiet=True)
+    test = bsnn.simulate(snn, first(net.test, n_test), ts, cfg, ann=net.model, quiet=True)
+    return {"val": val, "test": test}
 
 
-def run_sj(model, calib, test, recipe: str, ts: list[int]) -> dict[int, float]:
+def row_record(kind: str, res: dict, seconds: float, note: str = "") -> dict:
+    val, test = res["val"], res["test"]
+    acc = {str(t): test.accuracy[t] for t in sorted(test.accuracy)}
+    vacc = {str(t): val.accuracy[t] for t in sorted(val.accuracy)}
+    return {"kind": kind, "accuracy": acc, "val_accuracy": vacc, "ann": test.ann_accuracy,
+            "val_ann": val.ann_accuracy, "t_at_1": t_within(acc, test.ann_accuracy, 1.0),
+            "t_at_03": t_within(acc, test.ann_accuracy, 0.3),
+            "val_t_at_1": t_within(vacc, val.ann_accuracy, 1.0), "calibration_s": round(seconds, 1), "note": note,
+            "pre_steps": int(getattr(test, "pre_steps", 0))}
+
+
+def run_sj(net, spec: dict | None, ts: list[int], n_test: int) -> tuple[dict, float]:
+    """spikingjelly 2.0 converts the materialised ANN; accuracy on the test images, conversion seconds."""
     from spikingjelly.activation_based import ann2snn
     from conversion_vs_spikingjelly import sj_simulate
 
-    ann = materialize(model).eval()
-    rec = (ann2snn.RateCodingRecipe(calib, mode="99.9%", channel_wise=True, half_threshold=True)
-           if recipe == "rate" else ann2snn.LocalThresholdBalancingRecipe(calib))
-    net = ann2snn.Converter(rec).convert(ann).eval()
-    correct, n = sj_simulate(net, test, ts, "s", 1)
-    return {t: 100.0 * c / n for t, c in correct.items()}
+    ann = materialize(net.model).eval()
+    with Timer() as t:
+        recipe = (ann2snn.LocalThresholdBalancingRecipe(net.calib) if spec is None
+                  else ann2snn.RateCodingRecipe(net.calib, **spec))
+        sj = ann2snn.Converter(recipe).convert(ann).eval()
+    with torch.no_grad():
+        correct, n = sj_simulate(sj, first(net.test, n_test), ts, "s", 1)
+    return {str(k): 100.0 * c / n for k, c in correct.items()}, t.s
 
 
-def run_dataset(name: str, args, payload: dict, save) -> None:
-    ctx = prepare(name, args)
-    if ctx is None:
+def choose_best(rows: dict) -> str:
+    """The candidate with the smallest validation T@1 (ties: best mean validation accuracy over T ≤ 8)."""
+    cands = [k for k, r in rows.items() if r["kind"] == "candidate"]
+
+    def key(k):
+        r = rows[k]
+        early = [v for t, v in r["val_accuracy"].items() if int(t) <= 8]
+        return (r["val_t_at_1"] or 10 ** 6, -sum(early) / max(len(early), 1))
+
+    return min(cands, key=key)
+
+
+def run_network(name: str, args, payload: dict, save: Callable[[], None], extra: dict) -> None:
+    try:
+        net = load_network(name)
+    except KeyError as e:
+        log(f"{name}: not in the zoo ({e}); skipping")
         return
-    d = payload["datasets"].setdefault(name, {"rows": {}})
-    d.update(source=ctx["source"], test=ctx["test_desc"], target_T=ctx["target_T"])
-    ann_acc = evaluate(ctx["model"], ctx["test"])["accuracy"]
-    d["ann_accuracy"] = ann_acc
-    log(f"{name}: ANN {ann_acc:.2f} % on {d['test']}")
-
-    def record(label: str, acc: dict, ann: float, kind: str, note: str = "", seconds: float = 0.0) -> None:
-        d["rows"][label] = {"accuracy": {str(k): v for k, v in sorted(acc.items())}, "ann": ann,
-                            "t_at_1": t_at_1(acc, ann), "kind": kind, "note": note, "seconds": round(seconds, 1)}
-        log(f"  {label}: T@1 = {d['rows'][label]['t_at_1']} "
-            + " ".join(f"{k}:{v:.1f}" for k, v in sorted(acc.items())))
-        save()
-
-    default_label = None
-    for label, cfg in conversion_methods(ctx["target_T"]).items():
+    d = payload["networks"].setdefault(name, {"rows": {}})
+    d.update(description=net.card["description"], data=net.data_note, ann_test_full=net.card["ann"]["test_acc"],
+             n_val=args.n_val, n_test=args.n_test)
+    ts = [1, 2, 4, 8, 16] if args.quick else GRID
+    design_time = name.endswith("qcfs")
+    rows = {**conversion_rows(), **extra}
+    if design_time:  # a differently trained ANN: the default and the candidates only
+        rows = {k: v for k, v in rows.items() if v[0] == "candidate"}
+    for label, (kind, cfg) in rows.items():
         if label in d["rows"]:
             continue
+        log(f"{name}: {label}")
         with Timer() as t:
-            snn = convert(ctx["model"], ctx["calib"], cfg)
-            is_default = label.startswith("default")
-            acc, res = sim_curve(snn, ctx["test"], ann_acc, args.quick, record=is_default)
-        record(label, acc, ann_acc, "conversion", seconds=t.s)
-        if is_default:
-            default_label = label
-            d["early_exit"] = early_exit_rows(res)
-            save()
-    sj_ts = sorted(set((GRID if not args.quick else [1, 4, 16]) + ([] if args.quick else EXTRA)))
-    for recipe, label in (("rate", "spikingjelly RateCoding 99.9% channel-wise + half threshold"),
-                          ("ltb", "spikingjelly LocalThresholdBalancing")):
-        if label not in d["rows"]:
-            with Timer() as t:
-                acc = run_sj(ctx["model"], ctx["calib"], ctx["test"], recipe, sj_ts)
-            record(label, acc, ann_acc, "spikingjelly", seconds=t.s)
-    for label, (model, how) in design_time_models(name, ctx, args).items():
-        own = evaluate(model, ctx["test"])["accuracy"]
-        for suffix, cfg in (("", ConvertConfig(calib_samples=2048, threshold=Max())),
-                            (" + bias cal.", ConvertConfig(calib_samples=2048, threshold=Max(), v_init=0.5,
-                                                           snn_calibration="bias",
-                                                           snn_calibration_timesteps=ctx["target_T"]))):
-            full = label + suffix
-            if full in d["rows"]:
-                continue
-            with Timer() as t:
-                snn = convert(model, ctx["calib"], cfg)
-                acc, _ = sim_curve(snn, ctx["test"], own, args.quick)
-            record(full, acc, own, "design-time", note=how, seconds=t.s)
-    if default_label is None and "early_exit" not in d:
-        log("  (early exit skipped: the default row was cached from an earlier run)")
-    save()
-
-
-def early_exit_only(name: str, args, payload: dict, save) -> None:
-    """Re-run the default combination with recorded predictions and refresh its early-exit table."""
-    ctx = prepare(name, args)
-    if ctx is None:
+            snn = bsnn.convert(net.model, net.calib, cfg)
+        d["rows"][label] = row_record(kind, curves(snn, net, ts, args.n_val, args.n_test), t.s)
+        r = d["rows"][label]
+        log(f"  T@1 {r['t_at_1']} (val {r['val_t_at_1']}); " + " ".join(f"{k}:{v:.1f}" for k, v in r["accuracy"].items()))
+        save()
+    best = choose_best(d["rows"])
+    d["best"] = best
+    if "best_long" not in d or d["best_long"].get("label") != best:
+        log(f"{name}: best combination on validation = {best}; to T=256 with recorded predictions")
+        long_ts = [1, 2, 4, 8, 16] if args.quick else LONG
+        with Timer() as t:
+            snn = bsnn.convert(net.model, net.calib, rows[best][1] if best in rows else conversion_rows()[best][1])
+        res = curves(snn, net, long_ts, args.n_val, args.n_test, record=True)
+        rec = row_record("best", res, t.s)
+        ee = validated_early_exit(res["val"], res["test"], ann_val_accuracy=res["val"].ann_accuracy)
+        d["best_long"] = {"label": best, **rec, "early_exit": ee}
+        save()
+    if design_time or args.no_sj:
         return
-    label, cfg = next((k, v) for k, v in conversion_methods(ctx["target_T"]).items() if k.startswith("default"))
-    snn = convert(ctx["model"], ctx["calib"], cfg)
-    grid = [1, 4, 16] if args.quick else GRID
-    res = simulate(snn, ctx["test"], grid, SimConfig(timesteps=grid, record_predictions=True), quiet=True)
-    d = payload["datasets"].setdefault(name, {"rows": {}})
-    d["early_exit"] = early_exit_rows(res)
-    log(f"{name}: early exit of '{label}': " + ", ".join(f"{r['accuracy']:.1f} % @ {r['mean_timesteps']:.2f}"
-                                                         for r in d["early_exit"]))
-    save()
-
-
-def early_exit_rows(res) -> list[dict]:
-    """Pareto-optimal early-exit rules (patience x margin grid) with the fixed T reaching the same accuracy."""
-    rows = []
-    for r in early_exit_curve(res):
-        fixed = fixed_T_needed(res, r["accuracy"])
-        rows.append({**r, "fixed_T_for_same_accuracy": fixed})
-    return rows
+    sj_ts = [1, 2, 4, 8, 16] if args.quick else GRID
+    for label, spec in SJ_ROWS.items():
+        if label in d["rows"]:
+            continue
+        log(f"{name}: {label}")
+        acc, secs = run_sj(net, spec, sj_ts, args.n_test)
+        ann = d["rows"]["plain max-norm"]["ann"]
+        d["rows"][label] = {"kind": "spikingjelly", "accuracy": acc, "val_accuracy": {}, "ann": ann, "val_ann": None,
+                            "t_at_1": t_within(acc, ann, 1.0), "t_at_03": t_within(acc, ann, 0.3),
+                            "val_t_at_1": None, "calibration_s": round(secs, 1), "note": ""}
+        save()
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -301,25 +203,29 @@ def plot(payload: dict, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     files = []
-    for name, d in payload["datasets"].items():
+    for name, d in payload["networks"].items():
+        if not d["rows"]:
+            continue
         fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+        ann = next(iter(d["rows"].values()))["ann"]
         for label, r in d["rows"].items():
             ts = [int(t) for t in r["accuracy"]]
-            style = "--" if r["kind"] == "spikingjelly" else (":" if r["kind"] == "design-time" else "-")
+            style = "--" if r["kind"] == "spikingjelly" else ("-" if r["kind"] == "candidate" else ":")
             axes[0].plot(ts, list(r["accuracy"].values()), style, marker="o", ms=3, label=label)
-        axes[0].axhline(d["ann_accuracy"], color="k", lw=0.8, label="ANN")
-        axes[0].set(xscale="log", xlabel="timesteps T", ylabel="accuracy (%)", title=f"{name}: accuracy vs T")
+        axes[0].axhline(ann, color="k", lw=0.8, label="ANN (same images)")
+        axes[0].set(xscale="log", xlabel="timesteps T", ylabel="test accuracy (%)", title=f"{name}: accuracy vs T")
         axes[0].legend(fontsize=6)
-        ee = d.get("early_exit") or []
-        if ee:
-            dflt = next(r for label, r in d["rows"].items() if label.startswith("default"))
-            ts = [int(t) for t in dflt["accuracy"]]
-            axes[1].plot(ts, list(dflt["accuracy"].values()), "-o", label="fixed T (default combination)")
+        b = d.get("best_long")
+        if b:
+            ts = [int(t) for t in b["accuracy"]]
+            axes[1].plot(ts, list(b["accuracy"].values()), "-o", label=f"fixed T ({b['label']})")
+            ee = b["early_exit"]["rows"]
             axes[1].plot([r["mean_timesteps"] for r in ee], [r["accuracy"] for r in ee], "-s",
-                         label="early exit (average T)")
-            axes[1].set(xscale="log", xlabel="timesteps (average for early exit)", ylabel="accuracy (%)",
-                        title="run-time early exit")
-            axes[1].legend(fontsize=8)
+                         label="early exit, rules from validation (average T)")
+            axes[1].axhline(b["ann"], color="k", lw=0.8)
+            axes[1].set(xscale="log", xlabel="timesteps (average for early exit)", ylabel="test accuracy (%)",
+                        title="best combination: fixed T vs early exit")
+            axes[1].legend(fontsize=7)
         fig.tight_layout()
         path = out / f"{NAME}_{name}.png"
         fig.savefig(path, dpi=110)
@@ -328,86 +234,121 @@ def plot(payload: dict, out: Path) -> list[str]:
     return files
 
 
+def _fmt_t(t) -> str:
+    return str(t) if t else "—"
+
+
 def build_markdown(payload: dict) -> str:
-    lines = [f"# Latency reduction ablation (spikingjelly {payload['machine'].get('spikingjelly')} alongside)", "",
+    lines = [f"# Latency reduction on the CIFAR-10 zoo networks (spikingjelly "
+             f"{payload['machine'].get('spikingjelly')} alongside)", "",
              f"Machine: {machine_markdown(payload['machine'])}", "",
-             f"Command: `{payload['command']}` ({payload['started']}).", "",
-             "T@1 = smallest T of the grid (1, 2, 4, ..., 64, then 128, 256 where needed) with SNN accuracy ≥ its "
-             "own ANN's − 1 point, on the same test images. Every conversion-time row is ONE technique added to "
-             "plain layer-wise max-norm (v0 = 0) unless it says +; design-time rows are differently trained ANNs "
-             "(their own ANN accuracy is the reference). '—' = not reached by 256.", ""]
-    for name, d in payload["datasets"].items():
+             f"Command: `{payload['command']}` (started {payload['started']}).", "",
+             "Data: CIFAR-10, JPEG copy (`../shared/data/cifar10.npz`). Accuracy (%) on the first n test images; "
+             "T@1 / T@0.3 = smallest T with test accuracy ≥ ANN − 1 / − 0.3 points on the same images ('—': not "
+             "within 64). 'alone' rows add ONE technique to plain layer-wise max-norm (v0 = 0); 'candidate' rows are "
+             "full recipes, the best chosen on the validation images (column 'val T@1'); pre-steps = run-time "
+             "steps each input runs before the T counted (COS, SRP: its latency is pre-steps + T); calibration s = conversion "
+             "wall time on this machine (2 cores shared with other jobs: compare within a table only).", ""]
+    for name, d in payload["networks"].items():
         rows_ = d["rows"]
-        plain_t = (rows_.get("plain max-norm") or {}).get("t_at_1")
-        lines += [f"## {name}", "", f"ANN: {d['source']}, {d['ann_accuracy']:.2f} % on the {d['test']}; "
-                  f"calibration/search target T = {d['target_T']}.", ""]
+        if not rows_:
+            continue
+        ann = next(iter(rows_.values()))["ann"]
+        lines += [f"## {name}", "", f"{d['description']}. ANN {d['ann_test_full']:.2f} % on the 10,000 test images, "
+                  f"{ann:.2f} % on the first {d['n_test']} (validation: first {d['n_val']}).", ""]
         ts = sorted({int(t) for r in rows_.values() for t in r["accuracy"]})
-        table = []
-        for label, r in rows_.items():
-            acc = r["accuracy"]
-            t1 = r["t_at_1"]
-            gain = (f"{plain_t / t1:.1f}x" if plain_t and t1 else ("> " + f"{256 / t1:.0f}x" if t1 else ""))
-            table.append([label, f"{r['ann']:.2f}", t1 if t1 else "—", gain]
-                         + [f"{acc[str(t)]:.1f}" if str(t) in acc else "" for t in ts])
-        lines += [markdown_table(["method", "ANN %", "T@1", "vs plain"] + [f"T={t}" for t in ts], table), ""]
-        notes = {r["note"] for r in rows_.values() if r["note"]}
-        if notes:
-            lines += ["Design-time models: " + "; ".join(sorted(notes)) + ".", ""]
-        ee = d.get("early_exit")
-        if ee:
-            lines += ["Early exit on the default combination (rule: stop when the prediction has been stable for "
-                      "`patience` steps and the time-averaged top-1 − top-2 logit margin is ≥ `margin`; the "
-                      "Pareto-optimal rules of the grid; simulated to T = 64; the fixed-T column uses every T "
-                      "from 1 to 64):", "",
-                      markdown_table(["patience", "margin", "accuracy %", "average T",
-                                      "fixed T needed for that accuracy"],
-                                     [[r["patience"], r.get("margin", 0.0), f"{r['accuracy']:.2f}",
-                                       f"{r['mean_timesteps']:.2f}", r["fixed_T_for_same_accuracy"] or "not reached"]
-                                      for r in ee]), ""]
-        if payload.get("plots"):
-            png = f"{NAME}_{name}.png"
-            if png in payload["plots"]:
-                lines += [f"![{name}]({png})", ""]
+        table = [[label, r["kind"], _fmt_t(r["t_at_1"]), _fmt_t(r["t_at_03"]), _fmt_t(r["val_t_at_1"]),
+                  r.get("pre_steps", 0), f"{r['calibration_s']:.0f}"]
+                 + [f"{r['accuracy'][str(t)]:.1f}" if str(t) in r["accuracy"] else "" for t in ts]
+                 for label, r in rows_.items()]
+        lines += [markdown_table(["method", "kind", "T@1", "T@0.3", "val T@1", "pre-steps", "calibration s"]
+                                 + [f"T={t}" for t in ts], table), ""]
+        b = d.get("best_long")
+        if b:
+            lts = list(b["accuracy"])
+            lines += [f"**Best combination (chosen on validation): {b['label']}** — to T = {lts[-1]}: "
+                      + ", ".join(f"T={t}: {b['accuracy'][t]:.1f}" for t in lts)
+                      + f" (ANN {b['ann']:.2f}); T@1 {_fmt_t(b['t_at_1'])}, T@0.3 {_fmt_t(b['t_at_03'])}; lowest "
+                      f"accuracy at T ≥ 64: {min(v for t, v in b['accuracy'].items() if int(t) >= 64):.1f}.", ""]
+            ee = b["early_exit"]
+            if ee["rows"]:
+                lines += ["Run-time early exit (stop when the prediction has been stable for `patience` steps and the "
+                          "time-averaged top-1 − top-2 margin ≥ `margin`; Pareto rules found on validation, applied "
+                          "unchanged to test):", "",
+                          markdown_table(["patience", "margin", "val acc %", "val avg T", "test acc %",
+                                          "test avg T"],
+                                         [[r["patience"], r["margin"], f"{r['val_accuracy']:.1f}",
+                                           f"{r['val_mean_timesteps']:.2f}", f"{r['accuracy']:.1f}",
+                                           f"{r['mean_timesteps']:.2f}"] for r in ee["rows"]]), ""]
+                c = ee.get("chosen")
+                if c:
+                    lines += [f"Chosen rule (cheapest within 1 point of the ANN on validation): patience "
+                              f"{c['patience']}, margin {c['margin']} → test {c['accuracy']:.1f} % at average T "
+                              f"{c['mean_timesteps']:.2f}.", ""]
+        png = f"{NAME}_{name}.png"
+        if png in (payload.get("plots") or []):
+            lines += [f"![{name}]({png})", ""]
+    lines += ["## Published numbers (their networks, full precision, not re-run here)", "",
+              markdown_table(["method", "network", "ANN %", "SNN %", "source"], [list(p) for p in PUBLISHED]), ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--datasets", default="mnist5k,cifar10")
+    p.add_argument("--networks", default=",".join(NETWORKS))
+    p.add_argument("--n-val", type=int, default=500)
+    p.add_argument("--n-test", type=int, default=500)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--fresh", action="store_true", help="recompute rows found in the results file")
-    p.add_argument("--early-exit-only", action="store_true",
-                   help="only (re)compute the early-exit analysis of the default combination")
-    p.add_argument("--cifar-npz", default="../shared/data/cifar10.npz")
-    p.add_argument("--cifar-test", type=int, default=1000)
-    p.add_argument("--finetune-train", type=int, default=10000)
-    p.add_argument("--finetune-epochs", type=int, default=2)
-    p.add_argument("--qcfs-levels", default="8", help="comma-separated QCFS levels L of the design-time models")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--cache", default="benchmarks/cache")
+    p.add_argument("--no-sj", action="store_true", help="skip the spikingjelly rows")
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if not available():
+        log("needs ../shared/data/cifar10.npz; skipping")
+        return
+    if args.quick:
+        args.n_val, args.n_test = min(args.n_val, 100), min(args.n_test, 100)
     out = ROOT / args.out
     stem = NAME + ("_quick" if args.quick else "")
-    import json
-
     old = out / f"{stem}.json"
     payload = json.loads(old.read_text()) if old.is_file() and not args.fresh else {}
+    if "networks" not in payload:  # results of the earlier (mnist5k / VGG-7) version are not comparable
+        payload = {}
     payload.update(command=command_line(), machine=machine_info(), started=payload.get("started", now_iso()))
-    payload.setdefault("datasets", {})
+    payload.setdefault("networks", {})
 
     def save() -> None:
         payload["machine"]["load_average_at_end"] = load_average()
         payload["plots"] = plot(payload, out)
         write_results(out, stem, payload, build_markdown(payload))
 
-    for name in args.datasets.split(","):
-        if args.early_exit_only:
-            early_exit_only(name, args, payload, save)
-        else:
-            run_dataset(name, args, payload, save)
+    for name in args.networks.split(","):
+        run_network(name, args, payload, save, extra_rows())
     log(f"wrote {out / stem}.md")
+
+
+def extra_rows() -> dict[str, tuple[str, ConvertConfig]]:
+    """Rows of optional corrections present in this checkout's ConvertConfig (LTB, advanced SNN calibration,
+    offset-spike corrections), each alone on plain max-norm and added to the default recipe as a candidate."""
+    fields = {f.name for f in dataclasses.fields(ConvertConfig)}
+    out: dict[str, tuple[str, ConvertConfig]] = {}
+    options = [({"threshold_opt": "ltb"}, "LTB threshold optimisation"),
+               ({"snn_calibration": "advanced"}, "SNN Calibration advanced (potential + weights)"),
+               ({"offset_correction": "cos", "offset_pre_steps": 4}, "COS offset spikes, ρ = 4"),
+               ({"offset_correction": "srp", "offset_pre_steps": 4}, "SRP residual membrane, τ = 4")]
+    for change, label in options:
+        if not set(change) <= fields:
+            continue
+        try:
+            alone = plain(**change)
+            alone.validate()
+        except Exception:  # noqa: BLE001 - the option is not available in this checkout
+            continue
+        out[label] = ("alone", alone)
+        out[f"default + {label}"] = ("candidate", dataclasses.replace(ConvertConfig(), **change))
+    return out
 
 
 if __name__ == "__main__":

@@ -79,9 +79,10 @@ class Stage:
 #: the stages in pipeline order; a stage's outputs are derived from the earlier stages' outputs
 STAGES = (
     Stage("teacher", ("teacher",), (r"teacher\.pt", r"checkpoints/teacher_last\.pt")),
-    Stage("student", ("student", "online_teacher", r"teacher_\d+", r"assistant_\d+"),
-          (r"student\.pt", r"online_teacher\.pt", r"teacher_\d+\.pt", r"assistant_\d+\.pt",
-           r"checkpoints/student_last\.pt", r"checkpoints/(teacher|assistant)_\d+_last\.pt")),
+    Stage("student", ("student", "online_teacher", r"teacher_\d+", r"assistant_\d+", r"student_gen\d+"),
+          (r"student\.pt", r"online_teacher\.pt", r"teacher_\d+\.pt", r"assistant_\d+\.pt", r"student_gen\d+\.pt",
+           r"checkpoints/student_last\.pt", r"checkpoints/(teacher|assistant)_\d+_last\.pt",
+           r"checkpoints/student_gen\d+_last\.pt")),
     Stage("convert", ("convert",), (r"snn\.pt",)),
     Stage("simulate", ("snn", "snn_constrained", "early_exit"),
           (r"sweep\.(md|csv|json|png)", r"sweep_(constrained|early_exit)\.(md|csv|json)")),
