@@ -28,6 +28,7 @@ from torch.func import functional_call
 
 from bsnn.distill import losses as L
 from bsnn.distill.base import Distiller, DistillWarning, register, teacher_list
+from bsnn.distributed import all_reduce_tensor_sum
 from bsnn.errors import ConfigError
 
 Masks = dict[str, torch.Tensor]  # module name -> {0, 1} mask shaped like that module's weight
@@ -145,6 +146,9 @@ def prue_scores(model: nn.Module, data: Iterable, kinds: tuple[type, ...] = (nn.
     """PrUE connection scores (Wang et al.; ``pruner.py`` ``prue``): ``|∂U/∂mask| = |w ⊙ ∂U/∂w|`` with ``U`` the
     :func:`prue_uncertainty_loss` summed over ``data``, the model in eval mode; ``p̄`` is computed in a first pass.
 
+    Under ``torch.distributed`` the class sums and the gradients are summed over the ranks (each rank scoring its
+    own batches gives the scores of all of them, and every rank the same masks): call it on every rank.
+
     Args:
         model: the (dense) teacher; its mode and ``requires_grad`` flags are restored afterwards.
         data: an iterable of ``(x [B, ...], y [B], ...)`` batches, iterated twice (the authors: the whole training
@@ -160,21 +164,20 @@ def prue_scores(model: nn.Module, data: Iterable, kinds: tuple[type, ...] = (nn.
     was_training, flags = model.training, [p.requires_grad for p in model.parameters()]
     model.eval()
     try:
-        sums: dict[int, float] = {}
-        counts: dict[int, int] = {}
+        sums = counts = None
         with torch.no_grad():
             for x, y in _batches(data):
-                p = F.softmax(model(x), dim=1).gather(1, y.view(-1, 1).long()).view(-1)
-                for c in y.unique().tolist():
-                    sel = y == c
-                    sums[c] = sums.get(c, 0.0) + float(p[sel].sum())
-                    counts[c] = counts.get(c, 0) + int(sel.sum())
-        if not counts:
+                z = model(x)
+                p = F.softmax(z, dim=1).gather(1, y.view(-1, 1).long()).view(-1)
+                if sums is None:
+                    sums = torch.zeros(z.shape[1], dtype=torch.float64, device=z.device)
+                    counts = torch.zeros_like(sums)
+                sums.index_add_(0, y.long(), p.to(sums))
+                counts.index_add_(0, y.long(), torch.ones_like(p, dtype=sums.dtype))
+        if sums is None:
             raise ConfigError("prue: the pruning data yielded no batch; give it at least one labelled batch")
-        k = max(counts) + 1
-        mean = torch.zeros(k, dtype=torch.float64)
-        for c in counts:
-            mean[c] = sums[c] / counts[c]
+        sums, counts = all_reduce_tensor_sum(sums), all_reduce_tensor_sum(counts)
+        mean = sums / counts.clamp(min=1)
         weights = [m.weight for m in modules.values()]
         for w in weights:
             w.requires_grad_(True)
@@ -186,7 +189,8 @@ def prue_scores(model: nn.Module, data: Iterable, kinds: tuple[type, ...] = (nn.
                                                            allow_unused=True)):
                     if d is not None:
                         g.add_(d)
-        return {n: (w.detach() * g).abs() for (n, _), w, g in zip(modules.items(), weights, grads)}
+        return {n: (w.detach() * all_reduce_tensor_sum(g)).abs()
+                for (n, _), w, g in zip(modules.items(), weights, grads)}
     finally:
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
@@ -224,6 +228,15 @@ def student_plan(pruned_teacher: nn.Module, in_channels: int | None = None) -> l
 
 
 # ------------------------------------------------------------------------------------ methods on a teacher copy
+
+
+def freeze_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``, eval mode, ``requires_grad=False`` (the original is not touched)."""
+    out = copy.deepcopy(model)
+    out.eval()
+    for p in out.parameters():
+        p.requires_grad_(False)
+    return out
 
 
 def _single_teacher(teacher, name: str) -> nn.Module:
@@ -270,15 +283,6 @@ class _SparseTeacherKD(Distiller):
         return self.combine(z_s, self.ce(z_s, y), kd, kd=kd)
 
 
-def freeze_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model``, eval mode, ``requires_grad=False`` (the original is not touched)."""
-    out = copy.deepcopy(model)
-    out.eval()
-    for p in out.parameters():
-        p.requires_grad_(False)
-    return out
-
-
 @register("prue")
 class PrUE(_SparseTeacherKD):
     """PrUE (Wang, Chen, Kou & Shi, ECML-PKDD 2022; authors' code ``wangshaopu/prue``): prune the teacher where that
@@ -291,7 +295,8 @@ class PrUE(_SparseTeacherKD):
 
     Pruning data: the ``prune_loader`` keyword of :func:`~bsnn.distill.build_distiller` (an iterable of ``(x, y)``
     batches; the authors use the whole training set) prunes at construction; without it (the CLI pipeline) the copy
-    is pruned on the **first training batch** the distiller sees (same formula on less data).
+    is pruned on the **first training batch** the distiller sees (same formula on less data; under torchrun on the
+    first batch of every rank, scores summed over the ranks).
 
     Differences from the authors' code: the authors fine-tune the sparse teacher (a full training run, masks kept)
     before distilling; here the copy is distilled from as pruned. For the authors' teacher, prune with
