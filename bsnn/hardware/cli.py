@@ -6,8 +6,9 @@ Wiring (in ``bsnn/cli.py``): ``from bsnn.hardware.cli import add_cost_parser`` a
 simulation stage.
 
 Files written into ``--out``: ``cost.json`` (top-level ``total`` with ``energy_pj``, ``latency_ns``, ``area_um2``,
-``layers``, ``breakdown_pj``, ``comparisons``, ``vs_T``), ``cost.md``, ``cost_breakdown.png`` and
-``cost_vs_T.png``.
+``layers``, ``breakdown_pj``, ``comparisons``, ``vs_T``), ``cost.md`` (with the sources of the constants),
+``cost_breakdown.png`` and ``cost_vs_T.png``; with ``--adc-front 3,4,5,6,8`` (and ``--run``) also
+``cost_adc_front.{json,md,png}`` (:func:`bsnn.hardware.front.adc_front`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import json
 import warnings
 from pathlib import Path
 
+from bsnn.config import load_config
+from bsnn.data import build_loaders
 from bsnn.errors import ConfigError, DataError
 from bsnn.hardware.config import HardwareConfig, list_presets, load_hardware_config, preset
 from bsnn.hardware.cost import MODES, Activity, estimate
+from bsnn.hardware.front import adc_front, write_adc_front
 from bsnn.hardware.mapping import load_layer_table
 from bsnn.hardware.report import (COST_FILES, _save, _ts_up_to, plot_breakdown, plot_vs_t,  # noqa: F401 (re-exports)
                                   operating_point, run_cost, write_cost_report)
@@ -58,6 +62,13 @@ def add_cost_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=None, help="uniform input spike rate for event_driven costs of "
                    "a layer table")
     p.add_argument("--ann-bits", type=int, default=None, help="activation bits of the bit-serial ANN comparison")
+    p.add_argument("--adc-front", type=str, default=None, metavar="BITS",
+                   help="with --run: also simulate the network under each ADC resolution (comma list, e.g. "
+                        "3,4,5,6,8) at T and cost it on the matching hardware -> cost_adc_front.{json,md,png}")
+    p.add_argument("--adc-front-rows", type=str, default=None, metavar="ROWS",
+                   help="crossbar heights of the ADC front (comma list; default: the hardware's)")
+    p.add_argument("--adc-front-samples", type=int, default=256,
+                   help="test samples the ADC front simulates (default 256; each setting is one simulation)")
     p.add_argument("--out", type=Path, default=Path("cost"), help="output folder")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(fn=cmd_cost)
@@ -108,6 +119,44 @@ def _load_run(run_dir: Path):
     return snn, result
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag} must be comma-separated positive integers (e.g. 3,4,5,6,8), got {text!r}")
+    return values
+
+
+def _adc_front_settings(args: argparse.Namespace) -> tuple[list[int], list[int] | None] | None:
+    """``(bits, rows)`` of ``--adc-front`` / ``--adc-front-rows`` (None without ``--adc-front``), checked before
+    any work is done."""
+    if not args.adc_front:
+        return None
+    if args.run is None:
+        raise ConfigError("--adc-front needs --run DIR: it simulates the run's network (snn.pt) on the run's test "
+                          "data; a layer table has neither")
+    if args.adc_front_samples < 1:
+        raise ConfigError(f"--adc-front-samples must be >= 1, got {args.adc_front_samples}")
+    rows = _int_list(args.adc_front_rows, "--adc-front-rows") if args.adc_front_rows else None
+    return _int_list(args.adc_front, "--adc-front"), rows
+
+
+def _adc_front_of_run(args: argparse.Namespace, network, hw: HardwareConfig, T: int, bits: list[int],
+                      rows: list[int] | None) -> dict:
+    """The ADC front of ``--run``'s network on the first ``--adc-front-samples`` test samples of the run's own
+    data and simulation settings (its ``config.yaml``)."""
+    config = Path(args.run) / "config.yaml"
+    if not config.is_file():
+        raise DataError(f"run folder {str(args.run)!r} has no config.yaml, so its test data is unknown; --adc-front "
+                        "works on folders written by `bsnn run` / `bsnn convert`")
+    cfg = load_config(config)
+    sim = dataclasses.replace(cfg.simulate, max_samples=args.adc_front_samples)
+    return adc_front(network, build_loaders(cfg.data, seed=cfg.run.seed).test, hw, T, adc_bits=bits, xbar_rows=rows,
+                     sim_cfg=sim, device=cfg.run.device, quiet=args.quiet)
+
+
 def cmd_cost(args: argparse.Namespace) -> int:
     """Handler of ``bsnn cost``: estimate, then write cost.json / cost.md / plots into ``--out``.
 
@@ -116,6 +165,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     """
     if args.timesteps is not None and args.timesteps < 1:
         raise ConfigError(f"--timesteps must be an integer >= 1, got {args.timesteps}")
+    front_settings = _adc_front_settings(args)
     hw = hardware_from_args(args)
     out = check_out_dir(args.out)
     in_run = args.run is not None and out.resolve() == Path(args.run).resolve()
@@ -150,6 +200,10 @@ def cmd_cost(args: argparse.Namespace) -> int:
         report.operating_point = {"timesteps": T, "reason": reason}
         report.notes.insert(1, f"operating point {reason}")
         paths = write_cost_report(report, out, network, activity, hw, derived_from=derived)
+        front = None
+        if front_settings is not None:
+            front = _adc_front_of_run(args, network, hw, T, *front_settings)
+            paths.update(write_adc_front(front, out))
         if in_run:
             commit_entries(out, "cost", {"cost": Entry({"preset": report.hardware, "mode": report.mode,
                                                         "total": report.to_dict()["total"]},
@@ -169,5 +223,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
             print(f"  - unverified {key}: {hw.sources.get(key, 'no source given').split('] ', 1)[-1]}")
         if hw.sources:
             print(f"  - every constant's source: {paths['md']} (section 'Sources of the constants')")
+        if front is not None:
+            print(f"  - ADC front: {front['summary']}")
         print(f"written: {', '.join(str(p) for p in paths.values())}")
     return 0

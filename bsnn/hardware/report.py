@@ -132,7 +132,8 @@ def sources_markdown(config: dict) -> str:
     unverified = config.get("unverified") or []
     head = f"## Sources of the constants ({config.get('name')})\n\n" + (
         f"Not verified against their source: {', '.join(f'`{k}`' for k in unverified)}.\n\n" if unverified
-        else "Every cited constant is verified against its source, derived from it, or a stated choice.\n\n")
+        else "Every cited constant is verified against its source, derived from it, a stated choice or user-set."
+        "\n\n")
     return head + markdown_table(["constant", "value", "status", "source"], rows)
 
 
