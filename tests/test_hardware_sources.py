@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import bsnn.hardware as H
+from bsnn.errors import ConfigError
 from bsnn.hardware.config import SOURCE_STATUS, preset_yaml, source_status
 from bsnn.hardware.cost import area_breakdown_um2, estimate, pe_cycle_energy_pj
 from bsnn.hardware.mapping import LayerSpec, map_layer
@@ -26,7 +27,7 @@ HW_DIR = ROOT / "configs" / "hardware"
 IMC = ("spikesim-rram-65nm", "xnor-sram-65nm", "isaac-rram-32nm")
 ARCHITECTURE = ("xbar_rows", "xbar_cols", "mapping", "sign_handling", "pe_per_tile", "clock_mhz", "pe_cycle_clocks",
                 "pipeline_overlap", "cols_per_adc", "adc_steps_per_pe_cycle", "sample_and_hold", "sub_ops_per_step",
-                "adc_bits", "adc_ref_bits", "analog_input_bits", "first_layer", "weight_cell_bits",
+                "adc_bits", "adc_ref_bits", "adc_scaling_pj", "analog_input_bits", "first_layer", "weight_cell_bits",
                 "membrane_area_layers")
 
 
@@ -142,6 +143,18 @@ def test_isaac_areas_add_up_to_table_one_tile():
     assert tile_um2 + left_out_um2 == pytest.approx(table_um2, rel=1e-9)
     assert tile_um2 == pytest.approx(T1_TILE_TOTAL_MM2 * 1e6, rel=0.01)
     assert a.sram_bit_um2 == pytest.approx(0.083e6 / (64 * 1024 * 8))  # the eDRAM's density
+
+
+def test_isaac_adc_scales_by_its_own_sar_model_not_walden():
+    hw = H.preset("isaac-rram-32nm")
+    # Accelergy isaac.py L308-314: ISAAC's SAR ADC scaled per its §VII method, pJ per conversion at 32 nm
+    scaled = {4: 0.79, 5: 0.99, 6: 1.20, 7: 1.42, 8: 1.67, 9: 1.969078145, 10: 2.379022742}
+    for bits, pj in scaled.items():
+        assert hw.replace(adc_bits=bits).adc_energy_pj == pytest.approx(1.5625 * pj / 1.67, rel=1e-12)
+    with pytest.raises(ConfigError, match="outside adc_scaling_pj"):
+        hw.replace(adc_bits=3)
+    walden = H.preset("spikesim-rram-65nm").replace(adc_bits=6)
+    assert walden.adc_scaling_pj is None and walden.adc_energy_pj == pytest.approx(2.03084 * 4)
 
 
 def test_isaac_architecture_and_what_stays_unverified():

@@ -42,7 +42,8 @@ class EnergyTable:
         row_driver_pj: driving one row for one array read (1-bit DAC / word-line driver); 0 where it is
             included in ``xbar_read_pj``.
         adc_pj: one ADC conversion at ``HardwareConfig.adc_ref_bits``; scaled by 2^(bits - ref) for other
-            resolutions (Walden figure of merit, energy per conversion ∝ 2^ENOB).
+            resolutions (Walden figure of merit, energy per conversion ∝ 2^ENOB), or by the source's own scaling
+            (``HardwareConfig.adc_scaling_pj``).
         mux_pj: one column-multiplexer selection (one per ADC conversion).
         sub_pj: one shift-and-subtract (partial-sum accumulation) operation.
         temp_buff_pj: one write of the partial-sum temporary buffer (once per ADC step).
@@ -123,6 +124,9 @@ class HardwareConfig:
         sub_ops_per_step: shift-and-subtract operations per conversion step (SpikeSim: 16).
         adc_bits: ADC resolution used for costing (energy scaled from ``adc_ref_bits``) and constraints.
         adc_ref_bits: the resolution at which ``energy.adc_pj`` was reported.
+        adc_scaling_pj: energy per conversion by resolution from a source's own ADC scaling (bits -> pJ; only
+            the ratios are used: ``adc_pj · table[adc_bits] / table[adc_ref_bits]``); None = Walden's figure of
+            merit, ``adc_pj · 2^(adc_bits − adc_ref_bits)``.
         analog_input_bits: input bit-planes of an analog-input (first) layer per timestep; None = SpikeSim's
             convention (costed like a spiking layer, one pass per timestep).
         first_layer: how the analog-input layer is computed under direct encoding (its input is the same every
@@ -158,6 +162,7 @@ class HardwareConfig:
     sub_ops_per_step: int = 16
     adc_bits: int = 4
     adc_ref_bits: int = 4
+    adc_scaling_pj: Union[dict, None] = None
     analog_input_bits: Union[int, None] = None
     first_layer: str = "per_step"
     weight_cell_bits: Union[int, None] = None
@@ -186,7 +191,11 @@ class HardwareConfig:
 
     @property
     def adc_energy_pj(self) -> float:
-        """Energy of one conversion at ``adc_bits``: ``adc_pj · 2^(adc_bits − adc_ref_bits)`` (Walden FOM)."""
+        """Energy of one conversion at ``adc_bits``: ``adc_pj · 2^(adc_bits − adc_ref_bits)`` (Walden FOM), or
+        ``adc_pj · adc_scaling_pj[adc_bits] / adc_scaling_pj[adc_ref_bits]`` when the source gives its scaling."""
+        if self.adc_scaling_pj:
+            table = {int(k): float(v) for k, v in self.adc_scaling_pj.items()}
+            return self.energy.adc_pj * table[self.adc_bits] / table[self.adc_ref_bits]
         return self.energy.adc_pj * 2.0 ** (self.adc_bits - self.adc_ref_bits)
 
     @property
@@ -212,6 +221,16 @@ class HardwareConfig:
             check(v is None or v >= 1, f"{name} must be >= 1 or null, got {v}")
         check(self.sub_ops_per_step >= 0, f"sub_ops_per_step must be >= 0, got {self.sub_ops_per_step}")
         check(self.first_layer in FIRST_LAYER, f"first_layer must be one of {FIRST_LAYER}, got {self.first_layer!r}")
+        if self.adc_scaling_pj is not None:
+            table = self.adc_scaling_pj
+            check(isinstance(table, dict) and table and all(
+                isinstance(k, int) and not isinstance(k, bool) and k >= 1 and isinstance(v, (int, float))
+                and not isinstance(v, bool) and math.isfinite(v) and v > 0 for k, v in table.items()),
+                f"adc_scaling_pj must map ADC bits (int >= 1) to energies > 0 (pJ) or be null, got {table!r}")
+            for name in ("adc_bits", "adc_ref_bits"):
+                check(getattr(self, name) in table,
+                      f"{name}={getattr(self, name)} is outside adc_scaling_pj (bits {sorted(table)}): pick one of "
+                      "those, or set adc_scaling_pj=null for Walden scaling 2^(bits - adc_ref_bits)")
         for table in (self.energy, self.area):
             for f in dataclasses.fields(table):
                 v = getattr(table, f.name)
@@ -270,6 +289,9 @@ _T1 = "ISAAC Table I"
 _MNSIM = "MNSIM-2.0 MNSIM/Hardware_Model"
 _ACC = "Accelergy hwcomponents-library isaac.py"
 _CYCLE_NS = 100.0  # ISAAC §IV: one cycle = one crossbar read = 100 ns
+# ISAAC's SAR ADC scaled to other resolutions by its own method (§VII), pJ per conversion at 32 nm, as tabulated by
+# Accelergy hwcomponents-library isaac.py L308-314
+_ISAAC_ADC_SCALING_PJ = {4: 0.79, 5: 0.99, 6: 1.20, 7: 1.42, 8: 1.67, 9: 1.969078145, 10: 2.379022742}
 _CONV_PER_IMA_CYCLE = 8 * 128  # 8 arrays x 128 columns, each converted once per cycle
 _XNOR = ("Yin, Jiang, Seo, Seok, 'XNOR-SRAM: In-Memory Computing SRAM Macro for Binary/Ternary Deep Neural "
          "Networks', IEEE JSSC 2020, doi 10.1109/JSSC.2019.2963616, abstract")
@@ -334,6 +356,8 @@ def _spikesim_sources() -> dict:
         "sub_ops_per_step": _src("verified", f"'(xbar_size / 8) * 16 * Sub': {_SS} L56"),
         "adc_bits": _src("verified", f"--ADC_precision default 4: {_SS_NICE} L25 (and the README's command)"),
         "adc_ref_bits": _src("verified", f"E_ADC is SpikeSim's 4-bit ADC (--ADC_precision 4): {_SS_NICE} L25"),
+        "adc_scaling_pj": _src("choice", f"null: Walden scaling 2^(bits - 4) for other resolutions (SpikeSim costs "
+                                         f"one fixed 4-bit ADC: {_SS} L47)"),
         "analog_input_bits": _src("verified", f"null: every layer, the first included, costs one pass per "
                                               f"timestep ('* time_steps'): {_SS} L65"),
         "first_layer": _src("verified", f"per_step: the first layer is read every timestep like the others: {_SS} "
@@ -402,6 +426,7 @@ def _xnor_sources() -> dict:
         "sub_ops_per_step": _src("verified", "16 subtractions per step: SpikeSim ela_spikesim.py L56"),
         "adc_bits": _src("derived", f"an 11-level flash ADC ({_XNOR}): ceil(log2 11) = 4 bits"),
         "adc_ref_bits": _src("choice", "4 (= adc_bits; adc_pj is 0, so the reference resolution has no effect)"),
+        "adc_scaling_pj": _src("choice", "null: adc_pj is 0 (the macro figure includes its ADCs)"),
         "analog_input_bits": _src("choice", "8: the analog first layer streams 8 input bit-planes per timestep"),
         "first_layer": _src("choice", "per_step: the analog first layer is read every timestep"),
         "weight_cell_bits": _src("choice", "1: one SRAM cell per bit"),
@@ -494,6 +519,12 @@ def _isaac_sources() -> dict:
         "sub_ops_per_step": _src("derived", "one shift-and-add per ADC output (§V)"),
         "adc_bits": _src("verified", f"8-bit ADC ({_T1}; {_MNSIM}/ADC.py L55)"),
         "adc_ref_bits": _src("verified", f"adc_pj is the 8-bit ADC's ({_T1})"),
+        "adc_scaling_pj": _src("derived", "ISAAC §VII scales its SAR ADC with resolution: vref buffer, memory and "
+                                          "clock linearly, the capacitive DAC exponentially (after Saberi et al. "
+                                          f"2011); the resulting 32 nm energies, 4-10 bits, as tabulated in {_ACC} "
+                                          "L308-314 (4 bits 0.79 ... 8 bits 1.67 ... 10 bits 2.38 pJ); only the "
+                                          "ratios are used: a 4-bit conversion costs 0.47x the 8-bit one (Walden's "
+                                          "2^-4 would say 0.06x)"),
         "analog_input_bits": _src("choice", "8 bit-planes of an 8-bit image (ISAAC streams 16-bit inputs over 16 "
                                             "cycles, §V)"),
         "first_layer": _src("choice", "per_step: the analog first layer is read every timestep"),
@@ -561,7 +592,8 @@ def isaac_rram_32nm() -> HardwareConfig:
     tile OR 0.0032 mm² = 86200 µm², bus + router/4 = 127750 µm²; buffers at ISAAC's eDRAM density 0.083 mm²/64 KB
     = 0.158 µm² per bit. At full activity a tile then draws 12·24.08 + 39.9 ≈ 329 mW plus the neurons (Table I:
     330 mW). Not in ISAAC (reused, unscaled SpikeSim 65 nm values, an upper bound): the IF neuron 5.096 pJ and
-    the pipeline overlap. PE = one array (unrolled mapping), 96 per tile; spikes x ±1 weights on paired columns;
+    the pipeline overlap. Other ADC resolutions (4-10 bits) scale by ISAAC's own SAR-ADC scaling (§VII; energies
+    as tabulated by Accelergy), not by Walden's 2^bits. PE = one array (unrolled mapping), 96 per tile; spikes x ±1 weights on paired columns;
     analog first layer streamed as 8 bit-planes (ISAAC is bit-serial). ``sources`` cites every constant
     (Table I as transcribed in dyigitpolat/mimarsinan, cross-checked with MNSIM-2.0's and Accelergy's ISAAC
     component models).
@@ -572,7 +604,7 @@ def isaac_rram_32nm() -> HardwareConfig:
         technology_nm=32, device="rram", xbar_rows=128, xbar_cols=128, mapping="unrolled", sign_handling="paired",
         pe_per_tile=96, clock_mhz=1200.0, pe_cycle_clocks=120, pipeline_overlap=0.75, cols_per_adc=128,
         adc_steps_per_pe_cycle=128, sample_and_hold=True, sub_ops_per_step=1, adc_bits=8, adc_ref_bits=8,
-        analog_input_bits=8, weight_cell_bits=2, fp_weight_bits=8, membrane_area_layers=None,
+        adc_scaling_pj=dict(_ISAAC_ADC_SCALING_PJ), analog_input_bits=8, weight_cell_bits=2, fp_weight_bits=8, membrane_area_layers=None,
         energy=_isaac_energy(), area=_isaac_area(), sources=sources, unverified=unverified_keys(sources))
 
 
@@ -698,7 +730,7 @@ def preset_yaml(name: str) -> str:
     for key, value in d.items():
         if key in ("sources", "unverified"):
             continue
-        if isinstance(value, dict):
+        if key in ("energy", "area"):
             lines.append(f"{key}:")
             for sub, v in value.items():
                 if f"{key}.{sub}" in hw.sources:

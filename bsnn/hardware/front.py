@@ -145,7 +145,7 @@ def adc_front(network, loader, hw: HardwareConfig | str, timesteps: int, adc_bit
         hw: an in-memory accelerator (config, preset name or YAML path; not the digital baseline).
         timesteps: T at which accuracy and cost are reported.
         adc_bits: ADC resolutions (the hardware's ``adc_bits`` field; energy per conversion scales as
-            2^(bits − adc_ref_bits)).
+            2^(bits − adc_ref_bits), or by the hardware's ``adc_scaling_pj`` where its source gives one).
         xbar_rows: crossbar heights (None: the hardware's).
         membrane_bits: fixed-point membrane width in every setting (None: float membranes).
         sim_cfg: simulation settings (chunking, encoding, sample limit); its timesteps and constraints are
