@@ -211,6 +211,7 @@ _PARAMS["born_again"] = {"strict": False}  # the contract teacher is wider than 
 ALL += ["sakd", "lipschitz", "ie_kd"]  # bsnn/distill/adaptive.py
 ALL += ["metadistil", "prue", "prune_distill"]  # bsnn/distill/teacher_side.py
 ALL += ["ab", "fsp", "ft", "irg", "reviewkd"]  # bsnn/distill/feature_classic.py
+ALL += ["universe_ls", "domain_kd"]  # bsnn/distill/levels.py
 _PARAMS["fsp"] = {"student_layer": ["0:in", "8"]}  # FSP needs equal channels; the contract teacher is wider
 
 
@@ -492,6 +493,8 @@ PUBLISHED = {  # method: (ce_weight, kd_weight, temperature or None when unused,
     "metadistil": (0.1, 0.9, 4.0, {"pilot_lr": 0.05, "pilot_decay": 0.1, "quiz_fraction": 0.1}),
     "prue": (0.9, 0.1, 4.0, {"sparsity": 0.5}),
     "prune_distill": (0.05, 0.95, 10.0, {"pruning_ratio": 0.8, "round_fraction": 0.2}),
+    "universe_ls": (0.1, 0.9, 4.0, {"confidence": None}),
+    "domain_kd": (0.1, 0.9, 4.0, {"class_targets": None}),
 }
 
 

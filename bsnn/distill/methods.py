@@ -20,6 +20,7 @@ from bsnn.distill.adaptive import IEKD, SAKD, Lipschitz
 from bsnn.distill.multi import BDKD, CAMKD, DML, TAKD
 from bsnn.distill.online import BYOT, SOKD, BornAgain, SwitOKD
 from bsnn.distill.teacher_side import MetaDistil, PrUE, PruneDistill
+from bsnn.distill.levels import DomainKD, UniverseLS
 
 __all__ = [
     "AT", "BAKE", "BDKD", "CAMKD", "CRD", "DIST", "DKD", "DML", "KD", "METHODS", "NKD", "PKT", "RKD", "SP", "TAKD",
@@ -27,6 +28,7 @@ __all__ = [
     "CrossEntropyOnly", "DistillWarning", "Distiller", "FeatureDistiller", "FitNet", "MixupKD", "TfNKD", "ZipfLS",
     "IEKD", "Lipschitz", "SAKD",
     "MetaDistil", "PrUE", "PruneDistill",
+    "DomainKD", "UniverseLS",
     "AB", "FSP", "FT", "IRG", "ReviewKD",
     "build_distiller", "list_methods", "register",
 ]

@@ -1,0 +1,237 @@
+"""Knowledge-level methods (universe_ls, domain_kd), the knowledge-level analysis and early-stopped teacher selection.
+
+The references below restate the definitions of Tang et al. 2020 ("Understanding and Improving Knowledge
+Distillation": universe = label smoothing at the teacher's mean confidence, domain = each class's mean teacher
+distribution, instance = KD) sample by sample in plain Python / float64, independently of bsnn's vectorised code.
+Neither Tang et al. nor Cho & Hariharan (ICCV 2019) published code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from bsnn.config import DistillConfig, TrainConfig, load_config
+from bsnn.distill import METHODS, build_distiller
+from bsnn.distill.analysis import (LEVELS, choose_candidate, gain_fractions, knowledge_levels, levels_table,
+                                   select_teacher, selection_table, teacher_statistics)
+from bsnn.distill.levels import soft_label_kd_loss
+from bsnn.errors import ConfigError
+from bsnn.train import fit
+
+K = 4
+D = torch.float64
+RTOL, ATOL = 1e-6, 1e-12
+
+
+def _net(seed: int, width: int = 4, k: int = K) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Linear(4 * width, k)).double()
+
+
+def _data(n: int = 12, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 5, 5, generator=g, dtype=D)
+    y = torch.arange(n) % K  # every class present
+    return x, y[torch.randperm(n, generator=g)]
+
+
+def _grads(loss, params):
+    return torch.autograd.grad(loss, params, retain_graph=True)
+
+
+# ------------------------------------------------------------------------------- references (plain Python loops)
+
+
+def ref_softmax_row(z: list[float], t: float) -> list[float]:
+    m = max(v / t for v in z)
+    e = [math.exp(v / t - m) for v in z]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+def ref_teacher_stats(teacher, x, t):
+    """Mean max-probability and per-class mean distribution of ``softmax(z_t / T)``, one sample at a time."""
+    with torch.no_grad():
+        z = teacher(x)
+    probs = [ref_softmax_row(row.tolist(), t) for row in z]
+    return probs
+
+
+def ref_level_loss(z_s: torch.Tensor, y, q_rows, t, ce_w, kd_w):
+    """``ce_w · CE + kd_w · T² · mean_b Σ_k q_bk (log q_bk − log softmax(z_s,b / T)_k)``, written per sample."""
+    b = z_s.shape[0]
+    total_ce, total_kl = 0.0, 0.0
+    for i in range(b):
+        zi = z_s[i]
+        ce = torch.logsumexp(zi, 0) - zi[int(y[i])]
+        log_p = zi / t - torch.logsumexp(zi / t, 0)
+        kl = sum((q * (math.log(q) - log_p[k]) if q > 0 else 0.0 * log_p[k]) for k, q in enumerate(q_rows[i]))
+        total_ce = total_ce + ce
+        total_kl = total_kl + kl
+    return ce_w * total_ce / b + kd_w * t * t * total_kl / b
+
+
+def ref_universe_rows(y, c):
+    return [[c if k == int(yi) else (1 - c) / (K - 1) for k in range(K)] for yi in y]
+
+
+def ref_domain_table(probs, y):
+    table = []
+    for k in range(K):
+        rows = [p for p, yi in zip(probs, y) if int(yi) == k]
+        table.append([sum(r[j] for r in rows) / len(rows) for j in range(K)] if rows else None)
+    return table
+
+
+# ---------------------------------------------------------------------------------------- the two methods
+
+
+def test_registered_with_kds_published_weights():
+    for name in ("universe_ls", "domain_kd"):
+        cls = METHODS.get(name)
+        assert (cls.default_ce_weight, cls.default_kd_weight, cls.default_temperature) == (0.1, 0.9, 4.0)
+    assert METHODS.get("universe_ls").param_defaults == {"confidence": None}
+    assert METHODS.get("domain_kd").param_defaults == {"class_targets": None}
+
+
+@pytest.mark.parametrize("method", ["universe_ls", "domain_kd"])
+def test_value_and_gradient_equal_the_reference_with_given_statistics(method):
+    teacher, student = _net(10, width=6), _net(0)
+    x, y = _data()
+    t = 4.0
+    probs = ref_teacher_stats(teacher, x, t)
+    conf = sum(max(p) for p in probs) / len(probs)
+    table = ref_domain_table(probs, y)
+    params = {"confidence": conf} if method == "universe_ls" else {"class_targets": table}
+    d = build_distiller(student, teacher, DistillConfig(method=method, params=params))
+    d.train()
+    out = d(x, y)
+    rows = ref_universe_rows(y, conf) if method == "universe_ls" else [table[int(yi)] for yi in y]
+    ref = ref_level_loss(student(x), y, rows, t, 0.1, 0.9)
+    wrt = list(student.parameters())
+    torch.testing.assert_close(out["loss"], ref, rtol=RTOL, atol=0)
+    torch.testing.assert_close(_grads(out["loss"], wrt), _grads(ref, wrt), rtol=RTOL, atol=ATOL)
+    ce = nn.functional.cross_entropy(student(x), y).detach()
+    assert out[method].item() == pytest.approx(float((ref.detach() - 0.1 * ce) / 0.9), rel=1e-9)
+
+
+@pytest.mark.parametrize("method", ["universe_ls", "domain_kd"])
+def test_first_epoch_estimate_is_frozen_to_the_exact_training_set_statistics(method):
+    """Estimated in the first epoch (running means, this batch included), then frozen: equal to the statistics
+    computed sample by sample, and the loss with the frozen statistic equals the reference."""
+    teacher, student = _net(10, width=6), _net(0)
+    x, y = _data(16)
+    t = 2.0
+    d = build_distiller(student, teacher, DistillConfig(method=method, temperature=t))
+    d.train()
+    d.set_epoch(0)
+    first = d(x[:8], y[:8])
+    probs = ref_teacher_stats(teacher, x, t)
+    part = probs[:8]
+    if method == "universe_ls":  # the first batch used its own statistic
+        c8 = sum(max(p) for p in part) / 8
+        ref = ref_level_loss(student(x[:8]), y[:8], ref_universe_rows(y[:8], c8), t, 0.1, 0.9)
+    else:
+        tab8 = ref_domain_table(part, y[:8])  # rows of the classes in the batch
+        ref = ref_level_loss(student(x[:8]), y[:8], [tab8[int(v)] for v in y[:8]], t, 0.1, 0.9)
+    torch.testing.assert_close(first["loss"], ref, rtol=RTOL, atol=0)
+    d(x[8:], y[8:])
+    d.set_epoch(1)  # frozen from now on
+    conf = sum(max(p) for p in probs) / len(probs)
+    table = ref_domain_table(probs, y)
+    if method == "universe_ls":
+        assert d.confidence() == pytest.approx(conf, rel=1e-12)
+    else:
+        torch.testing.assert_close(d.class_targets(), torch.tensor(table, dtype=D), rtol=1e-12, atol=0)
+    xb, yb = x[3:9], y[3:9]
+    out = d(xb, yb)
+    rows = ref_universe_rows(yb, conf) if method == "universe_ls" else [table[int(v)] for v in yb]
+    ref = ref_level_loss(student(xb), yb, rows, t, 0.1, 0.9)
+    torch.testing.assert_close(out["loss"], ref, rtol=RTOL, atol=0)
+    wrt = list(student.parameters())
+    torch.testing.assert_close(_grads(out["loss"], wrt), _grads(ref, wrt), rtol=RTOL, atol=ATOL)
+    state = d.state_dict()  # the frozen statistic is checkpointed and restored
+    d2 = build_distiller(_net(0), teacher, DistillConfig(method=method, temperature=t))
+    d2.load_state_dict(state)
+    torch.testing.assert_close(d2(xb, yb)["loss"], out["loss"], rtol=1e-12, atol=0)
+
+
+def test_domain_kd_unseen_class_falls_back_to_its_one_hot_label():
+    teacher, student = _net(10, width=6), _net(0)
+    x, y = _data()
+    keep = y != 3
+    d = build_distiller(student, teacher, DistillConfig(method="domain_kd"))
+    d.train()
+    d(x[keep], y[keep])
+    d.set_epoch(1)
+    d.eval()
+    q = d.soft_labels(d.stat_sum, d.stat_count, torch.tensor([3]), K)
+    torch.testing.assert_close(q, torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=D))
+
+
+def test_bad_statistics_are_refused_with_what_to_do():
+    with pytest.raises(ConfigError, match=r"confidence must be in \(0, 1\]"):
+        build_distiller(_net(0), _net(1), DistillConfig(method="universe_ls", params={"confidence": 1.5}))
+    with pytest.raises(ConfigError, match="K x K list of probability rows"):
+        build_distiller(_net(0), _net(1), DistillConfig(method="domain_kd", params={"class_targets": [[1, 0]]}))
+    d = build_distiller(_net(0), _net(1), DistillConfig(method="domain_kd",
+                                                        params={"class_targets": [[0.5, 0.5], [0.5, 0.5]]}))
+    with pytest.raises(ConfigError, match="student has 4 classes"):
+        d(*_data())
+
+
+def test_soft_label_kd_equals_kd_when_the_target_is_the_teacher():
+    from bsnn.distill import losses as L
+
+    g = torch.Generator().manual_seed(3)
+    z_s, z_t = torch.randn(5, K, generator=g, dtype=D), torch.randn(5, K, generator=g, dtype=D)
+    q = torch.softmax(z_t / 3.0, 1)
+    torch.testing.assert_close(soft_label_kd_loss(z_s, q, 3.0), L.kd_loss(z_s, z_t, 3.0), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("method", ["universe_ls", "domain_kd"])
+def test_training_smoke_reduces_the_loss(method):
+    teacher, student = _net(10, width=6).float(), _net(0).float()
+    x, y = _data(32)
+    loader = DataLoader(TensorDataset(x.float(), y), batch_size=8)
+    d = build_distiller(student, teacher, DistillConfig(method=method))
+    hist = fit(d, student, loader, TrainConfig(epochs=4, lr=0.02), quiet=True)
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert bool(d.stat_frozen)
+
+
+# ------------------------------------------------------------------------------------------ statistics, shares
+
+
+def test_teacher_statistics_equal_the_per_sample_reference():
+    teacher = _net(10, width=6)
+    x, y = _data(20)
+    stats = teacher_statistics(teacher, DataLoader(TensorDataset(x, y), batch_size=6), temperature=2.0)
+    probs = ref_teacher_stats(teacher, x, 2.0)
+    assert stats["confidence"] == pytest.approx(sum(max(p) for p in probs) / 20, rel=1e-12)
+    torch.testing.assert_close(torch.tensor(stats["class_targets"], dtype=D),
+                               torch.tensor(ref_domain_table(probs, y), dtype=D), rtol=1e-12, atol=0)
+    assert stats["samples"] == 20 and sum(stats["class_counts"]) == 20
+
+
+def test_gain_fractions_add_up_as_defined():
+    acc = {"ce": 80.0, "universe": 82.0, "domain": 83.5, "instance": 85.0}
+    f = gain_fractions(acc)
+    assert f["universe"] == pytest.approx(2.0 / 5.0) and f["domain"] == pytest.approx(1.5 / 5.0)
+    assert f["instance"] == pytest.approx(1.5 / 5.0)
+    assert f["universe"] + f["domain"] + f["instance"] == pytest.approx(1.0)
+    assert f["domain_cumulative"] == pytest.approx(3.5 / 5.0) and f["instance_cumulative"] == pytest.approx(1.0)
+    assert set(gain_fractions({**acc, "instance": 80.0}).values()) == {None}  # KD gains nothing: undefined
+
+
+def test_choose_candidate_is_the_argmax_first_on_ties():
+    assert choose_candidate([70.0, 75.5, 75.5, 60.0]) == 1
+    with pytest.raises(ConfigError, match="no candidate"):
+        choose_candidate([])
