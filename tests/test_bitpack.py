@@ -159,6 +159,22 @@ def test_cpp_pack_matches_reference(path):
         assert torch.equal(eng.pack(bad)[0], bp.pack_spike_map(bad)[0])
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pack_counts_planes(engine):
+    eng = _engine(engine)
+    g = torch.Generator().manual_seed(3)
+    for top, quantum in [(4, 0.25), (255, 1.0), (9, 0.0625)]:
+        n = torch.randint(0, top + 1, (2, 70, 3, 5), generator=g)
+        n[0, 0, 0, 0] = top
+        x = (n * quantum).float()
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            planes, exact = eng.pack_counts(inp, quantum)
+            assert exact and planes.shape == (top.bit_length(), 2, 3, 5, 2)
+            for b in range(planes.shape[0]):  # plane b = bit b of the counts, channels packed per pixel
+                assert torch.equal(bp.unpack_bits(planes[b], 70), ((n >> b) & 1).permute(0, 2, 3, 1).to(torch.uint8))
+        assert not eng.pack_counts(x + quantum / 2, quantum)[1] and not eng.pack_counts(-x - quantum, quantum)[1]
+
+
 # ------------------------------------------------------------------------------------------ Triton (interpreter)
 TRITON_SCRIPT = textwrap.dedent("""
     import torch, torch.nn.functional as F

@@ -164,39 +164,50 @@ def pack_weights(w: torch.Tensor) -> PackedWeights:
     return PackedWeights(rows, cols.contiguous(), w.shape[0], w.shape[1])
 
 
-def conv_packed_reference(s: torch.Tensor, pw: PackedWeights, bias: torch.Tensor | None, g: Geometry, scale: float,
-                          out: torch.Tensor | None) -> torch.Tensor:
-    """Reference packed convolution: ``[(out +)] scale·popcount_dot(im2col(s), w) [+ bias]`` in float32 ->
-    ``[N, Ho, Wo, Cout]`` (accumulated into ``out`` when given)."""
-    cols = packed_im2col(s, pw.in_channels, g)
-    acc = popcount_dot(cols.reshape(-1, cols.shape[-1]), pw.rows).reshape(*cols.shape[:3], pw.cout)
+def pack_counts_reference(x: torch.Tensor, quantum: float) -> tuple[torch.Tensor, bool]:
+    """Reference bit planes of ``x [N, C, H, W]`` = counts ``n·quantum`` with integer ``0 <= n <= 255``:
+    ``-> (planes [P, N, H, W, CW], exact)``, plane ``b`` packing bit ``b`` of the counts, ``P`` the bit length of the
+    largest count (at least 1); ``exact`` is False where some value is not such a multiple."""
+    xf = x.float()
+    counts = torch.round(xf / quantum)
+    exact = bool(((counts * quantum == xf) & (counts >= 0) & (counts <= 255)).all())
+    n = counts.clamp(0, 255).to(torch.int64)
+    n_planes = max(1, int(n.max()).bit_length()) if n.numel() else 1
+    return torch.stack([pack_spike_map((n >> b) & 1)[0] for b in range(n_planes)]), exact
+
+
+def conv_packed_reference(s: torch.Tensor, pw: PackedWeights, bias: torch.Tensor | None, g: Geometry,
+                          scale: float) -> torch.Tensor:
+    """Reference packed convolution of spikes ``s [N, H, W, CW]`` or bit planes ``[P, N, H, W, CW]``:
+    ``scale·Σ_b 2^b·popcount_dot(im2col(s_b), w) [+ bias]`` in float32 -> ``[N, Ho, Wo, Cout]``."""
+    acc = None
+    for b, plane in enumerate(s if s.dim() == 5 else s.unsqueeze(0)):
+        cols = packed_im2col(plane, pw.in_channels, g)
+        dot = popcount_dot(cols.reshape(-1, cols.shape[-1]), pw.rows).reshape(*cols.shape[:3], pw.cout)
+        acc = dot * 2 ** b if acc is None else acc + dot * 2 ** b
     y = acc.to(torch.float32) * scale
-    if out is not None:
-        y = out + y
-    if bias is not None:
-        y = y + bias.float()
-    if out is not None:
-        out.copy_(y)
-        return out
-    return y
+    return y if bias is None else y + bias.float()
 
 
 # --------------------------------------------------------------------------------------- engines
 class Engine(NamedTuple):
-    """The two packed primitives of one backend.
+    """The packed primitives of one backend.
 
     ``pack(x [N, C, H, W]) -> (words [N, H, W, CW], not_binary)``;
-    ``conv(words, packed weights, bias or None, geometry, scale, out or None) -> [N, Ho, Wo, Cout]`` float32.
+    ``pack_counts(x, quantum) -> (planes [P, N, H, W, CW], exact)`` (:func:`pack_counts_reference`);
+    ``conv(words or planes, packed weights, bias or None, geometry, scale) -> [N, Ho, Wo, Cout]`` float32
+    (:func:`conv_packed_reference`).
     """
 
     name: str
     pack: Callable[[torch.Tensor], tuple[torch.Tensor, bool]]
+    pack_counts: Callable[[torch.Tensor, float], tuple[torch.Tensor, bool]]
     conv: Callable[..., torch.Tensor]
 
 
 def reference_engine() -> Engine:
     """The pure torch engine (any device): the oracle of the fast ones."""
-    return Engine("reference", pack_spike_map, conv_packed_reference)
+    return Engine("reference", pack_spike_map, pack_counts_reference, conv_packed_reference)
 
 
 def _build() -> None:
@@ -236,34 +247,23 @@ def cpp_engine(path: str = "auto") -> Engine:
         raise ValueError(f"bitpack: unknown or unsupported code path {path!r}; this CPU runs {', '.join(paths)}")
     ops, pid = torch.ops.bsnn_bitpack, PATHS[path]
 
-    def conv(s, pw, bias, g, scale, out):
+    def conv(s, pw, bias, g, scale):
         geom = [pw.in_channels, *g.flat()]
-        return ops.conv(s, pw.rows, pw.cols, None if bias is None else bias.detach(), geom, float(scale), out, pid)
+        return ops.conv(s, pw.rows, pw.cols, None if bias is None else bias.detach(), geom, float(scale), pid)
 
-    return Engine(f"cpp:{path}", lambda x: tuple(ops.pack(x, pid)), conv)
+    return Engine(f"cpp:{path}", lambda x: tuple(ops.pack(x, pid)),
+                  lambda x, q: tuple(ops.pack_counts(x, 1.0 / q)), conv)
 
 
 # --------------------------------------------------------------------------------------- layers
-def _planes(x: torch.Tensor, quantum: float, engine: Engine) -> list[tuple[torch.Tensor, float]]:
-    """``x [N, C, H, W]`` -> packed bit planes with their scales: one plane (scale 1) for {0, 1} input; else the
-    bits of the integer counts ``n = x/q`` (``y = Σ_b q·2^b · dot(plane_b)``)."""
-    words, not_binary = engine.pack(x)
-    if not not_binary:
-        return [(words, 1.0)]
-    counts = torch.round(x.float() / quantum)
-    if bool((counts * quantum != x.float()).any()) or bool((counts < 0).any()) or bool((counts > 255).any()):
-        raise ValueError(f"bitpack: the input is not made of multiples 0..255 of the quantum {quantum:g}; "
-                         "compute this layer in the float synapse mode")
-    counts = counts.to(torch.uint8)
-    n_planes = int(counts.max()).bit_length()
-    return [(engine.pack((counts >> b) & 1)[0], quantum * 2.0 ** b) for b in range(n_planes)]
-
-
 def conv2d(x: torch.Tensor, pw: PackedWeights, bias: torch.Tensor | None, g: Geometry, quantum: float = 1.0,
            engine: Engine | None = None) -> torch.Tensor:
     """Binary convolution of spikes (or multiples of ``quantum``) ``x [N, C, H, W]`` (any memory layout) with packed
     ±1 weights: ``-> [N, Cout, Ho, Wo]`` float32 in channels-last memory, equal to
-    ``F.conv2d(x, w, bias, stride, padding, dilation)`` bit for bit.
+    ``F.conv2d(x, w, None, stride, padding, dilation) + bias`` bit for bit (the fp32 engine's arithmetic).
+
+    {0, 1} input is packed as it is; other input as the bit planes of its counts ``x / quantum``
+    (``y = quantum·Σ_b 2^b·dot(plane_b)``).
 
     Args:
         x: the input; time folded into ``N``.
@@ -272,13 +272,20 @@ def conv2d(x: torch.Tensor, pw: PackedWeights, bias: torch.Tensor | None, g: Geo
         g: the geometry (groups 1, zero padding).
         quantum: input quantum ``q`` (a power of two; used only when ``x`` is not {0, 1}).
         engine: the backend (default :func:`cpp_engine`).
+
+    Raises:
+        ValueError: ``x`` is neither {0, 1} nor made of multiples 0..255 of ``quantum``.
     """
     engine = engine or cpp_engine()
-    planes = _planes(x, quantum, engine)
-    out = None
-    for i, (words, scale) in enumerate(planes):
-        out = engine.conv(words, pw, bias if i == len(planes) - 1 else None, g, scale, out)
-    return out.permute(0, 3, 1, 2)
+    words, not_binary = engine.pack(x)
+    scale = 1.0
+    if not_binary:
+        words, exact = engine.pack_counts(x, quantum)
+        if not exact:
+            raise ValueError(f"bitpack: the input is not made of multiples 0..255 of the quantum {quantum:g}; "
+                             "compute this layer in the float synapse mode")
+        scale = quantum
+    return engine.conv(words, pw, bias, g, scale).permute(0, 3, 1, 2)
 
 
 def linear(x: torch.Tensor, pw: PackedWeights, bias: torch.Tensor | None, quantum: float = 1.0,

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from bsnn.snn.kernels.bitpack import Engine, Geometry, PackedWeights, pack_spike_map, packed_im2col
+from bsnn.snn.kernels.bitpack import (Engine, Geometry, PackedWeights, pack_counts_reference, pack_spike_map,
+                                      packed_im2col)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -83,16 +84,20 @@ def popcount_matmul(s: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
     return y
 
 
-def conv_packed(s: torch.Tensor, pw: PackedWeights, bias: torch.Tensor | None, g: Geometry, scale: float,
-                out: torch.Tensor | None) -> torch.Tensor:
-    """The :class:`~bsnn.snn.kernels.bitpack.Engine` convolution: packed spikes ``s [N, H, W, CW]`` ->
-    ``[N, Ho, Wo, Cout]`` float32 (the reference packed im2col, then :func:`popcount_matmul`)."""
-    cols = packed_im2col(s, pw.in_channels, g)
-    flat_out = None if out is None else out.view(-1, pw.cout)
-    y = popcount_matmul(cols.reshape(-1, cols.shape[-1]), pw.rows, bias, scale, flat_out)
+def conv_packed(s: torch.Tensor, pw: PackedWeights, bias: torch.Tensor | None, g: Geometry,
+                scale: float) -> torch.Tensor:
+    """The :class:`~bsnn.snn.kernels.bitpack.Engine` convolution: packed spikes ``s [N, H, W, CW]`` or bit planes
+    ``[P, N, H, W, CW]`` -> ``[N, Ho, Wo, Cout]`` float32 (the reference packed im2col, then
+    :func:`popcount_matmul` per plane, accumulating ``scale·2^b·…``; the bias with the last plane)."""
+    planes = s if s.dim() == 5 else s.unsqueeze(0)
+    y = None
+    for b, plane in enumerate(planes):
+        cols = packed_im2col(plane, pw.in_channels, g)
+        last = b == len(planes) - 1
+        y = popcount_matmul(cols.reshape(-1, cols.shape[-1]), pw.rows, bias if last else None, scale * 2.0 ** b, y)
     return y.view(*cols.shape[:3], pw.cout)
 
 
 def triton_engine() -> Engine:
     """The Triton engine (CUDA; CPU tensors under ``TRITON_INTERPRET=1``)."""
-    return Engine("triton", pack_spike_map, conv_packed)
+    return Engine("triton", pack_spike_map, pack_counts_reference, conv_packed)

@@ -262,6 +262,7 @@ std::tuple<at::Tensor, bool> pack(const at::Tensor& x, int64_t path) {
 // ------------------------------------------------------------------------------------------------ geometry
 struct Geom {
   i64 n, h, w, c, cw, cout, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo;
+  i64 planes, plane_words;  // bit planes of the input counts (1 for spikes), words per plane
   i64 L() const { return (kh * kw * c + 63) / 64; }  // words of one receptive field (kh * kw * c bits)
   i64 M() const { return n * ho * wo; }
 };
@@ -317,30 +318,39 @@ struct Epilogue {
   float* out;          // [M, Cout]
   const float* bias;   // [Cout] or null
   float scale;
-  bool accumulate;
   inline void store(i64 p, i64 co, i64 cout, i64 sum) const {
-    float v = static_cast<float>(sum) * scale;
-    float* o = out + p * cout + co;
-    if (accumulate) v = *o + v;
+    float v = static_cast<float>(sum) * scale;  // exact: |sum| < 2^24 and scale a power of two
     if (bias) v = v + bias[co];
-    *o = v;
+    out[p * cout + co] = v;
   }
 };
 
 // ------------------------------------------------------------------------------------------------ scalar paths
+// Planes are summed by Horner's rule from the highest: acc = 2 acc + popcount(plane b ...), so
+// acc = sum_b 2^b popcount(...), and the same for popcount(s).
 __attribute__((always_inline)) inline void range_scalar(i64 b, i64 e, const u64* s, const u64* wrows,
                                                         const Geom& g, const Epilogue& ep) {
-  const i64 L = g.L();
-  std::vector<u64> col(L + 1);
+  const i64 L = g.L(), ld = L + 1, P = g.planes;
+  std::vector<u64> col(P * ld);
   Cursor at(g, b);
   for (i64 p = b; p < e; ++p, at.next(g)) {
-    gather(s, g, at, col.data());
     i64 ps = 0;
-    for (i64 l = 0; l < L; ++l) ps += __builtin_popcountll(col[l]);
+    for (i64 pl = P - 1; pl >= 0; --pl) {
+      u64* c = col.data() + pl * ld;
+      gather(s + pl * g.plane_words, g, at, c);
+      i64 cnt = 0;
+      for (i64 l = 0; l < L; ++l) cnt += __builtin_popcountll(c[l]);
+      ps = 2 * ps + cnt;
+    }
     for (i64 co = 0; co < g.cout; ++co) {
       const u64* wr = wrows + co * L;
       i64 acc = 0;
-      for (i64 l = 0; l < L; ++l) acc += __builtin_popcountll(col[l] & wr[l]);
+      for (i64 pl = P - 1; pl >= 0; --pl) {
+        const u64* c = col.data() + pl * ld;
+        i64 a = 0;
+        for (i64 l = 0; l < L; ++l) a += __builtin_popcountll(c[l] & wr[l]);
+        acc = 2 * acc + a;
+      }
       ep.store(p, co, g.cout, 2 * acc - ps);
     }
   }
@@ -360,20 +370,27 @@ __attribute__((target("popcnt"))) void range_popcnt(i64 b, i64 e, const u64* s, 
 #define BSNN_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512vpopcntdq")))
 constexpr int kPixels = 4;  // output pixels per register tile (each spike word broadcast to 8 lanes)
 
-// Output channels [co, co + 8 NB) of kPixels pixels: acc[q][v] lane i = popcount(s_q & w+_{co + 8 v + i}).
+// Output channels [co, co + 8 NB) of kPixels pixels: acc[q][v] lane i = sum_b 2^b popcount(s_qb & w+_{co+8v+i});
+// col holds kPixels x P fields of ld words (pixel-major).
 template <int NB>
-BSNN_AVX512 inline void block_avx512(const u64* col, i64 L, i64 ld, const i64* ps, int np, i64 p0, const u64* wcols,
-                                     i64 coutp, i64 co, i64 cout, const Epilogue& ep) {
+BSNN_AVX512 inline void block_avx512(const u64* col, i64 L, i64 ld, i64 P, const i64* ps, int np, i64 p0,
+                                     const u64* wcols, i64 coutp, i64 co, i64 cout, const Epilogue& ep) {
   __m512i acc[kPixels][NB];
   for (int q = 0; q < kPixels; ++q)
     for (int v = 0; v < NB; ++v) acc[q][v] = _mm512_setzero_si512();
-  for (i64 l = 0; l < L; ++l) {
-    __m512i w[NB];
-    for (int v = 0; v < NB; ++v) w[v] = _mm512_loadu_si512(wcols + l * coutp + co + 8 * v);
-    for (int q = 0; q < kPixels; ++q) {
-      const __m512i sb = _mm512_set1_epi64(static_cast<long long>(col[q * ld + l]));
-      for (int v = 0; v < NB; ++v)
-        acc[q][v] = _mm512_add_epi64(acc[q][v], _mm512_popcnt_epi64(_mm512_and_si512(sb, w[v])));
+  for (i64 pl = P - 1; pl >= 0; --pl) {
+    if (pl != P - 1)
+      for (int q = 0; q < kPixels; ++q)
+        for (int v = 0; v < NB; ++v) acc[q][v] = _mm512_add_epi64(acc[q][v], acc[q][v]);
+    const u64* cp = col + pl * ld;
+    for (i64 l = 0; l < L; ++l) {
+      __m512i w[NB];
+      for (int v = 0; v < NB; ++v) w[v] = _mm512_loadu_si512(wcols + l * coutp + co + 8 * v);
+      for (int q = 0; q < kPixels; ++q) {
+        const __m512i sb = _mm512_set1_epi64(static_cast<long long>(cp[q * P * ld + l]));
+        for (int v = 0; v < NB; ++v)
+          acc[q][v] = _mm512_add_epi64(acc[q][v], _mm512_popcnt_epi64(_mm512_and_si512(sb, w[v])));
+      }
     }
   }
   const __m256 scale = _mm256_set1_ps(ep.scale);
@@ -385,59 +402,61 @@ BSNN_AVX512 inline void block_avx512(const u64* col, i64 L, i64 ld, const i64* p
       const __mmask8 m = c0 + 8 <= cout ? static_cast<__mmask8>(0xFF) : static_cast<__mmask8>((1u << (cout - c0)) - 1);
       const __m512i d = _mm512_sub_epi64(_mm512_slli_epi64(acc[q][v], 1), psv);
       __m256 f = _mm256_mul_ps(_mm512_cvtepi64_ps(d), scale);  // exact: |d| < 2^24, scale a power of two
-      float* o = ep.out + (p0 + q) * cout + c0;
-      if (ep.accumulate) f = _mm256_add_ps(_mm256_maskz_loadu_ps(m, o), f);
       if (ep.bias) f = _mm256_add_ps(f, _mm256_maskz_loadu_ps(m, ep.bias + c0));
-      _mm256_mask_storeu_ps(o, m, f);
+      _mm256_mask_storeu_ps(ep.out + (p0 + q) * cout + c0, m, f);
     }
   }
 }
 
 BSNN_AVX512 void range_avx512(i64 b, i64 e, const u64* s, const u64* wcols, i64 coutp, const Geom& g,
                               const Epilogue& ep) {
-  const i64 L = g.L(), ld = L + 1;
-  std::vector<u64> col(kPixels * ld);
+  const i64 L = g.L(), ld = L + 1, P = g.planes;
+  std::vector<u64> col(kPixels * P * ld);
   i64 ps[kPixels];
   Cursor at(g, b);
   for (i64 p0 = b; p0 < e; p0 += kPixels) {
     const int np = static_cast<int>(std::min<i64>(kPixels, e - p0));
     for (int q = 0; q < kPixels; ++q) {
-      u64* c = col.data() + q * ld;
       ps[q] = 0;
       if (q >= np) {
-        std::memset(c, 0, L * sizeof(u64));
+        std::memset(col.data() + q * P * ld, 0, P * ld * sizeof(u64));
         continue;
       }
-      gather(s, g, at, c);
-      at.next(g);
-      __m512i cnt = _mm512_setzero_si512();
-      i64 l = 0;
-      for (; l + 8 <= L; l += 8) cnt = _mm512_add_epi64(cnt, _mm512_popcnt_epi64(_mm512_loadu_si512(c + l)));
-      if (l < L) {
-        const __mmask8 m = static_cast<__mmask8>((1u << (L - l)) - 1);
-        cnt = _mm512_add_epi64(cnt, _mm512_popcnt_epi64(_mm512_maskz_loadu_epi64(m, c + l)));
+      for (i64 pl = P - 1; pl >= 0; --pl) {
+        u64* c = col.data() + (q * P + pl) * ld;
+        gather(s + pl * g.plane_words, g, at, c);
+        __m512i cnt = _mm512_setzero_si512();
+        i64 l = 0;
+        for (; l + 8 <= L; l += 8) cnt = _mm512_add_epi64(cnt, _mm512_popcnt_epi64(_mm512_loadu_si512(c + l)));
+        if (l < L) {
+          const __mmask8 m = static_cast<__mmask8>((1u << (L - l)) - 1);
+          cnt = _mm512_add_epi64(cnt, _mm512_popcnt_epi64(_mm512_maskz_loadu_epi64(m, c + l)));
+        }
+        ps[q] = 2 * ps[q] + _mm512_reduce_add_epi64(cnt);
       }
-      ps[q] = _mm512_reduce_add_epi64(cnt);
+      at.next(g);
     }
     i64 co = 0;
-    for (; co + 32 <= coutp; co += 32) block_avx512<4>(col.data(), L, ld, ps, np, p0, wcols, coutp, co, g.cout, ep);
-    for (; co < coutp; co += 8) block_avx512<1>(col.data(), L, ld, ps, np, p0, wcols, coutp, co, g.cout, ep);
+    for (; co + 32 <= coutp; co += 32)
+      block_avx512<4>(col.data(), L, ld, P, ps, np, p0, wcols, coutp, co, g.cout, ep);
+    for (; co < coutp; co += 8) block_avx512<1>(col.data(), L, ld, P, ps, np, p0, wcols, coutp, co, g.cout, ep);
   }
 }
 #endif
 
 // ------------------------------------------------------------------------------------------------ entry points
-// s [N, H, W, CW], wrows [Cout, L], wcols [L, CoutP]; geometry = (c, kh, kw, sh, sw, ph, pw, dh, dw), c the
-// input channels, L = ceil(kh kw c / 64).
-// Returns (or accumulates into ``out``) [N, Ho, Wo, Cout] float32.
+// s: packed spikes [N, H, W, CW] or bit planes of counts [P, N, H, W, CW] (plane b = bit b); wrows [Cout, L],
+// wcols [L, CoutP]; geometry = (c, kh, kw, sh, sw, ph, pw, dh, dw), c the input channels, L = ceil(kh kw c / 64).
+// Returns scale * sum_b 2^b (2 popcount(s_b & w+) - popcount(s_b)) (+ bias), [N, Ho, Wo, Cout] float32.
 at::Tensor conv(const at::Tensor& s, const at::Tensor& wrows, const at::Tensor& wcols,
-                const std::optional<at::Tensor>& bias, std::vector<int64_t> geom, double scale,
-                const std::optional<at::Tensor>& out, int64_t path) {
-  TORCH_CHECK(s.dim() == 4 && s.scalar_type() == at::kLong && s.is_contiguous(),
-              "bitpack.conv: expected packed spikes [N, H, W, CW] int64 contiguous");
+                const std::optional<at::Tensor>& bias, std::vector<int64_t> geom, double scale, int64_t path) {
+  TORCH_CHECK((s.dim() == 4 || s.dim() == 5) && s.scalar_type() == at::kLong && s.is_contiguous(),
+              "bitpack.conv: expected packed spikes [N, H, W, CW] or planes [P, N, H, W, CW], int64 contiguous");
   TORCH_CHECK(geom.size() == 9, "bitpack.conv: geometry is (c, kh, kw, sh, sw, ph, pw, dh, dw)");
-  Geom g{s.size(0), s.size(1), s.size(2), geom[0], s.size(3), wrows.size(0), geom[1], geom[2], geom[3], geom[4],
-         geom[5], geom[6], geom[7], geom[8], 0, 0};
+  const at::Tensor s5 = s.dim() == 5 ? s : s.unsqueeze(0);
+  Geom g{s5.size(1), s5.size(2), s5.size(3), geom[0], s5.size(4), wrows.size(0), geom[1], geom[2], geom[3],
+         geom[4], geom[5], geom[6], geom[7], geom[8], 0, 0, s5.size(0), s5.size(1) * s5.size(2) * s5.size(3) * s5.size(4)};
+  TORCH_CHECK(g.planes >= 1 && g.planes <= 8, "bitpack.conv: 1 to 8 bit planes expected, got ", g.planes);
   TORCH_CHECK(g.c > 0 && (g.c + 63) / 64 == g.cw, "bitpack.conv: ", g.c, " channels do not fill ", g.cw, " words");
   g.ho = (g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
   g.wo = (g.w + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
@@ -447,29 +466,21 @@ at::Tensor conv(const at::Tensor& s, const at::Tensor& wrows, const at::Tensor& 
   TORCH_CHECK(wcols.is_contiguous() && wcols.size(0) == g.L() && wcols.size(1) % 8 == 0 &&
                   wcols.size(1) >= g.cout,
               "bitpack.conv: transposed packed weights [L, CoutP] (CoutP a multiple of 8) expected");
-  at::Tensor y;
-  if (out.has_value()) {
-    y = *out;
-    TORCH_CHECK(y.is_contiguous() && y.scalar_type() == at::kFloat && y.numel() == g.M() * g.cout,
-                "bitpack.conv: accumulator must be float32 [N, Ho, Wo, Cout] contiguous");
-  } else {
-    y = at::empty({g.n, g.ho, g.wo, g.cout}, s.options().dtype(at::kFloat));
-  }
+  at::Tensor y = at::empty({g.n, g.ho, g.wo, g.cout}, s.options().dtype(at::kFloat));
   at::Tensor b;
   if (bias.has_value()) {
     b = bias->to(at::kFloat).contiguous();
     TORCH_CHECK(b.numel() == g.cout, "bitpack.conv: bias must have Cout = ", g.cout, " elements");
   }
-  const Epilogue ep{y.data_ptr<float>(), bias.has_value() ? b.data_ptr<float>() : nullptr,
-                    static_cast<float>(scale), out.has_value()};
+  const Epilogue ep{y.data_ptr<float>(), bias.has_value() ? b.data_ptr<float>() : nullptr, static_cast<float>(scale)};
   const i64 chosen = path == kAuto ? best_path() : path;
   TORCH_CHECK(chosen != kAvx512 || cpu_has_avx512_vpopcntdq(), "bitpack.conv: this CPU lacks AVX-512 VPOPCNTDQ");
   TORCH_CHECK(chosen != kPopcnt || cpu_has_popcnt(), "bitpack.conv: this CPU lacks POPCNT");
-  const u64* sp = reinterpret_cast<const u64*>(s.data_ptr<int64_t>());
+  const u64* sp = reinterpret_cast<const u64*>(s5.data_ptr<int64_t>());
   const u64* wr = reinterpret_cast<const u64*>(wrows.data_ptr<int64_t>());
   const u64* wc = reinterpret_cast<const u64*>(wcols.data_ptr<int64_t>());
   const i64 coutp = wcols.size(1);
-  const i64 grain = std::max<i64>(16, 65536 / std::max<i64>(1, g.L() * g.cout));
+  const i64 grain = std::max<i64>(16, 65536 / std::max<i64>(1, g.L() * g.planes * g.cout));
   at::parallel_for(0, g.M(), grain, [&](i64 lo, i64 hi) {
 #if BSNN_X86
     if (chosen == kAvx512) return range_avx512(lo, hi, sp, wc, coutp, g, ep);
@@ -478,6 +489,50 @@ at::Tensor conv(const at::Tensor& s, const at::Tensor& wrows, const at::Tensor& 
     range_generic(lo, hi, sp, wr, g, ep);
   });
   return y;
+}
+
+// x [N, C, H, W] float32 / bfloat16 (any strides), multiples n·q of a quantum q = 1 / inv_quantum (a power of two)
+// with integer counts 0 <= n <= 255 -> (planes [P, N, H, W, CW], exact): plane b holds bit b of the counts,
+// P = the bit length of the largest count (at least 1); exact is false if some value is not such a multiple.
+std::tuple<at::Tensor, bool> pack_counts(const at::Tensor& x, double inv_quantum) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "bitpack.pack_counts: expected a CPU x [N, C, H, W]");
+  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  const i64 N = xf.size(0), C = xf.size(1), H = xf.size(2), W = xf.size(3), CW = (C + 63) / 64;
+  const i64 sN = xf.stride(0), sC = xf.stride(1), sH = xf.stride(2), sW = xf.stride(3);
+  const i64 plane = N * H * W * CW;
+  at::Tensor out = at::zeros({8, N, H, W, CW}, xf.options().dtype(at::kLong));
+  u64* o = reinterpret_cast<u64*>(out.data_ptr<int64_t>());
+  const float* xp = xf.data_ptr<float>();
+  const float iq = static_cast<float>(inv_quantum);
+  std::atomic<unsigned> any_bits{0};
+  std::atomic<bool> inexact{false};
+  at::parallel_for(0, N * H, 1, [&](i64 b, i64 e) {
+    unsigned bits = 0;
+    bool bad = false;
+    for (i64 r = b; r < e; ++r) {
+      const float* xr = xp + (r / H) * sN + (r % H) * sH;
+      u64* orow = o + r * W * CW;
+      for (i64 w = 0; w < W; ++w)
+        for (i64 c = 0; c < C; ++c) {
+          const float f = xr[w * sW + c * sC] * iq;  // exact: iq is a power of two
+          if (f == 0.f) continue;
+          const unsigned n = static_cast<unsigned>(f);
+          if (!(f >= 1.f && f <= 255.f) || static_cast<float>(n) != f) {
+            bad = true;
+            continue;
+          }
+          bits |= n;
+          const u64 bit = u64{1} << (c & 63);
+          u64* word = orow + w * CW + (c >> 6);
+          for (unsigned m = n; m; m &= m - 1) word[__builtin_ctz(m) * plane] |= bit;
+        }
+    }
+    any_bits.fetch_or(bits, std::memory_order_relaxed);
+    if (bad) inexact.store(true, std::memory_order_relaxed);
+  });
+  const unsigned all = any_bits.load();
+  const i64 P = all ? 32 - __builtin_clz(all) : 1;
+  return {out.narrow(0, 0, P).contiguous(), !inexact.load()};
 }
 
 // The code paths this CPU can run, comma-separated, best last (path ids 1, 2, 3).
@@ -493,5 +548,6 @@ std::string cpu_paths() {
 TORCH_LIBRARY(bsnn_bitpack, m) {
   m.def("pack", &pack);  // (x, path)
   m.def("conv", &conv);
+  m.def("pack_counts", &pack_counts);
   m.def("cpu_paths", &cpu_paths);
 }
