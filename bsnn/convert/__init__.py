@@ -32,9 +32,11 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
 
     The ANN is not modified. Steps: fx capture (functional ReLUs included, dropout removed), activation
     calibration over ``cfg.calib_samples`` samples of ``calib_loader``, threshold balancing (optionally choosing
-    the percentile by SNN accuracy at a target T), graph surgery (BN folded, binary weights stored as exactly ±1
+    the percentile by SNN accuracy at a target T; or, with ``threshold_opt="ltb"``, thresholds fitted by local
+    threshold balancing, :mod:`bsnn.convert.ltb`), graph surgery (BN folded, binary weights stored as exactly ±1
     with α moved into thresholds, ReLU -> IF neurons with reset by subtraction, output = non-spiking
-    integrator), then optionally a layer-wise bias/potential correction against the ANN.
+    integrator), then optionally a layer-wise bias/potential correction against the ANN (``advanced``: weight
+    calibration first, :mod:`bsnn.convert.snn_calibration`).
 
     Args:
         model: the ANN (eval-mode semantics are used: BN running statistics, no dropout).
