@@ -74,6 +74,10 @@ def test_one_row_per_setting_with_costs_from_the_formula(mlp):
         dense = [r["energy_dense_pj"] for r in rows if r["xbar_rows"] == x]
         assert all(a < b for a, b in zip(dense, dense[1:])), dense
     assert front["samples"] == 48 and front["hardware"] == "spikesim-rram-65nm"
+    # the two binary layers fed by spikes are quantised; the full-precision first and last layers stay exact
+    names = [l["name"] for l in snn.layers]
+    assert front["constrained_layers"] == names[1:3] and sorted(front["ideal_layers"]) == sorted([names[0], names[3]])
+    assert "ADC-quantised layers: " + ", ".join(names[1:3]) in adc_front_markdown(front)
 
 
 def test_accuracy_is_the_constrained_simulation(mlp):

@@ -274,7 +274,8 @@ def unverified_keys(sources: dict) -> list[str]:
 
 
 # SpikeSim (Moitra et al., "SpikeSim: An end-to-end Compute-in-Memory Hardware Evaluation Tool for Benchmarking
-# Spiking Neural Networks", IEEE TCAD 2023), read at commit c2627bc of github.com/Intelligent-Computing-Lab-Yale/SpikeSim
+# Spiking Neural Networks", IEEE TCAD 2023), read at commit c2627bc of
+# github.com/Intelligent-Computing-Lab-Yale/SpikeSim
 _SS = "SpikeSim ela_spikesim.py"  # SNN_train_infer_quantization_ela/ela_spikesim.py
 _SS_NICE = "SpikeSim NICE_Evaluation/hw_inference.py"
 _HOROWITZ = "Horowitz, ISSCC 2014, 45 nm (REFERENCE.md §5)"
@@ -593,10 +594,10 @@ def isaac_rram_32nm() -> HardwareConfig:
     = 0.158 µm² per bit. At full activity a tile then draws 12·24.08 + 39.9 ≈ 329 mW plus the neurons (Table I:
     330 mW). Not in ISAAC (reused, unscaled SpikeSim 65 nm values, an upper bound): the IF neuron 5.096 pJ and
     the pipeline overlap. Other ADC resolutions (4-10 bits) scale by ISAAC's own SAR-ADC scaling (§VII; energies
-    as tabulated by Accelergy), not by Walden's 2^bits. PE = one array (unrolled mapping), 96 per tile; spikes x ±1 weights on paired columns;
-    analog first layer streamed as 8 bit-planes (ISAAC is bit-serial). ``sources`` cites every constant
-    (Table I as transcribed in dyigitpolat/mimarsinan, cross-checked with MNSIM-2.0's and Accelergy's ISAAC
-    component models).
+    as tabulated by Accelergy), not by Walden's 2^bits. PE = one array (unrolled mapping), 96 per tile; spikes x ±1
+    weights on paired columns; analog first layer streamed as 8 bit-planes (ISAAC is bit-serial). ``sources``
+    cites every constant (Table I as transcribed in dyigitpolat/mimarsinan, cross-checked with MNSIM-2.0's and
+    Accelergy's ISAAC component models).
     """
     sources = _isaac_sources()
     return HardwareConfig(
@@ -604,7 +605,8 @@ def isaac_rram_32nm() -> HardwareConfig:
         technology_nm=32, device="rram", xbar_rows=128, xbar_cols=128, mapping="unrolled", sign_handling="paired",
         pe_per_tile=96, clock_mhz=1200.0, pe_cycle_clocks=120, pipeline_overlap=0.75, cols_per_adc=128,
         adc_steps_per_pe_cycle=128, sample_and_hold=True, sub_ops_per_step=1, adc_bits=8, adc_ref_bits=8,
-        adc_scaling_pj=dict(_ISAAC_ADC_SCALING_PJ), analog_input_bits=8, weight_cell_bits=2, fp_weight_bits=8, membrane_area_layers=None,
+        adc_scaling_pj=dict(_ISAAC_ADC_SCALING_PJ), analog_input_bits=8, weight_cell_bits=2, fp_weight_bits=8,
+        membrane_area_layers=None,
         energy=_isaac_energy(), area=_isaac_area(), sources=sources, unverified=unverified_keys(sources))
 
 

@@ -155,7 +155,9 @@ def adc_front(network, loader, hw: HardwareConfig | str, timesteps: int, adc_bit
         ``{"rows": [per setting: xbar_rows, adc_bits, constraint_adc_bits, exact_adc_bits, T, accuracy,
         accuracy_drop (ideal − constrained, points), energy_dense_pj, energy_event_pj, adc_event_pj,
         adc_pj_per_conversion, latency_ns, area_um2], "ideal": {accuracy, T, samples}, "hardware", "timesteps",
-        "samples", "summary"}``; rows ordered by xbar_rows, then adc_bits.
+        "samples", "summary", "constrained_layers": the layers computed as ADC-quantised crossbars, "ideal_layers":
+        layer -> why it stays exact (:func:`~bsnn.hardware.constraints.constraint_plan`)}``; rows ordered by
+        xbar_rows, then adc_bits.
 
     Raises:
         ConfigError: the digital baseline, an empty setting list, or a setting the constraints refuse (fewer
@@ -177,7 +179,7 @@ def adc_front(network, loader, hw: HardwareConfig | str, timesteps: int, adc_bit
         for bits in bits_list:
             hw_s = _setting_hardware(hw, rows, bits)
             cons = ConstraintConfig.from_hardware(hw_s, membrane_bits=membrane_bits)
-            with apply_constraints(network, cons):
+            with apply_constraints(network, cons) as plan:
                 res = simulate(network, loader, cfg=base, device=device, quiet=quiet)
             event = estimate(network, res, hw_s, timesteps=T, mode="event_driven", compare=False)
             dense = estimate(network, None, hw_s, timesteps=T, mode="dense", compare=False)
@@ -195,8 +197,11 @@ def adc_front(network, loader, hw: HardwareConfig | str, timesteps: int, adc_bit
                f"crossbars: {cheapest['accuracy']:.2f} % at {cheapest['energy_event_pj']:.4g} pJ (event-driven)"
                if cheapest else f"on {hw.name} at T={T} no setting comes within 1 point of the ideal SNN "
                                 f"({ideal.accuracy[T]:.2f} %)")
+    layers = {k: v for k, v in plan.items() if k in {l["name"] for l in network.layers}}
     return {"rows": out, "ideal": {"accuracy": ideal.accuracy[T], "T": T, "samples": ideal.samples},
-            "hardware": hw.name, "timesteps": T, "samples": ideal.samples, "summary": summary}
+            "hardware": hw.name, "timesteps": T, "samples": ideal.samples, "summary": summary,
+            "constrained_layers": [k for k, v in layers.items() if v.startswith("crossbar")],
+            "ideal_layers": {k: v for k, v in layers.items() if not v.startswith("crossbar")}}
 
 
 def adc_front_markdown(front: dict) -> str:
@@ -211,6 +216,9 @@ def adc_front_markdown(front: dict) -> str:
             f"samples)\n\nEach row: the SNN simulated under that crossbar height and ADC resolution "
             f"(bsnn.hardware.constraints) and costed on the same hardware; event-driven energy uses the spike rates "
             f"of that constrained simulation. Ideal SNN (exact partial sums): {i['accuracy']:.2f} %.\n\n"
+            f"ADC-quantised layers: {', '.join(front['constrained_layers']) or 'none'}; kept exact: "
+            + ("; ".join(f"{k} ({v.removeprefix('ideal: ')})" for k, v in front["ideal_layers"].items()) or "none")
+            + ".\n\n"
             + markdown_table(["crossbar rows", "ADC bits", "simulated ADC bits (signed)", "exact bits",
                               "accuracy (%)", "drop vs ideal (points)", "energy event-driven (pJ)",
                               "energy dense (pJ)", "ADC energy event-driven (pJ)", "pJ per conversion",
