@@ -175,6 +175,10 @@ def test_xnor_sram_macro_figure():
     assert hw.adc_bits == math.ceil(math.log2(11))  # the macro's 11-level flash ADC
     assert {"energy.xbar_read_pj", "area.xbar_um2", "pe_cycle_clocks", "pipeline_overlap"} <= set(hw.unverified)
     assert "op count" in hw.sources["energy.xbar_read_pj"]
+    # array area: 64x64 SRAM cells of 160 F² (NeuroSim Param.cpp L152) at F = 65 nm; SpikeSim's SRAM crossbar area
+    # (ela_spikesim.py L78, 671.089 um2) is the same cell at F = 32 nm
+    assert hw.area.xbar_um2 == pytest.approx(64 * 64 * 160 * 0.065 ** 2)
+    assert 64 * 64 * 160 * 0.032 ** 2 == pytest.approx(671.089, abs=1e-3)
 
 
 # --------------------------------------------------------------------------------- user values, reports

@@ -294,6 +294,8 @@ _CYCLE_NS = 100.0  # ISAAC §IV: one cycle = one crossbar read = 100 ns
 # Accelergy hwcomponents-library isaac.py L308-314
 _ISAAC_ADC_SCALING_PJ = {4: 0.79, 5: 0.99, 6: 1.20, 7: 1.42, 8: 1.67, 9: 1.969078145, 10: 2.379022742}
 _CONV_PER_IMA_CYCLE = 8 * 128  # 8 arrays x 128 columns, each converted once per cycle
+_NEUROSIM = "NeuroSim DNN_NeuroSim_V1.3 Inference_pytorch/NeuroSIM/Param.cpp"  # commit 388f421
+_XNOR_XBAR_UM2 = 64 * 64 * 160 * 0.065 ** 2  # 64x64 SRAM cells of 160 F^2 at F = 65 nm
 _XNOR = ("Yin, Jiang, Seo, Seok, 'XNOR-SRAM: In-Memory Computing SRAM Macro for Binary/Ternary Deep Neural "
          "Networks', IEEE JSSC 2020, doi 10.1109/JSSC.2019.2963616, abstract")
 
@@ -418,7 +420,8 @@ def _xnor_sources() -> dict:
                                               "not checked here"),
         "pipeline_overlap": _src("unverified", "SpikeSim's 0.75 (ela_spikesim.py L158), a schedule of its RRAM "
                                                "system, reused unchecked for this SRAM system"),
-        "cols_per_adc": _src("choice", "8 columns share one ADC (SpikeSim's sharing, ela_spikesim.py L55); the "
+        "cols_per_adc": _src("choice", f"8 columns share one ADC (SpikeSim's sharing, ela_spikesim.py L55; "
+                                       f"NeuroSim's default numColMuxed = 8, {_NEUROSIM} L147); the "
                                        f"macro's ADC is 'column-multiplexed' ({_XNOR}) at a ratio not checked here; "
                                        "area only (the macro energy includes its ADCs)"),
         "adc_steps_per_pe_cycle": _src("choice", "1: the macro figure is per whole array read"),
@@ -442,10 +445,12 @@ def _xnor_sources() -> dict:
         "energy.adc_pj": _src("choice", "0: inside the macro figure (403 TOPS/W includes the flash ADCs)"),
         "energy.mux_pj": _src("choice", "0: inside the macro figure"),
         **_SPIKESIM_PERIPHERY,
-        "area.xbar_um2": _src("unverified", "671.089 um2 is SpikeSim's SRAM crossbar area (ela_spikesim.py L78), "
-                                            "but its comment's formula does not reproduce it and the value equals "
-                                            "64*64 cells x 160 F^2 only at F = 32 nm (at 65 nm: 2769 um2); the "
-                                            "XNOR-SRAM bitcell area was not found in a public source"),
+        "area.xbar_um2": _src("unverified: cell size",
+                              f"64*64 cells x 160 F^2 at F = 65 nm = {_XNOR_XBAR_UM2:.1f} um2: 160 F^2 is NeuroSim's "
+                              f"SRAM cell above 22 nm ({_NEUROSIM} L152) and the cell SpikeSim's SRAM crossbar area "
+                              "is built from (ela_spikesim.py L78, whose 671.089 um2 is that array at F = 32 nm, not "
+                              "65 nm; bsnn used it until issue #18). The XNOR-SRAM bitcell has more transistors than "
+                              "a 6T cell, so this is a lower bound; its area was not found in a public source"),
         "area.adc_um2": _src("unverified", "693.633 um2 is SpikeSim's 4-bit ADC (ela_spikesim.py L83), not the "
                                            "macro's 11-level flash ADC"),
         "area.mux_um2": _src("verified", "MUX = 45.9 um2: SpikeSim ela_spikesim.py L87 (SpikeSim's mux)"),
@@ -463,8 +468,9 @@ def xnor_sram_65nm() -> HardwareConfig:
     ``adc_pj`` and ``mux_pj`` are therefore 0 (inside the macro figure). The 64x64 size is bsnn's choice for
     comparability with SpikeSim (the per-op figure is used as size-independent). Spikes {0,1} x weights ±1 use
     the AND form with popcount correction (one digital add per partial sum, Horowitz int8 add 0.03 pJ). ADC
-    resolution: 11 levels -> 4 bits. Array area: SpikeSim's SRAM crossbar area 671.089 µm², ADC area SpikeSim's
-    4-bit ADC (both unverified for this macro). System periphery (buffers, H-tree, fetch, neuron, shift-subtract),
+    resolution: 11 levels -> 4 bits. Array area: 64x64 SRAM cells of 160 F² at F = 65 nm (NeuroSim's SRAM cell
+    rule, the one SpikeSim's SRAM area uses at F = 32 nm) = 2769 µm², a lower bound for the XNOR cell; ADC area
+    SpikeSim's 4-bit ADC (both unverified for this macro). System periphery (buffers, H-tree, fetch, neuron, shift-subtract),
     tile organisation and clock: SpikeSim's 65 nm constants, each read from ``ela_spikesim.py``; its PE cycle and
     pipeline overlap are SpikeSim's RRAM schedule (unverified for SRAM). The analog first layer streams 8 input
     bit-planes per timestep. ``sources`` cites every constant.
@@ -472,7 +478,7 @@ def xnor_sram_65nm() -> HardwareConfig:
     e = _spikesim_energy()
     e.xbar_read_pj, e.adc_pj, e.mux_pj = 2 * 64 * 64 / 403.0, 0.0, 0.0
     a = _spikesim_area()
-    a.xbar_um2 = 671.089
+    a.xbar_um2 = _XNOR_XBAR_UM2
     sources = _xnor_sources()
     return HardwareConfig(
         name="xnor-sram-65nm", description="binary XNOR/AND-SRAM macro (403 TOPS/W) + SpikeSim 65 nm periphery",
