@@ -10,6 +10,7 @@ The reference numbers are typed in here from the sources themselves, not read fr
 """
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -153,6 +154,10 @@ def test_isaac_adc_scales_by_its_own_sar_model_not_walden():
         assert hw.replace(adc_bits=bits).adc_energy_pj == pytest.approx(1.5625 * pj / 1.67, rel=1e-12)
     with pytest.raises(ConfigError, match="outside adc_scaling_pj"):
         hw.replace(adc_bits=3)
+    with pytest.raises(ConfigError, match="adc_scaling_pj must map ADC bits"):
+        H.preset("isaac-rram-32nm", {"adc_scaling_pj": {4: -1.0, 8: 1.0}})
+    again = H.hardware_from_dict(json.loads(json.dumps(hw.to_dict())))  # JSON keys are strings
+    assert again.replace(adc_bits=5).adc_energy_pj == hw.replace(adc_bits=5).adc_energy_pj
     walden = H.preset("spikesim-rram-65nm").replace(adc_bits=6)
     assert walden.adc_scaling_pj is None and walden.adc_energy_pj == pytest.approx(2.03084 * 4)
 

@@ -194,9 +194,17 @@ class HardwareConfig:
         """Energy of one conversion at ``adc_bits``: ``adc_pj · 2^(adc_bits − adc_ref_bits)`` (Walden FOM), or
         ``adc_pj · adc_scaling_pj[adc_bits] / adc_scaling_pj[adc_ref_bits]`` when the source gives its scaling."""
         if self.adc_scaling_pj:
-            table = {int(k): float(v) for k, v in self.adc_scaling_pj.items()}
+            table = self._adc_table()
             return self.energy.adc_pj * table[self.adc_bits] / table[self.adc_ref_bits]
         return self.energy.adc_pj * 2.0 ** (self.adc_bits - self.adc_ref_bits)
+
+    def _adc_table(self) -> dict[int, float]:
+        """``adc_scaling_pj`` with int keys (JSON turns them into strings); {} when a key or value is malformed."""
+        try:
+            return {int(k): float(v) for k, v in (self.adc_scaling_pj or {}).items()
+                    if not isinstance(v, bool) and not isinstance(k, bool)}
+        except (TypeError, ValueError):
+            return {}
 
     @property
     def is_digital(self) -> bool:
@@ -222,11 +230,10 @@ class HardwareConfig:
         check(self.sub_ops_per_step >= 0, f"sub_ops_per_step must be >= 0, got {self.sub_ops_per_step}")
         check(self.first_layer in FIRST_LAYER, f"first_layer must be one of {FIRST_LAYER}, got {self.first_layer!r}")
         if self.adc_scaling_pj is not None:
-            table = self.adc_scaling_pj
-            check(isinstance(table, dict) and table and all(
-                isinstance(k, int) and not isinstance(k, bool) and k >= 1 and isinstance(v, (int, float))
-                and not isinstance(v, bool) and math.isfinite(v) and v > 0 for k, v in table.items()),
-                f"adc_scaling_pj must map ADC bits (int >= 1) to energies > 0 (pJ) or be null, got {table!r}")
+            raw, table = self.adc_scaling_pj, self._adc_table()
+            check(isinstance(raw, dict) and len(table) == len(raw) > 0 and all(
+                k >= 1 and math.isfinite(v) and v > 0 for k, v in table.items()),
+                f"adc_scaling_pj must map ADC bits (int >= 1) to energies > 0 (pJ) or be null, got {raw!r}")
             for name in ("adc_bits", "adc_ref_bits"):
                 check(getattr(self, name) in table,
                       f"{name}={getattr(self, name)} is outside adc_scaling_pj (bits {sorted(table)}): pick one of "
