@@ -1,7 +1,9 @@
 """Hardware descriptions for the in-memory-computing (IMC) cost model: dataclasses, named presets, YAML.
 
 Every physical quantity carries its unit in its name (``_pj`` picojoule, ``_um2`` square micrometre, ``_mhz``,
-``_ns``); every preset constant cites its source in the preset's docstring. The cost formulas that use these
+``_ns``); every preset constant cites its source — the paper's table or the simulator's file and line, and whether
+it is the source's value, derived from it (arithmetic shown), a modelling choice or unverified (with why) — in the
+preset's ``sources`` mapping, repeated as comments in ``configs/hardware/NAME.yaml`` (:func:`preset_yaml`). The cost formulas that use these
 fields live in :mod:`bsnn.hardware.cost`; the SpikeSim preset's constants and structure are those of SpikeSim's
 analytical model (Moitra et al., "SpikeSim: An end-to-end Compute-in-Memory Hardware Evaluation Tool for
 Benchmarking Spiking Neural Networks", IEEE TCAD 2023; code: github.com/Intelligent-Computing-Lab-Yale/SpikeSim,
@@ -139,9 +141,11 @@ class HardwareConfig:
         fp_weight_bits: weight precision of the full-precision (first/last) layers when ``weight_cell_bits`` is set.
         membrane_area_layers: membrane memory is costed for the first N layers only (SpikeSim: 5); None = all.
         energy / area: per-event energies and per-instance areas.
-        sources: constant group -> citation.
-        unverified: the constants not checked against their source in this repository (cited from memory of a
-            paper's table, or reused from another technology); every cost report names them.
+        sources: constant key (``xbar_rows``, ``energy.adc_pj``: the override syntax) -> ``"[status] citation"``
+            with the status one of :data:`SOURCE_STATUS` (verified, derived with its arithmetic, a modelling
+            choice, user-set, unverified with why); ``cost.md`` lists them (section "Sources of the constants").
+        unverified: the constants not checked against their source (the ``[unverified]`` keys of ``sources``);
+            every cost report and ``bsnn cost`` name them.
     """
 
     name: str = "custom"
