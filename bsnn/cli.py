@@ -70,27 +70,71 @@ def _hint(command: str, out: str) -> str:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from bsnn.distill import list_methods
-
     if args.list_methods:
-        print("\n".join(list_methods()))
+        from bsnn.distill.catalog import method_table_markdown
+
+        print(method_table_markdown())
         return 0
+    from bsnn.errors import ConfigError
     from bsnn.pipeline import TEACHER_SECTIONS, load_model, make_context, stage_student
     from bsnn.zoo import load_any
 
-    cfg = _load(args, reuse_run=args.teacher is None)
+    given = [c.strip() for c in (args.select_teacher or "").split(",") if c.strip()]
+    if args.select_teacher is not None and not given:
+        raise ConfigError("--select-teacher needs the candidate teachers: comma-separated model files or zoo:<name>, "
+                          "e.g. --select-teacher runs/a/checkpoints/teacher_epoch4.pt,runs/a/teacher.pt")
+    if given and (args.teacher or args.analyze):
+        raise ConfigError("--select-teacher chooses the teacher itself: leave out --teacher and --analyze")
+    if args.select_epochs is not None:
+        args.overrides.append(f"student.select_epochs={args.select_epochs}")
+    external = args.teacher is not None or bool(given)
+    cfg = _load(args, reuse_run=not external)
+    if given and cfg.student.select_epochs == 0:
+        cfg.student.select_epochs = 1  # the default budget of --select-teacher (recorded in config.yaml)
+    if args.teacher and cfg.student.select_epochs > 0:
+        raise ConfigError("student.select_epochs chooses among the run's own kept teachers; with --teacher give the "
+                          "candidates instead: --select-teacher A.pt,B.pt")
     with make_context(cfg, resume=args.resume, overwrite=args.overwrite, stage="student",
-                      reuse=TEACHER_SECTIONS if args.teacher is None else ()) as ctx:
+                      reuse=() if external else TEACHER_SECTIONS) as ctx:
+        candidates = [(c, load_any(c, ctx.device)[0]) for c in given]
         teacher = None
-        if cfg.distill.method != "ce":
+        if (cfg.distill.method != "ce" or args.analyze) and not given:
             if args.teacher is None:
                 ctx.run.require("teacher", "teacher.pt", _hint("train", args.out))
             teacher = (load_any(args.teacher, ctx.device) if args.teacher else
                        load_model(ctx.run.path("teacher.pt"), ctx.device))[0]
-        stage_student(ctx, teacher)
+        if args.analyze:
+            _analyze(ctx, teacher)
+            return 0
+        stage_student(ctx, teacher, candidates or None)
         metrics = ctx.run.metrics()
     _print_summary(metrics, cfg.run.out_dir)
     return 0
+
+
+def _analyze(ctx, teacher) -> None:
+    """``bsnn distill --analyze``: the knowledge-level table (:func:`bsnn.distill.analysis.knowledge_levels`)."""
+    from bsnn.distill.analysis import knowledge_levels, levels_table, table_markdown
+    from bsnn.pipeline import build_model
+    from bsnn.report import write_table
+
+    cfg = ctx.cfg
+    arch = ctx.arch("student")
+    report = knowledge_levels(teacher, lambda: build_model(arch), ctx.loaders.train, ctx.val_loader(),
+                              ctx.loaders.test, cfg.student, cfg.distill, device=ctx.device, seed=cfg.run.seed + 1,
+                              quiet=cfg.run.quiet)
+    headers, rows = levels_table(report)
+    if ctx.env.is_main:
+        write_table(ctx.run.path("knowledge_levels"), headers, rows, report)
+        f = report["gain_fractions"]["test"]
+        print(f"\nknowledge levels (Tang et al. 2020), {report['epochs']} epochs each, T = {report['temperature']:g}\n"
+              + table_markdown(headers, rows))
+        if f["universe"] is None:
+            print("KD gained nothing over CE on the test split: the shares of its gain are undefined")
+        else:
+            print(f"shares of KD's test gain: universe {f['universe']:.3f} + domain {f['domain']:.3f} + instance "
+                  f"{f['instance']:.3f} = {f['universe'] + f['domain'] + f['instance']:.3f}")
+        print(f"\nrun folder: {cfg.run.out_dir} (knowledge_levels.md / .csv / .json)")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -198,6 +242,11 @@ def _print_summary(metrics: dict, out_dir: str) -> None:
         rows.append(f"| student: KL(teacher ‖ student), nats | {student['teacher_kl']:.4f} |")
     snn = metrics.get("snn", {})
     rows += [f"| binary SNN, T={t} | {a:.2f} |" for t, a in snn.get("accuracy", {}).items()]
+    if student.get("teacher_selection"):
+        from bsnn.distill.analysis import selection_table, table_markdown
+
+        print("\nteacher selection (chosen on the validation split):\n"
+              + table_markdown(*selection_table(student["teacher_selection"])))
     if rows:
         print("\n| stage | test accuracy (%) |\n|---|---|\n" + "\n".join(rows))
     print(f"\nrun folder: {out_dir}")
@@ -218,7 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--teacher", type=str, default=None, help="teacher model file or zoo:<name> (default: "
                    "<out>/teacher.pt)")
-    p.add_argument("--list-methods", action="store_true", help="print the registered distillation methods")
+    p.add_argument("--list-methods", action="store_true", help="print the registered distillation methods: paper, "
+                   "code followed, default weights, temperature and params (the table of docs/distillation.md)")
+    p.add_argument("--select-teacher", type=str, default=None, metavar="CKPT1,CKPT2,...",
+                   help="candidate teachers (model files or zoo:<name>): a short student is distilled from each and "
+                   "the teacher whose student is best on validation is used (Cho & Hariharan 2019)")
+    p.add_argument("--select-epochs", type=int, default=None, help="epochs of each short student of teacher "
+                   "selection (student.select_epochs; default 1 with --select-teacher)")
+    p.add_argument("--analyze", action="store_true", help="knowledge-level analysis (Tang et al. 2020): the "
+                   "student trained by CE, universe_ls, domain_kd and kd with the same budget; writes "
+                   "knowledge_levels.{md,csv,json}, no student.pt")
     p.set_defaults(fn=cmd_distill)
     p = sub.add_parser("convert", help="convert a trained ANN into a binary spiking network (snn.pt)")
     _common(p)

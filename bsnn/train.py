@@ -18,7 +18,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -68,6 +68,11 @@ class TrainConfig:
             GPUs; master weights stay fp32).
         channels_last: train in channels-last memory format (faster convolutions on CPU and GPU).
         checkpoint_every: save a resumable checkpoint every this many epochs.
+        keep_epochs: teacher (``train``) section: also keep the model after these epochs as candidates for teacher
+            selection (``checkpoints/teacher_epoch<k>.pt`` in a run; with ``ema_decay`` the raw weights).
+        select_epochs: student section: > 0 chooses the teacher checkpoint that distils best: a student is
+            distilled for this many epochs from each candidate and the best on validation wins
+            (:func:`bsnn.distill.analysis.select_teacher`); 0 = off.
     """
 
     epochs: int = 5
@@ -86,6 +91,8 @@ class TrainConfig:
     autocast: str = "none"
     channels_last: bool = False
     checkpoint_every: int = 1
+    keep_epochs: list = field(default_factory=list)
+    select_epochs: int = 0
 
     def validate(self) -> None:
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -108,6 +115,10 @@ class TrainConfig:
                f"betas must be two numbers in [0, 1) (Adam's (beta1, beta2), e.g. [0.9, 0.999]), got {self.betas!r}")
         _check(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _check(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        _check(all(isinstance(k, int) and 1 <= k <= self.epochs for k in self.keep_epochs),
+               f"keep_epochs must list epochs in 1..epochs ({self.epochs}), got {self.keep_epochs!r}")
+        _check(self.select_epochs >= 0, f"select_epochs must be >= 0 (0 = no teacher selection), got "
+               f"{self.select_epochs}")
 
 log = logging.getLogger("bsnn")
 

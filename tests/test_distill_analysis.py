@@ -235,3 +235,152 @@ def test_choose_candidate_is_the_argmax_first_on_ties():
     assert choose_candidate([70.0, 75.5, 75.5, 60.0]) == 1
     with pytest.raises(ConfigError, match="no candidate"):
         choose_candidate([])
+
+
+# ---------------------------------------------------------------------------- analysis and selection, end to end
+
+
+def _digits():
+    """sklearn digits as float32 ``[N, 1, 8, 8]`` in [0, 1]: 300 train / 150 val / 150 test loaders."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target)
+    parts = [(x[a:b], y[a:b]) for a, b in ((0, 300), (300, 450), (450, 600))]
+    return [DataLoader(TensorDataset(*p), batch_size=50) for p in parts], parts
+
+
+def _mlp(seed: int = 0, hidden: int = 32) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+class _Lookup(nn.Module):
+    """A teacher that answers from a table: the nearest stored input's logits."""
+
+    def __init__(self, keys: torch.Tensor, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("keys", keys.flatten(1))
+        self.register_buffer("out", logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out[torch.cdist(x.flatten(1), self.keys).argmin(1)]
+
+
+def test_selection_chooses_the_teacher_that_distils_best_on_validation_not_the_most_accurate():
+    """Candidate 'liar' is right on every validation and test image (100 %) but teaches a wrong class on every
+    training image; 'honest' is a briefly trained, less accurate MLP. Selection must pick 'honest'."""
+    (train, val, test), parts = _digits()
+    (xtr, ytr), (xva, yva), (xte, yte) = parts
+    keys = torch.cat([xtr, xva, xte])
+    labels = torch.cat([(ytr + 1) % 10, yva, yte])
+    liar = _Lookup(keys, 10.0 * nn.functional.one_hot(labels, 10).float())
+    honest = _mlp(5)
+    from bsnn.train import evaluate, train_teacher
+
+    train_teacher(honest, train, TrainConfig(epochs=2, lr=0.01), quiet=True)
+    assert evaluate(honest, val)["accuracy"] < evaluate(liar, val)["accuracy"] == 100.0  # the construction
+    sel = select_teacher([("liar", liar), ("honest", honest)], lambda: _mlp(1), train, val, DistillConfig(),
+                         TrainConfig(epochs=10, lr=0.01), select_epochs=3, seed=7, quiet=True)
+    accs = [r["student_val_acc"] for r in sel["candidates"]]
+    assert sel["chosen_name"] == "honest" and sel["chosen"] == accs.index(max(accs)) == 1
+    assert sel["candidates"][0]["teacher_val_acc"] == 100.0 and sel["selected_on"] == "validation split"
+    headers, rows = selection_table(sel)
+    assert rows[1][-1] == "**chosen**" and "3-epoch" in headers[2]
+    with pytest.raises(ConfigError, match="validation split"):
+        select_teacher([("a", honest)], lambda: _mlp(1), train, None, DistillConfig(), TrainConfig(), 1)
+    with pytest.raises(ConfigError, match="one given teacher"):
+        select_teacher([("a", honest)], lambda: _mlp(1), train, val, DistillConfig(method="ca_mkd"), TrainConfig(), 1)
+
+
+def test_knowledge_levels_four_rows_reproducible_and_shares_as_defined():
+    (train, val, test), _ = _digits()
+    teacher = _mlp(5, hidden=64)
+    from bsnn.train import evaluate, fidelity, set_seed, train_student, train_teacher
+
+    train_teacher(teacher, train, TrainConfig(epochs=4, lr=0.01), quiet=True)
+    cfg = TrainConfig(epochs=2, lr=0.01)
+    report = knowledge_levels(teacher, lambda: _mlp(1, hidden=8), train, val, test, cfg, seed=3, quiet=True)
+    rows = report["levels"]
+    assert [r["level"] for r in rows] == list(LEVELS)
+    assert [r["method"] for r in rows] == ["ce", "universe_ls", "domain_kd", "kd"]
+    # the instance row is plain KD from the same initialisation: retrain it independently
+    set_seed(3)
+    kd_student = _mlp(1, hidden=8)
+    train_student(kd_student, teacher, train, DistillConfig(method="kd"), cfg, quiet=True)
+    assert rows[3]["test_acc"] == evaluate(kd_student, test)["accuracy"]
+    assert rows[3]["val_acc"] == evaluate(kd_student, val)["accuracy"]
+    f = fidelity(kd_student, teacher, test)
+    assert rows[3]["agreement"] == f["agreement"] and rows[3]["kl"] == pytest.approx(f["kl"], rel=1e-9)
+    stats = teacher_statistics(teacher, train, 4.0)
+    assert report["statistics"]["confidence"] == pytest.approx(stats["confidence"], rel=1e-12)
+    for split in ("test", "val"):
+        acc = {r["level"]: r[f"{split}_acc"] for r in rows}
+        assert report["gain_fractions"][split] == gain_fractions(acc)
+    shares = [r["share"] for r in rows[1:]]
+    gain = rows[3]["test_acc"] - rows[0]["test_acc"]
+    assert gain != 0 and sum(shares) == pytest.approx(1.0)  # this setting's KD moves the test accuracy
+    assert rows[1]["share"] == pytest.approx((rows[1]["test_acc"] - rows[0]["test_acc"]) / gain)
+    assert rows[2]["share"] == pytest.approx((rows[2]["test_acc"] - rows[1]["test_acc"]) / gain)
+    assert rows[2]["cumulative_share"] == pytest.approx((rows[2]["test_acc"] - rows[0]["test_acc"]) / gain)
+    headers, table = levels_table(report)
+    assert len(table) == 4 and len(headers) == len(table[0])
+
+
+def _run_args(tmp_path, *extra):
+    return ["--out", str(tmp_path / "run"), "data.name=digits", "data.limit_train=128", "data.limit_test=64",
+            "train.epochs=2", "student.epochs=1", "--quiet", *extra]
+
+
+def test_pipeline_keeps_teacher_checkpoints_and_records_the_choice(tmp_path, capsys):
+    from bsnn.cli import main
+    from bsnn.pipeline import load_model
+    from bsnn.runfolder import read_metrics
+    from bsnn.train import fidelity
+
+    assert main(["train", *_run_args(tmp_path, "train.keep_epochs=[1]")]) == 0
+    run = tmp_path / "run"
+    m = read_metrics(run)
+    assert "checkpoints/teacher_epoch1.pt" in m["teacher"]["record"]["outputs"]
+    assert load_model(run / "checkpoints/teacher_epoch1.pt")[1]["epoch"] == 1
+    assert main(["distill", *_run_args(tmp_path, "train.keep_epochs=[1]", "student.select_epochs=1")]) == 0
+    out = capsys.readouterr().out
+    assert "teacher selection (chosen on the validation split)" in out and "**chosen**" in out
+    sel = read_metrics(run)["student"]["teacher_selection"]
+    assert [c["name"] for c in sel["candidates"]] == ["checkpoints/teacher_epoch1.pt", "teacher.pt"]
+    accs = [c["student_val_acc"] for c in sel["candidates"]]
+    assert sel["chosen"] == choose_candidate(accs)
+    assert json.loads((run / "teacher_selection.json").read_text())["chosen"] == sel["chosen"]
+    # the student was distilled from (and is compared with) the chosen candidate
+    from bsnn.config import load_config
+    from bsnn.data import build_loaders
+
+    chosen = load_model(run / ("checkpoints/teacher_epoch1.pt" if sel["chosen"] == 0 else "teacher.pt"))[0]
+    student = load_model(run / "student.pt")[0]
+    cfg = load_config(run / "config.yaml")
+    f = fidelity(student, chosen, build_loaders(cfg.data, seed=cfg.run.seed).test)
+    assert read_metrics(run)["student"]["teacher_agreement"] == f["agreement"]
+    derived = read_metrics(run)["student"]["record"]["derived_from"]
+    assert len(derived["candidates"]) == 2
+
+    # the same, given as files; and the knowledge-level analysis of the run's teacher
+    files = f"{run}/checkpoints/teacher_epoch1.pt,{run}/teacher.pt"
+    assert main(["distill", *_run_args(tmp_path, "--select-teacher", files, "--overwrite")]) == 0
+    sel2 = read_metrics(run)["student"]["teacher_selection"]
+    assert sel2["select_epochs"] == 1 and [c["student_val_acc"] for c in sel2["candidates"]] == accs
+    assert main(["distill", *_run_args(tmp_path, "--analyze")]) == 0
+    out = capsys.readouterr().out
+    assert "knowledge levels (Tang et al. 2020)" in out
+    report = json.loads((run / "knowledge_levels.json").read_text())
+    assert [r["level"] for r in report["levels"]] == list(LEVELS) and (run / "knowledge_levels.md").is_file()
+
+
+def test_selection_without_kept_checkpoints_says_what_to_do(tmp_path, capsys):
+    from bsnn.cli import main
+
+    assert main(["train", *_run_args(tmp_path)]) == 0
+    assert main(["distill", *_run_args(tmp_path, "student.select_epochs=1")]) == 2
+    assert "train.keep_epochs" in capsys.readouterr().err
+    assert main(["distill", *_run_args(tmp_path, "--select-teacher", ",")]) == 2
+    assert "needs the candidate teachers" in capsys.readouterr().err

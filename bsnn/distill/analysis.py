@@ -118,7 +118,7 @@ def gain_fractions(accuracy: dict[str, float | None]) -> dict[str, float | None]
     out = {"universe": (a["universe"] - a["ce"]) / gain, "domain": (a["domain"] - a["universe"]) / gain,
            "instance": (a["instance"] - a["domain"]) / gain}
     out.update({f"{k}_cumulative": (a[k] - a["ce"]) / gain for k in ("universe", "domain", "instance")})
-    return out
+    return {k: v + 0.0 for k, v in out.items()}  # + 0.0: no -0.0 in the tables
 
 
 def _level_config(level: str, distill: DistillConfig | None, stats: dict) -> DistillConfig:
