@@ -68,6 +68,8 @@ def test_one_row_per_setting_with_costs_from_the_formula(mlp):
     assert [(r["xbar_rows"], r["adc_bits"]) for r in rows] == [(x, b) for x in (16, 64) for b in bits]
     for r in rows:
         assert r["T"] == T and r["constraint_adc_bits"] == r["adc_bits"]  # sign_handling none: no extra bit
+        # exact signed bits of the quantised layers (48 and 32 spike rows): ceil(log2(rows + 1)) + 1 per conversion
+        assert r["exact_adc_bits"] == max(math.ceil(math.log2(min(n, r["xbar_rows"]) + 1)) + 1 for n in (48, 32))
         assert r["energy_dense_pj"] == pytest.approx(dense_literal(r["xbar_rows"], r["adc_bits"]), rel=1e-12)
         assert r["adc_pj_per_conversion"] == pytest.approx(E_ADC4 * 2.0 ** (r["adc_bits"] - 4), rel=1e-12)
     for x in (16, 64):  # more ADC bits never cost less (here: strictly more, the ADC energy doubles per bit)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bsnn.errors import ConfigError
 from bsnn.hardware.config import ConstraintConfig, HardwareConfig, preset, resolve_hardware
-from bsnn.hardware.constraints import apply_constraints
+from bsnn.hardware.constraints import apply_constraints, exact_adc_bits
 from bsnn.hardware.cost import estimate, sweep_timesteps
 from bsnn.io import atomic_write_json, atomic_write_text, write_failure
 from bsnn.report import markdown_table
@@ -152,7 +152,10 @@ def adc_front(network, loader, hw: HardwareConfig | str, timesteps: int, adc_bit
             replaced.
 
     Returns:
-        ``{"rows": [per setting: xbar_rows, adc_bits, constraint_adc_bits, exact_adc_bits, T, accuracy,
+        ``{"rows": [per setting: xbar_rows, adc_bits, constraint_adc_bits (signed, as simulated),
+        exact_adc_bits (the signed bits at which every quantised layer would be exact: rows per conversion over
+        the input quantum, :func:`~bsnn.hardware.constraints.exact_adc_bits`; None if no layer is quantised), T,
+        accuracy,
         accuracy_drop (ideal − constrained, points), energy_dense_pj, energy_event_pj, adc_event_pj,
         adc_pj_per_conversion, latency_ns, area_um2], "ideal": {accuracy, T, samples}, "hardware", "timesteps",
         "samples", "summary", "constrained_layers": the layers computed as ADC-quantised crossbars, "ideal_layers":
@@ -181,10 +184,12 @@ def adc_front(network, loader, hw: HardwareConfig | str, timesteps: int, adc_bit
             cons = ConstraintConfig.from_hardware(hw_s, membrane_bits=membrane_bits)
             with apply_constraints(network, cons) as plan:
                 res = simulate(network, loader, cfg=base, device=device, quiet=quiet)
+                xbars = [network.graph_module.get_submodule(k) for k, v in plan.items() if v == "crossbar+adc"]
+                exact = max((exact_adc_bits(m.full_scale, m.unit) for m in xbars), default=None)
             event = estimate(network, res, hw_s, timesteps=T, mode="event_driven", compare=False)
             dense = estimate(network, None, hw_s, timesteps=T, mode="dense", compare=False)
             out.append({"xbar_rows": rows, "adc_bits": bits, "constraint_adc_bits": cons.adc_bits,
-                        "exact_adc_bits": max(l.adc_bits_exact for l in dense.layers if l.kind != "maxpool"),
+                        "exact_adc_bits": exact,
                         "T": T, "accuracy": res.accuracy[T], "accuracy_drop": ideal.accuracy[T] - res.accuracy[T],
                         "energy_dense_pj": dense.total.energy_pj, "energy_event_pj": event.total.energy_pj,
                         "adc_event_pj": event.total.breakdown_pj.get("adc", 0.0),
@@ -219,7 +224,7 @@ def adc_front_markdown(front: dict) -> str:
             f"ADC-quantised layers: {', '.join(front['constrained_layers']) or 'none'}; kept exact: "
             + ("; ".join(f"{k} ({v.removeprefix('ideal: ')})" for k, v in front["ideal_layers"].items()) or "none")
             + ".\n\n"
-            + markdown_table(["crossbar rows", "ADC bits", "simulated ADC bits (signed)", "exact bits",
+            + markdown_table(["crossbar rows", "ADC bits", "simulated ADC bits (signed)", "exact (signed)",
                               "accuracy (%)", "drop vs ideal (points)", "energy event-driven (pJ)",
                               "energy dense (pJ)", "ADC energy event-driven (pJ)", "pJ per conversion",
                               "latency (ns)", "area (µm²)"], rows)
