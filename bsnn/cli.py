@@ -242,13 +242,13 @@ def _print_summary(metrics: dict, out_dir: str) -> None:
         rows.append(f"| student: KL(teacher ‖ student), nats | {student['teacher_kl']:.4f} |")
     snn = metrics.get("snn", {})
     rows += [f"| binary SNN, T={t} | {a:.2f} |" for t, a in snn.get("accuracy", {}).items()]
+    if rows:
+        print("\n| stage | test accuracy (%) |\n|---|---|\n" + "\n".join(rows))
     if student.get("teacher_selection"):
         from bsnn.distill.analysis import selection_table, table_markdown
 
         print("\nteacher selection (chosen on the validation split):\n"
               + table_markdown(*selection_table(student["teacher_selection"])))
-    if rows:
-        print("\n| stage | test accuracy (%) |\n|---|---|\n" + "\n".join(rows))
     print(f"\nrun folder: {out_dir}")
 
 
