@@ -88,6 +88,7 @@ class FitNet(FeatureDistiller):
     The regressor is a 1x1 conv for ``[B, C, H, W]`` pairs (then the larger map is average-pooled to the smaller
     size) and a linear layer on flattened features otherwise; regressors are trained with the student.
     Params: ``student_layer``, ``teacher_layer``, ``input_shape``. Published weights: CE 1, hint 100.
+    Loss and weight as HobbitLong/RepDistiller ``distiller_zoo/FitNet.py`` ``HintLoss`` (its regressor: ``ConvReg``).
     """
 
     default_kd_weight = 100.0
@@ -112,7 +113,7 @@ class AT(FeatureDistiller):
 
     Needs ``[B, C, H, W]`` features (default: output of the last ``nn.Conv2d``; naming the block's activation,
     e.g. ``relu3``, is closer to the paper). Params: ``p`` (2), ``student_layer``, ``teacher_layer``.
-    Published weights: CE 1, AT 1000.
+    Published weights: CE 1, AT 1000. Code followed: HobbitLong/RepDistiller ``distiller_zoo/AT.py``.
     """
 
     spatial = True
@@ -131,6 +132,7 @@ class SP(FeatureDistiller):
     """Similarity-preserving KD (Tung & Mori 2019): ``Σ_pairs ‖G_t − G_s‖²_F / B²``.
 
     Params: ``student_layer``, ``teacher_layer``. Published weights: CE 1, SP 3000.
+    Code followed: HobbitLong/RepDistiller ``distiller_zoo/SP.py``.
     """
 
     default_kd_weight = 3000.0
@@ -144,7 +146,7 @@ class RKD(FeatureDistiller):
     """Relational KD (Park 2019): ``distance_weight·distance + angle_weight·angle`` per layer pair.
 
     Params: ``distance_weight`` (25), ``angle_weight`` (50), ``student_layer``, ``teacher_layer``.
-    Published weights: CE 1, RKD 1.
+    Published weights: CE 1, RKD 1. Code followed: HobbitLong/RepDistiller ``distiller_zoo/RKD.py`` ``RKDLoss``.
     """
 
     param_defaults = {**_LAYER_PARAMS, "distance_weight": 25.0, "angle_weight": 50.0}
@@ -162,6 +164,7 @@ class PKT(FeatureDistiller):
     """Probabilistic knowledge transfer (Passalis 2018): KL between cosine-similarity distributions.
 
     Params: ``student_layer``, ``teacher_layer``. Published weights: CE 1, PKT 30000.
+    Code followed: HobbitLong/RepDistiller ``distiller_zoo/PKT.py``.
     """
 
     default_kd_weight = 30000.0
@@ -199,7 +202,7 @@ class CRD(FeatureDistiller):
 
     Params: ``n_data``, ``feat_dim`` (128), ``nce_k`` (16384, capped at n_data − 1), ``nce_t`` (0.07),
     ``nce_momentum`` (0.5), ``student_layer``, ``teacher_layer``, ``input_shape``.
-    Published weights: CE 1, CRD 0.8.
+    Published weights: CE 1, CRD 0.8. Authors' code: HobbitLong/RepDistiller ``crd/criterion.py``.
     """
 
     needs_index = True
@@ -261,7 +264,7 @@ class CRD(FeatureDistiller):
 @register("nst")
 class NST(FeatureDistiller):
     """Neuron selectivity transfer (Huang & Wang 2017): ``Σ_pairs MMD²_poly2(f_s, f_t)`` over the channels' spatial
-    maps (:func:`bsnn.distill.losses.nst_loss`, RepDistiller's ``NSTLoss``).
+    maps (:func:`bsnn.distill.losses.nst_loss`, HobbitLong/RepDistiller's ``NSTLoss``).
 
     Needs ``[B, C, H, W]`` maps (default: output of the last ``nn.Conv2d``; RepDistiller pairs every intermediate
     block output: give them as lists). Params: ``student_layer``, ``teacher_layer``. Published weights
@@ -291,8 +294,8 @@ class LinearEmbed(nn.Module):
 
 @register("cc")
 class CC(FeatureDistiller):
-    """Correlation congruence (Peng et al. 2019), as RepDistiller runs it: penultimate features of both networks
-    embedded by trainable linear heads (``feat_dim``, both trained with the student), then
+    """Correlation congruence (Peng et al. 2019), as HobbitLong/RepDistiller runs it: penultimate features of both
+    networks embedded by trainable linear heads (``feat_dim``, both trained with the student), then
     :func:`bsnn.distill.losses.cc_loss` on the pair.
 
     Params: ``feat_dim`` (128), ``student_layer``, ``teacher_layer``, ``input_shape``. Published weights
@@ -335,7 +338,7 @@ class VIDHead(nn.Module):
 
 @register("vid")
 class VID(FeatureDistiller):
-    """Variational information distillation (Ahn et al. 2019), as RepDistiller runs it:
+    """Variational information distillation (Ahn et al. 2019), as HobbitLong/RepDistiller runs it:
     ``Σ_pairs NLL_Gauss(f_t | regressor(f_s), σ²)`` with trainable regressors and variances (:class:`VIDHead`,
     :func:`bsnn.distill.losses.vid_loss`).
 

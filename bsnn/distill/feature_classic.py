@@ -330,7 +330,7 @@ class AB(ClassicFeatureDistiller):
 
 @register("fsp")
 class FSP(ClassicFeatureDistiller):
-    """Flow of solution procedure (Yim et al., CVPR 2017) as RepDistiller runs it (``distiller_zoo/FSP.py``,
+    """Flow of solution procedure (Yim et al., CVPR 2017) as HobbitLong/RepDistiller runs it (``distiller_zoo/FSP.py``,
     ``train_student.py``, ``helper/pretrain.py``): an initialisation phase training the student on
     :func:`fsp_loss` alone, then cross-entropy training (RepDistiller's second stage has ``loss_kd = 0``).
 
@@ -405,7 +405,7 @@ class Translator(nn.Module):
 
 @register("ft")
 class FT(ClassicFeatureDistiller):
-    """Factor transfer (Kim et al., NeurIPS 2018) as RepDistiller runs it (``distiller_zoo/FT.py``,
+    """Factor transfer (Kim et al., NeurIPS 2018) as HobbitLong/RepDistiller runs it (``distiller_zoo/FT.py``,
     ``models/util.py`` ``Paraphraser`` / ``Translator``, ``train_student.py``, ``helper/pretrain.py``).
 
     Initialisation phase: only the paraphraser trains, on ``MSE(reconstruction, f_t)`` of the teacher's map (the

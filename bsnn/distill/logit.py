@@ -38,7 +38,8 @@ class CrossEntropyOnly(Distiller):
 class KD(Distiller):
     """Vanilla knowledge distillation (Hinton 2015): ``ce_weight·CE + kd_weight·T²·KL(p_t ‖ p_s)``.
 
-    Published weights: CE 0.1, KD 0.9, T = 4 (CIFAR).
+    Published weights: CE 0.1, KD 0.9, T = 4 (CIFAR). Code followed: HobbitLong/RepDistiller ``distiller_zoo/KD.py``
+    ``DistillKL`` (Hinton et al. released none).
     """
 
     default_ce_weight = 0.1
@@ -64,7 +65,7 @@ class DKD(Distiller):
     the first epoch); a number is taken as epochs (a warning says so when it exceeds the run).
 
     Params: ``alpha`` (1), ``beta`` (8; 2 for ResNet56/110 pairs, 6 for WRN/VGG), ``warmup`` (None).
-    Published: CE 1, distillation 1, T = 4.
+    Published: CE 1, distillation 1, T = 4. Authors' code: megvii-research/mdistiller ``mdistiller/distillers/DKD.py``.
     """
 
     param_defaults = {"alpha": 1.0, "beta": 8.0, "warmup": None}
@@ -92,6 +93,7 @@ class DIST(Distiller):
     """DIST (Huang 2022): ``ce_weight·CE + kd_weight·(β·inter + γ·intra)`` with τ the temperature.
 
     Params: ``beta`` (1), ``gamma`` (1). Published: CE 1, distillation 2; τ = 4 (CIFAR; 1 on ImageNet).
+    Authors' code: hunto/DIST_KD (classification: hunto/image_classification_sota ``lib/models/losses/dist_kd.py``).
     """
 
     default_kd_weight = 2.0
@@ -111,6 +113,7 @@ class NKD(Distiller):
 
     The non-target term uses the temperature (:func:`bsnn.distill.losses.nkd_parts`). Params: ``gamma``.
     Published (the authors' CIFAR-100 config): CE 1, NKD 1, T = 3, γ = 3.5 (ImageNet: T = 1, γ = 1.5).
+    Authors' code: yzd-v/cls_KD ``mmcls/models/dis_losses/nkd.py`` ``NKDLoss``.
     """
 
     default_temperature = 3.0
@@ -136,7 +139,7 @@ class TfNKD(Distiller):
 
     Params: ``target_weight`` (α), ``non_target_weight`` (β), ``mu``, ``weak_layer``, ``input_shape``.
     Published (the authors' CIFAR-100 config): α = 0.1, β = 0.1, μ = 0.1, CE 1 (ImageNet: α = 1, β = 0.1,
-    μ = 0.005). A teacher, if given, is ignored.
+    μ = 0.005). A teacher, if given, is ignored. Authors' code: yzd-v/cls_KD ``mmcls/models/dis_losses/uskd.py``.
     """
 
     needs_teacher = False
@@ -188,6 +191,7 @@ class ZipfLS(Distiller):
 
     Params: ``power`` (1), ``dense`` (None), ``upsample`` (True), ``input_shape``. Published: CE 1, λ = 0.1
     (CIFAR-100 and ImageNet; 1.0 for TinyImageNet / iNat). Teacher-free (a given teacher is ignored).
+    Authors' code: megvii-research/zipfls ``pytorch_zipfls/losses.py`` (``gen_pdf``, ``kl_loss``).
     """
 
     needs_teacher = False
@@ -234,6 +238,7 @@ class BAKE(Distiller):
 
     Params: ``omega`` (0.5), ``affinity_temperature`` (1), ``student_layer`` (default: input of the last
     ``nn.Linear``). Published: CE 1, BAKE 1, T = 4. Teacher-free (a given teacher is ignored).
+    Code followed: megvii-research/zipfls ``pytorch_zipfls/losses.py`` ``knowledge_ensemble`` (BAKE's own: yxgeee/BAKE).
     """
 
     needs_teacher = False
@@ -297,6 +302,7 @@ class MixupKD(Distiller):
     standard deviation instead of a temperature (:func:`bsnn.distill.losses.std_kd_parts`; ``cfg.temperature``
     is not used). In eval mode, or with probability labels ``[B, K]`` (mixing done by the data pipeline), the
     batch is used as given. Params: ``partmixup`` (0.9), ``beta_a`` (1). Published: CE 0.1, KD 0.9.
+    Authors' code: hchoi71/MIX-KD ``distiller_zoo/MIXSTD.py`` ``MIXSTDLoss``.
     """
 
     default_ce_weight = 0.1
@@ -330,7 +336,7 @@ class LogitStandardKD(Distiller):
     ``ẑ = (z − mean) / (1e-7 + std)`` per sample (:func:`bsnn.distill.losses.ls_kd_loss`).
 
     Published (the authors' README, CIFAR-100): ``--base-temp 2 --kd-weight 9``, CE weight 0.1 (mdistiller's
-    default).
+    default). Authors' code: sunshangquan/logit-standardization-KD ``mdistiller/distillers/KD.py``.
     """
 
     default_ce_weight = 0.1
@@ -349,7 +355,7 @@ class LogitMSE(Distiller):
     """Logit matching (Ba & Caruana 2014): ``ce_weight·CE + kd_weight·mean_b ½‖z_s − z_t‖²``, the infinite-
     temperature limit of KD (Hinton 2015 §2.1; :func:`bsnn.distill.losses.logit_mse_loss`).
 
-    Published: regression on the teacher's logits alone (CE weight 0, weight 1).
+    Published: regression on the teacher's logits alone (CE weight 0, weight 1). No authors' code is followed.
     """
 
     default_ce_weight = 0.0

@@ -32,6 +32,7 @@ class TAKD(Distiller):
     divided by the number of classes (:func:`bsnn.distill.losses.takd_loss`). The authors tune λ (weights
     1 − λ, λ) and T per setting by search; the defaults here are KD's 0.1 / 0.9 and T = 4. The pipeline trains the
     whole chain (``model.assistants``, :func:`bsnn.pipeline.takd_chain`) and refuses ``takd`` without assistants.
+    Authors' code: imirzadeh/Teacher-Assistant-Knowledge-Distillation ``train.py``.
     """
 
     default_ce_weight = 0.1
@@ -83,6 +84,7 @@ class CAMKD(Distiller):
 
     Params: ``feature_weight`` (50; 0 = the logit-only CA-MKD), ``feature_delay`` (None), ``input_shape``.
     Published: CE 1, KD 1, β = 50, T = 4.
+    Authors' code: Rorozhl/CA-MKD ``helper/loops.py`` and ``distiller_zoo/CAMKD.py``.
     """
 
     min_teachers = 2
@@ -184,6 +186,8 @@ class DML(Distiller):
     (``reinit``; identical copies would never diverge). Binary peers' latent weights are clamped before each
     training forward. A given teacher is ignored. Params: ``num_peers`` (1), ``peer`` (None), ``peer_kwargs``
     ({}), ``reinit`` (True). Published: CE 1, KL 1, T = 1 (the paper's plain softmax).
+    Authors' code: YingZhangDUT/Deep-Mutual-Learning ``train_models.py`` (TensorFlow; it sums the KL over the
+    peers, the same with one peer, and steps the networks one after another).
     """
 
     needs_teacher = False
