@@ -66,9 +66,10 @@ def test_every_method_names_a_paper():
 
 def test_rows_carry_the_class_defaults_through_the_markdown():
     md = {r[0]: r for r in _data_rows(method_table_markdown())}
+    rows = {r["name"]: r for r in method_table()}
     for name in list_methods():
         cls = METHODS.get(name)
-        row = next(r for r in method_table() if r["name"] == name)
+        row = rows[name]
         assert row["class"] == f"{cls.__module__}.{cls.__qualname__}"
         assert row["param_defaults"] == cls.param_defaults and row["param_defaults"] is not cls.param_defaults
         assert (row["needs_teacher"], row["trains_teacher"], row["min_teachers"]) == (
