@@ -156,6 +156,9 @@ def run_network(name: str, args, payload: dict, save: Callable[[], None], extra:
     ts = [1, 2, 4, 8, 16] if args.quick else GRID
     design_time = name.endswith("qcfs")
     rows = {**conversion_rows(), **extra}
+    if args.rows:  # keep the rows whose label contains one of the given substrings (and every candidate's parts)
+        keep = [k.strip() for k in args.rows.split(",")]
+        rows = {k: v for k, v in rows.items() if k == "plain max-norm" or any(p in k for p in keep)}
     if design_time:  # a differently trained ANN: the default and the candidates only
         rows = {k: v for k, v in rows.items() if v[0] == "candidate"}
     for label, (kind, cfg) in rows.items():
@@ -301,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--fresh", action="store_true", help="recompute rows found in the results file")
     p.add_argument("--no-sj", action="store_true", help="skip the spikingjelly rows")
+    p.add_argument("--rows", default="", help="comma-separated substrings: only rows whose label contains one")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)

@@ -363,7 +363,10 @@ def fit(
         log.info("%s: resumed from %s at epoch %d", desc, checkpoint_path, start_epoch)
     runner: nn.Module = objective
     if env.distributed:
-        runner = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+        # Phased methods (AB/FSP/FT's initialisation, MetaDistil's frozen-teacher epochs, SwitOKD's expert mode)
+        # leave some parameters without a gradient on some steps: DDP must look for them.
+        runner = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                                         find_unused_parameters=True)
 
     bar = tqdm(range(start_epoch, cfg.epochs), desc=desc, initial=start_epoch, total=cfg.epochs,
                disable=not _show_progress(quiet), unit="epoch")
