@@ -13,7 +13,9 @@ import pytest
 
 from bsnn.cli import main
 from bsnn.distill import METHODS, list_methods
-from bsnn.distill.catalog import HEADERS, code_reference, method_table, method_table_markdown, paper_reference
+from bsnn.distill.catalog import (HEADERS, code_reference, method_table, method_table_markdown, paper_reference,
+                                  with_method_table)
+from bsnn.errors import ConfigError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "distillation.md"
 BEGIN, END = "<!-- methods:begin -->\n", "\n<!-- methods:end -->"
@@ -37,8 +39,21 @@ def test_docs_table_is_the_generated_one():
     doc = DOC.read_text()
     assert doc.count(BEGIN) == 1 and doc.count(END) == 1, "docs/distillation.md needs the methods markers once"
     block = doc.split(BEGIN)[1].split(END)[0]
-    assert block == method_table_markdown(), ("docs/distillation.md is stale: replace the block between the methods "
-                                              "markers with the output of `bsnn distill --list-methods`")
+    assert block == method_table_markdown(), (
+        "docs/distillation.md is stale: replace the block between the methods markers with the output of `bsnn "
+        "distill --list-methods`, or run: python -c \"import pathlib; from bsnn.distill.catalog import "
+        "with_method_table as w; p = pathlib.Path('docs/distillation.md'); p.write_text(w(p.read_text()))\"")
+    assert with_method_table(doc) == doc
+
+
+def test_with_method_table_replaces_only_the_block():
+    table = method_table_markdown()
+    text = f"# t\n\nintro\n{BEGIN}| old | table |\n|---|---|{END}\n\nafter\n"
+    assert with_method_table(text) == f"# t\n\nintro\n{BEGIN}{table}{END}\n\nafter\n"
+    assert with_method_table(with_method_table(text)) == with_method_table(text)
+    for broken in ("no markers", f"{BEGIN}x{END}{BEGIN}y{END}", f"x{END}\ny\n{BEGIN}z"):
+        with pytest.raises(ConfigError, match="methods:begin"):
+            with_method_table(broken)
 
 
 def test_every_registered_method_has_one_row_in_the_docs():

@@ -22,6 +22,7 @@ from typing import Any
 
 import bsnn.distill.methods  # noqa: F401  (registers every method)
 from bsnn.distill.base import METHODS
+from bsnn.errors import ConfigError
 from bsnn.report import markdown_table
 
 # owner: GitHub's rule (letters, digits, single hyphens, <= 39 characters); name: letters, digits, '.', '_', '-'.
@@ -164,3 +165,24 @@ def method_table_markdown() -> str:
             r["name"], r["module"], r["paper"] or "—", code, _value(r["ce_weight"]), _value(r["kd_weight"]),
             _value(r["temperature"]), _teacher_kind(r), _params_cell(r))])
     return markdown_table(HEADERS, rows).rstrip("\n")
+
+
+BEGIN_MARKER, END_MARKER = "<!-- methods:begin -->", "<!-- methods:end -->"
+
+
+def with_method_table(text: str) -> str:
+    """``text`` (a markdown document) with the block between :data:`BEGIN_MARKER` and :data:`END_MARKER` (each on
+    its own line) replaced by :func:`method_table_markdown`.
+
+    Regenerate the docs with ``python -c "import pathlib; from bsnn.distill.catalog import with_method_table as w;
+    p = pathlib.Path('docs/distillation.md'); p.write_text(w(p.read_text()))"``.
+
+    Raises:
+        ConfigError: the markers are missing, repeated or out of order.
+    """
+    begin, end = BEGIN_MARKER + "\n", "\n" + END_MARKER
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ConfigError(f"the document needs one line {BEGIN_MARKER} and, after it, one line {END_MARKER} around "
+                          "the methods table; add them where the table belongs")
+    head, rest = text.split(begin)
+    return head + begin + method_table_markdown() + end + rest.split(end, 1)[1]
