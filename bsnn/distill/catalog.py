@@ -9,9 +9,10 @@ Docstring conventions the parsers read:
 
 * paper: the first paragraph starts ``<method name> (<authors> [venue] <year>...``, e.g.
   ``Decoupled KD (Zhao 2022): ...``; the citation runs to the first year inside the parentheses;
-* code: the first GitHub repository named ``owner/name`` anywhere in the docstring (owner: letters, digits and
-  hyphens; not a file path: no ``/`` after it, no file extension such as ``.py``), e.g. ``HobbitLong/RepDistiller``;
-  a docstring without one that says "no authors' code" records that none is public.
+* code: a GitHub repository ``owner/name`` (owner: letters, digits and hyphens; not a file path: no ``/`` after
+  it, no file extension such as ``.py``), e.g. ``Authors' code: megvii-research/mdistiller`` or ``as
+  HobbitLong/RepDistiller runs it``: the first one right after the word "code", else the first one anywhere
+  (:func:`code_reference`); a docstring without one that says "no authors' code" shows ``none``.
 """
 
 from __future__ import annotations
