@@ -36,10 +36,10 @@ from bsnn.convert import convert
 from bsnn.convert.checks import warn_architecture
 from bsnn.data import Loaders, build_loaders, calibration_loader
 from bsnn.distill import METHODS, DistillWarning
-from bsnn.distill.analysis import select_teacher, selection_table, table_markdown
+from bsnn.distill.analysis import kept_candidates, kept_epochs, kept_file, select_teacher, write_selection
 from bsnn.distributed import DistEnv, barrier, init_distributed
 from bsnn.early_exit import early_exit_curve, fixed_T_needed, validated_early_exit
-from bsnn.errors import CheckpointError, ConfigError
+from bsnn.errors import ConfigError
 from bsnn.hardware.constraints import apply_constraints
 from bsnn.hardware.report import COST_FILES, run_cost
 from bsnn.io import digest, file_sha256, model_digest, write_failure
@@ -56,10 +56,9 @@ from bsnn.zoo import card as zoo_card
 from bsnn.zoo import is_zoo, load_any
 
 __all__ = ["STAGES", "TEACHER_INDEPENDENT", "TEACHER_SECTIONS", "TRAINING_SECTIONS", "Context", "RunFolder",
-           "build_model", "check_binary", "check_models", "choose_teacher", "fit_schedules", "kept_epochs",
-           "kept_file", "load_model", "load_snn", "make_context", "run_pipeline",
+           "build_model", "check_binary", "check_models", "fit_schedules", "load_model", "load_snn", "make_context", "run_pipeline",
            "save_model", "save_snn", "stage_convert", "stage_cost", "stage_simulate", "stage_student",
-           "stage_teacher", "takd_chain", "teacher_candidates"]
+           "stage_teacher", "takd_chain"]
 
 log = logging.getLogger("bsnn")
 
@@ -264,62 +263,6 @@ def stage_teacher(ctx: Context) -> nn.Module:
     return model
 
 
-def kept_epochs(cfg: TrainConfig) -> list[int]:
-    """The epochs of ``train.keep_epochs`` before the last (the last one is ``teacher.pt`` itself), sorted."""
-    return sorted(k for k in set(cfg.keep_epochs) if k < cfg.epochs)
-
-
-def kept_file(epoch: int) -> str:
-    """Run-folder path of the teacher kept after ``epoch``."""
-    return f"checkpoints/teacher_epoch{epoch}.pt"
-
-
-def teacher_candidates(ctx: Context, teacher: nn.Module | None,
-                       given: list[tuple[str, nn.Module]] | None = None) -> list[tuple[str, nn.Module]]:
-    """The teachers to choose from: ``given`` (``bsnn distill --select-teacher``), else, with
-    ``student.select_epochs > 0``, the run's kept checkpoints (``train.keep_epochs``) and ``teacher.pt``, else none.
-
-    Raises:
-        ConfigError: selection asked for but no checkpoints kept. CheckpointError: a kept checkpoint is missing.
-    """
-    if given:
-        return list(given)
-    if ctx.cfg.student.select_epochs <= 0:
-        return []
-    kept = kept_epochs(ctx.cfg.train)
-    if not kept or teacher is None:
-        raise ConfigError(f"student.select_epochs={ctx.cfg.student.select_epochs} chooses among the teacher "
-                          "checkpoints kept at train.keep_epochs: set train.keep_epochs=[...] (epochs before "
-                          "train.epochs) and train the teacher again, or give the candidates with bsnn distill "
-                          "--select-teacher A.pt,B.pt")
-    out = []
-    for k in kept:
-        path = ctx.run.path(kept_file(k))
-        if not path.is_file():
-            raise CheckpointError(f"{str(path)!r} not found: the teacher was trained without epoch {k} in "
-                                  "train.keep_epochs; train it again (bsnn train --overwrite) or give the candidates "
-                                  "with bsnn distill --select-teacher A.pt,B.pt")
-        out.append((kept_file(k), load_model(path, ctx.device)[0]))
-    return out + [("teacher.pt", teacher)]
-
-
-def choose_teacher(ctx: Context, candidates: list[tuple[str, nn.Module]]) -> tuple[nn.Module, dict, list[str]]:
-    """Early-stopped teacher selection (:func:`bsnn.distill.analysis.select_teacher`): a
-    ``student.select_epochs``-epoch student from the student's own initialisation (seed ``run.seed + 1``) is
-    distilled from each candidate and the best on validation wins; writes ``teacher_selection.{md,csv,json}``.
-    Returns ``(chosen teacher, selection record, files)``."""
-    arch = ctx.arch("student")
-    sel = select_teacher(candidates, lambda: build_model(arch), ctx.loaders.train, ctx.val_loader(), ctx.cfg.distill,
-                         ctx.cfg.student, ctx.cfg.student.select_epochs, device=ctx.device, seed=ctx.cfg.run.seed + 1,
-                         quiet=ctx.cfg.run.quiet)
-    files = []
-    if ctx.env.is_main:
-        headers, rows = selection_table(sel)
-        files = [p.name for p in write_table(ctx.run.path("teacher_selection"), headers, rows, sel).values()]
-        log.info("teacher selection (chosen on the validation split):\n%s", table_markdown(headers, rows))
-    return candidates[sel["chosen"]][1], sel, files
-
-
 def check_models(cfg: Config) -> None:
     """Refuse a distillation method the configured models cannot serve (before anything is trained).
 
@@ -433,8 +376,11 @@ def stage_student(ctx: Context, teacher: nn.Module | None,
     a freshly initialised ``model.teacher`` trained online with the student (the paper's setting; ``teacher`` is
     not used), saved as ``online_teacher.pt``; ``born_again`` trains ``distill.params.generations`` generations
     (:func:`later_generations`). With ``candidates`` (``(name, teacher)`` pairs) or ``student.select_epochs > 0``
-    (the kept teacher checkpoints, :func:`teacher_candidates`) the teacher is first chosen among them by
-    :func:`choose_teacher`, recorded as the student's ``teacher_selection``. On resume, a finished student is reused
+    (the teacher checkpoints kept at ``train.keep_epochs`` and ``teacher``:
+    :func:`bsnn.distill.analysis.kept_candidates`) the teacher is first chosen among them
+    (:func:`bsnn.distill.analysis.select_teacher`: ``student.select_epochs``-epoch students from the student's own
+    initialisation, the best on validation wins), recorded as the student's ``teacher_selection`` and in
+    ``teacher_selection.{md,csv,json}``. On resume, a finished student is reused
     only if it was distilled from ``teacher``'s weights (and the same candidates) with these settings.
     """
     check_models(ctx.cfg)
@@ -442,7 +388,8 @@ def stage_student(ctx: Context, teacher: nn.Module | None,
     cls = METHODS.get(ctx.cfg.distill.method)
     derived = {"config": config_digest(ctx.cfg, STUDENT_CONFIG),
                "teacher": None if cls.trains_teacher else _digests(teacher)}
-    candidates = teacher_candidates(ctx, teacher, candidates)
+    candidates = list(candidates or []) or kept_candidates(ctx.run.root, ctx.cfg.train, ctx.cfg.student.select_epochs,
+                                                           teacher, ctx.device)
     if candidates:
         derived["candidates"] = [model_digest(m) for _, m in candidates]
     resumed = _resumed(ctx, "student", final, derived)
@@ -451,7 +398,12 @@ def stage_student(ctx: Context, teacher: nn.Module | None,
     distill = fit_schedules(ctx.cfg.distill, ctx.cfg.student.epochs)
     selection, selection_files = None, []
     if candidates:
-        teacher, selection, selection_files = choose_teacher(ctx, candidates)
+        arch = ctx.arch("student")
+        selection = select_teacher(candidates, lambda: build_model(arch), ctx.loaders.train, ctx.val_loader(),
+                                   ctx.cfg.distill, ctx.cfg.student, ctx.cfg.student.select_epochs, device=ctx.device,
+                                   seed=ctx.cfg.run.seed + 1, quiet=ctx.cfg.run.quiet)
+        teacher = candidates[selection["chosen"]][1]
+        selection_files = write_selection(ctx.run.root, selection) if ctx.env.is_main else []
     if cls.trains_teacher:
         set_seed(ctx.cfg.run.seed)
         teacher = build_model(ctx.arch("teacher")).to(ctx.device)

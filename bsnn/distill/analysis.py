@@ -1,13 +1,15 @@
 """Teacher-quality tools for distillation: choosing the teacher checkpoint that distils best, and measuring which
 level of the teacher's knowledge the student's gain comes from.
 
-* :func:`select_teacher` (Cho & Hariharan, "On the efficacy of knowledge distillation", ICCV 2019, §5: a teacher
-  stopped early often distils better than the fully trained, more accurate one): a short student (``select_epochs``
-  epochs, the same initialisation, data order and settings for every candidate) is distilled from each candidate
-  teacher and the candidate whose student has the best **validation** accuracy is chosen (never test labels; ties:
-  the first candidate). The pipeline (:func:`bsnn.pipeline.stage_student`) runs it with
-  ``student.select_epochs > 0`` over the teacher checkpoints kept at ``train.keep_epochs`` plus the final teacher,
-  and ``bsnn distill --select-teacher A.pt,B.pt`` over given model files.
+* :func:`select_teacher` (Cho & Hariharan, "On the efficacy of knowledge distillation", ICCV 2019: more accurate
+  teachers often do not distil better, and stopping the teacher's training early mitigates it): a short student
+  (``select_epochs`` epochs, the same initialisation, data order and settings for every candidate) is distilled from
+  each candidate teacher and the candidate whose student has the best **validation** accuracy is chosen (never test
+  labels; ties: the first candidate). The paper compares fully trained students of teachers stopped at hand-picked
+  epochs; the short students here are a cheaper proxy for that comparison, made automatically. The pipeline
+  (:func:`bsnn.pipeline.stage_student`) runs it with ``student.select_epochs > 0`` over the teacher checkpoints kept
+  at ``train.keep_epochs`` (:func:`kept_candidates`) plus the final teacher, and ``bsnn distill --select-teacher
+  A.pt,B.pt`` over given model files.
 * :func:`knowledge_levels` (Tang et al., "Understanding and Improving Knowledge Distillation", 2020): the same
   student and budget trained four times: CE only; *universe* (:class:`~bsnn.distill.levels.UniverseLS`: label
   smoothing at the teacher's mean confidence); *domain* (:class:`~bsnn.distill.levels.DomainKD`: each class's mean
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -35,12 +38,14 @@ import torch.nn.functional as F
 from bsnn.data import unpack_batch
 from bsnn.distill.base import METHODS
 from bsnn.distill.config import DistillConfig
-from bsnn.errors import ConfigError
-from bsnn.report import markdown_table
+from bsnn.errors import CheckpointError, ConfigError
+from bsnn.modelfile import load_model
+from bsnn.report import markdown_table, write_table
 from bsnn.train import TrainConfig, evaluate, fidelity, set_seed, train_student
 
-__all__ = ["LEVELS", "LEVEL_METHODS", "choose_candidate", "gain_fractions", "knowledge_levels", "levels_table",
-           "select_teacher", "selection_table", "table_markdown", "teacher_statistics"]
+__all__ = ["LEVELS", "LEVEL_METHODS", "choose_candidate", "gain_fractions", "kept_candidates", "kept_epochs",
+           "kept_file", "knowledge_levels", "levels_table", "select_teacher", "selection_table", "table_markdown",
+           "teacher_statistics", "write_selection"]
 
 log = logging.getLogger("bsnn")
 
@@ -278,6 +283,50 @@ def selection_table(selection: dict) -> tuple[list[str], list[list]]:
     rows = [[r["name"], _fmt(r["teacher_val_acc"]), _fmt(r["student_val_acc"]),
              "**chosen**" if i == selection["chosen"] else ""] for i, r in enumerate(selection["candidates"])]
     return headers, rows
+
+
+def kept_epochs(cfg: TrainConfig) -> list[int]:
+    """The epochs of ``cfg.keep_epochs`` before the last (the last one is the final teacher itself), sorted."""
+    return sorted(k for k in set(cfg.keep_epochs) if k < cfg.epochs)
+
+
+def kept_file(epoch: int) -> str:
+    """Run-folder path of the teacher kept after ``epoch`` (``train.keep_epochs``)."""
+    return f"checkpoints/teacher_epoch{epoch}.pt"
+
+
+def kept_candidates(root: str | Path, train: TrainConfig, select_epochs: int, teacher: nn.Module | None,
+                    device: torch.device | str = "cpu") -> list[tuple[str, nn.Module]]:
+    """A run's teacher candidates: with ``select_epochs > 0``, the teachers kept at ``train.keep_epochs`` in the run
+    folder ``root`` (:func:`kept_file`) and the final ``teacher`` (``"teacher.pt"``); none when ``select_epochs`` is 0.
+
+    Raises:
+        ConfigError: selection asked for but no epoch kept (or no teacher). CheckpointError: a kept file is missing.
+    """
+    if select_epochs <= 0:
+        return []
+    kept = kept_epochs(train)
+    if not kept or teacher is None:
+        raise ConfigError(f"student.select_epochs={select_epochs} chooses among the teacher checkpoints kept at "
+                          "train.keep_epochs: set train.keep_epochs=[...] (epochs before train.epochs) and train the "
+                          "teacher again, or give the candidates with bsnn distill --select-teacher A.pt,B.pt")
+    out = []
+    for k in kept:
+        path = Path(root) / kept_file(k)
+        if not path.is_file():
+            raise CheckpointError(f"{str(path)!r} not found: the teacher was trained without epoch {k} in "
+                                  "train.keep_epochs; train it again (bsnn train --overwrite) or give the candidates "
+                                  "with bsnn distill --select-teacher A.pt,B.pt")
+        out.append((kept_file(k), load_model(path, device)[0]))
+    return out + [("teacher.pt", teacher)]
+
+
+def write_selection(root: str | Path, selection: dict) -> list[str]:
+    """``teacher_selection.{md,csv,json}`` of a :func:`select_teacher` result in ``root`` (the table is also
+    logged). Returns the file names."""
+    headers, rows = selection_table(selection)
+    log.info("teacher selection (chosen on the validation split):\n%s", table_markdown(headers, rows))
+    return [p.name for p in write_table(Path(root) / "teacher_selection", headers, rows, selection).values()]
 
 
 def table_markdown(headers: Sequence[str], rows: Sequence[Sequence]) -> str:

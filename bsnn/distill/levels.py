@@ -217,9 +217,9 @@ class DomainKD(_TeacherStatistic):
             t = torch.as_tensor(value, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError):
             t = None
-        if t is None or t.dim() != 2 or t.shape[0] != t.shape[1] or t.shape[0] < 2 or not bool(torch.isfinite(t).all()) \
-                or bool((t < 0).any()) or not torch.allclose(t.sum(1), torch.ones(t.shape[0], dtype=t.dtype),
-                                                             atol=1e-4):
+        square = t is not None and t.dim() == 2 and t.shape[0] == t.shape[1] >= 2
+        if not square or not bool(torch.isfinite(t).all()) or bool((t < 0).any()) or \
+                not torch.allclose(t.sum(1), torch.ones(t.shape[0], dtype=t.dtype), atol=1e-4):
             raise ConfigError("domain_kd: distill.params.class_targets must be a K x K list of probability rows "
                               "(row k: class k's mean teacher distribution, each row summing to 1); null estimates "
                               "it from the training set")
