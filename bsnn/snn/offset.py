@@ -130,6 +130,7 @@ def initial_membranes(snn: SpikingNetwork, v0: dict[str, torch.Tensor]) -> Itera
                 if m.v is None:  # first call after a reset: initial_potential() reads the swapped buffers
                     saved.update(frac=m.v_init_frac, bias=m.v_init_bias)
                     m.v_init_frac, m.v_init_bias = torch.zeros_like(m.v_init_frac), v
+
             def restore(m, _args, _out, saved=saved) -> None:
                 if saved:
                     m.v_init_frac, m.v_init_bias = saved.pop("frac"), saved.pop("bias")
