@@ -376,11 +376,16 @@ def test_pipeline_keeps_teacher_checkpoints_and_records_the_choice(tmp_path, cap
     assert [r["level"] for r in report["levels"]] == list(LEVELS) and (run / "knowledge_levels.md").is_file()
 
 
-def test_selection_without_kept_checkpoints_says_what_to_do(tmp_path, capsys):
+def test_selection_errors_say_what_to_do_and_the_level_methods_run_from_the_command_line(tmp_path, capsys):
     from bsnn.cli import main
+    from bsnn.pipeline import load_model
 
     assert main(["train", *_run_args(tmp_path)]) == 0
     assert main(["distill", *_run_args(tmp_path, "student.select_epochs=1")]) == 2
     assert "train.keep_epochs" in capsys.readouterr().err
     assert main(["distill", *_run_args(tmp_path, "--select-teacher", ",")]) == 2
     assert "needs the candidate teachers" in capsys.readouterr().err
+    for i, method in enumerate(("universe_ls", "domain_kd")):  # both run from the command line
+        assert main(["distill", *_run_args(tmp_path, f"distill.method={method}", *(["--overwrite"] if i else []))]) == 0
+        record = load_model(tmp_path / "run" / "student.pt")[1]
+        assert record["distill"]["method"] == method

@@ -307,9 +307,11 @@ def kept_candidates(root: str | Path, train: TrainConfig, select_epochs: int, te
         return []
     kept = kept_epochs(train)
     if not kept or teacher is None:
-        raise ConfigError(f"student.select_epochs={select_epochs} chooses among the teacher checkpoints kept at "
-                          "train.keep_epochs: set train.keep_epochs=[...] (epochs before train.epochs) and train the "
-                          "teacher again, or give the candidates with bsnn distill --select-teacher A.pt,B.pt")
+        raise ConfigError(f"student.select_epochs={select_epochs} (this config or the run folder's config.yaml) "
+                          "chooses among the teacher checkpoints kept at train.keep_epochs, and there are none: set "
+                          "train.keep_epochs=[...] (epochs before train.epochs) and train the teacher again, give the "
+                          "candidates with bsnn distill --select-teacher A.pt,B.pt, or set student.select_epochs=0 "
+                          "to distil from the teacher alone")
     out = []
     for k in kept:
         path = Path(root) / kept_file(k)
