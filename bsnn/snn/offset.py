@@ -158,24 +158,36 @@ def silenced(snn: SpikingNetwork, keep: dict[str, torch.Tensor]) -> Iterator[Non
         yield
 
 
+class _LayerDone(Exception):
+    """Ends a COS pre-step once the IF layer being estimated has run."""
+
+
 @torch.no_grad()
 def cos_pre_steps(snn: SpikingNetwork, step: Step, pre_steps: int) -> dict[str, torch.Tensor]:
     """Run COS's ρ pre-steps layer by layer; return every IF layer's initial membrane for the real run ``[B, ...]``.
 
-    For IF layer l (graph order) the network runs ρ single steps from a reset, the layers before l starting from
-    their shifted membranes; l's membranes and spikes give its shift (:func:`cos_initial_membrane`). The network is
+    For IF layer l (graph order) the network runs ρ single steps from a reset, each stopped once l has run, the
+    layers before l starting from their shifted membranes; l's membranes and spikes give its shift (:func:`cos_initial_membrane`). The network is
     left reset.
     """
     shifted: dict[str, torch.Tensor] = {}
     for name, neuron in snn.neurons().items():
         spikes: list[torch.Tensor] = []
-        handle = neuron.register_forward_hook(lambda _m, _a, out: spikes.append(out.float()))
+
+        def record(_m, _a, out) -> None:  # the layers after this one are not needed: stop the step here
+            spikes.append(out.float())
+            raise _LayerDone
+
+        handle = neuron.register_forward_hook(record)
         vs: list[torch.Tensor] = []
         try:
             snn.reset()
             with initial_membranes(snn, shifted):
                 for _ in range(pre_steps):
-                    step(1)
+                    try:
+                        step(1)
+                    except _LayerDone:
+                        pass
                     vs.append(neuron.v.clone())
         finally:
             handle.remove()
