@@ -80,8 +80,9 @@ def test_packed_im2col_matches_unfold():
     unf = F.unfold(x, (3, 2), (1, 2), (1, 0), (2, 1))  # [N, C*kh*kw, L] in (c, kh, kw) order
     n, _, length = unf.shape
     ho, wo = geom.output_hw(6, 7)
-    expect = unf.view(n, 5, 3 * 2, ho, wo).permute(0, 3, 4, 2, 1).reshape(n, ho, wo, -1)  # (kh, kw, c) order
-    assert torch.equal(bp.unpack_bits(cols, 3 * 2 * 5).float(), expect)
+    expect = unf.view(n, 5, 3, 2, ho, wo).permute(0, 4, 5, 2, 3, 1).reshape(n, ho, wo, 3, 2 * 5)  # kh, (kw, c)
+    assert cols.shape == (n, ho, wo, 3 * 1)  # each kernel row's 2 x 5 bits in one word of its own
+    assert torch.equal(bp.unpack_bits(cols.view(n, ho, wo, 3, 1), 2 * 5).float(), expect)
 
 
 def test_pack_weights_rejects_non_binary_weights():

@@ -17,10 +17,12 @@ of ``q`` far below 2^24·q).
 Layouts (all int64 words; bit ``k`` of word ``j`` is element ``64·j + k``, zero bits beyond the end):
 
 * spikes ``[N, H, W, CW]``: the channels of each pixel, ``CW = ceil(C / 64)`` (a linear layer: ``[M, 1, 1, KW]``);
-* receptive fields (packed im2col, :func:`packed_im2col`): the ``KH·KW·C`` bits of one output pixel's window in
-  (kh, kw, channel) order, packed into ``L = ceil(KH·KW·C / 64)`` words (no padding bits between kernel
-  positions, so 32 channels x 3 x 3 take 5 words, not 9); the C++ kernel builds each pixel's row in cache by
-  shifting the pixels' words into place (a direct convolution: the im2col matrix never exists in memory);
+* receptive fields (packed im2col, :func:`packed_im2col`): each kernel row's ``KW·C`` bits in (kw, channel)
+  order packed into its own ``KWW = ceil(KW·C / 64)`` words (no padding bits between the columns of a row, so
+  16 channels x 3 columns take one word, not three), the KH rows one after the other: ``L = KH·KWW`` words.
+  The C++ kernel builds the row windows once per (input row, output column) — each is shared by the KH output
+  rows whose fields contain it — and reads the fields straight from them (a direct convolution: the im2col
+  matrix never exists in memory);
 * weights :class:`PackedWeights`: ``rows [Cout, L]`` in the same order, and transposed, ``cols [L, CoutP]``, with
   ``CoutP = Cout`` rounded up to 8 (the AVX-512 path does 8 output channels per 512-bit register);
 * output ``[N, Ho, Wo, Cout]`` float32 (a channels-last ``[N, Cout, Ho, Wo]``), bias added last as in fp32.
@@ -122,8 +124,8 @@ LINEAR = Geometry((1, 1), (1, 1), (0, 0), (1, 1))
 
 def packed_im2col(s: torch.Tensor, channels: int, g: Geometry) -> torch.Tensor:
     """Receptive fields of packed spikes ``s [N, H, W, CW]`` (``channels`` bits per pixel) -> ``[N, Ho, Wo, L]``:
-    each field's bits in (kh, kw, channel) order, packed again (``L = ceil(kh·kw·channels / 64)``), zeros where the
-    window covers the padding."""
+    each kernel row's ``kw·channels`` bits in (kw, channel) order packed into its own ``KWW = ceil(kw·channels/64)``
+    words, the kh rows one after the other (``L = kh·KWW``), zeros where the window covers the padding."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g
     n, h, w, _ = s.shape
     ho, wo = g.output_hw(h, w)
@@ -133,7 +135,7 @@ def packed_im2col(s: torch.Tensor, channels: int, g: Geometry) -> torch.Tensor:
     iy = (torch.arange(ho, device=dev) * sh).view(ho, 1, 1, 1) + (torch.arange(kh, device=dev) * dh).view(1, 1, kh, 1)
     ix = (torch.arange(wo, device=dev) * sw).view(1, wo, 1, 1) + (torch.arange(kw, device=dev) * dw).view(1, 1, 1, kw)
     fields = bits[:, iy, ix]  # [N, Ho, Wo, kh, kw, C]
-    return pack_bits(fields.reshape(n, ho, wo, kh * kw * channels))
+    return pack_bits(fields.reshape(n, ho, wo, kh, kw * channels)).reshape(n, ho, wo, -1)
 
 
 class PackedWeights(NamedTuple):
@@ -157,7 +159,8 @@ def pack_weights(w: torch.Tensor) -> PackedWeights:
         w = w[:, :, None, None]
     if not bool((w.abs() == 1).all()):
         raise ValueError("bitpack: weights must be exactly ±1; binarize and convert the network first")
-    rows = pack_bits((w.permute(0, 2, 3, 1) > 0).reshape(w.shape[0], -1)).contiguous()  # [Cout, L]
+    cout, cin, kh, kw = w.shape
+    rows = pack_bits((w.permute(0, 2, 3, 1) > 0).reshape(cout, kh, kw * cin)).reshape(cout, -1).contiguous()
     coutp = -(-w.shape[0] // 8) * 8
     cols = torch.zeros(rows.shape[1], coutp, dtype=torch.int64, device=w.device)
     cols[:, :w.shape[0]] = rows.t()

@@ -4,9 +4,10 @@
 //     sum_k w_k s_k = #(s=1, w=+1) - #(s=1, w=-1) = 2 popcount(s & w+) - popcount(s),
 // an integer, so the result is exact. Layouts (all int64 words, bit k of word j is element 64 j + k):
 //   spikes  [N, H, W, CW]   channels packed per pixel, CW = ceil(C / 64), zero bits beyond C
-//   field   [L]             one output pixel's receptive field, its KH * KW * C bits in (kh, kw, channel) order,
-//                           L = ceil(KH * KW * C / 64) words, built in cache per pixel (direct convolution)
-//   weights rows [Cout, L]  the same order
+//   windows [N, H, Wo, KWW] per input row and output column, the KW * C bits of one kernel row's window in
+//                           (kw, channel) order, KWW = ceil(KW * C / 64) words; a receptive field is KH such
+//                           windows, L = KH * KWW words (direct convolution: no im2col matrix in memory)
+//   weights rows [Cout, L]  the same order (kh, then the window's words)
 //           cols [L, CoutP] the same transposed, CoutP = Cout rounded up to 8 (zero columns), for the
 //                           AVX-512 path (8 output channels per 512-bit vector)
 //   output  [N, Ho, Wo, Cout] float32: (out + ) scale * (2 popc(s & w+) - popc(s)) ( + bias[co])
@@ -262,9 +263,11 @@ std::tuple<at::Tensor, bool> pack(const at::Tensor& x, int64_t path) {
 // ------------------------------------------------------------------------------------------------ geometry
 struct Geom {
   i64 n, h, w, c, cw, cout, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo;
-  i64 planes, plane_words;  // bit planes of the input counts (1 for spikes), words per plane
-  i64 L() const { return (kh * kw * c + 63) / 64; }  // words of one receptive field (kh * kw * c bits)
+  i64 planes;                                         // bit planes of the input counts (1 for spikes)
+  i64 kww() const { return (kw * c + 63) / 64; }      // words of one kernel row's window (kw * c bits)
+  i64 L() const { return kh * kww(); }                // words of one receptive field
   i64 M() const { return n * ho * wo; }
+  i64 window_words() const { return n * h * wo * kww(); }  // words of one plane of row windows
 };
 
 // Output pixel (n, oh, ow) walked in flat [N, Ho, Wo] order without divisions.
@@ -279,39 +282,61 @@ struct Cursor {
   }
 };
 
-// The receptive field of output pixel ``at`` as one bit string: the c channel bits of each
-// kernel position (kh, kw) in turn, zeros where the window covers the padding -> col[0 .. L] (L + 1 words
-// writable: the last is scratch). Channels that fill whole words are copied; others are shifted into place.
-inline void gather(const u64* s, const Geom& g, const Cursor& at, u64* col) {
-  const i64 n = at.n, oh = at.oh, ow = at.ow;
-  const i64 L = g.L();
+// ------------------------------------------------------------------------------------------------ row windows
+// A receptive field is kh kernel rows; the window of kernel row a of output pixel (n, oh, ow) depends on the input
+// row ih = oh sh - ph + a dh and on ow only, so it is built once per (n, ih, ow) and shared by the kh output rows
+// that use it: win[pl, n, ih, ow] = the kw * c bits of pixels (ih, ow sw - pw + b dw), b < kw, in (b, channel)
+// order, zeros where a column is padding; cnt[...] = its popcount. Rows outside the input (vertical padding)
+// are skipped when the fields are summed.
+void build_windows(const u64* s, const Geom& g, u64* win, int32_t* cnt) {
+  const i64 kww = g.kww(), plane_in = g.n * g.h * g.w * g.cw;
   const bool aligned = (g.c & 63) == 0;
-  if (!aligned) std::fill(col, col + L + 1, u64{0});
-  i64 off = 0;  // bit offset of the current kernel position
-  for (i64 a = 0; a < g.kh; ++a) {
-    const i64 ih = oh * g.sh - g.ph + a * g.dh;
-    for (i64 b = 0; b < g.kw; ++b, off += g.c) {
-      const i64 iw = ow * g.sw - g.pw + b * g.dw;
-      const bool inside = ih >= 0 && ih < g.h && iw >= 0 && iw < g.w;
-      const u64* src = inside ? s + ((n * g.h + ih) * g.w + iw) * g.cw : nullptr;
-      if (aligned) {
-        u64* d = col + (off >> 6);
-        for (i64 j = 0; j < g.cw; ++j) d[j] = inside ? src[j] : 0;
-        continue;
-      }
-      if (!inside) continue;
-      const i64 sh = off & 63;
-      u64* d = col + (off >> 6);
-      if (sh == 0) {
-        for (i64 j = 0; j < g.cw; ++j) d[j] |= src[j];
-      } else {
-        for (i64 j = 0; j < g.cw; ++j) {  // bits beyond c are zero, so nothing spills past col[L]
-          d[j] |= src[j] << sh;
-          d[j + 1] |= src[j] >> (64 - sh);
+  at::parallel_for(0, g.planes * g.n * g.h, 1, [&](i64 b, i64 e) {
+    for (i64 r = b; r < e; ++r) {  // r = (pl * n + n) * h + ih
+      const i64 pl = r / (g.n * g.h), nh = r % (g.n * g.h);
+      const u64* srow = s + pl * plane_in + nh * g.w * g.cw;
+      for (i64 ow = 0; ow < g.wo; ++ow) {
+        u64* d = win + (r * g.wo + ow) * kww;
+        std::fill(d, d + kww, u64{0});
+        i64 off = 0;
+        for (i64 kb = 0; kb < g.kw; ++kb, off += g.c) {
+          const i64 iw = ow * g.sw - g.pw + kb * g.dw;
+          if (iw < 0 || iw >= g.w) continue;
+          const u64* src = srow + iw * g.cw;
+          const i64 sh = off & 63;
+          u64* dd = d + (off >> 6);
+          if (aligned || sh == 0) {
+            for (i64 j = 0; j < g.cw; ++j) dd[j] |= src[j];
+          } else {
+            for (i64 j = 0; j < g.cw; ++j) {  // bits beyond c are zero: the high part never leaves the window
+              dd[j] |= src[j] << sh;
+              if ((off >> 6) + j + 1 < kww) dd[j + 1] |= src[j] >> (64 - sh);
+            }
+          }
         }
+        int32_t pc = 0;
+        for (i64 j = 0; j < kww; ++j) pc += __builtin_popcountll(d[j]);
+        cnt[r * g.wo + ow] = pc;
       }
     }
+  });
+}
+
+// The kh window pointers of output pixel ``at`` in plane 0 (``zero`` for rows outside the input) and the
+// popcount of its field summed over planes by Horner's rule, sum_pl 2^pl popcount(field_pl).
+inline i64 field_rows(const Geom& g, const Cursor& at, const u64* win, const int32_t* cnt, const u64* zero,
+                      const u64** rows) {
+  const i64 kww = g.kww(), pw_cnt = g.n * g.h * g.wo;
+  i64 ps = 0;
+  for (i64 a = 0; a < g.kh; ++a) {
+    const i64 ih = at.oh * g.sh - g.ph + a * g.dh;
+    const bool inside = ih >= 0 && ih < g.h;
+    const i64 idx = (at.n * g.h + ih) * g.wo + at.ow;
+    rows[a] = inside ? win + idx * kww : zero;
+    if (inside)
+      for (i64 pl = g.planes - 1; pl >= 0; --pl) ps += static_cast<i64>(cnt[pl * pw_cnt + idx]) << pl;
   }
+  return ps;
 }
 
 struct Epilogue {
@@ -326,74 +351,86 @@ struct Epilogue {
 };
 
 // ------------------------------------------------------------------------------------------------ scalar paths
-// Planes are summed by Horner's rule from the highest: acc = 2 acc + popcount(plane b ...), so
-// acc = sum_b 2^b popcount(...), and the same for popcount(s).
-__attribute__((always_inline)) inline void range_scalar(i64 b, i64 e, const u64* s, const u64* wrows,
-                                                        const Geom& g, const Epilogue& ep) {
-  const i64 L = g.L(), ld = L + 1, P = g.planes;
-  std::vector<u64> col(P * ld);
+// Planes are summed by Horner's rule from the highest: acc = 2 acc + popcount(plane pl ...), so
+// acc = sum_pl 2^pl popcount(...).
+__attribute__((always_inline)) inline void range_scalar(i64 b, i64 e, const u64* win, const int32_t* cnt,
+                                                        const u64* zero, const u64* wrows, const Geom& g,
+                                                        const Epilogue& ep) {
+  const i64 kww = g.kww(), L = g.L(), plane = g.window_words();
+  std::vector<const u64*> rows(g.kh);
   Cursor at(g, b);
   for (i64 p = b; p < e; ++p, at.next(g)) {
-    i64 ps = 0;
-    for (i64 pl = P - 1; pl >= 0; --pl) {
-      u64* c = col.data() + pl * ld;
-      gather(s + pl * g.plane_words, g, at, c);
-      i64 cnt = 0;
-      for (i64 l = 0; l < L; ++l) cnt += __builtin_popcountll(c[l]);
-      ps = 2 * ps + cnt;
-    }
+    const i64 ps = field_rows(g, at, win, cnt, zero, rows.data());
     for (i64 co = 0; co < g.cout; ++co) {
       const u64* wr = wrows + co * L;
       i64 acc = 0;
-      for (i64 pl = P - 1; pl >= 0; --pl) {
-        const u64* c = col.data() + pl * ld;
-        i64 a = 0;
-        for (i64 l = 0; l < L; ++l) a += __builtin_popcountll(c[l] & wr[l]);
-        acc = 2 * acc + a;
+      for (i64 pl = g.planes - 1; pl >= 0; --pl) {
+        i64 a_sum = 0;
+        for (i64 a = 0; a < g.kh; ++a) {
+          if (rows[a] == zero) continue;
+          const u64* r = rows[a] + pl * plane;
+          const u64* wa = wr + a * kww;
+          for (i64 j = 0; j < kww; ++j) a_sum += __builtin_popcountll(r[j] & wa[j]);
+        }
+        acc = 2 * acc + a_sum;
       }
       ep.store(p, co, g.cout, 2 * acc - ps);
     }
   }
 }
 
-void range_generic(i64 b, i64 e, const u64* s, const u64* wrows, const Geom& g, const Epilogue& ep) {
-  range_scalar(b, e, s, wrows, g, ep);
+void range_generic(i64 b, i64 e, const u64* win, const int32_t* cnt, const u64* zero, const u64* wrows,
+                   const Geom& g, const Epilogue& ep) {
+  range_scalar(b, e, win, cnt, zero, wrows, g, ep);
 }
 
 #if BSNN_X86
-__attribute__((target("popcnt"))) void range_popcnt(i64 b, i64 e, const u64* s, const u64* wrows, const Geom& g,
+__attribute__((target("popcnt"))) void range_popcnt(i64 b, i64 e, const u64* win, const int32_t* cnt,
+                                                    const u64* zero, const u64* wrows, const Geom& g,
                                                     const Epilogue& ep) {
-  range_scalar(b, e, s, wrows, g, ep);  // inlined here: __builtin_popcountll becomes the POPCNT instruction
+  range_scalar(b, e, win, cnt, zero, wrows, g, ep);  // inlined: __builtin_popcountll becomes POPCNT
 }
 
 // ------------------------------------------------------------------------------------------------ AVX-512 path
 #define BSNN_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512vpopcntdq")))
 constexpr int kPixels = 4;  // output pixels per register tile (each spike word broadcast to 8 lanes)
 
-// Output channels [co, co + 8 NB) of kPixels pixels: acc[q][v] lane i = sum_b 2^b popcount(s_qb & w+_{co+8v+i});
-// col holds kPixels x P fields of ld words (pixel-major).
+// Output channels [co, co + 8 NB) of kPixels pixels: acc[q][v] lane i = sum_pl 2^pl sum_a sum_j
+// popcount(rows[q][a][pl][j] & w+[co + 8 v + i][a][j]).
 template <int NB>
-BSNN_AVX512 inline void block_avx512(const u64* col, i64 L, i64 ld, i64 P, const i64* ps, int np, i64 p0,
-                                     const u64* wcols, i64 coutp, i64 co, i64 cout, const Epilogue& ep) {
+BSNN_AVX512 inline void block_avx512(const u64* const* rows, const u64* zero, const i64* ps, int np, i64 p0,
+                                     const u64* wcols, i64 coutp, i64 co, const Geom& g, const Epilogue& ep) {
+  const i64 kww = g.kww(), plane = g.window_words(), kh = g.kh;
   __m512i acc[kPixels][NB];
   for (int q = 0; q < kPixels; ++q)
     for (int v = 0; v < NB; ++v) acc[q][v] = _mm512_setzero_si512();
-  for (i64 pl = P - 1; pl >= 0; --pl) {
-    if (pl != P - 1)
+  for (i64 pl = g.planes - 1; pl >= 0; --pl) {
+    if (pl != g.planes - 1)
       for (int q = 0; q < kPixels; ++q)
         for (int v = 0; v < NB; ++v) acc[q][v] = _mm512_add_epi64(acc[q][v], acc[q][v]);
-    const u64* cp = col + pl * ld;
-    for (i64 l = 0; l < L; ++l) {
-      __m512i w[NB];
-      for (int v = 0; v < NB; ++v) w[v] = _mm512_loadu_si512(wcols + l * coutp + co + 8 * v);
+    for (i64 a = 0; a < kh; ++a) {
+      const u64* r[kPixels];
+      bool any = false;
       for (int q = 0; q < kPixels; ++q) {
-        const __m512i sb = _mm512_set1_epi64(static_cast<long long>(cp[q * P * ld + l]));
-        for (int v = 0; v < NB; ++v)
-          acc[q][v] = _mm512_add_epi64(acc[q][v], _mm512_popcnt_epi64(_mm512_and_si512(sb, w[v])));
+        const u64* base = rows[q * kh + a];
+        r[q] = base == zero ? zero : base + pl * plane;
+        any |= base != zero;
+      }
+      if (!any) continue;  // this kernel row is padding for all four pixels
+      const u64* wa = wcols + a * kww * coutp + co;
+      for (i64 j = 0; j < kww; ++j) {
+        __m512i w[NB];
+        for (int v = 0; v < NB; ++v) w[v] = _mm512_loadu_si512(wa + j * coutp + 8 * v);
+        for (int q = 0; q < kPixels; ++q) {
+          const __m512i sb = _mm512_set1_epi64(static_cast<long long>(r[q][j]));
+          for (int v = 0; v < NB; ++v)
+            acc[q][v] = _mm512_add_epi64(acc[q][v], _mm512_popcnt_epi64(_mm512_and_si512(sb, w[v])));
+        }
       }
     }
   }
   const __m256 scale = _mm256_set1_ps(ep.scale);
+  const i64 cout = g.cout;
   for (int q = 0; q < np; ++q) {
     const __m512i psv = _mm512_set1_epi64(ps[q]);
     for (int v = 0; v < NB; ++v) {
@@ -408,46 +445,34 @@ BSNN_AVX512 inline void block_avx512(const u64* col, i64 L, i64 ld, i64 P, const
   }
 }
 
-BSNN_AVX512 void range_avx512(i64 b, i64 e, const u64* s, const u64* wcols, i64 coutp, const Geom& g,
-                              const Epilogue& ep) {
-  const i64 L = g.L(), ld = L + 1, P = g.planes;
-  std::vector<u64> col(kPixels * P * ld);
+BSNN_AVX512 void range_avx512(i64 b, i64 e, const u64* win, const int32_t* cnt, const u64* zero,
+                              const u64* wcols, i64 coutp, const Geom& g, const Epilogue& ep) {
+  std::vector<const u64*> rows(kPixels * g.kh);
   i64 ps[kPixels];
   Cursor at(g, b);
   for (i64 p0 = b; p0 < e; p0 += kPixels) {
     const int np = static_cast<int>(std::min<i64>(kPixels, e - p0));
     for (int q = 0; q < kPixels; ++q) {
-      ps[q] = 0;
-      if (q >= np) {
-        std::memset(col.data() + q * P * ld, 0, P * ld * sizeof(u64));
-        continue;
+      if (q < np) {
+        ps[q] = field_rows(g, at, win, cnt, zero, rows.data() + q * g.kh);
+        at.next(g);
+      } else {
+        ps[q] = 0;
+        std::fill(rows.begin() + q * g.kh, rows.begin() + (q + 1) * g.kh, zero);
       }
-      for (i64 pl = P - 1; pl >= 0; --pl) {
-        u64* c = col.data() + (q * P + pl) * ld;
-        gather(s + pl * g.plane_words, g, at, c);
-        __m512i cnt = _mm512_setzero_si512();
-        i64 l = 0;
-        for (; l + 8 <= L; l += 8) cnt = _mm512_add_epi64(cnt, _mm512_popcnt_epi64(_mm512_loadu_si512(c + l)));
-        if (l < L) {
-          const __mmask8 m = static_cast<__mmask8>((1u << (L - l)) - 1);
-          cnt = _mm512_add_epi64(cnt, _mm512_popcnt_epi64(_mm512_maskz_loadu_epi64(m, c + l)));
-        }
-        ps[q] = 2 * ps[q] + _mm512_reduce_add_epi64(cnt);
-      }
-      at.next(g);
     }
     i64 co = 0;
-    for (; co + 32 <= coutp; co += 32)
-      block_avx512<4>(col.data(), L, ld, P, ps, np, p0, wcols, coutp, co, g.cout, ep);
-    for (; co < coutp; co += 8) block_avx512<1>(col.data(), L, ld, P, ps, np, p0, wcols, coutp, co, g.cout, ep);
+    for (; co + 32 <= coutp; co += 32) block_avx512<4>(rows.data(), zero, ps, np, p0, wcols, coutp, co, g, ep);
+    for (; co < coutp; co += 8) block_avx512<1>(rows.data(), zero, ps, np, p0, wcols, coutp, co, g, ep);
   }
 }
 #endif
 
 // ------------------------------------------------------------------------------------------------ entry points
-// s: packed spikes [N, H, W, CW] or bit planes of counts [P, N, H, W, CW] (plane b = bit b); wrows [Cout, L],
-// wcols [L, CoutP]; geometry = (c, kh, kw, sh, sw, ph, pw, dh, dw), c the input channels, L = ceil(kh kw c / 64).
-// Returns scale * sum_b 2^b (2 popcount(s_b & w+) - popcount(s_b)) (+ bias), [N, Ho, Wo, Cout] float32.
+// s: packed spikes [N, H, W, CW] or bit planes of counts [P, N, H, W, CW] (plane pl = bit pl); wrows [Cout, L],
+// wcols [L, CoutP], L = kh ceil(kw c / 64) (each kernel row's kw * c bits in (kw, channel) order, in its own
+// words); geometry = (c, kh, kw, sh, sw, ph, pw, dh, dw), c the input channels.
+// Returns scale * sum_pl 2^pl (2 popcount(s_pl & w+) - popcount(s_pl)) (+ bias), [N, Ho, Wo, Cout] float32.
 at::Tensor conv(const at::Tensor& s, const at::Tensor& wrows, const at::Tensor& wcols,
                 const std::optional<at::Tensor>& bias, std::vector<int64_t> geom, double scale, int64_t path) {
   TORCH_CHECK((s.dim() == 4 || s.dim() == 5) && s.scalar_type() == at::kLong && s.is_contiguous(),
@@ -455,7 +480,7 @@ at::Tensor conv(const at::Tensor& s, const at::Tensor& wrows, const at::Tensor& 
   TORCH_CHECK(geom.size() == 9, "bitpack.conv: geometry is (c, kh, kw, sh, sw, ph, pw, dh, dw)");
   const at::Tensor s5 = s.dim() == 5 ? s : s.unsqueeze(0);
   Geom g{s5.size(1), s5.size(2), s5.size(3), geom[0], s5.size(4), wrows.size(0), geom[1], geom[2], geom[3],
-         geom[4], geom[5], geom[6], geom[7], geom[8], 0, 0, s5.size(0), s5.size(1) * s5.size(2) * s5.size(3) * s5.size(4)};
+         geom[4], geom[5], geom[6], geom[7], geom[8], 0, 0, s5.size(0)};
   TORCH_CHECK(g.planes >= 1 && g.planes <= 8, "bitpack.conv: 1 to 8 bit planes expected, got ", g.planes);
   TORCH_CHECK(g.c > 0 && (g.c + 63) / 64 == g.cw, "bitpack.conv: ", g.c, " channels do not fill ", g.cw, " words");
   g.ho = (g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
@@ -480,13 +505,35 @@ at::Tensor conv(const at::Tensor& s, const at::Tensor& wrows, const at::Tensor& 
   const u64* wr = reinterpret_cast<const u64*>(wrows.data_ptr<int64_t>());
   const u64* wc = reinterpret_cast<const u64*>(wcols.data_ptr<int64_t>());
   const i64 coutp = wcols.size(1);
+  // a linear layer (1 x 1 kernel on 1 x 1 maps) is its own window: no copy
+  const bool identity = g.kh == 1 && g.kw == 1 && g.h == 1 && g.w == 1 && g.ph == 0 && g.pw == 0;
+  at::Tensor win_t, cnt_t = at::empty({g.planes * g.n * g.h * g.wo}, s.options().dtype(at::kInt));
+  const u64* win;
+  if (identity) {
+    win = sp;
+    const i64 kww = g.kww();
+    int32_t* c = cnt_t.data_ptr<int32_t>();
+    at::parallel_for(0, cnt_t.numel(), 1024, [&](i64 lo, i64 hi) {
+      for (i64 i = lo; i < hi; ++i) {
+        int32_t pc = 0;
+        for (i64 j = 0; j < kww; ++j) pc += __builtin_popcountll(sp[i * kww + j]);
+        c[i] = pc;
+      }
+    });
+  } else {
+    win_t = at::empty({g.planes * g.window_words()}, s.options());
+    build_windows(sp, g, reinterpret_cast<u64*>(win_t.data_ptr<int64_t>()), cnt_t.data_ptr<int32_t>());
+    win = reinterpret_cast<const u64*>(win_t.data_ptr<int64_t>());
+  }
+  const int32_t* cnt = cnt_t.data_ptr<int32_t>();
+  const std::vector<u64> zero(g.kww(), 0);
   const i64 grain = std::max<i64>(16, 65536 / std::max<i64>(1, g.L() * g.planes * g.cout));
   at::parallel_for(0, g.M(), grain, [&](i64 lo, i64 hi) {
 #if BSNN_X86
-    if (chosen == kAvx512) return range_avx512(lo, hi, sp, wc, coutp, g, ep);
-    if (chosen == kPopcnt) return range_popcnt(lo, hi, sp, wr, g, ep);
+    if (chosen == kAvx512) return range_avx512(lo, hi, win, cnt, zero.data(), wc, coutp, g, ep);
+    if (chosen == kPopcnt) return range_popcnt(lo, hi, win, cnt, zero.data(), wr, g, ep);
 #endif
-    range_generic(lo, hi, sp, wr, g, ep);
+    range_generic(lo, hi, win, cnt, zero.data(), wr, g, ep);
   });
   return y;
 }
