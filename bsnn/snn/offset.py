@@ -167,8 +167,8 @@ def cos_pre_steps(snn: SpikingNetwork, step: Step, pre_steps: int) -> dict[str, 
     """Run COS's ρ pre-steps layer by layer; return every IF layer's initial membrane for the real run ``[B, ...]``.
 
     For IF layer l (graph order) the network runs ρ single steps from a reset, each stopped once l has run, the
-    layers before l starting from their shifted membranes; l's membranes and spikes give its shift (:func:`cos_initial_membrane`). The network is
-    left reset.
+    layers before l starting from their shifted membranes; l's membranes and spikes give its shift
+    (:func:`cos_initial_membrane`). The network is left reset.
     """
     shifted: dict[str, torch.Tensor] = {}
     for name, neuron in snn.neurons().items():
