@@ -207,6 +207,35 @@ def test_training_smoke_reduces_the_loss(method):
     assert bool(d.stat_frozen)
 
 
+def test_estimated_statistics_survive_a_killed_and_resumed_run(tmp_path):
+    """Killed after the first epoch and resumed from its checkpoint: the same weights and frozen statistic as an
+    uninterrupted run (the running sums are checkpointed with the distiller)."""
+    x, y = _data(32)
+    loader = DataLoader(TensorDataset(x.float(), y), batch_size=8)
+    cfg = TrainConfig(epochs=3, lr=0.02)
+
+    def run(ck=None, resume=False, stop=None):
+        student, teacher = _net(0).float(), _net(10, width=6).float()
+        d = build_distiller(student, teacher, DistillConfig(method="domain_kd"))
+
+        def kill(epoch, _m):
+            if epoch == stop:
+                raise KeyboardInterrupt
+
+        try:
+            fit(d, student, loader, cfg, checkpoint_path=ck, resume=resume, quiet=True, on_epoch_end=kill)
+        except KeyboardInterrupt:
+            pass
+        return student, d
+
+    ref_student, ref_d = run()
+    run(tmp_path / "ck.pt", stop=1)
+    student, d = run(tmp_path / "ck.pt", resume=True)
+    for a, b in zip(student.state_dict().values(), ref_student.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert d.stat_frozen and torch.equal(d.class_targets(), ref_d.class_targets())
+
+
 # ------------------------------------------------------------------------------------------ statistics, shares
 
 

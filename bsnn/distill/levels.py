@@ -21,10 +21,10 @@ domain, instance) on one student and budget and reports how much of KD's gain ea
 The statistics are training-set means of the frozen teacher. Given in ``params`` (``confidence``,
 ``class_targets``: what :func:`bsnn.distill.analysis.teacher_statistics` computes), they are used as they are.
 Left at None, the method estimates them itself during the first epoch: every training batch adds its teacher
-probabilities to running sums (buffers) and the soft labels use the mean so far (this batch included); from
+probabilities to running sums and the soft labels use the mean so far (this batch included); from
 ``set_epoch(1)`` on (``fit`` calls it before the second epoch) the first epoch's means are frozen (summed over the
-ranks under torchrun): the exact training-set statistics of an un-augmented loader. The buffers are checkpointed
-with the distiller, so a resumed run keeps them.
+ranks under torchrun): the exact training-set statistics of an un-augmented loader. The sums are the distiller's
+extra state (in its ``state_dict``), so a resumed run keeps them.
 
 The authors published no code for these ablations; this module follows the definitions above (the paper's §3 and
 the analysis this project's issue #17 asks for).
@@ -105,9 +105,18 @@ class _TeacherStatistic(Distiller):
     def __init__(self, student, teacher, cfg, **context) -> None:
         super().__init__(student, teacher, cfg, **context)
         self.given = self.check_given(self.hparams[self.given_key])
-        self.register_buffer("stat_sum", torch.zeros(0, dtype=torch.float64))
-        self.register_buffer("stat_count", torch.zeros(0, dtype=torch.float64))
-        self.register_buffer("stat_frozen", torch.tensor(False))
+        # Running sums: the module's extra state (checkpointed), not buffers, which DDP would overwrite with rank 0's
+        # before every forward; each rank sums its own shard and the ranks' sums are added when frozen.
+        self.stat_sum = torch.zeros(0, dtype=torch.float64)
+        self.stat_count = torch.zeros(0, dtype=torch.float64)
+        self.stat_frozen = False
+
+    def get_extra_state(self) -> dict:
+        return {"stat_sum": self.stat_sum, "stat_count": self.stat_count, "stat_frozen": self.stat_frozen}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.stat_sum, self.stat_count = state["stat_sum"], state["stat_count"]
+        self.stat_frozen = bool(state["stat_frozen"])
 
     def check_given(self, value):  # pragma: no cover - overridden
         raise NotImplementedError
@@ -121,11 +130,12 @@ class _TeacherStatistic(Distiller):
         sums; in eval mode it is counted without being stored)."""
         if self.given is not None:
             return self.given, None
-        if bool(self.stat_frozen):
+        if self.stat_frozen:
             return self.stat_sum, self.stat_count
         s, n = self.batch_statistic(F.softmax(z_t.double() / self.temperature, dim=1), y)
         if self.stat_sum.numel() == 0:
             self.stat_sum, self.stat_count = torch.zeros_like(s), torch.zeros_like(n)
+        self.stat_sum, self.stat_count = self.stat_sum.to(s.device), self.stat_count.to(s.device)
         if self.training:
             self.stat_sum += s
             self.stat_count += n
@@ -135,16 +145,10 @@ class _TeacherStatistic(Distiller):
     def set_epoch(self, epoch: int) -> None:
         """Freeze the first epoch's statistic when the second epoch starts (summed over the ranks)."""
         super().set_epoch(epoch)
-        if self.given is None and int(epoch) >= 1 and not bool(self.stat_frozen) and self.stat_sum.numel():
+        if self.given is None and int(epoch) >= 1 and not self.stat_frozen and self.stat_sum.numel():
             self.stat_sum = all_reduce_tensor_sum(self.stat_sum)
             self.stat_count = all_reduce_tensor_sum(self.stat_count)
-            self.stat_frozen.fill_(True)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("stat_sum", "stat_count"):  # sized by the first batch: take the checkpoint's shape
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            self.stat_frozen = True
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> dict:
         z_t = self.teacher_logits(x)
