@@ -185,11 +185,10 @@ def knowledge_levels(teacher: nn.Module, make_student: Callable[[], nn.Module], 
     for r in rows:
         r["share"] = None if r["level"] == "ce" else fractions["test"][r["level"]]
         r["cumulative_share"] = None if r["level"] == "ce" else fractions["test"][f"{r['level']}_cumulative"]
-    inst = METHODS.get("kd")
     base = distill or DistillConfig()
     return {"levels": rows, "gain_fractions": fractions, "epochs": cfg.epochs, "temperature": t,
-            "ce_weight": float(inst.default_ce_weight if base.ce_weight is None else base.ce_weight),
-            "kd_weight": float(inst.default_kd_weight if base.kd_weight is None else base.kd_weight),
+            "ce_weight": float(kd.default_ce_weight if base.ce_weight is None else base.ce_weight),
+            "kd_weight": float(kd.default_kd_weight if base.kd_weight is None else base.kd_weight),
             "statistics": {k: stats[k] for k in ("confidence", "samples", "temperature", "class_counts")},
             "class_targets": stats["class_targets"]}
 
@@ -258,8 +257,8 @@ def select_teacher(candidates: Sequence[tuple[str, nn.Module]], make_student: Ca
         raise ConfigError(f"teacher selection needs a method that distils from one given teacher; "
                           f"distill.method={distill.method} does not (choose e.g. kd, dkd, dist)")
     device = torch.device(device)
-    short = dataclasses.replace(cfg, epochs=int(select_epochs), warmup_epochs=min(cfg.warmup_epochs,
-                                                                                   float(select_epochs)))
+    short = dataclasses.replace(cfg, epochs=int(select_epochs), keep_epochs=[], select_epochs=0,
+                                warmup_epochs=min(cfg.warmup_epochs, float(select_epochs)))
     rows = []
     for i, (name, teacher) in enumerate(candidates):
         set_seed(seed)
