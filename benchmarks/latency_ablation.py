@@ -82,6 +82,7 @@ def conversion_rows() -> dict[str, tuple[str, ConvertConfig]]:
         "default + percentile search @T=4": ("candidate", dataclasses.replace(
             default, search_percentiles=[99.9, 99.99, 99.999, 100.0], search_timesteps=4, search_samples=512)),
         "default, potential calibration @T=4": ("candidate", dataclasses.replace(default, snn_calibration_timesteps=4)),
+        "default without potential calibration": ("candidate", dataclasses.replace(default, snn_calibration="none")),
     }
 
 
@@ -304,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--fresh", action="store_true", help="recompute rows found in the results file")
     p.add_argument("--no-sj", action="store_true", help="skip the spikingjelly rows")
+    p.add_argument("--drop-rows", default="", help="comma-separated row labels to forget from the results file")
     p.add_argument("--rows", default="", help="comma-separated substrings: only rows whose label contains one")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results")
@@ -322,6 +324,9 @@ def main(argv: list[str] | None = None) -> None:
         payload = {}
     payload.update(command=command_line(), machine=machine_info(), started=payload.get("started", now_iso()))
     payload.setdefault("networks", {})
+    for d in payload["networks"].values():  # rows measured with an earlier definition
+        for label in [k for k in d["rows"] if k in set(args.drop_rows.split(","))]:
+            del d["rows"][label]
 
     def save() -> None:
         payload["machine"]["load_average_at_end"] = load_average()
@@ -338,20 +343,28 @@ def extra_rows() -> dict[str, tuple[str, ConvertConfig]]:
     offset-spike corrections), each alone on plain max-norm and added to the default recipe as a candidate."""
     fields = {f.name for f in dataclasses.fields(ConvertConfig)}
     out: dict[str, tuple[str, ConvertConfig]] = {}
-    options = [({"threshold_opt": "ltb"}, "LTB threshold optimisation"),
-               ({"snn_calibration": "advanced"}, "SNN Calibration advanced (potential + weights)"),
-               ({"offset_correction": "cos", "offset_pre_steps": 4}, "COS offset spikes, ρ = 4"),
-               ({"offset_correction": "srp", "offset_pre_steps": 4}, "SRP residual membrane, τ = 4")]
-    for change, label in options:
+    # (change, label, base of the 'alone' row, base of the candidate). COS / SRP are the authors' corrections of a
+    # θ/2-shifted network without other initial charge (their QCFS networks start at θ/2): COS's rule assumes the
+    # initial membrane is below θ (a neuron still >= θ after firing on every pre-step is raised by 1001 θ), so
+    # it is paired with the θ/2 shift and without potential calibration (whose initial charge is several θ).
+    no_cal = {"snn_calibration": "none"}
+    options = [({"threshold_opt": "ltb"}, "LTB threshold optimisation", {}, {}),
+               ({"snn_calibration": "advanced"}, "SNN Calibration advanced (potential + weights)", {}, {}),
+               ({"offset_correction": "cos", "offset_pre_steps": 4}, "COS offset spikes, ρ = 4",
+                {"v_init": 0.5}, no_cal),
+               ({"offset_correction": "srp", "offset_pre_steps": 4}, "SRP residual membrane, τ = 4",
+                {"v_init": 0.5}, no_cal)]
+    for change, label, alone_base, cand_base in options:
         if not set(change) <= fields:
             continue
         try:
-            alone = plain(**change)
+            alone = plain(**alone_base, **change)
             alone.validate()
         except Exception:  # noqa: BLE001 - the option is not available in this checkout
             continue
-        out[label] = ("alone", alone)
-        out[f"default + {label}"] = ("candidate", dataclasses.replace(ConvertConfig(), **change))
+        out[("shift θ/2 + " if alone_base else "") + label] = ("alone", alone)
+        out[f"default{' without potential calibration' if cand_base else ''} + {label}"] = (
+            "candidate", dataclasses.replace(ConvertConfig(), **cand_base, **change))
     return out
 
 
