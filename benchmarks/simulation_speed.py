@@ -228,6 +228,14 @@ def build_markdown(payload: dict) -> str:
                                   "sj multi-step", "sj single-step",
                                   "bsnn / sj", "bsnn / dense", "dense s", "bsnn peak MiB", "sj-m peak MiB"], rows),
                   ""]
+        if net.get("layers"):
+            lines += ["Binary layers one by one (input of the first timestep, process CPU time, min of the rounds): "
+                      "bf16 vs bitpack synapse mode; quantum < 1 = average-pooled input, computed by bitpack as "
+                      "bit planes of the counts.", "",
+                      markdown_table(["layer", "input", "quantum", "bf16 ms", "bitpack ms", "bitpack speed-up"],
+                                     [[r["layer"], "x".join(map(str, r["input"])), f"{r['quantum']:g}",
+                                       f"{r['bf16_ms']:.2f}", f"{r['bitpack_ms']:.2f}",
+                                       f"{r['bitpack_speedup']:.2f}x"] for r in net["layers"]]), ""]
         if net.get("profile_T32"):
             lines += ["Where bsnn's time goes (torch.profiler, one T = 32 simulation, share of CPU time): "
                       + ", ".join(f"{k} {v:.0f} %" for k, v in net["profile_T32"].items()) + ".", ""]
@@ -294,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"dense {dense_T:.3f} s -> x{min(m_s, s_s) / b_s:.2f} vs sj, {b_s / dense_T:.2f} of dense")
             entry["rows"].append(row)
         entry["profile_T32"] = profile_shares(snn, x, 8 if args.quick else 32)
+        entry["layers"] = layer_speeds(snn, x, reps) if bitpack.extension_paths() else []
         payload["networks"].append(entry)
         if "VGG" in net["name"]:
             payload["integer"] = integer_check(snn, x, ts[:2], reps)
@@ -321,6 +330,39 @@ def profile_shares(snn, x: torch.Tensor, T: int = 32) -> dict[str, float]:
         groups[g] = groups.get(g, 0.0) + e.self_cpu_time_total
     total = sum(groups.values()) or 1.0
     return {k: round(100.0 * v / total, 1) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}
+
+
+def layer_speeds(snn, x: torch.Tensor, reps: int) -> list[dict]:
+    """Each eligible binary layer in the ``bf16`` and the ``bitpack`` synapse modes, on the input it receives at the
+    first timestep of a simulation of ``x``: process CPU time (robust to other processes' load), min of the rounds."""
+    from bsnn.simulate import run_batch
+    from bsnn.snn.synapse import SYNAPSE_MODES, BinarySynapse, synapse_mode
+
+    inputs: dict[str, torch.Tensor] = {}
+    rows = []
+    with synapse_mode(snn, "bitpack") as layers:
+        syns = {n: m for n, m in snn.graph_module.named_modules() if isinstance(m, BinarySynapse)}
+        hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: inputs.setdefault(n, a[0].detach().clone()))
+                 for n, m in syns.items()]
+        run_batch(snn, x, 1, 1)
+        for h in hooks:
+            h.remove()
+        for name, syn in syns.items():
+            xin, row = inputs[name], {"layer": name, "input": list(inputs[name].shape), "quantum": layers[name]}
+            for mode in ("bf16", "bitpack"):
+                fn = SYNAPSE_MODES.get(mode)
+                fn(syn, xin)
+                ts = []
+                for _ in range(max(5, reps)):
+                    t0 = time.process_time()
+                    fn(syn, xin)
+                    ts.append(time.process_time() - t0)
+                row[f"{mode}_ms"] = 1e3 * min(ts)
+            row["bitpack_speedup"] = row["bf16_ms"] / max(row["bitpack_ms"], 1e-9)
+            log(f"  layer {name} {row['input']} q={row['quantum']:g}: bf16 {row['bf16_ms']:.2f} ms, "
+                f"bitpack {row['bitpack_ms']:.2f} ms (x{row['bitpack_speedup']:.2f})")
+            rows.append(row)
+    return rows
 
 
 def integer_check(snn, x: torch.Tensor, ts: list[int], reps: int) -> list[dict]:

@@ -168,12 +168,15 @@ def test_pack_counts_planes(engine):
         n = torch.randint(0, top + 1, (2, 70, 3, 5), generator=g)
         n[0, 0, 0, 0] = top
         x = (n * quantum).float()
-        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        for inp in (x, x.contiguous(memory_format=torch.channels_last),
+                    x.contiguous(memory_format=torch.channels_last).bfloat16() if top < 256 else x):
             planes, exact = eng.pack_counts(inp, quantum)
             assert exact and planes.shape == (top.bit_length(), 2, 3, 5, 2)
             for b in range(planes.shape[0]):  # plane b = bit b of the counts, channels packed per pixel
                 assert torch.equal(bp.unpack_bits(planes[b], 70), ((n >> b) & 1).permute(0, 2, 3, 1).to(torch.uint8))
-        assert not eng.pack_counts(x + quantum / 2, quantum)[1] and not eng.pack_counts(-x - quantum, quantum)[1]
+        for bad in (x + quantum / 2, -x - quantum, x * 300 / top):
+            assert not eng.pack_counts(bad, quantum)[1]
+            assert not eng.pack_counts(bad.contiguous(memory_format=torch.channels_last), quantum)[1]
 
 
 # ------------------------------------------------------------------------------------------ Triton (interpreter)
@@ -200,6 +203,7 @@ TRITON_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess importing torch and triton: 5 s on an idle machine, 40 s on a loaded one
 def test_triton_bitpack_matches_fp32_in_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}

@@ -271,7 +271,14 @@ def bitpack_mode(syn: BinarySynapse, x: torch.Tensor) -> torch.Tensor:
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` on CUDA and on CPUs with native bf16 (oneDNN), else ``float``; others unchanged."""
+    """``auto`` -> ``bf16`` on CUDA and on CPUs with native bf16 (oneDNN), else ``float``; others unchanged.
+
+    ``bitpack`` is not an automatic choice: on the AVX-512 VPOPCNTDQ + AVX512-BF16 CPU it was measured on
+    (``benchmarks/simulation_speed.py``) whole simulations of the benchmark networks (16-128 channels, half of
+    the binary layers fed by average-pooled spikes, i.e. bit planes) ran 1.3x slower than in ``bf16``, although
+    single layers fed by spikes with 64 or more input channels ran 3-5x faster; ask for it with
+    ``synapse='bitpack'``.
+    """
     if mode != "auto":
         SYNAPSE_MODES.get(mode)
         return mode
@@ -303,7 +310,8 @@ def synapse_mode(snn, mode: str) -> Iterator[dict[str, float]]:
 
     In ``bf16`` mode two fusions follow: a layer whose only consumer is an IF neuron hands it the exact bf16 sum
     and its bias (added inside the neuron's kernel, the same float32 operations in the same order), and IF
-    neurons that feed only such layers emit bf16 spikes (0/1 are exact). Layers already swapped by something
+    neurons that feed only such layers emit bf16 spikes (0/1 are exact); in ``bitpack`` mode the second one
+    (the packer reads bf16). Layers already swapped by something
     else (e.g. hardware constraints) are left alone. Everything is restored on exit, also after an exception.
     """
     gm = snn.graph_module

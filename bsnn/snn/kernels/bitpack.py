@@ -9,6 +9,15 @@ an integer, so the result is exact and bit-identical to the fp32 convolution (th
 AND-popcount form of the XNOR-popcount product of binary networks (XNOR-Net, Rastegari et al. 2016; the
 {0, 1} x {±1} case is the one of binary *spiking* layers, where the input bits are the spikes themselves).
 
+Compared with the CPU kernel of BMXNet (Yang et al. 2017; ``hpi-xnor/BMXNet``, ``smd_hpi/src/xnor_cpu.cc``,
+``xnor_gemm``: one packed input word broadcast against a row of packed weights laid out [K words, N outputs],
+``popcount(~(a ^ b))`` accumulated into the float output): the same broadcast-against-transposed-weights loop
+(our ``cols [L, CoutP]``, 8 outputs per AVX-512 VPOPCNTQ instead of one ``__builtin_popcountl``), but (1) AND
+with the ``+1`` bits and ``2·popcount − popcount(s)`` instead of XNOR, since the inputs are {0, 1}, not ±1 (no
+``K − 2·popcount(a ⊕ b)`` correction, and zero padding is simply zero bits, where BMXNet's ±1 encoding cannot
+represent it); (2) integer accumulation, converted to float once, with the bias added afterwards (exactness);
+(3) a direct convolution on row windows instead of BMXNet's patch2col + gemm; (4) bit planes for pooled inputs.
+
 Inputs that are not {0, 1} — average-pooled spikes, multiples ``n·q`` of a quantum ``q = 2^-k`` with small integer
 counts ``n`` (:mod:`bsnn.snn.synapse`) — are split into bit planes: ``n = Σ_b 2^b·n_b`` with ``n_b ∈ {0, 1}``, and
 ``y = Σ_b q·2^b·(2·popcount(n_b ∧ w⁺) − popcount(n_b))``, still exact (every partial sum is an integer multiple
@@ -255,7 +264,7 @@ def cpp_engine(path: str = "auto") -> Engine:
         return ops.conv(s, pw.rows, pw.cols, None if bias is None else bias.detach(), geom, float(scale), pid)
 
     return Engine(f"cpp:{path}", lambda x: tuple(ops.pack(x, pid)),
-                  lambda x, q: tuple(ops.pack_counts(x, 1.0 / q)), conv)
+                  lambda x, q: tuple(ops.pack_counts(x, 1.0 / q, pid)), conv)
 
 
 # --------------------------------------------------------------------------------------- layers

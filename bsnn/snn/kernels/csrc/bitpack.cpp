@@ -28,6 +28,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -538,18 +539,62 @@ at::Tensor conv(const at::Tensor& s, const at::Tensor& wrows, const at::Tensor& 
   return y;
 }
 
+#if BSNN_X86
+// One channels-last row of counts: 16 channels per step; x * iq converted to int32, checked to be an integer in
+// [0, 255], and bit b of the counts of the 16 lanes OR-ed into word j of plane b.
+template <typename T>
+BSNN_AVX512BW void counts_row_avx512(const T* xr, i64 C, i64 W, i64 sW, float iq, u64* orow, i64 CW, i64 plane,
+                                     unsigned* bits, bool* bad) {
+  __m512i orv = _mm512_setzero_si512();
+  __mmask16 badm = 0;
+  const __m512 iqv = _mm512_set1_ps(iq);
+  for (i64 w = 0; w < W; ++w) {
+    const T* xp = xr + w * sW;
+    u64* ow = orow + w * CW;
+    for (i64 c0 = 0; c0 < C; c0 += 16) {
+      const i64 n = std::min<i64>(16, C - c0);
+      const __mmask16 t = n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+      __m512 f;
+      if constexpr (std::is_same_v<T, float>) {
+        f = _mm512_maskz_loadu_ps(t, xp + c0);
+      } else {  // bfloat16 -> float32: the 16 bits on top of a zero low half (exact)
+        const __m256i h = _mm256_maskz_loadu_epi16(t, xp + c0);
+        f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      }
+      f = _mm512_mul_ps(f, iqv);  // exact: iq is a power of two
+      __m512i ni = _mm512_cvttps_epi32(f);
+      const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_cvtepi32_ps(ni), f, _CMP_EQ_OQ) &
+                           _mm512_cmpge_epi32_mask(ni, _mm512_setzero_si512()) &
+                           _mm512_cmple_epi32_mask(ni, _mm512_set1_epi32(255));
+      badm |= t & static_cast<__mmask16>(~ok);
+      ni = _mm512_maskz_mov_epi32(t & ok, ni);
+      orv = _mm512_or_si512(orv, ni);
+      const i64 j = c0 >> 6, sh = c0 & 63;
+      for (int b = 0; b < 8; ++b) {
+        const __mmask16 m = _mm512_test_epi32_mask(ni, _mm512_set1_epi32(1 << b));
+        if (m) ow[b * plane + j] |= static_cast<u64>(m) << sh;
+      }
+    }
+  }
+  *bits |= static_cast<unsigned>(_mm512_reduce_or_epi32(orv));
+  *bad |= badm != 0;
+}
+#endif
+
 // x [N, C, H, W] float32 / bfloat16 (any strides), multiples n·q of a quantum q = 1 / inv_quantum (a power of two)
 // with integer counts 0 <= n <= 255 -> (planes [P, N, H, W, CW], exact): plane b holds bit b of the counts,
 // P = the bit length of the largest count (at least 1); exact is false if some value is not such a multiple.
-std::tuple<at::Tensor, bool> pack_counts(const at::Tensor& x, double inv_quantum) {
+std::tuple<at::Tensor, bool> pack_counts(const at::Tensor& x, double inv_quantum, int64_t path) {
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "bitpack.pack_counts: expected a CPU x [N, C, H, W]");
-  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const bool vec = (path == kAuto || path == kAvx512) && cpu_has_avx512bw() && x.stride(1) == 1 &&
+                   (bf16 || x.scalar_type() == at::kFloat);
+  const at::Tensor xf = vec || x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
   const i64 N = xf.size(0), C = xf.size(1), H = xf.size(2), W = xf.size(3), CW = (C + 63) / 64;
   const i64 sN = xf.stride(0), sC = xf.stride(1), sH = xf.stride(2), sW = xf.stride(3);
   const i64 plane = N * H * W * CW;
   at::Tensor out = at::zeros({8, N, H, W, CW}, xf.options().dtype(at::kLong));
   u64* o = reinterpret_cast<u64*>(out.data_ptr<int64_t>());
-  const float* xp = xf.data_ptr<float>();
   const float iq = static_cast<float>(inv_quantum);
   std::atomic<unsigned> any_bits{0};
   std::atomic<bool> inexact{false};
@@ -557,8 +602,19 @@ std::tuple<at::Tensor, bool> pack_counts(const at::Tensor& x, double inv_quantum
     unsigned bits = 0;
     bool bad = false;
     for (i64 r = b; r < e; ++r) {
-      const float* xr = xp + (r / H) * sN + (r % H) * sH;
+      const i64 off = (r / H) * sN + (r % H) * sH;
       u64* orow = o + r * W * CW;
+#if BSNN_X86
+      if (vec) {
+        if (bf16)
+          counts_row_avx512<uint16_t>(reinterpret_cast<const uint16_t*>(xf.data_ptr<at::BFloat16>()) + off, C, W,
+                                      sW, iq, orow, CW, plane, &bits, &bad);
+        else
+          counts_row_avx512<float>(xf.data_ptr<float>() + off, C, W, sW, iq, orow, CW, plane, &bits, &bad);
+        continue;
+      }
+#endif
+      const float* xr = xf.data_ptr<float>() + off;
       for (i64 w = 0; w < W; ++w)
         for (i64 c = 0; c < C; ++c) {
           const float f = xr[w * sW + c * sC] * iq;  // exact: iq is a power of two
@@ -595,6 +651,6 @@ std::string cpu_paths() {
 TORCH_LIBRARY(bsnn_bitpack, m) {
   m.def("pack", &pack);  // (x, path)
   m.def("conv", &conv);
-  m.def("pack_counts", &pack_counts);
+  m.def("pack_counts", &pack_counts);  // (x, 1 / quantum, path)
   m.def("cpu_paths", &cpu_paths);
 }
