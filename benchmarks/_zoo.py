@@ -30,7 +30,9 @@ from bsnn.data import build_loaders, calibration_loader  # noqa: E402
 @dataclass
 class ZooNetwork:
     """A zoo model (eval mode) and its splits: ``calib`` (first 2,048 training images, batch 256), ``val`` and
-    ``test`` datasets yielding ``(x [3, 32, 32] normalised, y)``."""
+    ``test`` datasets yielding ``(x [3, 32, 32] normalised, y)``; ``train``: the training split it was trained on
+    (``bsnn run`` entries: bsnn's ``ArrayDataset`` with its random crop + flip, in the loader's stored seeded
+    order; plain entries: the first 45,000 images, not augmented — ``train_plain_vgg.augment`` works on batches)."""
 
     name: str
     model: torch.nn.Module
@@ -39,6 +41,7 @@ class ZooNetwork:
     val: Dataset
     test: Dataset
     data_note: str
+    train: Dataset | None = None
 
 
 def _run_splits(card: dict):
@@ -49,7 +52,7 @@ def _run_splits(card: dict):
     if any(abs(a - b) > 1e-6 for a, b in zip(mean, card["normalisation"]["mean"])):
         raise RuntimeError(f"{card['name']}: rebuilt normalisation {mean} differs from the card's "
                            f"{card['normalisation']['mean']}: the data file or loader changed")
-    return calibration_loader(s, cfg, 2048), s.val, s.test
+    return calibration_loader(s, cfg, 2048), s.val, s.test, s.train
 
 
 _PLAIN_CACHE: dict = {}
@@ -60,8 +63,8 @@ def _plain_splits():
         d = load_cifar()
         ds = {k: TensorDataset(normalise(d[f"x_{k}"]), d[f"y_{k}"]) for k in ("train", "val", "test")}
         _PLAIN_CACHE.update(calib=DataLoader(Subset(ds["train"], range(2048)), batch_size=256), val=ds["val"],
-                            test=ds["test"])
-    return _PLAIN_CACHE["calib"], _PLAIN_CACHE["val"], _PLAIN_CACHE["test"]
+                            test=ds["test"], train=ds["train"])
+    return _PLAIN_CACHE["calib"], _PLAIN_CACHE["val"], _PLAIN_CACHE["test"], _PLAIN_CACHE["train"]
 
 
 def available() -> bool:
@@ -73,8 +76,8 @@ def load_network(name: str) -> ZooNetwork:
     """The zoo entry ``name`` with its calibration / validation / test data."""
     model, card = bsnn.zoo.load(name)
     model.eval()
-    calib, val, test = _run_splits(card) if card.get("normalisation") else _plain_splits()
-    return ZooNetwork(name, model, card, calib, val, test, card["data"])
+    calib, val, test, train = _run_splits(card) if card.get("normalisation") else _plain_splits()
+    return ZooNetwork(name, model, card, calib, val, test, card["data"], train)
 
 
 def first(ds: Dataset, n: int, batch: int = 250) -> DataLoader:
