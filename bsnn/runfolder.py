@@ -78,11 +78,12 @@ class Stage:
 
 #: the stages in pipeline order; a stage's outputs are derived from the earlier stages' outputs
 STAGES = (
-    Stage("teacher", ("teacher",), (r"teacher\.pt", r"checkpoints/teacher_last\.pt")),
+    Stage("teacher", ("teacher",), (r"teacher\.pt", r"checkpoints/teacher_last\.pt", r"checkpoints/teacher_epoch\d+\.pt")),
     Stage("student", ("student", "online_teacher", r"teacher_\d+", r"assistant_\d+", r"student_gen\d+"),
           (r"student\.pt", r"online_teacher\.pt", r"teacher_\d+\.pt", r"assistant_\d+\.pt", r"student_gen\d+\.pt",
            r"checkpoints/student_last\.pt", r"checkpoints/(teacher|assistant)_\d+_last\.pt",
-           r"checkpoints/student_gen\d+_last\.pt")),
+           r"checkpoints/student_gen\d+_last\.pt", r"teacher_selection\.(md|csv|json)",
+           r"knowledge_levels\.(md|csv|json)")),
     Stage("convert", ("convert",), (r"snn\.pt",)),
     Stage("simulate", ("snn", "snn_constrained", "early_exit"),
           (r"sweep\.(md|csv|json|png)", r"sweep_(constrained|early_exit)\.(md|csv|json)")),
@@ -102,13 +103,31 @@ class Entry:
     digest: str | None = None
 
 
+#: Fields added after run folders were first written, with their defaults: at the default they are left out of
+#: config digests and comparisons, so a folder written before they existed (its config.yaml and records lack them)
+#: can still be resumed and reused. Add a field here when it is added to a section a stage record hashes.
+LATER_FIELDS: dict[str, dict] = {
+    "train": {"keep_epochs": [], "select_epochs": 0},
+    "student": {"keep_epochs": [], "select_epochs": 0},
+    "convert": {"threshold_opt": "none", "offset_correction": "none", "offset_pre_steps": 4},
+}
+
+
+def _without_later_defaults(section: str, value):
+    """``value`` (a section's dict) without the :data:`LATER_FIELDS` of ``section`` that are at their default."""
+    later = LATER_FIELDS.get(section, {})
+    if not isinstance(value, dict) or not later:
+        return value
+    return {k: v for k, v in value.items() if not (k in later and v == later[k])}
+
+
 def config_digest(cfg: Config, keys: Sequence[str], ignore: dict | None = None) -> str:
     """SHA-256 of the config sections (``"data"``) and fields (``"run.seed"``) named by ``keys``, without the
-    ``ignore`` fields (``{section: (key, ...)}``)."""
+    ``ignore`` fields (``{section: (key, ...)}``) and the :data:`LATER_FIELDS` left at their defaults."""
     d, view = cfg.to_dict(), {}
     for k in keys:
         section, _, field = k.partition(".")
-        value = d.get(section)
+        value = _without_later_defaults(section, d.get(section))
         if field:
             value = (value or {}).get(field)
         view[k] = _without(value, (ignore or {}).get(k, ()))
@@ -455,8 +474,9 @@ class RunFolder:
         sections = TRAINING_SECTIONS if self.resume or reuse is None else reuse
         old, new = yaml.safe_load((self.root / "config.yaml").read_text(encoding="utf-8")), self.cfg.to_dict()
         ignored = {} if sections == TRAINING_SECTIONS else TEACHER_INDEPENDENT
-        changed = [k for k in sections if _without(old.get(k), ignored.get(k, ())) !=
-                   _without(new.get(k), ignored.get(k, ()))]
+        changed = [k for k in sections
+                   if _without(_without_later_defaults(k, old.get(k)), ignored.get(k, ())) !=
+                   _without(_without_later_defaults(k, new.get(k)), ignored.get(k, ()))]
         if changed:
             raise ConfigError(f"run folder {str(self.root)!r} was made with other {', '.join(changed)} settings "
                               "than this config, so its models cannot be reused; use a new --out or --overwrite")

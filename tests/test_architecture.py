@@ -168,8 +168,8 @@ def test_resolves_relative_and_submodule_imports():
     assert _targets("bsnn.pipeline", node[2]) == ["bsnn.snn.kernels"]
 
 
-def test_optional_backends_are_the_triton_kernel():
-    assert optional_backends() == {"bsnn.snn.kernels.triton_if"}
+def test_optional_backends_are_the_triton_kernels():
+    assert optional_backends() == {"bsnn.snn.kernels.triton_if", "bsnn.snn.kernels.triton_bitpack"}
 
 
 def test_no_import_cycle():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import bsnn.io
 import bsnn.pipeline
@@ -19,6 +20,7 @@ from bsnn.cli import main
 from bsnn.errors import CheckpointError, DataError
 from bsnn.io import CheckpointWarning, file_sha256, model_digest, save_checkpoint
 from bsnn.pipeline import load_model, load_snn
+from bsnn.runfolder import LATER_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.name=digits", "data.limit_train=256", "train.epochs=1", "student.epochs=1", "convert.calib_samples=64",
@@ -320,3 +322,21 @@ def test_a_folder_from_before_records_still_converts_and_resumes(tiny_run, tmp_p
     assert main(["convert", "--out", str(run), *TINY]) == 0
     assert main(["run", "--out", str(run), "--resume", *TINY]) == 0
     assert _metrics(run)["teacher"]["test_acc"] == m["teacher"]["test_acc"]  # trusted, not retrained
+
+
+def test_a_folder_written_before_later_fields_existed_still_resumes_and_reuses(tiny_run, tmp_path):
+    """config.yaml without the fields added since (runfolder.LATER_FIELDS): the folder is reused and resumed, no
+    model is retrained, because those fields at their defaults are left out of comparisons and digests."""
+    run = _copy(tiny_run, tmp_path)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    for section, fields in LATER_FIELDS.items():
+        for k in fields:
+            assert k in cfg[section]  # written by this version...
+            del cfg[section][k]       # ...and absent from an older one
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    before = _metrics(run)
+    assert main(["run", "--out", str(run), "--resume", *TINY]) == 0
+    after = _metrics(run)
+    for stage in ("teacher", "student"):
+        assert after[stage]["record"] == before[stage]["record"], stage  # not retrained
+    assert main(["convert", "--out", str(run), *TINY]) == 0
