@@ -229,7 +229,8 @@ def build_markdown(payload: dict) -> str:
                                   "bsnn / sj", "bsnn / dense", "dense s", "bsnn peak MiB", "sj-m peak MiB"], rows),
                   ""]
         if net.get("layers"):
-            lines += ["Binary layers one by one (input of the first timestep, process CPU time, min of the rounds): "
+            lines += ["Binary layers one by one (input of the first timestep, process CPU time on one thread, min of "
+                      "the rounds): "
                       "bf16 vs bitpack synapse mode; quantum < 1 = average-pooled input, computed by bitpack as "
                       "bit planes of the counts.", "",
                       markdown_table(["layer", "input", "quantum", "bf16 ms", "bitpack ms", "bitpack speed-up"],
@@ -334,12 +335,15 @@ def profile_shares(snn, x: torch.Tensor, T: int = 32) -> dict[str, float]:
 
 def layer_speeds(snn, x: torch.Tensor, reps: int) -> list[dict]:
     """Each eligible binary layer in the ``bf16`` and the ``bitpack`` synapse modes, on the input it receives at the
-    first timestep of a simulation of ``x``: process CPU time (robust to other processes' load), min of the rounds."""
+    first timestep of a simulation of ``x``: process CPU time on one thread (robust to other processes' load, and
+    no idle threads spinning), min of the rounds."""
     from bsnn.simulate import run_batch
     from bsnn.snn.synapse import SYNAPSE_MODES, BinarySynapse, synapse_mode
 
     inputs: dict[str, torch.Tensor] = {}
     rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with synapse_mode(snn, "bitpack") as layers:
         syns = {n: m for n, m in snn.graph_module.named_modules() if isinstance(m, BinarySynapse)}
         hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: inputs.setdefault(n, a[0].detach().clone()))
@@ -362,6 +366,7 @@ def layer_speeds(snn, x: torch.Tensor, reps: int) -> list[dict]:
             log(f"  layer {name} {row['input']} q={row['quantum']:g}: bf16 {row['bf16_ms']:.2f} ms, "
                 f"bitpack {row['bitpack_ms']:.2f} ms (x{row['bitpack_speedup']:.2f})")
             rows.append(row)
+    torch.set_num_threads(threads)
     return rows
 
 
