@@ -302,3 +302,15 @@ def test_fixed_point_neurons_are_refused_and_crossbar_constraints_kept():
             run_batch(snn, x, 4, 4)
     with apply_constraints(snn, ConstraintConfig(xbar_rows=16, adc_bits=12)):  # exact ADC: same as the ideal SNN
         torch.testing.assert_close(run_batch(snn, x, 4, 4), run_batch(_snn(net, x, "srp"), x, 4, 4))
+
+
+@pytest.mark.parametrize("method", ["cos", "srp"])
+def test_snn_calibration_runs_without_the_correction(method):
+    """convert() calibrates the potentials of the plain SNN and switches the correction on afterwards."""
+    net, x = _net(), torch.randn(16, 1, 8, 8)
+    kw = dict(snn_calibration="potential", snn_calibration_timesteps=4, snn_calibration_samples=16)
+    snn = _snn(net, x, method, **kw)
+    plain = set_offset_correction_(_snn(net, x, "none", **kw), method, RHO)
+    assert snn.meta["convert"]["offset_correction"] == method
+    assert all(torch.equal(a, b) for a, b in zip(snn.state_dict().values(), plain.state_dict().values()))
+    torch.testing.assert_close(run_batch(snn, x, 6, 3), run_batch(plain, x, 6, 3), rtol=0, atol=0)

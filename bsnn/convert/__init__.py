@@ -22,6 +22,7 @@ from bsnn.data import unpack_batch
 from bsnn.errors import ConversionError
 from bsnn.simulate import run_batch
 from bsnn.snn.network import SpikingNetwork
+from bsnn.snn.offset import suspended
 
 __all__ = ["Max", "Percentile", "convert", "convert_with_thresholds", "calibrate", "capture"]
 
@@ -95,8 +96,9 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
         x, _ = _first_samples(calib_loader, cfg.snn_calibration_samples)
         weights = WeightCalibration(cfg.snn_calibration_weight_iters, cfg.snn_calibration_weight_lr,
                                     cfg.snn_calibration_weight_batch)
-        snn.meta["snn_calibration_error"] = calibrate_snn_(snn, gm, x, cfg.snn_calibration_timesteps,
-                                                           cfg.snn_calibration, weights=weights)
+        with suspended(snn):  # the run-time offset correction (if any) acts on the calibrated network
+            snn.meta["snn_calibration_error"] = calibrate_snn_(snn, gm, x, cfg.snn_calibration_timesteps,
+                                                               cfg.snn_calibration, weights=weights)
     return snn
 
 

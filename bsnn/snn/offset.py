@@ -245,6 +245,21 @@ def set_offset_correction_(snn: SpikingNetwork, method: str, pre_steps: int = 4)
     return snn
 
 
+@contextmanager
+def suspended(snn: SpikingNetwork) -> Iterator[None]:
+    """Simulate ``snn`` without its offset correction inside the context (conversion's SNN calibration runs so:
+    calibrating the initial potentials while COS shifts them per sample collapsed the CIFAR-10 network, see
+    ``docs/conversion.md``); the choice is restored on exit."""
+    record = snn.meta.setdefault("convert", {})
+    saved = {k: record[k] for k in ("offset_correction", "offset_pre_steps") if k in record}
+    record["offset_correction"] = "none"
+    try:
+        yield
+    finally:
+        record.pop("offset_correction")
+        record.update(saved)
+
+
 def latency_pre_steps(snn: SpikingNetwork) -> int:
     """Timesteps each input runs before real step 1 under the network's correction (0 without one)."""
     method, n = network_correction(snn)
