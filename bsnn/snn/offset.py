@@ -37,8 +37,11 @@ Differences from the authors' code (both):
 :class:`bsnn.simulate.SimResult` reports it as ``pre_steps`` (the latency of ``accuracy[T]`` is ``pre_steps + T``).
 SRP: τ (the paper's count: "64.32 % on ImageNet with 10 steps" is τ = 8 + T = 2). COS: L·ρ for L IF layers — layer
 l can estimate its offset only from layer l−1's *corrected* output, so on hardware that steps all layers together
-the real step 1 of the last layer comes after L·ρ steps (each layer still computes only ρ extra steps; the paper's
-own count adds ρ).
+the real step 1 of the last layer comes after L·ρ steps (each layer still computes only ρ extra steps; the authors'
+``mp_test`` reports accuracy per real step only). ``spike_counts`` cover the real steps only.
+
+:func:`bsnn.convert` records the option in the network, so every simulation of it applies the correction, except its
+own SNN calibration, which runs :func:`suspended` (calibrated potentials + COS: see ``docs/conversion.md``).
 """
 
 from __future__ import annotations
