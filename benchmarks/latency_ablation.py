@@ -182,7 +182,9 @@ def run_network(name: str, args, payload: dict, save: Callable[[], None], extra:
         save()
     best = choose_best(d["rows"])
     d["best"] = best
-    if "best_long" not in d or d["best_long"].get("label") != best:
+    if args.no_long:
+        log(f"{name}: best combination on validation = {best} (not re-run to T=256: --no-long)")
+    elif "best_long" not in d or d["best_long"].get("label") != best:
         log(f"{name}: best combination on validation = {best}; to T=256 with recorded predictions")
         long_ts = [1, 2, 4, 8, 16] if args.quick else LONG
         with Timer() as t:
@@ -277,6 +279,10 @@ def build_markdown(payload: dict) -> str:
         lines += [markdown_table(["method", "kind", "T@1", "T@0.3", "val T@1", "pre-steps", "calibration s"]
                                  + [f"T={t}" for t in ts], table), ""]
         b = d.get("best_long")
+        if b and b["label"] != d.get("best"):
+            b = None
+        if not b and d.get("best"):
+            lines += [f"**Best combination (chosen on validation): {d['best']}** (not re-run to T = 256).", ""]
         if b:
             lts = list(b["accuracy"])
             lines += [f"**Best combination (chosen on validation): {b['label']}** — to T = {lts[-1]}: "
@@ -314,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--fresh", action="store_true", help="recompute rows found in the results file")
     p.add_argument("--no-sj", action="store_true", help="skip the spikingjelly rows")
+    p.add_argument("--no-long", action="store_true", help="do not re-run the best combination to T=256")
     p.add_argument("--drop-rows", default="", help="|-separated row labels to forget from the results file")
     p.add_argument("--rows", default="", help="|-separated substrings: only rows whose label contains one")
     p.add_argument("--threads", type=int, default=1)

@@ -82,7 +82,8 @@ RUN_ENTRIES = {
                                                         "average pooling), trained by bsnn run --config "
                                                         "configs/cifar10.yaml (SGD + Nesterov, one-cycle, label "
                                                         "smoothing 0.1, EMA, bf16 autocast)"),
-    "cifar10_vgg_binary": dict(file="student.pt", what="binary-weight VGG (plain_vgg8, width 64, average pooling, "
+    "cifar10_vgg_binary": dict(file="student.pt", command=RUN_COMMAND + " (its student section as of commit 4b61dc8: "
+                               "SGD lr 0.1 + Nesterov, 12 epochs, ReLU)", what="binary-weight VGG (plain_vgg8, width 64, average pooling, "
                                                        "first and last layer full precision, α·sign(W) per output "
                                                        "channel), plain ReLU, distilled by KD from "
                                                        "cifar10_vgg_teacher by bsnn run --config configs/cifar10.yaml"),
