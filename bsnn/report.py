@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from bsnn.io import atomic_write_json, atomic_write_text
+from bsnn.io import atomic_write_json, atomic_write_text, write_failure
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -80,11 +80,24 @@ def plot_sweep(result, path: str | os.PathLike, title: str = "") -> Path:
     b.set_ylabel(f"firing rate (% per step, T={max(ts)})")
     b.set_title("firing rate per IF layer")
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Write the matplotlib figure ``fig`` to ``path`` atomically (a temporary file, then a rename; a failed write
+    leaves no partial file and raises :class:`~bsnn.errors.OutputError` naming the path) and close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_failure(path, e) from None
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -22,7 +22,7 @@ from bsnn.hardware.config import ConstraintConfig, HardwareConfig, preset, resol
 from bsnn.hardware.constraints import apply_constraints, exact_adc_bits
 from bsnn.hardware.cost import estimate, sweep_timesteps
 from bsnn.io import atomic_write_json, atomic_write_text, write_failure
-from bsnn.report import markdown_table
+from bsnn.report import markdown_table, save_figure
 from bsnn.simulate import SimConfig, simulate
 
 
@@ -112,10 +112,7 @@ def plot_front(front: dict, path: str | os.PathLike) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------- the ADC-resolution front
@@ -255,17 +252,7 @@ def plot_adc_front(front: dict, path: str | os.PathLike) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise write_failure(path, e) from None
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 #: the files :func:`write_adc_front` writes

@@ -15,7 +15,7 @@ from bsnn.hardware.cost import CostReport, estimate, sweep_timesteps
 from bsnn.hardware.front import accuracy_energy_front, front_markdown, plot_front
 from bsnn.hardware.ops import operation_counts, operations_markdown
 from bsnn.io import atomic_write_json, atomic_write_text, write_failure
-from bsnn.report import markdown_table
+from bsnn.report import markdown_table, save_figure
 
 #: the files :func:`run_cost` writes into a run folder
 COST_FILES = ("cost.json", "cost.md", "cost_breakdown.png", "cost_vs_T.png", "cost_front.md", "cost_front.png")
@@ -138,19 +138,8 @@ def sources_markdown(config: dict) -> str:
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.name}.tmp.png")
     fig.tight_layout()
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise write_failure(path, e) from None
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_breakdown(report: CostReport, path: str | os.PathLike) -> Path:
