@@ -25,6 +25,7 @@ from bsnn.errors import ConfigError
 from bsnn.pipeline import (check_models, fit_schedules, load_model, make_context, stage_student, stage_teacher,
                            takd_chain)
 from bsnn.train import fit
+from tests._distill_helpers import grads, taps, xb
 
 K = 5
 
@@ -520,29 +521,13 @@ def _net2(seed: int, width: int = 4, k: int = K) -> nn.Sequential:
     ).double()
 
 
-def _xb(b: int = 6, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 1, 6, 6, generator=g, dtype=D), torch.randint(0, K, (b,), generator=g)
+_xb = xb
 
 
-def _taps(model: nn.Module, x: torch.Tensor, outputs=(), inputs=()) -> tuple[torch.Tensor, dict]:
-    """Logits and the named modules' outputs / inputs, read with plain torch hooks (not bsnn's FeatureTap)."""
-    got, handles, mods = {}, [], dict(model.named_modules())
-    for n in outputs:
-        handles.append(mods[n].register_forward_hook(lambda m, a, o, n=n: got.__setitem__(n, o)))
-    for n in inputs:
-        handles.append(mods[n].register_forward_pre_hook(lambda m, a, n=n: got.__setitem__(n + ":in", a[0])))
-    try:
-        z = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return z, got
+_taps = taps
 
 
-def _grads(loss: torch.Tensor, params: list) -> list:
-    return [g if g is not None else torch.zeros_like(p)
-            for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True), params)]
+_grads = grads
 
 
 def _method_agrees(method: str, reference, student: nn.Module, teacher=None, params=None, epoch=None,

@@ -22,6 +22,7 @@ from bsnn.distill import build_distiller
 from bsnn.distill.adaptive import Coder, spectral_norm_power
 from bsnn.errors import ConfigError
 from bsnn.train import fit
+from tests._distill_helpers import grads, taps, xb
 
 D = torch.float64
 K = 5
@@ -49,30 +50,13 @@ def _teacher(seed: int = 1, width: int = 6) -> nn.Sequential:
     return t
 
 
-def _xb(b: int = 6, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 1, 6, 6, generator=g, dtype=D), torch.randint(0, K, (b,), generator=g)
+_xb = xb
 
 
-def _taps(model: nn.Module, x: torch.Tensor, outputs=(), inputs=()) -> tuple[torch.Tensor, dict]:
-    """Logits and the named modules' outputs / inputs, read with plain torch hooks."""
-    got, handles, mods = {}, [], dict(model.named_modules())
-    for n in outputs:
-        handles.append(mods[n].register_forward_hook(lambda m, a, o, n=n: got.__setitem__(n, o)))
-    for n in inputs:
-        handles.append(mods[n].register_forward_pre_hook(lambda m, a, n=n: got.__setitem__(n + ":in", a[0])))
-    try:
-        z = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return z, got
+_taps = taps
 
 
-def _grads(loss: torch.Tensor, params) -> list:
-    params = list(params)
-    return [g if g is not None else torch.zeros_like(p)
-            for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True), params)]
+_grads = grads
 
 
 def _buffers(model: nn.Module) -> dict:

@@ -8,6 +8,7 @@ IRG's reference gradient is the authors' hand-written Caffe backward, restated w
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from bsnn.distill import feature_classic as FC
 from bsnn.errors import ConfigError
 from bsnn.pipeline import fit_schedules
 from bsnn.train import fit
+from tests._distill_helpers import grads, xb
 
 D = torch.float64
 RTOL, ATOL = 1e-6, 1e-12
@@ -38,14 +40,10 @@ def _net(seed: int, width: int = 4, k: int = K) -> nn.Sequential:
     ).double()
 
 
-def _xb(b: int = 6, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 1, 8, 8, generator=g, dtype=D), torch.randint(0, K, (b,), generator=g)
+_xb = partial(xb, side=8)
 
 
-def _grads(loss: torch.Tensor, params: list) -> list:
-    return [g if g is not None else torch.zeros_like(p)
-            for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True), params)]
+_grads = grads
 
 
 def _build(method: str, student, teacher, params=None, epoch=None):

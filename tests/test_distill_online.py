@@ -25,6 +25,7 @@ from bsnn.models import create_model
 from bsnn.modelfile import build_model, load_model
 from bsnn.pipeline import make_context, stage_student
 from bsnn.train import fidelity, fit
+from tests._distill_helpers import grads, xb
 
 D = torch.float64
 RTOL, ATOL = 1e-6, 1e-12
@@ -41,9 +42,7 @@ def _net(seed: int, width: int = 4, k: int = K) -> nn.Sequential:
     ).double()
 
 
-def _xb(b: int = 6, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 1, 6, 6, generator=g, dtype=D), torch.randint(0, K, (b,), generator=g)
+_xb = xb
 
 
 def _taps(model: nn.Module, x: torch.Tensor, inputs=()) -> tuple[torch.Tensor, dict]:
@@ -59,9 +58,7 @@ def _taps(model: nn.Module, x: torch.Tensor, inputs=()) -> tuple[torch.Tensor, d
     return z, got
 
 
-def _grads(loss: torch.Tensor, params: list) -> list:
-    return [g if g is not None else torch.zeros_like(p)
-            for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True), params)]
+_grads = grads
 
 
 def _agrees(d, reference, wrt, train: bool = False):

@@ -24,6 +24,7 @@ from bsnn.distill.teacher_side import (apply_masks_, global_threshold_masks, mag
                                        pruning_rounds, student_plan, weight_sparsity)
 from bsnn.errors import ConfigError
 from bsnn.train import fit
+from tests._distill_helpers import xb
 
 D = torch.float64
 RTOL, ATOL = 1e-6, 1e-12
@@ -49,9 +50,7 @@ def _teacher(seed: int = 1, width: int = 6) -> nn.Sequential:
     return t
 
 
-def _xb(b: int = 6, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 1, 6, 6, generator=g, dtype=D), torch.randint(0, K, (b,), generator=g)
+_xb = xb
 
 
 def _f(p: list, x: torch.Tensor) -> torch.Tensor:
