@@ -614,8 +614,10 @@ def stage_cost(ctx: Context, snn: SpikingNetwork, res: SimResult) -> dict:
     sweep = ctx.run.path("sweep.json")
     derived = {"config": config_digest(ctx.cfg, ("cost",)), "snn": model_digest(snn),
                "sweep.json": file_sha256(sweep) if sweep.is_file() else None}
+    early_exit = (ctx.run.metrics().get("early_exit") or {}).get("chosen")  # recorded predictions: the chosen rule
     report = run_cost(snn, res, ctx.run.root, hw=c.preset, timesteps=c.timesteps, mode=c.mode,
-                      derived_from=derived, tolerance=c.accuracy_tolerance) if ctx.env.is_main else None
+                      derived_from=derived, tolerance=c.accuracy_tolerance,
+                      early_exit=early_exit) if ctx.env.is_main else None
     total = report.to_dict()["total"] if report is not None else {}
     point = report.operating_point if report is not None else {}
     files = [f for f in COST_FILES if ctx.run.path(f).is_file()]

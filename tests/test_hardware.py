@@ -416,7 +416,7 @@ def test_cost_of_a_run_is_at_its_operating_point(tmp_path):
 
     out = tmp_path / "run"
     assert main(["run", "--out", str(out), "--quiet", "data.name=digits", "train.epochs=2", "student.epochs=2",
-                 "simulate.timesteps=[1,2,4,8,16,32]"]) == 0
+                 "simulate.timesteps=[1,2,4,8,16,32]", "simulate.record_predictions=true"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     sweep = json.loads((out / "sweep.json").read_text())
     val = sweep["validation"]  # the operating point is chosen on the validation sweep, never on test labels
@@ -437,6 +437,14 @@ def test_cost_of_a_run_is_at_its_operating_point(tmp_path):
     wins = [r["T"] for r in front["rows"] if r["energy_event_pj"] < front["ann"]["energy_bit_serial_pj"]]
     assert front["snn_wins_up_to_T"] == (max(wins) if wins else None)
     assert front["summary"] in (out / "cost_front.md").read_text()
+    chosen = metrics["early_exit"]["chosen"]  # the early-exit rule chosen on validation, stated with its cost bound
+    assert chosen is not None  # this seeded run has a rule within 1 point of the ANN on validation
+    ee = cost["operating_point"]["early_exit"]
+    covering = min(t for t in test_acc if t >= chosen["mean_timesteps"])
+    assert ee["mean_timesteps"] == chosen["mean_timesteps"] and ee["bound_timesteps"] == covering
+    assert ee["energy_pj_upper_bound"] == pytest.approx(
+        next(r["energy_event_pj"] for r in front["rows"] if r["T"] == covering))
+    assert f"{chosen['mean_timesteps']:.2f} timesteps per sample" in (out / "cost.md").read_text()
     assert main(["cost", "--run", str(out), "--out", str(tmp_path / "c"), "--mode", "event_driven",
                  "--tolerance", "100", "--quiet"]) == 0
     assert json.loads((tmp_path / "c" / "cost.json").read_text())["timesteps"] == 1  # any T is within 100 points

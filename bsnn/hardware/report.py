@@ -198,15 +198,29 @@ def plot_vs_t(vs_t: dict, report: CostReport, path: str | os.PathLike) -> Path:
 
 def run_cost(snn, result, out_dir: str | os.PathLike, hw: HardwareConfig | str = "spikesim-rram-65nm",
              timesteps: int | None = None, mode: str = "event_driven", plots: bool = True,
-             derived_from: dict | None = None, tolerance: float = 1.0) -> CostReport:
+             derived_from: dict | None = None, tolerance: float = 1.0, early_exit: dict | None = None
+             ) -> CostReport:
     """For ``bsnn run``: cost the converted network at T — ``timesteps``, else the operating point
     (:func:`operating_point`: the smallest T within ``tolerance`` points of the ANN) — and write
-    ``cost.{json,md}`` (+ plots; :data:`COST_FILES`) into the run folder. Returns the report."""
+    ``cost.{json,md}`` (+ plots; :data:`COST_FILES`) into the run folder. Returns the report.
+
+    ``early_exit``: the early-exit rule chosen on validation (``validated_early_exit(...)["chosen"]``: patience,
+    margin, accuracy, mean_timesteps), when predictions were recorded: the report also states its average T and
+    the cost at the smallest simulated T that covers it (an upper bound: samples that exit earlier cost less)."""
     reason = f"T={timesteps}: set by cost.timesteps"
     if timesteps is None:
         timesteps, reason = operating_point(result, tolerance)
     report = estimate(snn, result, hw, timesteps=timesteps, mode=mode)
     report.operating_point = {"timesteps": timesteps, "reason": reason}
     report.notes.insert(1, f"operating point {reason}")
+    if early_exit:
+        covering = min((t for t in result.timesteps if t >= early_exit["mean_timesteps"]), default=max(result.timesteps))
+        bound = estimate(snn, result, hw, timesteps=covering, mode=mode).total
+        report.operating_point["early_exit"] = {**early_exit, "bound_timesteps": covering,
+                                                "energy_pj_upper_bound": bound.energy_pj}
+        report.notes.insert(2, f"early exit (rule chosen on validation: patience {early_exit['patience']}, margin "
+                               f"{early_exit['margin']}): test accuracy {early_exit['accuracy']:.2f} % at an average of "
+                               f"{early_exit['mean_timesteps']:.2f} timesteps per sample; at most {bound.energy_pj:.4g} pJ "
+                               f"per inference (the cost at T={covering}, the smallest simulated T covering that average)")
     write_cost_report(report, out_dir, snn, result, resolve_hardware(hw), plots=plots, derived_from=derived_from)
     return report
