@@ -447,7 +447,9 @@ def test_cost_of_a_run_is_at_its_operating_point(tmp_path):
     assert f"{chosen['mean_timesteps']:.2f} timesteps per sample" in (out / "cost.md").read_text()
     assert main(["cost", "--run", str(out), "--out", str(tmp_path / "c"), "--mode", "event_driven",
                  "--tolerance", "100", "--quiet"]) == 0
-    assert json.loads((tmp_path / "c" / "cost.json").read_text())["timesteps"] == 1  # any T is within 100 points
+    again = json.loads((tmp_path / "c" / "cost.json").read_text())
+    assert again["timesteps"] == 1  # any T is within 100 points
+    assert again["operating_point"]["early_exit"] == ee  # bsnn cost --run states the run's early-exit rule too
 
 
 def test_operation_counts_are_acs_for_spikes_macs_for_the_analog_layer():

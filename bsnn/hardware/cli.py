@@ -27,7 +27,7 @@ from bsnn.hardware.cost import MODES, Activity, estimate
 from bsnn.hardware.front import adc_front, write_adc_front
 from bsnn.hardware.mapping import load_layer_table
 from bsnn.hardware.report import (COST_FILES, _save, _ts_up_to, plot_breakdown, plot_vs_t,  # noqa: F401 (re-exports)
-                                  operating_point, run_cost, write_cost_report)
+                                  operating_point, run_cost, write_cost_report, add_early_exit_)
 from bsnn.io import file_sha256, model_digest
 from bsnn.modelfile import load_snn
 from bsnn.runfolder import Entry, RunLock, check_out_dir, commit_entries
@@ -157,6 +157,15 @@ def _adc_front_of_run(args: argparse.Namespace, network, hw: HardwareConfig, T: 
                      sim_cfg=sim, device=cfg.run.device, quiet=args.quiet)
 
 
+def _run_early_exit(run: Path) -> dict | None:
+    """The early-exit rule the run chose on validation (``metrics.json``'s ``early_exit.chosen``), if it recorded
+    predictions; None otherwise."""
+    path = Path(run) / "metrics.json"
+    if not path.is_file():
+        return None
+    return (json.loads(path.read_text(encoding="utf-8")).get("early_exit") or {}).get("chosen")
+
+
 def cmd_cost(args: argparse.Namespace) -> int:
     """Handler of ``bsnn cost``: estimate, then write cost.json / cost.md / plots into ``--out``.
 
@@ -199,6 +208,9 @@ def cmd_cost(args: argparse.Namespace) -> int:
         report = estimate(network, activity, hw, timesteps=T, mode=args.mode, ann_bits=args.ann_bits)
         report.operating_point = {"timesteps": T, "reason": reason}
         report.notes.insert(1, f"operating point {reason}")
+        early_exit = _run_early_exit(args.run) if args.run is not None and activity else None
+        if early_exit:
+            add_early_exit_(report, network, activity, hw, args.mode, early_exit)
         paths = write_cost_report(report, out, network, activity, hw, derived_from=derived)
         front = None
         if front_settings is not None:

@@ -196,6 +196,26 @@ def plot_vs_t(vs_t: dict, report: CostReport, path: str | os.PathLike) -> Path:
     return _save(fig, Path(path))
 
 
+def add_early_exit_(report: CostReport, network, activity, hw: HardwareConfig | str, mode: str, early_exit: dict
+                    ) -> CostReport:
+    """``activity``: the run's :class:`~bsnn.simulate.SimResult` or its ``to_dict()`` (``sweep.json``).
+
+    State the early-exit rule chosen on validation (``validated_early_exit(...)["chosen"]``: patience, margin,
+    accuracy, mean_timesteps) in ``report``: its average T and the cost at the smallest simulated T that covers it
+    (an upper bound: samples that exit earlier cost less), in ``report.operating_point["early_exit"]`` and a note.
+    Returns ``report``."""
+    simulated = sorted(int(t) for t in (activity["accuracy"] if isinstance(activity, dict) else activity.accuracy))
+    covering = min((t for t in simulated if t >= early_exit["mean_timesteps"]), default=simulated[-1])
+    bound = estimate(network, activity, hw, timesteps=covering, mode=mode).total
+    report.operating_point["early_exit"] = {**early_exit, "bound_timesteps": covering,
+                                            "energy_pj_upper_bound": bound.energy_pj}
+    report.notes.insert(2, f"early exit (rule chosen on validation: patience {early_exit['patience']}, margin "
+                           f"{early_exit['margin']}): test accuracy {early_exit['accuracy']:.2f} % at an average of "
+                           f"{early_exit['mean_timesteps']:.2f} timesteps per sample; at most {bound.energy_pj:.4g} pJ "
+                           f"per inference (the cost at T={covering}, the smallest simulated T covering that average)")
+    return report
+
+
 def run_cost(snn, result, out_dir: str | os.PathLike, hw: HardwareConfig | str = "spikesim-rram-65nm",
              timesteps: int | None = None, mode: str = "event_driven", plots: bool = True,
              derived_from: dict | None = None, tolerance: float = 1.0, early_exit: dict | None = None
@@ -214,13 +234,6 @@ def run_cost(snn, result, out_dir: str | os.PathLike, hw: HardwareConfig | str =
     report.operating_point = {"timesteps": timesteps, "reason": reason}
     report.notes.insert(1, f"operating point {reason}")
     if early_exit:
-        covering = min((t for t in result.timesteps if t >= early_exit["mean_timesteps"]), default=max(result.timesteps))
-        bound = estimate(snn, result, hw, timesteps=covering, mode=mode).total
-        report.operating_point["early_exit"] = {**early_exit, "bound_timesteps": covering,
-                                                "energy_pj_upper_bound": bound.energy_pj}
-        report.notes.insert(2, f"early exit (rule chosen on validation: patience {early_exit['patience']}, margin "
-                               f"{early_exit['margin']}): test accuracy {early_exit['accuracy']:.2f} % at an average of "
-                               f"{early_exit['mean_timesteps']:.2f} timesteps per sample; at most {bound.energy_pj:.4g} pJ "
-                               f"per inference (the cost at T={covering}, the smallest simulated T covering that average)")
+        add_early_exit_(report, snn, result, hw, mode, early_exit)
     write_cost_report(report, out_dir, snn, result, resolve_hardware(hw), plots=plots, derived_from=derived_from)
     return report
