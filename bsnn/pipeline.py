@@ -268,7 +268,8 @@ def check_models(cfg: Config) -> None:
 
     Raises:
         ConfigError: ``ca_mkd`` (or any multi-teacher method) without ``model.teachers``; ``takd`` without
-            ``model.assistants``.
+            ``model.assistants``; ``born_again`` (a ``same_architecture`` method) with a ``model.student`` other than
+            ``model.teacher``.
     """
     cls = METHODS.get(cfg.distill.method)
     m, method = cfg.model, cfg.distill.method
@@ -279,6 +280,11 @@ def check_models(cfg: Config) -> None:
     if cls.uses_assistants and not m.assistants:
         raise ConfigError(f"distill.method={method} distils through teacher assistants: set model.assistants=[...] "
                           "(architectures between the teacher and the student, largest first, or *.pt files)")
+    strict = cfg.distill.params.get("strict", True)
+    if cls.same_architecture and strict and m.student is not None and m.student != m.teacher and not is_zoo(m.teacher):
+        raise ConfigError(f"distill.method={method} distils from a teacher of the student's own architecture, but "
+                          f"model.student={m.student} differs from model.teacher={m.teacher}: leave model.student "
+                          f"unset (it defaults to the teacher's) or set it to {m.teacher}")
     if m.teachers and cls.min_teachers < 2:
         log.warning("model.teachers is only used by multi-teacher methods (ca_mkd); %s ignores it", method)
     if m.assistants and not cls.uses_assistants:

@@ -23,7 +23,7 @@ from bsnn.distill.online import (BYOTHead, Substitute, byot_feature_loss, byot_k
 from bsnn.errors import ConfigError
 from bsnn.models import create_model
 from bsnn.modelfile import build_model, load_model
-from bsnn.pipeline import make_context, stage_student
+from bsnn.pipeline import check_models, make_context, stage_student
 from bsnn.train import fidelity, fit
 from tests._distill_helpers import grads, xb
 
@@ -340,3 +340,12 @@ def test_training_reduces_the_loss(method):
     d = build_distiller(student, None if method == "byot" else teacher, DistillConfig(method=method))
     hist = fit(d, student, loader, TrainConfig(epochs=12, lr=0.02, schedule="constant"), quiet=True)
     assert hist[-1]["train_loss"] < 0.9 * hist[0]["train_loss"], hist
+
+
+def test_born_again_with_another_student_architecture_is_refused_before_anything_is_trained():
+    bad = load_config(None, ["distill.method=born_again", "model.teacher=small_cnn", "model.student=vgg7_cifar"])
+    with pytest.raises(ConfigError, match=r"model.student=vgg7_cifar differs from model.teacher=small_cnn"):
+        check_models(bad)
+    check_models(load_config(None, ["distill.method=born_again", "model.teacher=small_cnn"]))  # student = teacher's
+    check_models(load_config(None, ["distill.method=born_again", "model.teacher=small_cnn",
+                                    "model.student=vgg7_cifar", "distill.params={strict: false}"]))

@@ -90,6 +90,8 @@ class Distiller(nn.Module):
         trains_teacher: the teacher is trained online with the student (the subclass registers it as a submodule;
             it is not frozen and not in :attr:`teachers`).
         needs_index: the forward needs the dataset index of every sample (third batch element).
+        same_architecture: the student must have its teacher's architecture (born-again networks); the pipeline
+            refuses another ``model.student`` before anything is trained (unless ``params['strict']`` is False).
         default_ce_weight / default_kd_weight / default_temperature: the published values, used where
             ``cfg.ce_weight`` / ``cfg.kd_weight`` / ``cfg.temperature`` is None.
         param_defaults: the method's ``cfg.params`` keys and their defaults.
@@ -118,6 +120,7 @@ class Distiller(nn.Module):
     param_defaults: ClassVar[dict] = {}
     schedule_defaults: ClassVar[dict] = {}
     teacher_hint: ClassVar[str] = ""  # appended to the "needs at least N teachers" error
+    same_architecture: ClassVar[bool] = False  # the student must have the teacher's architecture (born-again)
 
     def __init__(self, student: nn.Module, teacher: nn.Module | Sequence[nn.Module] | None, cfg: DistillConfig,
                  *, example_input: torch.Tensor | None = None, n_data: int | None = None,

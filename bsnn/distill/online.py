@@ -437,6 +437,7 @@ class BornAgain(Distiller):
 
     default_temperature = 1.0
     param_defaults = {"generations": 1, "strict": True}
+    same_architecture = True
 
     def __init__(self, student, teacher, cfg, **context) -> None:
         super().__init__(student, teacher, cfg, **context)
