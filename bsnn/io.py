@@ -63,6 +63,16 @@ def write_failure(path: str | os.PathLike, e: OSError) -> OutputError:
     return OutputError(e.errno or 0, f"cannot write {str(path)!r}: {reason}; {hint}")
 
 
+def output_dir(path: str | os.PathLike) -> Path:
+    """Create the folder ``path`` (and its parents) if needed; :class:`OutputError` naming it when that fails."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_failure(out, e) from None
+    return out
+
+
 def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same folder + ``os.replace``.
 

@@ -38,20 +38,23 @@ class FeatureDistiller(Distiller):
 
     def __init__(self, student, teacher, cfg, **context) -> None:
         super().__init__(student, teacher, cfg, **context)
-        s_layers = as_layer_list(self.hparams["student_layer"])
-        t_layers = as_layer_list(self.hparams["teacher_layer"])
-        if s_layers is None:
-            s_layers = [default_layer(student, "student", self.spatial)]
-            if t_layers is None:
-                t_layers = [default_layer(self.teachers[0], "teacher", self.spatial)]
-        if t_layers is None:
-            t_layers = list(s_layers)
+        s_layers, t_layers = self.resolve_layers(as_layer_list(self.hparams["student_layer"]),
+                                                 as_layer_list(self.hparams["teacher_layer"]))
         if len(s_layers) != len(t_layers):
             raise ConfigError(f"distill.params: student_layer has {len(s_layers)} layers but teacher_layer has "
                               f"{len(t_layers)}; they are paired in order")
         FeatureTap(student, s_layers, "student")  # validates the names now
         FeatureTap(self.teachers[0], t_layers, "teacher")
         self.student_layers, self.teacher_layers = s_layers, t_layers
+
+    def resolve_layers(self, s_layers: list | None, t_layers: list | None) -> tuple[list, list]:
+        """The paired (student, teacher) layer names from ``distill.params`` (None = not given): the default is the
+        last conv output (``spatial``) or the penultimate features; a missing teacher list pairs the student's."""
+        if s_layers is None:
+            s_layers = [default_layer(self.student, "student", self.spatial)]
+            if t_layers is None:
+                t_layers = [default_layer(self.teachers[0], "teacher", self.spatial)]
+        return s_layers, (list(s_layers) if t_layers is None else t_layers)
 
     def probe(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Feature tensors of one probe forward through student and teacher (see module docstring)."""

@@ -31,9 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bsnn.distill import losses as L
-from bsnn.distill.base import Distiller, register
+from bsnn.distill.base import register
 from bsnn.distill.feature import FeatureDistiller
-from bsnn.distill.hooks import FeatureTap, as_layer_list, default_layer, global_pool_head, model_device, probe_features
+from bsnn.distill.hooks import FeatureTap, default_layer, global_pool_head, model_device, probe_features
 from bsnn.errors import ConfigError
 
 _LAYER_PARAMS = {"student_layer": None, "teacher_layer": None, "input_shape": None}
@@ -204,23 +204,15 @@ class ClassicFeatureDistiller(FeatureDistiller):
     current epoch is in it.
     """
 
-    def __init__(self, student, teacher, cfg, **context) -> None:
-        Distiller.__init__(self, student, teacher, cfg, **context)  # layer defaults differ from FeatureDistiller's
-        s_layers = as_layer_list(self.hparams["student_layer"])
-        t_layers = as_layer_list(self.hparams["teacher_layer"])
+    def resolve_layers(self, s_layers: list | None, t_layers: list | None) -> tuple[list, list]:
+        """The method's :meth:`default_layers` when no layers are given; a missing teacher list pairs the
+        student's; teacher layers without student layers are refused."""
         if s_layers is None and t_layers is None:
-            s_layers, t_layers = self.default_layers()
-        elif t_layers is None:
-            t_layers = list(s_layers)
-        elif s_layers is None:
+            return self.default_layers()
+        if s_layers is None:
             raise ConfigError(f"{self.method_name}: distill.params.teacher_layer is set but student_layer is not; "
                               "give student_layer too (paired in order)")
-        if len(s_layers) != len(t_layers):
-            raise ConfigError(f"distill.params: student_layer has {len(s_layers)} layers but teacher_layer has "
-                              f"{len(t_layers)}; they are paired in order")
-        FeatureTap(student, s_layers, "student")  # validates the names now
-        FeatureTap(self.teachers[0], t_layers, "teacher")
-        self.student_layers, self.teacher_layers = s_layers, t_layers
+        return s_layers, (list(s_layers) if t_layers is None else t_layers)
 
     def _stage_ends(self, pre_s: bool, pre_t: bool, with_stem: bool = False) -> tuple[list[str], list[str]]:
         shape = self.hparams.get("input_shape")

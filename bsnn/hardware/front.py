@@ -21,7 +21,7 @@ from bsnn.errors import ConfigError
 from bsnn.hardware.config import ConstraintConfig, HardwareConfig, preset, resolve_hardware
 from bsnn.hardware.constraints import apply_constraints, exact_adc_bits
 from bsnn.hardware.cost import estimate, sweep_timesteps
-from bsnn.io import atomic_write_json, atomic_write_text, write_failure
+from bsnn.io import atomic_write_json, atomic_write_text, output_dir
 from bsnn.report import markdown_table, save_figure
 from bsnn.simulate import SimConfig, simulate
 
@@ -265,11 +265,7 @@ def write_adc_front(front: dict, out_dir: str | os.PathLike, plots: bool = True)
     Raises:
         OutputError: ``out_dir`` cannot be created or written.
     """
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise write_failure(out, e) from None
+    out = output_dir(out_dir)
     paths = {"adc_front_json": out / ADC_FRONT_FILES[0], "adc_front_md": out / ADC_FRONT_FILES[1]}
     atomic_write_json(paths["adc_front_json"], front)
     atomic_write_text(paths["adc_front_md"], adc_front_markdown(front))

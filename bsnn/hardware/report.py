@@ -14,7 +14,7 @@ from bsnn.hardware.config import HardwareConfig, resolve_hardware, source_status
 from bsnn.hardware.cost import CostReport, estimate, sweep_timesteps
 from bsnn.hardware.front import accuracy_energy_front, front_markdown, plot_front
 from bsnn.hardware.ops import operation_counts, operations_markdown
-from bsnn.io import atomic_write_json, atomic_write_text, write_failure
+from bsnn.io import atomic_write_json, atomic_write_text, output_dir
 from bsnn.report import markdown_table, save_figure
 
 #: the files :func:`run_cost` writes into a run folder
@@ -66,11 +66,7 @@ def write_cost_report(report: CostReport, out_dir: str | os.PathLike, network=No
     Raises:
         OutputError: ``out_dir`` cannot be created or written.
     """
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise write_failure(out, e) from None
+    out = output_dir(out_dir)
     d = report.to_dict()
     if derived_from is not None:
         d["derived_from"] = derived_from
