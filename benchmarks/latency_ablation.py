@@ -43,6 +43,7 @@ from bsnn.binary import materialize  # noqa: E402
 from bsnn.config import SimConfig  # noqa: E402
 from bsnn.convert import ConvertConfig, Max, Percentile  # noqa: E402
 from bsnn.early_exit import validated_early_exit  # noqa: E402
+from bsnn.hardware.mapping import resolve_layers  # noqa: E402
 
 NAME = "latency_ablation"
 GRID = [1, 2, 4, 8, 16, 32, 64]
@@ -107,7 +108,12 @@ def curves(snn, net, ts: list[int], n_val: int, n_test: int, record: bool = Fals
     return {"val": val, "test": test}
 
 
-def row_record(kind: str, res: dict, seconds: float, note: str = "") -> dict:
+def crossbar_passes(snn) -> int:
+    """Crossbar passes per timestep of the network's spiking layers (1 for {0, 1} spikes; burst / signed more)."""
+    return max([s.input_passes for s in resolve_layers(snn) if not s.analog_input], default=1)
+
+
+def row_record(kind: str, res: dict, seconds: float, note: str = "", passes: int = 1) -> dict:
     val, test = res["val"], res["test"]
     acc = {str(t): test.accuracy[t] for t in sorted(test.accuracy)}
     vacc = {str(t): val.accuracy[t] for t in sorted(val.accuracy)}
@@ -115,7 +121,7 @@ def row_record(kind: str, res: dict, seconds: float, note: str = "") -> dict:
             "val_ann": val.ann_accuracy, "t_at_1": t_within(acc, test.ann_accuracy, 1.0),
             "t_at_03": t_within(acc, test.ann_accuracy, 0.3),
             "val_t_at_1": t_within(vacc, val.ann_accuracy, 1.0), "calibration_s": round(seconds, 1), "note": note,
-            "pre_steps": int(getattr(test, "pre_steps", 0))}
+            "pre_steps": int(getattr(test, "pre_steps", 0)), "passes": passes}
 
 
 def run_sj(net, spec: dict | None, ts: list[int], n_test: int) -> tuple[dict, float]:
@@ -161,6 +167,11 @@ def run_network(name: str, args, payload: dict, save: Callable[[], None], extra:
         log(f"{name}: not in the zoo ({e}); skipping")
         return
     d = payload["networks"].setdefault(name, {"rows": {}})
+    done = {k: d[k] for k in ("n_val", "n_test") if k in d and d["rows"]}
+    if done and done != {"n_val": args.n_val, "n_test": args.n_test}:  # never mix rows measured on other images
+        raise SystemExit(f"{name}: the results file holds rows on n_val={done.get('n_val')}, n_test="
+                         f"{done.get('n_test')} images; re-run with --n-val {done.get('n_val')} --n-test "
+                         f"{done.get('n_test')}, or --fresh to start this network over")
     d.update(description=net.card["description"], data=net.data_note, ann_test_full=net.card["ann"]["test_acc"],
              n_val=args.n_val, n_test=args.n_test)
     ts = [1, 2, 4, 8, 16] if args.quick else GRID
@@ -176,7 +187,8 @@ def run_network(name: str, args, payload: dict, save: Callable[[], None], extra:
         log(f"{name}: {label}")
         with Timer() as t:
             snn = bsnn.convert(net.model, net.calib, cfg)
-        d["rows"][label] = row_record(kind, curves(snn, net, ts, args.n_val, args.n_test), t.s)
+        d["rows"][label] = row_record(kind, curves(snn, net, ts, args.n_val, args.n_test), t.s,
+                                      passes=crossbar_passes(snn))
         r = d["rows"][label]
         log(f"  T@1 {r['t_at_1']} (val {r['val_t_at_1']}); " + " ".join(f"{k}:{v:.1f}" for k, v in r["accuracy"].items()))
         save()
@@ -190,7 +202,7 @@ def run_network(name: str, args, payload: dict, save: Callable[[], None], extra:
         with Timer() as t:
             snn = bsnn.convert(net.model, net.calib, rows[best][1] if best in rows else conversion_rows()[best][1])
         res = curves(snn, net, long_ts, args.n_val, args.n_test, record=True)
-        rec = row_record("best", res, t.s)
+        rec = row_record("best", res, t.s, passes=crossbar_passes(snn))
         ee = validated_early_exit(res["val"], res["test"], ann_val_accuracy=res["val"].ann_accuracy)
         d["best_long"] = {"label": best, **rec, "early_exit": ee}
         save()
@@ -262,7 +274,9 @@ def build_markdown(payload: dict) -> str:
              "within 64). 'alone' rows add ONE technique to plain layer-wise max-norm (v0 = 0); 'candidate' rows are "
              "full recipes, the best chosen on the validation images (the smallest 'val T@1' among those ending within "
              "0.3 points of the best final validation accuracy); pre-steps = run-time "
-             "steps each input runs before the T counted (COS, SRP: its latency is pre-steps + T); calibration s = conversion "
+             "steps each input runs before the T counted (COS, SRP: its latency is pre-steps + T); passes/step = crossbar "
+             "reads per timestep of a spiking layer (1 for {0, 1} spikes; burst neurons ceil(log2(Γ + 1)) bit-serial "
+             "passes, signed neurons 2: the cost model charges them); calibration s = conversion "
              "wall time on this machine (2 cores shared with other jobs: compare within a table only).", ""]
     for name, d in payload["networks"].items():
         rows_ = d["rows"]
@@ -273,10 +287,11 @@ def build_markdown(payload: dict) -> str:
                   f"{ann:.2f} % on the first {d['n_test']} (validation: first {d['n_val']}).", ""]
         ts = sorted({int(t) for r in rows_.values() for t in r["accuracy"]})
         table = [[label, r["kind"], _fmt_t(r["t_at_1"]), _fmt_t(r["t_at_03"]), _fmt_t(r["val_t_at_1"]),
-                  r.get("pre_steps", 0), f"{r['calibration_s']:.0f}"]
+                  r.get("pre_steps", 0), r.get("passes", 1), f"{r['calibration_s']:.0f}"]
                  + [f"{r['accuracy'][str(t)]:.1f}" if str(t) in r["accuracy"] else "" for t in ts]
                  for label, r in rows_.items()]
-        lines += [markdown_table(["method", "kind", "T@1", "T@0.3", "val T@1", "pre-steps", "calibration s"]
+        lines += [markdown_table(["method", "kind", "T@1", "T@0.3", "val T@1", "pre-steps", "passes/step",
+                                  "calibration s"]
                                  + [f"T={t}" for t in ts], table), ""]
         b = d.get("best_long")
         if b and b["label"] != d.get("best"):
@@ -369,7 +384,10 @@ def extra_rows() -> dict[str, tuple[str, ConvertConfig]]:
                ({"offset_correction": "cos", "offset_pre_steps": 4}, "COS offset spikes, ρ = 4",
                 {"v_init": 0.5}, no_cal),
                ({"offset_correction": "srp", "offset_pre_steps": 4}, "SRP residual membrane, τ = 4",
-                {"v_init": 0.5}, no_cal)]
+                {"v_init": 0.5}, no_cal),
+               ({"neuron": "burst", "max_burst": 2}, "burst neurons, Γ = 2", {}, {}),
+               ({"neuron": "burst", "max_burst": 4}, "burst neurons, Γ = 4", {}, {}),
+               ({"neuron": "signed"}, "signed neurons with memory", {}, {})]
     for change, label, alone_base, cand_base in options:
         if not set(change) <= fields:
             continue

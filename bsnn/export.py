@@ -21,7 +21,7 @@ import torch.nn as nn
 from spikingjelly.activation_based import layer, neuron
 
 from bsnn.errors import ConversionError
-from bsnn.export_nir import from_nir, to_nir  # noqa: F401 (bsnn.export.to_nir / from_nir)
+from bsnn.export_nir import check_exportable, from_nir, to_nir  # noqa: F401 (bsnn.export.to_nir / from_nir)
 from bsnn.snn.network import SpikingNetwork
 from bsnn.snn.neuron import ChannelScale, IFNeuron, Integrator
 from bsnn.snn.pool import SpikingMaxPool2d
@@ -81,8 +81,10 @@ def to_spikingjelly(snn: SpikingNetwork) -> fx.GraphModule:
 
     Raises:
         ConversionError: the network uses a layer with no spikingjelly counterpart (a spiking max-pool of
-            running spike counts), naming it.
+            running spike counts), naming it; or a firing rule or run-time correction an IF graph cannot carry
+            (:func:`bsnn.export_nir.check_exportable`).
     """
+    check_exportable(snn, "to_spikingjelly")
     gm = copy.deepcopy(snn.graph_module)
     root, graph = nn.Module(), fx.Graph()
     env: dict[fx.Node, fx.Node] = {}

@@ -29,6 +29,7 @@ import torch.nn as nn
 from bsnn.errors import ConversionError
 from bsnn.snn.network import SpikingNetwork, node_shapes
 from bsnn.snn.neuron import ChannelScale, IFNeuron, Integrator
+from bsnn.snn.offset import network_correction
 
 SEMANTICS = "bsnn IF: v += gain·x (+ i_bias while t <= i_bias_steps); spike when v >= 1; v -= 1 (reset by subtraction)"
 
@@ -197,12 +198,34 @@ class _Exporter:
         return nir.NIRGraph(nodes=self.nodes, edges=self.edges, metadata={"bsnn": json.dumps(meta)})
 
 
+def check_exportable(snn: SpikingNetwork, target: str) -> None:
+    """Refuse what an exported IF network cannot carry: burst / signed firing rules (``convert.neuron``) and
+    run-time offset corrections with pre-steps (COS, SRP: ``convert.offset_correction``), whose per-sample
+    pre-steps are bsnn's simulator's, not the exported graph's.
+
+    Raises:
+        ConversionError: naming the setting and how to export.
+    """
+    other = sorted({f"{n} ({m.firing})" for n, m in snn.neurons().items() if m.firing != "if"})
+    if other:
+        raise ConversionError(f"{target}: layers {', '.join(other[:3])} are not integrate-and-fire neurons "
+                              f"(convert.neuron); {target} carries IF neurons only: convert with convert.neuron=if "
+                              "to export")
+    method, _ = network_correction(snn)
+    if method != "none":
+        raise ConversionError(f"{target}: the network corrects its membranes at run time with {method!r} "
+                              "pre-steps (convert.offset_correction), which the exported graph cannot carry; "
+                              "convert with convert.offset_correction=none to export")
+
+
 def to_nir(snn: SpikingNetwork, fold_scales: bool = False) -> nir.NIRGraph:
     """The NIR graph of ``snn`` (see the module docstring; ``fold_scales`` for simulators without ``Scale``).
 
     Raises:
-        ConversionError: a node with no NIR counterpart (spiking max-pool, concatenation, ...), naming it.
+        ConversionError: a node with no NIR counterpart (spiking max-pool, concatenation, ...), naming it; a
+            firing rule or run-time correction NIR's IF graph cannot carry (:func:`check_exportable`).
     """
+    check_exportable(snn, "to_nir")
     return _Exporter(snn, fold_scales).run()
 
 

@@ -109,7 +109,8 @@ class Entry:
 LATER_FIELDS: dict[str, dict] = {
     "train": {"keep_epochs": [], "select_epochs": 0},
     "student": {"keep_epochs": [], "select_epochs": 0},
-    "convert": {"threshold_opt": "none", "offset_correction": "none", "offset_pre_steps": 4},
+    "convert": {"threshold_opt": "none", "offset_correction": "none", "offset_pre_steps": 4, "neuron": "if",
+                "max_burst": 2},
 }
 
 

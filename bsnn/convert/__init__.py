@@ -142,7 +142,8 @@ def initial_potentials(gm, cfg: ConvertConfig) -> dict[str, float]:
 def convert_with_thresholds(gm, thresholds: dict[str, torch.Tensor], cfg: ConvertConfig,
                             input_shape: list[int]) -> SpikingNetwork:
     """Surgery only: build the SNN from a captured graph and given thresholds λ (no calibration)."""
-    sgm, layers, neurons = build_spiking_graph(gm, thresholds, initial_potentials(gm, cfg), cfg.maxpool)
+    sgm, layers, neurons = build_spiking_graph(gm, thresholds, initial_potentials(gm, cfg), cfg.maxpool,
+                                                 cfg.neuron, cfg.max_burst)
     record = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     record["threshold"] = cfg.threshold.describe()
     meta = {"convert": record,

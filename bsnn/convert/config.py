@@ -10,6 +10,7 @@ from bsnn._validate import _check
 from bsnn.convert.calibrate import Max, Percentile
 from bsnn.convert.maxpool import MAXPOOL_STRATEGIES
 from bsnn.errors import ConfigError
+from bsnn.snn.neuron import FIRING_RULES
 from bsnn.snn.offset import check_offset_correction
 
 
@@ -79,6 +80,12 @@ class ConvertConfig:
             al. AAAI 2023: neurons whose membrane is <= 1e-3 θ after τ pre-steps are silenced); pre-steps add to
             the latency (``SimResult.pre_steps``).
         offset_pre_steps: ρ (``cos``) or τ (``srp``), the pre-steps per input (authors' default: 4).
+        neuron: firing rule of the spiking layers (:data:`bsnn.snn.neuron.FIRING_RULES`): ``if`` (integrate-and-fire,
+            {0, 1} spikes, the binary SNN), ``burst`` (up to ``max_burst`` spikes per step, Li & Zeng IJCAI 2022:
+            threshold λ/Γ, spikes in {0, ..., Γ}) or ``signed`` (signed neurons with memory, Wang et al. IJCAI 2022:
+            spikes in {−1, 0, 1}). The last two are options beyond binary spikes: a layer fed by them needs
+            ``ceil(log2(Γ + 1))`` (burst) or 2 (signed) crossbar passes per timestep, which the cost model charges.
+        max_burst: Γ, the most spikes a burst neuron fires per timestep (authors' code: 2; ``neuron: burst`` only).
     """
 
     threshold: Any = field(default_factory=_statistic_default)
@@ -101,6 +108,8 @@ class ConvertConfig:
     threshold_opt: str = "none"
     ltb_iterations: int = 12
     ltb_batch_size: int = 100
+    neuron: str = "if"
+    max_burst: int = 2
 
     def __post_init__(self) -> None:
         self.threshold = parse_statistic(self.threshold)
@@ -124,6 +133,13 @@ class ConvertConfig:
         _check(self.search_samples >= 1 and self.snn_calibration_samples >= 1,
                "convert.search_samples and convert.snn_calibration_samples must be >= 1")
         check_offset_correction(self.offset_correction, self.offset_pre_steps)
+        _check(self.neuron in FIRING_RULES, f"convert.neuron must be one of {', '.join(FIRING_RULES.names())}, "
+                                             f"got {self.neuron!r}")
+        _check(not isinstance(self.max_burst, bool) and isinstance(self.max_burst, int) and self.max_burst >= 1,
+               f"convert.max_burst must be an integer >= 1 (the authors use 2), got {self.max_burst!r}")
+        _check(self.neuron == "if" or self.offset_correction == "none",
+               f"convert.offset_correction={self.offset_correction!r} reads the membranes of IF neurons; it is not "
+               f"defined for convert.neuron={self.neuron!r}: use one of them, not both")
         _check(self.maxpool in MAXPOOL_STRATEGIES,
                f"convert.maxpool must be one of {MAXPOOL_STRATEGIES.names()}, got {self.maxpool!r}")
         _check(self.snn_calibration in ("none", "bias", "potential", "advanced"),

@@ -10,7 +10,9 @@ a scalar or one factor per channel. The pass walks the captured ANN graph once:
 * BatchNorm: folded into the producing conv/linear (also in residual shortcuts): the BN gain multiplies the
   scale and its shift goes into the bias; a negative gain flips that output channel's weight row (still ±1);
 * ReLU / ClipReLU / QCFS -> :class:`IFNeuron`: threshold θ = λ / scale in the stored domain, where λ is the calibrated
-  activation statistic (threshold balancing); its spikes stand for λ, the new scale;
+  activation statistic (threshold balancing); its spikes stand for λ, the new scale (the ``convert.neuron`` firing
+  rule builds the neuron, :data:`~bsnn.snn.neuron.FIRING_RULES`; a rule carrying n spikes per step — burst: Γ —
+  gets θ = λ / (n · scale) and its spikes stand for λ / n, so one step still spans ``[0, λ]``);
 * avg-pool / flatten / reshape: scale passes through (per-channel scales are expanded by flatten);
 * max-pool (scales are positive, so max commutes with them): a plain max-pool of values that depend only on the
   input (the same every timestep), else the ``convert.maxpool`` strategy's module
@@ -35,7 +37,7 @@ from bsnn.binary import is_binary
 from bsnn.convert.graph import ACTIVATION_MODULES, ADD_FUNCTIONS, CAT_FUNCTIONS, cat_inputs, where
 from bsnn.convert.maxpool import MAXPOOL_MODULES, MAXPOOL_STRATEGIES
 from bsnn.errors import ConversionError
-from bsnn.snn.neuron import ChannelScale, IFNeuron, Integrator
+from bsnn.snn.neuron import FIRING_RULES, ChannelScale, Integrator
 
 
 def _finite(t: torch.Tensor | None, what: str) -> None:
@@ -68,8 +70,9 @@ def _joins(node: fx.Node) -> bool:
 
 class _Builder:
     def __init__(self, gm: fx.GraphModule, thresholds: dict[str, torch.Tensor], v_init: dict[str, float],
-                 maxpool: str = "spiking") -> None:
+                 maxpool: str = "spiking", neuron: str = "if", max_burst: int = 2) -> None:
         self.gm, self.thresholds, self.v_init = gm, thresholds, v_init
+        self.firing, self.max_burst = FIRING_RULES.get(neuron), max_burst
         self.maxpool = MAXPOOL_STRATEGIES.get(maxpool)
         self.static: set[fx.Node] = set()  # values computed from the input alone (the same every timestep)
         self.root = nn.Module()
@@ -177,13 +180,13 @@ class _Builder:
                                   f"{sorted(self.thresholds)}")
         lam = torch.as_tensor(self.thresholds[node.target]).float().reshape(-1)
         _finite(lam, f"threshold of layer '{node.target}'")
-        lam = lam.clamp_min(1e-6)
+        lam = lam.clamp_min(1e-6) / self.firing.levels(self.max_burst)  # what one spike stands for
         s_in = self.scale[src]
         theta = _bcast(lam / s_in, node.meta["shape"])
         _finite(theta, f"threshold of layer '{node.target}' (in the stored domain: λ / input scale)")
         shape = node.meta["shape"]
         channel_shape = (shape[1], *([1] * (len(shape) - 2)))
-        neuron = IFNeuron(theta, v_init_frac=self.v_init[node.target], name=node.target, channel_shape=channel_shape)
+        neuron = self.firing.build(theta, self.v_init[node.target], node.target, channel_shape, self.max_burst)
         name = self.add_module("if_" + node.target, neuron)
         self.env[node] = self.graph.call_module(name, (self.env[src],))
         self.scale[node] = lam
@@ -321,7 +324,8 @@ class _Builder:
 
 
 def build_spiking_graph(gm: fx.GraphModule, thresholds: dict[str, torch.Tensor], v_init: dict[str, float],
-                        maxpool: str = "spiking") -> tuple[fx.GraphModule, list[dict], list[str]]:
+                        maxpool: str = "spiking", neuron: str = "if", max_burst: int = 2
+                        ) -> tuple[fx.GraphModule, list[dict], list[str]]:
     """Turn a captured ANN graph into a spiking graph.
 
     Args:
@@ -330,8 +334,9 @@ def build_spiking_graph(gm: fx.GraphModule, thresholds: dict[str, torch.Tensor],
             (scalar or ``[C]``).
         v_init: activation module name -> initial membrane potential as a fraction of θ (0.5 = the θ/2 shift).
         maxpool: the ``convert.maxpool`` strategy (the graph's pools were placed for it by ``capture``).
+        neuron: the ``convert.neuron`` firing rule; max_burst: its Γ (``burst``).
 
     Returns:
         ``(spiking GraphModule, synaptic layer table, IF neuron module names)``.
     """
-    return _Builder(gm, thresholds, v_init, maxpool).build()
+    return _Builder(gm, thresholds, v_init, maxpool, neuron, max_burst).build()

@@ -41,6 +41,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bsnn.errors import ConfigError
 from bsnn.hardware.config import PARTITIONS, ConstraintConfig  # noqa: F401 (re-export)
 from bsnn.simulate import simulate
 from bsnn.snn.neuron import IFNeuron
@@ -219,6 +220,11 @@ def _swap(snn, cfg: ConstraintConfig) -> tuple[dict[str, str], dict[str, nn.Modu
     """Swap in constrained modules; returns ``(plan, originals)``."""
     cfg.validate()
     gm = snn.graph_module
+    other = sorted({m.firing for m in snn.neurons().values() if m.firing != "if"})
+    if other and (cfg.adc_bits is not None or cfg.membrane_bits is not None):
+        raise ConfigError(f"hardware constraints (adc_bits, membrane_bits) model IF neurons and {{0, 1}} spike inputs "
+                          f"read in one pass; this network has {', '.join(other)} neurons (convert.neuron): simulate "
+                          "it without simulate.constraints, or convert it with convert.neuron=if")
     plan = constraint_plan(snn, cfg)
     grids = input_grids(snn)
     originals: dict[str, nn.Module] = {}

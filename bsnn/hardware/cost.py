@@ -27,6 +27,16 @@ Latency (SpikeSim's pipelined schedule, both modes): ``[Σ_{l<L} int(overlap·H_
 t_PE`` (C, H, W = output channels and the layer's costed output positions; t_PE = 26 clocks at 250 MHz). Area:
 ``tiles·tile_area + Σ Cin·H_in·W_in·A_bit·22 + Σ_{first 5 layers} Cout·H·W·A_bit·22`` (see ``area_breakdown``).
 
+Beyond {0, 1} spikes and T real steps (both charged where the network has them):
+
+* layers fed by burst (up to Γ spikes per step) or signed spikes take ``input_passes`` crossbar passes per
+  timestep (bit-serial counts: ``ceil(log2(Γ + 1))``; signed: one pass per polarity), in energy and latency;
+  event-driven, each pass is charged at rate ``r_t / passes`` — an upper bound, as the rows set over the passes
+  are at most the spike events and ``p_t`` is concave;
+* a run-time offset correction's pre-steps (:mod:`bsnn.snn.offset`: COS ρ, SRP τ) are computed by every layer
+  before the T counted: energy over ``T + pre-steps`` steps (the pre-steps at the input rates of the first real
+  steps), latency over ``T + SimResult.pre_steps``.
+
 Also reported side by side: the same network as an ANN on the same hardware (bit-serial activations of b bits:
 b dense passes, no timesteps) and the digital baseline (Horowitz 45 nm: ANN Σ MACs·E_MAC; SNN
 Σ MACs·rate·T·E_AC, analog-input layer at E_MAC every step).
@@ -41,6 +51,8 @@ from dataclasses import asdict, dataclass, field
 from bsnn.errors import ConfigError
 from bsnn.hardware.config import HardwareConfig, preset, resolve_hardware
 from bsnn.report import markdown_table
+from bsnn.snn.network import SpikingNetwork
+from bsnn.snn.offset import latency_pre_steps, network_correction, work_pre_steps
 from bsnn.hardware.mapping import (LayerMapping, LayerSpec, PoolSpec, count_tiles, map_layer, resolve_layers,
                                    resolve_pools)
 
@@ -52,7 +64,8 @@ ROW_DRIVEN = ("xbar", "row_drivers")
 @dataclass
 class Activity:
     """Measured input activity: synaptic layer -> input spike rate at each timestep (spikes / neuron / step),
-    or one constant rate for every timestep.
+    or one constant rate for every timestep. A rate is at most 1 for {0, 1} spikes; burst spikes count every spike
+    of a burst, so their rate can reach Γ.
 
     Layers absent from ``rates`` (the analog-input layer) are costed dense.
     """
@@ -71,7 +84,7 @@ class Activity:
         if len(r) < T:
             raise ConfigError(f"activity of layer {name!r} covers {len(r)} timesteps, cost asked for T={T}; "
                               "simulate to at least T")
-        return [float(min(1.0, max(0.0, v))) for v in r[:T]]
+        return [float(max(0.0, v)) for v in r[:T]]
 
     def mean(self, name: str, T: int) -> float | None:
         r = self.steps(name, T)
@@ -145,10 +158,13 @@ def sign_correction_pj(spec: LayerSpec, m: LayerMapping, hw: HardwareConfig) -> 
 
 
 def passes_per_step(spec: LayerSpec, hw: HardwareConfig, ann_bits: int | None = None) -> int:
-    """Crossbar passes per timestep (SNN) or per inference (ANN, bit-serial ``ann_bits``-bit activations)."""
+    """Crossbar passes per timestep (SNN) or per inference (ANN, bit-serial ``ann_bits``-bit activations).
+
+    A spiking layer takes ``spec.input_passes`` passes per step: 1 for {0, 1} spikes, more for burst
+    (bit-serial spike counts) or signed spikes (one pass per polarity)."""
     if spec.analog_input:
         return hw.analog_input_bits or (ann_bits or 1)
-    return ann_bits or 1
+    return ann_bits or spec.input_passes
 
 
 def layer_energy_pj(spec: LayerSpec, m: LayerMapping, hw: HardwareConfig, T: int,
@@ -171,7 +187,12 @@ def layer_energy_pj(spec: LayerSpec, m: LayerMapping, hw: HardwareConfig, T: int
     if rates is None or spec.analog_input:
         return {k: v * T for k, v in step.items()}
     out = dict.fromkeys(step, 0.0)
+    passes = passes_per_step(spec, hw)
     for r in rates[:T]:
+        # P > 1 passes per step (burst / signed inputs): each pass at rate r/P. The rows active over the P passes
+        # are at most the spike events r (a burst of k sets popcount(k) <= k bit-plane rows; a ±1 spike one
+        # polarity's row), and p_active is concave in the rate, so this bounds both parts from above.
+        r = min(1.0, r / passes)
         p_active = 1.0 - (1.0 - r) ** m.rows_per_pe
         for k, v in step.items():
             out[k] += v * (r if k in ROW_DRIVEN else p_active)
@@ -408,7 +429,18 @@ def estimate(network, activity=None, hw: HardwareConfig | str = "spikesim-rram-6
     if mode == "event_driven" and act is None:
         raise ConfigError("estimate: mode 'event_driven' needs measured activity (a SimResult, sweep.json or "
                           "Activity); use mode='dense' for an activity-independent estimate")
-    rates_for = (lambda s: act.steps(s.name, T)) if mode == "event_driven" else (lambda s: None)
+    # a run-time offset correction (COS, SRP) computes pre-steps before the T counted: every layer works
+    # T + pre_work steps (energy), and real step 1 comes pre_latency steps late (latency)
+    snn = network if isinstance(network, SpikingNetwork) else None
+    pre_work, pre_latency = (work_pre_steps(snn), latency_pre_steps(snn)) if snn is not None else (0, 0)
+    T_work = T + pre_work
+
+    def measured(s: LayerSpec) -> list[float] | None:  # per computed step: the pre-steps, then the T real steps
+        real = act.steps(s.name, T)
+        return real if real is None or not pre_work else act.steps(s.name, pre_work) + real
+
+    def rates_for(s: LayerSpec) -> list[float] | None:
+        return measured(s) if mode == "event_driven" else None
     unmeasured = [s.name for s in layers if act is not None and not s.analog_input and s.name not in act.rates]
     if ann_bits is None:
         ann_bits = max(1, math.ceil(math.log2(T + 1)))
@@ -423,17 +455,28 @@ def estimate(network, activity=None, hw: HardwareConfig | str = "spikesim-rram-6
             raise ConfigError(f"estimate: the activity names no layer of the network (layers {[s.name for s in layers]}"
                               f", activity for {sorted(act.rates)})")
         notes.append(f"no measured activity for {unmeasured}: costed dense")
+    if pre_work:
+        method = network_correction(snn)[0]
+        notes.append(f"offset correction {method!r}: every layer computes {pre_work} pre-steps per input before the "
+                     f"T={T} counted, charged in the energy (at the input rates of its first {pre_work} real steps: "
+                     f"the same inputs for COS; an estimate for SRP, whose pre-steps run before any neuron is "
+                     f"silenced); the latency counts {pre_latency} steps before real step 1")
+    passes = {s.input_passes for s in layers if not s.analog_input}
+    if passes != {1} and passes:
+        notes.append(f"spiking layers fed by burst or signed spikes (convert.neuron) read their crossbars "
+                     f"{max(passes)} passes per timestep (bit-serial spike counts, or one pass per polarity): "
+                     f"energy and latency charge every pass")
     hw_d = preset("digital-45nm") if not hw.is_digital else hw
-    dig_snn = [digital_energy_pj(s, T, hw_d, rates_for(s)) for s in layers]
+    dig_snn = [digital_energy_pj(s, T_work, hw_d, rates_for(s)) for s in layers]
     dig_ann = [digital_energy_pj(s, 1, hw_d, ann=True) for s in layers]
-    pool_e = [maxpool_energy_pj(p, T, hw) for p in pools]
+    pool_e = [maxpool_energy_pj(p, T_work, hw) for p in pools]
     pool_rows = [LayerCost(p.name, "maxpool", sum(e.values()), None, None, None, e, None, 0, 0, 0, 0.0, 0)
                  for p, e in zip(pools, pool_e)]
     if pools:
         notes.append(f"{len(pools)} spiking max-pool(s): counters and comparators costed as digital adds "
                      "(energy line 'maxpool', one increment per input per step: an upper bound), their state as "
                      "SRAM (area line 'maxpool_counters'); no latency charged")
-        dig_snn += [maxpool_energy_pj(p, T, hw_d) for p in pools]
+        dig_snn += [maxpool_energy_pj(p, T_work, hw_d) for p in pools]
     if hw.is_digital:
         maps: list[LayerMapping] = []
         costs = [LayerCost(s.name, s.kind, sum(e.values()), None, None, None, e,
@@ -449,8 +492,8 @@ def estimate(network, activity=None, hw: HardwareConfig | str = "spikesim-rram-6
 
     maps = [map_layer(s, hw) for s in layers]
     tiles = count_tiles(maps, hw)
-    per_layer = [layer_energy_pj(s, m, hw, T, rates_for(s)) for s, m in zip(layers, maps)]
-    lat, spans = latency_ns(layers, hw, T)
+    per_layer = [layer_energy_pj(s, m, hw, T_work, rates_for(s)) for s, m in zip(layers, maps)]
+    lat, spans = latency_ns(layers, hw, T + pre_latency)
     area = area_breakdown_um2(layers, maps, hw)
     tile_area = sum(v for k, v in area.items() if k not in ("input_buffer", "membrane")) / tiles
     if pools:
@@ -488,11 +531,11 @@ def estimate(network, activity=None, hw: HardwareConfig | str = "spikesim-rram-6
     if compare:
         ref = total.energy_pj
         if mode == "event_driven":
-            d = [layer_energy_pj(s, m, hw, T) for s, m in zip(layers, maps)]
+            d = [layer_energy_pj(s, m, hw, T_work) for s, m in zip(layers, maps)]
             comparisons["snn_dense_imc"] = _entry("same SNN, every crossbar read every step",
                                                   sum(_sum(d + pool_e).values()), lat, total.area_um2, ref)
         elif act is not None:
-            ev = [layer_energy_pj(s, m, hw, T, act.steps(s.name, T)) for s, m in zip(layers, maps)]
+            ev = [layer_energy_pj(s, m, hw, T_work, measured(s)) for s, m in zip(layers, maps)]
             comparisons["snn_event_driven_imc"] = _entry("same SNN, measured spike rates",
                                                          sum(_sum(ev + pool_e).values()), lat, total.area_um2, ref)
         ann = [layer_energy_pj(s, m, hw, 1, None, ann_bits) for s, m in zip(layers, maps)] + \

@@ -52,6 +52,8 @@ class LayerSpec:
         analog_input: the layer reads the analog input (direct encoding), not spikes.
         input_neurons: IF layers whose spikes feed the layer (activity lookup in a SimResult).
         kind: ``"conv"`` or ``"linear"``.
+        input_passes: crossbar passes per timestep its spike inputs need: 1 for {0, 1} spikes; bit-serial
+            ``ceil(log2(Γ + 1))`` for burst spikes, 2 for signed spikes (:attr:`bsnn.snn.neuron.IFNeuron.input_passes`).
     """
 
     name: str
@@ -66,6 +68,7 @@ class LayerSpec:
     analog_input: bool = False
     input_neurons: list = field(default_factory=list)
     kind: str = "conv"
+    input_passes: int = 1
 
     @property
     def positions(self) -> int:
@@ -333,7 +336,8 @@ def layer_specs_from_network(snn) -> list[LayerSpec]:
             out_size=(1, 1) if linear else (int(outs[1]), int(outs[2])),
             neuron_size=(1, 1) if linear else neuron_map(node), groups=int(layer.get("groups", 1)),
             binary=bool(layer["binary"]), analog_input=analog and not src, input_neurons=list(dict.fromkeys(src)),
-            kind="linear" if linear else "conv"))
+            kind="linear" if linear else "conv",
+            input_passes=max([gm.get_submodule(n).input_passes for n in src], default=1)))
     return specs
 
 

@@ -8,6 +8,16 @@ Non-leaky integrate-and-fire with reset by subtraction, per timestep t::
 
 Tensors are time-first: ``x`` is ``[T, B, ...]``; ``theta`` broadcasts against one timestep ``[B, ...]``
 (a scalar, or per channel ``[C, 1, 1]`` / ``[C]``).
+
+Two other firing rules, options of :class:`bsnn.convert.ConvertConfig` (``neuron``), have their oracles here too:
+
+* **burst** (Li & Zeng, "Efficient and accurate conversion of spiking neural network with burst spikes", IJCAI
+  2022; authors' code ``github.com/Brain-Cog-Lab/Conversion_Burst``, ``SNode.forward``): up to Γ spikes per
+  timestep, ``s[t] = clamp(floor(v[t] / θ), 0, Γ)``, ``v[t] -= s[t]·θ``;
+* **signed** (Wang, Zhang, Chen, Qu, "Signed neuron with memory", IJCAI 2022; authors' code
+  ``github.com/ppppps/ANN2SNNConversion_SNM_NeuronNorm``, ``SPIKE_PosNeg_layer.forward``): a +1 spike when
+  ``v >= θ``, a −1 spike when ``v <= −θ`` *and* the neuron's net output so far is positive (the memory), then
+  ``v -= s·θ``: a spike fired too early is taken back, so the net count never goes below zero.
 """
 
 from __future__ import annotations
@@ -40,6 +50,53 @@ def if_multistep(x_seq: torch.Tensor, theta: torch.Tensor | float, v0: torch.Ten
     for t in range(x_seq.shape[0]):
         out[t], v = if_step(v, x_seq[t], theta)
     return out, v
+
+
+def burst_multistep(x_seq: torch.Tensor, theta: torch.Tensor | float, max_burst: int,
+                    v0: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Burst neurons over ``T`` timesteps (reference loop): up to ``max_burst`` (Γ) spikes per step.
+
+    Args:
+        x_seq: input current ``[T, B, ...]``.
+        theta: threshold, broadcastable to ``[B, ...]``; must be > 0.
+        max_burst: Γ >= 1 (Γ = 1 is the IF neuron of :func:`if_multistep`).
+        v0: initial membrane potential, broadcastable to ``[B, ...]``.
+
+    Returns:
+        ``(spikes [T, B, ...] in {0, ..., Γ}, v_final [B, ...])``.
+    """
+    theta = torch.as_tensor(theta, dtype=x_seq.dtype, device=x_seq.device)
+    v = torch.zeros_like(x_seq[0]) + v0
+    out = torch.empty_like(x_seq)
+    for t in range(x_seq.shape[0]):
+        v = v + x_seq[t]
+        s = torch.floor(v / theta).clamp(0, max_burst)
+        out[t], v = s, v - s * theta
+    return out, v
+
+
+def signed_multistep(x_seq: torch.Tensor, theta: torch.Tensor | float, v0: torch.Tensor | float = 0.0,
+                     sent0: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Signed neurons with memory over ``T`` timesteps (reference loop).
+
+    Args:
+        x_seq: input current ``[T, B, ...]``.
+        theta: threshold, broadcastable to ``[B, ...]``; must be > 0.
+        v0: initial membrane potential, broadcastable to ``[B, ...]``.
+        sent0: net spikes emitted before (the memory), broadcastable to ``[B, ...]``.
+
+    Returns:
+        ``(spikes [T, B, ...] in {-1, 0, 1}, v_final [B, ...], sent_final [B, ...])``.
+    """
+    theta = torch.as_tensor(theta, dtype=x_seq.dtype, device=x_seq.device)
+    v = torch.zeros_like(x_seq[0]) + v0
+    sent = torch.zeros_like(x_seq[0]) + sent0
+    out = torch.empty_like(x_seq)
+    for t in range(x_seq.shape[0]):
+        v = v + x_seq[t]
+        s = (v >= theta).to(x_seq.dtype) - ((v <= -theta) & (sent > 0)).to(x_seq.dtype)
+        out[t], v, sent = s, v - s * theta, sent + s
+    return out, v, sent
 
 
 def memory_order(t: torch.Tensor) -> torch.Tensor:

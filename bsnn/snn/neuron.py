@@ -7,11 +7,16 @@ potential persists across chunks until :meth:`IFNeuron.reset`.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn as nn
 
-from bsnn.snn.functional import memory_order, per_sample_spikes  # noqa: F401 (re-export)
-from bsnn.snn.kernels import get_kernel
+from bsnn._registry import Registry
+from bsnn.snn.functional import burst_multistep, memory_order, per_sample_spikes, signed_multistep  # noqa: F401
+from bsnn.snn.kernels import counted, get_kernel, prescale
 
 
 class IFNeuron(nn.Module):
@@ -33,9 +38,17 @@ class IFNeuron(nn.Module):
 
     Attributes:
         time_chunk: number of timesteps folded into the batch of the current call (set by the simulator).
-        spike_count: spikes emitted per timestep since the last reset (floats, summed over the batch).
+        spike_count: spikes emitted per timestep since the last reset (floats, summed over the batch; a burst of k
+            spikes counts k, a −1 spike counts 1: every spike is one event).
         record: whether to keep ``spike_count``.
+
+    Class attributes (the firing rule; subclasses change them): ``firing`` (its registered name, see
+    :data:`FIRING_RULES`), ``spike_min`` / :attr:`spike_max` (the values one timestep's output takes, integers in
+    that range) and :attr:`input_passes` (crossbar passes per timestep a layer fed by these spikes needs).
     """
+
+    firing = "if"
+    spike_min = 0.0
 
     def __init__(self, threshold: torch.Tensor | float = 1.0, v_init_frac: float = 0.0, name: str = "",
                  channel_shape: tuple[int, ...] | None = None) -> None:
@@ -62,11 +75,30 @@ class IFNeuron(nn.Module):
         state_dict.setdefault(prefix + "i_bias_steps", torch.tensor(0, dtype=torch.int64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    @property
+    def spike_max(self) -> float:
+        """Largest value of one timestep's output (1 for {0, 1} spikes)."""
+        return 1.0
+
+    @property
+    def input_passes(self) -> int:
+        """Crossbar passes per timestep for a layer fed by these spikes: 1 for {0, 1} spikes (one read with the
+        spikes on the word lines); bit-serial inputs of more levels need more (:mod:`bsnn.hardware.cost`)."""
+        return 1
+
     def reset(self) -> None:
         """Forget the membrane potential and the spike record (call before each new input batch)."""
         self.v = None
         self.t = 0
         self.spike_count = []
+
+    def _scan(self, x_seq: torch.Tensor, bias: torch.Tensor | None, counts: list | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integrate ``x_seq [Tc, B, ...]`` (gain, ``bias`` and the deferred synaptic bias applied) from ``self.v``
+        and fire; returns ``(spikes [Tc, B, ...], v_next [B, ...])``, appending per-sample spike counts to
+        ``counts``. The IF rule runs on the selected kernel (:mod:`bsnn.snn.kernels`)."""
+        return get_kernel(self.kernel)(x_seq, self._one, self.v, self._gain, bias, self.pre_bias, self.spike_dtype,
+                                       counts)
 
     def gain(self) -> torch.Tensor:
         """Input gain ``1/θ`` (same shape as ``threshold``)."""
@@ -92,15 +124,11 @@ class IFNeuron(nn.Module):
         counts: list[torch.Tensor] | None = [] if self.record else None
         # the bias current flows during the first i_bias_steps timesteps only: split the chunk where it stops
         split = tc if self._bias is None or not self._bias_steps else min(tc, max(0, self._bias_steps - self.t))
-        kernel = get_kernel(self.kernel)
         if split in (0, tc):  # the usual case: one kernel call for the whole chunk
-            spikes, self.v = kernel(x_seq, self._one, self.v, self._gain, self._bias if split else None,
-                                    self.pre_bias, self.spike_dtype, counts)
+            spikes, self.v = self._scan(x_seq, self._bias if split else None, counts)
         else:  # the bias window ends inside this chunk
-            head, self.v = kernel(x_seq[:split], self._one, self.v, self._gain, self._bias, self.pre_bias,
-                                  self.spike_dtype, counts)
-            tail, self.v = kernel(x_seq[split:], self._one, self.v, self._gain, None, self.pre_bias,
-                                  self.spike_dtype, counts)
+            head, self.v = self._scan(x_seq[:split], self._bias, counts)
+            tail, self.v = self._scan(x_seq[split:], None, counts)
             spikes = torch.cat((head, tail))
         self.t += tc
         if counts:
@@ -112,6 +140,103 @@ class IFNeuron(nn.Module):
     def extra_repr(self) -> str:
         th = self.threshold
         return f"threshold={'per-channel' if th.numel() > 1 else round(th.item(), 4)}, name={self.name!r}"
+
+
+class BurstNeuron(IFNeuron):
+    """IF neurons that fire bursts: up to Γ = ``max_burst`` spikes per timestep, ``s = clamp(floor(v), 0, Γ)``,
+    ``v -= s`` (units of θ; :func:`bsnn.snn.functional.burst_multistep`, Li & Zeng IJCAI 2022).
+
+    The converter gives a burst layer the threshold θ = λ/Γ (λ: the balanced activation statistic), so one step
+    still spans ``[0, λ]`` and resolves it in Γ + 1 levels instead of 2: the rate code of T steps has the
+    resolution of Γ·T IF steps, and the average output still converges to ``clip(x, 0, λ)``. A layer fed by bursts
+    reads its crossbar bit-serially, ``ceil(log2(Γ + 1))`` passes per timestep (:attr:`input_passes`), which the
+    cost model charges. The scan is a torch loop (the fused IF kernels implement the single-spike rule only).
+    """
+
+    firing = "burst"
+
+    def __init__(self, threshold: torch.Tensor | float = 1.0, v_init_frac: float = 0.0, name: str = "",
+                 channel_shape: tuple[int, ...] | None = None, max_burst: int = 2) -> None:
+        super().__init__(threshold, v_init_frac, name, channel_shape)
+        if isinstance(max_burst, bool) or not isinstance(max_burst, int) or max_burst < 1:
+            raise ValueError(f"BurstNeuron: max_burst must be an integer >= 1, got {max_burst!r}")
+        self.max_burst = max_burst
+
+    @property
+    def spike_max(self) -> float:
+        return float(self.max_burst)
+
+    @property
+    def input_passes(self) -> int:
+        return max(1, math.ceil(math.log2(self.max_burst + 1)))
+
+    def _scan(self, x_seq, bias, counts):
+        x = prescale(x_seq, self._gain, bias, self.pre_bias)
+        s, v = burst_multistep(x, 1.0, self.max_burst, self.v)
+        return counted(s.to(self.spike_dtype or s.dtype), counts), v
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, max_burst={self.max_burst}"
+
+
+class SignedNeuron(IFNeuron):
+    """Signed IF neurons with memory (Wang et al. IJCAI 2022): +1 when ``v >= 1``, −1 when ``v <= −1`` while the
+    net output since the reset is positive, then ``v -= s`` (units of θ; :func:`bsnn.snn.functional.signed_multistep`).
+
+    A −1 spike takes back a spike fired too early (the "unevenness" error of a neuron whose input turns negative
+    late), so the net count never goes below zero and the average output converges to ``clip(x, 0, λ)`` as with
+    IF. A layer fed by signed spikes needs two crossbar passes per timestep (the +1 and the −1 inputs: word lines
+    carry one polarity at a time), which the cost model charges; each ±1 spike counts as one event.
+    """
+
+    firing = "signed"
+    spike_min = -1.0
+
+    def __init__(self, threshold: torch.Tensor | float = 1.0, v_init_frac: float = 0.0, name: str = "",
+                 channel_shape: tuple[int, ...] | None = None) -> None:
+        super().__init__(threshold, v_init_frac, name, channel_shape)
+        self.sent: torch.Tensor | None = None  # net spikes since the reset, per neuron
+
+    @property
+    def input_passes(self) -> int:
+        return 2
+
+    def reset(self) -> None:
+        super().reset()
+        self.sent = None
+
+    def _scan(self, x_seq, bias, counts):
+        x = prescale(x_seq, self._gain, bias, self.pre_bias)
+        if self.sent is None:
+            self.sent = torch.zeros_like(self.v)
+        s, v, self.sent = signed_multistep(x, 1.0, self.v, self.sent)
+        if counts is not None:
+            counts.extend(per_sample_spikes(s.abs()).unbind(0))
+        return s.to(self.spike_dtype or s.dtype), v
+
+
+@dataclass(frozen=True)
+class FiringRule:
+    """A registered firing rule for the converter (``ConvertConfig.neuron``).
+
+    Attributes:
+        build: ``(threshold, v_init_frac, name, channel_shape, max_burst) -> IFNeuron``.
+        levels: ``max_burst -> spikes one timestep can carry``: the converter divides the balanced statistic λ by
+            it to get the threshold (IF, signed: 1; burst: Γ).
+    """
+
+    build: Callable[..., IFNeuron]
+    levels: Callable[[int], int]
+
+
+FIRING_RULES: Registry[FiringRule] = Registry("neuron")
+FIRING_RULES.register("if")(FiringRule(
+    build=lambda th, v0, name, ch, _g: IFNeuron(th, v0, name=name, channel_shape=ch), levels=lambda _g: 1))
+FIRING_RULES.register("burst")(FiringRule(
+    build=lambda th, v0, name, ch, g: BurstNeuron(th, v0, name=name, channel_shape=ch, max_burst=g),
+    levels=lambda g: g))
+FIRING_RULES.register("signed")(FiringRule(
+    build=lambda th, v0, name, ch, _g: SignedNeuron(th, v0, name=name, channel_shape=ch), levels=lambda _g: 1))
 
 
 class ChannelScale(nn.Module):

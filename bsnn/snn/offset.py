@@ -75,11 +75,14 @@ class OffsetCorrection:
             and returns the context manager inside which the real run is corrected.
         latency: ``(snn, pre_steps) -> timesteps`` before real step 1 (see the module docstring).
         encodings: input encodings it supports.
+        work: ``pre_steps -> extra timesteps every layer computes`` per input (COS: ρ, SRP: τ; what the cost
+            model charges in energy, :func:`work_pre_steps`).
     """
 
     prepare: Callable[[SpikingNetwork, Step, int], ContextManager]
     latency: Callable[[SpikingNetwork, int], int]
     encodings: tuple[str, ...] = ("direct", "poisson")
+    work: Callable[[int], int] = lambda n: n
 
 
 OFFSET_CORRECTIONS: Registry[OffsetCorrection] = Registry("offset correction")
@@ -213,7 +216,7 @@ def srp_pre_steps(snn: SpikingNetwork, step: Step, pre_steps: int) -> dict[str, 
 
 
 OFFSET_CORRECTIONS.register("none")(OffsetCorrection(prepare=lambda _snn, _step, _n: ExitStack(),
-                                                     latency=lambda _snn, _n: 0))
+                                                     latency=lambda _snn, _n: 0, work=lambda _n: 0))
 OFFSET_CORRECTIONS.register("cos")(OffsetCorrection(
     prepare=lambda snn, step, n: initial_membranes(snn, cos_pre_steps(snn, step, n)),
     latency=lambda snn, n: n * len(snn.neuron_names), encodings=("direct",)))
@@ -269,6 +272,13 @@ def latency_pre_steps(snn: SpikingNetwork) -> int:
     return OFFSET_CORRECTIONS.get(method).latency(snn, n)
 
 
+def work_pre_steps(snn: SpikingNetwork) -> int:
+    """Extra timesteps every layer computes per input under the network's correction (0 without one): the
+    pre-steps' share of the energy (:func:`bsnn.hardware.cost.estimate`)."""
+    method, n = network_correction(snn)
+    return OFFSET_CORRECTIONS.get(method).work(n)
+
+
 @contextmanager
 def offset_correction(snn: SpikingNetwork, step: Step, encoding: str = "direct") -> Iterator[None]:
     """Run the pre-steps of the network's offset correction for the current batch (if it has one) and correct the
@@ -278,7 +288,8 @@ def offset_correction(snn: SpikingNetwork, step: Step, encoding: str = "direct")
         yield
         return
     corr = OFFSET_CORRECTIONS.get(method)
-    other = [f"{k} ({type(m).__name__})" for k, m in snn.neurons().items() if type(m).forward is not IFNeuron.forward]
+    other = [f"{k} ({type(m).__name__})" for k, m in snn.neurons().items()
+             if type(m).forward is not IFNeuron.forward or m.firing != "if"]
     if other:  # e.g. hardware constraints' fixed-point neurons hold their membrane in input units, not θ
         raise ConfigError(f"offset correction {method!r} reads the membranes of bsnn's ideal IF neurons (units of "
                           f"θ); these layers are other neurons: {', '.join(other[:3])}; simulate the correction "

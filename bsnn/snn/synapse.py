@@ -82,7 +82,8 @@ def input_grid(gm: fx.GraphModule, node: fx.Node, shapes: dict[fx.Node, tuple[in
                ) -> InputGrid | None:
     """The input grid of the synaptic layer at ``node``: quantum 1 for spikes, ``1/L`` after each average pooling
     (:func:`avg_pool_grid`; ``1/k²`` for plain k x k pooling), None otherwise (analog input, residual adds,
-    scaling, or anything else between the layer and the IF neurons feeding it).
+    scaling, signed spikes, or anything else between the layer and the IF neurons feeding it). Burst spikes
+    (up to Γ per step) raise the grid's top to Γ.
 
     Args:
         gm: the spiking graph.
@@ -94,8 +95,8 @@ def input_grid(gm: fx.GraphModule, node: fx.Node, shapes: dict[fx.Node, tuple[in
         if n.op == "placeholder":
             return None
         m = gm.get_submodule(n.target) if n.op == "call_module" else None
-        if isinstance(m, IFNeuron):
-            return InputGrid(quantum, top)
+        if isinstance(m, IFNeuron):  # its spikes: integers in [spike_min, spike_max] ({0, 1} for IF)
+            return InputGrid(quantum, top * m.spike_max) if m.spike_min >= 0 else None
         if isinstance(m, nn.AvgPool2d):
             src = shapes.get(n.args[0]) if isinstance(n.args[0], fx.Node) else None
             if src is None or len(src) < 3:

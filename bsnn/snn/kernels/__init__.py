@@ -44,7 +44,7 @@ def prescale(x_seq: torch.Tensor, gain: torch.Tensor | None, bias: torch.Tensor 
     return x_seq
 
 
-def _counted(spikes: torch.Tensor, counts: list | None) -> torch.Tensor:
+def counted(spikes: torch.Tensor, counts: list | None) -> torch.Tensor:
     """Append the per-sample spike counts of every timestep of ``spikes [T, B, ...]`` to ``counts`` (if given)."""
     if counts is not None:
         counts.extend(per_sample_spikes(spikes).unbind(0))
@@ -58,7 +58,7 @@ def reference_kernel(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, 
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """The oracle itself (out-of-place loop)."""
     s, v = if_multistep(prescale(x_seq, gain, bias, pre_bias), theta, v)
-    return _counted(s.to(out_dtype or s.dtype), counts), v
+    return counted(s.to(out_dtype or s.dtype), counts), v
 
 
 @KERNELS.register("torch")
@@ -79,7 +79,7 @@ def inplace_kernel(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, ga
         s = out[t]
         s.copy_(v >= theta)
         v.sub_(s if unit else s * theta)
-    return _counted(out.to(out_dtype or out.dtype), counts), v
+    return counted(out.to(out_dtype or out.dtype), counts), v
 
 
 @KERNELS.register("triton")
@@ -92,7 +92,7 @@ def triton_kernel(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gai
 
     x_seq = prescale(x_seq, gain, bias, pre_bias)
     s, v = if_scan(x_seq, theta.reshape(-1) if theta.numel() > 1 else theta.reshape(()), v)
-    return _counted(s.to(out_dtype or s.dtype), counts), v
+    return counted(s.to(out_dtype or s.dtype), counts), v
 
 
 @KERNELS.register("inductor")
