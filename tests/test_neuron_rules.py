@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bsnn.binary import binarize_
 from bsnn.config import ConvertConfig
-from bsnn.convert import Max, convert
+from bsnn.convert import Max, capture, convert
+from bsnn.convert.snn_calibration import ann_activations, snn_layer_output
 from bsnn.errors import ConfigError, ConversionError
 from bsnn.export import to_nir, to_spikingjelly
 from bsnn.hardware.constraints import apply_constraints
@@ -248,3 +249,33 @@ def test_hardware_constraints_refuse_burst_networks(field):
     with pytest.raises(ConfigError, match="convert.neuron"):
         with apply_constraints(snn, ConstraintConfig(**{field: 16})):
             pass
+
+
+@pytest.mark.parametrize("mode", ["potential", "bias", "advanced"])
+@pytest.mark.parametrize("kw", [dict(neuron="burst", max_burst=3), dict(neuron="signed")])
+def test_snn_calibration_corrects_burst_and_signed_networks(mode, kw):
+    # the correction is computed in units of one spike's value (λ/Γ for bursts): it must lower the error at the
+    # calibrated T, and the network must still converge
+    net, x = _net(), torch.randn(64, 1, 8, 8)
+    base = _cfg(v_init=0.5, **kw)
+    extra = dict(snn_calibration_weight_iters=20, snn_calibration_weight_batch=16) if mode == "advanced" else {}
+    plain = convert(net, _loader(x), base)
+    cal = convert(net, _loader(x), dataclasses.replace(base, snn_calibration=mode, snn_calibration_timesteps=4,
+                                                       snn_calibration_samples=64, **extra))
+    logits = net(x).detach()
+
+    def err(snn, t):
+        return ((run_batch(snn, x, t, t)[-1] / t - logits).norm() / logits.norm()).item()
+
+    def first_layer_bias(snn, t=4):  # |per-channel mean of (ANN activation - λ·count/T)| of the first IF layer
+        name = snn.neuron_names[0]
+        neuron = snn.neurons()[name]
+        lam = torch.as_tensor(snn.meta["thresholds"][neuron.name]).float() / neuron.levels
+        out = lam * snn_layer_output(snn, name, x, t) / t
+        return (ann_activations(capture(net, x[:1]), x)[neuron.name] - out).mean(dim=(0, 2, 3)).abs().mean().item()
+
+    assert first_layer_bias(cal) < 0.5 * first_layer_bias(plain)
+    if kw["neuron"] == "burst":
+        assert err(cal, 4) < err(plain, 4)
+    if mode != "advanced":  # advanced moves the limit to the calibrated synapses (see bsnn.convert.snn_calibration)
+        assert err(cal, 1024) < 0.02

@@ -133,21 +133,24 @@ def floor_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.floor() - x).detach() + x
 
 
-def quantised_count(z: torch.Tensor, theta: torch.Tensor, timesteps: int, v0: torch.Tensor | float = 0.0
-                    ) -> torch.Tensor:
+def quantised_count(z: torch.Tensor, theta: torch.Tensor, timesteps: int, v0: torch.Tensor | float = 0.0,
+                    per_step: int = 1) -> torch.Tensor:
     """Spikes an IF neuron (reset by subtraction, initial membrane ``v0``·θ) emits in ``timesteps`` steps of the
-    constant input current ``z``: ``floor_ste(clamp(T·z/θ + v0, 0, T))`` (``v0 = 0``: the authors' surrogate).
+    constant input current ``z``: ``floor_ste(clamp(T·z/θ + v0, 0, T·per_step))`` (``v0 = 0``, ``per_step = 1``:
+    the authors' surrogate; ``per_step`` = Γ for burst neurons, which fire up to Γ spikes a step).
 
     Args:
         z: input current ``[B, C, ...]`` or ``[B, F]`` (the synapse's output on the time-averaged input).
         theta: threshold, broadcastable to one sample (``[]``, ``[C, 1, 1]`` or ``[F]``).
         timesteps: T.
         v0: initial membrane in units of θ (broadcastable like ``theta``).
+        per_step: the most spikes one timestep carries.
 
     Returns:
-        The spike count, same shape as ``z`` (values in {0, ..., T}; gradient 1·T/θ inside the clamp, else 0).
+        The spike count, same shape as ``z`` (values in {0, ..., T·per_step}; gradient 1·T/θ inside the clamp, else
+        0).
     """
-    return floor_ste(torch.clamp(z / theta * timesteps + v0, 0, timesteps))
+    return floor_ste(torch.clamp(z / theta * timesteps + v0, 0, timesteps * per_step))
 
 
 def layer_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -223,7 +226,8 @@ def calibrate_layer_(snn: SpikingNetwork, neuron_name: str, synapse_name: str, b
     neuron = snn.graph_module.get_submodule(neuron_name)
     syn = snn.graph_module.get_submodule(synapse_name)
     conv = isinstance(syn, nn.Conv2d)
-    lam = _channel_view(torch.as_tensor(snn.meta["thresholds"][neuron.name]).float(), target)
+    # λ / levels: what one spike stands for (λ itself for IF neurons, λ/Γ for burst neurons)
+    lam = _channel_view(torch.as_tensor(snn.meta["thresholds"][neuron.name]).float(), target) / neuron.levels
     theta = neuron.threshold.detach().clone()
     scale = lam / theta  # real = scale · stored, per channel (or one factor)
     v0 = (neuron.v_init_frac + neuron.v_init_bias).detach()
@@ -243,7 +247,7 @@ def calibrate_layer_(snn: SpikingNetwork, neuron_name: str, synapse_name: str, b
     def output(xb: torch.Tensor) -> torch.Tensor:
         z = gain * scale * fwd(xb, sign, None, **kw) + real_bias if binary else \
             fwd(xb, real_weight, None, **kw) + real_bias
-        return lam * quantised_count(z, lam, timesteps, v0) / timesteps
+        return lam * quantised_count(z, lam, timesteps, v0, neuron.levels) / timesteps
 
     def loss_all() -> float:
         with torch.no_grad():
@@ -329,7 +333,7 @@ def calibrate_snn_(snn: SpikingNetwork, gm: fx.GraphModule, x: torch.Tensor, tim
     ann = ann_activations(gm, x)
     errors = {}
     for name, neuron in snn.neurons().items():
-        lam = torch.as_tensor(snn.meta["thresholds"][neuron.name]).float()
+        lam = torch.as_tensor(snn.meta["thresholds"][neuron.name]).float() / neuron.levels  # one spike's value
         target = ann[neuron.name]
         lam_b = lam.view(-1, *([1] * (target.dim() - 2))) if lam.numel() > 1 else lam
         out = lam_b * snn_layer_output(snn, name, x, timesteps, time_chunk) / timesteps

@@ -86,6 +86,12 @@ class IFNeuron(nn.Module):
         spikes on the word lines); bit-serial inputs of more levels need more (:mod:`bsnn.hardware.cost`)."""
         return 1
 
+    @property
+    def levels(self) -> int:
+        """Spikes one timestep can carry (1; burst: Γ): one spike stands for λ / levels, λ the balanced statistic
+        recorded in ``SpikingNetwork.meta["thresholds"]``."""
+        return 1
+
     def reset(self) -> None:
         """Forget the membrane potential and the spike record (call before each new input batch)."""
         self.v = None
@@ -169,6 +175,10 @@ class BurstNeuron(IFNeuron):
     @property
     def input_passes(self) -> int:
         return max(1, math.ceil(math.log2(self.max_burst + 1)))
+
+    @property
+    def levels(self) -> int:
+        return self.max_burst
 
     def _scan(self, x_seq, bias, counts):
         x = prescale(x_seq, self._gain, bias, self.pre_bias)
