@@ -387,17 +387,25 @@ def extra_rows() -> dict[str, tuple[str, ConvertConfig]]:
                 {"v_init": 0.5}, no_cal),
                ({"neuron": "burst", "max_burst": 2}, "burst neurons, Γ = 2", {}, {}),
                ({"neuron": "burst", "max_burst": 4}, "burst neurons, Γ = 4", {}, {}),
-               ({"neuron": "signed"}, "signed neurons with memory", {}, {})]
+               ({"neuron": "burst", "max_burst": 8}, "burst neurons, Γ = 8", {}, {}),
+               ({"neuron": "signed"}, "signed neurons with memory", {}, {}),
+               # bursts resolve a wide range in few steps, so the max (no clipping: the limit is the ANN itself)
+               # may beat the percentile there; candidate only (plain max-norm + bursts is the row above)
+               ({"neuron": "burst", "max_burst": 4}, "burst neurons, Γ = 4, max thresholds", None,
+                {"threshold": Max()}),
+               ({"neuron": "burst", "max_burst": 8}, "burst neurons, Γ = 8, max thresholds", None,
+                {"threshold": Max()})]
     for change, label, alone_base, cand_base in options:
         if not set(change) <= fields:
             continue
         try:
-            alone = plain(**alone_base, **change)
+            alone = plain(**(alone_base or {}), **change)
             alone.validate()
         except Exception:  # noqa: BLE001 - the option is not available in this checkout
             continue
-        out[("shift θ/2 + " if alone_base else "") + label] = ("alone", alone)
-        out[f"default{' without potential calibration' if cand_base else ''} + {label}"] = (
+        if alone_base is not None:
+            out[("shift θ/2 + " if alone_base else "") + label] = ("alone", alone)
+        out[f"default{' without potential calibration' if cand_base.get('snn_calibration') else ''} + {label}"] = (
             "candidate", dataclasses.replace(ConvertConfig(), **cand_base, **change))
     return out
 

@@ -108,3 +108,24 @@ def all_gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def map_shards(fn, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``torch.cat([fn(c) for c in x.split(chunk)])``, the chunks dealt to the ranks of a torchrun job (chunk i to
+    rank i mod N) and the results gathered in chunk order on every rank.
+
+    Every chunk is computed exactly as in a single process (same samples, same batch size), so the result is
+    bit-identical to the single process's whatever the number of ranks. ``fn``'s outputs travel through the
+    process group on the CPU and come back on ``x``'s device.
+
+    Args:
+        fn: ``[b, ...] -> [b, ...]`` per-sample results of a chunk (no cross-sample reduction inside).
+        x: the samples ``[N, ...]``.
+        chunk: samples per chunk (fixes the computation, hence the bits: keep it the same for every world size).
+    """
+    env = current_env()
+    chunks = x.split(chunk)
+    mine = [(i, fn(c).cpu()) for i, c in enumerate(chunks) if i % env.world_size == env.rank]
+    if env.world_size > 1:
+        mine = sorted((item for part in all_gather_objects(mine) for item in part), key=lambda it: it[0])
+    return torch.cat([t for _, t in mine]).to(x.device)

@@ -646,10 +646,9 @@ def run_pipeline(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
         online = METHODS.get(cfg.distill.method).trains_teacher  # bd_kd: the student stage trains its own teacher
         teacher = None if online else stage_teacher(ctx)
         student = stage_student(ctx, teacher)
-        snn = stage_convert(ctx, student, ctx.arch("student")) if ctx.env.is_main else None
-        barrier()
-        if snn is None:  # the other ranks simulate the network rank 0 converted and saved
-            snn = load_snn(ctx.run.path("snn.pt"))[0]
+        # every rank converts (the calibration's SNN runs are dealt to the ranks; all get rank 0's network, bit
+        # for bit), then simulates its share of the test set: no rank waits in a barrier meanwhile
+        snn = stage_convert(ctx, student, ctx.arch("student"))
         res = stage_simulate(ctx, snn, student)  # the test set is dealt to the ranks
         if ctx.env.is_main and cfg.cost.enabled:
             stage_cost(ctx, snn, res)

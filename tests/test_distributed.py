@@ -79,6 +79,48 @@ def test_torchrun_simulation_shards_the_test_set_and_equals_one_process(tmp_path
     assert ea == eb and len(ea.splitlines()) > 1
 
 
+
+def test_torchrun_conversion_shards_the_calibration_and_equals_one_process(tmp_path):
+    """``bsnn convert`` under torchrun: every rank converts, the percentile search's and the SNN calibration's
+    simulations dealt to 2 gloo ranks (100 calibration samples: four chunks of 32, the last one short); the saved
+    network equals the single process's bit for bit, and so does a whole ``bsnn run`` (no rank waits in a barrier
+    while rank 0 converts)."""
+    import shutil
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = tmp_path / "base"
+    run = [*ARGS[:-1], "model.student=ddp_test_mlp", "student.epochs=1", "train.epochs=1", "data.limit_test=64",
+           "simulate.timesteps=[1,4,8]", "cost.enabled=false", "convert.snn_calibration_samples=100",
+           "convert.search_percentiles=[99.0,100]", "convert.search_samples=96", "convert.search_timesteps=4",
+           "--quiet"]
+    proc = subprocess.run([sys.executable, WORKER, "run", "--out", str(base), *run], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = tmp_path / "two"
+    shutil.copytree(base, two)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER,
+                           "convert", "--out", str(two), "--overwrite", "--quiet"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full = tmp_path / "full"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER,
+                           "run", "--out", str(full), *run], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the 2-rank run trained its own student (DDP: equal to float rounding only); convert it in one process too
+    full_one = tmp_path / "full_one"
+    shutil.copytree(full, full_one)
+    proc = subprocess.run([sys.executable, WORKER, "convert", "--out", str(full_one), "--overwrite", "--quiet"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for one, many in ((base, two), (full_one, full)):
+        a, b = (torch.load(d / "snn.pt", map_location="cpu", weights_only=True) for d in (one, many))
+        assert a["state_dict"].keys() == b["state_dict"].keys()
+        for k, v in a["state_dict"].items():
+            assert torch.equal(v, b["state_dict"][k]), (many.name, k)
+        assert a["snn_meta"]["snn_calibration_error"] == b["snn_meta"]["snn_calibration_error"]
+        assert a["snn_meta"]["threshold_search"] == b["snn_meta"]["threshold_search"]
+
+
 if __name__ == "__main__":
     from torch import nn
 

@@ -19,6 +19,7 @@ from bsnn.convert.graph import (activation_modules, capture, clip_bounds, observ
                                 relu_modules)
 from bsnn.convert.surgery import build_spiking_graph
 from bsnn.data import unpack_batch
+from bsnn.distributed import all_reduce_sum, current_env
 from bsnn.errors import ConversionError
 from bsnn.simulate import run_batch
 from bsnn.snn.network import SpikingNetwork
@@ -38,6 +39,10 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
     with α moved into thresholds, ReLU -> IF neurons with reset by subtraction, output = non-spiking
     integrator), then optionally a layer-wise bias/potential correction against the ANN (``advanced``: weight
     calibration first, :mod:`bsnn.convert.snn_calibration`).
+
+    Under ``torchrun`` every rank calls it with the same loader: the SNN simulations (percentile search, SNN
+    calibration) are dealt to the ranks and their results gathered, the ANN statistics computed on each, so every
+    rank returns the single process's network, bit for bit.
 
     Args:
         model: the ANN (eval-mode semantics are used: BN running statistics, no dropout).
@@ -126,10 +131,15 @@ def _first_samples(loader, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def _accuracy_at(snn: SpikingNetwork, x: torch.Tensor, y: torch.Tensor, timesteps: int, batch: int = 256) -> float:
+    """Accuracy (%) of ``snn`` at T = ``timesteps`` on ``(x, y)``; under torchrun the batches are dealt to the
+    ranks and the (integer) correct counts summed: every rank gets the single process's value."""
+    env = current_env()
     correct = 0
-    for i in range(0, len(x), batch):
-        mem = run_batch(snn, x[i:i + batch], timesteps, min(16, timesteps))[-1]
-        correct += (mem.argmax(1) == y[i:i + batch]).sum().item()
+    for k, i in enumerate(range(0, len(x), batch)):
+        if k % env.world_size == env.rank:
+            mem = run_batch(snn, x[i:i + batch], timesteps, min(16, timesteps))[-1]
+            correct += (mem.argmax(1) == y[i:i + batch]).sum().item()
+    correct = int(all_reduce_sum([correct], torch.device("cpu"))[0])
     return 100.0 * correct / max(1, len(x))
 
 

@@ -63,6 +63,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from bsnn.convert.graph import activation_modules
+from bsnn.distributed import map_shards
 from bsnn.errors import ConfigError
 from bsnn.simulate import iter_chunks
 from bsnn.snn.network import SpikingNetwork
@@ -91,10 +92,21 @@ def ann_activations(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, torch.Tens
     return out
 
 
+CALIBRATION_CHUNK = 32
+"""Samples simulated together by the calibration's SNN runs: fixed, so that the runs (dealt to the ranks of a
+torchrun job, :func:`bsnn.distributed.map_shards`) give the same bits for every number of processes."""
+
+
 @torch.no_grad()
 def snn_layer_output(snn: SpikingNetwork, neuron_name: str, x: torch.Tensor, timesteps: int,
                      time_chunk: int = 16) -> torch.Tensor:
-    """Spike count of one IF layer over ``timesteps`` steps of direct input, ``[B, ...]``."""
+    """Spike count of one IF layer over ``timesteps`` steps of direct input, ``[B, ...]`` (simulated
+    :data:`CALIBRATION_CHUNK` samples at a time, shared out over the ranks of a torchrun job)."""
+    return map_shards(lambda c: _layer_output(snn, neuron_name, c, timesteps, time_chunk), x, CALIBRATION_CHUNK)
+
+
+def _layer_output(snn: SpikingNetwork, neuron_name: str, x: torch.Tensor, timesteps: int, time_chunk: int
+                  ) -> torch.Tensor:
     neuron = snn.neurons()[neuron_name]
     total: list[torch.Tensor] = []
 
@@ -177,7 +189,13 @@ def synapse_of(snn: SpikingNetwork) -> dict[str, str]:
 def time_averaged_input(snn: SpikingNetwork, module_name: str, x: torch.Tensor, timesteps: int,
                         time_chunk: int = 16) -> torch.Tensor:
     """The input of one synaptic module averaged over ``timesteps`` steps of direct input, ``[B, ...]`` (the
-    analog image for the first layer, spike counts / T behind an IF layer)."""
+    analog image for the first layer, spike counts / T behind an IF layer; simulated :data:`CALIBRATION_CHUNK`
+    samples at a time, shared out over the ranks of a torchrun job)."""
+    return map_shards(lambda c: _averaged_input(snn, module_name, c, timesteps, time_chunk), x, CALIBRATION_CHUNK)
+
+
+def _averaged_input(snn: SpikingNetwork, module_name: str, x: torch.Tensor, timesteps: int, time_chunk: int
+                    ) -> torch.Tensor:
     module = snn.graph_module.get_submodule(module_name)
     total: list[torch.Tensor] = []
     steps = [0]
