@@ -103,6 +103,7 @@ class Context:
     device: torch.device
     loaders: Loaders
     env: DistEnv
+    student_arch: dict | None = None  # set by the student stage: the architecture the student was built with
 
     def val_loader(self):
         """The validation loader, or None when the split is empty (``data.val_fraction=0``)."""
@@ -111,7 +112,10 @@ class Context:
     def arch(self, role: str, entry: str | dict | None = None) -> dict:
         """Architecture record of the ``teacher`` or the ``student``; ``entry`` (a ``model.teachers`` /
         ``model.assistants`` entry: a name or ``{name, kwargs}``) overrides the teacher's architecture (full
-        precision, the teacher's activation)."""
+        precision, the teacher's activation). Once the student stage has run, the student's record is the
+        architecture it was built with (a method may shape it from the teacher: ``prune_distill``)."""
+        if role == "student" and entry is None and self.student_arch is not None:
+            return self.student_arch
         m = self.cfg.model
         kwargs = dict(m.kwargs)
         if entry is None:
@@ -400,6 +404,7 @@ def stage_student(ctx: Context, teacher: nn.Module | None,
         derived["candidates"] = [model_digest(m) for _, m in candidates]
     resumed = _resumed(ctx, "student", final, derived)
     if resumed is not None:
+        ctx.student_arch = load_model(final, "cpu")[1]["arch"]
         return resumed
     distill = fit_schedules(ctx.cfg.distill, ctx.cfg.student.epochs)
     selection, selection_files = None, []
@@ -428,6 +433,11 @@ def stage_student(ctx: Context, teacher: nn.Module | None,
                       DistillWarning, stacklevel=2)
     set_seed(ctx.cfg.run.seed + 1)
     arch = ctx.arch("student")
+    shaped = cls.student_kwargs(teacher, distill) if teacher is not None else {}
+    if shaped:  # prune_distill's student from the pruned teacher (fixed by the teacher's weights and the config)
+        arch = {**arch, "kwargs": {**arch["kwargs"], **shaped}}
+        log.info("%s: student %s built with %s from the teacher", distill.method, arch["name"], shaped)
+    ctx.student_arch = arch
     student = build_model(arch).to(ctx.device)
     if ctx.env.is_main:  # hear about max-pools and the like before training, not after
         warn_architecture(student, ctx.cfg.convert.v_init, ctx.cfg.convert.snn_calibration, where="student: ")

@@ -493,7 +493,7 @@ PUBLISHED = {  # method: (ce_weight, kd_weight, temperature or None when unused,
     "ie_kd": (1.0, 1.0, None, {"inh_weight": 1.0, "exp_weight": 1.0, "factor_rate": 0.5, "divide": "natural"}),
     "metadistil": (0.1, 0.9, 4.0, {"pilot_lr": 0.05, "pilot_decay": 0.1, "quiz_fraction": 0.1}),
     "prue": (0.9, 0.1, 4.0, {"sparsity": 0.5}),
-    "prune_distill": (0.05, 0.95, 10.0, {"pruning_ratio": 0.8, "round_fraction": 0.2}),
+    "prune_distill": (0.05, 0.95, 10.0, {"pruning_ratio": 0.8, "round_fraction": 0.2, "student_plan": False}),
     "universe_ls": (0.1, 0.9, 4.0, {"confidence": None}),
     "domain_kd": (0.1, 0.9, 4.0, {"class_targets": None}),
 }

@@ -419,3 +419,33 @@ def test_methods_run_from_the_cli_config():
         load_config(None, [f"distill.method={method}"]).distill.validate()
     with pytest.raises(ConfigError, match="valid keys"):
         DistillConfig(method="prue", params={"ratio": 0.5}).validate()
+
+
+def test_prune_distill_builds_the_student_from_the_pruned_teacher(tmp_path):
+    """``distill.params.student_plan: true``: ``bsnn run`` gives the student the pruned teacher's widths
+    (:func:`student_plan`), saves that architecture with it, and converts and reloads it (the spiking network's
+    record rebuilds the same student)."""
+    import json
+
+    from bsnn.cli import main
+    from bsnn.distill.teacher_side import student_plan
+    from bsnn.pipeline import load_model, load_snn
+
+    out = tmp_path / "run"
+    args = ["data.name=digits", "data.limit_train=256", "data.limit_test=64", "model.teacher=plain_vgg8", "model.student=plain_vgg8",
+            "model.kwargs={width: 8, input_size: 8}", "train.epochs=1", "student.epochs=1",
+            "distill.method=prune_distill", "distill.params={student_plan: true}", "convert.calib_samples=64",
+            "convert.snn_calibration_samples=32", "simulate.timesteps=[1,4]", "cost.enabled=false", "--quiet"]
+    assert main(["run", "--out", str(out), *args]) == 0
+    teacher, _ = load_model(out / "teacher.pt")
+    pruned = copy.deepcopy(teacher)
+    apply_masks_(pruned, type(build_distiller(copy.deepcopy(teacher), teacher, DistillConfig(
+        method="prune_distill"))).pruned_masks(pruned, {"pruning_ratio": 0.8, "round_fraction": 0.2}))
+    plan = student_plan(pruned)
+    student, record = load_model(out / "student.pt")
+    assert record["arch"]["kwargs"]["channels"] == plan != [8, 8, 16, 16, 32, 32]
+    convs = [m for m in student.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == plan
+    snn, ck = load_snn(out / "snn.pt")
+    assert ck["arch"]["kwargs"]["channels"] == plan
+    assert json.loads((out / "metrics.json").read_text())["snn"]["accuracy"]

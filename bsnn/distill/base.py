@@ -162,6 +162,13 @@ class Distiller(nn.Module):
         return {**cls.param_defaults, **params}
 
     @classmethod
+    def student_kwargs(cls, teacher, cfg) -> dict:
+        """Constructor arguments the method sets on the student from the (trained) teacher before the student is
+        built (``prune_distill``: the widths of the pruned teacher); ``{}`` for the other methods. The pipeline
+        merges them over the configured student's ``kwargs``."""
+        return {}
+
+    @classmethod
     def resolve_schedule(cls, params: dict, epochs: int | None) -> dict:
         """``params`` with every epoch-based schedule (:attr:`schedule_defaults`) fitted to a run of ``epochs``.
 

@@ -333,37 +333,59 @@ class PruneDistill(_SparseTeacherKD):
     ``nn.Conv2d`` and ``nn.Linear`` weight, :func:`pruning_rounds` rounds (``pruning_ratio`` 0.8 -> 7 rounds, 79 %
     sparsity) each removing ``round_fraction`` (0.2) of the remaining weights (:func:`magnitude_round_masks`). KD as
     ``kd/kd_vanilla.py`` ``loss_fn_kd``: ``α·T²·KL (batch mean) + (1 − α)·CE`` with α = 0.95, T = 10.
-    The student the authors distil into is built from the pruned teacher's shape: :func:`student_plan`.
+    The student the authors distil into is built from the pruned teacher's shape: :func:`student_plan`; with
+    ``params.student_plan: true`` the pipeline does so (:meth:`student_kwargs`: ``channels`` = the plan, for
+    student architectures with per-conv ``channels``: ``plain_vgg8``, ``vgg15_snn``). Off by default, so the
+    method also distils into any configured student.
 
     Differences from the authors' code: they fine-tune the teacher after every round (LR rewinding, 130 epochs a
     round on CIFAR-100); here the rounds run back to back at construction (no data: without fine-tuning the rounds
     equal one-shot magnitude pruning to ``1 − 0.8^n``). For the authors' teacher, prune and fine-tune with
     :func:`magnitude_round_masks`, :func:`apply_masks_`, :func:`mask_gradients_` and
     :func:`bsnn.train.train_teacher`, then distil with ``pruning_ratio=0``.
-    Params: ``pruning_ratio`` (0.8), ``round_fraction`` (0.2). Published: CE 0.05, KD 0.95, T = 10.
+    Params: ``pruning_ratio`` (0.8), ``round_fraction`` (0.2), ``student_plan`` (false). Published: CE 0.05,
+    KD 0.95, T = 10.
     """
 
     default_ce_weight = 0.05
     default_kd_weight = 0.95
     default_temperature = 10.0
-    param_defaults = {"pruning_ratio": 0.8, "round_fraction": 0.2}
+    param_defaults = {"pruning_ratio": 0.8, "round_fraction": 0.2, "student_plan": False}
 
     def __init__(self, student, teacher, cfg, **context) -> None:
         super().__init__(student, teacher, cfg, **context)
-        ratio, frac = float(self.hparams["pruning_ratio"]), float(self.hparams["round_fraction"])
+        self.rounds = self._rounds(self.hparams)
+        self.prune(None)
+
+    @staticmethod
+    def _rounds(hparams: dict) -> int:
+        ratio, frac = float(hparams["pruning_ratio"]), float(hparams["round_fraction"])
         if ratio < 0 or not 0.0 < frac < 1.0:
             raise ConfigError(f"prune_distill: params.pruning_ratio must be >= 0 and round_fraction in (0, 1), got "
                               f"{ratio} / {frac}")
-        self.rounds = pruning_rounds(ratio, frac) if ratio > 0 else 0
-        self.prune(None)
+        return pruning_rounds(ratio, frac) if ratio > 0 else 0
+
+    @classmethod
+    def pruned_masks(cls, teacher: nn.Module, hparams: dict) -> Masks:
+        """The masks of the pruning rounds on ``teacher``'s weights (data-free: magnitude only)."""
+        weights = {n: m.weight for n, m in prunable_modules(teacher, cls.pruned_kinds).items()}
+        masks = {n: torch.ones_like(w) for n, w in weights.items()}
+        for _ in range(cls._rounds(hparams)):
+            masks = magnitude_round_masks(weights, masks, float(hparams["round_fraction"]))
+        return masks
 
     def prune(self, data: Iterable | None) -> None:
-        modules = prunable_modules(self.sparse_teacher, self.pruned_kinds)
-        weights = {n: m.weight for n, m in modules.items()}
-        masks = {n: torch.ones_like(w) for n, w in weights.items()}
-        for _ in range(self.rounds):
-            masks = magnitude_round_masks(weights, masks, float(self.hparams["round_fraction"]))
-        self._finish_pruning(masks)
+        self._finish_pruning(self.pruned_masks(self.sparse_teacher, self.hparams))
+
+    @classmethod
+    def student_kwargs(cls, teacher, cfg) -> dict:
+        """``{"channels": student_plan(pruned teacher)}`` with ``params.student_plan: true``, else ``{}``."""
+        hparams = cls.check_params(cfg.params)
+        if not hparams["student_plan"]:
+            return {}
+        pruned = freeze_copy(_single_teacher(teacher, cls.method_name))
+        apply_masks_(pruned, cls.pruned_masks(pruned, hparams))
+        return {"channels": student_plan(pruned)}
 
 
 # ------------------------------------------------------------------------------------------------- MetaDistil

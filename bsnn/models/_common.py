@@ -27,6 +27,21 @@ def check_positive_int(model: str, name: str, value: Any) -> None:
         raise ConfigError(f"model {model!r}: {name} must be a positive int, got {value!r}")
 
 
+def check_channels(model: str, channels: Any, n: int) -> list[int] | None:
+    """``channels`` as a list of ``n`` positive ints (per-conv widths), or None when not given.
+
+    Raises:
+        ConfigError: not a list of ``n`` positive ints.
+    """
+    if channels is None:
+        return None
+    if not isinstance(channels, (list, tuple)) or len(channels) != n or \
+            any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels):
+        raise ConfigError(f"model {model!r}: channels must list {n} positive ints (one width per conv), got "
+                          f"{channels!r}")
+    return [int(c) for c in channels]
+
+
 def scaled(channels: int, width: float) -> int:
     """``channels * width`` rounded, at least 1."""
     return max(1, int(round(channels * width)))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from bsnn.errors import ConfigError
-from bsnn.models._common import (check_dropout, check_positive_int, check_width, init_weights,
+from bsnn.models._common import (check_channels, check_dropout, check_positive_int, check_width, init_weights,
                                  scaled)
 from bsnn.models.registry import MODELS
 
@@ -149,26 +149,29 @@ class VGG15SNN(nn.Module):
         hidden: units of the hidden fully connected layer.
         dropout: dropout probability (after the in-stage ReLUs and around the hidden FC layer).
         input_size: side of the square input image, a multiple of 32.
+        channels: the 13 convs' widths, overriding ``width`` (e.g. ``prune_distill``'s ``student_plan``).
 
     Shape:
         input ``[B, in_channels, input_size, input_size]``, output ``[B, num_classes]``.
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, *, width: float = 1.0,
-                 hidden: int = 4096, dropout: float = 0.1, input_size: int = 32) -> None:
+                 hidden: int = 4096, dropout: float = 0.1, input_size: int = 32, channels: list | None = None) -> None:
         super().__init__()
         check_width("vgg15_snn", width)
+        widths = check_channels("vgg15_snn", channels, sum(v != "M" for v in VGG15_CFG))
         check_positive_int("vgg15_snn", "hidden", hidden)
         check_positive_int("vgg15_snn", "input_size", input_size)
         check_dropout("vgg15_snn", dropout)
         if input_size % 32:
             raise ConfigError(f"model 'vgg15_snn': input_size must be a multiple of 32, got {input_size}")
         layers: list[nn.Module] = []
-        c = in_channels
+        c, k = in_channels, 0
         for i, v in enumerate(VGG15_CFG):
             if v == "M":
                 continue
-            out = scaled(int(v), width)
+            out = widths[k] if widths else scaled(int(v), width)
+            k += 1
             layers.append(nn.Conv2d(c, out, 3, padding=1, bias=False))
             if i + 1 < len(VGG15_CFG) and VGG15_CFG[i + 1] == "M":
                 layers += [nn.AvgPool2d(2), nn.ReLU()]
@@ -194,7 +197,7 @@ class VGG15SNN(nn.Module):
 
 @MODELS.register("plain_vgg8")
 def plain_vgg8(num_classes: int = 10, in_channels: int = 3, *, width: int = 32, pool: str = "avg",
-               input_size: int = 32) -> nn.Sequential:
+               input_size: int = 32, channels: list | None = None) -> nn.Sequential:
     """A plain 6-conv + 2-FC VGG as users write one (``nn.Sequential`` of torch layers, PyTorch's default init):
     ``conv3x3-BN-ReLU`` x 6 with a 2x2 pool after every second conv, then ``Linear(4w·s², 256)-BN-ReLU-Linear``.
     Channels ``w, w, 2w, 2w, 4w, 4w``; ``s = input_size // 8``. The network of ``benchmarks/train_plain_vgg.py`` and
@@ -204,16 +207,18 @@ def plain_vgg8(num_classes: int = 10, in_channels: int = 3, *, width: int = 32, 
         width: channels of the first two convs.
         pool: ``"avg"`` (conversion-friendly) or ``"max"`` (converted by a spiking max-pool).
         input_size: side of the square input, a multiple of 8.
+        channels: the six convs' widths, overriding ``width`` (e.g. a student shaped from a pruned teacher,
+            ``prune_distill``'s ``student_plan``).
 
     Shape:
         input ``[B, in_channels, input_size, input_size]``, output ``[B, num_classes]``.
     """
     check_positive_int("plain_vgg8", "width", width)
+    channels = check_channels("plain_vgg8", channels, 6) or [width, width, 2 * width, 2 * width, 4 * width, 4 * width]
     if pool not in ("avg", "max"):
         raise ConfigError(f"model 'plain_vgg8': pool must be 'avg' or 'max', got {pool!r}")
     if input_size % 8:
         raise ConfigError(f"model 'plain_vgg8': input_size must be a multiple of 8, got {input_size}")
-    channels = [width, width, 2 * width, 2 * width, 4 * width, 4 * width]
     layers: list[nn.Module] = []
     c = in_channels
     for i, out in enumerate(channels):
