@@ -21,19 +21,17 @@ from bsnn.binary import binarize_
 from bsnn.config import ConvertConfig, load_config
 from bsnn.convert import Max, convert
 from bsnn.simulate import run_batch
+from tests._snn_helpers import input_loader, small_binary_cnn
 
 T_SHORT, T_LONG = 32, 2048
 
 
 def _net(seed: int = 1) -> nn.Module:
-    torch.manual_seed(seed)
-    return binarize_(nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AvgPool2d(2),
-                                   nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-                                   nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 3))).eval()
+    return small_binary_cnn(seed)
 
 
 def _loader(x: torch.Tensor) -> DataLoader:
-    return DataLoader(TensorDataset(x, torch.zeros(len(x), dtype=torch.long)), batch_size=32)
+    return input_loader(x, 32)
 
 
 def _rel_errors(snn, ann: nn.Module, x: torch.Tensor, ts=(4, T_SHORT, T_LONG)) -> dict[int, float]:

@@ -28,6 +28,17 @@ ARGS = ["data.name=digits", "data.batch_size=32", "data.limit_train=256", "data.
         "train.lr=0.1", "train.momentum=0.9", "train.weight_decay=0.0001", "--quiet"]
 
 
+ONE = [sys.executable]
+TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def _cli(prefix: list[str], *args: str) -> None:
+    """Run the worker's ``bsnn`` CLI (one process, or ``TWO`` under torchrun); it must succeed."""
+    proc = subprocess.run([*prefix, WORKER, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def _train(prefix: list[str], out: Path) -> tuple[dict, dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*prefix, WORKER, "train", "--out", str(out), *ARGS], capture_output=True, text=True,
@@ -57,20 +68,14 @@ def test_torchrun_simulation_shards_the_test_set_and_equals_one_process(tmp_path
     every T, spike counts and recorded predictions equal the single process's exactly."""
     import shutil
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = tmp_path / "one"
     run = [*ARGS[:-1], "model.student=ddp_test_mlp", "student.epochs=1", "train.epochs=1", "data.limit_test=200",
            "data.eval_batch_size=32", "simulate.timesteps=[1,2,4,8]", "simulate.record_predictions=true",
            "cost.enabled=false", "--quiet"]
-    proc = subprocess.run([sys.executable, WORKER, "run", "--out", str(one), *run], capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _cli(ONE, "run", "--out", str(one), *run)
     two = tmp_path / "two"
     shutil.copytree(one, two)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER,
-                           "simulate", "--out", str(two), "--overwrite", *run[-4:]],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _cli(TWO, "simulate", "--out", str(two), "--overwrite", *run[-4:])
     a, b = (json.loads((d / "sweep.json").read_text()) for d in (one, two))
     assert a["samples"] == b["samples"] == 200
     assert a["accuracy"] == b["accuracy"] and a["ann_accuracy"] == b["ann_accuracy"]
@@ -87,31 +92,21 @@ def test_torchrun_conversion_shards_the_calibration_and_equals_one_process(tmp_p
     while rank 0 converts)."""
     import shutil
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     base = tmp_path / "base"
     run = [*ARGS[:-1], "model.student=ddp_test_mlp", "student.epochs=1", "train.epochs=1", "data.limit_test=64",
            "simulate.timesteps=[1,4,8]", "cost.enabled=false", "convert.snn_calibration_samples=100",
            "convert.search_percentiles=[99.0,100]", "convert.search_samples=96", "convert.search_timesteps=4",
            "--quiet"]
-    proc = subprocess.run([sys.executable, WORKER, "run", "--out", str(base), *run], capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _cli(ONE, "run", "--out", str(base), *run)
     two = tmp_path / "two"
     shutil.copytree(base, two)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER,
-                           "convert", "--out", str(two), "--overwrite", "--quiet"],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _cli(TWO, "convert", "--out", str(two), "--overwrite", "--quiet")
     full = tmp_path / "full"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER,
-                           "run", "--out", str(full), *run], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _cli(TWO, "run", "--out", str(full), *run)
     # the 2-rank run trained its own student (DDP: equal to float rounding only); convert it in one process too
     full_one = tmp_path / "full_one"
     shutil.copytree(full, full_one)
-    proc = subprocess.run([sys.executable, WORKER, "convert", "--out", str(full_one), "--overwrite", "--quiet"],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _cli(ONE, "convert", "--out", str(full_one), "--overwrite", "--quiet")
     for one, many in ((base, two), (full_one, full)):
         a, b = (torch.load(d / "snn.pt", map_location="cpu", weights_only=True) for d in (one, many))
         assert a["state_dict"].keys() == b["state_dict"].keys()

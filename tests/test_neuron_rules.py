@@ -8,14 +8,12 @@ modules against the oracles, chunk by chunk.
 """
 
 import dataclasses
-import math
 
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-from bsnn.binary import binarize_
 from bsnn.config import ConvertConfig
 from bsnn.convert import Max, capture, convert
 from bsnn.convert.snn_calibration import ann_activations, snn_layer_output
@@ -30,17 +28,15 @@ from bsnn.modelfile import build_model, load_snn, save_snn
 from bsnn.simulate import SimConfig, run_batch, simulate
 from bsnn.snn.functional import burst_multistep, if_multistep, signed_multistep
 from bsnn.snn.neuron import BurstNeuron, IFNeuron, SignedNeuron
+from tests._snn_helpers import input_loader, small_binary_cnn
 
 
 def _net(seed: int = 1) -> nn.Module:
-    torch.manual_seed(seed)
-    return binarize_(nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AvgPool2d(2),
-                                   nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-                                   nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 3))).eval()
+    return small_binary_cnn(seed)
 
 
 def _loader(x: torch.Tensor) -> DataLoader:
-    return DataLoader(TensorDataset(x, torch.zeros(len(x), dtype=torch.long)), batch_size=16)
+    return input_loader(x, 16)
 
 
 def _cfg(**kw) -> ConvertConfig:

@@ -14,9 +14,8 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-from bsnn.binary import binarize_
 from bsnn.config import ConvertConfig
 from bsnn.convert import Max, convert
 from bsnn.convert.graph import activation_modules, capture
@@ -25,19 +24,17 @@ from bsnn.hardware.constraints import ConstraintConfig, apply_constraints
 from bsnn.simulate import SimConfig, run_batch, simulate
 from bsnn.snn.neuron import IFNeuron
 from bsnn.snn.offset import cos_initial_membrane, latency_pre_steps, set_offset_correction_
+from tests._snn_helpers import input_loader, small_binary_cnn
 
 RHO = 4
 
 
 def _net(seed: int = 1) -> nn.Module:
-    torch.manual_seed(seed)
-    return binarize_(nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AvgPool2d(2),
-                                   nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-                                   nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 3))).eval()
+    return small_binary_cnn(seed)
 
 
 def _loader(x: torch.Tensor) -> DataLoader:
-    return DataLoader(TensorDataset(x, torch.zeros(len(x), dtype=torch.long)), batch_size=32)
+    return input_loader(x, 32)
 
 
 def _snn(net: nn.Module, x: torch.Tensor, method: str, **kw):
