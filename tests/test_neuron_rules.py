@@ -22,7 +22,7 @@ from bsnn.export import to_nir, to_spikingjelly
 from bsnn.hardware.constraints import apply_constraints
 from bsnn.hardware.config import resolve_hardware
 from bsnn.hardware.config import ConstraintConfig
-from bsnn.hardware.cost import estimate, latency_ns
+from bsnn.hardware.cost import estimate, latency_ns, sweep_timesteps
 from bsnn.hardware.mapping import resolve_layers
 from bsnn.modelfile import build_model, load_snn, save_snn
 from bsnn.simulate import SimConfig, run_batch, simulate
@@ -224,6 +224,10 @@ def test_offset_pre_steps_are_charged_in_energy_and_latency(method):
         if la.input_rate is None:
             continue
         assert la.energy_pj > lb.energy_pj
+    # the cost-vs-T sweeps charge them too
+    (row,) = sweep_timesteps(snn, None, "spikesim-rram-65nm", [T], "dense")
+    assert row["energy_pj"] == pytest.approx(a.total.energy_pj) and row["latency_ns"] == pytest.approx(
+        a.total.latency_ns)
 
 
 # ---------------------------------------------------------------------------------------- refusals

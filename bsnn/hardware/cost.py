@@ -390,7 +390,7 @@ def _entry(label_desc: str, energy: float, latency: float | None, area: float | 
 
 def estimate(network, activity=None, hw: HardwareConfig | str = "spikesim-rram-65nm", *, timesteps: int | None = None,
              mode: str | None = None, ann_bits: int | None = None, compare: bool = True,
-             pools: list[PoolSpec] | None = None) -> CostReport:
+             pools: list[PoolSpec] | None = None, pre_steps: tuple[int, int] | None = None) -> CostReport:
     """Cost of one inference (one sample) of ``network`` on ``hw``.
 
     Args:
@@ -405,6 +405,8 @@ def estimate(network, activity=None, hw: HardwareConfig | str = "spikesim-rram-6
             T-step rate code).
         compare: add the dense/event-driven, bit-serial ANN and digital-baseline comparisons.
         pools: the spiking max-pools (default: those of ``network`` when it is a SpikingNetwork).
+        pre_steps: ``(steps every layer computes, steps before real step 1)`` of a run-time offset correction
+            (default: the network's own, :func:`network_pre_steps`; none for layer tables).
 
     Returns:
         :class:`CostReport`; energies pJ, latencies ns, areas µm², EDP pJ·ns, all per sample.
@@ -431,8 +433,7 @@ def estimate(network, activity=None, hw: HardwareConfig | str = "spikesim-rram-6
                           "Activity); use mode='dense' for an activity-independent estimate")
     # a run-time offset correction (COS, SRP) computes pre-steps before the T counted: every layer works
     # T + pre_work steps (energy), and real step 1 comes pre_latency steps late (latency)
-    snn = network if isinstance(network, SpikingNetwork) else None
-    pre_work, pre_latency = (work_pre_steps(snn), latency_pre_steps(snn)) if snn is not None else (0, 0)
+    pre_work, pre_latency = network_pre_steps(network) if pre_steps is None else pre_steps
     T_work = T + pre_work
 
     def measured(s: LayerSpec) -> list[float] | None:  # per computed step: the pre-steps, then the T real steps
@@ -456,7 +457,7 @@ def estimate(network, activity=None, hw: HardwareConfig | str = "spikesim-rram-6
                               f", activity for {sorted(act.rates)})")
         notes.append(f"no measured activity for {unmeasured}: costed dense")
     if pre_work:
-        method = network_correction(snn)[0]
+        method = network_correction(network)[0] if isinstance(network, SpikingNetwork) else "given"
         notes.append(f"offset correction {method!r}: every layer computes {pre_work} pre-steps per input before the "
                      f"T={T} counted, charged in the energy (at the input rates of its first {pre_work} real steps: "
                      f"the same inputs for COS; an estimate for SRP, whose pre-steps run before any neuron is "
@@ -554,11 +555,20 @@ def estimate(network, activity=None, hw: HardwareConfig | str = "spikesim-rram-6
     return CostReport(hw.name, mode, T, costs, total, comparisons, notes, hw.to_dict())
 
 
+def network_pre_steps(network) -> tuple[int, int]:
+    """``(steps every layer computes, steps before real step 1)`` per input under a SpikingNetwork's run-time
+    offset correction (:mod:`bsnn.snn.offset`; ``(0, 0)`` without one, and for layer tables)."""
+    if not isinstance(network, SpikingNetwork):
+        return 0, 0
+    return work_pre_steps(network), latency_pre_steps(network)
+
+
 def sweep_timesteps(network, activity, hw, timesteps: list[int], mode: str = "dense", **kw) -> list[dict]:
     """Total energy / latency / EDP at each T (``estimate`` per T; event-driven uses each T's prefix of rates)."""
     layers = resolve_layers(network)
     pools = resolve_pools(network)
     activity = _resolve_activity(layers, activity)
+    kw.setdefault("pre_steps", network_pre_steps(network))
     rows = []
     for t in timesteps:
         r = estimate(layers, activity, hw, timesteps=t, mode=mode, compare=False, pools=pools, **kw)

@@ -42,9 +42,9 @@ class IFNeuron(nn.Module):
             spikes counts k, a −1 spike counts 1: every spike is one event).
         record: whether to keep ``spike_count``.
 
-    Class attributes (the firing rule; subclasses change them): ``firing`` (its registered name, see
-    :data:`FIRING_RULES`), ``spike_min`` / :attr:`spike_max` (the values one timestep's output takes, integers in
-    that range) and :attr:`input_passes` (crossbar passes per timestep a layer fed by these spikes needs).
+    The firing rule (subclasses change it): ``firing`` (its registered name, see :data:`FIRING_RULES`),
+    ``spike_min`` / :attr:`spike_max` (one timestep's output: integers in that range), :attr:`levels` (spikes one
+    step can carry) and :attr:`input_passes` (crossbar passes per timestep a layer fed by these spikes needs).
     """
 
     firing = "if"
