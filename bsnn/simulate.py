@@ -267,19 +267,21 @@ def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cf
                 continue
             gen.manual_seed(seed * 1_000_003 + step)
             x, y = x.to(dev), y.to(dev)
-            batch_preds, batch_margins = [], []
+            batch_preds, batch_margins, hits = [], [], {}
             for start, membrane in iter_chunks(snn, x, t_max, min(cfg.time_chunk, t_max), cfg.encoding, gen):
-                for t in ts:
+                for t in ts:  # counted on the device: the host reads them once per batch, not every step
                     if start < t <= start + membrane.shape[0]:
-                        correct[t] += (membrane[t - start - 1].argmax(1) == y).sum().item()
+                        hits[t] = (membrane[t - start - 1].argmax(1) == y).sum()
                 if cfg.record_predictions:
                     top2 = membrane.topk(2, dim=-1).values if membrane.shape[-1] > 1 else membrane.repeat(1, 1, 2)
                     steps = torch.arange(start + 1, start + membrane.shape[0] + 1, device=dev).view(-1, 1)
-                    batch_preds.append(membrane.argmax(-1).to(torch.int16).cpu())
-                    batch_margins.append(((top2[..., 0] - top2[..., 1]) / steps).cpu())
+                    batch_preds.append(membrane.argmax(-1).to(torch.int16))
+                    batch_margins.append((top2[..., 0] - top2[..., 1]) / steps)
+            for t, h in zip(hits, torch.stack(list(hits.values())).tolist()):
+                correct[t] += int(h)
             if cfg.record_predictions:
-                preds.append((step, torch.cat(batch_preds)))
-                margins.append((step, torch.cat(batch_margins)))
+                preds.append((step, torch.cat(batch_preds).cpu()))
+                margins.append((step, torch.cat(batch_margins).cpu()))
                 labels.append((step, y.cpu()))
             for name, m in snn.neurons().items():
                 if m.record:  # a neuron with recording off contributes no counts (its rates read as 0)

@@ -189,7 +189,7 @@ class FixedPointIFNeuron(IFNeuron):
         self.v = v
         self.t += tc
         if self.record:
-            self.spike_count.extend(out.flatten(1).sum(1).tolist())
+            self.record_counts(out.flatten(1).sum(1))
         out = out.to(x.dtype)
         return out.reshape(x.shape)
 

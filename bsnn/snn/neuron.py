@@ -67,7 +67,8 @@ class IFNeuron(nn.Module):
         self.spike_dtype: torch.dtype | None = None  # dtype of emitted spikes (None: the input's)
         self.v: torch.Tensor | None = None
         self.t = 0  # timesteps run since the last reset
-        self.spike_count: list[float] = []
+        self._spike_count: list[float] = []
+        self._pending: list[torch.Tensor] = []  # per-step counts still on the device (CUDA), read at the end
         self.neurons_per_sample = 0
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -96,7 +97,37 @@ class IFNeuron(nn.Module):
         """Forget the membrane potential and the spike record (call before each new input batch)."""
         self.v = None
         self.t = 0
-        self.spike_count = []
+        self._spike_count = []
+        self._pending = []
+
+    @property
+    def spike_count(self) -> list[float]:
+        """Spikes emitted per timestep since the last reset, summed over the batch (the list itself: callers may
+        extend or overwrite it). Counts kept on a CUDA device are read here, once, not at every timestep."""
+        if self._pending:
+            self._spike_count.extend(torch.cat(self._pending).tolist())
+            self._pending = []
+        return self._spike_count
+
+    def record_counts(self, per_step: torch.Tensor, replace_last: bool = False) -> None:
+        """Append the batch's spike counts of the steps of one call, ``per_step [tc]`` (float64), or overwrite
+        the last call's (``replace_last``: a gate applied after firing). On CPU they become python floats at once
+        (no small long-lived tensors pinning the heap as T grows); on CUDA they stay on the device until
+        :attr:`spike_count` is read, so the simulation does not wait for the host at every step."""
+        if per_step.is_cuda:
+            if replace_last and not self._pending:  # the last call was already read: overwrite its floats
+                self._spike_count[-per_step.numel():] = per_step.tolist()
+                return
+            if replace_last:
+                self._pending[-1] = per_step
+            else:
+                self._pending.append(per_step)
+            return
+        values = per_step.tolist()
+        if replace_last:
+            self._spike_count[-len(values):] = values
+        else:
+            self._spike_count.extend(values)
 
     def _scan(self, x_seq: torch.Tensor, bias: torch.Tensor | None, counts: list | None
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,10 +168,8 @@ class IFNeuron(nn.Module):
             tail, self.v = self._scan(x_seq[split:], None, counts)
             spikes = torch.cat((head, tail))
         self.t += tc
-        if counts:
-            # python floats, not tensor views: no small long-lived tensors pinning the heap as T grows;
-            # per-sample counts are exact in float32 (< 2^24), the sum over samples in float64
-            self.spike_count.extend(torch.stack(counts).double().sum(1).tolist())
+        if counts:  # per-sample counts are exact in float32 (< 2^24), the sum over samples in float64
+            self.record_counts(torch.stack(counts).double().sum(1))
         return spikes.reshape(x.shape)
 
     def extra_repr(self) -> str:

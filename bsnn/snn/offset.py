@@ -157,8 +157,8 @@ def silenced(snn: SpikingNetwork, keep: dict[str, torch.Tensor]) -> Iterator[Non
                 tc = m.time_chunk
                 seq = out.unflatten(0, (tc, -1))
                 seq.mul_(k.to(out.dtype))  # in place: the spikes keep their memory layout
-                if m.record and m.spike_count:
-                    m.spike_count[-tc:] = per_sample_spikes(seq).double().sum(1).tolist()
+                if m.record:
+                    m.record_counts(per_sample_spikes(seq).double().sum(1), replace_last=True)
 
             stack.callback(neurons[name].register_forward_hook(gate).remove)
         yield
