@@ -279,3 +279,22 @@ def test_snn_calibration_corrects_burst_and_signed_networks(mode, kw):
         assert err(cal, 4) < err(plain, 4)
     if mode != "advanced":  # advanced moves the limit to the calibrated synapses (see bsnn.convert.snn_calibration)
         assert err(cal, 1024) < 0.02
+
+
+def test_bsnn_run_with_burst_neurons_charges_the_passes(tmp_path):
+    """``bsnn run convert.neuron=burst``: the saved network keeps its burst layers and the run's cost report
+    charges the bit-serial passes (Γ = 3: two per step; its notes say so)."""
+    import json
+
+    from bsnn.cli import main
+
+    out = tmp_path / "run"
+    args = ["data.name=digits", "data.limit_train=256", "data.limit_test=64", "train.epochs=1", "student.epochs=1",
+            "convert.neuron=burst", "convert.max_burst=3", "convert.calib_samples=64",
+            "convert.snn_calibration_samples=32", "simulate.timesteps=[1,4,8]", "--quiet"]
+    assert main(["run", "--out", str(out), *args]) == 0
+    snn, _ = load_snn(out / "snn.pt")
+    assert {type(m) for m in snn.neurons().values()} == {BurstNeuron}
+    cost = json.loads((out / "cost.json").read_text())
+    text = json.dumps(cost)
+    assert "2 passes per timestep" in text
