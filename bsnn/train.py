@@ -379,7 +379,13 @@ def fit(
             objective.set_epoch(epoch)  # e.g. DKD's warm-up
         runner.train()
         loss_sum, correct, n = 0.0, 0, 0
+        try:
+            batches = len(train_loader)
+        except TypeError:  # an iterable without a length: phases switch at epoch boundaries only
+            batches = 0
         for step, batch in enumerate(train_loader):
+            if batches and hasattr(objective, "set_progress"):
+                objective.set_progress(epoch + step / batches)  # phases scaled to fractions of an epoch
             x, y, index = unpack_batch(batch, desc, step)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cfg.channels_last and x.dim() == 4:

@@ -413,3 +413,18 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(method):
         opt.step()
         losses.append(float(out["loss"].detach()))
     assert losses[-1] < losses[0], losses
+
+
+def test_phases_scaled_to_a_fraction_of_an_epoch_last_that_fraction():
+    """A one-epoch run of ie_kd: its auto-encoder stage, fitted to 30/190 of the run, covers the first batches
+    only (``fit`` tells the method its fractional progress before every batch); the student is trained after it."""
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(64, 1, 8, 8, generator=g, dtype=D), torch.randint(0, K, (64,), generator=g))
+    s, t = _net(0), _net(1, 6)
+    d = build_distiller(s, t, DistillConfig(method="ie_kd"), epochs=1)
+    assert d.hparams["ae_epochs"] == pytest.approx(30 / 190)
+    stages, w0 = [], s[-1].weight.clone()
+    d.register_forward_pre_hook(lambda m, _a: stages.append(m.in_ae_stage()))
+    fit(d, s, DataLoader(ds, batch_size=4), TrainConfig(epochs=1, lr=0.01), quiet=True)
+    assert stages == [i / 16 < 30 / 190 for i in range(16)]  # 16 batches: the first 3 train the auto-encoder
+    assert not torch.equal(s[-1].weight, w0)  # the student learned in the rest of the epoch

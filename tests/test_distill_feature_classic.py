@@ -473,14 +473,18 @@ def test_fit_runs_the_init_phase_then_trains_the_student():
     assert not any(k.startswith("connectors") for k in s.state_dict())  # the student stays a plain network
 
 
-def test_default_stage_ends_and_init_epoch_rounding():
+def test_default_stage_ends_and_fractional_init_phase():
     assert FC.stage_ends(_net(0), pre_activation=True) == ["2:in", "7:in"]
     assert FC.stage_ends(_net(0), with_stem=True) == ["2", "7"]
     d = build_distiller(_net(0), _net(1), DistillConfig(method="fsp"), epochs=10)
-    assert d.init_epochs == 1  # 30 · 10 / 270 = 1.1 -> 1
+    assert d.init_epochs == pytest.approx(30 * 10 / 270)  # the published fraction of the run, 1.11 epochs
     assert not d.in_init()  # no epoch set: past the initialisation, as DKD's warm-up
     d.set_epoch(0)
     assert d.in_init()
+    d.set_progress(1.1)  # 10 % into the second epoch: still initialising
+    assert d.in_init() and d.epoch == 1
+    d.set_progress(1.12)
+    assert not d.in_init()
     none = build_distiller(_net(0), _net(1), DistillConfig(method="fsp", params={"init_epochs": 0}), epochs=10)
     none.set_epoch(0)
     assert not none.in_init()

@@ -469,7 +469,7 @@ class Lipschitz(FeatureDistiller):
 
     def decay(self) -> float:
         """Spectral-weight factor: ``decay_factor`` from ``decay_epoch`` on (1 before, and with no epoch set)."""
-        if self.epoch is None or self.epoch < float(self.hparams["decay_epoch"]):
+        if self.progress is None or self.progress < float(self.hparams["decay_epoch"]):
             return 1.0
         return float(self.hparams["decay_factor"])
 
@@ -541,7 +541,7 @@ class IEKD(FeatureDistiller):
     (The authors' code calls the trained network "teacher" and the given one "student"; here the given, frozen
     network is the teacher.)
 
-    1. While ``epoch < ae_epochs`` the teacher's auto-encoder (``embed_t``, ``C_t -> factor_rate·C_t``) learns to
+    1. While ``progress < ae_epochs`` (epochs passed, fractions included) the teacher's auto-encoder (``embed_t``, ``C_t -> factor_rate·C_t``) learns to
        reconstruct the teacher's map (:func:`reconstruction_loss`); the loss is that term only, the student is
        not trained (its logits come from an eval-mode, no-grad forward).
     2. Afterwards the auto-encoder is frozen (eval mode, no grad) and the student's map is split channel-wise
@@ -595,8 +595,9 @@ class IEKD(FeatureDistiller):
         self.embed_exp = Coder(c_s - half, c_f).to(device, dtype)
 
     def in_ae_stage(self) -> bool:
-        """True while the teacher's auto-encoder is trained (``epoch < ae_epochs``)."""
-        return self.epoch is not None and self.epoch < float(self.hparams["ae_epochs"])
+        """True while the teacher's auto-encoder is trained (``progress < ae_epochs``: a fraction of an epoch in
+        a short run)."""
+        return self.progress is not None and self.progress < float(self.hparams["ae_epochs"])
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> dict:
         if self.in_ae_stage():

@@ -143,6 +143,7 @@ class Distiller(nn.Module):
         self.run_epochs = None if epochs is None else int(epochs)
         self.hparams = self.resolve_schedule(self.check_params(cfg.params), self.run_epochs)
         self.epoch: int | None = None
+        self.progress: float | None = None  # epochs passed, fractions included (set_progress)
         self._example_input = None if example_input is None else example_input.detach()[:2].clone()
         self._n_data = n_data
         for t in teachers:
@@ -212,8 +213,22 @@ class Distiller(nn.Module):
         return float(self.default_temperature if t is None else t)
 
     def set_epoch(self, epoch: int) -> None:
-        """Tell the method the current epoch (0-based; ``fit`` calls it before each epoch)."""
+        """Tell the method the current epoch (0-based; ``fit`` calls it before each epoch); :attr:`progress`
+        becomes ``epoch``."""
         self.epoch = int(epoch)
+        self.progress = float(epoch)
+
+    def set_progress(self, progress: float) -> None:
+        """Tell the method how many epochs have passed, fractions included (``fit`` calls it before every batch:
+        ``epoch + batch / batches``); :attr:`epoch` is its whole part.
+
+        Phase switches (an initialisation stage, a delayed or decayed term) compare :attr:`progress` with their
+        fitted length, so a phase scaled to a fraction of an epoch (30 of 190 published epochs in a one-epoch run)
+        lasts that fraction — not the whole first epoch — while whole-epoch lengths switch exactly where the
+        epoch counter did. Per-epoch formulas (DKD's warm-up ramp) keep using :attr:`epoch`.
+        """
+        self.progress = float(progress)
+        self.epoch = int(progress)
 
     # ------------------------------------------------------------------------------------------------ running
 

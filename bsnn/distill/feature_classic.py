@@ -7,9 +7,10 @@ the exported student stays a plain network.
 
 **Initialisation phase** (ab, fsp, ft). The authors train these methods in two stages: an initialisation stage
 on the distillation loss alone (RepDistiller's ``helper/pretrain.py:init``, ``--init_epochs 30``), then the
-ordinary classification training. Here both stages are one run: while ``epoch < init_epochs`` (0-based epochs from
-:meth:`Distiller.set_epoch`, ``init_epochs`` rounded, at least one when > 0) the loss is the initialisation loss
-only; afterwards it is the second stage's loss. ``init_epochs`` left at None is the published 30 epochs of the
+ordinary classification training. Here both stages are one run: while ``progress < init_epochs`` (epochs passed,
+fractions included, :meth:`Distiller.set_progress`; ``init_epochs`` as fitted to the run, so 30 of 270 epochs in a
+one-epoch run is its first 11 %) the loss is the initialisation loss only; afterwards it is the second stage's
+loss. ``init_epochs`` left at None is the published 30 epochs of the
 authors' 30 + 240 (the same fraction of the run). A distiller never told its epoch (no ``set_epoch``) is past the
 initialisation, as DKD's warm-up is. Differences from the authors: one optimiser and learning-rate schedule
 covers both stages (the authors start a fresh SGD for each), and the initialisation epochs are part of the run.
@@ -228,14 +229,14 @@ class ClassicFeatureDistiller(FeatureDistiller):
         return [default_layer(self.student, "student")], [default_layer(self.teachers[0], "teacher")]
 
     @property
-    def init_epochs(self) -> int:
-        """Whole epochs of the initialisation phase (``params.init_epochs`` rounded; at least 1 when > 0)."""
-        n = float(self.hparams.get("init_epochs") or 0.0)
-        return max(1, round(n)) if n > 0 else 0
+    def init_epochs(self) -> float:
+        """Epochs of the initialisation phase (``params.init_epochs`` as fitted to the run, fractions kept)."""
+        return float(self.hparams.get("init_epochs") or 0.0)
 
     def in_init(self) -> bool:
-        """True while the current epoch (set by :meth:`set_epoch`) is in the initialisation phase."""
-        return self.epoch is not None and self.epoch < self.init_epochs
+        """True while the run (:attr:`progress`, set by ``fit`` before every batch) is in the initialisation
+        phase."""
+        return self.progress is not None and self.progress < self.init_epochs
 
     def staged_forward(self, x: torch.Tensor, y: torch.Tensor, init_term) -> dict:
         """AB / FSP: in the initialisation phase ``loss = kd_weight · init_term(f_s, f_t)`` alone (CE logged, not

@@ -125,7 +125,7 @@ class CAMKD(Distiller):
         """False during the first ``feature_delay`` epochs (and when ``feature_weight`` is 0)."""
         if not self.embeds:
             return False
-        return self.epoch is None or self.epoch + 1 > float(self.hparams["feature_delay"])
+        return self.progress is None or self.progress >= float(self.hparams["feature_delay"])
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> dict:
         tap = self.feature_active()

@@ -485,11 +485,11 @@ class MetaDistil(Distiller):
 
     def teacher_active(self) -> bool:
         """The meta update runs from epoch ``teacher_delay`` on (always when the epoch is unknown)."""
-        return self.epoch is None or self.epoch >= float(self.hparams["teacher_delay"])
+        return self.progress is None or self.progress >= float(self.hparams["teacher_delay"])
 
     def pilot_lr(self) -> float:
         """η at the current epoch: ``pilot_lr · pilot_decay^(milestones passed)``."""
-        passed = 0 if self.epoch is None else sum(self.epoch >= m for m in self.milestones)
+        passed = 0 if self.progress is None else sum(self.progress >= m for m in self.milestones)
         return float(self.hparams["pilot_lr"]) * float(self.hparams["pilot_decay"]) ** passed
 
     def split(self, x: torch.Tensor, y: torch.Tensor) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
