@@ -63,6 +63,14 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def collective_device() -> torch.device:
+    """Where tensors of a collective must live: this rank's CUDA device under NCCL, else the CPU (gloo, or not
+    distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     """Synchronise ranks (no-op when not distributed)."""
     if dist.is_available() and dist.is_initialized():
@@ -92,12 +100,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def all_reduce_tensor_sum(t: torch.Tensor) -> torch.Tensor:
-    """``t`` summed over all ranks (a new tensor; ``t`` itself when not distributed)."""
+    """``t`` summed over all ranks (a new tensor on ``t``'s device; ``t`` itself when not distributed). The sum
+    runs on :func:`collective_device` (NCCL reduces CUDA tensors only)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t
-    out = t.clone()
+    out = t.to(collective_device(), copy=True)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return out.to(t.device)
 
 
 def all_gather_objects(obj) -> list:

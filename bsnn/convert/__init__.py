@@ -19,7 +19,7 @@ from bsnn.convert.graph import (activation_modules, capture, clip_bounds, observ
                                 relu_modules)
 from bsnn.convert.surgery import build_spiking_graph
 from bsnn.data import unpack_batch
-from bsnn.distributed import all_reduce_sum, current_env
+from bsnn.distributed import all_reduce_sum, collective_device, current_env
 from bsnn.errors import ConversionError
 from bsnn.simulate import run_batch
 from bsnn.snn.network import SpikingNetwork
@@ -139,7 +139,7 @@ def _accuracy_at(snn: SpikingNetwork, x: torch.Tensor, y: torch.Tensor, timestep
         if k % env.world_size == env.rank:
             mem = run_batch(snn, x[i:i + batch], timesteps, min(16, timesteps))[-1]
             correct += (mem.argmax(1) == y[i:i + batch]).sum().item()
-    correct = int(all_reduce_sum([correct], torch.device("cpu"))[0])
+    correct = int(all_reduce_sum([correct], collective_device())[0])
     return 100.0 * correct / max(1, len(x))
 
 
