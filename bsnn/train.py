@@ -131,10 +131,12 @@ def set_seed(seed: int) -> None:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay only on conv/linear weights (tensors with ndim > 1); none on BN, biases or scales."""
+    """Weight decay only on conv/linear weights (tensors with ndim > 1); none on BN, biases or scales. Parameters a
+    distiller steps with its own optimiser (``separately_optimized()``: MetaDistil's teacher) are left out."""
+    own = {id(p) for p in getattr(model, "separately_optimized", lambda: [])()}
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
+        if p.requires_grad and id(p) not in own:
             (decay if p.ndim > 1 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -408,6 +410,8 @@ def fit(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if hasattr(objective, "after_step"):
+                objective.after_step()  # a distiller's own optimiser (MetaDistil's teacher)
             clamp_latent_(objective)  # the student and any trained peers
             if per_step:
                 sched.step()

@@ -449,3 +449,21 @@ def test_prune_distill_builds_the_student_from_the_pruned_teacher(tmp_path):
     snn, ck = load_snn(out / "snn.pt")
     assert ck["arch"]["kwargs"]["channels"] == plan
     assert json.loads((out / "metrics.json").read_text())["snn"]["accuracy"]
+
+
+def test_metadistil_teacher_has_its_own_sgd_and_fit_leaves_it_out():
+    """The student's optimiser (here Adam) never touches the teacher copy; the teacher moves by its own SGD at the
+    pilot step η once active (teacher_delay 0), and a frozen teacher (delay beyond the run) does not move."""
+    from bsnn.train import param_groups
+
+    ds = TensorDataset(*xb(32))
+    for delay, moves in ((0.0, True), (5.0, False)):
+        student, teacher = _net(0), _teacher()
+        d = build_distiller(student, teacher, DistillConfig(method="metadistil", params={"teacher_delay": delay}),
+                            epochs=1)
+        own = {id(p) for p in d.meta_teacher.parameters()}
+        assert not own & {id(p) for grp in param_groups(d, 1e-4) for p in grp["params"]}
+        w0 = d.meta_teacher[0].weight.detach().clone()
+        fit(d, student, DataLoader(ds, batch_size=8), TrainConfig(epochs=1, lr=0.01, optimizer="adam"), quiet=True)
+        assert (not torch.equal(d.meta_teacher[0].weight, w0)) == moves
+        assert all(p.grad is None for p in d.meta_teacher.parameters())
