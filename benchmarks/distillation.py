@@ -224,10 +224,15 @@ def _ms(values: list[float], digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def finished_runs(runs: list[dict], method: str) -> list[dict]:
+    """The runs of ``method`` that finished (no ``error`` record)."""
+    return [r for r in runs if r["method"] == method and "error" not in r]
+
+
 def summary_rows(runs: list[dict], methods: list[str]) -> list[list]:
     rows = []
     for m in methods:
-        rs = [r for r in runs if r["method"] == m and "error" not in r]
+        rs = finished_runs(runs, m)
         if not rs:
             continue
         rows.append([m, len(rs), _ms([r["last"] for r in rs]), _ms([r["best"] for r in rs]),
@@ -240,7 +245,7 @@ def defaults_lines(runs: list[dict], methods: list[str]) -> list[str]:
     """The resolved (published) settings of every method run, and BD-KD's online teacher accuracy."""
     rows = []
     for m in methods:
-        rs = [r for r in runs if r["method"] == m and "error" not in r and "resolved" in r]
+        rs = [r for r in finished_runs(runs, m) if "resolved" in r]
         if not rs:
             continue
         res = rs[0]["resolved"]
@@ -551,7 +556,7 @@ def versus_kd_lines(runs: list[dict], methods: list[str], key: str = "test") -> 
 def cifar_rows(runs: list[dict], methods: list[str]) -> list[list]:
     rows = []
     for m in methods:
-        rs = [r for r in runs if r["method"] == m and "error" not in r]
+        rs = finished_runs(runs, m)
         if not rs:
             continue
         rows.append([m, len(rs), _ms([r["test"] for r in rs]), _ms([r["val"] for r in rs]),

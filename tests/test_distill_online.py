@@ -25,7 +25,7 @@ from bsnn.models import create_model
 from bsnn.modelfile import build_model, load_model
 from bsnn.pipeline import check_models, make_context, stage_student
 from bsnn.train import fidelity, fit
-from tests._distill_helpers import grads, xb
+from tests._distill_helpers import grads, taps, xb
 
 D = torch.float64
 RTOL, ATOL = 1e-6, 1e-12
@@ -43,19 +43,6 @@ def _net(seed: int, width: int = 4, k: int = K) -> nn.Sequential:
 
 
 _xb = xb
-
-
-def _taps(model: nn.Module, x: torch.Tensor, inputs=()) -> tuple[torch.Tensor, dict]:
-    """Logits and the named modules' inputs, read with plain torch hooks (not bsnn's FeatureTap)."""
-    got, handles, mods = {}, [], dict(model.named_modules())
-    for n in inputs:
-        handles.append(mods[n].register_forward_pre_hook(lambda m, a, n=n: got.__setitem__(n, a[0])))
-    try:
-        z = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return z, got
 
 
 _grads = grads
@@ -173,8 +160,8 @@ def test_ref_sokd_branch_from_the_last_stage():
     assert not torch.equal(d.branch[3].weight, teacher[3].weight)  # freshly initialised, as the authors' branch
 
     def reference(x, y):
-        z_t, f = _taps(teacher, x, inputs=["3"])
-        z_a = d.branch[3:](f["3"].detach())  # the branch: its own copy of the last stage and classifier
+        z_t, f = taps(teacher, x, inputs=["3"])
+        z_a = d.branch[3:](f["3:in"].detach())  # the branch: its own copy of the last stage and classifier
         return ref_sokd(student(x), z_a, z_t.detach(), y)
 
     wrt = list(student.parameters()) + list(d.branch.parameters())
@@ -203,10 +190,10 @@ def test_sokd_branch_on_a_residual_network_starts_at_its_last_stage():
     assert d.branch_layer == "layer3.0:in"  # the authors branch at the input of WRN's block3
     d.eval()
     x = torch.randn(3, 1, 8, 8, dtype=D)
-    _, f = _taps(teacher, x, inputs=["layer3"])
+    _, f = taps(teacher, x, inputs=["layer3"])
     b = d.branch
-    expected = b.fc(b.flatten(b.pool(b.layer3(f["layer3"]))))
-    with Substitute(b, d.branch_layer, f["layer3"]):
+    expected = b.fc(b.flatten(b.pool(b.layer3(f["layer3:in"]))))
+    with Substitute(b, d.branch_layer, f["layer3:in"]):
         torch.testing.assert_close(b(x), expected)
     assert not b.layer3[0]._forward_pre_hooks
 
@@ -255,10 +242,10 @@ def test_ref_byot_heads_kd_and_hints():
     assert all(c.bias is not None for c in convs) and d.heads[0].fc.in_features == 8
 
     def reference(x, y):
-        z, f = _taps(student, x, inputs=["3", "7"])
+        z, f = taps(student, x, inputs=["3", "7"])
         head = d.heads[0]
-        mid = F.adaptive_avg_pool2d(head.bottleneck(f["3"]), (1, 1))  # the authors' middle_fea [B, D, 1, 1]
-        final = f["7"].view(f["7"].shape[0], -1, 1, 1)
+        mid = F.adaptive_avg_pool2d(head.bottleneck(f["3:in"]), (1, 1))  # the authors' middle_fea [B, D, 1, 1]
+        final = f["7:in"].view(f["7:in"].shape[0], -1, 1, 1)
         return ref_byot(z, [head.fc(torch.flatten(mid, 1))], final, [mid], y)
 
     wrt = list(student.parameters()) + list(d.heads.parameters())
