@@ -19,6 +19,15 @@ bsnn's data pipeline for that config, whose normalisation the card records):
 * ``cifar10_vgg_teacher``: the full-precision teacher (``runs/cifar10/teacher.pt``);
 * ``cifar10_vgg_binary``: the binary-weight ReLU student distilled from it by KD (``runs/cifar10/student.pt``).
 
+Entries trained by ``bsnn run --config configs/cifar10.yaml`` (the airbench recipe, the issue's real-accuracy
+networks; 2 threads):
+
+* ``cifar10_airbench_teacher``: the full-precision airbench94 teacher (``runs/cifar10/teacher.pt``; GELU and
+  max-pooling: not converted, its card says so);
+* ``cifar10_airbench_qcfs``: the binary-weight QCFS student (``runs/cifar10/student.pt``);
+* ``cifar10_airbench_binary``: the binary-weight ReLU student distilled from the released teacher
+  (``runs/cifar10_relu/student.pt``).
+
 Run:  python benchmarks/release_zoo.py [--entries cifar10_maxpool_vgg] [--snn-test 2000]
 """
 
@@ -95,6 +104,30 @@ RUN_ENTRIES = {
                                   "clip λ per layer), distilled by KD from the released cifar10_vgg_teacher (Adam "
                                   "one-cycle, 15 epochs, EMA, bf16 autocast)"),
 }
+
+
+AIRBENCH_COMMAND = "bsnn run --config configs/cifar10.yaml"
+AIRBENCH_RELU_COMMAND = ("bsnn run --config configs/cifar10.yaml run.out_dir=runs/cifar10_relu "
+                         "model.teacher=zoo:cifar10_airbench_teacher model.activation=relu")
+AIRBENCH_STUDENT = ("binary-weight airbench_snn (conv3x3 stem 32 + three conv groups 64 / 256 / 256, conv-BN-{act}, "
+                    "average pooling, global average pooling; first and last layer full precision, α·sign(W) per "
+                    "output channel), {what}, distilled by KD (T = 4) from cifar10_airbench_teacher (Adam one-cycle, "
+                    "20 epochs, EMA, bf16 autocast)")
+RUN_ENTRIES.update({
+    "cifar10_airbench_teacher": dict(
+        file="teacher.pt", command=AIRBENCH_COMMAND, threads=2, convertible=False,
+        what="full-precision airbench94 (Jordan 2024: whitening stem, three conv groups 64 / 256 / 256 with "
+             "max-pooling, GELU), trained by bsnn run --config configs/cifar10.yaml (its teacher section: Nesterov SGD "
+             "with airbench's hyper-parameters, label smoothing 0.2, EMA, bf16 autocast, 12 epochs)"),
+    "cifar10_airbench_qcfs": dict(
+        file="student.pt", command=AIRBENCH_COMMAND, threads=2,
+        what=AIRBENCH_STUDENT.format(act="QCFS", what="QCFS activations (L = 4 levels, trained clip λ per layer)")),
+    "cifar10_airbench_binary": dict(
+        file="student.pt", run="runs/cifar10_relu", command=AIRBENCH_RELU_COMMAND, threads=2,
+        what=AIRBENCH_STUDENT.format(act="ReLU", what="plain ReLU")),
+})
+NOT_CONVERTED = ("not converted: a full-precision teacher with GELU and max-pooling, layers bsnn's converter refuses "
+                 "(its students are the convertible networks)")
 
 
 def accuracy(model, ds, batch: int = 1000) -> float:
@@ -180,7 +213,7 @@ def release(name: str, spec: dict, n_snn: int, d: dict) -> None:
           f"**Training**: `{spec['train']}` ({info['training']['wall_s']} s on {info['training']['machine']}).\n\n"
           f"Load: `model, card = bsnn.zoo.load({name!r})`; CLI: `zoo:{name}`.\n")
     path = bsnn.zoo.release(name, model, arch, info, md)
-    log(f"{name}: test {test_acc:.2f}, SNN T@1 {snn_info['t_at_1']}; wrote {path}")
+    log(f"{name}: test {test_acc:.2f}, SNN T@1 {snn_info.get('t_at_1')}; wrote {path}")
 
 
 def release_from_run(name: str, spec: dict, run_dir: Path, n_snn: int) -> None:
@@ -193,8 +226,12 @@ def release_from_run(name: str, spec: dict, run_dir: Path, n_snn: int) -> None:
     arch = record["arch"]
     test_acc, val_acc = accuracy(model, s.test), accuracy(model, s.val)
     subset_500 = accuracy(model, Subset(s.test, range(500)))
-    snn_info, cost_info, snn_md = measure_snn(model, calibration_loader(s, cfg.data, 2048), s.val, s.test, n_snn,
-                                              RUN_TS)
+    if spec.get("convertible", True):
+        snn_info, cost_info, snn_md = measure_snn(model, calibration_loader(s, cfg.data, 2048), s.val, s.test, n_snn,
+                                                  RUN_TS)
+    else:
+        snn_info, cost_info, snn_md = {"converted": False, "why": NOT_CONVERTED}, {"why": NOT_CONVERTED}, \
+            f"**SNN**: {NOT_CONVERTED}.\n\n"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     stage = "teacher" if spec["file"] == "teacher.pt" else "student"
     history = metrics.get(stage, {}).get("history", [])
@@ -203,16 +240,16 @@ def release_from_run(name: str, spec: dict, run_dir: Path, n_snn: int) -> None:
                  f"{len(s.val)} validation (stratified, seed {cfg.data.seed}) / {len(s.test)} test images, "
                  f"normalised by the train split's channel mean/std (recorded in this card)")
     norm = {"mean": list(s.test.mean), "std": list(s.test.std)}
+    point = f"SNN operating point T={snn_info['operating_point']}" if "operating_point" in snn_info else "not converted"
     info = {
-        "summary": f"{spec['what'].split(' (')[0]}: test {test_acc:.2f} %, "
-                   f"SNN operating point T={snn_info['operating_point']}",
+        "summary": f"{spec['what'].split(' (')[0]}: test {test_acc:.2f} %, {point}",
         "description": spec["what"], "data": data_note, "normalisation": norm,
         "ann": {"test_acc": test_acc, "val_acc": val_acc, "test_acc_first_500": subset_500,
                 "best_epoch": len(history), "epochs": len(history)},
         "snn": snn_info, "cost": cost_info,
         "training": {"command": spec.get("command", RUN_COMMAND), "wall_s": round(wall, 1),
-                     "history": history, "machine": "2-core CPU (AVX-512), 1 thread (OMP_NUM_THREADS=1), torch "
-                                                     f"{torch.__version__}"},
+                     "history": history, "machine": f"2-core CPU (AVX-512), {_threads(spec.get('threads', 1))}, "
+                                                     f"torch {torch.__version__}"},
         "check": data_free_check(model), "released_by": command_line(), "machine": machine_info(),
     }
     md = (f"# `{name}`\n\n{spec['what']}.\n\n**Data**: {data_note}.\n\n"
@@ -222,7 +259,11 @@ def release_from_run(name: str, spec: dict, run_dir: Path, n_snn: int) -> None:
           f"{info['training']['machine']}){'; ' + spec['training_note'] if 'training_note' in spec else ''}.\n\n"
           f"Load: `model, card = bsnn.zoo.load({name!r})`; CLI: `zoo:{name}`.\n")
     path = bsnn.zoo.release(name, model, arch, info, md)
-    log(f"{name}: test {test_acc:.2f}, SNN T@1 {snn_info['t_at_1']}; wrote {path}")
+    log(f"{name}: test {test_acc:.2f}, SNN T@1 {snn_info.get('t_at_1')}; wrote {path}")
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread{'s' if n > 1 else ''} (OMP_NUM_THREADS={n})"
 
 
 def main() -> None:

@@ -41,6 +41,7 @@ from bsnn.distill.config import DistillConfig
 from bsnn.distributed import all_reduce_sum, barrier, current_env, resolve_device  # noqa: F401 (re-export)
 from bsnn.errors import CheckpointError, ConfigError, DataError, TrainingError
 from bsnn.io import load_checkpoint, save_checkpoint
+from bsnn.models import data_init_
 
 
 @dataclass
@@ -54,6 +55,9 @@ class TrainConfig:
         momentum: SGD momentum.
         betas: Adam betas.
         weight_decay: weight decay on conv/linear weights (never on BN, biases or scales).
+        bias_lr_scale: learning-rate multiplier of the parameters without weight decay (BN and other biases,
+            scales, clip levels); airbench trains its BN biases 64x faster than its weights (its unit BN weights are
+            frozen); 1 = one learning rate.
         schedule: a registered schedule (:data:`SCHEDULES`): ``"cosine"``, ``"step"``, ``"constant"`` (stepped once
             per epoch) or ``"onecycle"`` (linear warm-up over ``warmup_epochs``, then linear decay to 0, stepped
             every batch: the fast-training recipe).
@@ -81,6 +85,7 @@ class TrainConfig:
     momentum: float = 0.9
     betas: tuple = (0.9, 0.999)
     weight_decay: float = 0.0
+    bias_lr_scale: float = 1.0
     schedule: str = "cosine"
     step_epochs: int = 30
     gamma: float = 0.1
@@ -97,12 +102,14 @@ class TrainConfig:
     def validate(self) -> None:
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _check(self.optimizer in ("sgd", "adam"), f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        for key in ("lr", "momentum", "weight_decay", "gamma", "label_smoothing"):
+        for key in ("lr", "momentum", "weight_decay", "gamma", "label_smoothing", "bias_lr_scale"):
             v = getattr(self, key)
             _check(_finite(v), f"{key} must be a finite number, got {v!r}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _check(0.0 <= self.momentum < 1.0, f"momentum must be in [0, 1), got {self.momentum}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.bias_lr_scale > 0, f"bias_lr_scale must be > 0 (1 = the weights' learning rate), got "
+               f"{self.bias_lr_scale}")
         _check(self.gamma > 0, f"gamma must be > 0, got {self.gamma}")
         _check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES.names()}, got {self.schedule!r}")
         _check(_finite(self.warmup_epochs) and 0.0 <= self.warmup_epochs <= self.epochs,
@@ -130,20 +137,25 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay only on conv/linear weights (tensors with ndim > 1); none on BN, biases or scales. Parameters a
-    distiller steps with its own optimiser (``separately_optimized()``: MetaDistil's teacher) are left out."""
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
+                 bias_lr_scale: float = 1.0) -> list[dict]:
+    """Weight decay only on conv/linear weights (tensors with ndim > 1); none on BN, biases or scales, whose group
+    gets ``lr * bias_lr_scale`` when ``lr`` is given. Parameters a distiller steps with its own optimiser
+    (``separately_optimized()``: MetaDistil's teacher) are left out."""
     own = {id(p) for p in getattr(model, "separately_optimized", lambda: [])()}
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad and id(p) not in own:
             (decay if p.ndim > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if lr is not None and bias_lr_scale != 1.0:
+        groups[1]["lr"] = lr * bias_lr_scale
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD (momentum, optional Nesterov) or Adam over :func:`param_groups`."""
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.bias_lr_scale)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
@@ -453,9 +465,37 @@ def fit(
     return history
 
 
+#: Training images given to data-dependent initialisations (:func:`bsnn.models.data_init_`; airbench uses 5,000).
+DATA_INIT_SAMPLES = 5000
+
+
+def data_init_from_loader(model: nn.Module, train_loader, n: int = DATA_INIT_SAMPLES) -> bool:
+    """Data-dependent initialisation of ``model`` (:func:`bsnn.models.data_init_`, e.g. a whitening stem) from the
+    first ``n`` items of the loader's dataset — the same images on every rank, the RNG left as it was. A model
+    without such layers is not touched (and no data is read). Returns whether any layer was initialised."""
+    if not any(callable(getattr(m, "init_from_data", None)) for m in model.modules()):
+        return False
+    dataset = getattr(train_loader, "dataset", None)
+    with torch.random.fork_rng(devices=[]):
+        if dataset is not None:
+            images = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
+        else:
+            batches, seen = [], 0
+            for batch in train_loader:
+                batches.append(unpack_batch(batch, "data initialisation", 0)[0])
+                seen += len(batches[-1])
+                if seen >= n:
+                    break
+            images = torch.cat(batches)[:n]
+    param = next(model.parameters())
+    return data_init_(model, images.to(param.device))
+
+
 def train_teacher(model: nn.Module, train_loader, cfg: TrainConfig | None = None, **kwargs) -> list[dict]:
-    """Train a full-precision model with cross-entropy. Keyword arguments as :func:`fit`."""
+    """Train a full-precision model with cross-entropy (after :func:`data_init_from_loader`). Keyword arguments as
+    :func:`fit`."""
     cfg = cfg or TrainConfig()
+    data_init_from_loader(model, train_loader)
     return fit(_Supervised(model, cfg.label_smoothing), model, train_loader, cfg, desc=kwargs.pop("desc", "teacher"),
                **kwargs)
 
@@ -486,6 +526,7 @@ def train_student(
                               "torch DataLoader over a map-style dataset (it reads loader.dataset)")
         train_loader = _with_index(train_loader)
         dataset = train_loader.dataset
+    data_init_from_loader(student, train_loader)
     with torch.random.fork_rng(devices=[]):  # probing the data must not move the RNG (determinism)
         example = _example_input(train_loader, dataset)
     objective = build_distiller(student, teacher, distill, example_input=example.to(device),
