@@ -13,7 +13,7 @@ Entries trained by ``benchmarks/train_plain_vgg.py`` (plain PyTorch loops, not b
 * ``cifar10_plain_bvgg``: binary-weight ``plain_vgg8`` (width 32, average pooling, first/last layer full precision);
 * ``cifar10_maxpool_vgg``: full-precision ``plain_vgg8`` (width 32, max-pooling).
 
-Entries trained by ``bsnn run --config configs/cifar10.yaml --out runs/cifar10`` (bsnn's own recipe; measured with
+Entries trained by ``bsnn run --config configs/cifar10_vgg8.yaml --out runs/cifar10_vgg8`` (bsnn's earlier recipe; measured with
 bsnn's data pipeline for that config, whose normalisation the card records):
 
 * ``cifar10_vgg_teacher``: the full-precision teacher (``runs/cifar10/teacher.pt``);
@@ -82,20 +82,20 @@ ENTRIES = {
 }
 
 
-RUN_COMMAND = "bsnn run --config configs/cifar10.yaml"
-QCFS_COMMAND = ("bsnn run --config configs/cifar10.yaml run.out_dir=runs/cifar10_qcfs "
+RUN_COMMAND = "bsnn run --config configs/cifar10_vgg8.yaml"
+QCFS_COMMAND = ("bsnn run --config configs/cifar10_vgg8.yaml run.out_dir=runs/cifar10_qcfs "
                 "model.teacher=zoo:cifar10_vgg_teacher model.activation=qcfs model.act_levels=4 student.optimizer=adam student.lr=0.002 student.epochs=15 "
                 "student.nesterov=false")
 RUN_ENTRIES = {
-    "cifar10_vgg_teacher": dict(file="teacher.pt", what="full-precision VGG (plain_vgg8: 6 conv + 2 FC, width 64, "
+    "cifar10_vgg_teacher": dict(file="teacher.pt", run="runs/cifar10_vgg8", what="full-precision VGG (plain_vgg8: 6 conv + 2 FC, width 64, "
                                                         "average pooling), trained by bsnn run --config "
-                                                        "configs/cifar10.yaml (SGD + Nesterov, one-cycle, label "
+                                                        "configs/cifar10_vgg8.yaml (SGD + Nesterov, one-cycle, label "
                                                         "smoothing 0.1, EMA, bf16 autocast)"),
-    "cifar10_vgg_binary": dict(file="student.pt", command=RUN_COMMAND + " (its student section as of commit 4b61dc8: "
+    "cifar10_vgg_binary": dict(file="student.pt", run="runs/cifar10_vgg8", command=RUN_COMMAND + " (its student section as of commit 4b61dc8: "
                                "SGD lr 0.1 + Nesterov, 12 epochs, ReLU)", what="binary-weight VGG (plain_vgg8, width 64, average pooling, "
                                                        "first and last layer full precision, α·sign(W) per output "
                                                        "channel), plain ReLU, distilled by KD from "
-                                                       "cifar10_vgg_teacher by bsnn run --config configs/cifar10.yaml"),
+                                                       "cifar10_vgg_teacher by bsnn run --config configs/cifar10_vgg8.yaml"),
     "cifar10_vgg_qcfs": dict(file="student.pt", run="runs/cifar10_qcfs", command=QCFS_COMMAND,
                              training_note="the machine was shared with other jobs: an epoch took 290 s alone and "
                                            "up to 1,040 s while shared",
@@ -169,14 +169,60 @@ def measure_snn(model, calib: DataLoader, val_ds, test_ds, n_snn: int, ts: list[
                  "chosen_on": "validation images", "energy_pj": cost.total.energy_pj,
                  "latency_ns": cost.total.latency_ns, "area_um2": cost.total.area_um2,
                  "ann_bit_serial_energy_ratio": ratio}
-    rows = [[f"T={t}", f"{val.accuracy[t]:.2f}", f"{res.accuracy[t]:.2f}"] for t in ts]
-    md = (f"**SNN** (default `ConvertConfig()`, first {n_snn} validation / test images, ANN {val.ann_accuracy:.2f} / "
-          f"{res.ann_accuracy:.2f} % on them); operating point T = {op_t} (the smallest T within 1 point of the ANN "
-          f"on the validation images); on the test images T@1 = {t_at_1}:\n\n"
-          f"{markdown_table(['T', 'validation (%)', 'test (%)'], rows)}\n"
-          f"**Cost** at the operating point T = {op_t} (spikesim-rram-65nm, event-driven, measured rates): "
-          f"{cost.total.energy_pj:.4g} pJ, {cost.total.latency_ns:.4g} ns, {cost.total.area_um2:.4g} µm² per "
-          f"inference; {ratio:.3g}x the energy of the same network as a bit-serial ANN on the same hardware.\n\n")
+    md = snn_markdown(ts, val.accuracy, res.accuracy, val.ann_accuracy, res.ann_accuracy, n_snn, n_snn, op_t, t_at_1,
+                      cost_info, "default `ConvertConfig()`")
+    return snn_info, cost_info, md
+
+
+def snn_markdown(ts: list[int], val_acc: dict, test_acc: dict, ann_val: float, ann_test: float, n_val: int,
+                 n_test: int, op_t: int, t_at_1: int | None, cost_info: dict, recipe: str) -> str:
+    """The card's SNN table (accuracy vs T on the validation / test images) and its cost line."""
+    rows = [[f"T={t}", f"{val_acc[t]:.2f}", f"{test_acc[t]:.2f}"] for t in ts]
+    return (f"**SNN** ({recipe}, first {n_val} validation / {n_test} test images, ANN {ann_val:.2f} / "
+            f"{ann_test:.2f} % on them); operating point T = {op_t} (the smallest T within 1 point of the ANN "
+            f"on the validation images); on the test images T@1 = {t_at_1}:\n\n"
+            f"{markdown_table(['T', 'validation (%)', 'test (%)'], rows)}\n"
+            f"**Cost** at the operating point T = {op_t} ({cost_info['hardware']}, event-driven, measured rates): "
+            f"{cost_info['energy_pj']:.4g} pJ, {cost_info['latency_ns']:.4g} ns, {cost_info['area_um2']:.4g} µm² per "
+            f"inference; {cost_info['ann_bit_serial_energy_ratio']:.3g}x the energy of the same network as a "
+            f"bit-serial ANN on the same hardware.\n\n")
+
+
+def snn_from_run(run_dir: Path) -> tuple[dict, dict, str] | None:
+    """The card's ``snn`` / ``cost`` sections from the run's own convert, simulate and cost stages (``sweep.json``,
+    ``cost.json`` of ``bsnn run``: the config's conversion recipe, its validation / test images, the cost at the
+    operating point chosen on validation), when the run finished them; None otherwise."""
+    sweep_p, cost_p = run_dir / "sweep.json", run_dir / "cost.json"
+    if not (sweep_p.is_file() and cost_p.is_file()):
+        return None
+    sweep, cost = json.loads(sweep_p.read_text()), json.loads(cost_p.read_text())
+    val = sweep.get("validation")
+    if val is None:
+        return None
+    ts = [int(t) for t in sweep["timesteps"]]
+    test_acc = {t: sweep["accuracy"][str(t)] for t in ts}
+    val_acc = {t: val["accuracy"][str(t)] for t in ts}
+    op_t = int(cost["timesteps"])
+    t_at_1 = next((t for t in ts if test_acc[t] >= sweep["ann_accuracy"] - 1.0), None)
+    rates = {n: sum(c[:op_t]) / max(1, sweep["neurons"][n] * sweep["samples"] * op_t)
+             for n, c in sweep["spike_counts"].items()}
+    cfg = load_config(run_dir / "config.yaml", [])
+    snn_info = {"convert": f"bsnn run's convert stage ({run_dir.name}/config.yaml convert section: "
+                           f"{dataclasses.asdict(cfg.convert)})",
+                "test_images": sweep["samples"], "ann_acc_same_images": sweep["ann_accuracy"],
+                "accuracy": {str(t): test_acc[t] for t in ts}, "t_at_1": t_at_1, "val_images": val["samples"],
+                "val_ann_accuracy": val["ann_accuracy"], "val_accuracy": {str(t): val_acc[t] for t in ts},
+                "operating_point": op_t, "firing_rates_at_operating_point": rates,
+                "simulate_wall_s": round(sweep.get("wall_time_s", 0.0), 1)}
+    cost_info = {"hardware": cost["hardware"], "mode": cost["mode"], "timesteps": op_t, "chosen_on": "validation images",
+                 "energy_pj": cost["total"]["energy_pj"], "latency_ns": cost["total"]["latency_ns"],
+                 "area_um2": cost["total"]["area_um2"],
+                 "ann_bit_serial_energy_ratio": cost["comparisons"]["ann_bit_serial_imc"]["energy_ratio"]}
+    default = dataclasses.asdict(cfg.convert) == dataclasses.asdict(bsnn.ConvertConfig())
+    recipe = "measured by `bsnn run` itself: " + ("the default `ConvertConfig()`" if default else
+                                                   "the conversion of its config's convert section")
+    md = snn_markdown(ts, val_acc, test_acc, val["ann_accuracy"], sweep["ann_accuracy"], val["samples"],
+                      sweep["samples"], op_t, t_at_1, cost_info, recipe)
     return snn_info, cost_info, md
 
 
@@ -226,7 +272,10 @@ def release_from_run(name: str, spec: dict, run_dir: Path, n_snn: int) -> None:
     arch = record["arch"]
     test_acc, val_acc = accuracy(model, s.test), accuracy(model, s.val)
     subset_500 = accuracy(model, Subset(s.test, range(500)))
-    if spec.get("convertible", True):
+    from_run = snn_from_run(run_dir) if spec["file"] == "student.pt" else None
+    if from_run is not None:
+        snn_info, cost_info, snn_md = from_run
+    elif spec.get("convertible", True):
         snn_info, cost_info, snn_md = measure_snn(model, calibration_loader(s, cfg.data, 2048), s.val, s.test, n_snn,
                                                   RUN_TS)
     else:
@@ -269,7 +318,8 @@ def _threads(n: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--entries", default=",".join(ENTRIES))
-    ap.add_argument("--run", default=str(ROOT / "runs" / "cifar10"), help="bsnn run folder of the run entries")
+    ap.add_argument("--run", default=str(ROOT / "runs" / "cifar10"), help="bsnn run folder of the run entries "
+                    "that name none")
     ap.add_argument("--snn-test", type=int, default=2000, help="test images for the SNN curve")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
