@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bsnn.activations import QCFS, ClipReLU, qcfs, replace_activations_
+from bsnn.activations import QCFS, ClipReLU, qcfs, qcfs_reference, replace_activations_
 from bsnn.binary import binarize_
 from bsnn.config import ConvertConfig, SimConfig
 from bsnn.convert import Max, convert
@@ -38,6 +38,38 @@ def test_qcfs_closed_form():
     xg = x.clone().requires_grad_()
     m(xg).sum().backward()
     assert m.clip.grad is not None and xg.grad is not None  # straight-through floor: trainable
+
+
+def test_qcfs_gradient_flows_over_the_clip_range_as_in_the_authors_code():
+    # the authors clamp x/λ to [0, 1] before the floor: x gets the gradient wherever 0 < x < λ (also where the
+    # output is level 0 or L), λ gets q/L - m·x/λ
+    x = torch.tensor([-1.0, 0.1, 0.5, 1.0, 2.9, 3.2, 5.0], requires_grad=True)
+    lam = torch.tensor(3.0, requires_grad=True)
+    y = qcfs(x, lam, 4)
+    y.sum().backward()
+    inside = torch.tensor([0.0, 1, 1, 1, 1, 0, 0])
+    torch.testing.assert_close(x.grad, inside)
+    q = y.detach() / 3.0
+    torch.testing.assert_close(lam.grad, (q - inside * x.detach() / 3.0).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_qcfs_equals_its_op_by_op_reference(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (2 * torch.randn(8, 5, 7, 7, generator=g)).to(dtype)
+    x[0, 0, 0, :3] = torch.tensor([0.0, 1.5, 3.0])  # the level / clip boundaries exactly
+    grad_out = torch.randn(x.shape, generator=g).to(dtype)
+    res = {}
+    for f in (qcfs_reference, qcfs):
+        xi = x.clone().requires_grad_()
+        lam = torch.tensor(3.0, dtype=dtype, requires_grad=True)
+        y = f(xi, lam, 4)
+        y.backward(grad_out)
+        res[f] = (y.detach(), xi.grad, lam.grad)
+    (y_ref, gx_ref, gl_ref), (y, gx, gl) = res[qcfs_reference], res[qcfs]
+    assert torch.equal(y, y_ref)  # the same ops in the same order: bit for bit
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gl, gl_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_shift_sets_initial_potential_half_threshold():
