@@ -527,6 +527,9 @@ def train_student(
         train_loader = _with_index(train_loader)
         dataset = train_loader.dataset
     data_init_from_loader(student, train_loader)
+    if METHODS.get(distill.method).trains_teacher:  # a fresh teacher trained online starts like a trained one would
+        for t in teacher_list(teacher):
+            data_init_from_loader(t, train_loader)
     with torch.random.fork_rng(devices=[]):  # probing the data must not move the RNG (determinism)
         example = _example_input(train_loader, dataset)
     objective = build_distiller(student, teacher, distill, example_input=example.to(device),

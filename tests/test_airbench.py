@@ -104,3 +104,28 @@ def test_airbench_snn_binary_student_converts_and_converges():
         mem = run_batch(snn, x[:8], 256, 64)  # [T, B, K] accumulated output
     err = {t: (mem[t - 1] / t - ann).abs().mean().item() for t in (16, 256)}
     assert err[256] < err[16] and err[256] < 0.1 * ann.abs().mean().item()
+
+
+def _tiny_loader(n: int = 32) -> DataLoader:
+    x = _images(n, seed=3)
+    return DataLoader(TensorDataset(x, torch.arange(n) % 10), batch_size=16)
+
+
+def test_an_online_teacher_gets_its_data_initialisation_and_a_trained_one_keeps_its_weights():
+    from bsnn.distill.config import DistillConfig
+    from bsnn.train import train_student
+
+    loader = _tiny_loader()
+    ref = WhiteningConv2d(3, 2)
+    ref.init_from_data(loader.dataset.tensors[0])
+    cfg = TrainConfig(epochs=1, lr=1e-3)
+    student = create_model("airbench_snn", widths=(8, 16, 16), stem=4)
+    online = create_model("airbench94", widths=(8, 16, 16))
+    train_student(student, online, loader, DistillConfig(method="switokd"), cfg, quiet=True)
+    torch.testing.assert_close(online[0].weight, ref.weight)  # frozen after its data initialisation
+    trained = create_model("airbench94", widths=(8, 16, 16))
+    with torch.no_grad():
+        trained[0].weight.fill_(0.5)  # stands for a trained teacher's stem
+    train_student(create_model("airbench_snn", widths=(8, 16, 16), stem=4), trained, loader, DistillConfig(method="kd"),
+                  cfg, quiet=True)
+    assert bool((trained[0].weight == 0.5).all())

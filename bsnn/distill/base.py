@@ -72,6 +72,17 @@ def teacher_list(teacher: nn.Module | Sequence[nn.Module] | None) -> list[nn.Mod
     raise ConfigError(f"teacher must be an nn.Module, a list of them or None, got {type(teacher).__name__}")
 
 
+def unfreeze_(model: nn.Module) -> nn.Module:
+    """``requires_grad=True`` on every parameter (in place) except those its modules keep frozen by design: the
+    names a module lists in ``frozen_parameters`` (airbench's whitening filters and unit BN weights). For models a
+    method trains itself (online teachers, peers, MetaDistil's teacher copy)."""
+    for m in model.modules():
+        frozen = set(getattr(m, "frozen_parameters", ()))
+        for name, p in m.named_parameters(recurse=False):
+            p.requires_grad_(name not in frozen)
+    return model
+
+
 def freeze_(model: nn.Module) -> nn.Module:
     """Eval mode and ``requires_grad=False`` on every parameter (in place)."""
     model.eval()

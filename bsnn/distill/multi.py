@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from bsnn.binary import clamp_latent_
 from bsnn.distill import losses as L
-from bsnn.distill.base import Distiller, register, teacher_list
+from bsnn.distill.base import Distiller, register, teacher_list, unfreeze_
 from bsnn.distill.hooks import global_pool_head, last_module_name, model_device, probe_features
 from bsnn.errors import ConfigError
 from bsnn.models import create_model
@@ -211,9 +211,7 @@ class DML(Distiller):
                     _reset_parameters_(p)
         device = next(iter(student.parameters()), torch.empty(0)).device
         for p in peers:
-            p.train(student.training)
-            for q in p.parameters():
-                q.requires_grad_(True)
+            unfreeze_(p.train(student.training))
         self.peers = nn.ModuleList(peers).to(device)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> dict:
@@ -259,9 +257,7 @@ class BDKD(Distiller):
         super().__init__(student, teacher, cfg, **context)
         self.online_teacher = online[0]
         device = next(iter(student.parameters()), torch.empty(0)).device
-        self.online_teacher.to(device).train(student.training)
-        for q in self.online_teacher.parameters():
-            q.requires_grad_(True)
+        unfreeze_(self.online_teacher.to(device).train(student.training))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> dict:
         t = self.temperature

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bsnn.distill import losses as L
-from bsnn.distill.base import Distiller, register, teacher_list
+from bsnn.distill.base import Distiller, register, teacher_list, unfreeze_
 from bsnn.distill.hooks import (as_layer_list, default_layer, find_module, last_module_name, model_device,
                                 parse_layer, probe_features)
 from bsnn.errors import ConfigError
@@ -102,9 +102,7 @@ def _fresh_copy(model: nn.Module, reinit: bool, training: bool) -> nn.Module:
         for m in out.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-    for p in out.parameters():
-        p.requires_grad_(True)
-    return out.train(training)
+    return unfreeze_(out).train(training)
 
 
 def _sequential_entry(model: nn.Module, name: str) -> str:
@@ -230,9 +228,7 @@ class SwitOKD(Distiller):
                               "DistributedDataParallel does not support; train switokd on one process")
         super().__init__(student, teacher, cfg, **context)
         device = model_device(student)[0]
-        self.online_teacher = online[0].to(device).train(student.training)
-        for q in self.online_teacher.parameters():
-            q.requires_grad_(True)
+        self.online_teacher = unfreeze_(online[0].to(device).train(student.training))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> dict:
         t = self.temperature

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from bsnn.distill import losses as L
-from bsnn.distill.base import Distiller, DistillWarning, register, teacher_list
+from bsnn.distill.base import Distiller, DistillWarning, register, teacher_list, unfreeze_
 from bsnn.distributed import all_reduce_tensor_sum
 from bsnn.errors import ConfigError
 
@@ -467,10 +467,7 @@ class MetaDistil(Distiller):
         if not 0.0 < float(self.hparams["quiz_fraction"]) < 1.0:
             raise ConfigError(f"metadistil: params.quiz_fraction must be in (0, 1), got "
                               f"{self.hparams['quiz_fraction']}")
-        self.meta_teacher = copy.deepcopy(dense)
-        self.meta_teacher.eval()
-        for p in self.meta_teacher.parameters():
-            p.requires_grad_(True)
+        self.meta_teacher = unfreeze_(copy.deepcopy(dense).eval())
         self.__dict__["teachers"] = [self.meta_teacher]  # Distiller.train keeps it in eval mode
         self.milestones = self._milestones()
         self._quiz = None if quiz_loader is None else _cycle(quiz_loader)

@@ -50,11 +50,13 @@ def _check_widths(model: str, widths: Sequence[int]) -> tuple[int, int, int]:
 
 class WhiteningConv2d(nn.Conv2d):
     """A ``k x k`` conv whose ``2 * C * k * k`` filters whiten ``k x k`` patches: set from data by
-    :meth:`init_from_data`, then frozen (the bias still learns).
+    :meth:`init_from_data`, then frozen (the bias still learns; ``frozen_parameters`` names the weight).
 
     Shape:
         input ``[B, C, H, W]``, output ``[B, 2 C k^2, H - k + 1, W - k + 1]``.
     """
+
+    frozen_parameters = ("weight",)
 
     def __init__(self, in_channels: int = 3, kernel_size: int = 2, eps: float = 5e-4) -> None:
         super().__init__(in_channels, 2 * in_channels * kernel_size ** 2, kernel_size, bias=True)
@@ -88,10 +90,15 @@ def data_init_(model: nn.Module, images: torch.Tensor) -> bool:
     return found
 
 
-def _airbench_bn(channels: int) -> nn.BatchNorm2d:
-    bn = nn.BatchNorm2d(channels, eps=1e-12, momentum=0.4)
-    bn.weight.requires_grad_(False)
-    return bn
+class FrozenWeightBatchNorm2d(nn.BatchNorm2d):
+    """airbench's BatchNorm: ``eps = 1e-12``, running-statistics momentum 0.4, the unit weight frozen (only the bias
+    learns; ``frozen_parameters`` tells methods that unfreeze a model to keep it so)."""
+
+    frozen_parameters = ("weight",)
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, eps=1e-12, momentum=0.4)
+        self.weight.requires_grad_(False)
 
 
 def _dirac_conv(c_in: int, c_out: int) -> nn.Conv2d:
@@ -118,8 +125,8 @@ def airbench94(num_classes: int = 10, in_channels: int = 3, *, widths: Sequence[
     layers: list[nn.Module] = [stem, nn.GELU()]
     c = stem.out_channels
     for out in w:
-        layers += [_dirac_conv(c, out), nn.MaxPool2d(2), _airbench_bn(out), nn.GELU(),
-                   _dirac_conv(out, out), _airbench_bn(out), nn.GELU()]
+        layers += [_dirac_conv(c, out), nn.MaxPool2d(2), FrozenWeightBatchNorm2d(out), nn.GELU(),
+                   _dirac_conv(out, out), FrozenWeightBatchNorm2d(out), nn.GELU()]
         c = out
     head = nn.Linear(c, num_classes, bias=False)
     return nn.Sequential(*layers, nn.MaxPool2d(3), nn.Flatten(), head, _Scale(scale))
