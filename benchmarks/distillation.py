@@ -44,6 +44,11 @@ recorded. Teacher-free methods (``needs_teacher`` false: ``ce``, ...) get none; 
 measured against the zoo teacher. Each method's "beats KD" line is computed from the seeds: the difference of
 the test means is beyond noise when it exceeds twice its standard error ``sqrt(s_m²/n_m + s_kd²/n_kd)``.
 
+``--cifar-teacher`` / ``--cifar-student`` run another zoo teacher (an entry trained by ``bsnn run``, e.g.
+``cifar10_airbench_teacher``) and another registered student architecture (binarised the same way, at its defaults,
+e.g. ``airbench_snn``) under the same protocol; online teachers are then fresh models of that teacher's
+architecture (with its data-dependent initialisation). Their results go to ``distillation_cifar10_<teacher>_<student>``.
+
 Runs are ordered seed-major (all methods for seed 0, then seed 1, ...) and the results file is rewritten after
 every run; an interrupted benchmark resumes where it stopped (``--fresh`` starts over; a results file made with
 another recipe or budget is started over, never mixed).
@@ -54,6 +59,8 @@ Usage::
     nice -n 15 python benchmarks/distillation.py --datasets mnist5k --threads 1 --fresh   # the committed table
     python benchmarks/distillation.py --datasets cifar10 --threads 2          # the CIFAR-10 table (11 methods x 3)
     python benchmarks/distillation.py --datasets cifar10 --quick              # smoke run (tiny budget, 3 methods)
+    python benchmarks/distillation.py --datasets cifar10 --cifar-teacher cifar10_airbench_teacher \
+        --cifar-student airbench_snn --cifar-train 45000 --cifar-epochs 1      # the airbench teacher and student
     python benchmarks/distillation.py --quick                                 # both smoke runs
 """
 
@@ -435,9 +442,10 @@ def prepare_cifar(args) -> dict | None:
         return None
     budget = CifarBudget.from_args(args)
     budget.validate()
-    net = load_network(CIFAR_TEACHER)
+    teacher_name = args.cifar_teacher
+    net = load_network(teacher_name)
     if getattr(net.train, "augment", "none") == "none":
-        raise SystemExit(f"{CIFAR_TEACHER}: its training split is not augmented; the CIFAR-10 suite needs a zoo "
+        raise SystemExit(f"{teacher_name}: its training split is not augmented; the CIFAR-10 suite needs a zoo "
                          "entry trained by `bsnn run` (its card has a normalisation section)")
     n_train = min(budget.train_images, len(net.train))
     train_ds = net.train.subset(range(n_train))
@@ -447,21 +455,29 @@ def prepare_cifar(args) -> dict | None:
         z_test, y_test = logits_of(net.model, test)
     t_val = evaluate(_Column(0), stacked(y_val, z_val))["accuracy"]
     t_test = evaluate(_Column(0), stacked(y_test, z_test))["accuracy"]
-    log(f"cifar10: teacher {CIFAR_TEACHER} val {t_val:.2f} % ({len(y_val)} images), test {t_test:.2f} % "
+    log(f"cifar10: teacher {teacher_name} val {t_val:.2f} % ({len(y_val)} images), test {t_test:.2f} % "
         f"({len(y_test)} images; logits in {t.s:.0f} s)")
     card = net.card
     base = {"num_classes": card["arch"]["num_classes"], "in_channels": card["arch"]["in_channels"]}
-    s_arch = {**base, "name": card["arch"]["name"], "kwargs": {**card["arch"]["kwargs"], "width": budget.width},
-              "binary": dataclasses.asdict(BinaryConfig()), "activation": {"kind": "relu"}}
+    if args.cifar_student is None:  # the teacher's architecture at the budget's width
+        s_name, s_kwargs = card["arch"]["name"], {**card["arch"]["kwargs"], "width": budget.width}
+    else:  # another registered architecture, at its defaults (plain_vgg8: the budget's width)
+        s_name = args.cifar_student
+        s_kwargs = {"width": budget.width} if s_name == "plain_vgg8" else {}
+    s_arch = {**base, "name": s_name, "kwargs": s_kwargs, "binary": dataclasses.asdict(BinaryConfig()),
+              "activation": {"kind": "relu"}}
     t_arch = card["arch"]  # the released teacher's architecture: what trains_teacher methods get, fresh
-    settings = {"budget": dataclasses.asdict(budget), "train_images": n_train, "teacher": CIFAR_TEACHER,
+    settings = {"budget": dataclasses.asdict(budget), "train_images": n_train, "teacher": teacher_name,
                 "teacher_sha256": card.get("sha256"), "student_arch": s_arch, "snn_timesteps": CIFAR_SNN_T}
     return {"budget": budget, "train_cfg": budget.train_config(), "train_ds": train_ds, "val": val, "test": test,
             "teacher": net.model, "teacher_digest": model_digest(net.model), "teacher_arch": t_arch,
             "student_arch": s_arch, "z_teacher_test": z_test, "y_test": y_test,
             "calib": first(net.calib.dataset, budget.calib_images, 256),
             "snn_loader": first(net.test, budget.snn_images, 128), "settings": settings,
-            "info": {"budget": budget.describe(n_train), "teacher": CIFAR_TEACHER, "teacher_card": card["summary"],
+            "teacher_name": teacher_name,
+            "stem_suffix": "" if teacher_name == CIFAR_TEACHER and args.cifar_student is None else
+            f"_{teacher_name.removeprefix('cifar10_')}_{s_name}",
+            "info": {"budget": budget.describe(n_train), "teacher": teacher_name, "teacher_card": card["summary"],
                      "teacher_description": card["description"], "data": net.data_note,
                      "teacher_val": t_val, "teacher_test": t_test, "val_samples": len(y_val),
                      "test_samples": len(y_test), "snn_samples": min(budget.snn_images, len(net.test)),
@@ -479,7 +495,7 @@ def run_cifar(ctx: dict, method: str, seed: int) -> dict:
     elif not cls.needs_teacher:
         teacher, source = None, "none"
     else:
-        teacher, source = ctx["teacher"], f"zoo {CIFAR_TEACHER} (frozen)"
+        teacher, source = ctx["teacher"], f"zoo {ctx['teacher_name']} (frozen)"
     chosen = {"val": -math.inf}
 
     def keep(epoch: int, metrics: dict) -> None:  # the best validation epoch so far (earliest on ties)
@@ -656,6 +672,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: tiny budgets, 3 methods, results *_quick.*")
     p.add_argument("--fresh", action="store_true", help="ignore finished runs in the results file")
     p.add_argument("--mnist-epochs", type=int, default=5)
+    p.add_argument("--cifar-teacher", default=CIFAR_TEACHER, help="the zoo teacher (an entry trained by bsnn run)")
+    p.add_argument("--cifar-student", default=None,
+                   help="student architecture (default: the teacher's, at --cifar-width); another registered one runs "
+                        "at its defaults, results in distillation_cifar10_<teacher>_<student>.*")
     p.add_argument("--cifar-width", type=int, default=32, help="student plain_vgg8 width")
     p.add_argument("--cifar-train", type=int, default=10000, help="first images of the teacher's training split")
     p.add_argument("--cifar-epochs", type=int, default=3)
@@ -685,7 +705,7 @@ def main(argv: list[str] | None = None) -> None:
         if ctx is None:
             continue
         ctx["snn_samples"] = 100 if args.quick else args.snn_test
-        stem = suite.stem + ("_quick" if args.quick else "")
+        stem = suite.stem + ctx.get("stem_suffix", "") + ("_quick" if args.quick else "")
         payload = load_payload(out / f"{stem}.json", args.fresh, suite.recipe, ctx.get("settings"))
         payload.update({"command": command_line(), "machine": machine_info(), "methods": methods, "seeds": seeds,
                         "snn_samples": payload.get("snn_samples", {})})
