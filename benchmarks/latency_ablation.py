@@ -5,7 +5,9 @@ Networks (``bsnn/zoo``; data: CIFAR-10, the JPEG copy ``../shared/data/cifar10.n
 
 * ``cifar10_vgg_binary`` — bsnn's ReLU binary student (plain_vgg8 w64, KD from the zoo teacher by ``bsnn run``);
 * ``cifar10_plain_bvgg`` — a binary VGG trained with plain ReLU by a plain PyTorch loop, outside bsnn's recipes;
-* ``cifar10_vgg_qcfs`` — the design-time network: the QCFS (L = 4) binary student (when released).
+* ``cifar10_vgg_qcfs`` — the design-time network: the QCFS (L = 4) binary student (when released);
+* ``cifar10_airbench_binary`` / ``cifar10_airbench_qcfs`` — the ReLU / QCFS binary airbench_snn students of
+  ``configs/cifar10.yaml`` (KD from the airbench94 teacher), the zoo's most accurate binary networks.
 
 Every row is simulated on the first ``--n-val`` validation and ``--n-test`` test images of the network's own
 splits. Choices are made on validation only: the *best combination* is the candidate with the smallest validation
@@ -48,7 +50,8 @@ from bsnn.hardware.mapping import resolve_layers  # noqa: E402
 NAME = "latency_ablation"
 GRID = [1, 2, 4, 8, 16, 32, 64]
 LONG = GRID + [128, 256]  # rows whose convergence is checked to T = 256
-NETWORKS = ["cifar10_vgg_binary", "cifar10_plain_bvgg", "cifar10_vgg_qcfs"]
+NETWORKS = ["cifar10_vgg_binary", "cifar10_plain_bvgg", "cifar10_vgg_qcfs", "cifar10_airbench_binary",
+            "cifar10_airbench_qcfs"]
 PUBLISHED = [  # (method, network, ANN %, SNN % at T, source) — ../shared/REFERENCE.md §2
     ("QCFS (design-time, L levels, v0 = θ/2)", "VGG-16, CIFAR-10", "95.52", "90.94 @ T=2, 94.01 @ T=4, 95.01 @ T=8",
      "Bu et al., ICLR 2022"),

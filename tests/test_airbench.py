@@ -129,3 +129,12 @@ def test_an_online_teacher_gets_its_data_initialisation_and_a_trained_one_keeps_
     train_student(create_model("airbench_snn", widths=(8, 16, 16), stem=4), trained, loader, DistillConfig(method="kd"),
                   cfg, quiet=True)
     assert bool((trained[0].weight == 0.5).all())
+
+
+def test_converting_the_teacher_is_refused_naming_its_gelu():
+    from bsnn.errors import ConversionError
+
+    net = create_model("airbench94", widths=(8, 16, 16)).eval()
+    x = _images(16)
+    with pytest.warns(UserWarning), pytest.raises(ConversionError, match="unsupported module GELU"):
+        bsnn.convert(net, DataLoader(TensorDataset(x, torch.zeros(16, dtype=torch.long)), batch_size=8))

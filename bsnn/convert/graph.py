@@ -85,11 +85,19 @@ def supported_operations_markdown() -> str:
     return "\n".join(f"* **{kind}**: " + ", ".join(f"`{n}`" for n in names) for kind, names in ops.items())
 
 
+def _inherits_torch_layer(m: nn.Module) -> bool:
+    """A layer without children whose ``forward`` is a ``torch.nn`` layer's (a subclass that only changes its
+    initialisation or its frozen parameters, e.g. airbench's BatchNorm): a leaf, like the layer it extends."""
+    return not any(True for _ in m.children()) and type(m).forward.__module__.startswith("torch.nn.modules")
+
+
 class _Tracer(fx.Tracer):
-    """fx tracer that keeps bsnn's binary layers as leaves."""
+    """fx tracer that keeps bsnn's binary layers, and subclasses of torch layers that keep their forward, as
+    leaves."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (BinaryConv2d, BinaryLinear, ClipReLU, QCFS)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (BinaryConv2d, BinaryLinear, ClipReLU, QCFS)) or _inherits_torch_layer(m) or \
+            super().is_leaf_module(m, qualname)
 
 
 def where(node: fx.Node) -> str:
