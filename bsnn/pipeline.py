@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from bsnn.config import Config, DistillConfig, TrainConfig
 from bsnn.convert import convert
+from bsnn.convert.calibrate import Percentile, calibrate
 from bsnn.convert.checks import warn_architecture
 from bsnn.data import Loaders, build_loaders, calibration_loader
 from bsnn.distill import METHODS, DistillWarning
@@ -377,6 +378,50 @@ def later_generations(ctx: Context, student: nn.Module, hist: list[dict], teache
     return student, hist, teacher
 
 
+#: Percentile of a trained ReLU student's activations that a QCFS / clip λ it lacks starts at (``model.student_init``).
+STUDENT_INIT_CLIP_PERCENTILE = 99.9
+
+
+def start_student_from(ctx: Context, student: nn.Module, arch: dict) -> dict:
+    """Load ``model.student_init`` into ``student`` (built from ``arch``); λ of activations the source lacks start
+    at the :data:`STUDENT_INIT_CLIP_PERCENTILE`-th percentile of the source's activation there on the calibration
+    images. Returns ``{"source", "clips": {layer: λ}}``.
+
+    Raises:
+        ConfigError: another architecture, binarisation or width than the student's, or weights that do not fit.
+    """
+    ref = ctx.cfg.model.student_init
+    source, record = load_any(ref, ctx.device)
+    src = record["arch"]
+    for key in ("name", "kwargs", "binary"):
+        if (src.get(key) or None) != (arch.get(key) or None):
+            raise ConfigError(f"model.student_init={ref!r}: its {key} {src.get(key)!r} differs from the student's "
+                              f"{arch.get(key)!r}; start from a model of the student's architecture (or drop "
+                              "model.student_init)")
+    missing, unexpected = student.load_state_dict(source.state_dict(), strict=False)
+    clips = {k.rpartition(".")[0] for k in missing if k.endswith(".clip")}
+    others = [k for k in missing if k.rpartition(".")[0] not in clips] + list(unexpected)
+    if others:
+        raise ConfigError(f"model.student_init={ref!r}: its weights do not fit the student ({others[:4]}); start from "
+                          "a model of the student's architecture")
+    set_to = {}
+    if clips:  # e.g. a ReLU network into a QCFS student: λ from the source's activations at those places
+        modules = {n: source.get_submodule(n) for n in clips}
+        stat = Percentile(STUDENT_INIT_CLIP_PERCENTILE)
+        values = calibrate(source, modules, calibration_loader(ctx.loaders.splits, ctx.cfg.data,
+                                                               ctx.cfg.convert.calib_samples), stat,
+                           device=ctx.device)
+        with torch.no_grad():
+            for n, v in values.items():
+                student.get_submodule(n).clip.fill_(max(float(v), 1e-3))
+                set_to[n] = float(student.get_submodule(n).clip.detach())
+        log.info("student: started from %s; %d activation clips set at the p%g of its activations", ref, len(set_to),
+                 STUDENT_INIT_CLIP_PERCENTILE)
+    else:
+        log.info("student: started from %s", ref)
+    return {"source": ref, "clips": set_to}
+
+
 def stage_student(ctx: Context, teacher: nn.Module | None,
                   candidates: list[tuple[str, nn.Module]] | None = None) -> nn.Module:
     """Distil the binary-weight student from ``teacher``; writes ``student.pt``, then its record.
@@ -398,6 +443,8 @@ def stage_student(ctx: Context, teacher: nn.Module | None,
     cls = METHODS.get(ctx.cfg.distill.method)
     derived = {"config": config_digest(ctx.cfg, STUDENT_CONFIG),
                "teacher": None if cls.trains_teacher else _digests(teacher)}
+    if ctx.cfg.model.student_init is not None:  # the weights it starts from, not just their name
+        derived["student_init"] = model_digest(load_any(ctx.cfg.model.student_init, "cpu")[0])
     candidates = list(candidates or []) or kept_candidates(ctx.run.root, ctx.cfg.train, ctx.cfg.student.select_epochs,
                                                            teacher, ctx.device)
     if candidates:
@@ -439,6 +486,8 @@ def stage_student(ctx: Context, teacher: nn.Module | None,
         log.info("%s: student %s built with %s from the teacher", distill.method, arch["name"], shaped)
     ctx.student_arch = arch
     student = build_model(arch).to(ctx.device)
+    if ctx.cfg.model.student_init is not None:
+        start_student_from(ctx, student, arch)
     if ctx.env.is_main:  # hear about max-pools and the like before training, not after
         warn_architecture(student, ctx.cfg.convert.v_init, ctx.cfg.convert.snn_calibration, where="student: ")
     hist = train_student(student, teacher, ctx.loaders.train, distill, ctx.cfg.student,

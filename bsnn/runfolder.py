@@ -51,7 +51,7 @@ LOCK_NAME = "run.lock"
 TRAINING_SECTIONS = ("data", "model", "train", "binary", "student", "distill")
 TEACHER_SECTIONS = ("data", "model", "train")
 #: keys that do not change ``teacher.pt``: ignored when a run's teacher is reused (``bsnn distill``)
-TEACHER_INDEPENDENT = {"model": ("teachers", "assistants")}
+TEACHER_INDEPENDENT = {"model": ("teachers", "assistants", "student_init")}
 
 
 # ----------------------------------------------------------------------------------------- stages

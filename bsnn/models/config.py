@@ -32,6 +32,11 @@ class ModelConfig:
             model file (``*.pt``, used as given).
         assistants: teacher assistants of ``takd``, largest first: teacher -> assistants[0] -> ... -> student,
             each step by TAKD's loss; entries as in ``teachers`` (full precision, saved as ``assistant_<i>.pt``).
+        student_init: a trained student (bsnn model file ``*.pt`` or ``zoo:<name>``) the student starts from instead
+            of a random initialisation: same architecture, binarisation and width; activation parameters it lacks
+            (the QCFS / clip λ of a ReLU network) start at the 99.9th percentile of its activations on the
+            calibration images. E.g. QCFS fine-tuning of a trained ReLU student (design-time latency reduction
+            without training from scratch).
     """
 
     teacher: str = "small_cnn"
@@ -43,6 +48,7 @@ class ModelConfig:
     act_clip: float = 4.0
     teachers: list = field(default_factory=list)
     assistants: list = field(default_factory=list)
+    student_init: Union[str, None] = None
 
     def validate(self) -> None:
         for act in (self.activation, self.teacher_activation):
@@ -55,6 +61,12 @@ class ModelConfig:
                 card(name[len(PREFIX):])  # raises listing the released models
             elif name is not None:
                 MODELS.get(name)  # raises listing valid names
+        init = self.student_init
+        if init is not None and is_zoo(init):
+            card(init[len(PREFIX):])  # raises listing the released models
+        else:
+            _check(init is None or (isinstance(init, str) and init.endswith(".pt")),
+                   f"model.student_init must be a bsnn model file (*.pt) or zoo:<name>, got {init!r}")
         for key in ("teachers", "assistants"):
             for entry in getattr(self, key):
                 name = entry.get("name") if isinstance(entry, dict) else entry
