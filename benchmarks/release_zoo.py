@@ -24,9 +24,10 @@ networks; 2 threads):
 
 * ``cifar10_airbench_teacher``: the full-precision airbench94 teacher (``runs/cifar10/teacher.pt``; GELU and
   max-pooling: not converted, its card says so);
-* ``cifar10_airbench_qcfs``: the binary-weight QCFS student (``runs/cifar10/student.pt``);
 * ``cifar10_airbench_binary``: the binary-weight ReLU student distilled from the released teacher
-  (``runs/cifar10_relu/student.pt``).
+  (``runs/cifar10_relu/student.pt``);
+* ``cifar10_airbench_qcfs``: the binary-weight QCFS student fine-tuned from it (``model.student_init``,
+  ``runs/cifar10_qcfs_ft/student.pt``).
 
 Run:  python benchmarks/release_zoo.py [--entries cifar10_maxpool_vgg] [--snn-test 2000]
 """
@@ -109,10 +110,12 @@ RUN_ENTRIES = {
 AIRBENCH_COMMAND = "bsnn run --config configs/cifar10.yaml"
 AIRBENCH_RELU_COMMAND = ("bsnn run --config configs/cifar10.yaml run.out_dir=runs/cifar10_relu "
                          "model.teacher=zoo:cifar10_airbench_teacher model.activation=relu")
+AIRBENCH_QCFS_COMMAND = ("bsnn run --config configs/cifar10.yaml run.out_dir=runs/cifar10_qcfs_ft "
+                         "model.teacher=zoo:cifar10_airbench_teacher model.student_init=zoo:cifar10_airbench_binary "
+                         "model.activation=qcfs student.epochs=6 student.lr=0.001 student.warmup_epochs=0.5")
 AIRBENCH_STUDENT = ("binary-weight airbench_snn (conv3x3 stem 32 + three conv groups 64 / 256 / 256, conv-BN-{act}, "
                     "average pooling, global average pooling; first and last layer full precision, α·sign(W) per "
-                    "output channel), {what}, distilled by KD (T = 4) from cifar10_airbench_teacher (Adam one-cycle, "
-                    "20 epochs, EMA, bf16 autocast)")
+                    "output channel), {what}, distilled by KD (T = 4) from cifar10_airbench_teacher ({how})")
 RUN_ENTRIES.update({
     "cifar10_airbench_teacher": dict(
         file="teacher.pt", command=AIRBENCH_COMMAND, threads=2, convertible=False,
@@ -120,11 +123,15 @@ RUN_ENTRIES.update({
              "max-pooling, GELU), trained by bsnn run --config configs/cifar10.yaml (its teacher section: Nesterov SGD "
              "with airbench's hyper-parameters, label smoothing 0.2, EMA, bf16 autocast, 12 epochs)"),
     "cifar10_airbench_qcfs": dict(
-        file="student.pt", command=AIRBENCH_COMMAND, threads=2,
-        what=AIRBENCH_STUDENT.format(act="QCFS", what="QCFS activations (L = 4 levels, trained clip λ per layer)")),
+        file="student.pt", run="runs/cifar10_qcfs_ft", command=AIRBENCH_QCFS_COMMAND, threads=2,
+        what=AIRBENCH_STUDENT.format(act="QCFS", what="QCFS activations (L = 4 levels, trained clip λ per layer)",
+                                     how="QCFS fine-tuning of cifar10_airbench_binary: its weights, λ starting at the "
+                                         "p99.9 of its ReLU activations, Adam lr 1e-3 one-cycle, 6 epochs, EMA, "
+                                         "bf16 autocast")),
     "cifar10_airbench_binary": dict(
         file="student.pt", run="runs/cifar10_relu", command=AIRBENCH_RELU_COMMAND, threads=2,
-        what=AIRBENCH_STUDENT.format(act="ReLU", what="plain ReLU")),
+        what=AIRBENCH_STUDENT.format(act="ReLU", what="plain ReLU",
+                                     how="Adam one-cycle, 20 epochs, EMA, bf16 autocast")),
 })
 NOT_CONVERTED = ("not converted: a full-precision teacher with GELU and max-pooling, layers bsnn's converter refuses "
                  "(its students are the convertible networks)")
