@@ -119,6 +119,8 @@ AIRBENCH_STUDENT = ("binary-weight airbench_snn (conv3x3 stem 32 + three conv gr
 RUN_ENTRIES.update({
     "cifar10_airbench_teacher": dict(
         file="teacher.pt", command=AIRBENCH_COMMAND, threads=2, convertible=False,
+        training_note="trained at commit cc3af2a, whose whitening stem was set from 5,000 *augmented* training images "
+                      "(random crop + flip); later commits take them un-augmented, as the authors do",
         what="full-precision airbench94 (Jordan 2024: whitening stem, three conv groups 64 / 256 / 256 with "
              "max-pooling, GELU), trained by bsnn run --config configs/cifar10.yaml (its teacher section: Nesterov SGD "
              "with airbench's hyper-parameters, label smoothing 0.2, EMA, bf16 autocast, 12 epochs)"),

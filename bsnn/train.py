@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from bsnn._registry import Registry
 from bsnn._validate import _check, _finite
 from bsnn.binary import clamp_latent_
-from bsnn.data import unpack_batch
+from bsnn.data import ArrayDataset, unpack_batch
 from bsnn.distill import METHODS, IndexedDataset, build_distiller
 from bsnn.distill.base import teacher_list
 from bsnn.distill.config import DistillConfig
@@ -471,11 +471,14 @@ DATA_INIT_SAMPLES = 5000
 
 def data_init_from_loader(model: nn.Module, train_loader, n: int = DATA_INIT_SAMPLES) -> bool:
     """Data-dependent initialisation of ``model`` (:func:`bsnn.models.data_init_`, e.g. a whitening stem) from the
-    first ``n`` items of the loader's dataset — the same images on every rank, the RNG left as it was. A model
-    without such layers is not touched (and no data is read). Returns whether any layer was initialised."""
+    first ``n`` items of the loader's dataset (bsnn's in-memory datasets without their augmentation, as airbench
+    does) — the same images on every rank, the RNG left as it was. A model without such layers is not touched (and
+    no data is read). Returns whether any layer was initialised."""
     if not any(callable(getattr(m, "init_from_data", None)) for m in model.modules()):
         return False
     dataset = getattr(train_loader, "dataset", None)
+    if isinstance(dataset, ArrayDataset):
+        dataset = dataset.subset(range(min(n, len(dataset))), augment="none")
     with torch.random.fork_rng(devices=[]):
         if dataset is not None:
             images = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
