@@ -132,6 +132,8 @@ RUN_ENTRIES.update({
                                          "bf16 autocast")),
     "cifar10_airbench_binary": dict(
         file="student.pt", run="runs/cifar10_relu", command=AIRBENCH_RELU_COMMAND, threads=2,
+        training_note="epochs 1-4 ran on one thread beside another training (230-290 s each), epochs 5-20 on two "
+                      "threads alone (about 120 s each): about 40 min alone",
         what=AIRBENCH_STUDENT.format(act="ReLU", what="plain ReLU",
                                      how="Adam one-cycle, 20 epochs, EMA, bf16 autocast")),
 })
