@@ -491,6 +491,7 @@ def stage_student(ctx: Context, teacher: nn.Module | None,
     if ctx.env.is_main:  # hear about max-pools and the like before training, not after
         warn_architecture(student, ctx.cfg.convert.v_init, ctx.cfg.convert.snn_calibration, where="student: ")
     hist = train_student(student, teacher, ctx.loaders.train, distill, ctx.cfg.student,
+                         data_init=ctx.cfg.model.student_init is None,
                          val_loader=ctx.val_loader(), checkpoint_path=ctx.run.path("checkpoints/student_last.pt"),
                          resume=ctx.run.resume, device=ctx.device, quiet=ctx.cfg.run.quiet)
     if "generations" in cls.param_defaults:  # born_again: generation g learns from generation g - 1

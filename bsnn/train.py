@@ -509,12 +509,14 @@ def train_student(
     train_loader,
     distill: DistillConfig | None = None,
     cfg: TrainConfig | None = None,
+    data_init: bool = True,
     **kwargs,
 ) -> list[dict]:
     """Train ``student`` by the registered distillation method ``distill.method`` from a frozen ``teacher``.
 
-    The teacher is put in eval mode, its parameters frozen and moved to the training device.
-    Keyword arguments as :func:`fit`.
+    The teacher is put in eval mode, its parameters frozen and moved to the training device. ``data_init``: give
+    the student its data-dependent initialisation first (:func:`data_init_from_loader`; False for a student that
+    starts from trained weights). Keyword arguments as :func:`fit`.
     """
     distill = distill or DistillConfig()
     distill.validate()
@@ -529,7 +531,8 @@ def train_student(
                               "torch DataLoader over a map-style dataset (it reads loader.dataset)")
         train_loader = _with_index(train_loader)
         dataset = train_loader.dataset
-    data_init_from_loader(student, train_loader)
+    if data_init:
+        data_init_from_loader(student, train_loader)
     if METHODS.get(distill.method).trains_teacher:  # a fresh teacher trained online starts like a trained one would
         for t in teacher_list(teacher):
             data_init_from_loader(t, train_loader)

@@ -138,3 +138,19 @@ def test_converting_the_teacher_is_refused_naming_its_gelu():
     x = _images(16)
     with pytest.warns(UserWarning), pytest.raises(ConversionError, match="unsupported module GELU"):
         bsnn.convert(net, DataLoader(TensorDataset(x, torch.zeros(16, dtype=torch.long)), batch_size=8))
+
+
+def test_a_student_starting_from_trained_weights_skips_its_data_initialisation():
+    from bsnn.distill.config import DistillConfig
+    from bsnn.train import train_student
+
+    loader = _tiny_loader()
+    student = create_model("airbench94", widths=(8, 16, 16))
+    with torch.no_grad():
+        student[0].weight.fill_(0.25)  # stands for trained (loaded) weights
+    teacher = create_model("airbench_snn", widths=(8, 16, 16), stem=4).eval()
+    train_student(student, teacher, loader, DistillConfig(method="kd"), TrainConfig(epochs=1), data_init=False,
+                  quiet=True)
+    assert bool((student[0].weight == 0.25).all())
+    train_student(student, teacher, loader, DistillConfig(method="kd"), TrainConfig(epochs=1), quiet=True)
+    assert not bool((student[0].weight == 0.25).all())  # the default re-derives it from the data
