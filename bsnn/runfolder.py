@@ -107,8 +107,9 @@ class Entry:
 #: config digests and comparisons, so a folder written before they existed (its config.yaml and records lack them)
 #: can still be resumed and reused. Add a field here when it is added to a section a stage record hashes.
 LATER_FIELDS: dict[str, dict] = {
-    "train": {"keep_epochs": [], "select_epochs": 0},
-    "student": {"keep_epochs": [], "select_epochs": 0},
+    "train": {"keep_epochs": [], "select_epochs": 0, "bias_lr_scale": 1.0},
+    "student": {"keep_epochs": [], "select_epochs": 0, "bias_lr_scale": 1.0},
+    "model": {"student_init": None},
     "convert": {"threshold_opt": "none", "offset_correction": "none", "offset_pre_steps": 4, "neuron": "if",
                 "max_burst": 2},
 }
