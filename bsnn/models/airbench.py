@@ -90,15 +90,14 @@ def data_init_(model: nn.Module, images: torch.Tensor) -> bool:
     return found
 
 
-class FrozenWeightBatchNorm2d(nn.BatchNorm2d):
+def frozen_weight_batchnorm(channels: int) -> nn.BatchNorm2d:
     """airbench's BatchNorm: ``eps = 1e-12``, running-statistics momentum 0.4, the unit weight frozen (only the bias
-    learns; ``frozen_parameters`` tells methods that unfreeze a model to keep it so)."""
-
-    frozen_parameters = ("weight",)
-
-    def __init__(self, channels: int) -> None:
-        super().__init__(channels, eps=1e-12, momentum=0.4)
-        self.weight.requires_grad_(False)
+    learns). A plain ``nn.BatchNorm2d`` (torch.fx traces it as a leaf) whose ``frozen_parameters`` attribute tells
+    methods that unfreeze a model (:func:`bsnn.distill.base.unfreeze_`) to keep the weight frozen."""
+    bn = nn.BatchNorm2d(channels, eps=1e-12, momentum=0.4)
+    bn.weight.requires_grad_(False)
+    bn.frozen_parameters = ("weight",)
+    return bn
 
 
 def _dirac_conv(c_in: int, c_out: int) -> nn.Conv2d:
@@ -125,8 +124,8 @@ def airbench94(num_classes: int = 10, in_channels: int = 3, *, widths: Sequence[
     layers: list[nn.Module] = [stem, nn.GELU()]
     c = stem.out_channels
     for out in w:
-        layers += [_dirac_conv(c, out), nn.MaxPool2d(2), FrozenWeightBatchNorm2d(out), nn.GELU(),
-                   _dirac_conv(out, out), FrozenWeightBatchNorm2d(out), nn.GELU()]
+        layers += [_dirac_conv(c, out), nn.MaxPool2d(2), frozen_weight_batchnorm(out), nn.GELU(),
+                   _dirac_conv(out, out), frozen_weight_batchnorm(out), nn.GELU()]
         c = out
     head = nn.Linear(c, num_classes, bias=False)
     return nn.Sequential(*layers, nn.MaxPool2d(3), nn.Flatten(), head, _Scale(scale))
