@@ -42,6 +42,7 @@ from bsnn.distributed import all_reduce_sum, barrier, current_env, resolve_devic
 from bsnn.errors import CheckpointError, ConfigError, DataError, TrainingError
 from bsnn.io import load_checkpoint, save_checkpoint
 from bsnn.models import data_init_
+from bsnn.models.airbench import data_init_modules
 
 
 @dataclass
@@ -474,7 +475,7 @@ def data_init_from_loader(model: nn.Module, train_loader, n: int = DATA_INIT_SAM
     first ``n`` items of the loader's dataset (bsnn's in-memory datasets without their augmentation, as airbench
     does) — the same images on every rank, the RNG left as it was. A model without such layers is not touched (and
     no data is read). Returns whether any layer was initialised."""
-    if not any(callable(getattr(m, "init_from_data", None)) for m in model.modules()):
+    if not data_init_modules(model):
         return False
     dataset = getattr(train_loader, "dataset", None)
     if isinstance(dataset, ArrayDataset):

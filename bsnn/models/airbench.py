@@ -79,15 +79,18 @@ class WhiteningConv2d(nn.Conv2d):
         self.weight.copy_(torch.cat([filters, -filters]).to(self.weight.dtype))
 
 
+def data_init_modules(model: nn.Module) -> list[nn.Module]:
+    """The sub-modules of ``model`` with a data-dependent initialisation (an ``init_from_data`` method)."""
+    return [m for m in model.modules() if callable(getattr(m, "init_from_data", None))]
+
+
 def data_init_(model: nn.Module, images: torch.Tensor) -> bool:
     """Run ``init_from_data(images)`` of every sub-module that has one (data-dependent initialisation, e.g.
     :class:`WhiteningConv2d`); return whether any had."""
-    found = False
-    for m in model.modules():
-        if callable(getattr(m, "init_from_data", None)):
-            m.init_from_data(images)
-            found = True
-    return found
+    modules = data_init_modules(model)
+    for m in modules:
+        m.init_from_data(images)
+    return bool(modules)
 
 
 def frozen_weight_batchnorm(channels: int) -> nn.BatchNorm2d:
