@@ -867,6 +867,18 @@ def test_ref_crd_contrast_and_nce():
     _pure_agrees(ours, ref, v)
 
 
+@pytest.mark.parametrize("n_data", [5, 400])  # B·(K+1) = 24 rows: gathered (N = 400) or one [B, N] product (N = 5)
+def test_bank_contrast_scores_equal_the_gathered_rows(n_data):
+    g = torch.Generator().manual_seed(4)
+    v = F.normalize(torch.randn(4, 8, generator=g, dtype=D), dim=1)
+    bank = F.normalize(torch.randn(n_data, 8, generator=g, dtype=D), dim=1)
+    idx = torch.randint(0, n_data, (4, 6), generator=g)
+    idx[:, 0] = torch.tensor([0, 1, 2, 3]) % n_data
+    _pure_agrees(lambda v: L.nce_loss(L.bank_contrast_scores(v, bank, idx, 0.07) / 50.0, n_data),
+                 lambda v: ref_crd_nce(torch.exp(torch.bmm(bank[idx], v.unsqueeze(2)).squeeze(2) / 0.07) / 50.0,
+                                       n_data), v)
+
+
 def test_ref_takd_from_the_last_assistant():
     teacher, assistant = _net2(1, 8), _net2(2, 6)
     _method_agrees("takd", lambda d, x, y: ref_takd(d.student(x), assistant(x), y, 0.9, 4.0), _net2(0),

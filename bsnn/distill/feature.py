@@ -244,8 +244,8 @@ class CRD(FeatureDistiller):
         idx = torch.randint(0, self.n_data, (b, self.nce_k + 1), device=index.device)
         idx[:, 0] = index
         t = float(self.hparams["nce_t"])
-        out_s = L.contrast_scores(v_s, self.memory_t[idx].detach(), t)  # student emb vs teacher bank
-        out_t = L.contrast_scores(v_t, self.memory_s[idx].detach(), t)  # teacher emb vs student bank
+        out_s = L.bank_contrast_scores(v_s, self.memory_t.detach(), idx, t)  # student emb vs teacher bank
+        out_t = L.bank_contrast_scores(v_t, self.memory_s.detach(), idx, t)  # teacher emb vs student bank
         if bool((self.z_norm < 0).any()):
             with torch.no_grad():
                 self.z_norm.copy_(torch.stack([out_s.mean(), out_t.mean()]) * self.n_data)

@@ -440,6 +440,25 @@ def contrast_scores(anchor: torch.Tensor, bank_rows: torch.Tensor, temperature: 
     return torch.exp(torch.bmm(bank_rows, anchor.unsqueeze(2)).squeeze(2) / float(temperature))
 
 
+def bank_contrast_scores(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor,
+                         temperature: float = 0.07) -> torch.Tensor:
+    """:func:`contrast_scores` of ``anchor`` ``[B, D]`` against the rows ``bank[idx]`` (bank ``[N, D]``, idx
+    ``[B, K+1]``) -> ``[B, K+1]``, without materialising ``bank[idx]`` when that is the larger tensor.
+
+    CRD draws ``K + 1 = 16385`` rows per sample: gathering them is ``B·(K+1)·D`` floats (1 GiB at B = 128,
+    D = 128), while all ``N`` dot products ``anchor @ bankᵀ`` are ``B·N`` (23 MiB for CIFAR-10's 45,000). Where
+    ``B·(K+1) > N`` the scores are taken from that product (the same dot products and the same gradient to
+    ``anchor``; the bank is treated as a constant, as CRD detaches it); otherwise rows are gathered as the authors
+    do. The product path keeps an ``N·D`` copy of the bank for the backward pass, so the caller may update the bank
+    in place before calling ``backward`` (CRD does).
+    """
+    if idx.shape[0] * idx.shape[1] > bank.shape[0]:
+        dots = (anchor @ bank.detach().clone().t()).gather(1, idx)
+    else:
+        dots = torch.bmm(bank[idx], anchor.unsqueeze(2)).squeeze(2)
+    return torch.exp(dots / float(temperature))
+
+
 def nce_loss(scores: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:
     """CRD's NCE loss on normalised scores ``[B, K+1]`` (column 0 positive, K noise samples, noise prob 1/N).
 
