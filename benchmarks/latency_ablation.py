@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (ROOT, Timer, command_line, load_average, log, machine_info, machine_markdown,  # noqa: E402
@@ -95,7 +96,10 @@ SJ_ROWS = {
     "spikingjelly RateCoding 99.9%": dict(mode="99.9%"),
     "spikingjelly RateCoding 99.9% channel-wise + half threshold": dict(mode="99.9%", channel_wise=True,
                                                                          half_threshold=True),
-    "spikingjelly LocalThresholdBalancing (8 calibration batches)": None,
+    "spikingjelly LocalThresholdBalancing (8 calibration batches)": dict(ltb_batch_size=None),
+    # LTB's λ grows by one gradient step per batch (≈ μ·ln(2k + 1) after k): the authors' recipe needs many small
+    # batches, so spikingjelly's recipe also gets the same 2,048 images re-cut into 64 batches of 32
+    "spikingjelly LocalThresholdBalancing (64 calibration batches of 32)": dict(ltb_batch_size=32),
 }
 
 
@@ -127,15 +131,19 @@ def row_record(kind: str, res: dict, seconds: float, note: str = "", passes: int
             "pre_steps": int(getattr(test, "pre_steps", 0)), "passes": passes}
 
 
-def run_sj(net, spec: dict | None, ts: list[int], n_test: int) -> tuple[dict, float]:
+def run_sj(net, spec: dict, ts: list[int], n_test: int) -> tuple[dict, float]:
     """spikingjelly 2.0 converts the materialised ANN; accuracy on the test images, conversion seconds."""
     from spikingjelly.activation_based import ann2snn
     from conversion_vs_spikingjelly import sj_simulate
 
     ann = materialize(net.model).eval()
     with Timer() as t:
-        recipe = (ann2snn.LocalThresholdBalancingRecipe(net.calib) if spec is None
-                  else ann2snn.RateCodingRecipe(net.calib, **spec))
+        if "ltb_batch_size" in spec:  # one LTB step per batch of the loader it is given
+            b = spec["ltb_batch_size"]
+            loader = net.calib if b is None else DataLoader(net.calib.dataset, batch_size=b, shuffle=False)
+            recipe = ann2snn.LocalThresholdBalancingRecipe(loader)
+        else:
+            recipe = ann2snn.RateCodingRecipe(net.calib, **spec)
         sj = ann2snn.Converter(recipe).convert(ann).eval()
     with torch.no_grad():
         correct, n = sj_simulate(sj, first(net.test, n_test), ts, "s", 1)

@@ -245,12 +245,12 @@ def test_bitpack_mode_on_pooled_inputs(variant):
 @pytest.fixture
 def broken_loader(monkeypatch):
     """The extension's loader fails (as without a compiler); the cached results are cleared before and after."""
-    def fail():
+    def fail(name, source):
         raise OSError("no C++ compiler found")
 
     bp.extension_paths.cache_clear()
     synapse.bitpack_engine.cache_clear()
-    monkeypatch.setattr(bp, "_build", fail)
+    monkeypatch.setattr(bp, "build", fail)
     yield
     bp.extension_paths.cache_clear()
     synapse.bitpack_engine.cache_clear()

@@ -24,6 +24,8 @@ import torch
 from bsnn._registry import Registry
 from bsnn.errors import ConfigError
 from bsnn.snn.functional import if_multistep, per_sample_spikes
+from bsnn.snn.kernels.cpp_if import extension_paths as cpp_extension_paths
+from bsnn.snn.kernels.cpp_if import if_scan_cpp
 from bsnn.snn.kernels.inductor_if import compiler_works, if_scan_fused
 
 Kernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -105,13 +107,29 @@ def inductor_kernel(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, g
     return if_scan_fused(x_seq, theta, v, gain, bias, pre_bias, out_dtype, counts)
 
 
+@KERNELS.register("cpp")
+def cpp_kernel(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, pre_bias: torch.Tensor | None = None,
+               out_dtype: torch.dtype | None = None, counts: list | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole chunk of timesteps in one C++ pass over the neurons (:mod:`bsnn.snn.kernels.cpp_if`; AVX-512
+    where the CPU has it), compiled on first use; layouts it does not take run on the ``inductor`` kernel."""
+    return if_scan_cpp(x_seq, theta, v, gain, bias, pre_bias, out_dtype, counts)
+
+
+def cpp_available() -> bool:
+    """Whether the C++ IF extension builds and loads here (compiled on the first call)."""
+    return cpp_extension_paths() is not None
+
+
 def inductor_available() -> bool:
     """Whether ``torch.compile`` can build CPU kernels here (a C++ compiler is on the PATH)."""
     return compiler_works()
 
 
 def default_kernel(device: torch.device) -> str:
-    """``triton`` on CUDA (when triton imports); on CPU ``inductor`` where a C++ compiler works, else ``torch``."""
+    """``triton`` on CUDA (when triton imports); on CPU ``cpp`` where its extension builds, else ``inductor``
+    where a C++ compiler works for torch.compile, else ``torch``."""
     if device.type == "cuda":
         try:
             import triton  # noqa: F401
@@ -120,6 +138,8 @@ def default_kernel(device: torch.device) -> str:
         except ImportError:
             pass
         return "torch"
+    if cpp_available():
+        return "cpp"
     return "inductor" if inductor_available() else "torch"
 
 

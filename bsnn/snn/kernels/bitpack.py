@@ -55,16 +55,15 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 
+from bsnn.snn.kernels.extension import build
+
 log = logging.getLogger(__name__)
 
 WORD_BITS = 64
-CSRC = Path(__file__).resolve().parent / "csrc"
 EXTENSION_NAME = "bsnn_bitpack"
 PATHS = {"auto": 0, "generic": 1, "popcnt": 2, "avx512_vpopcntdq": 3}
 """C++ code paths by name (``auto``: the best this CPU runs); ids as in ``csrc/bitpack.cpp``."""
@@ -222,24 +221,12 @@ def reference_engine() -> Engine:
     return Engine("reference", pack_spike_map, pack_counts_reference, conv_packed_reference)
 
 
-def _build() -> None:
-    """Compile (first use) and load ``csrc/bitpack.cpp`` as the ``torch.ops.bsnn_bitpack`` library."""
-    if os.environ.get("BSNN_NO_COMPILE"):
-        raise RuntimeError("BSNN_NO_COMPILE is set")
-    # imported here, not at the top: importing cpp_extension probes for CUDA and logs about it on every import
-    import torch.utils.cpp_extension as cpp_extension
-
-    cpp_extension.load(name=EXTENSION_NAME, sources=[str(CSRC / "bitpack.cpp")],
-                       extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False,
-                       verbose=False)
-
-
 @functools.lru_cache(maxsize=1)
 def extension_paths() -> tuple[str, ...] | None:
     """The C++ code paths this CPU runs (e.g. ``('generic', 'popcnt', 'avx512_vpopcntdq')``, best last), building
     the extension on first use; None, with one logged warning, where it cannot be built."""
     try:
-        _build()
+        build(EXTENSION_NAME, "bitpack.cpp")
         return tuple(torch.ops.bsnn_bitpack.cpu_paths().split(","))
     except Exception as e:  # noqa: BLE001 - no compiler, failed build or load: never crash a simulation
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""

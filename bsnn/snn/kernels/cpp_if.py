@@ -1,0 +1,116 @@
+"""CPU IF kernel in C++ (``csrc/if_scan.cpp``): a whole chunk of timesteps in one pass over the neurons.
+
+The compiled per-timestep kernel (:mod:`bsnn.snn.kernels.inductor_if`) is dispatched once per timestep and reads
+and writes every membrane at every step; this one keeps each membrane in a register while it walks that neuron's
+T currents, reads each current once, writes each spike once (float32 or bfloat16: the next binary layer's input
+dtype), and counts the spikes per sample and step on the way. AVX-512 where the CPU has it (checked at run time),
+a portable scalar path otherwise; samples in parallel over torch's threads. Compiled on first use
+(:func:`bsnn.snn.kernels.extension.build`). Arithmetic order and float32 rounding as the oracle, so spikes and
+membranes are bit-identical (tests).
+
+Layouts: ``x_seq [T, B, ...]`` must be dense with its first two dimensions outermost (``x.reshape(T, B, ...)`` of
+a contiguous or channels-last activation); the per-neuron terms (``gain``, ``bias``, ``pre_bias``, ``theta``)
+must not depend on the sample. Anything else runs on the compiled per-timestep kernel instead (same results).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from bsnn.snn.kernels.extension import build
+from bsnn.snn.kernels.inductor_if import if_scan_fused
+
+log = logging.getLogger(__name__)
+
+EXTENSION_NAME = "bsnn_if"
+PATHS = {"auto": 0, "generic": 1, "avx512": 2}
+"""C++ code paths by name (``auto``: the best this CPU runs); ids as in ``csrc/if_scan.cpp``."""
+
+
+@functools.lru_cache(maxsize=1)
+def extension_paths() -> tuple[str, ...] | None:
+    """The code paths this CPU runs (e.g. ``('generic', 'avx512')``), building the extension on first use; None,
+    with one logged warning, where it cannot be built."""
+    try:
+        build(EXTENSION_NAME, "if_scan.cpp")
+        return tuple(torch.ops.bsnn_if.cpu_paths().split(","))
+    except Exception as e:  # noqa: BLE001 - no compiler, failed build or load: never crash a simulation
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        log.warning("bsnn: the C++ IF kernel could not be built (%s: %s); the IF layers use the compiled "
+                    "per-timestep kernel instead", type(e).__name__, msg[:200])
+        return None
+
+
+def _sample_major(x_seq: torch.Tensor) -> bool:
+    """``x_seq [T, B, ...]`` is dense and each ``[t, b]`` block is one run of memory, in t-then-b order."""
+    if x_seq.device.type != "cpu" or x_seq.dim() < 2 or not _dense(x_seq):
+        return False
+    f = x_seq[0, 0].numel()  # a size-1 dimension's stride is arbitrary
+    return ((x_seq.shape[1] == 1 or x_seq.stride(1) == f) and (x_seq.shape[0] == 1 or x_seq.stride(0) == f * x_seq.shape[1])
+            and _dense(x_seq[0, 0]))
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """``t`` covers one gap-free, non-overlapping run of memory (in some order of its dimensions)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return t.numel() > 0
+
+
+def _memory(t: torch.Tensor) -> torch.Tensor:
+    """The 1-D view of a dense tensor's memory, in memory order."""
+    return t.as_strided((t.numel(),), (1,))
+
+
+def _per_neuron(term: torch.Tensor | None, sample: torch.Tensor, fill: float) -> torch.Tensor | None:
+    """``term`` (broadcast against one timestep ``[B, ...]``) as float32 ``[F]`` in ``sample``'s memory order, a
+    one-element tensor for a scalar, or None when it varies over the batch."""
+    if term is None or term.numel() == 1:
+        value = fill if term is None else term.reshape(())
+        return torch.as_tensor(value, dtype=torch.float32).reshape(1).contiguous()
+    step_dims = sample.dim() + 1
+    if term.dim() == step_dims:
+        if term.shape[0] != 1:
+            return None
+        term = term[0]
+    out = torch.empty_like(sample, dtype=torch.float32)  # the sample's memory format
+    out.copy_(torch.broadcast_to(term, sample.shape))
+    return _memory(out)
+
+
+def if_scan_cpp(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, pre_bias: torch.Tensor | None = None,
+                out_dtype: torch.dtype | None = None, counts: list | None = None, path: str = "auto"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """IF over ``x_seq [T, B, ...]`` with current ``(x + pre_bias)·gain + bias``, threshold ``theta``, from
+    membranes ``v [B, ...]``; returns ``(spikes [T, B, ...] in out_dtype (default float32), v_next)`` in ``x_seq``'s
+    layout and appends each step's spikes per sample (float32 ``[B]``) to ``counts``. Falls back to
+    :func:`~bsnn.snn.kernels.inductor_if.if_scan_fused` where the layout or terms do not fit (module docstring) or
+    the extension is unavailable."""
+    out_dtype = out_dtype or (x_seq.dtype if x_seq.dtype == torch.float32 else torch.float32)
+    paths = extension_paths()
+    fits = (paths is not None and x_seq.dtype in (torch.float32, torch.bfloat16)
+            and out_dtype in (torch.float32, torch.bfloat16) and _sample_major(x_seq))
+    sample = x_seq[0, 0] if fits else None
+    terms = [_per_neuron(t, sample, fill) for t, fill in ((theta, 1.0), (gain, 1.0), (bias, 0.0), (pre_bias, 0.0))
+             ] if fits else []
+    if not fits or any(t is None for t in terms) or (path != "auto" and path not in paths):
+        if fits and path != "auto" and path not in paths:
+            raise ValueError(f"if_scan_cpp: unknown or unsupported code path {path!r}; this CPU runs "
+                             f"{', '.join(paths)}")
+        return if_scan_fused(x_seq, theta, v, gain, bias, pre_bias, out_dtype, counts)
+    v_next = torch.empty_like(x_seq[0], dtype=torch.float32)
+    v_next.copy_(v)
+    spikes = torch.empty_like(x_seq, dtype=out_dtype)
+    t, b, f = x_seq.shape[0], x_seq.shape[1], sample.numel()
+    n = torch.ops.bsnn_if.scan(_memory(x_seq).view(t, b, f), _memory(v_next), _memory(spikes), *terms,
+                               counts is not None, PATHS[path])
+    if counts is not None:
+        counts.extend(n.unbind(0))
+    return spikes, v_next

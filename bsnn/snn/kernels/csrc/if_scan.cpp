@@ -1,0 +1,196 @@
+// Integrate-and-fire over a chunk of timesteps in one pass: every neuron's membrane stays in a register while the
+// kernel walks its T input currents, so each current is read once and each spike written once (the compiled
+// per-timestep kernel reads and writes the membrane at every step and is dispatched T times).
+//
+// Memory (all dense, raw order): x [T][B][F] (float32, or bfloat16 exact integer sums), v [B][F] float32 (updated
+// in place), spikes [T][B][F] (float32 or bfloat16), counts [T][B] float32 (spikes per sample and step, optional).
+// F is one sample's neurons in its memory order (channels-last or not: the caller gives every per-neuron term in
+// the same order). Per-neuron terms theta, gain, bias, pre_bias are float32 vectors of length F, or of length 1
+// (a scalar for every neuron).
+//
+// Arithmetic, each operation rounded to float32 in the oracle's order (bsnn.snn.functional.if_multistep on the
+// pre-scaled input): i = (x + pre_bias) * gain + bias; v = v + i; s = (v >= theta); v = v - s * theta. The file
+// is compiled with -ffp-contract=off so that no multiply-add is fused (the results are then bit-identical to the
+// oracle's).
+//
+// Two code paths, picked at run time: AVX-512 (16 neurons per vector, masked tails; compiled with a function
+// target attribute so the rest of the library never uses instructions the CPU may lack) and a portable scalar
+// one. Samples run in parallel over torch's threads (at::parallel_for over B).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define BSNN_X86 1
+#else
+#define BSNN_X86 0
+#endif
+
+namespace {
+
+using i64 = int64_t;
+
+bool cpu_has_avx512() {
+#if BSNN_X86 && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+// One per-neuron term: a vector of length F, or one value for all (stride 0).
+struct Term {
+  const float* p;
+  i64 stride;  // 1 or 0
+  float at(i64 f) const { return p[f * stride]; }
+};
+
+struct Args {
+  const void* x;
+  bool x_bf16;
+  float* v;
+  void* s;
+  bool s_bf16;
+  float* counts;  // [T][B] or nullptr
+  Term theta, gain, bias, pre_bias;
+  i64 T, B, F;
+};
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+constexpr uint16_t kBf16One = 0x3F80;  // 1.0 in bfloat16
+
+// Portable path: the same order of operations, one neuron at a time.
+void scan_sample_generic(const Args& a, i64 b) {
+  const i64 step = a.B * a.F;
+  std::vector<i64> count(a.T, 0);
+  for (i64 f = 0; f < a.F; ++f) {
+    const float th = a.theta.at(f), g = a.gain.at(f), bi = a.bias.at(f), pb = a.pre_bias.at(f);
+    float v = a.v[b * a.F + f];
+    for (i64 t = 0; t < a.T; ++t) {
+      const i64 o = t * step + b * a.F + f;
+      const float x = a.x_bf16 ? bf16_to_float(static_cast<const uint16_t*>(a.x)[o]) : static_cast<const float*>(a.x)[o];
+      const float i = (x + pb) * g + bi;
+      v = v + i;
+      const bool fire = v >= th;
+      const float s = fire ? 1.0f : 0.0f;
+      v = v - s * th;
+      if (a.s_bf16) {
+        static_cast<uint16_t*>(a.s)[o] = fire ? kBf16One : 0;
+      } else {
+        static_cast<float*>(a.s)[o] = s;
+      }
+      count[t] += fire;
+    }
+    a.v[b * a.F + f] = v;
+  }
+  if (a.counts)
+    for (i64 t = 0; t < a.T; ++t) a.counts[t * a.B + b] = static_cast<float>(count[t]);
+}
+
+#if BSNN_X86 && defined(__GNUC__)
+#define BSNN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+BSNN_AVX512 inline __m512 load_term(const Term& t, i64 f, __mmask16 m) {
+  return t.stride ? _mm512_maskz_loadu_ps(m, t.p + f) : _mm512_set1_ps(t.p[0]);
+}
+
+BSNN_AVX512 void scan_sample_avx512(const Args& a, i64 b) {
+  const i64 step = a.B * a.F;
+  std::vector<i64> count(a.T, 0);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m256i bf_one = _mm256_set1_epi16(static_cast<short>(kBf16One));
+  for (i64 f = 0; f < a.F; f += 16) {
+    const i64 n = a.F - f < 16 ? a.F - f : 16;
+    const __mmask16 m = n == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+    const __m512 th = load_term(a.theta, f, m), g = load_term(a.gain, f, m), bi = load_term(a.bias, f, m),
+                 pb = load_term(a.pre_bias, f, m);
+    float* vp = a.v + b * a.F + f;
+    __m512 v = _mm512_maskz_loadu_ps(m, vp);
+    for (i64 t = 0; t < a.T; ++t) {
+      const i64 o = t * step + b * a.F + f;
+      __m512 x;
+      if (a.x_bf16) {
+        const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(a.x) + o);
+        x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      } else {
+        x = _mm512_maskz_loadu_ps(m, static_cast<const float*>(a.x) + o);
+      }
+      const __m512 i = _mm512_add_ps(_mm512_mul_ps(_mm512_add_ps(x, pb), g), bi);
+      v = _mm512_add_ps(v, i);
+      const __mmask16 fire = _mm512_mask_cmp_ps_mask(m, v, th, _CMP_GE_OQ);
+      const __m512 s = _mm512_maskz_mov_ps(fire, one);
+      v = _mm512_sub_ps(v, _mm512_mul_ps(s, th));
+      if (a.s_bf16) {
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.s) + o, m, _mm256_maskz_mov_epi16(fire, bf_one));
+      } else {
+        _mm512_mask_storeu_ps(static_cast<float*>(a.s) + o, m, s);
+      }
+      count[t] += __builtin_popcount(static_cast<unsigned>(fire));
+    }
+    _mm512_mask_storeu_ps(vp, m, v);
+  }
+  if (a.counts)
+    for (i64 t = 0; t < a.T; ++t) a.counts[t * a.B + b] = static_cast<float>(count[t]);
+}
+#endif
+
+Term term(const at::Tensor& t, i64 F) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && (t.numel() == 1 || t.numel() == F),
+              "if_scan: per-neuron terms must be contiguous float32 of length 1 or F = ", F);
+  return Term{t.data_ptr<float>(), t.numel() == 1 ? 0 : 1};
+}
+
+// x [T, B, F], v [B, F] (updated in place), spikes [T, B, F]; terms float32 [F] or [1]; path 0 auto, 1 generic,
+// 2 avx512. Returns counts [T, B] float32 (empty when want_counts is false).
+at::Tensor scan(const at::Tensor& x, at::Tensor v, at::Tensor spikes, const at::Tensor& theta, const at::Tensor& gain,
+                const at::Tensor& bias, const at::Tensor& pre_bias, bool want_counts, i64 path) {
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "if_scan: x must be a contiguous float32 or bfloat16 [T, B, F] tensor");
+  const i64 T = x.size(0), B = x.size(1), F = x.size(2);
+  TORCH_CHECK(v.scalar_type() == at::kFloat && v.is_contiguous() && v.numel() == B * F,
+              "if_scan: v must be a contiguous float32 tensor of B * F elements");
+  TORCH_CHECK(spikes.is_contiguous() && spikes.numel() == T * B * F &&
+                  (spikes.scalar_type() == at::kFloat || spikes.scalar_type() == at::kBFloat16),
+              "if_scan: spikes must be a contiguous float32 or bfloat16 tensor of T * B * F elements");
+  at::Tensor counts = want_counts ? at::empty({T, B}, x.options().dtype(at::kFloat)) : at::Tensor();
+  Args a{x.data_ptr(), x.scalar_type() == at::kBFloat16, v.data_ptr<float>(), spikes.data_ptr(),
+         spikes.scalar_type() == at::kBFloat16, want_counts ? counts.data_ptr<float>() : nullptr,
+         term(theta, F), term(gain, F), term(bias, F), term(pre_bias, F), T, B, F};
+  bool avx512 = path == 2 || (path == 0 && cpu_has_avx512());
+  TORCH_CHECK(!avx512 || cpu_has_avx512(), "if_scan: this CPU has no AVX-512");
+  at::parallel_for(0, B, 1, [&](i64 b0, i64 b1) {
+    for (i64 b = b0; b < b1; ++b) {
+#if BSNN_X86 && defined(__GNUC__)
+      if (avx512) {
+        scan_sample_avx512(a, b);
+        continue;
+      }
+#endif
+      scan_sample_generic(a, b);
+    }
+  });
+  return counts;
+}
+
+std::string cpu_paths() { return cpu_has_avx512() ? "generic,avx512" : "generic"; }
+
+}  // namespace
+
+TORCH_LIBRARY(bsnn_if, m) {
+  m.def("scan", &scan);  // (x, v, spikes, theta, gain, bias, pre_bias, want_counts, path) -> counts
+  m.def("cpu_paths", &cpu_paths);
+}

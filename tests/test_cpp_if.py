@@ -1,0 +1,101 @@
+"""The C++ IF kernel (``bsnn.snn.kernels.cpp_if``): bit-identical to the oracle on both code paths, every layout
+it takes, and the fallback for the ones it does not."""
+
+import pytest
+import torch
+
+from bsnn.snn.functional import if_multistep
+from bsnn.snn.kernels import cpp_if, default_kernel, prescale
+
+PATHS = cpp_if.extension_paths() or ()
+pytestmark = pytest.mark.skipif(not PATHS, reason="the C++ IF extension does not build here")
+
+
+def _oracle(x, theta, v0, gain, bias, pre):
+    s, v = if_multistep(prescale(x.float(), gain, bias, pre), theta, v0)
+    return s, v, s.flatten(2).sum(2)
+
+
+@pytest.fixture
+def no_fallback(monkeypatch):
+    """Fail if the kernel hands the work to the per-timestep fallback."""
+    def fail(*args, **kwargs):
+        raise AssertionError("fell back to the compiled per-timestep kernel")
+    monkeypatch.setattr(cpp_if, "if_scan_fused", fail)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "linear"])
+@pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                (torch.float32, torch.bfloat16)])
+def test_equals_the_oracle_bit_for_bit(no_fallback, path, layout, in_dtype, out_dtype):
+    g = torch.Generator().manual_seed(0)
+    T, B, C = 7, 5, 3
+    shape = (C * 37,) if layout == "linear" else (C, 5, 7)  # 111 / 105 neurons: AVX-512 tails
+    x = (torch.randn(T, B, *shape, generator=g) * 0.8).to(in_dtype)
+    if in_dtype == torch.bfloat16:  # exact integer sums, as the bf16 synapse delivers them
+        x = (x.float() * 4).round().to(in_dtype)
+    v0 = torch.rand(B, *shape, generator=g)
+    tshape = (C * 37,) if layout == "linear" else (C, 1, 1)
+    gain, bias, pre = (torch.rand(tshape, generator=g) + 0.5, torch.randn(tshape, generator=g) * 0.1,
+                       torch.randn(tshape, generator=g) * 0.3)
+    theta = torch.rand(tshape, generator=g) + 0.4
+    if layout == "channels_last":
+        x = torch.stack([xt.contiguous(memory_format=torch.channels_last) for xt in x])
+        v0 = v0.contiguous(memory_format=torch.channels_last)
+    counts = []
+    s, v = cpp_if.if_scan_cpp(x, theta, v0.clone(), gain, bias, pre, out_dtype, counts, path=path)
+    s_ref, v_ref, n_ref = _oracle(x, theta, v0, gain, bias, pre)
+    assert s.dtype == out_dtype and s.shape == x.shape and s.stride() == x.stride()
+    assert torch.equal(s.float(), s_ref) and torch.equal(v, v_ref)
+    assert torch.equal(torch.stack(counts), n_ref)
+    assert 0 < s_ref.mean() < 1  # the case spikes and stays below saturation
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_scalar_terms_single_step_and_single_sample(no_fallback, path):
+    g = torch.Generator().manual_seed(1)
+    for T, B in ((1, 3), (4, 1)):
+        x = torch.randn(T, B, 2, 3, 3, generator=g)
+        v0 = torch.full((B, 2, 3, 3), 0.5)
+        s, v = cpp_if.if_scan_cpp(x, torch.ones(()), v0.clone(), torch.tensor(1.3), None, None, path=path)
+        s_ref, v_ref, _ = _oracle(x, torch.ones(()), v0, torch.tensor(1.3), None, None)
+        assert torch.equal(s, s_ref) and torch.equal(v, v_ref) and s.dtype == torch.float32
+
+
+def test_membrane_input_untouched_and_state_carries_over_chunks():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(12, 4, 6, generator=g)
+    v0 = torch.rand(4, 6, generator=g)
+    keep = v0.clone()
+    s1, v1 = cpp_if.if_scan_cpp(x[:5], torch.ones(()), v0)
+    s2, v2 = cpp_if.if_scan_cpp(x[5:], torch.ones(()), v1)
+    s_ref, v_ref, _ = _oracle(x, torch.ones(()), keep, None, None, None)
+    assert torch.equal(v0, keep)
+    assert torch.equal(torch.cat([s1, s2]), s_ref) and torch.equal(v2, v_ref)
+
+
+def test_sample_dependent_terms_and_other_layouts_fall_back_to_equal_results(monkeypatch):
+    calls = []
+    real = cpp_if.if_scan_fused
+    monkeypatch.setattr(cpp_if, "if_scan_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 4, 3, 4, 4, generator=g)
+    v0 = torch.zeros(4, 3, 4, 4)
+    per_sample_bias = torch.randn(4, 3, 1, 1, generator=g) * 0.2  # varies over the batch
+    s, v = cpp_if.if_scan_cpp(x, torch.ones(()), v0, None, per_sample_bias)
+    s_ref, v_ref, _ = _oracle(x, torch.ones(()), v0, None, per_sample_bias, None)
+    assert torch.equal(s, s_ref) and torch.equal(v, v_ref) and calls == [1]
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)  # batch-major memory: not [T][B][F]
+    s, v = cpp_if.if_scan_cpp(xt, torch.ones(()), v0)
+    s_ref, v_ref, _ = _oracle(x, torch.ones(()), v0, None, None, None)
+    assert torch.equal(s, s_ref) and torch.equal(v, v_ref) and calls == [1, 1]
+
+
+def test_is_the_default_cpu_kernel():
+    assert default_kernel(torch.device("cpu")) == "cpp"
+
+
+def test_unknown_path_is_refused():
+    with pytest.raises(ValueError, match="code path 'sse9'.*this CPU runs"):
+        cpp_if.if_scan_cpp(torch.zeros(2, 1, 3), torch.ones(()), torch.zeros(1, 3), path="sse9")
