@@ -5,11 +5,13 @@ Networks (binary weights, first/last layer full precision, converted from the sa
 * **small CNN, 28x28x1** — a ReLU binary student of the default recipe (``runs/default/student.pt`` if ReLU, else the
   conversion benchmark's cached copy, else a freshly initialised one: throughput does not depend on training);
 * **VGG-7, 32x32x3** — the binary VGG-7 (width 0.25) of the conversion benchmark's CIFAR-10 cache, else a freshly
-  initialised one; input: CIFAR-10 test images when ``../shared/data/cifar10.npz`` exists, else mnist5k/random.
+  initialised one; input: CIFAR-10 test images when ``../shared/data/cifar10.npz`` exists, else random images;
+* **ResNet-20, 32x32x3** — a binary ``resnet20_cifar`` (residual adds, strided convolutions), freshly initialised
+  with its BN statistics settled on the calibration images: a ResNet-class network the kernels were not tuned on.
 
 For batch 128 and each T in {8, 32, 128} (direct encoding, accuracy bookkeeping included):
 
-* **bsnn** = ``bsnn.simulate.simulate`` with its defaults (kernel ``auto`` -> the fused inductor IF kernel on CPU,
+* **bsnn** = ``bsnn.simulate.simulate`` with its defaults (kernel ``auto`` -> the C++ IF kernel on CPU,
   synapse ``auto`` -> exact bf16 binary layers where the CPU has native bf16, first layer once per batch);
 * **bsnn fp32** = the same with ``synapse='float'`` and the eager ``torch`` IF kernel (the previous engine);
 * **bsnn bf16** / **bsnn bitpack** = the default engine with the synapse mode fixed to ``bf16`` (exact bf16
@@ -29,7 +31,7 @@ minus the resident size before it. Writes ``<out>/simulation_speed.{json,md}``.
 
 Usage::
 
-    python benchmarks/simulation_speed.py                 # both networks, T = 8, 32, 128
+    python benchmarks/simulation_speed.py                 # the three networks, T = 8, 32, 128
     python benchmarks/simulation_speed.py --quick         # smoke run: T = 4, 8, one rep
 """
 
@@ -114,7 +116,8 @@ def _first_existing(*paths: Path) -> Path | None:
 
 
 def networks(args) -> list[dict]:
-    """The two benchmark networks with a calibration batch and a test batch of ``args.batch`` images."""
+    """The benchmark networks named in ``args.networks``, each with a calibration batch and a test batch of
+    ``args.batch`` images."""
     out = []
     cfg = load_config(ROOT / "configs" / "default.yaml")
     mn = build_loaders(cfg.data, seed=0).splits
@@ -152,7 +155,30 @@ def networks(args) -> list[dict]:
         data = "random normal images (CIFAR-10 archive absent)"
     out.append({"name": "VGG-7 (width 0.25) 32x32x3", "model": model.eval(), "source": src, "x": xs,
                 "calib": calib, "data": data})
-    return out
+    # a ResNet-class network the kernels were not tuned on (fresh: throughput does not depend on training)
+    torch.manual_seed(0)
+    model = build_model({"name": "resnet20_cifar", "num_classes": 10, "in_channels": 3, "kwargs": {},
+                         "binary": dataclasses.asdict(BinaryConfig())})
+    out.append({"name": "ResNet-20 32x32x3", "model": settle_bn(model, calib), "x": xs, "calib": calib,
+                "source": "freshly initialised, BN statistics settled on the calibration images (throughput does not "
+                          "depend on training)", "data": data})
+    wanted = args.networks.split(",")
+    return [n for n, key in zip(out, ("small_cnn", "vgg7", "resnet20")) if key in wanted]
+
+
+@torch.no_grad()
+def settle_bn(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    """BN running statistics of a fresh network set on ``x`` (so that its activations, and spikes, are sane)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+    model.train()
+    for xb in x.split(128):
+        model(xb)
+    return model.eval()
+
+
 
 
 # ----------------------------------------------------------------------------------------- runners
@@ -259,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--networks", default="small_cnn,vgg7,resnet20", help="comma-separated among small_cnn, vgg7, "
+                   "resnet20")
     p.add_argument("--cifar-npz", default="../shared/data/cifar10.npz")
     p.add_argument("--cache", default="benchmarks/cache")
     p.add_argument("--out", default="benchmarks/results")
@@ -325,6 +353,7 @@ def profile_shares(snn, x: torch.Tensor, T: int = 32) -> dict[str, float]:
         n = e.key
         g = ("bit-packed popcount layers" if "bsnn_bitpack" in n else
              "convolutions (bf16 exact / fp32)" if "convolution" in n else
+             "IF kernel (C++, one pass per time chunk)" if "bsnn_if" in n else
              "IF kernel (fused, compiled)" if "CompiledFxGraph" in n else "pooling" if "pool" in n else
              "bf16 exactness check" if "aminmax" in n else "linear layers" if n in ("aten::mm", "aten::addmm")
              else "other (dispatch, bookkeeping, copies)")

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (ROOT, command_line, load_average, log, machine_info, machine_markdown,  # noqa: E402
                      markdown_table, now_iso, write_results)
-from simulation_speed import ann_runner, sj_network, sj_runner  # noqa: E402
+from simulation_speed import ann_runner, settle_bn, sj_network, sj_runner  # noqa: E402
 
 import bsnn  # noqa: E402
 from bsnn.binary import materialize  # noqa: E402
@@ -69,19 +69,6 @@ def images(args) -> tuple[torch.Tensor, torch.Tensor, str]:
             "random normal images (CIFAR-10 archive absent)")
 
 
-@torch.no_grad()
-def _settle_bn(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
-    """BN running statistics of a fresh network set on ``x`` (so that its activations, and spikes, are sane)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average
-    model.train()
-    for xb in x.split(128):
-        model(xb)
-    return model.eval()
-
-
 def networks(calib: torch.Tensor) -> list[tuple[str, torch.nn.Module, str]]:
     """``(name, ANN, source)`` of the benchmark networks."""
     out = []
@@ -91,7 +78,7 @@ def networks(calib: torch.Tensor) -> list[tuple[str, torch.nn.Module, str]]:
     for name, kwargs in (("resnet20_cifar", {}), ("vgg15_snn", {"width": 0.5})):
         torch.manual_seed(0)
         m = build_model({"name": name, "num_classes": 10, "in_channels": 3, "kwargs": kwargs, "binary": binary})
-        out.append((f"{name} {kwargs or ''}".strip(), _settle_bn(m, calib), "freshly initialised"))
+        out.append((f"{name} {kwargs or ''}".strip(), settle_bn(m, calib), "freshly initialised"))
     return out
 
 
