@@ -128,12 +128,31 @@ class SpikingNetwork(nn.Module):
         """
         return _split_static(self.graph_module)
 
+    def split_static_constant(self) -> tuple[fx.GraphModule, fx.GraphModule, tuple[bool, ...], list[IFNeuron]]:
+        """:meth:`split_static`, with the IF neurons that read a boundary tensor directly called through
+        :meth:`IFNeuron.forward_constant`: ``(prefix, suffix, once, neurons)``.
+
+        ``once[i]``: boundary tensor ``i`` goes to ``suffix`` as computed (``[B, ...]``, not repeated over the
+        chunk) because every consumer of it is such a neuron; ``neurons``: those neurons. Forward hooks do not run
+        on ``forward_constant``, so the caller uses this suffix only while none of ``neurons`` has hooks (an SNN
+        calibration or offset correction attaching its own falls back to :meth:`split_static`)."""
+        return _split_static(self.graph_module, constant=True)
+
 
 def _is_stateful(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), (*STATEFUL, Integrator))
 
 
-def _split_static(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
+def _takes_constant(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``node`` calls an IF neuron whose ``forward`` is :class:`IFNeuron`'s (so ``forward_constant`` is its
+    equivalent), with the boundary tensor as its only argument."""
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        return False
+    m = gm.get_submodule(node.target)
+    return isinstance(m, IFNeuron) and type(m).forward is IFNeuron.forward
+
+
+def _split_static(gm: fx.GraphModule, constant: bool = False):
     static: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op == "placeholder" or (node.op in ("call_module", "call_function", "call_method")
@@ -146,10 +165,18 @@ def _split_static(gm: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
         if node in static:
             env[node] = prefix.node_copy(node, lambda n: env[n])
     prefix.output(tuple(env[b] for b in boundary))
+    once = tuple(constant and all(_takes_constant(gm, u) for u in b.users) for b in boundary)
+    rewritten = {u for b, o in zip(boundary, once) if o for u in b.users}
     suffix, env2 = fx.Graph(), {}
     for b in boundary:
         env2[b] = suffix.placeholder(f"static_{b.name}")
     for node in gm.graph.nodes:
-        if node not in static:
+        if node in rewritten:  # neuron(x) -> neuron.forward_constant(x)
+            module = suffix.get_attr(node.target)
+            env2[node] = suffix.call_method("forward_constant", (module, env2[node.args[0]]))
+        elif node not in static:
             env2[node] = suffix.node_copy(node, lambda n: env2[n])
-    return fx.GraphModule(gm, prefix), fx.GraphModule(gm, suffix)
+    pre, post = fx.GraphModule(gm, prefix), fx.GraphModule(gm, suffix)
+    if not constant:
+        return pre, post
+    return pre, post, once, [gm.get_submodule(n.target) for n in rewritten]

@@ -150,11 +150,23 @@ class IFNeuron(nn.Module):
         """``x``: input current ``[Tc * B, ...]`` -> spikes ``[Tc * B, ...]`` (0/1) in ``x``'s layout and in
         ``spike_dtype`` (default: float32, or ``x``'s dtype when that is a 32-bit float)."""
         tc = self.time_chunk
-        x_seq = x.reshape(tc, x.shape[0] // tc, *x.shape[1:])
+        return self._run(x.reshape(tc, x.shape[0] // tc, *x.shape[1:])).reshape(x.shape)
+
+    def forward_constant(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: one timestep's input current ``[B, ...]``, the same at each of the chunk's ``time_chunk`` steps
+        (direct encoding's first layer) -> spikes ``[Tc * B, ...]``: ``forward`` of ``x`` repeated ``Tc`` times,
+        without materialising the repeat (the C++ kernel reads each current once per chunk). Hooks do not run:
+        the simulator calls it only on neurons that have none (:meth:`SpikingNetwork.split_static`)."""
+        tc = self.time_chunk
+        return self._run(x.unsqueeze(0).expand(tc, *x.shape)).reshape(tc * x.shape[0], *x.shape[1:])
+
+    def _run(self, x_seq: torch.Tensor) -> torch.Tensor:
+        """Integrate and fire over ``x_seq [Tc, B, ...]`` from the current membranes -> spikes ``[Tc, B, ...]``."""
+        tc = x_seq.shape[0]
         if self.v is None:  # first call after reset: the per-batch constants, not recomputed every timestep
             self.v = self.initial_potential(x_seq[0])
             self.neurons_per_sample = x_seq[0, 0].numel()
-            self._one = torch.ones((), dtype=torch.float32, device=x.device)
+            self._one = torch.ones((), dtype=torch.float32, device=x_seq.device)
             self._gain = self.gain()
             self._bias = self.i_bias if bool(self.i_bias.any()) else None
             self._bias_steps = int(self.i_bias_steps)
@@ -170,7 +182,7 @@ class IFNeuron(nn.Module):
         self.t += tc
         if counts:  # per-sample counts are exact in float32 (< 2^24), the sum over samples in float64
             self.record_counts(torch.stack(counts).double().sum(1))
-        return spikes.reshape(x.shape)
+        return spikes
 
     def extra_repr(self) -> str:
         th = self.threshold

@@ -9,7 +9,8 @@ a portable scalar path otherwise; samples in parallel over torch's threads. Comp
 membranes are bit-identical (tests).
 
 Layouts: ``x_seq [T, B, ...]`` must be dense with its first two dimensions outermost (``x.reshape(T, B, ...)`` of
-a contiguous or channels-last activation); the per-neuron terms (``gain``, ``bias``, ``pre_bias``, ``theta``)
+a contiguous or channels-last activation), or one such timestep expanded over T (stride 0: a current constant over
+the chunk, :meth:`bsnn.snn.neuron.IFNeuron.forward_constant`, read once per chunk); the per-neuron terms (``gain``, ``bias``, ``pre_bias``, ``theta``)
 must not depend on the sample. Anything else runs on the compiled per-timestep kernel instead (same results).
 """
 
@@ -95,8 +96,10 @@ def if_scan_cpp(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain:
     the extension is unavailable."""
     out_dtype = out_dtype or (x_seq.dtype if x_seq.dtype == torch.float32 else torch.float32)
     paths = extension_paths()
+    constant = x_seq.shape[0] > 1 and x_seq.stride(0) == 0  # one current repeated over the chunk (an expand)
+    x_mem = x_seq[:1] if constant else x_seq
     fits = (paths is not None and x_seq.dtype in (torch.float32, torch.bfloat16)
-            and out_dtype in (torch.float32, torch.bfloat16) and _sample_major(x_seq))
+            and out_dtype in (torch.float32, torch.bfloat16) and _sample_major(x_mem))
     sample = x_seq[0, 0] if fits else None
     terms = [_per_neuron(t, sample, fill) for t, fill in ((theta, 1.0), (gain, 1.0), (bias, 0.0), (pre_bias, 0.0))
              ] if fits else []
@@ -106,11 +109,14 @@ def if_scan_cpp(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain:
                              f"{', '.join(paths)}")
         return if_scan_fused(x_seq, theta, v, gain, bias, pre_bias, out_dtype, counts)
     v_next = torch.empty_like(x_seq[0], dtype=torch.float32)
-    v_next.copy_(v)
-    spikes = torch.empty_like(x_seq, dtype=out_dtype)
+    if v.dtype != torch.float32 or v.shape != v_next.shape or v.stride() != v_next.stride():
+        v = v_next.copy_(v)  # the kernel reads the membranes in the current's memory order
     t, b, f = x_seq.shape[0], x_seq.shape[1], sample.numel()
-    n = torch.ops.bsnn_if.scan(_memory(x_seq).view(t, b, f), _memory(v_next), _memory(spikes), *terms,
-                               counts is not None, PATHS[path])
+    step = torch.empty_like(x_seq[0], dtype=out_dtype)  # one timestep in the current's memory order
+    spikes = torch.empty(t * b * f, dtype=out_dtype, device=x_seq.device).as_strided(
+        x_seq.shape, (b * f, *step.stride()))
+    n = torch.ops.bsnn_if.scan(_memory(x_mem).view(x_mem.shape[0], b, f), _memory(v), _memory(v_next),
+                               _memory(spikes).view(t, b, f), *terms, counts is not None, PATHS[path])
     if counts is not None:
         counts.extend(n.unbind(0))
     return spikes, v_next

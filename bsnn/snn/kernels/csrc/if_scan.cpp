@@ -2,8 +2,9 @@
 // kernel walks its T input currents, so each current is read once and each spike written once (the compiled
 // per-timestep kernel reads and writes the membrane at every step and is dispatched T times).
 //
-// Memory (all dense, raw order): x [T][B][F] (float32, or bfloat16 exact integer sums), v [B][F] float32 (updated
-// in place), spikes [T][B][F] (float32 or bfloat16), counts [T][B] float32 (spikes per sample and step, optional).
+// Memory (all dense, raw order): x [T][B][F] (float32, or bfloat16 exact integer sums; or x [1][B][F], the same
+// current at every step: direct encoding's first layer, read once per chunk instead of T times), v_in [B][F] float32 (the
+// membranes before the chunk, read) and v_out [B][F] float32 (after it, written; may be v_in itself), spikes [T][B][F] (float32 or bfloat16), counts [T][B] float32 (spikes per sample and step, optional).
 // F is one sample's neurons in its memory order (channels-last or not: the caller gives every per-neuron term in
 // the same order). Per-neuron terms theta, gain, bias, pre_bias are float32 vectors of length F, or of length 1
 // (a scalar for every neuron).
@@ -56,12 +57,14 @@ struct Term {
 struct Args {
   const void* x;
   bool x_bf16;
-  float* v;
+  const float* v_in;
+  float* v_out;
   void* s;
   bool s_bf16;
   float* counts;  // [T][B] or nullptr
   Term theta, gain, bias, pre_bias;
   i64 T, B, F;
+  i64 x_step;  // B * F, or 0 for a current constant over the chunk
 };
 
 inline float bf16_to_float(uint16_t h) {
@@ -79,10 +82,10 @@ void scan_sample_generic(const Args& a, i64 b) {
   std::vector<i64> count(a.T, 0);
   for (i64 f = 0; f < a.F; ++f) {
     const float th = a.theta.at(f), g = a.gain.at(f), bi = a.bias.at(f), pb = a.pre_bias.at(f);
-    float v = a.v[b * a.F + f];
+    float v = a.v_in[b * a.F + f];
     for (i64 t = 0; t < a.T; ++t) {
-      const i64 o = t * step + b * a.F + f;
-      const float x = a.x_bf16 ? bf16_to_float(static_cast<const uint16_t*>(a.x)[o]) : static_cast<const float*>(a.x)[o];
+      const i64 o = t * step + b * a.F + f, xo = t * a.x_step + b * a.F + f;
+      const float x = a.x_bf16 ? bf16_to_float(static_cast<const uint16_t*>(a.x)[xo]) : static_cast<const float*>(a.x)[xo];
       const float i = (x + pb) * g + bi;
       v = v + i;
       const bool fire = v >= th;
@@ -95,7 +98,7 @@ void scan_sample_generic(const Args& a, i64 b) {
       }
       count[t] += fire;
     }
-    a.v[b * a.F + f] = v;
+    a.v_out[b * a.F + f] = v;
   }
   if (a.counts)
     for (i64 t = 0; t < a.T; ++t) a.counts[t * a.B + b] = static_cast<float>(count[t]);
@@ -118,16 +121,15 @@ BSNN_AVX512 void scan_sample_avx512(const Args& a, i64 b) {
     const __mmask16 m = n == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
     const __m512 th = load_term(a.theta, f, m), g = load_term(a.gain, f, m), bi = load_term(a.bias, f, m),
                  pb = load_term(a.pre_bias, f, m);
-    float* vp = a.v + b * a.F + f;
-    __m512 v = _mm512_maskz_loadu_ps(m, vp);
+    __m512 v = _mm512_maskz_loadu_ps(m, a.v_in + b * a.F + f);
     for (i64 t = 0; t < a.T; ++t) {
-      const i64 o = t * step + b * a.F + f;
+      const i64 o = t * step + b * a.F + f, xo = t * a.x_step + b * a.F + f;
       __m512 x;
       if (a.x_bf16) {
-        const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(a.x) + o);
+        const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(a.x) + xo);
         x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
       } else {
-        x = _mm512_maskz_loadu_ps(m, static_cast<const float*>(a.x) + o);
+        x = _mm512_maskz_loadu_ps(m, static_cast<const float*>(a.x) + xo);
       }
       const __m512 i = _mm512_add_ps(_mm512_mul_ps(_mm512_add_ps(x, pb), g), bi);
       v = _mm512_add_ps(v, i);
@@ -141,7 +143,7 @@ BSNN_AVX512 void scan_sample_avx512(const Args& a, i64 b) {
       }
       count[t] += __builtin_popcount(static_cast<unsigned>(fire));
     }
-    _mm512_mask_storeu_ps(vp, m, v);
+    _mm512_mask_storeu_ps(a.v_out + b * a.F + f, m, v);
   }
   if (a.counts)
     for (i64 t = 0; t < a.T; ++t) a.counts[t * a.B + b] = static_cast<float>(count[t]);
@@ -154,22 +156,27 @@ Term term(const at::Tensor& t, i64 F) {
   return Term{t.data_ptr<float>(), t.numel() == 1 ? 0 : 1};
 }
 
-// x [T, B, F], v [B, F] (updated in place), spikes [T, B, F]; terms float32 [F] or [1]; path 0 auto, 1 generic,
+// x [T, B, F] or [1, B, F] (constant over the T steps), v_in and v_out [B, F] (v_out written), spikes [T, B, F]; terms float32 [F] or [1]; path 0 auto, 1 generic,
 // 2 avx512. Returns counts [T, B] float32 (empty when want_counts is false).
-at::Tensor scan(const at::Tensor& x, at::Tensor v, at::Tensor spikes, const at::Tensor& theta, const at::Tensor& gain,
+at::Tensor scan(const at::Tensor& x, const at::Tensor& v_in, at::Tensor v_out, at::Tensor spikes, const at::Tensor& theta, const at::Tensor& gain,
                 const at::Tensor& bias, const at::Tensor& pre_bias, bool want_counts, i64 path) {
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "if_scan: x must be a contiguous float32 or bfloat16 [T, B, F] tensor");
-  const i64 T = x.size(0), B = x.size(1), F = x.size(2);
-  TORCH_CHECK(v.scalar_type() == at::kFloat && v.is_contiguous() && v.numel() == B * F,
-              "if_scan: v must be a contiguous float32 tensor of B * F elements");
+  TORCH_CHECK(spikes.dim() == 3 && spikes.size(1) == x.size(1) && spikes.size(2) == x.size(2) &&
+                  (x.size(0) == spikes.size(0) || x.size(0) == 1),
+              "if_scan: spikes must be [T, B, F] and x [T, B, F] or [1, B, F]");
+  const i64 T = spikes.size(0), B = x.size(1), F = x.size(2);
+  for (const at::Tensor* v : {&v_in, static_cast<const at::Tensor*>(&v_out)})
+    TORCH_CHECK(v->scalar_type() == at::kFloat && v->is_contiguous() && v->numel() == B * F,
+                "if_scan: v_in and v_out must be contiguous float32 tensors of B * F elements");
   TORCH_CHECK(spikes.is_contiguous() && spikes.numel() == T * B * F &&
                   (spikes.scalar_type() == at::kFloat || spikes.scalar_type() == at::kBFloat16),
               "if_scan: spikes must be a contiguous float32 or bfloat16 tensor of T * B * F elements");
   at::Tensor counts = want_counts ? at::empty({T, B}, x.options().dtype(at::kFloat)) : at::Tensor();
-  Args a{x.data_ptr(), x.scalar_type() == at::kBFloat16, v.data_ptr<float>(), spikes.data_ptr(),
+  Args a{x.data_ptr(), x.scalar_type() == at::kBFloat16, v_in.data_ptr<float>(), v_out.data_ptr<float>(),
+         spikes.data_ptr(),
          spikes.scalar_type() == at::kBFloat16, want_counts ? counts.data_ptr<float>() : nullptr,
-         term(theta, F), term(gain, F), term(bias, F), term(pre_bias, F), T, B, F};
+         term(theta, F), term(gain, F), term(bias, F), term(pre_bias, F), T, B, F, x.size(0) == 1 ? 0 : B * F};
   bool avx512 = path == 2 || (path == 0 && cpu_has_avx512());
   TORCH_CHECK(!avx512 || cpu_has_avx512(), "if_scan: this CPU has no AVX-512");
   at::parallel_for(0, B, 1, [&](i64 b0, i64 b1) {
@@ -191,6 +198,6 @@ std::string cpu_paths() { return cpu_has_avx512() ? "generic,avx512" : "generic"
 }  // namespace
 
 TORCH_LIBRARY(bsnn_if, m) {
-  m.def("scan", &scan);  // (x, v, spikes, theta, gain, bias, pre_bias, want_counts, path) -> counts
+  m.def("scan", &scan);  // (x, v_in, v_out, spikes, theta, gain, bias, pre_bias, want_counts, path) -> counts
   m.def("cpu_paths", &cpu_paths);
 }
