@@ -209,7 +209,10 @@ def bf16_mode(syn: BinarySynapse, x: torch.Tensor) -> torch.Tensor:
     if bool(torch.maximum(-lo, hi) >= BF16_EXACT_LIMIT * syn.quantum):
         syn.fallbacks += 1
         return float_mode(syn, x.float())
-    return y if syn.defer_bias else syn.add_bias(y.float())
+    if syn.defer_bias:
+        return y
+    out = syn.add_bias(y)  # bf16 + fp32 bias -> fp32 in one pass (the bf16 -> fp32 cast is exact)
+    return out if out.dtype == torch.float32 else out.float()
 
 
 def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
