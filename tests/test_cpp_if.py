@@ -1,13 +1,22 @@
 """The C++ IF kernel (``bsnn.snn.kernels.cpp_if``): bit-identical to the oracle on both code paths, every layout
 it takes, and the fallback for the ones it does not."""
 
+import dataclasses
+
 import pytest
 import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from bsnn.config import BinaryConfig, ConvertConfig, SimConfig
+from bsnn.convert import Max, convert
+from bsnn.pipeline import build_model
 
 from bsnn.snn.functional import if_multistep
 from bsnn.snn.kernels import cpp_if, default_kernel, prescale
 from bsnn.snn.kernels.inductor_if import compiler_works
-from bsnn.simulate import run_batch
+from bsnn.simulate import run_batch, simulate
+from bsnn.snn.synapse import synapse_mode
 from bsnn.snn.neuron import IFNeuron
 from tests.test_fast_sim import _convert, _vgg_like
 
@@ -157,3 +166,51 @@ def test_simulator_feeds_the_first_neurons_once_per_chunk_and_falls_back_under_h
     assert torch.equal(fast, hooked)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)  # GEMM blocking differs with the batch size
     assert calls == [4 * len(x), 4 * len(x), 2 * len(x)]
+
+
+def _binary_resnet20(n=16):
+    torch.manual_seed(0)
+    net = build_model({"name": "resnet20_cifar", "num_classes": 10, "in_channels": 3, "kwargs": {},
+                       "binary": dataclasses.asdict(BinaryConfig())})
+    x = torch.randn(n, 3, 16, 16)
+    for m in net.modules():  # settle BN on the data: sane activations, so the network spikes
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    net.train()
+    with torch.no_grad():
+        net(x)
+    net.eval()
+    loader = DataLoader(TensorDataset(x, torch.zeros(n, dtype=torch.long)), batch_size=n)
+    return convert(net, loader, ConvertConfig(threshold=Max(), v_init=0.5)), x
+
+
+def test_residual_sums_fused_into_the_neurons_bit_identical_and_restored():
+    snn, x = _binary_resnet20()
+    code = snn.graph_module.code
+    ref = run_batch(snn, x, 9, time_chunk=4)  # fp32 graph, unfused
+    with synapse_mode(snn, "bf16") as layers:
+        fused = [n for n in snn.graph_module.graph.nodes if n.target == "forward_residual"]
+        out = run_batch(snn, x, 9, time_chunk=4)
+        counts = {k: list(m.spike_count) for k, m in snn.neurons().items()}
+        calls = []
+        first = snn.graph_module.get_submodule(fused[0].args[0].target)
+        h = first.register_forward_hook(lambda m, i, o: calls.append(1))  # hooks: the unfused sum via __call__
+        try:
+            hooked = run_batch(snn, x, 9, time_chunk=4)
+        finally:
+            h.remove()
+    assert layers and len(fused) == 9  # every block of ResNet-20 but the three whose shortcut is a projection
+    assert torch.equal(out, ref) and torch.equal(hooked, ref) and len(calls) == 3
+    assert snn.graph_module.code == code  # the graph is back
+    run_batch(snn, x, 9, time_chunk=4)
+    ref_counts = {k: list(m.spike_count) for k, m in snn.neurons().items()}
+    assert counts == ref_counts and sum(map(sum, counts.values())) > 0
+
+
+def test_simulate_with_fused_residual_sums_equals_the_fp32_engine():
+    snn, x = _binary_resnet20()
+    loader = DataLoader(TensorDataset(x, torch.arange(len(x)) % 10), batch_size=8)
+    fast = simulate(snn, loader, [1, 4, 9], SimConfig(time_chunk=4), quiet=True)
+    slow = simulate(snn, loader, [1, 4, 9], SimConfig(time_chunk=4, kernel="torch", synapse="float"), quiet=True)
+    assert fast.accuracy == slow.accuracy and fast.spike_counts == slow.spike_counts

@@ -36,6 +36,11 @@ class _ShapeInterpreter(fx.Interpreter):
         self.shapes[n] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
         return out
 
+    def call_method(self, target, args, kwargs):
+        if target == "forward_residual":  # a fused residual sum (bsnn.snn.synapse.synapse_mode): the sum's shape
+            return args[1]
+        return super().call_method(target, args, kwargs)
+
     def call_module(self, target, args, kwargs):
         m = self.fetch_attr(target)
         if isinstance(m, (IFNeuron, Integrator)):

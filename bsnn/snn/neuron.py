@@ -17,6 +17,7 @@ import torch.nn as nn
 from bsnn._registry import Registry
 from bsnn.snn.functional import burst_multistep, memory_order, per_sample_spikes, signed_multistep  # noqa: F401
 from bsnn.snn.kernels import counted, get_kernel, prescale
+from bsnn.snn.kernels.cpp_if import if_scan_cpp
 
 
 class IFNeuron(nn.Module):
@@ -137,6 +138,12 @@ class IFNeuron(nn.Module):
         return get_kernel(self.kernel)(x_seq, self._one, self.v, self._gain, bias, self.pre_bias, self.spike_dtype,
                                        counts)
 
+    def _scan_residual(self, x_seq: torch.Tensor, bias: torch.Tensor | None, counts: list | None,
+                       residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_scan` with a residual current added after the deferred synaptic bias (C++ kernel)."""
+        return if_scan_cpp(x_seq, self._one, self.v, self._gain, bias, self.pre_bias, self.spike_dtype, counts,
+                           residual=residual)
+
     def gain(self) -> torch.Tensor:
         """Input gain ``1/θ`` (same shape as ``threshold``)."""
         return 1.0 / self.threshold
@@ -160,8 +167,28 @@ class IFNeuron(nn.Module):
         tc = self.time_chunk
         return self._run(x.unsqueeze(0).expand(tc, *x.shape)).reshape(tc * x.shape[0], *x.shape[1:])
 
-    def _run(self, x_seq: torch.Tensor) -> torch.Tensor:
-        """Integrate and fire over ``x_seq [Tc, B, ...]`` from the current membranes -> spikes ``[Tc, B, ...]``."""
+    def forward_residual(self, y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """IF of a residual block's sum: ``y`` the synaptic layer's output without its bias (deferred into
+        :attr:`pre_bias`), ``r`` the shortcut current, both ``[Tc * B, ...]`` -> spikes ``[Tc * B, ...]``;
+        equal to ``forward((y + pre_bias) + r)`` (the unfused graph's float32 operations, in its order). The C++
+        kernel adds ``r`` inside its pass (no separate bias, add and cast passes over the layer); another kernel,
+        or a neuron with hooks (calibration, offset corrections), gets the unfused sum through ``__call__``
+        (:func:`bsnn.snn.synapse.synapse_mode` rewrites the graph to call this)."""
+        r = r.float()
+        if self.kernel != "cpp" or self._forward_hooks or self._forward_pre_hooks:
+            x = (y.float() if self.pre_bias is None else y.float() + self.pre_bias) + r
+            saved, self.pre_bias = self.pre_bias, None
+            try:
+                return self(x)
+            finally:
+                self.pre_bias = saved
+        tc = self.time_chunk
+        shape = (tc, y.shape[0] // tc, *y.shape[1:])
+        return self._run(y.reshape(shape), r.reshape(shape)).reshape(y.shape)
+
+    def _run(self, x_seq: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Integrate and fire over ``x_seq [Tc, B, ...]`` (plus the residual current ``[Tc, B, ...]``, if given)
+        from the current membranes -> spikes ``[Tc, B, ...]``."""
         tc = x_seq.shape[0]
         if self.v is None:  # first call after reset: the per-batch constants, not recomputed every timestep
             self.v = self.initial_potential(x_seq[0])
@@ -173,11 +200,17 @@ class IFNeuron(nn.Module):
         counts: list[torch.Tensor] | None = [] if self.record else None
         # the bias current flows during the first i_bias_steps timesteps only: split the chunk where it stops
         split = tc if self._bias is None or not self._bias_steps else min(tc, max(0, self._bias_steps - self.t))
+        def scan(lo: int, hi: int, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            xs = x_seq if (lo, hi) == (0, tc) else x_seq[lo:hi]
+            if residual is None:
+                return self._scan(xs, bias, counts)
+            return self._scan_residual(xs, bias, counts, residual if (lo, hi) == (0, tc) else residual[lo:hi])
+
         if split in (0, tc):  # the usual case: one kernel call for the whole chunk
-            spikes, self.v = self._scan(x_seq, self._bias if split else None, counts)
+            spikes, self.v = scan(0, tc, self._bias if split else None)
         else:  # the bias window ends inside this chunk
-            head, self.v = self._scan(x_seq[:split], self._bias, counts)
-            tail, self.v = self._scan(x_seq[split:], None, counts)
+            head, self.v = scan(0, split, self._bias)
+            tail, self.v = scan(split, tc, None)
             spikes = torch.cat((head, tail))
         self.t += tc
         if counts:  # per-sample counts are exact in float32 (< 2^24), the sum over samples in float64

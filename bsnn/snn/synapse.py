@@ -28,10 +28,12 @@ them on exit.
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import logging
 import math
+import operator
 from contextlib import contextmanager
 from typing import Callable, Iterator, NamedTuple
 
@@ -308,21 +310,55 @@ def _feeds_only(gm: fx.GraphModule, node: fx.Node, targets: set[str]) -> bool:
     return bool(node.users)
 
 
+_ADD = (torch.add, operator.add)
+
+
+def residual_sum(gm: fx.GraphModule, syn_node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """``(add, other, neuron)`` when ``syn_node``'s only consumer is ``add(syn, other)`` (or ``add(other, syn)``)
+    whose only consumer is a plain :class:`IFNeuron`: a residual block's sum, which the neuron can take apart
+    (:meth:`IFNeuron.forward_residual`); else None."""
+    users = list(syn_node.users)
+    if len(users) != 1 or users[0].op != "call_function" or users[0].target not in _ADD or users[0].kwargs:
+        return None
+    add = users[0]
+    if len(add.args) != 2 or not all(isinstance(a, fx.Node) for a in add.args) or add.args[0] is add.args[1]:
+        return None
+    after = list(add.users)
+    if len(after) != 1 or after[0].op != "call_module" or type(gm.get_submodule(after[0].target)) is not IFNeuron:
+        return None
+    other = add.args[1] if add.args[0] is syn_node else add.args[0]
+    return add, other, after[0]
+
+
+def _fuse_residual(gm: fx.GraphModule, syn_node: fx.Node, add: fx.Node, other: fx.Node, neuron: fx.Node) -> None:
+    """Rewrite ``neuron(add(syn, other))`` as ``neuron.forward_residual(syn, other)`` in ``gm.graph``."""
+    g = gm.graph
+    with g.inserting_before(neuron):
+        module = g.get_attr(neuron.target)
+        fused = g.call_method("forward_residual", (module, syn_node, other))
+    neuron.replace_all_uses_with(fused)
+    g.erase_node(neuron)
+    g.erase_node(add)
+
+
 @contextmanager
 def synapse_mode(snn, mode: str) -> Iterator[dict[str, float]]:
     """Temporarily compute the eligible binary layers of ``snn`` in ``mode``; yields ``{layer: quantum}``.
 
-    In ``bf16`` mode two fusions follow: a layer whose only consumer is an IF neuron hands it the exact bf16 sum
-    and its bias (added inside the neuron's kernel, the same float32 operations in the same order), and IF
-    neurons that feed only such layers emit bf16 spikes (0/1 are exact); in ``bitpack`` mode the second one
-    (the packer reads bf16). Layers already swapped by something
-    else (e.g. hardware constraints) are left alone. Everything is restored on exit, also after an exception.
+    In ``bf16`` mode three fusions follow: a layer whose only consumer is an IF neuron hands it the exact bf16 sum
+    and its bias (added inside the neuron's kernel, the same float32 operations in the same order); a layer whose
+    only consumer is a residual add feeding an IF neuron does the same, the graph calling
+    :meth:`IFNeuron.forward_residual` with the sum and the shortcut current instead of adding them first (the
+    graph is rewritten for the duration); and IF neurons that feed only such layers emit bf16 spikes (0/1 are
+    exact); in ``bitpack`` mode the last one (the packer reads bf16). Layers already swapped by something else
+    (e.g. hardware constraints) are left alone. Everything is restored on exit, also after an exception.
     """
     gm = snn.graph_module
     layers = eligible_layers(snn)
     nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     originals: dict[str, nn.Module] = {}
     touched: list[IFNeuron] = []
+    graph = None  # the original graph while a residual sum is fused
     try:
         for name, q in layers.items():
             old = gm.get_submodule(name)
@@ -332,12 +368,20 @@ def synapse_mode(snn, mode: str) -> Iterator[dict[str, float]]:
             for name in layers:
                 users = list(nodes[name].users)
                 m = gm.get_submodule(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
+                residual = None if type(m) is IFNeuron else residual_sum(gm, nodes[name])
+                if residual is not None:
+                    if graph is None:
+                        graph = copy.deepcopy(gm.graph)
+                    m = gm.get_submodule(residual[2].target)
+                    _fuse_residual(gm, nodes[name], *residual)
                 if type(m) is IFNeuron:
                     syn = gm.get_submodule(name)
                     syn.defer_bias = True
                     b = syn.layer.bias
                     m.pre_bias = None if b is None else (b.detach().view(-1, 1, 1) if syn.is_conv else b.detach())
                     touched.append(m)
+            if graph is not None:
+                gm.recompile()
         if mode in ("bf16", "bitpack"):  # neurons feeding only fast binary layers emit bf16 spikes
             for name in snn.neuron_names:
                 m = gm.get_submodule(name)
@@ -346,6 +390,8 @@ def synapse_mode(snn, mode: str) -> Iterator[dict[str, float]]:
                     touched.append(m)
         yield layers
     finally:
+        if graph is not None:
+            gm.graph = graph  # the setter recompiles
         for m in touched:
             m.pre_bias, m.spike_dtype = None, None
         for name, old in originals.items():

@@ -87,13 +87,14 @@ def _per_neuron(term: torch.Tensor | None, sample: torch.Tensor, fill: float) ->
 
 def if_scan_cpp(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, pre_bias: torch.Tensor | None = None,
-                out_dtype: torch.dtype | None = None, counts: list | None = None, path: str = "auto"
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """IF over ``x_seq [T, B, ...]`` with current ``(x + pre_bias)·gain + bias``, threshold ``theta``, from
-    membranes ``v [B, ...]``; returns ``(spikes [T, B, ...] in out_dtype (default float32), v_next)`` in ``x_seq``'s
-    layout and appends each step's spikes per sample (float32 ``[B]``) to ``counts``. Falls back to
-    :func:`~bsnn.snn.kernels.inductor_if.if_scan_fused` where the layout or terms do not fit (module docstring) or
-    the extension is unavailable."""
+                out_dtype: torch.dtype | None = None, counts: list | None = None, path: str = "auto",
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """IF over ``x_seq [T, B, ...]`` with current ``((x + pre_bias) + residual)·gain + bias`` (``residual``
+    ``[T, B, ...]`` optional: a residual block's shortcut current, added after the synaptic bias as the unfused
+    graph adds it), threshold ``theta``, from membranes ``v [B, ...]``; returns ``(spikes [T, B, ...] in out_dtype
+    (default float32), v_next)`` in ``x_seq``'s layout and appends each step's spikes per sample (float32 ``[B]``)
+    to ``counts``. Falls back to :func:`~bsnn.snn.kernels.inductor_if.if_scan_fused` where the layout or terms do
+    not fit (module docstring) or the extension is unavailable."""
     out_dtype = out_dtype or (x_seq.dtype if x_seq.dtype == torch.float32 else torch.float32)
     paths = extension_paths()
     constant = x_seq.shape[0] > 1 and x_seq.stride(0) == 0  # one current repeated over the chunk (an expand)
@@ -101,12 +102,18 @@ def if_scan_cpp(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain:
     fits = (paths is not None and x_seq.dtype in (torch.float32, torch.bfloat16)
             and out_dtype in (torch.float32, torch.bfloat16) and _sample_major(x_mem))
     sample = x_seq[0, 0] if fits else None
+    if fits and residual is not None:  # the residual must be float32 in the current's memory order
+        fits = (not constant and residual.dtype == torch.float32 and residual.shape == x_seq.shape
+                and residual.stride() == x_seq.stride())
     terms = [_per_neuron(t, sample, fill) for t, fill in ((theta, 1.0), (gain, 1.0), (bias, 0.0), (pre_bias, 0.0))
              ] if fits else []
     if not fits or any(t is None for t in terms) or (path != "auto" and path not in paths):
         if fits and path != "auto" and path not in paths:
             raise ValueError(f"if_scan_cpp: unknown or unsupported code path {path!r}; this CPU runs "
                              f"{', '.join(paths)}")
+        if residual is not None:  # the unfused current, rounded as the graph rounds it
+            x_seq = (x_seq.float() if pre_bias is None else x_seq.float() + pre_bias) + residual
+            pre_bias = None
         return if_scan_fused(x_seq, theta, v, gain, bias, pre_bias, out_dtype, counts)
     v_next = torch.empty_like(x_seq[0], dtype=torch.float32)
     if v.dtype != torch.float32 or v.shape != v_next.shape or v.stride() != v_next.stride():
@@ -116,7 +123,9 @@ def if_scan_cpp(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain:
     spikes = torch.empty(t * b * f, dtype=out_dtype, device=x_seq.device).as_strided(
         x_seq.shape, (b * f, *step.stride()))
     n = torch.ops.bsnn_if.scan(_memory(x_mem).view(x_mem.shape[0], b, f), _memory(v), _memory(v_next),
-                               _memory(spikes).view(t, b, f), *terms, counts is not None, PATHS[path])
+                               _memory(spikes).view(t, b, f), *terms,
+                               None if residual is None else _memory(residual).view(t, b, f), counts is not None,
+                               PATHS[path])
     if counts is not None:
         counts.extend(n.unbind(0))
     return spikes, v_next

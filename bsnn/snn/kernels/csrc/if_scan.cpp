@@ -5,12 +5,13 @@
 // Memory (all dense, raw order): x [T][B][F] (float32, or bfloat16 exact integer sums; or x [1][B][F], the same
 // current at every step: direct encoding's first layer, read once per chunk instead of T times), v_in [B][F] float32 (the
 // membranes before the chunk, read) and v_out [B][F] float32 (after it, written; may be v_in itself), spikes [T][B][F] (float32 or bfloat16), counts [T][B] float32 (spikes per sample and step, optional).
+// r [T][B][F] float32 (optional): a residual current added after the synaptic bias (a residual block's shortcut).
 // F is one sample's neurons in its memory order (channels-last or not: the caller gives every per-neuron term in
 // the same order). Per-neuron terms theta, gain, bias, pre_bias are float32 vectors of length F, or of length 1
 // (a scalar for every neuron).
 //
 // Arithmetic, each operation rounded to float32 in the oracle's order (bsnn.snn.functional.if_multistep on the
-// pre-scaled input): i = (x + pre_bias) * gain + bias; v = v + i; s = (v >= theta); v = v - s * theta. The file
+// pre-scaled input): i = ((x + pre_bias) [+ r]) * gain + bias; v = v + i; s = (v >= theta); v = v - s * theta. The file
 // is compiled with -ffp-contract=off so that no multiply-add is fused (the results are then bit-identical to the
 // oracle's).
 //
@@ -61,6 +62,7 @@ struct Args {
   float* v_out;
   void* s;
   bool s_bf16;
+  const float* r;  // [T][B][F] residual current or nullptr
   float* counts;  // [T][B] or nullptr
   Term theta, gain, bias, pre_bias;
   i64 T, B, F;
@@ -86,7 +88,9 @@ void scan_sample_generic(const Args& a, i64 b) {
     for (i64 t = 0; t < a.T; ++t) {
       const i64 o = t * step + b * a.F + f, xo = t * a.x_step + b * a.F + f;
       const float x = a.x_bf16 ? bf16_to_float(static_cast<const uint16_t*>(a.x)[xo]) : static_cast<const float*>(a.x)[xo];
-      const float i = (x + pb) * g + bi;
+      float c = x + pb;
+      if (a.r) c = c + a.r[o];
+      const float i = c * g + bi;
       v = v + i;
       const bool fire = v >= th;
       const float s = fire ? 1.0f : 0.0f;
@@ -131,7 +135,9 @@ BSNN_AVX512 void scan_sample_avx512(const Args& a, i64 b) {
       } else {
         x = _mm512_maskz_loadu_ps(m, static_cast<const float*>(a.x) + xo);
       }
-      const __m512 i = _mm512_add_ps(_mm512_mul_ps(_mm512_add_ps(x, pb), g), bi);
+      __m512 c = _mm512_add_ps(x, pb);
+      if (a.r) c = _mm512_add_ps(c, _mm512_maskz_loadu_ps(m, a.r + o));
+      const __m512 i = _mm512_add_ps(_mm512_mul_ps(c, g), bi);
       v = _mm512_add_ps(v, i);
       const __mmask16 fire = _mm512_mask_cmp_ps_mask(m, v, th, _CMP_GE_OQ);
       const __m512 s = _mm512_maskz_mov_ps(fire, one);
@@ -158,8 +164,9 @@ Term term(const at::Tensor& t, i64 F) {
 
 // x [T, B, F] or [1, B, F] (constant over the T steps), v_in and v_out [B, F] (v_out written), spikes [T, B, F]; terms float32 [F] or [1]; path 0 auto, 1 generic,
 // 2 avx512. Returns counts [T, B] float32 (empty when want_counts is false).
-at::Tensor scan(const at::Tensor& x, const at::Tensor& v_in, at::Tensor v_out, at::Tensor spikes, const at::Tensor& theta, const at::Tensor& gain,
-                const at::Tensor& bias, const at::Tensor& pre_bias, bool want_counts, i64 path) {
+at::Tensor scan(const at::Tensor& x, const at::Tensor& v_in, at::Tensor v_out, at::Tensor spikes,
+                const at::Tensor& theta, const at::Tensor& gain, const at::Tensor& bias, const at::Tensor& pre_bias, const std::optional<at::Tensor>& residual,
+                bool want_counts, i64 path) {
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "if_scan: x must be a contiguous float32 or bfloat16 [T, B, F] tensor");
   TORCH_CHECK(spikes.dim() == 3 && spikes.size(1) == x.size(1) && spikes.size(2) == x.size(2) &&
@@ -172,10 +179,14 @@ at::Tensor scan(const at::Tensor& x, const at::Tensor& v_in, at::Tensor v_out, a
   TORCH_CHECK(spikes.is_contiguous() && spikes.numel() == T * B * F &&
                   (spikes.scalar_type() == at::kFloat || spikes.scalar_type() == at::kBFloat16),
               "if_scan: spikes must be a contiguous float32 or bfloat16 tensor of T * B * F elements");
+  if (residual)
+    TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->is_contiguous() && residual->numel() == T * B * F,
+                "if_scan: the residual must be a contiguous float32 tensor of T * B * F elements");
   at::Tensor counts = want_counts ? at::empty({T, B}, x.options().dtype(at::kFloat)) : at::Tensor();
   Args a{x.data_ptr(), x.scalar_type() == at::kBFloat16, v_in.data_ptr<float>(), v_out.data_ptr<float>(),
          spikes.data_ptr(),
-         spikes.scalar_type() == at::kBFloat16, want_counts ? counts.data_ptr<float>() : nullptr,
+         spikes.scalar_type() == at::kBFloat16, residual ? residual->data_ptr<float>() : nullptr,
+         want_counts ? counts.data_ptr<float>() : nullptr,
          term(theta, F), term(gain, F), term(bias, F), term(pre_bias, F), T, B, F, x.size(0) == 1 ? 0 : B * F};
   bool avx512 = path == 2 || (path == 0 && cpu_has_avx512());
   TORCH_CHECK(!avx512 || cpu_has_avx512(), "if_scan: this CPU has no AVX-512");
@@ -198,6 +209,6 @@ std::string cpu_paths() { return cpu_has_avx512() ? "generic,avx512" : "generic"
 }  // namespace
 
 TORCH_LIBRARY(bsnn_if, m) {
-  m.def("scan", &scan);  // (x, v_in, v_out, spikes, theta, gain, bias, pre_bias, want_counts, path) -> counts
+  m.def("scan", &scan);  // (x, v_in, v_out, spikes, theta, gain, bias, pre_bias, residual?, want_counts, path)
   m.def("cpu_paths", &cpu_paths);
 }
