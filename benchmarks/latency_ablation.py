@@ -279,7 +279,9 @@ def build_markdown(payload: dict) -> str:
     lines = [f"# Latency reduction on the CIFAR-10 zoo networks (spikingjelly "
              f"{payload['machine'].get('spikingjelly')} alongside)", "",
              f"Machine: {machine_markdown(payload['machine'])}", "",
-             f"Command: `{payload['command']}` (started {payload['started']}).", "",
+             f"Commands (rows are kept between runs, so each was computed by one of these; the last ran most "
+             f"recently): {'; '.join(f'`{c}`' for c in payload.get('commands', [payload['command']]))} (first started "
+             f"{payload['started']}).", "",
              "Data: CIFAR-10, JPEG copy (`../shared/data/cifar10.npz`). Accuracy (%) on the first n test images; "
              "T@1 / T@0.3 = smallest T with test accuracy ≥ ANN − 1 / − 0.3 points on the same images ('—': not "
              "within 64). 'alone' rows add ONE technique to plain layer-wise max-norm (v0 = 0); 'candidate' rows are "
@@ -364,7 +366,9 @@ def main(argv: list[str] | None = None) -> None:
     payload = json.loads(old.read_text()) if old.is_file() and not args.fresh else {}
     if "networks" not in payload:  # results of the earlier (mnist5k / VGG-7) version are not comparable
         payload = {}
-    payload.update(command=command_line(), machine=machine_info(), started=payload.get("started", now_iso()))
+    history = payload.get("commands") or ([payload["command"]] if payload.get("command") else [])
+    payload.update(command=command_line(), machine=machine_info(), started=payload.get("started", now_iso()),
+                   commands=[*[c for c in history if c != command_line()], command_line()])
     payload.setdefault("networks", {})
     for d in payload["networks"].values():  # rows measured with an earlier definition
         for label in [k for k in d["rows"] if k in set(args.drop_rows.split("|"))]:
