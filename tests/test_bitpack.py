@@ -16,6 +16,7 @@ from bsnn.config import SimConfig
 from bsnn.simulate import run_batch, simulate
 from bsnn.snn import synapse
 from bsnn.snn.kernels import bitpack as bp
+from bsnn.snn.kernels import extension
 from bsnn.snn.synapse import BinarySynapse, synapse_mode
 from tests.test_fast_sim import POOLS, _convert, _pooled, _vgg_like
 
@@ -250,7 +251,7 @@ def broken_loader(monkeypatch):
 
     bp.extension_paths.cache_clear()
     synapse.bitpack_engine.cache_clear()
-    monkeypatch.setattr(bp, "build", fail)
+    monkeypatch.setattr(extension, "build", fail)
     yield
     bp.extension_paths.cache_clear()
     synapse.bitpack_engine.cache_clear()

@@ -2,6 +2,7 @@
 it takes, and the fallback for the ones it does not."""
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from bsnn.convert import Max, convert
 from bsnn.pipeline import build_model
 
 from bsnn.snn.functional import if_multistep
-from bsnn.snn.kernels import cpp_if, default_kernel, prescale
+from bsnn.snn.kernels import cpp_if, default_kernel, extension, prescale
 from bsnn.snn.kernels.inductor_if import compiler_works
 from bsnn.simulate import run_batch, simulate
 from bsnn.snn.synapse import synapse_mode
@@ -214,3 +215,22 @@ def test_simulate_with_fused_residual_sums_equals_the_fp32_engine():
     fast = simulate(snn, loader, [1, 4, 9], SimConfig(time_chunk=4), quiet=True)
     slow = simulate(snn, loader, [1, 4, 9], SimConfig(time_chunk=4, kernel="torch", synapse="float"), quiet=True)
     assert fast.accuracy == slow.accuracy and fast.spike_counts == slow.spike_counts
+
+
+def test_failed_build_falls_back_to_the_compiled_kernel_with_one_warning(monkeypatch, caplog):
+    def fail(name, source):
+        raise OSError("no C++ compiler found")
+
+    cpp_if.extension_paths.cache_clear()
+    monkeypatch.setattr(extension, "build", fail)
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert default_kernel(torch.device("cpu")) == "inductor"
+            x, v0 = torch.randn(3, 2, 5), torch.zeros(2, 5)
+            s, v = cpp_if.if_scan_cpp(x, torch.ones(()), v0)
+        s_ref, v_ref, _ = _oracle(x, torch.ones(()), v0, None, None, None)
+        assert torch.equal(s, s_ref) and torch.equal(v, v_ref)
+        warnings = [r.getMessage() for r in caplog.records if "IF kernel" in r.getMessage()]
+        assert len(warnings) == 1 and "no C++ compiler found" in warnings[0] and "per-timestep" in warnings[0]
+    finally:
+        cpp_if.extension_paths.cache_clear()

@@ -59,7 +59,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from bsnn.snn.kernels.extension import build
+from bsnn.snn.kernels.extension import code_paths
 
 log = logging.getLogger(__name__)
 
@@ -225,14 +225,8 @@ def reference_engine() -> Engine:
 def extension_paths() -> tuple[str, ...] | None:
     """The C++ code paths this CPU runs (e.g. ``('generic', 'popcnt', 'avx512_vpopcntdq')``, best last), building
     the extension on first use; None, with one logged warning, where it cannot be built."""
-    try:
-        build(EXTENSION_NAME, "bitpack.cpp")
-        return tuple(torch.ops.bsnn_bitpack.cpu_paths().split(","))
-    except Exception as e:  # noqa: BLE001 - no compiler, failed build or load: never crash a simulation
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        log.warning("bsnn: the bitpack C++ extension could not be built (%s: %s); binary layers use the bf16 "
-                    "synapse mode instead", type(e).__name__, msg[:200])
-        return None
+    return code_paths(EXTENSION_NAME, "bitpack.cpp", "the bitpack C++ extension",
+                      "binary layers use the bf16 synapse mode instead")
 
 
 def cpp_engine(path: str = "auto") -> Engine:

@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from bsnn.snn.kernels.extension import build
+from bsnn.snn.kernels.extension import code_paths
 from bsnn.snn.kernels.inductor_if import if_scan_fused
 
 log = logging.getLogger(__name__)
@@ -35,14 +35,8 @@ PATHS = {"auto": 0, "generic": 1, "avx512": 2}
 def extension_paths() -> tuple[str, ...] | None:
     """The code paths this CPU runs (e.g. ``('generic', 'avx512')``), building the extension on first use; None,
     with one logged warning, where it cannot be built."""
-    try:
-        build(EXTENSION_NAME, "if_scan.cpp")
-        return tuple(torch.ops.bsnn_if.cpu_paths().split(","))
-    except Exception as e:  # noqa: BLE001 - no compiler, failed build or load: never crash a simulation
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        log.warning("bsnn: the C++ IF kernel could not be built (%s: %s); the IF layers use the compiled "
-                    "per-timestep kernel instead", type(e).__name__, msg[:200])
-        return None
+    return code_paths(EXTENSION_NAME, "if_scan.cpp", "the C++ IF kernel",
+                      "the IF layers use the compiled per-timestep kernel instead")
 
 
 def _sample_major(x_seq: torch.Tensor) -> bool:

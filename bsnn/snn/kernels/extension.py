@@ -8,8 +8,13 @@ as the eager oracles do. ``BSNN_NO_COMPILE`` turns every build off (the callers 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
@@ -24,3 +29,16 @@ def build(name: str, source: str) -> None:
 
     cpp_extension.load(name=name, sources=[str(CSRC / source)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                        is_python_module=False, verbose=False)
+
+
+def code_paths(name: str, source: str, what: str, fallback: str) -> tuple[str, ...] | None:
+    """Build and load ``csrc/<source>`` as ``torch.ops.<name>`` (first use) and return the code paths its
+    ``cpu_paths()`` op reports for this CPU, best last; None, with one logged warning naming ``what`` failed to
+    build and ``fallback`` (what runs instead), where it cannot be built: a simulation never crashes on it."""
+    try:
+        build(name, source)
+        return tuple(getattr(torch.ops, name).cpu_paths().split(","))
+    except Exception as e:  # noqa: BLE001 - no compiler, failed build or load
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        log.warning("bsnn: %s could not be built (%s: %s); %s", what, type(e).__name__, msg[:200], fallback)
+        return None
