@@ -17,7 +17,7 @@ from bsnn.snn.functional import if_multistep
 from bsnn.snn.kernels import cpp_if, default_kernel, extension, prescale
 from bsnn.snn.kernels.inductor_if import compiler_works
 from bsnn.simulate import run_batch, simulate
-from bsnn.snn.synapse import synapse_mode
+from bsnn.snn.synapse import BinarySynapse, synapse_mode
 from bsnn.snn.neuron import IFNeuron
 from tests.test_fast_sim import _convert, _vgg_like
 
@@ -234,3 +234,24 @@ def test_failed_build_falls_back_to_the_compiled_kernel_with_one_warning(monkeyp
         assert len(warnings) == 1 and "no C++ compiler found" in warnings[0] and "per-timestep" in warnings[0]
     finally:
         cpp_if.extension_paths.cache_clear()
+
+
+@pytest.mark.parametrize("time_chunk", [3, 1])
+def test_the_neuron_checks_the_bf16_sums_it_reads_and_reruns_inexact_chunks(time_chunk):
+    torch.manual_seed(7)
+    conv = nn.Conv2d(64, 4, 3, padding=1, bias=True)
+    conv.weight.data = torch.where(torch.rand_like(conv.weight) < 0.9, 1.0, -1.0)  # sums up to ~460: not exact
+    pair = [IFNeuron(4.0, 0.5, "n") for _ in range(2)]
+    syn = BinarySynapse(conv, 1.0, "bf16")
+    syn.defer_bias, syn.consumer = True, pair[0]
+    pair[0].pre_bias = conv.bias.detach().view(-1, 1, 1)
+    for n in pair:
+        n.kernel, n.time_chunk = "cpp", time_chunk
+    dense = torch.ones(time_chunk * 2, 64, 5, 5)  # every input spikes: inexact sums
+    sparse = (torch.rand(time_chunk * 2, 64, 5, 5) < 0.05).float()  # small sums: exact
+    for x, fallbacks in ((dense, 1), (sparse, 1), (dense, 2)):
+        out = pair[0](syn(x))
+        ref = pair[1](nn.functional.conv2d(x, conv.weight, None, padding=1) + conv.bias.view(1, -1, 1, 1))
+        assert torch.equal(out.float(), ref) and torch.equal(pair[0].v, pair[1].v) and syn.fallbacks == fallbacks
+        assert pair[0].exactness is None  # consumed by the call it was meant for
+    assert pair[0].spike_count == pair[1].spike_count

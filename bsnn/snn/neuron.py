@@ -20,6 +20,17 @@ from bsnn.snn.kernels import counted, get_kernel, prescale
 from bsnn.snn.kernels.cpp_if import if_scan_cpp
 
 
+@dataclass(frozen=True)
+class ExactnessCheck:
+    """A check the bf16 synapse hands to the IF neuron consuming its sums (:func:`bsnn.snn.synapse.bf16_mode`):
+    the C++ kernel reads the sums anyway, so it also takes their max ``|x|`` on the way; at or above ``limit`` the
+    sums were not exact in bf16, and the neuron runs the chunk again from ``recompute()`` (the float32 sums)."""
+
+    limit: float
+    recompute: Callable[[], torch.Tensor]
+    synapse: nn.Module
+
+
 class IFNeuron(nn.Module):
     """Integrate-and-fire neurons, reset by subtraction, threshold per layer or per channel.
 
@@ -65,6 +76,7 @@ class IFNeuron(nn.Module):
         self.kernel = "torch"
         self.record = True
         self.pre_bias: torch.Tensor | None = None  # synaptic bias deferred into the neuron (bsnn.snn.synapse)
+        self.exactness: ExactnessCheck | None = None  # the producing bf16 synapse's check, for the next call only
         self.spike_dtype: torch.dtype | None = None  # dtype of emitted spikes (None: the input's)
         self.v: torch.Tensor | None = None
         self.t = 0  # timesteps run since the last reset
@@ -100,6 +112,7 @@ class IFNeuron(nn.Module):
         self.t = 0
         self._spike_count = []
         self._pending = []
+        self.exactness = None
 
     @property
     def spike_count(self) -> list[float]:
@@ -200,15 +213,33 @@ class IFNeuron(nn.Module):
         counts: list[torch.Tensor] | None = [] if self.record else None
         # the bias current flows during the first i_bias_steps timesteps only: split the chunk where it stops
         split = tc if self._bias is None or not self._bias_steps else min(tc, max(0, self._bias_steps - self.t))
+        check, self.exactness = self.exactness, None
+
         def scan(lo: int, hi: int, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
             xs = x_seq if (lo, hi) == (0, tc) else x_seq[lo:hi]
             if residual is None:
                 return self._scan(xs, bias, counts)
             return self._scan_residual(xs, bias, counts, residual if (lo, hi) == (0, tc) else residual[lo:hi])
 
-        if split in (0, tc):  # the usual case: one kernel call for the whole chunk
+        def exact(x: torch.Tensor) -> torch.Tensor:  # the float32 sums of a chunk whose bf16 sums were not exact
+            check.synapse.fallbacks += 1
+            return check.recompute().reshape(x.shape)
+
+        if check is not None and split in (0, tc):  # one pass: fire and take max |x| for the synapse's check
+            bias = self._bias if split else None
+            spikes, v, amax = if_scan_cpp(x_seq, self._one, self.v, self._gain, bias, self.pre_bias,
+                                          self.spike_dtype, counts, residual=residual, absmax=True)
+            if amax >= check.limit:  # not exact: this chunk again from the float32 sums
+                if counts is not None:
+                    counts.clear()
+                x_seq = exact(x_seq)
+                spikes, v = scan(0, tc, bias)
+            self.v = v
+        elif split in (0, tc):  # the usual case: one kernel call for the whole chunk
             spikes, self.v = scan(0, tc, self._bias if split else None)
         else:  # the bias window ends inside this chunk
+            if check is not None and float(x_seq.abs().max()) >= check.limit:
+                x_seq = exact(x_seq)
             head, self.v = scan(0, split, self._bias)
             tail, self.v = scan(split, tc, None)
             spikes = torch.cat((head, tail))

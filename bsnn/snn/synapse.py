@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from bsnn._registry import Registry
 from bsnn.snn.kernels import bitpack
 from bsnn.snn.network import is_pass_through, node_shapes
-from bsnn.snn.neuron import IFNeuron, memory_order
+from bsnn.snn.neuron import ExactnessCheck, IFNeuron, memory_order
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,7 @@ class BinarySynapse(nn.Module):
         self.fallbacks = 0
         self.calls = 0
         self.defer_bias = False  # the consuming IF neuron adds the bias (its ``pre_bias``)
+        self.consumer: IFNeuron | None = None  # that neuron, which also checks the bf16 sums' exactness
 
     def linear_op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The layer's convolution / matmul of ``x`` with ``w``, without bias."""
@@ -207,6 +208,11 @@ def bf16_mode(syn: BinarySynapse, x: torch.Tensor) -> torch.Tensor:
     """bf16 operands, fp32 accumulation, bf16 output checked for exactness (fp32 recompute otherwise)."""
     xb = x.to(dtype=torch.bfloat16, memory_format=torch.channels_last if syn.is_conv else torch.preserve_format)
     y = syn.linear_op(xb, syn.w_bf16)
+    m = syn.consumer
+    if m is not None and m.kernel == "cpp" and not (m._forward_hooks or m._forward_pre_hooks):
+        # the consuming neuron's C++ kernel checks the sums as it reads them (no separate pass over them here)
+        m.exactness = ExactnessCheck(BF16_EXACT_LIMIT * syn.quantum, lambda: float_mode(syn, x.float()), syn)
+        return y
     lo, hi = torch.aminmax(memory_order(y).reshape(-1))  # a view for channels-last: no copy
     if bool(torch.maximum(-lo, hi) >= BF16_EXACT_LIMIT * syn.quantum):
         syn.fallbacks += 1
@@ -376,7 +382,7 @@ def synapse_mode(snn, mode: str) -> Iterator[dict[str, float]]:
                     _fuse_residual(gm, nodes[name], *residual)
                 if type(m) is IFNeuron:
                     syn = gm.get_submodule(name)
-                    syn.defer_bias = True
+                    syn.defer_bias, syn.consumer = True, m
                     b = syn.layer.bias
                     m.pre_bias = None if b is None else (b.detach().view(-1, 1, 1) if syn.is_conv else b.detach())
                     touched.append(m)
@@ -393,7 +399,7 @@ def synapse_mode(snn, mode: str) -> Iterator[dict[str, float]]:
         if graph is not None:
             gm.graph = graph  # the setter recompiles
         for m in touched:
-            m.pre_bias, m.spike_dtype = None, None
+            m.pre_bias, m.spike_dtype, m.exactness = None, None, None
         for name, old in originals.items():
             replace_submodule(gm, name, old)
 

@@ -82,13 +82,14 @@ def _per_neuron(term: torch.Tensor | None, sample: torch.Tensor, fill: float) ->
 def if_scan_cpp(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, pre_bias: torch.Tensor | None = None,
                 out_dtype: torch.dtype | None = None, counts: list | None = None, path: str = "auto",
-                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                residual: torch.Tensor | None = None, absmax: bool = False) -> tuple:
     """IF over ``x_seq [T, B, ...]`` with current ``((x + pre_bias) + residual)·gain + bias`` (``residual``
     ``[T, B, ...]`` optional: a residual block's shortcut current, added after the synaptic bias as the unfused
     graph adds it), threshold ``theta``, from membranes ``v [B, ...]``; returns ``(spikes [T, B, ...] in out_dtype
     (default float32), v_next)`` in ``x_seq``'s layout and appends each step's spikes per sample (float32 ``[B]``)
-    to ``counts``. Falls back to :func:`~bsnn.snn.kernels.inductor_if.if_scan_fused` where the layout or terms do
-    not fit (module docstring) or the extension is unavailable."""
+    to ``counts``. With ``absmax``, returns ``(spikes, v_next, max |x|)`` (a python float, read on the way: the
+    bf16 synapse's exactness check). Falls back to :func:`~bsnn.snn.kernels.inductor_if.if_scan_fused` where the
+    layout or terms do not fit (module docstring) or the extension is unavailable."""
     out_dtype = out_dtype or (x_seq.dtype if x_seq.dtype == torch.float32 else torch.float32)
     paths = extension_paths()
     constant = x_seq.shape[0] > 1 and x_seq.stride(0) == 0  # one current repeated over the chunk (an expand)
@@ -105,10 +106,12 @@ def if_scan_cpp(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain:
         if fits and path != "auto" and path not in paths:
             raise ValueError(f"if_scan_cpp: unknown or unsupported code path {path!r}; this CPU runs "
                              f"{', '.join(paths)}")
+        amax = float(x_seq.abs().max()) if absmax else None
         if residual is not None:  # the unfused current, rounded as the graph rounds it
             x_seq = (x_seq.float() if pre_bias is None else x_seq.float() + pre_bias) + residual
             pre_bias = None
-        return if_scan_fused(x_seq, theta, v, gain, bias, pre_bias, out_dtype, counts)
+        out = if_scan_fused(x_seq, theta, v, gain, bias, pre_bias, out_dtype, counts)
+        return (*out, amax) if absmax else out
     v_next = torch.empty_like(x_seq[0], dtype=torch.float32)
     if v.dtype != torch.float32 or v.shape != v_next.shape or v.stride() != v_next.stride():
         v = v_next.copy_(v)  # the kernel reads the membranes in the current's memory order
@@ -116,10 +119,11 @@ def if_scan_cpp(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain:
     step = torch.empty_like(x_seq[0], dtype=out_dtype)  # one timestep in the current's memory order
     spikes = torch.empty(t * b * f, dtype=out_dtype, device=x_seq.device).as_strided(
         x_seq.shape, (b * f, *step.stride()))
+    amax = torch.empty(b, dtype=torch.float32) if absmax else None
     n = torch.ops.bsnn_if.scan(_memory(x_mem).view(x_mem.shape[0], b, f), _memory(v), _memory(v_next),
                                _memory(spikes).view(t, b, f), *terms,
-                               None if residual is None else _memory(residual).view(t, b, f), counts is not None,
-                               PATHS[path])
+                               None if residual is None else _memory(residual).view(t, b, f), amax,
+                               counts is not None, PATHS[path])
     if counts is not None:
         counts.extend(n.unbind(0))
-    return spikes, v_next
+    return (spikes, v_next, float(amax.max())) if absmax else (spikes, v_next)

@@ -6,6 +6,8 @@
 // current at every step: direct encoding's first layer, read once per chunk instead of T times), v_in [B][F] float32 (the
 // membranes before the chunk, read) and v_out [B][F] float32 (after it, written; may be v_in itself), spikes [T][B][F] (float32 or bfloat16), counts [T][B] float32 (spikes per sample and step, optional).
 // r [T][B][F] float32 (optional): a residual current added after the synaptic bias (a residual block's shortcut).
+// absmax [B] float32 (optional): each sample's max |x| over the chunk, written on the way (the bf16 synapse checks
+// from it that its sums were exact, instead of a separate pass over them).
 // F is one sample's neurons in its memory order (channels-last or not: the caller gives every per-neuron term in
 // the same order). Per-neuron terms theta, gain, bias, pre_bias are float32 vectors of length F, or of length 1
 // (a scalar for every neuron).
@@ -22,6 +24,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -64,6 +68,7 @@ struct Args {
   bool s_bf16;
   const float* r;  // [T][B][F] residual current or nullptr
   float* counts;  // [T][B] or nullptr
+  float* absmax;  // [B]: max |x| over the chunk per sample (the bf16 synapse's exactness check), or nullptr
   Term theta, gain, bias, pre_bias;
   i64 T, B, F;
   i64 x_step;  // B * F, or 0 for a current constant over the chunk
@@ -82,12 +87,14 @@ constexpr uint16_t kBf16One = 0x3F80;  // 1.0 in bfloat16
 void scan_sample_generic(const Args& a, i64 b) {
   const i64 step = a.B * a.F;
   std::vector<i64> count(a.T, 0);
+  float amax = 0.0f;
   for (i64 f = 0; f < a.F; ++f) {
     const float th = a.theta.at(f), g = a.gain.at(f), bi = a.bias.at(f), pb = a.pre_bias.at(f);
     float v = a.v_in[b * a.F + f];
     for (i64 t = 0; t < a.T; ++t) {
       const i64 o = t * step + b * a.F + f, xo = t * a.x_step + b * a.F + f;
       const float x = a.x_bf16 ? bf16_to_float(static_cast<const uint16_t*>(a.x)[xo]) : static_cast<const float*>(a.x)[xo];
+      amax = std::max(amax, std::fabs(x));
       float c = x + pb;
       if (a.r) c = c + a.r[o];
       const float i = c * g + bi;
@@ -106,6 +113,7 @@ void scan_sample_generic(const Args& a, i64 b) {
   }
   if (a.counts)
     for (i64 t = 0; t < a.T; ++t) a.counts[t * a.B + b] = static_cast<float>(count[t]);
+  if (a.absmax) a.absmax[b] = amax;
 }
 
 #if BSNN_X86 && defined(__GNUC__)
@@ -120,6 +128,7 @@ BSNN_AVX512 void scan_sample_avx512(const Args& a, i64 b) {
   std::vector<i64> count(a.T, 0);
   const __m512 one = _mm512_set1_ps(1.0f);
   const __m256i bf_one = _mm256_set1_epi16(static_cast<short>(kBf16One));
+  __m512 amax = _mm512_setzero_ps();
   for (i64 f = 0; f < a.F; f += 16) {
     const i64 n = a.F - f < 16 ? a.F - f : 16;
     const __mmask16 m = n == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
@@ -135,6 +144,7 @@ BSNN_AVX512 void scan_sample_avx512(const Args& a, i64 b) {
       } else {
         x = _mm512_maskz_loadu_ps(m, static_cast<const float*>(a.x) + xo);
       }
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(x));  // masked-off lanes hold 0
       __m512 c = _mm512_add_ps(x, pb);
       if (a.r) c = _mm512_add_ps(c, _mm512_maskz_loadu_ps(m, a.r + o));
       const __m512 i = _mm512_add_ps(_mm512_mul_ps(c, g), bi);
@@ -153,6 +163,7 @@ BSNN_AVX512 void scan_sample_avx512(const Args& a, i64 b) {
   }
   if (a.counts)
     for (i64 t = 0; t < a.T; ++t) a.counts[t * a.B + b] = static_cast<float>(count[t]);
+  if (a.absmax) a.absmax[b] = _mm512_reduce_max_ps(amax);
 }
 #endif
 
@@ -165,8 +176,9 @@ Term term(const at::Tensor& t, i64 F) {
 // x [T, B, F] or [1, B, F] (constant over the T steps), v_in and v_out [B, F] (v_out written), spikes [T, B, F]; terms float32 [F] or [1]; path 0 auto, 1 generic,
 // 2 avx512. Returns counts [T, B] float32 (empty when want_counts is false).
 at::Tensor scan(const at::Tensor& x, const at::Tensor& v_in, at::Tensor v_out, at::Tensor spikes,
-                const at::Tensor& theta, const at::Tensor& gain, const at::Tensor& bias, const at::Tensor& pre_bias, const std::optional<at::Tensor>& residual,
-                bool want_counts, i64 path) {
+                const at::Tensor& theta, const at::Tensor& gain, const at::Tensor& bias,
+                const at::Tensor& pre_bias, const std::optional<at::Tensor>& residual,
+                const std::optional<at::Tensor>& absmax, bool want_counts, i64 path) {
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "if_scan: x must be a contiguous float32 or bfloat16 [T, B, F] tensor");
   TORCH_CHECK(spikes.dim() == 3 && spikes.size(1) == x.size(1) && spikes.size(2) == x.size(2) &&
@@ -182,11 +194,14 @@ at::Tensor scan(const at::Tensor& x, const at::Tensor& v_in, at::Tensor v_out, a
   if (residual)
     TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->is_contiguous() && residual->numel() == T * B * F,
                 "if_scan: the residual must be a contiguous float32 tensor of T * B * F elements");
+  if (absmax)
+    TORCH_CHECK(absmax->scalar_type() == at::kFloat && absmax->is_contiguous() && absmax->numel() == B,
+                "if_scan: absmax must be a contiguous float32 tensor of B elements");
   at::Tensor counts = want_counts ? at::empty({T, B}, x.options().dtype(at::kFloat)) : at::Tensor();
   Args a{x.data_ptr(), x.scalar_type() == at::kBFloat16, v_in.data_ptr<float>(), v_out.data_ptr<float>(),
          spikes.data_ptr(),
          spikes.scalar_type() == at::kBFloat16, residual ? residual->data_ptr<float>() : nullptr,
-         want_counts ? counts.data_ptr<float>() : nullptr,
+         want_counts ? counts.data_ptr<float>() : nullptr, absmax ? absmax->data_ptr<float>() : nullptr,
          term(theta, F), term(gain, F), term(bias, F), term(pre_bias, F), T, B, F, x.size(0) == 1 ? 0 : B * F};
   bool avx512 = path == 2 || (path == 0 && cpu_has_avx512());
   TORCH_CHECK(!avx512 || cpu_has_avx512(), "if_scan: this CPU has no AVX-512");
@@ -209,6 +224,7 @@ std::string cpu_paths() { return cpu_has_avx512() ? "generic,avx512" : "generic"
 }  // namespace
 
 TORCH_LIBRARY(bsnn_if, m) {
-  m.def("scan", &scan);  // (x, v_in, v_out, spikes, theta, gain, bias, pre_bias, residual?, want_counts, path)
+  // (x, v_in, v_out, spikes, theta, gain, bias, pre_bias, residual?, absmax?, want_counts, path) -> counts
+  m.def("scan", &scan);
   m.def("cpu_paths", &cpu_paths);
 }
