@@ -272,7 +272,9 @@ def defaults_lines(runs: list[dict], methods: list[str]) -> list[str]:
 def markdown_mnist(payload: dict) -> str:
     lines = ["# Distillation methods for binary-weight students", "",
              f"Machine: {machine_markdown(payload['machine'])}", "",
-             f"Command: `{payload['command']}` (started {payload['started']}, last update {payload['updated']}).", "",
+             f"Commands (runs resume across invocations; each row's seeds come from one or more of these): "
+             f"{'; '.join(f'`{c}`' for c in payload.get('commands', [payload['command']]))} (started "
+             f"{payload['started']}, last update {payload['updated']}).", "",
              "Every method trains the same binary-weight student (±α·sign weights, first/last layer full precision) "
              "from the same frozen teacher under the same budget; accuracy (%) on the test images after the last "
              "epoch and at the best epoch (an optimistic oracle, as commonly reported), mean ± sample std over the "
@@ -587,7 +589,9 @@ def markdown_cifar(payload: dict) -> str:
     info = d["info"]
     lines = ["# Distillation methods for binary-weight students: CIFAR-10, from the zoo teacher", "",
              f"Machine: {machine_markdown(payload['machine'])}", "",
-             f"Command: `{payload['command']}` (started {payload['started']}, last update {payload['updated']}).", "",
+             f"Commands (runs resume across invocations; each row's seeds come from one or more of these): "
+             f"{'; '.join(f'`{c}`' for c in payload.get('commands', [payload['command']]))} (started "
+             f"{payload['started']}, last update {payload['updated']}).", "",
              f"Teacher: the zoo's `{info['teacher']}` ({info['teacher_description']}), used frozen as released: "
              f"{info['teacher_val']:.2f} % on the {info['val_samples']} validation images, "
              f"{info['teacher_test']:.2f} % on the {info['test_samples']} test images. Data: {info['data']}.", "",
@@ -707,7 +711,14 @@ def main(argv: list[str] | None = None) -> None:
         ctx["snn_samples"] = 100 if args.quick else args.snn_test
         stem = suite.stem + ctx.get("stem_suffix", "") + ("_quick" if args.quick else "")
         payload = load_payload(out / f"{stem}.json", args.fresh, suite.recipe, ctx.get("settings"))
-        payload.update({"command": command_line(), "machine": machine_info(), "methods": methods, "seeds": seeds,
+        # the table lists every method with results in the file (runs resume across invocations), in the suite's order
+        present = {r["method"] for r in payload.get("datasets", {}).get(name, {}).get("runs", [])} | set(methods)
+        order = [*suite.default_methods(False), *methods, *sorted(present)]
+        listed = [m for i, m in enumerate(order) if m in present and m not in order[:i]]
+        history = payload.get("commands") or ([payload["command"]] if payload.get("command") else [])
+        payload.update({"command": command_line(), "machine": machine_info(), "methods": listed,
+                        "seeds": sorted(set(payload.get("seeds", [])) | set(seeds)),
+                        "commands": [*[c for c in history if c != command_line()], command_line()],
                         "snn_samples": payload.get("snn_samples", {})})
         payload.setdefault("started", now_iso())
         payload.setdefault("datasets", {})
