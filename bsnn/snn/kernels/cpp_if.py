@@ -10,8 +10,9 @@ membranes are bit-identical (tests).
 
 Layouts: ``x_seq [T, B, ...]`` must be dense with its first two dimensions outermost (``x.reshape(T, B, ...)`` of
 a contiguous or channels-last activation), or one such timestep expanded over T (stride 0: a current constant over
-the chunk, :meth:`bsnn.snn.neuron.IFNeuron.forward_constant`, read once per chunk); the per-neuron terms (``gain``, ``bias``, ``pre_bias``, ``theta``)
-must not depend on the sample. Anything else runs on the compiled per-timestep kernel instead (same results).
+the chunk, :meth:`bsnn.snn.neuron.IFNeuron.forward_constant`, read once per chunk); the per-neuron terms
+(``gain``, ``bias``, ``pre_bias``, ``theta``) must not depend on the sample. Anything else runs on the compiled
+per-timestep kernel instead (same results).
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def _sample_major(x_seq: torch.Tensor) -> bool:
     if x_seq.device.type != "cpu" or x_seq.dim() < 2 or not _dense(x_seq):
         return False
     f = x_seq[0, 0].numel()  # a size-1 dimension's stride is arbitrary
-    return ((x_seq.shape[1] == 1 or x_seq.stride(1) == f) and (x_seq.shape[0] == 1 or x_seq.stride(0) == f * x_seq.shape[1])
-            and _dense(x_seq[0, 0]))
+    return ((x_seq.shape[1] == 1 or x_seq.stride(1) == f)
+            and (x_seq.shape[0] == 1 or x_seq.stride(0) == f * x_seq.shape[1]) and _dense(x_seq[0, 0]))
 
 
 def _dense(t: torch.Tensor) -> bool:
