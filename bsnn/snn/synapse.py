@@ -286,10 +286,11 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     """``auto`` -> ``bf16`` on CUDA and on CPUs with native bf16 (oneDNN), else ``float``; others unchanged.
 
     ``bitpack`` is not an automatic choice: on the AVX-512 VPOPCNTDQ + AVX512-BF16 CPU it was measured on
-    (``benchmarks/simulation_speed.py``, quiet machine) whole simulations of the benchmark networks (16-128
-    channels, half of the binary layers fed by average-pooled spikes, i.e. bit planes) ran at 0.85-1.0x the
-    ``bf16`` throughput, although single layers fed by spikes with 32 or more input channels ran 1.5-3.3x faster
-    (16-channel ones 0.4-0.5x, average-pooled inputs 0.4-1.5x); ask for it with ``synapse='bitpack'``.
+    (``benchmarks/simulation_speed.py``, quiet machine) whole simulations of the benchmark networks (small CNN,
+    VGG-7, ResNet-20) ran at 0.62-0.82x the ``bf16`` throughput, although single layers fed by spikes with 64
+    input channels ran 3.1-3.3x faster (32-channel ones 1.0-1.7x, 16-channel ones 0.5x, average-pooled inputs
+    0.4-1.5x); packing only the layers with >= 64 channels measured 0.98-1.04x of ``bf16`` (the bf16 layers hand
+    their sums to the C++ IF kernel, the packed ones do not); ask for it with ``synapse='bitpack'``.
     """
     if mode != "auto":
         SYNAPSE_MODES.get(mode)
