@@ -201,7 +201,7 @@ def test_residual_sums_fused_into_the_neurons_bit_identical_and_restored():
             hooked = run_batch(snn, x, 9, time_chunk=4)
         finally:
             h.remove()
-    assert layers and len(fused) == 9  # every block of ResNet-20 but the three whose shortcut is a projection
+    assert layers and len(fused) == 9  # all nine blocks of ResNet-20 (the two projection shortcuts included)
     assert torch.equal(out, ref) and torch.equal(hooked, ref) and len(calls) == 3
     assert snn.graph_module.code == code  # the graph is back
     run_batch(snn, x, 9, time_chunk=4)
