@@ -165,19 +165,23 @@ def iter_chunks(snn: SpikingNetwork, x: torch.Tensor, timesteps: int, time_chunk
     enc = get_encoder(encoding)
     static = None
     if encoding == "direct":  # same input every step: run the input-only prefix (first layer) once per batch
-        prefix, suffix = snn.split_static()
-        _, suffix_once, once, readers = snn.split_static_constant()
+        prefix, suffix_once, once, readers = snn.split_static_constant()
         # channels-last from here on: faster convolutions and pooling, and no layout copies downstream
         static = tuple(v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for v in prefix(x))
+    plain: list = []  # the unfused suffix, built only if a reader has hooks (suffix_once is it when nothing fused)
 
     def step(tc: int) -> torch.Tensor:  # the network's next tc timesteps of this batch, [tc * B, K]
         snn.set_time_chunk(tc)
         if static is None:
             return snn(enc(x, tc, generator))
-        if any(once) and not any(m._forward_hooks or m._forward_pre_hooks for m in readers):
+        if not any(once):
+            return suffix_once(*(enc(v, tc) for v in static))
+        if not any(m._forward_hooks or m._forward_pre_hooks for m in readers):
             # the neurons reading the prefix get its output once per chunk, not repeated tc times
             return suffix_once(*(v if o else enc(v, tc) for v, o in zip(static, once)))
-        return suffix(*(enc(v, tc) for v in static))
+        if not plain:
+            plain.append(snn.split_static()[1])
+        return plain[0](*(enc(v, tc) for v in static))
 
     acc = None
     with offset_correction(snn, step, encoding):
