@@ -41,7 +41,12 @@ class DataConfig:
         batch_size: training batch size (per process under torchrun).
         eval_batch_size: batch size for validation/test/calibration.
         num_workers: DataLoader worker processes.
-        augment: training augmentation (CIFAR: random crop + horizontal flip).
+        augment: augment the training split (32x32 colour images: ``augmentation``).
+        augmentation: which augmentation ``augment`` applies (:data:`AUGMENTS`): ``"crop_flip"`` (zero-pad 4, random
+            crop, random horizontal flip: the common CIFAR recipe) or ``"airbench"`` (Jordan 2024's: reflect-pad 2 and
+            translate by up to 2 pixels; alternating flip: a fixed random half of the images starts mirrored and all
+            are mirrored every other epoch). ``airbench`` depends on the epoch: the trainer tells the dataset
+            (``set_epoch``), so its workers are not kept across epochs.
         val_fraction: fraction of the training data held out as validation (seeded, stratified).
         seed: seed of the train/val(/test) split; independent of the run seed so splits stay fixed.
         limit_train: optional cap on the number of training samples (quick experiments, tests).
@@ -55,6 +60,7 @@ class DataConfig:
     eval_batch_size: int = 256
     num_workers: int = 0
     augment: bool = True
+    augmentation: str = "crop_flip"
     val_fraction: float = 0.1
     seed: int = 0
     limit_train: Union[int, None] = None
@@ -64,6 +70,9 @@ class DataConfig:
         _check(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}")
         _check(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0, got {self.eval_batch_size}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.augmentation in AUGMENTS and self.augmentation != "none",
+               f"data.augmentation must be one of {[a for a in AUGMENTS if a != 'none']} (data.augment=false turns "
+               f"augmentation off), got {self.augmentation!r}")
         _check(0.0 <= self.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         for key in ("limit_train", "limit_test"):
             v = getattr(self, key)
@@ -77,7 +86,10 @@ CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package ``dataset-fashion-mnist``
 DOWNLOAD_TIMEOUT_S = 60.0
-AUGMENTS = ("none", "crop_flip")
+#: Training augmentations of :class:`ArrayDataset` (``data.augmentation``; ``"none"`` when ``data.augment`` is off).
+AUGMENTS = ("none", "crop_flip", "airbench")
+#: Seed of the images ``airbench`` augmentation starts mirrored (fixed, so every subset and resume agrees).
+ALTERNATING_FLIP_SEED = 0
 
 
 @dataclass
@@ -126,8 +138,10 @@ class ArrayDataset(Dataset):
         labels: ``int64 [N]`` labels.
         mean: per-channel mean (length ``C``) of the ``[0, 1]`` scaled images.
         std: per-channel std (length ``C``).
-        augment: ``"none"`` or ``"crop_flip"`` (zero-pad 4, random ``H x W`` crop, random horizontal
-            flip; drawn from torch's global RNG, so seeded runs with ``num_workers=0`` are deterministic).
+        augment: ``"none"``, ``"crop_flip"`` (zero-pad 4, random ``H x W`` crop, random horizontal flip) or
+            ``"airbench"`` (:func:`translate`: reflect-pad 2, random shift by up to 2 pixels; alternating flip:
+            item ``i`` is mirrored in epoch ``e`` iff ``start_flipped[i] xor (e odd)``, :meth:`set_epoch`). Random
+            draws come from torch's global RNG, so seeded runs with ``num_workers=0`` are deterministic.
     """
 
     def __init__(self, images_u8: torch.Tensor, labels: torch.Tensor, mean: Sequence[float],
@@ -145,6 +159,18 @@ class ArrayDataset(Dataset):
         self.mean, self.std, self.augment = tuple(mean), tuple(std), augment
         self._mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
         self._std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+        self.epoch = 0
+        self.start_flipped = torch.rand(len(self.labels), generator=torch.Generator().manual_seed(
+            ALTERNATING_FLIP_SEED)) < 0.5 if augment == "airbench" else None
+
+    @property
+    def epoch_dependent(self) -> bool:
+        """Whether an item's augmentation depends on the epoch (:meth:`set_epoch`)."""
+        return self.augment == "airbench"
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell an epoch-dependent augmentation (``airbench``'s alternating flip) which epoch (from 0) is drawn."""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -153,6 +179,10 @@ class ArrayDataset(Dataset):
         x = self.images[index].to(torch.float32).div_(255.0)
         if self.augment == "crop_flip":
             x = crop_flip(x)
+        elif self.augment == "airbench":
+            x = translate(x)
+            if bool(self.start_flipped[index]) != bool(self.epoch % 2):
+                x = x.flip(-1)
         return (x - self._mean) / self._std, int(self.labels[index])
 
     def subset(self, indices: Union[np.ndarray, torch.Tensor, Sequence[int]], augment: Union[str, None] = None
@@ -180,6 +210,22 @@ def crop_flip(x: torch.Tensor, padding: int = 4) -> torch.Tensor:
     if bool(torch.rand(1) < 0.5):
         out = out.flip(-1)
     return out.contiguous()
+
+
+def translate(x: torch.Tensor, pixels: int = 2) -> torch.Tensor:
+    """Reflect-pad by ``pixels`` and take a random crop of the original size: a shift by ``-pixels .. pixels`` in
+    each direction, all ``(2 pixels + 1)^2`` shifts equally likely (airbench's ``batch_crop``).
+
+    Args:
+        x: one image ``[C, H, W]`` (``H, W > pixels``).
+
+    Returns:
+        The shifted image ``[C, H, W]``.
+    """
+    _, h, w = x.shape
+    padded = torch.nn.functional.pad(x[None], (pixels,) * 4, mode="reflect")[0]
+    top, left = (int(v) for v in torch.randint(0, 2 * pixels + 1, (2,)))
+    return padded[:, top:top + h, left:left + w].contiguous()
 
 
 def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generator
@@ -383,6 +429,9 @@ def build_loaders(cfg: DataConfig, seed: int = 0, distributed: bool = False) -> 
     """
     splits = build_splits(cfg)
     common = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    # An epoch-dependent augmentation reaches the workers only when they are made afresh (each epoch).
+    train_common = dict(common, persistent_workers=common["persistent_workers"] and not getattr(
+        splits.train, "epoch_dependent", False))
     if distributed:
         world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     else:
@@ -391,7 +440,8 @@ def build_loaders(cfg: DataConfig, seed: int = 0, distributed: bool = False) -> 
         raise ConfigError(f"data.batch_size={cfg.batch_size} is the global batch and must be divisible by the "
                           f"number of processes ({world})")
     sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    train = DataLoader(splits.train, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=False, **common)
+    train = DataLoader(splits.train, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=False,
+                       **train_common)
     val = DataLoader(splits.val, batch_size=cfg.eval_batch_size, shuffle=False, **common)
     test = DataLoader(splits.test, batch_size=cfg.eval_batch_size, shuffle=False, **common)
     return Loaders(train=train, val=val, test=test, splits=splits, train_sampler=sampler)
@@ -579,14 +629,14 @@ def _cifar(cfg: DataConfig, folder: str, train_files: Sequence[str], test_file: 
     parts = [_load_batch(base / n, label_key) for n in train_files]
     x_tr, y_tr = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     x_te, y_te = _load_batch(base / test_file, label_key)
-    augment = "crop_flip" if cfg.augment else "none"
+    augment = cfg.augmentation if cfg.augment else "none"
     rng = np.random.default_rng(cfg.seed)
     return _array_splits(cfg.name, (x_tr, y_tr), (x_te, y_te), cfg, stats, augment, rng, num_classes)
 
 
 @DATASETS.register("cifar10")
 def cifar10(cfg: DataConfig) -> DataSplits:
-    """CIFAR-10 from ``cfg.root/cifar-10-batches-py`` (train crop+flip when ``cfg.augment``); 3 x 32 x 32."""
+    """CIFAR-10 from ``cfg.root/cifar-10-batches-py`` (train ``cfg.augmentation`` when ``cfg.augment``); 3 x 32 x 32."""
     return _cifar(cfg, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
                   "labels", "CIFAR10", CIFAR10_STATS, 10)
 
@@ -601,7 +651,7 @@ def load_npz(path: str, cfg: DataConfig) -> DataSplits:
     """A Keras-style archive (``x_train, y_train, x_test, y_test``; uint8 NHW or NHWC images).
 
     Val is a stratified ``cfg.val_fraction`` of train (seed ``cfg.seed``); mean/std are computed per
-    channel from the train part; crop+flip augmentation when ``cfg.augment`` and images are 32x32x3.
+    channel from the train part; ``cfg.augmentation`` when ``cfg.augment`` and images are 32x32x3.
     """
     file = Path(path).expanduser()
     if not file.is_file():
@@ -632,7 +682,7 @@ def load_npz(path: str, cfg: DataConfig) -> DataSplits:
     x_tr, x_te = _to_nchw(x_tr, f"{file}: x_train"), _to_nchw(x_te, f"{file}: x_test")
     if x_tr.shape[1:] != x_te.shape[1:]:
         raise DataError(f"{file}: train images {x_tr.shape[1:]} and test images {x_te.shape[1:]} differ")
-    augment = "crop_flip" if cfg.augment and x_tr.shape[1:] == (3, 32, 32) else "none"
+    augment = cfg.augmentation if cfg.augment and x_tr.shape[1:] == (3, 32, 32) else "none"
     rng = np.random.default_rng(cfg.seed)
     return _array_splits(cfg.name, (x_tr, y_tr), (x_te, y_te), cfg, None, augment, rng)
 

@@ -59,16 +59,26 @@ class TrainConfig:
         bias_lr_scale: learning-rate multiplier of the parameters without weight decay (BN and other biases,
             scales, clip levels); airbench trains its BN biases 64x faster than its weights (its unit BN weights are
             frozen); 1 = one learning rate.
+        decay_biases: also decay the parameters of the no-decay group (BN and other biases, scales), by the same
+            amount per step as the weights (their coefficient divided by ``bias_lr_scale``): airbench's decoupled
+            weight decay covers its BN biases. Off: they are never decayed.
         schedule: a registered schedule (:data:`SCHEDULES`): ``"cosine"``, ``"step"``, ``"constant"`` (stepped once
-            per epoch) or ``"onecycle"`` (linear warm-up over ``warmup_epochs``, then linear decay to 0, stepped
-            every batch: the fast-training recipe).
+            per epoch) or ``"onecycle"`` (linear warm-up over ``warmup_epochs`` from ``lr_start_factor * lr`` to
+            ``lr``, then linear decay to ``lr_end_factor * lr``, stepped every batch: the fast-training recipe).
         step_epochs: for ``step``: decay every this many epochs.
         gamma: for ``step``: multiplicative decay.
-        warmup_epochs: for ``onecycle``: epochs (fractions allowed) of linear warm-up from 0 to ``lr``.
+        warmup_epochs: for ``onecycle``: epochs (fractions allowed) of linear warm-up to ``lr``.
+        lr_start_factor: for ``onecycle``: the warm-up's first multiplier of ``lr`` (airbench: 0.2).
+        lr_end_factor: for ``onecycle``: the multiplier of ``lr`` the decay ends at (airbench: 0.07).
         nesterov: Nesterov momentum (SGD).
         label_smoothing: cross-entropy label smoothing.
         ema_decay: keep an exponential moving average of the weights (and BN statistics) with this decay per step
             (warmed up: :func:`ema_decay_at`), used for validation and returned as the trained model; 0 = off.
+        lookahead_every: > 0: :class:`Lookahead` weights, synchronised every this many steps (airbench: 5), the
+            slow copy returned as the trained model; 0 = off. Exclusive with ``ema_decay``.
+        lookahead_decay: :class:`Lookahead`'s per-step decay base (airbench: 0.95).
+        freeze_data_init_epochs: > 0: the trainable parameters of data-initialised modules (the whitening stem's
+            bias) learn during the first this many epochs only (airbench: 3); 0 = for the whole run.
         autocast: ``"none"`` or ``"bf16"`` (bfloat16 autocast of the forward pass: CPUs with AVX512-BF16 / AMX and
             GPUs; master weights stay fp32).
         channels_last: train in channels-last memory format (faster convolutions on CPU and GPU).
@@ -87,13 +97,19 @@ class TrainConfig:
     betas: tuple = (0.9, 0.999)
     weight_decay: float = 0.0
     bias_lr_scale: float = 1.0
+    decay_biases: bool = False
     schedule: str = "cosine"
     step_epochs: int = 30
     gamma: float = 0.1
     warmup_epochs: float = 0.0
+    lr_start_factor: float = 0.0
+    lr_end_factor: float = 0.0
     nesterov: bool = False
     label_smoothing: float = 0.0
     ema_decay: float = 0.0
+    lookahead_every: int = 0
+    lookahead_decay: float = 0.95
+    freeze_data_init_epochs: int = 0
     autocast: str = "none"
     channels_last: bool = False
     checkpoint_every: int = 1
@@ -117,6 +133,19 @@ class TrainConfig:
                f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs!r}")
         _check(_finite(self.ema_decay) and 0.0 <= self.ema_decay < 1.0,
                f"ema_decay must be in [0, 1) (0 = no EMA), got {self.ema_decay!r}")
+        for key in ("lr_start_factor", "lr_end_factor"):
+            v = getattr(self, key)
+            _check(_finite(v) and 0.0 <= v <= 1.0, f"{key} must be in [0, 1] (a multiplier of lr), got {v!r}")
+        _check(isinstance(self.lookahead_every, int) and self.lookahead_every >= 0,
+               f"lookahead_every must be an int >= 0 (0 = no Lookahead), got {self.lookahead_every!r}")
+        _check(not (self.lookahead_every and self.ema_decay),
+               f"choose one weight average: ema_decay={self.ema_decay} and lookahead_every={self.lookahead_every} "
+               "are both set; set one of them to 0")
+        _check(_finite(self.lookahead_decay) and 0.0 < self.lookahead_decay <= 1.0,
+               f"lookahead_decay must be in (0, 1], got {self.lookahead_decay!r}")
+        _check(isinstance(self.freeze_data_init_epochs, int) and self.freeze_data_init_epochs >= 0,
+               f"freeze_data_init_epochs must be an int >= 0 (0 = never freeze), got "
+               f"{self.freeze_data_init_epochs!r}")
         _check(self.autocast in ("none", "bf16"), f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
         _check(self.step_epochs >= 1, f"step_epochs must be >= 1, got {self.step_epochs}")
         _check(len(self.betas) == 2 and all(_finite(b) and 0.0 <= b < 1.0 for b in self.betas),
@@ -139,16 +168,20 @@ def set_seed(seed: int) -> None:
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
-                 bias_lr_scale: float = 1.0) -> list[dict]:
-    """Weight decay only on conv/linear weights (tensors with ndim > 1); none on BN, biases or scales, whose group
-    gets ``lr * bias_lr_scale`` when ``lr`` is given. Parameters a distiller steps with its own optimiser
+                 bias_lr_scale: float = 1.0, decay_biases: bool = False) -> list[dict]:
+    """Two groups: conv/linear weights (tensors with ndim > 1, and the parameters a module names in its
+    ``weight_like_parameters``: airbench's whitening bias) with ``weight_decay``; BN, biases and scales with
+    ``lr * bias_lr_scale`` when ``lr`` is given and no decay — or, with ``decay_biases``, the weights' decay per step
+    (``weight_decay / bias_lr_scale``). Parameters a distiller steps with its own optimiser
     (``separately_optimized()``: MetaDistil's teacher) are left out."""
     own = {id(p) for p in getattr(model, "separately_optimized", lambda: [])()}
+    weight_like = {id(getattr(m, name)) for m in model.modules() for name in getattr(m, "weight_like_parameters", ())}
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad and id(p) not in own:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (decay if p.ndim > 1 or id(p) in weight_like else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": weight_decay / bias_lr_scale if decay_biases else 0.0}]
     if lr is not None and bias_lr_scale != 1.0:
         groups[1]["lr"] = lr * bias_lr_scale
     return groups
@@ -156,7 +189,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD (momentum, optional Nesterov) or Adam over :func:`param_groups`."""
-    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.bias_lr_scale)
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.bias_lr_scale, cfg.decay_biases)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
@@ -180,17 +213,18 @@ SCHEDULES.register("constant")(Schedule(
     lambda opt, cfg, steps: torch.optim.lr_scheduler.StepLR(opt, step_size=10**9, gamma=1.0), per_step=False))
 
 
-def onecycle_factor(step: int, total: int, warmup: int) -> float:
-    """The ``onecycle`` multiplier of ``lr`` after ``step`` batches of ``total``: linear from 0 to 1 over
-    ``warmup`` steps, then linear to 0 at ``total``."""
+def onecycle_factor(step: int, total: int, warmup: int, start: float = 0.0, end: float = 0.0) -> float:
+    """The ``onecycle`` multiplier of ``lr`` after ``step`` batches of ``total``: linear from ``start`` to 1 over
+    ``warmup`` steps (``start + (1 - start)(step + 1) / warmup``), then linear from 1 to ``end`` at ``total``."""
     if warmup and step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
+        return start + (1.0 - start) * (step + 1) / warmup
+    return end + (1.0 - end) * max(0.0, (total - step) / max(1, total - warmup))
 
 
 SCHEDULES.register("onecycle")(Schedule(
     lambda opt, cfg, steps: torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: onecycle_factor(i, cfg.epochs * steps, round(cfg.warmup_epochs * steps))), per_step=True))
+        opt, lambda i: onecycle_factor(i, cfg.epochs * steps, round(cfg.warmup_epochs * steps), cfg.lr_start_factor,
+                                       cfg.lr_end_factor)), per_step=True))
 
 
 def ema_decay_at(decay: float, updates: int) -> float:
@@ -207,6 +241,54 @@ def ema_average(decay: float) -> Callable:
         return averaged * d + current * (1.0 - d)
 
     return avg
+
+
+class Lookahead:
+    """Lookahead weights (Zhang et al. 2019) on airbench's schedule (Jordan 2024): a slow copy of the model's
+    floating-point state (weights and BN statistics); every ``every`` steps it moves toward the trained (fast) state,
+    ``slow <- slow + (1 - a)(fast - slow)``, and the fast state restarts from it, with ``a = decay^every (step /
+    total)^3`` (no averaging early, ``a -> decay^every`` at the end). :meth:`finish` leaves the slow state in the
+    model.
+
+    Args:
+        model: the network (its ``state_dict`` is averaged in place).
+        decay: per-step decay base (airbench: 0.95).
+        every: steps between synchronisations (airbench: 5).
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.95, every: int = 5) -> None:
+        self.model, self.decay, self.every = model, float(decay), int(every)
+        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+
+    def alpha(self, step: int, total: int) -> float:
+        """The slow state's weight at ``step`` of ``total`` (``decay^every (step / total)^3``)."""
+        return self.decay ** self.every * (step / max(1, total)) ** 3
+
+    @torch.no_grad()
+    def _sync(self, alpha: float) -> None:
+        state = self.model.state_dict()
+        for k, slow in self.slow.items():
+            slow.lerp_(state[k].to(slow.dtype), 1.0 - alpha)
+            state[k].copy_(slow)
+
+    def step(self, step: int, total: int) -> None:
+        """After optimiser step ``step`` (from 1) of ``total``: synchronise when ``step`` is a multiple of
+        ``every``."""
+        if step % self.every == 0:
+            self._sync(self.alpha(step, total))
+
+    def finish(self) -> None:
+        """Leave the slow state in the model (the trained result)."""
+        self._sync(1.0)
+
+    def state_dict(self) -> dict:
+        return dict(self.slow)
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != set(self.slow):
+            raise KeyError(f"Lookahead state holds {sorted(set(state) ^ set(self.slow))[:3]}... not in the model")
+        for k, v in state.items():
+            self.slow[k].copy_(v)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig,
@@ -358,6 +440,14 @@ def fit(
     per_step = SCHEDULES.get(cfg.schedule).per_step
     sched = build_scheduler(opt, cfg, len(train_loader) if per_step else 1)
     ema = AveragedModel(model, avg_fn=ema_average(cfg.ema_decay), use_buffers=True) if cfg.ema_decay > 0 else None
+    lookahead = Lookahead(model, cfg.lookahead_decay, cfg.lookahead_every) if cfg.lookahead_every else None
+    try:
+        batches = len(train_loader)
+    except TypeError:  # an iterable without a length: phases switch at epoch boundaries only
+        batches = 0
+    if lookahead is not None and not batches:
+        raise ConfigError(f"{desc}: lookahead_every needs a training loader with a length (its schedule runs over "
+                          "the total number of steps); use a DataLoader or set lookahead_every=0")
     history: list[dict] = []
     start_epoch = 0
     if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
@@ -368,6 +458,8 @@ def fit(
             sched.load_state_dict(ck["scheduler"])
             if ema is not None:
                 ema.load_state_dict(ck["ema"])
+            if lookahead is not None:
+                lookahead.load_state_dict(ck["lookahead"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(
                 f"cannot resume from {str(checkpoint_path)!r}: it does not match this model/optimiser ({e}); "
@@ -390,14 +482,14 @@ def fit(
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        if hasattr(getattr(train_loader, "dataset", None), "set_epoch"):
+            train_loader.dataset.set_epoch(epoch)  # an epoch-dependent augmentation (airbench's alternating flip)
         if hasattr(objective, "set_epoch"):
             objective.set_epoch(epoch)  # e.g. DKD's warm-up
+        if cfg.freeze_data_init_epochs:
+            _train_data_init_(model, epoch < cfg.freeze_data_init_epochs)
         runner.train()
         loss_sum, correct, n = 0.0, 0, 0
-        try:
-            batches = len(train_loader)
-        except TypeError:  # an iterable without a length: phases switch at epoch boundaries only
-            batches = 0
         for step, batch in enumerate(train_loader):
             if batches and hasattr(objective, "set_progress"):
                 objective.set_progress(epoch + step / batches)  # phases scaled to fractions of an epoch
@@ -430,6 +522,8 @@ def fit(
                 sched.step()
             if ema is not None:
                 ema.update_parameters(model)
+            if lookahead is not None:
+                lookahead.step(epoch * batches + step + 1, cfg.epochs * batches)
             loss_sum += loss.item() * y.numel()
             correct += (out["logits"].detach().argmax(1) == y).sum().item()
             n += y.numel()
@@ -453,7 +547,8 @@ def fit(
         if checkpoint_path is not None and env.is_main and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
             save_checkpoint({"epoch": epoch + 1, "objective": objective.state_dict(), "optimizer": opt.state_dict(),
                              "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
-                             "history": history, **({"ema": ema.state_dict()} if ema is not None else {})},
+                             "history": history, **({"ema": ema.state_dict()} if ema is not None else {}),
+                             **({"lookahead": lookahead.state_dict()} if lookahead is not None else {})},
                             checkpoint_path)
         barrier()
         if on_epoch_end is not None:
@@ -461,9 +556,21 @@ def fit(
     if ema is not None:  # the averaged weights are the trained model
         with torch.no_grad():
             model.load_state_dict(ema.module.state_dict())
+    if lookahead is not None:
+        lookahead.finish()
     if cfg.channels_last:
         objective.to(memory_format=torch.contiguous_format)
     return history
+
+
+def _train_data_init_(model: nn.Module, trainable: bool) -> None:
+    """Let the parameters of ``model``'s data-initialised modules that are not frozen for good
+    (``frozen_parameters``) learn, or not."""
+    for m in data_init_modules(model):
+        frozen = set(getattr(m, "frozen_parameters", ()))
+        for name, p in m.named_parameters(recurse=False):
+            if name not in frozen:
+                p.requires_grad_(trainable)
 
 
 #: Training images given to data-dependent initialisations (:func:`bsnn.models.data_init_`; airbench uses 5,000).

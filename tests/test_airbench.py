@@ -154,3 +154,23 @@ def test_a_student_starting_from_trained_weights_skips_its_data_initialisation()
     assert bool((student[0].weight == 0.25).all())
     train_student(student, teacher, loader, DistillConfig(method="kd"), TrainConfig(epochs=1), quiet=True)
     assert not bool((student[0].weight == 0.25).all())  # the default re-derives it from the data
+
+
+def test_whitening_bias_trains_like_a_weight_and_freezes_after_its_epochs():
+    net = create_model("airbench94", widths=(8, 16, 16))
+    decay, no_decay = build_optimizer(net, TrainConfig(optimizer="sgd", lr=0.5, weight_decay=1e-3,
+                                                       bias_lr_scale=64.0)).param_groups
+    assert any(p is net[0].bias for p in decay["params"]) and not any(p is net[0].bias for p in no_decay["params"])
+    x = _images(64)
+    y = torch.arange(64) % 10
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    biases = []
+    cfg = TrainConfig(epochs=3, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3,
+                      freeze_data_init_epochs=1)
+    from bsnn.train import train_teacher
+
+    start = net[0].bias.detach().clone()
+    train_teacher(net, loader, cfg, quiet=True, on_epoch_end=lambda e, m: biases.append(net[0].bias.detach().clone()))
+    assert not torch.equal(biases[0], start)  # learns in epoch 1 ...
+    assert torch.equal(biases[1], biases[0]) and torch.equal(biases[2], biases[0])  # ... and not after
+    assert not torch.equal(net[4].bias, torch.zeros_like(net[4].bias))  # the rest (a BN bias) trains on

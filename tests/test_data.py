@@ -441,3 +441,46 @@ def test_unpack_batch() -> None:
     with pytest.raises(DataError, match="1 input value"):
         D.unpack_batch((x.index_fill(0, torch.tensor([1]), float("nan"))[:, :, :1, :1].clone(), y), "t")
     assert D.unpack_batch(x, "t", labels=False)[0] is x
+
+
+def test_airbench_augmentation_translates_by_reflection_and_alternates_the_flip() -> None:
+    x, y = _fake_arrays(6, (3, 32, 32))
+    ds = D.ArrayDataset(torch.from_numpy(x), torch.from_numpy(y), (0.5,) * 3, (0.25,) * 3)
+    aug = ds.subset(range(6), augment="airbench")
+    assert aug.epoch_dependent and not ds.epoch_dependent
+    plain = [ds[i][0] for i in range(6)]
+    # every output is one of the 25 reflect-padded crops (shifts -2..2), and all 25 occur
+    padded = torch.nn.functional.pad(plain[0][None], (2,) * 4, mode="reflect")[0]
+    crops = [padded[:, t:t + 32, s:s + 32] for t in range(5) for s in range(5)]
+    seen = set()
+    torch.manual_seed(0)
+    for _ in range(400):
+        img = aug[0][0]
+        img = img if bool(aug.start_flipped[0]) is False else img.flip(-1)
+        match = [k for k, c in enumerate(crops) if torch.equal(img, c)]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert seen == set(range(25))
+    # alternating flip: the same draws mirrored in the next epoch; a fixed half starts mirrored, on every subset
+    for epoch in (0, 2):
+        aug.set_epoch(epoch)
+        torch.manual_seed(7)
+        even = [aug[i][0] for i in range(6)]
+        aug.set_epoch(epoch + 1)
+        torch.manual_seed(7)
+        odd = [aug[i][0] for i in range(6)]
+        assert all(torch.equal(a.flip(-1), b) for a, b in zip(even, odd))
+    assert torch.equal(ds.subset(range(6), augment="airbench").start_flipped, aug.start_flipped)
+    assert 0 < int(aug.start_flipped.sum()) < 6
+
+
+def test_augmentation_choice_reaches_the_train_split_only(tmp_path: Path) -> None:
+    x, y = _fake_arrays(40, (32, 32, 3))
+    path = tmp_path / "c.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=x[:8], y_test=y[:8])
+    s = D.build_splits(DataConfig(name=f"npz:{path}", augmentation="airbench"))
+    assert s.train.augment == "airbench" and s.val.augment == "none" and s.test.augment == "none"
+    loaders = D.build_loaders(DataConfig(name=f"npz:{path}", augmentation="airbench", num_workers=1))
+    assert not loaders.train.persistent_workers and loaders.test.persistent_workers  # fresh workers see the epoch
+    with pytest.raises(ConfigError, match="data.augmentation must be one of"):
+        DataConfig(augmentation="none").validate()

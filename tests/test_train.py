@@ -212,3 +212,73 @@ def test_fidelity_is_agreement_and_kl_against_the_teacher():
         kl = (p_t * (p_t.log() - log_s)).sum(1).mean().item()
         agree = 100.0 * (teacher(x).argmax(1) == other(x).argmax(1)).float().mean().item()
     assert f["kl"] == pytest.approx(kl, rel=1e-5) and f["agreement"] == pytest.approx(agree)
+
+
+def test_onecycle_start_and_end_factors_follow_airbench_shape():
+    from bsnn.train import onecycle_factor
+
+    train, _ = _data()  # 6 batches per epoch
+    cfg = TrainConfig(epochs=2, lr=1.0, schedule="onecycle", warmup_epochs=0.5, lr_start_factor=0.2,
+                      lr_end_factor=0.07, optimizer="sgd")
+    opt = build_optimizer(_net(), cfg)
+    sched = build_scheduler(opt, cfg, len(train))
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:3] == pytest.approx([0.2 + 0.8 / 3, 0.2 + 1.6 / 3, 1.0])
+    assert lrs[3:] == pytest.approx([0.07 + 0.93 * (12 - i) / 9 for i in range(3, 12)])
+    assert onecycle_factor(12, 12, 3, 0.2, 0.07) == pytest.approx(0.07)
+    with pytest.raises(Exception, match="lr_end_factor must be in"):
+        TrainConfig(lr_end_factor=1.5).validate()
+
+
+def test_lookahead_follows_the_airbench_update_rule():
+    from bsnn.train import Lookahead
+
+    net = nn.Linear(1, 1, bias=False).requires_grad_(False)
+    net.weight.fill_(1.0)
+    la = Lookahead(net, decay=0.5, every=2)
+    total, slow = 8, 1.0
+    for step in range(1, total + 1):
+        net.weight.add_(1.0)  # a "training step"
+        fast = float(net.weight)
+        la.step(step, total)
+        if step % 2 == 0:
+            a = 0.5 ** 2 * (step / total) ** 3
+            slow = a * slow + (1 - a) * fast  # slow <- slow + (1 - a)(fast - slow); fast <- slow
+            assert float(net.weight) == pytest.approx(slow) and float(la.slow["weight"]) == pytest.approx(slow)
+        else:
+            assert float(net.weight) == fast
+    net.weight.add_(5.0)
+    la.finish()
+    assert float(net.weight) == pytest.approx(slow)
+
+
+def test_lookahead_training_resumes_exactly_and_excludes_ema(tmp_path):
+    train, _ = _data()
+    cfg = TrainConfig(epochs=4, lr=0.02, optimizer="sgd", momentum=0.9, lookahead_every=5)
+    torch.manual_seed(1)
+    a = _net()
+    train_teacher(a, train, cfg, quiet=True)
+    torch.manual_seed(1)
+    plain = _net()
+    train_teacher(plain, train, TrainConfig(epochs=4, lr=0.02, optimizer="sgd", momentum=0.9), quiet=True)
+    assert not torch.equal(a[0].weight, plain[0].weight)
+    ck = tmp_path / "last.pt"
+    torch.manual_seed(1)
+    with pytest.raises(Crash):
+        train_teacher(_net(), train, cfg, checkpoint_path=ck, quiet=True, on_epoch_end=crash_after_2)
+    c = _net(seed=99)
+    train_teacher(c, train, cfg, checkpoint_path=ck, resume=True, quiet=True)
+    for pa, pc in zip(a.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(pa, pc)
+    with pytest.raises(Exception, match="choose one weight average"):
+        TrainConfig(ema_decay=0.9, lookahead_every=5).validate()
+
+
+def test_decay_biases_gives_the_bias_group_the_weights_decay_per_step():
+    decay, no_decay = param_groups(_net(), 1e-3, lr=0.5, bias_lr_scale=64.0, decay_biases=True)
+    assert no_decay["lr"] == 32.0 and no_decay["weight_decay"] == pytest.approx(1e-3 / 64)
+    assert decay["weight_decay"] == 1e-3  # lr * wd is the same per step in both groups

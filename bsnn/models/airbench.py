@@ -14,9 +14,10 @@ with the authors' initialisation and BatchNorm: the stem's weights are the ZCA-s
 patches (eigenvectors of their covariance scaled by ``1/sqrt(eigenvalue + 5e-4)``, and their negatives), computed from
 training images by :func:`data_init_` and then frozen; every 3x3 conv starts with its first ``in_channels`` filters
 as the identity (``dirac_``); BatchNorm with ``eps = 1e-12``, running-statistics momentum 0.4 (the authors' 0.6 in
-their convention) and a frozen unit weight (only the bias learns). Differences from the authors' code, stated: the
-stem's bias trains for the whole run (they freeze it after 3 epochs), and bsnn's trainer supplies the schedule, EMA
-(instead of their Lookahead) and augmentation.
+their convention) and a frozen unit weight (only the bias learns). bsnn's trainer supplies the rest of their recipe
+(``configs/cifar10.yaml``'s teacher section): the stem's bias optimised with the weights and frozen after 3 epochs
+(``weight_like_parameters``, ``train.freeze_data_init_epochs``), Lookahead, the warm-up / linear-decay schedule, the
+decoupled weight decay on BN biases and the translate + alternating-flip augmentation (``data.augmentation``).
 
 ``airbench_snn`` keeps the layout's width profile and cost but obeys the converter's rules (ReLU modules, average
 pooling, conv-BN-ReLU, global average pooling)::
@@ -50,13 +51,15 @@ def _check_widths(model: str, widths: Sequence[int]) -> tuple[int, int, int]:
 
 class WhiteningConv2d(nn.Conv2d):
     """A ``k x k`` conv whose ``2 * C * k * k`` filters whiten ``k x k`` patches: set from data by
-    :meth:`init_from_data`, then frozen (the bias still learns; ``frozen_parameters`` names the weight).
+    :meth:`init_from_data`, then frozen (the bias still learns; ``frozen_parameters`` names the weight). airbench
+    optimises the bias like a weight (learning rate and decay not those of BN biases): ``weight_like_parameters``.
 
     Shape:
         input ``[B, C, H, W]``, output ``[B, 2 C k^2, H - k + 1, W - k + 1]``.
     """
 
     frozen_parameters = ("weight",)
+    weight_like_parameters = ("bias",)
 
     def __init__(self, in_channels: int = 3, kernel_size: int = 2, eps: float = 5e-4) -> None:
         super().__init__(in_channels, 2 * in_channels * kernel_size ** 2, kernel_size, bias=True)
