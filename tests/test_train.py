@@ -127,19 +127,25 @@ def test_train_student_wires_methods(method, params):
     assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())
 
 
-def test_onecycle_warms_up_then_decays_linearly_every_batch():
-    from bsnn.train import SCHEDULES, onecycle_factor
-
-    train, _ = _data()  # 6 batches per epoch
-    cfg = TrainConfig(epochs=3, lr=0.2, schedule="onecycle", warmup_epochs=0.5, optimizer="sgd", nesterov=True)
-    assert SCHEDULES.get("onecycle").per_step and not SCHEDULES.get("cosine").per_step
+def _lrs_per_batch(cfg: TrainConfig) -> tuple[list[float], torch.optim.Optimizer]:
+    """The learning rate before each batch of ``cfg.epochs`` epochs of :func:`_data` (6 batches per epoch)."""
+    train, _ = _data()
     opt = build_optimizer(_net(), cfg)
     sched = build_scheduler(opt, cfg, len(train))
     lrs = []
-    for _ in range(18):
+    for _ in range(cfg.epochs * len(train)):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+    return lrs, opt
+
+
+def test_onecycle_warms_up_then_decays_linearly_every_batch():
+    from bsnn.train import SCHEDULES, onecycle_factor
+
+    cfg = TrainConfig(epochs=3, lr=0.2, schedule="onecycle", warmup_epochs=0.5, optimizer="sgd", nesterov=True)
+    assert SCHEDULES.get("onecycle").per_step and not SCHEDULES.get("cosine").per_step
+    lrs, opt = _lrs_per_batch(cfg)
     assert lrs[:3] == pytest.approx([0.2 / 3, 0.4 / 3, 0.2])  # warm-up over round(0.5 * 6) = 3 steps
     assert lrs[3:] == pytest.approx([0.2 * (18 - i) / 15 for i in range(3, 18)])  # linear to 0 at step 18
     assert onecycle_factor(18, 18, 3) == 0.0 and opt.param_groups[0]["nesterov"]
@@ -217,16 +223,10 @@ def test_fidelity_is_agreement_and_kl_against_the_teacher():
 def test_onecycle_start_and_end_factors_follow_airbench_shape():
     from bsnn.train import onecycle_factor
 
-    train, _ = _data()  # 6 batches per epoch
     cfg = TrainConfig(epochs=2, lr=1.0, schedule="onecycle", warmup_epochs=0.5, lr_start_factor=0.2,
                       lr_end_factor=0.07, optimizer="sgd")
-    opt = build_optimizer(_net(), cfg)
-    sched = build_scheduler(opt, cfg, len(train))
-    lrs = []
-    for _ in range(12):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs, _ = _lrs_per_batch(cfg)
+    assert len(lrs) == 12
     assert lrs[:3] == pytest.approx([0.2 + 0.8 / 3, 0.2 + 1.6 / 3, 1.0])
     assert lrs[3:] == pytest.approx([0.07 + 0.93 * (12 - i) / 9 for i in range(3, 12)])
     assert onecycle_factor(12, 12, 3, 0.2, 0.07) == pytest.approx(0.07)
