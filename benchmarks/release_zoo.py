@@ -36,7 +36,9 @@ tables were measured on them:
 
 * ``cifar10_airbench_teacher_v2``: the full-precision airbench94 teacher (``runs/cifar10_la/teacher.pt``);
 * ``cifar10_airbench_binary_v2``: the binary-weight ReLU student distilled from it by the same run
-  (``runs/cifar10_la/student.pt``).
+  (``runs/cifar10_la/student.pt``);
+* ``cifar10_airbench_qcfs_v2``: a binary-weight QCFS student trained from scratch (10 epochs) by KD from the released
+  v2 teacher (``runs/cifar10_la_qcfs10/student.pt``).
 
 Run:  python benchmarks/release_zoo.py [--entries cifar10_maxpool_vgg] [--snn-test 2000]
 """
@@ -162,6 +164,15 @@ RUN_ENTRIES.update({
         what=AIRBENCH_STUDENT.replace("cifar10_airbench_teacher", "cifar10_airbench_teacher_v2").format(
             act="ReLU", what="plain ReLU", how="Adam one-cycle, 20 epochs, EMA, bf16 autocast, 2-pixel translations "
                                                "with alternating flip")),
+    "cifar10_airbench_qcfs_v2": dict(
+        file="student.pt", run="runs/cifar10_la_qcfs10", threads=2,
+        command=AIRBENCH_V2_COMMAND.replace("runs/cifar10_la", "runs/cifar10_la_qcfs10")
+        + " model.teacher=zoo:cifar10_airbench_teacher_v2 model.activation=qcfs student.epochs=10",
+        training_note="epoch 1 shared the CPU with a test run (612 s); the others ran alone (about 220 s each: the "
+                      "QCFS layers train about 2x slower than ReLU here)",
+        what=AIRBENCH_STUDENT.replace("cifar10_airbench_teacher", "cifar10_airbench_teacher_v2").format(
+            act="QCFS", what="QCFS activations (L = 4 levels, trained clip λ per layer), trained from scratch",
+            how="Adam one-cycle, 10 epochs, EMA, bf16 autocast, 2-pixel translations with alternating flip")),
 })
 NOT_CONVERTED = ("not converted: a full-precision teacher with GELU and max-pooling, layers bsnn's converter refuses "
                  "(its students are the convertible networks)")
