@@ -51,9 +51,10 @@ from spikingjelly.activation_based import ann2snn, functional  # noqa: E402
 
 from bsnn.binary import clamp_latent_, materialize  # noqa: E402
 from bsnn.config import ConvertConfig, DataConfig, load_config  # noqa: E402
-from bsnn.convert import Max, Percentile  # noqa: E402
+from bsnn.convert import MSE, Max, Percentile  # noqa: E402
 from bsnn.data import build_loaders, calibration_loader  # noqa: E402
 from bsnn.io import load_checkpoint, save_checkpoint  # noqa: E402
+from bsnn.modelfile import load_model  # noqa: E402
 from bsnn.pipeline import make_context, stage_student, stage_teacher  # noqa: E402
 from bsnn.simulate import run_batch  # noqa: E402
 from bsnn.snn.kernels import default_kernel  # noqa: E402
@@ -66,7 +67,8 @@ CACHE = ROOT / "benchmarks" / "cache"
 
 def recipes() -> dict[str, ConvertConfig]:
     """The candidates: the two old defaults (the old CLI's bias current on every timestep), then the corrections
-    alone and combined (``bias@4``: bsnn's windowed bias current, flowing during the first 4 timesteps)."""
+    alone and combined (``bias@4``: bsnn's windowed bias current, flowing during the first 4 timesteps; ``mse@T``:
+    SNN Calibration's least-squares threshold search for a T-step code)."""
     base = dict(calib_samples=2048, snn_calibration_samples=256)
     pot = dict(snn_calibration="potential", snn_calibration_timesteps=4)
     bias = dict(snn_calibration="bias", snn_calibration_timesteps=4)
@@ -93,6 +95,9 @@ def recipes() -> dict[str, ConvertConfig]:
                                                       **pot16, **base),
         "p99.99 + ch + shift + bias@4": ConvertConfig(threshold=Percentile(99.99), per_channel=True, v_init=0.5,
                                                       **bias, **base),
+        # SNN Calibration's threshold search (least squared error of a T-step code, bsnn.convert.calibrate.MSE)
+        "mse@8 + ch + shift + pot@8": ConvertConfig(threshold=MSE(8), per_channel=True, v_init=0.5, **pot8, **base),
+        "mse@4 + ch + shift + pot@4": ConvertConfig(threshold=MSE(4), per_channel=True, v_init=0.5, **pot, **base),
     }
 
 
@@ -190,12 +195,16 @@ def net_digits(args) -> dict:
 def _net_mnist5k(activation: str) -> dict:
     """The default pipeline's teacher and binary student on mnist5k, the student with ``activation``."""
     run = CACHE / f"recipe_mnist5k_{activation}_run"
-    cfg = load_config(ROOT / "configs" / "default.yaml", [f"run.out_dir={run}", "run.quiet=true",
-                                                         f"model.activation={activation}"])
-    done = (run / "student.pt").is_file()
-    ctx = make_context(cfg, resume=done, overwrite=not done)
-    student = stage_student(ctx, stage_teacher(ctx)).eval()
-    s = ctx.loaders.splits
+    if (run / "student.pt").is_file():  # the cached student with the data splits it was made with
+        cfg = load_config(run / "config.yaml", [])
+        student = load_model(run / "student.pt")[0].eval()
+        s = build_loaders(cfg.data, seed=cfg.run.seed).splits
+    else:
+        cfg = load_config(ROOT / "configs" / "default.yaml", [f"run.out_dir={run}", "run.quiet=true",
+                                                             f"model.activation={activation}"])
+        ctx = make_context(cfg, resume=False, overwrite=True)
+        student = stage_student(ctx, stage_teacher(ctx)).eval()
+        s = ctx.loaders.splits
     return {"model": student, "calib": calibration_loader(s, cfg.data, 2048), "val": s.val, "test": s.test,
             "trained_by": f"bsnn pipeline (KD from the default teacher, {activation} student)", "data": "mnist5k"}
 
@@ -382,7 +391,8 @@ def report(results: dict, info: dict, grid: list[int], cands: dict, out: Path, s
           "one image) of the ANN and no fall of more than 0.3 points (at least 3 images: the issue's 0.3 points of "
           "1000 images) from one T to any larger T (`max drop`). Chosen on the "
           "**validation** split; test shown for reference. `ch` = per-channel thresholds where consumers are full "
-          "precision, `shift` = membranes start at θ/2, `pot@4` / `bias@4` = SNN-Calibration potential / bias "
+          "precision, `shift` = membranes start at θ/2, `mse@T` = SNN Calibration's least-squares threshold search "
+          "for a T-step code, `pot@4` / `bias@4` = SNN-Calibration potential / bias "
           "correction computed at T=4 (the bias current flows during the first 4 steps; both effects decay as "
           "1/T); `old CLI` = the previous default, whose bias current flowed on every step. The spikingjelly row is "
           "the peer's best post-training recipe on the same (materialised) ANN, for reference, not a candidate: its "

@@ -7,7 +7,9 @@ Networks (``bsnn/zoo``; data: CIFAR-10, the JPEG copy ``../shared/data/cifar10.n
 * ``cifar10_plain_bvgg`` — a binary VGG trained with plain ReLU by a plain PyTorch loop, outside bsnn's recipes;
 * ``cifar10_vgg_qcfs`` — the design-time network: the QCFS (L = 4) binary student (when released);
 * ``cifar10_airbench_binary`` / ``cifar10_airbench_qcfs`` — the ReLU / QCFS binary airbench_snn students of
-  ``configs/cifar10.yaml`` (KD from the airbench94 teacher), the zoo's most accurate binary networks.
+  ``configs/cifar10.yaml`` (KD from the airbench94 teacher);
+* ``cifar10_airbench_binary_v2`` / ``cifar10_airbench_qcfs_v2`` — the same students distilled from the v2 teacher
+  (the authors' airbench94 recipe), the zoo's most accurate binary networks.
 
 Every row is simulated on the first ``--n-val`` validation and ``--n-test`` test images of the network's own
 splits. Choices are made on validation only: the *best combination* is the candidate with the smallest validation
@@ -44,15 +46,15 @@ from _zoo import available, first, load_network  # noqa: E402
 import bsnn  # noqa: E402
 from bsnn.binary import materialize  # noqa: E402
 from bsnn.config import SimConfig  # noqa: E402
-from bsnn.convert import ConvertConfig, Max, Percentile  # noqa: E402
+from bsnn.convert import MSE, ConvertConfig, Max, Percentile  # noqa: E402
 from bsnn.early_exit import validated_early_exit  # noqa: E402
 from bsnn.hardware.mapping import resolve_layers  # noqa: E402
 
 NAME = "latency_ablation"
 GRID = [1, 2, 4, 8, 16, 32, 64]
 LONG = GRID + [128, 256]  # rows whose convergence is checked to T = 256
-NETWORKS = ["cifar10_vgg_binary", "cifar10_plain_bvgg", "cifar10_vgg_qcfs", "cifar10_airbench_binary",
-            "cifar10_airbench_qcfs"]
+NETWORKS = ["cifar10_airbench_binary_v2", "cifar10_airbench_qcfs_v2", "cifar10_plain_bvgg", "cifar10_vgg_binary",
+            "cifar10_vgg_qcfs", "cifar10_airbench_binary", "cifar10_airbench_qcfs"]
 PUBLISHED = [  # (method, network, ANN %, SNN % at T, source) — ../shared/REFERENCE.md §2
     ("QCFS (design-time, L levels, v0 = θ/2)", "VGG-16, CIFAR-10", "95.52", "90.94 @ T=2, 94.01 @ T=4, 95.01 @ T=8",
      "Bu et al., ICLR 2022"),
@@ -83,11 +85,15 @@ def conversion_rows() -> dict[str, tuple[str, ConvertConfig]]:
         "shift θ/2": ("alone", plain(v_init=0.5)),
         "bias calibration @T=8": ("alone", plain(snn_calibration="bias", **cal)),
         "potential calibration @T=8": ("alone", plain(snn_calibration="potential", **cal)),
+        "MSE thresholds @T=8 (SNN Calibration's search)": ("alone", plain(threshold=MSE(8))),
         "default ConvertConfig()": ("candidate", default),
         "default + percentile search @T=4": ("candidate", dataclasses.replace(
             default, search_percentiles=[99.9, 99.99, 99.999, 100.0], search_timesteps=4, search_samples=512)),
         "default, potential calibration @T=4": ("candidate", dataclasses.replace(default, snn_calibration_timesteps=4)),
         "default without potential calibration": ("candidate", dataclasses.replace(default, snn_calibration="none")),
+        "default, MSE thresholds @T=8": ("candidate", dataclasses.replace(default, threshold=MSE(8))),
+        "default, MSE thresholds @T=4, potential calibration @T=4": ("candidate", dataclasses.replace(
+            default, threshold=MSE(4), snn_calibration_timesteps=4)),
     }
 
 
@@ -186,7 +192,7 @@ def run_network(name: str, args, payload: dict, save: Callable[[], None], extra:
     d.update(description=net.card["description"], data=net.data_note, ann_test_full=net.card["ann"]["test_acc"],
              n_val=args.n_val, n_test=args.n_test)
     ts = [1, 2, 4, 8, 16] if args.quick else GRID
-    design_time = name.endswith("qcfs")
+    design_time = "qcfs" in name
     rows = {**conversion_rows(), **extra}
     if args.rows:  # keep the rows whose label contains one of the given substrings (plain max-norm always)
         rows = {k: v for k, v in rows.items() if k == "plain max-norm" or selected(k, args.rows)}

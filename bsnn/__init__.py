@@ -12,7 +12,7 @@ from bsnn.activations import QCFS, ClipReLU, replace_activations_
 from bsnn.binary import BinaryConv2d, BinaryLinear, binarize_, clamp_latent_, materialize
 from bsnn.config import (BinaryConfig, Config, ConvertConfig, CostConfig, DataConfig, DistillConfig, ModelConfig,
                          RunConfig, SimConfig, TrainConfig, load_config)
-from bsnn.convert import Max, Percentile, convert
+from bsnn.convert import MSE, Max, Percentile, convert
 from bsnn.early_exit import EarlyExit, early_exit_curve
 from bsnn.errors import BsnnError, CheckpointError, ConfigError, ConversionError, DataError
 from bsnn.models import create_model, list_models
@@ -25,7 +25,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BinaryConfig", "BinaryConv2d", "BinaryLinear", "BsnnError", "CheckpointError", "ClipReLU", "Config",
     "ConfigError", "ConversionError", "ConvertConfig", "CostConfig", "DataConfig", "DataError", "DistillConfig",
-    "EarlyExit", "Max", "ModelConfig", "Percentile", "QCFS", "RunConfig", "SimConfig", "SimResult", "SpikingNetwork",
+    "EarlyExit", "MSE", "Max", "ModelConfig", "Percentile", "QCFS", "RunConfig", "SimConfig", "SimResult",
+    "SpikingNetwork",
     "TrainConfig", "binarize_", "clamp_latent_", "convert", "create_model", "distill", "early_exit_curve", "evaluate",
     "export", "hardware", "list_models", "load_config", "materialize", "replace_activations_", "simulate",
     "train_student", "train_teacher",

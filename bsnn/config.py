@@ -23,7 +23,7 @@ from bsnn._validate import (_Loader, _check, _coerce, _finite, _from_dict, _numb
                             apply_overrides, parse_override, read_yaml_mapping, yaml_load)
 from bsnn._validate import from_dict as _from_dict_of
 from bsnn.binary import BinaryConfig
-from bsnn.convert.calibrate import Max, Percentile
+from bsnn.convert.calibrate import MSE, Max, Percentile
 from bsnn.convert.config import ConvertConfig, parse_statistic  # noqa: F401 (re-export)
 from bsnn.data import DataConfig
 from bsnn.distill.config import DistillConfig
@@ -101,6 +101,8 @@ def _plain(obj: Any) -> Any:
         return "max"
     if isinstance(obj, Percentile):
         return obj.p
+    if isinstance(obj, MSE):
+        return obj.spec()
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

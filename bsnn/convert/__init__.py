@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from bsnn.convert.balance import balanced_thresholds, clipped_thresholds
-from bsnn.convert.calibrate import Max, Percentile, calibrate, calibrate_many
+from bsnn.convert.calibrate import MSE, Max, Percentile, calibrate, calibrate_many
 from bsnn.convert.config import ConvertConfig, parse_statistic
 from bsnn.convert.ltb import ltb_batches, ltb_thresholds
 from bsnn.convert.snn_calibration import WeightCalibration, calibrate_snn_
@@ -25,7 +25,7 @@ from bsnn.simulate import run_batch
 from bsnn.snn.network import SpikingNetwork
 from bsnn.snn.offset import suspended
 
-__all__ = ["Max", "Percentile", "convert", "convert_with_thresholds", "calibrate", "capture"]
+__all__ = ["MSE", "Max", "Percentile", "convert", "convert_with_thresholds", "calibrate", "capture"]
 
 
 def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
@@ -63,7 +63,8 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
     if not acts:
         raise ConversionError(f"{type(model).__name__} has no ReLU activation to turn into spiking neurons")
     relus = relu_modules(gm)
-    candidates = [parse_statistic(p, "convert.search_percentiles") for p in cfg.search_percentiles] or [cfg.threshold]
+    candidates = [_resolved(parse_statistic(p, "convert.search_percentiles"), cfg) for p in cfg.search_percentiles] \
+        or [_resolved(cfg.threshold, cfg)]
     pc = per_channel_allowed(gm, set(relus)) if cfg.per_channel else set()
     stats: dict = {c: {} for c in candidates}
     if cfg.threshold_opt == "ltb":  # λ fitted by local threshold balancing instead of a statistic
@@ -105,6 +106,12 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
             snn.meta["snn_calibration_error"] = calibrate_snn_(snn, gm, x, cfg.snn_calibration_timesteps,
                                                                cfg.snn_calibration, weights=weights)
     return snn
+
+
+def _resolved(stat, cfg: ConvertConfig):
+    """``stat`` with an :class:`MSE` search's unset ``v0`` taken from the conversion's ``v_init`` (the quantiser
+    then codes what the IF neurons will compute)."""
+    return dataclasses.replace(stat, v0=cfg.v_init) if isinstance(stat, MSE) and stat.v0 is None else stat
 
 
 def _first_batch(loader) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""The ``convert`` section: :class:`ConvertConfig` and :func:`parse_statistic` (YAML ``max`` / ``99.9`` ->
-:class:`~bsnn.convert.calibrate.Max` / :class:`~bsnn.convert.calibrate.Percentile`)."""
+"""The ``convert`` section: :class:`ConvertConfig` and :func:`parse_statistic` (YAML ``max`` / ``99.9`` / ``mse:8``
+-> :class:`~bsnn.convert.calibrate.Max` / :class:`~bsnn.convert.calibrate.Percentile` /
+:class:`~bsnn.convert.calibrate.MSE`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bsnn._validate import _check
-from bsnn.convert.calibrate import Max, Percentile
+from bsnn.convert.calibrate import MSE, Max, Percentile
 from bsnn.convert.maxpool import MAXPOOL_STRATEGIES
 from bsnn.errors import ConfigError
 from bsnn.snn.neuron import FIRING_RULES
@@ -15,11 +16,22 @@ from bsnn.snn.offset import check_offset_correction
 
 
 def parse_statistic(value: Any, where: str = "convert.threshold") -> Any:
-    """``"max"`` -> ``Max()``; a number p or ``"p99.9"`` -> ``Percentile(p)``; Max/Percentile pass through."""
-    if isinstance(value, (Max, Percentile)):
+    """``"max"`` -> ``Max()``; a number p or ``"p99.9"`` -> ``Percentile(p)``; ``"mse"`` / ``"mse:T"`` /
+    ``"mse:T:v0"`` -> ``MSE(T, v0)`` (SNN Calibration's search; T = 8 and the conversion's v_init when left out);
+    Max / Percentile / MSE pass through."""
+    if isinstance(value, (Max, Percentile, MSE)):
         return value
     if isinstance(value, str) and value.strip().lower() == "max":
         return Max()
+    if isinstance(value, str) and value.strip().lower().startswith("mse"):
+        parts = value.strip().lower().split(":")
+        try:
+            if parts[0] != "mse" or len(parts) > 3:
+                raise ValueError
+            return MSE(int(parts[1]) if len(parts) > 1 else 8, float(parts[2]) if len(parts) > 2 else None)
+        except (ValueError, ConfigError):
+            raise ConfigError(f"{where}: {value!r} is not an MSE threshold; write 'mse', 'mse:T' (T an integer >= 1, "
+                              "the timesteps it is fitted for) or 'mse:T:v0' (v0 in [0, 1))") from None
     if isinstance(value, str) and value.strip().lower().startswith("p"):
         value = value.strip()[1:]
     try:
@@ -27,7 +39,7 @@ def parse_statistic(value: Any, where: str = "convert.threshold") -> Any:
             raise ValueError
         return Percentile(float(value))
     except (TypeError, ValueError):
-        raise ConfigError(f"{where} must be 'max' or a percentile such as 99.9, got {value!r}") from None
+        raise ConfigError(f"{where} must be 'max', a percentile such as 99.9 or 'mse:T', got {value!r}") from None
 
 
 def _statistic_default() -> Any:
@@ -41,8 +53,9 @@ class ConvertConfig:
     every network tried; see ``docs/conversion.md``).
 
     Attributes:
-        threshold: activation statistic that sets each IF layer's threshold: ``Max()`` or ``Percentile(p)``
-            (YAML: ``max`` or a number such as ``99.9``).
+        threshold: activation statistic that sets each IF layer's threshold: ``Max()``, ``Percentile(p)`` or
+            ``MSE(T)`` (SNN Calibration's least-squares search for a T-step code, :class:`~bsnn.convert.calibrate.MSE`;
+            YAML: ``max``, a number such as ``99.9``, or ``mse:T``).
         per_channel: per-channel thresholds where every consumer of the layer's spikes is a full-precision
             conv/linear (through pooling/flatten); layers feeding binary layers (whose weights must stay ±1) or
             residual adds stay layer-wise.

@@ -45,8 +45,12 @@ iterations by default). Differences from the authors' code:
   authors fit residual blocks jointly, ``weights_cali_res_layer``) and get the potential correction only;
 * the potential correction is bsnn's per-channel one (the authors' is per neuron and position, from one batch);
   both steps use the same ``snn_calibration_samples`` calibration images (the authors: 1024 for the weights);
-* bsnn keeps its own thresholds (percentile or LTB); the authors first search them by MSE
-  (``get_maximum_activation(mse=True)``).
+* the thresholds are the conversion's (``convert.threshold``); the authors' pipelines first search them by MSE
+  (``get_maximum_activation(mse=True)``), which is ``convert.threshold: mse:T``
+  (:class:`~bsnn.convert.calibrate.MSE`). Their CIFAR script (``main_cal_cifar.py``) runs ``--calib advanced`` as
+  that search plus the potential correction only (its ``weights_cali_model`` call is commented out: "calibrating
+  the potential only achieves best results" there) — bsnn's ``threshold: mse:T`` with ``snn_calibration:
+  potential``.
 
 Unlike the bounded charges of ``bias`` / ``potential``, fitted weights, gains and biases change the network for
 every T: the SNN converges (as 1/T) to the ANN *with the calibrated parameters*, which is fitted to match the
