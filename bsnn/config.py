@@ -130,6 +130,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return from_dict(d)
 
 
-def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML (atomically)."""
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def save_config(cfg: Config, path: str | os.PathLike, omit: dict | None = None) -> None:
+    """Write the resolved config as YAML (atomically), without the ``omit`` fields (``{section: (field, ...)}``)."""
+    d = cfg.to_dict()
+    for section, fields in (omit or {}).items():
+        d[section] = {k: v for k, v in d[section].items() if k not in fields}
+    atomic_write_text(path, yaml.safe_dump(d, sort_keys=False))

@@ -27,6 +27,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -48,7 +49,7 @@ from bsnn.modelfile import (build_model, check_binary, load_model, load_snn, loa
                             save_snn)
 from bsnn.report import plot_sweep, sweep_rows, write_table
 from bsnn.runfolder import (STAGES, TEACHER_INDEPENDENT, TEACHER_SECTIONS, TRAINING_SECTIONS, Entry, RunFolder,
-                            config_digest)
+                            config_digest, merge_fields)
 from bsnn.simulate import SimResult, simulate
 from bsnn.snn.network import SpikingNetwork
 from bsnn.train import evaluate, fidelity, resolve_device, set_seed, train_student, train_teacher
@@ -203,26 +204,36 @@ def _finish(ctx: Context, stage: str, key: str, model: nn.Module, history: list[
     return values
 
 
-def _same_settings(ctx: Context, key: str, entry: dict, derived_from: dict) -> None:
-    """On resume: refuse a finished ``key`` whose record names other settings or other source models."""
+def _config_digests(ctx: Context, keys: Sequence[str], ignore: dict | None = None) -> tuple[str, str]:
+    """The config digest of ``keys`` a stage records, and the one a bsnn that lacked the run folder's
+    :attr:`~bsnn.runfolder.RunFolder.legacy_fields` recorded (equal when there are none)."""
+    return (config_digest(ctx.cfg, keys, ignore),
+            config_digest(ctx.cfg, keys, merge_fields(ignore or {}, ctx.run.legacy_fields)))
+
+
+def _same_settings(ctx: Context, key: str, entry: dict, derived_from: dict, legacy_config: str | None = None) -> None:
+    """On resume: refuse a finished ``key`` whose record names other settings or other source models
+    (``legacy_config``: the config digest as a bsnn without the fields added since would have recorded it)."""
     old = (entry.get("record") or {}).get("derived_from")
     if old is None:  # recorded before derived_from existed
         return
-    diff = [k for k, v in derived_from.items() if old.get(k) != v]
+    diff = [k for k, v in derived_from.items() if old.get(k) != v
+            and not (k == "config" and legacy_config is not None and old.get(k) == legacy_config)]
     if diff:
         what = " and ".join("settings" if k == "config" else f"{k} weights" for k in diff)
         raise ConfigError(f"{key} in {str(ctx.run.root)!r} was made from other {what} than this run uses, so it "
                           "cannot be resumed; use --overwrite to redo it, or a new --out")
 
 
-def _resumed(ctx: Context, stage: str, final: Path, derived: dict) -> nn.Module | None:
+def _resumed(ctx: Context, stage: str, final: Path, derived: dict, legacy_config: str | None = None
+             ) -> nn.Module | None:
     """On ``--resume``, the finished model of ``stage`` (its file *and* record present, same settings), else None;
     a model file without its record is logged as unfinished and trained again from its checkpoint."""
     if not ctx.run.resume:
         return None
     done = ctx.run.finished(stage, (final.name,))
     if done is not None:
-        _same_settings(ctx, stage, done, derived)
+        _same_settings(ctx, stage, done, derived, legacy_config)
         log.info("%s: found %s, skipping training", stage, final)
         return load_model(final, ctx.device)[0]
     if final.is_file():
@@ -236,8 +247,9 @@ def stage_teacher(ctx: Context) -> nn.Module:
     On resume a ``teacher.pt`` without its record (the run was killed before the record was written) is not
     trusted: training resumes from ``checkpoints/teacher_last.pt`` and the stage finishes."""
     final = ctx.run.path("teacher.pt")
-    derived = {"config": config_digest(ctx.cfg, TEACHER_CONFIG, TEACHER_INDEPENDENT)}
-    resumed = _resumed(ctx, "teacher", final, derived)
+    digest_now, digest_then = _config_digests(ctx, TEACHER_CONFIG, TEACHER_INDEPENDENT)
+    derived = {"config": digest_now}
+    resumed = _resumed(ctx, "teacher", final, derived, digest_then)
     if resumed is not None:
         return resumed
     if is_zoo(ctx.cfg.model.teacher):  # a released teacher: copied into the run folder, not trained
@@ -441,15 +453,15 @@ def stage_student(ctx: Context, teacher: nn.Module | None,
     check_models(ctx.cfg)
     final = ctx.run.path("student.pt")
     cls = METHODS.get(ctx.cfg.distill.method)
-    derived = {"config": config_digest(ctx.cfg, STUDENT_CONFIG),
-               "teacher": None if cls.trains_teacher else _digests(teacher)}
+    digest_now, digest_then = _config_digests(ctx, STUDENT_CONFIG)
+    derived = {"config": digest_now, "teacher": None if cls.trains_teacher else _digests(teacher)}
     if ctx.cfg.model.student_init is not None:  # the weights it starts from, not just their name
         derived["student_init"] = model_digest(load_any(ctx.cfg.model.student_init, "cpu")[0])
     candidates = list(candidates or []) or kept_candidates(ctx.run.root, ctx.cfg.train, ctx.cfg.student.select_epochs,
                                                            teacher, ctx.device)
     if candidates:
         derived["candidates"] = [model_digest(m) for _, m in candidates]
-    resumed = _resumed(ctx, "student", final, derived)
+    resumed = _resumed(ctx, "student", final, derived, digest_then)
     if resumed is not None:
         ctx.student_arch = load_model(final, "cpu")[1]["arch"]
         return resumed

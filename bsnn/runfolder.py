@@ -105,7 +105,8 @@ class Entry:
 
 #: Fields added after run folders were first written, with their defaults: at the default they are left out of
 #: config digests and comparisons, so a folder written before they existed (its config.yaml and records lack them)
-#: can still be resumed and reused. Add a field here when it is added to a section a stage record hashes.
+#: can still be resumed and reused. Fields added since need no entry: a field the folder's own config.yaml lacks is
+#: handled per folder by :func:`legacy_fields` (this list stays, as the digests recorded since it was made use it).
 LATER_FIELDS: dict[str, dict] = {
     "train": {"keep_epochs": [], "select_epochs": 0, "bias_lr_scale": 1.0},
     "student": {"keep_epochs": [], "select_epochs": 0, "bias_lr_scale": 1.0},
@@ -134,6 +135,39 @@ def config_digest(cfg: Config, keys: Sequence[str], ignore: dict | None = None) 
             value = (value or {}).get(field)
         view[k] = _without(value, (ignore or {}).get(k, ()))
     return digest(json.loads(json.dumps(view, sort_keys=True, default=str)))
+
+
+def _read_config(root: Path) -> dict:
+    """The run folder's ``config.yaml`` as a dict ({} when it has none)."""
+    path = root / "config.yaml"
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+
+
+def legacy_fields(cfg: Config, saved: dict) -> dict[str, tuple[str, ...]]:
+    """``{section: fields}`` of ``cfg`` that the folder's saved config (``saved``, as read from its config.yaml)
+    lacks — written by a bsnn without them — and that are at their defaults now: the folder ran with exactly these
+    values. They are left out of its config.yaml when it is rewritten, compared as equal, and an old stage record's
+    config digest is recomputed without them (:func:`bsnn.pipeline._same_settings`), so such a folder resumes."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        section, old = getattr(cfg, f.name), saved.get(f.name)
+        if not dataclasses.is_dataclass(section) or not isinstance(old, dict):
+            continue
+        default = type(section)()
+        absent = tuple(g.name for g in dataclasses.fields(section)
+                       if g.name not in old and getattr(section, g.name) == getattr(default, g.name))
+        if absent:
+            out[f.name] = absent
+    return out
+
+
+def merge_fields(*groups: dict) -> dict[str, tuple[str, ...]]:
+    """The union of several ``{section: fields}`` maps."""
+    out: dict[str, tuple[str, ...]] = {}
+    for g in groups:
+        for k, v in g.items():
+            out[k] = tuple(dict.fromkeys((*out.get(k, ()), *v)))
+    return out
 
 
 def _without(section: dict | None, keys: tuple) -> dict | None:
@@ -407,6 +441,7 @@ class RunFolder:
         self.cfg, self.env, self.resume, self.stage = cfg, env, resume, stage
         self.root = check_out_dir(cfg.run.out_dir)
         self.notes: list[str] = []  # logged by make_context once the run's log is open
+        self.legacy_fields: dict[str, tuple[str, ...]] = {}  # see legacy_fields(); set by _open
         self._release = None
         self._made: list[Path] = []  # folders this open created, outermost first
         self._undo: dict | None = None  # how to put config.yaml / log.txt back if the command fails at once
@@ -434,6 +469,8 @@ class RunFolder:
                 self.close(failed=True)
                 raise
         barrier()
+        if not env.is_main and (self.root / "config.yaml").is_file():  # rank 0 kept those fields out of it
+            self.legacy_fields = legacy_fields(cfg, _read_config(self.root))
 
     def _open(self, overwrite: bool, reuse: tuple[str, ...] | None) -> None:
         root, resume = self.root, self.resume
@@ -450,6 +487,7 @@ class RunFolder:
         if has_results and not (resume or overwrite or reuse is not None):
             raise ConfigError(f"run folder {str(root)!r} already holds a run; pass --resume to continue it, "
                               "--overwrite to replace it, or choose another --out")
+        self.legacy_fields = legacy_fields(self.cfg, _read_config(root)) if is_run else {}
         if has_results and (resume or reuse is not None):
             self._check_config(reuse)
         if is_run and not has_results:
@@ -469,13 +507,14 @@ class RunFolder:
                 (root / "checkpoints").mkdir(exist_ok=True)
             except OSError as e:
                 raise write_failure(root / "checkpoints", e) from None
-            save_config(self.cfg, root / "config.yaml")
+            save_config(self.cfg, root / "config.yaml", omit=self.legacy_fields)
             self._undo["state"] = self._state()
 
     def _check_config(self, reuse: tuple[str, ...] | None) -> None:
         sections = TRAINING_SECTIONS if self.resume or reuse is None else reuse
-        old, new = yaml.safe_load((self.root / "config.yaml").read_text(encoding="utf-8")), self.cfg.to_dict()
-        ignored = {} if sections == TRAINING_SECTIONS else TEACHER_INDEPENDENT
+        old, new = _read_config(self.root), self.cfg.to_dict()
+        # fields bsnn added after the folder was made count as what the folder ran with when they are at default
+        ignored = merge_fields({} if sections == TRAINING_SECTIONS else TEACHER_INDEPENDENT, self.legacy_fields)
         changed = [k for k in sections
                    if _without(_without_later_defaults(k, old.get(k)), ignored.get(k, ())) !=
                    _without(_without_later_defaults(k, new.get(k)), ignored.get(k, ()))]

@@ -19,8 +19,9 @@ import bsnn.pipeline
 from bsnn.cli import main
 from bsnn.errors import CheckpointError, DataError
 from bsnn.io import CheckpointWarning, file_sha256, model_digest, save_checkpoint
-from bsnn.pipeline import load_model, load_snn
-from bsnn.runfolder import LATER_FIELDS
+from bsnn.config import load_config
+from bsnn.pipeline import STUDENT_CONFIG, TEACHER_CONFIG, load_model, load_snn
+from bsnn.runfolder import LATER_FIELDS, TEACHER_INDEPENDENT, config_digest, merge_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.name=digits", "data.limit_train=256", "train.epochs=1", "student.epochs=1", "convert.calib_samples=64",
@@ -340,3 +341,32 @@ def test_a_folder_written_before_later_fields_existed_still_resumes_and_reuses(t
     for stage in ("teacher", "student"):
         assert after[stage]["record"] == before[stage]["record"], stage  # not retrained
     assert main(["convert", "--out", str(run), *TINY]) == 0
+
+
+def test_a_folder_from_a_bsnn_without_newer_fields_resumes_twice_without_retraining(tiny_run, tmp_path):
+    """Fields added after a folder was made, not listed anywhere: an older bsnn wrote a config.yaml without them and
+    hashed its stage records without them. At their defaults they are what that run used: resume (twice) keeps its
+    models, config.yaml keeps leaving them out; set to another value they are a real change and refused."""
+    run = _copy(tiny_run, tmp_path)
+    newer = {"data": ("augmentation",), "train": ("lookahead_decay", "nesterov"), "student": ("lookahead_decay",)}
+    cfg = load_config(run / "config.yaml", [])
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    for section, fields in newer.items():
+        for k in fields:
+            del saved[section][k]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    metrics = _metrics(run)  # the records as the older bsnn would have hashed them
+    metrics["teacher"]["record"]["derived_from"]["config"] = config_digest(
+        cfg, TEACHER_CONFIG, merge_fields(TEACHER_INDEPENDENT, newer))
+    metrics["student"]["record"]["derived_from"]["config"] = config_digest(cfg, STUDENT_CONFIG, newer)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    before = {s: (run / f"{s}.pt").read_bytes() for s in ("teacher", "student")}
+    for _ in range(2):
+        assert main(["run", "--out", str(run), "--resume", *TINY]) == 0
+        after = _metrics(run)
+        for stage in ("teacher", "student"):
+            assert after[stage]["record"]["derived_from"] == metrics[stage]["record"]["derived_from"], stage
+            assert (run / f"{stage}.pt").read_bytes() == before[stage], stage  # not retrained
+        kept = yaml.safe_load((run / "config.yaml").read_text())
+        assert all(k not in kept[s] for s, fields in newer.items() for k in fields)
+    assert main(["train", "--out", str(run), "--resume", *TINY, "train.nesterov=true"]) == 2  # a real change
