@@ -169,6 +169,8 @@ RUN_ENTRIES.update({
                                                "with alternating flip")),
     "cifar10_airbench_qcfs_v2": dict(
         file="student.pt", run="runs/cifar10_la_qcfs_ft", threads=2,
+        training_note="epochs 2-5 shared the CPU with benchmarks (412, 497, 595 and 424 s), epochs 1 and 6 ran "
+                      "alone (233 and 223 s): about 23 min alone",
         command=AIRBENCH_QCFS_COMMAND.replace("runs/cifar10_qcfs_ft", "runs/cifar10_la_qcfs_ft").replace(
             "zoo:cifar10_airbench_teacher ", "zoo:cifar10_airbench_teacher_v2 ").replace(
             "zoo:cifar10_airbench_binary ", "zoo:cifar10_airbench_binary_v2 "),
