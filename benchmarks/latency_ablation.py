@@ -367,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.n_val, args.n_test = min(args.n_val, 100), min(args.n_test, 100)
     out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
     stem = NAME + ("_quick" if args.quick else "")
     old = out / f"{stem}.json"
     payload = json.loads(old.read_text()) if old.is_file() and not args.fresh else {}
