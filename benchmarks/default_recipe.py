@@ -54,7 +54,6 @@ from bsnn.config import ConvertConfig, DataConfig, load_config  # noqa: E402
 from bsnn.convert import MSE, Max, Percentile  # noqa: E402
 from bsnn.data import build_loaders, calibration_loader  # noqa: E402
 from bsnn.io import load_checkpoint, save_checkpoint  # noqa: E402
-from bsnn.modelfile import load_model  # noqa: E402
 from bsnn.pipeline import make_context, stage_student, stage_teacher  # noqa: E402
 from bsnn.simulate import run_batch  # noqa: E402
 from bsnn.snn.kernels import default_kernel  # noqa: E402
@@ -195,16 +194,12 @@ def net_digits(args) -> dict:
 def _net_mnist5k(activation: str) -> dict:
     """The default pipeline's teacher and binary student on mnist5k, the student with ``activation``."""
     run = CACHE / f"recipe_mnist5k_{activation}_run"
-    if (run / "student.pt").is_file():  # the cached student with the data splits it was made with
-        cfg = load_config(run / "config.yaml", [])
-        student = load_model(run / "student.pt")[0].eval()
-        s = build_loaders(cfg.data, seed=cfg.run.seed).splits
-    else:
-        cfg = load_config(ROOT / "configs" / "default.yaml", [f"run.out_dir={run}", "run.quiet=true",
-                                                             f"model.activation={activation}"])
-        ctx = make_context(cfg, resume=False, overwrite=True)
-        student = stage_student(ctx, stage_teacher(ctx)).eval()
-        s = ctx.loaders.splits
+    cfg = load_config(ROOT / "configs" / "default.yaml", [f"run.out_dir={run}", "run.quiet=true",
+                                                         f"model.activation={activation}"])
+    done = (run / "student.pt").is_file()
+    ctx = make_context(cfg, resume=done, overwrite=not done)
+    student = stage_student(ctx, stage_teacher(ctx)).eval()
+    s = ctx.loaders.splits
     return {"model": student, "calib": calibration_loader(s, cfg.data, 2048), "val": s.val, "test": s.test,
             "trained_by": f"bsnn pipeline (KD from the default teacher, {activation} student)", "data": "mnist5k"}
 

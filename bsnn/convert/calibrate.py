@@ -112,7 +112,8 @@ def mse_threshold(values: torch.Tensor, timesteps: int, v0: float = 0.0, candida
     """
     v = values.detach()
     if v.shape[0] == 1:  # values <= 0 code as 0 under every candidate: a constant error, dropped (one row only)
-        v = v[v > 0].reshape(1, -1) if bool((v > 0).any()) else v[:, :1].clamp_min(0)
+        positive = v[v > 0]
+        v = positive.reshape(1, -1) if positive.numel() else v.new_zeros(1, 1)
     v = v.sort(dim=1).values.double()  # [C, N] (sorted in the input dtype)
     c, n = v.shape
     zero = v.new_zeros(c, 1)
@@ -133,6 +134,12 @@ def mse_threshold(values: torch.Tensor, timesteps: int, v0: float = 0.0, candida
     sse = (span(s2) - 2.0 * q * span(s1) + q * q * counts).sum(-1)  # [C, K]
     best = sse.argmin(dim=1, keepdim=True)  # the first (largest θ) of equal minima
     return theta.gather(1, best)[:, 0].to(values.dtype)
+
+
+def _rows(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """Activation ``[B, C, ...]`` / ``[B, F]`` as float32 rows: ``[C, B·...]`` per channel, else ``[1, all]``."""
+    x = x.detach().float()
+    return x.transpose(0, 1).reshape(x.shape[1], -1) if per_channel else x.reshape(1, -1)
 
 
 def topk_size(n: int, p: float) -> int:
@@ -168,8 +175,7 @@ class ActivationObserver(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: activation ``[B, C, ...]`` or ``[B, F]``; returned unchanged."""
-        flat = x.detach().float().transpose(0, 1).reshape(x.shape[1], -1) if self.per_channel \
-            else x.detach().float().reshape(1, -1)
+        flat = _rows(x, self.per_channel)
         self.channels = flat.shape[0]
         self.seen += flat.shape[1]
         k = self._k()
@@ -213,8 +219,7 @@ class MSEObserver(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: activation ``[B, C, ...]`` or ``[B, F]``; returned unchanged."""
-        flat = x.detach().float().transpose(0, 1).reshape(x.shape[1], -1) if self.per_channel \
-            else x.detach().float().reshape(1, -1)
+        flat = _rows(x, self.per_channel)
         self.seen += flat.shape[1]
         found = mse_threshold(flat, self.stat.timesteps, self.stat.v0)
         m = self.stat.momentum
