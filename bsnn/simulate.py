@@ -21,6 +21,7 @@ from bsnn.data import unpack_batch
 from bsnn.distributed import all_gather_objects, all_reduce_tensor_sum, current_env, resolve_device
 from bsnn.errors import ConfigError
 from bsnn.snn.encode import get_encoder
+from bsnn.snn.heap import retain_freed_memory
 from bsnn.hardware.config import ConstraintConfig
 from bsnn.snn.kernels import KERNELS, check_kernel, default_kernel
 from bsnn.snn.network import SpikingNetwork
@@ -50,6 +51,9 @@ class SimConfig:
         constraints: in-memory hardware limits to simulate next to the ideal SNN (fields of
             :class:`bsnn.hardware.constraints.ConstraintConfig`: ``xbar_rows``, ``adc_bits``, ``membrane_bits``, ...);
             None = ideal only.
+        retain_memory: keep the memory each time chunk frees inside the process for the next chunk (glibc's
+            malloc thresholds, :mod:`bsnn.snn.heap`; process-wide, not undone): no page faults on the reuse,
+            1.3-1.6x faster on a 2-core CPU. Results do not depend on it.
     """
 
     timesteps: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
@@ -60,12 +64,15 @@ class SimConfig:
     max_samples: Union[int, None] = None
     record_predictions: bool = False
     constraints: Union[dict, None] = None
+    retain_memory: bool = True
 
     def validate(self) -> None:
         _check(len(self.timesteps) > 0 and all(isinstance(t, int) and not isinstance(t, bool) and t >= 1
                                                for t in self.timesteps),
                f"simulate.timesteps must be a list of positive integers (e.g. [1, 2, 4, 8]), got {self.timesteps!r}")
         _check(self.time_chunk >= 1, f"simulate.time_chunk must be >= 1, got {self.time_chunk}")
+        _check(isinstance(self.retain_memory, bool),
+               f"simulate.retain_memory must be true or false, got {self.retain_memory!r}")
         _check(self.constraints is None or isinstance(self.constraints, dict),
                f"simulate.constraints must be a mapping of constraint settings or null, got {self.constraints!r}")
         _check(self.max_samples is None or (isinstance(self.max_samples, int) and not isinstance(self.max_samples, bool)
@@ -245,6 +252,8 @@ def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cf
     dev = _resolve_device(device)
     kernel = default_kernel(dev) if cfg.kernel == "auto" else cfg.kernel
     check_kernel(kernel, dev)
+    if cfg.retain_memory and dev.type == "cpu":
+        retain_freed_memory()
     snn = snn.to(dev).eval()
     snn.set_kernel(kernel)
     if ann is not None:
