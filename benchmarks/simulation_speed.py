@@ -27,7 +27,9 @@ For batch 128 and each T in {8, 32, 128} (direct encoding, accuracy bookkeeping 
 Each timing is the median of ``--reps`` rounds after one warm-up run (which also triggers compilation); within a
 round the four simulators run in turn, so load changes on the machine hit all of them alike. Peak memory
 is the resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs`` before each measurement)
-minus the resident size before it. Writes ``<out>/simulation_speed.{json,md}``.
+minus the resident size before it. bsnn's ``simulate`` keeps freed memory mapped for reuse (``SimConfig.retain_memory``,
+glibc's malloc, process-wide: :mod:`bsnn.snn.heap`); the benchmark sets it before the first timing, so spikingjelly
+and the dense limit run under the same allocator settings. Writes ``<out>/simulation_speed.{json,md}``.
 
 Usage::
 
@@ -57,6 +59,7 @@ from bsnn.convert import Percentile, convert  # noqa: E402
 from bsnn.data import build_loaders  # noqa: E402
 from bsnn.pipeline import build_model, load_model  # noqa: E402
 from bsnn.simulate import simulate  # noqa: E402
+from bsnn.snn.heap import retain_freed_memory  # noqa: E402
 from bsnn.snn.kernels import bitpack  # noqa: E402
 
 NAME = "simulation_speed"
@@ -234,7 +237,10 @@ def build_markdown(payload: dict) -> str:
              "ratio = bsnn / spikingjelly (fastest of its multi- and single-step modes); dense = T x one fp32 "
              "forward of the plain ANN (lower ratio = faster than the dense limit). Peak = resident-memory growth "
              "during one simulation (MiB). bitpack / bf16 = throughput ratio of the two synapse modes the automatic "
-             f"choice picks from (bitpack C++ paths on this CPU: {payload.get('bitpack_paths') or 'unavailable'}).",
+             f"choice picks from (bitpack C++ paths on this CPU: {payload.get('bitpack_paths') or 'unavailable'}). "
+             + ("Freed memory kept mapped for reuse (glibc malloc thresholds, `bsnn.snn.heap`) for every runner, "
+                "as bsnn's simulate sets it." if payload.get("malloc_retained") else
+                "glibc's malloc defaults (freed buffers returned to the OS)."),
              ""]
     for net in payload["networks"]:
         lines += [f"## {net['name']}", "", f"Model: {net['source']}; input: {net['data']}. bsnn exact bf16 "
@@ -290,12 +296,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cifar-npz", default="../shared/data/cifar10.npz")
     p.add_argument("--cache", default="benchmarks/cache")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--malloc-defaults", action="store_true", help="leave glibc's malloc at its defaults (bsnn with "
+                   "SimConfig(retain_memory=False)): the A/B of bsnn.snn.heap, in a process of its own")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # what bsnn's simulate sets anyway; here before any runner, for all of them
+    retained = False if args.malloc_defaults else retain_freed_memory()
+    sim = {"retain_memory": not args.malloc_defaults}
     ts = [4, 8] if args.quick else [int(t) for t in args.timesteps.split(",")]
     reps = 1 if args.quick else args.reps
     payload = {"command": command_line(), "machine": machine_info(), "started": now_iso(), "batch": args.batch,
-               "reps": reps, "networks": [], "bitpack_paths": list(bitpack.extension_paths() or [])}
+               "reps": reps, "networks": [], "malloc_retained": retained, "bitpack_paths": list(bitpack.extension_paths() or [])}
     for net in networks(args):
         log(f"{net['name']}: converting ({net['source']})")
         calib = DataLoader(TensorDataset(net["calib"], torch.zeros(len(net["calib"]), dtype=torch.long)),
@@ -308,17 +319,17 @@ def main(argv: list[str] | None = None) -> None:
         entry.update(rows=[])
         for T in ts:
             n = len(x) * T
-            tm = timed_interleaved({"bsnn": bsnn_runner(snn, x, T),
-                                    "fp32": bsnn_runner(snn, x, T, kernel="torch", synapse="float"),
-                                    "bf16": bsnn_runner(snn, x, T, synapse="bf16"),
-                                    "bitpack": bsnn_runner(snn, x, T, synapse="bitpack"),
+            tm = timed_interleaved({"bsnn": bsnn_runner(snn, x, T, **sim),
+                                    "fp32": bsnn_runner(snn, x, T, kernel="torch", synapse="float", **sim),
+                                    "bf16": bsnn_runner(snn, x, T, synapse="bf16", **sim),
+                                    "bitpack": bsnn_runner(snn, x, T, synapse="bitpack", **sim),
                                     "sj_m": sj_runner(sj, x, T, "m"), "sj_s": sj_runner(sj, x, T, "s"),
                                     "dense": ann_runner(ann, x, T)}, reps)
             (b_s, b_all, b_peak), (f_s, _, _) = tm["bsnn"], tm["fp32"]
             bf_s, bp_s = tm["bf16"][0], tm["bitpack"][0]
             (m_s, _, m_peak), (s_s, _, _) = tm["sj_m"], tm["sj_s"]
             dense_T = tm["dense"][0]
-            res = bsnn_runner(snn, x, T)()
+            res = bsnn_runner(snn, x, T, **sim)()
             entry["exact_layers"] = res.config.get("exact_layers", [])
             row = {"T": T, "bsnn_s": b_s, "bsnn_all_s": b_all, "bsnn_fp32_s": f_s, "sj_m_s": m_s, "sj_s_s": s_s,
                    "dense_s": dense_T, "bsnn_tput": n / b_s, "bsnn_fp32_tput": n / f_s, "sj_m_tput": n / m_s,
@@ -330,9 +341,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"sj multi {m_s:.3f} single {s_s:.3f}, "
                 f"dense {dense_T:.3f} s -> x{min(m_s, s_s) / b_s:.2f} vs sj, {b_s / dense_T:.2f} of dense")
             entry["rows"].append(row)
+        payload["networks"].append(entry)
+        if args.malloc_defaults:  # the A/B needs the timings only (the extras would run with the memory retained)
+            payload["malloc_tuned_meanwhile"] = retain_freed_memory.cache_info().currsize > 0  # must stay False
+            write_results(ROOT / args.out, NAME, payload, build_markdown(payload))
+            continue
         entry["profile_T32"] = profile_shares(snn, x, 8 if args.quick else 32)
         entry["layers"] = layer_speeds(snn, x, reps) if bitpack.extension_paths() else []
-        payload["networks"].append(entry)
         if "VGG" in net["name"]:
             payload["integer"] = integer_check(snn, x, ts[:2], reps)
         payload["machine"]["load_average_at_end"] = load_average()

@@ -53,7 +53,7 @@ class SimConfig:
             None = ideal only.
         retain_memory: keep the memory each time chunk frees inside the process for the next chunk (glibc's
             malloc thresholds, :mod:`bsnn.snn.heap`; process-wide, not undone): no page faults on the reuse,
-            1.3-1.6x faster on a 2-core CPU. Results do not depend on it.
+            which otherwise made some runs 1.3-2.1x slower on 2-core CPUs. Results do not depend on it.
     """
 
     timesteps: list = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
