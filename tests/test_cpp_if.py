@@ -72,6 +72,33 @@ def test_equals_the_oracle_bit_for_bit(no_fallback, path, layout, in_dtype, out_
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("r_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("spikes", [True, False])
+def test_scaled_residual_equals_the_graphs_multiply_and_add(no_fallback, path, r_dtype, spikes):
+    """A shortcut aligned by a per-channel scale, multiplied inside the kernel, equals the unfused graph's
+    ``(r * scale.to(r.dtype)).float()`` added after the synaptic bias — bfloat16 rounding of the product included
+    (general bf16 values round; {0, 1} spikes are exact)."""
+    g = torch.Generator().manual_seed(1)
+    T, B, C = 5, 3, 4
+    shape, tshape = (C, 5, 7), (C, 1, 1)
+    x = (torch.randn(T, B, *shape, generator=g) * 4).round().to(torch.bfloat16)
+    r = (torch.rand(T, B, *shape, generator=g) < 0.4).float() if spikes else torch.randn(T, B, *shape, generator=g)
+    r = torch.stack([rt.contiguous(memory_format=torch.channels_last) for rt in r.to(r_dtype)])
+    x = torch.stack([xt.contiguous(memory_format=torch.channels_last) for xt in x])
+    v0 = torch.rand(B, *shape, generator=g).contiguous(memory_format=torch.channels_last)
+    scale = torch.rand(tshape, generator=g) * 1.7 - 0.3  # some negative
+    gain, pre, theta = torch.rand(tshape, generator=g) + 0.5, torch.randn(tshape, generator=g), torch.rand(tshape) + 0.4
+    s, v = cpp_if.if_scan_cpp(x, theta, v0.clone(), gain, None, pre, torch.float32, path=path, residual=r,
+                              residual_scale=scale)
+    current = (x.float() + pre) + (r * scale.to(r_dtype)).float()  # the graph's ChannelScale, add and cast
+    s_ref, v_ref = if_multistep(prescale(current, gain, None), theta, v0)
+    assert torch.equal(s, s_ref) and torch.equal(v, v_ref) and 0 < s_ref.mean() < 1
+    if r_dtype == torch.bfloat16 and not spikes:  # the rounding matters here: a float32 product would differ
+        unrounded = (x.float() + pre) + r.float() * scale.to(r_dtype).float()
+        assert not torch.equal(unrounded, current)
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_scalar_terms_single_step_and_single_sample(no_fallback, path):
     g = torch.Generator().manual_seed(1)
     for T, B in ((1, 3), (4, 1)):
@@ -202,6 +229,7 @@ def test_residual_sums_fused_into_the_neurons_bit_identical_and_restored():
         finally:
             h.remove()
     assert layers and len(fused) == 9  # all nine blocks of ResNet-20 (the two projection shortcuts included)
+    assert all(len(n.args) == 4 for n in fused)  # each shortcut's alignment scale applied inside the kernel
     assert torch.equal(out, ref) and torch.equal(hooked, ref) and len(calls) == 3
     assert snn.graph_module.code == code  # the graph is back
     run_batch(snn, x, 9, time_chunk=4)

@@ -36,7 +36,8 @@ def test_retained_memory_is_reused_without_page_faults_and_the_default_heap_faul
     pages = 3 * 16 * 2**20 // 4096  # one round's pages
     default, retained = _faults("default"), _faults("retain")
     assert retained <= pages // 2, f"{retained} minor faults in 4 rounds with the memory retained"
-    assert default >= 2 * pages, f"control: only {default} minor faults in 4 rounds with glibc's defaults"
+    # control: glibc's defaults give the memory back and fault it in again (~3 rounds' pages; at least one round's)
+    assert default >= max(pages, 2 * retained), f"control: only {default} minor faults in 4 rounds with glibc's defaults"
 
 
 def test_retain_memory_must_be_a_boolean():

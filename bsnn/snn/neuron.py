@@ -152,10 +152,12 @@ class IFNeuron(nn.Module):
                                        counts)
 
     def _scan_residual(self, x_seq: torch.Tensor, bias: torch.Tensor | None, counts: list | None,
-                       residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`_scan` with a residual current added after the deferred synaptic bias (C++ kernel)."""
+                       residual: torch.Tensor, residual_scale: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_scan` with a residual current (``residual`` times ``residual_scale``, if given, in the
+        residual's dtype) added after the deferred synaptic bias (C++ kernel)."""
         return if_scan_cpp(x_seq, self._one, self.v, self._gain, bias, self.pre_bias, self.spike_dtype, counts,
-                           residual=residual)
+                           residual=residual, residual_scale=residual_scale)
 
     def gain(self) -> torch.Tensor:
         """Input gain ``1/θ`` (same shape as ``threshold``)."""
@@ -180,28 +182,36 @@ class IFNeuron(nn.Module):
         tc = self.time_chunk
         return self._run(x.unsqueeze(0).expand(tc, *x.shape)).reshape(tc * x.shape[0], *x.shape[1:])
 
-    def forward_residual(self, y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    def forward_residual(self, y: torch.Tensor, r: torch.Tensor, align: ChannelScale | None = None) -> torch.Tensor:
         """IF of a residual block's sum: ``y`` the synaptic layer's output without its bias (deferred into
-        :attr:`pre_bias`), ``r`` the shortcut current, both ``[Tc * B, ...]`` -> spikes ``[Tc * B, ...]``;
-        equal to ``forward((y + pre_bias) + r)`` (the unfused graph's float32 operations, in its order). The C++
-        kernel adds ``r`` inside its pass (no separate bias, add and cast passes over the layer); another kernel,
-        or a neuron with hooks (calibration, offset corrections), gets the unfused sum through ``__call__``
-        (:func:`bsnn.snn.synapse.synapse_mode` rewrites the graph to call this)."""
-        r = r.float()
-        if self.kernel != "cpp" or self._forward_hooks or self._forward_pre_hooks:
+        :attr:`pre_bias`), ``r`` the shortcut current — or, with ``align`` (a bias-free :class:`ChannelScale`), the
+        shortcut's input, whose current is ``align(r)`` —, all ``[Tc * B, ...]`` -> spikes ``[Tc * B, ...]``;
+        equal to ``forward((y + pre_bias) + align(r).float())`` (the unfused graph's operations, in its order and
+        dtypes). The C++ kernel scales and adds the shortcut inside its pass (no separate scale, bias, add and cast
+        passes over the layer); another kernel, or a neuron with hooks (calibration, offset corrections), gets the
+        unfused sum through ``__call__`` (:func:`bsnn.snn.synapse.synapse_mode` rewrites the graph to call this)."""
+        fused = self.kernel == "cpp" and not (self._forward_hooks or self._forward_pre_hooks)
+        if align is not None and not (fused and align.bias is None and r.dtype in (torch.float32, torch.bfloat16)):
+            r, align = align(r), None
+        if not fused:
+            r = r.float()
             x = (y.float() if self.pre_bias is None else y.float() + self.pre_bias) + r
             saved, self.pre_bias = self.pre_bias, None
             try:
                 return self(x)
             finally:
                 self.pre_bias = saved
+        if r.dtype not in (torch.float32, torch.bfloat16):
+            r = r.float()
         tc = self.time_chunk
         shape = (tc, y.shape[0] // tc, *y.shape[1:])
-        return self._run(y.reshape(shape), r.reshape(shape)).reshape(y.shape)
+        scale = None if align is None else align.scale
+        return self._run(y.reshape(shape), r.reshape(shape), scale).reshape(y.shape)
 
-    def _run(self, x_seq: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """Integrate and fire over ``x_seq [Tc, B, ...]`` (plus the residual current ``[Tc, B, ...]``, if given)
-        from the current membranes -> spikes ``[Tc, B, ...]``."""
+    def _run(self, x_seq: torch.Tensor, residual: torch.Tensor | None = None,
+             residual_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Integrate and fire over ``x_seq [Tc, B, ...]`` (plus the residual current ``[Tc, B, ...]`` times
+        ``residual_scale`` in its dtype, if given) from the current membranes -> spikes ``[Tc, B, ...]``."""
         tc = x_seq.shape[0]
         if self.v is None:  # first call after reset: the per-batch constants, not recomputed every timestep
             self.v = self.initial_potential(x_seq[0])
@@ -219,7 +229,8 @@ class IFNeuron(nn.Module):
             xs = x_seq if (lo, hi) == (0, tc) else x_seq[lo:hi]
             if residual is None:
                 return self._scan(xs, bias, counts)
-            return self._scan_residual(xs, bias, counts, residual if (lo, hi) == (0, tc) else residual[lo:hi])
+            return self._scan_residual(xs, bias, counts, residual if (lo, hi) == (0, tc) else residual[lo:hi],
+                                       residual_scale)
 
         def exact(x: torch.Tensor) -> torch.Tensor:  # the float32 sums of a chunk whose bf16 sums were not exact
             check.synapse.fallbacks += 1
@@ -228,7 +239,8 @@ class IFNeuron(nn.Module):
         if check is not None and split in (0, tc):  # one pass: fire and take max |x| for the synapse's check
             bias = self._bias if split else None
             spikes, v, amax = if_scan_cpp(x_seq, self._one, self.v, self._gain, bias, self.pre_bias,
-                                          self.spike_dtype, counts, residual=residual, absmax=True)
+                                          self.spike_dtype, counts, residual=residual, absmax=True,
+                                          residual_scale=residual_scale)
             if amax >= check.limit:  # not exact: this chunk again from the float32 sums
                 if counts is not None:
                     counts.clear()

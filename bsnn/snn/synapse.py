@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from bsnn._registry import Registry
 from bsnn.snn.kernels import bitpack
 from bsnn.snn.network import is_pass_through, node_shapes
-from bsnn.snn.neuron import ExactnessCheck, IFNeuron, memory_order
+from bsnn.snn.neuron import ChannelScale, ExactnessCheck, IFNeuron, memory_order
 
 log = logging.getLogger(__name__)
 
@@ -337,15 +337,30 @@ def residual_sum(gm: fx.GraphModule, syn_node: fx.Node) -> tuple[fx.Node, fx.Nod
     return add, other, after[0]
 
 
+def _alignment(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``node`` calls a bias-free :class:`ChannelScale` (a shortcut's alignment) and has no other consumer than
+    the one residual add: the neuron can apply the scale inside its kernel."""
+    return (node.op == "call_module" and type(gm.get_submodule(node.target)) is ChannelScale
+            and gm.get_submodule(node.target).bias is None and len(node.users) == 1 and len(node.args) == 1
+            and isinstance(node.args[0], fx.Node) and not node.kwargs)
+
+
 def _fuse_residual(gm: fx.GraphModule, syn_node: fx.Node, add: fx.Node, other: fx.Node, neuron: fx.Node) -> None:
-    """Rewrite ``neuron(add(syn, other))`` as ``neuron.forward_residual(syn, other)`` in ``gm.graph``."""
+    """Rewrite ``neuron(add(syn, other))`` as ``neuron.forward_residual(syn, other)`` in ``gm.graph``, and
+    ``neuron(add(syn, align(x)))`` (``align`` a bias-free :class:`ChannelScale`) as
+    ``neuron.forward_residual(syn, x, align)``."""
     g = gm.graph
+    align = other if _alignment(gm, other) else None
     with g.inserting_before(neuron):
         module = g.get_attr(neuron.target)
-        fused = g.call_method("forward_residual", (module, syn_node, other))
+        args = (module, syn_node, other) if align is None else (module, syn_node, align.args[0],
+                                                               g.get_attr(align.target))
+        fused = g.call_method("forward_residual", args)
     neuron.replace_all_uses_with(fused)
     g.erase_node(neuron)
     g.erase_node(add)
+    if align is not None:
+        g.erase_node(align)
 
 
 @contextmanager

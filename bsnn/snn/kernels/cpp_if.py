@@ -83,10 +83,14 @@ def _per_neuron(term: torch.Tensor | None, sample: torch.Tensor, fill: float) ->
 def if_scan_cpp(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, pre_bias: torch.Tensor | None = None,
                 out_dtype: torch.dtype | None = None, counts: list | None = None, path: str = "auto",
-                residual: torch.Tensor | None = None, absmax: bool = False) -> tuple:
-    """IF over ``x_seq [T, B, ...]`` with current ``((x + pre_bias) + residual)·gain + bias`` (``residual``
-    ``[T, B, ...]`` optional: a residual block's shortcut current, added after the synaptic bias as the unfused
-    graph adds it), threshold ``theta``, from membranes ``v [B, ...]``; returns ``(spikes [T, B, ...] in out_dtype
+                residual: torch.Tensor | None = None, absmax: bool = False,
+                residual_scale: torch.Tensor | None = None) -> tuple:
+    """IF over ``x_seq [T, B, ...]`` with current ``((x + pre_bias) + r)·gain + bias``, threshold ``theta``, from
+    membranes ``v [B, ...]``. ``r`` is a residual block's shortcut current (optional), added after the synaptic bias
+    as the unfused graph adds it: ``residual [T, B, ...]`` (float32 or bfloat16) itself, or, with
+    ``residual_scale`` (broadcast against one timestep: the shortcut's :class:`~bsnn.snn.neuron.ChannelScale`),
+    ``(residual * residual_scale.to(residual.dtype)).float()`` — that module's multiply in the residual's dtype,
+    done inside the kernel's pass. Returns ``(spikes [T, B, ...] in out_dtype
     (default float32), v_next)`` in ``x_seq``'s layout and appends each step's spikes per sample (float32 ``[B]``)
     to ``counts``. With ``absmax``, returns ``(spikes, v_next, max |x|)`` (a python float, read on the way: the
     bf16 synapse's exactness check). Falls back to :func:`~bsnn.snn.kernels.inductor_if.if_scan_fused` where the
@@ -98,18 +102,21 @@ def if_scan_cpp(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain:
     fits = (paths is not None and x_seq.dtype in (torch.float32, torch.bfloat16)
             and out_dtype in (torch.float32, torch.bfloat16) and _sample_major(x_mem))
     sample = x_seq[0, 0] if fits else None
-    if fits and residual is not None:  # the residual must be float32 in the current's memory order
-        fits = (not constant and residual.dtype == torch.float32 and residual.shape == x_seq.shape
+    if fits and residual is not None:  # the residual must be in the current's memory order
+        fits = (not constant and residual.dtype in (torch.float32, torch.bfloat16) and residual.shape == x_seq.shape
                 and residual.stride() == x_seq.stride())
-    terms = [_per_neuron(t, sample, fill) for t, fill in ((theta, 1.0), (gain, 1.0), (bias, 0.0), (pre_bias, 0.0))
-             ] if fits else []
+    scale = None if residual_scale is None or residual is None else residual_scale.to(residual.dtype).float()
+    terms = [_per_neuron(t, sample, fill) for t, fill in ((theta, 1.0), (gain, 1.0), (bias, 0.0), (pre_bias, 0.0),
+                                                          (scale, 1.0))] if fits else []
     if not fits or any(t is None for t in terms) or (path != "auto" and path not in paths):
         if fits and path != "auto" and path not in paths:
             raise ValueError(f"if_scan_cpp: unknown or unsupported code path {path!r}; this CPU runs "
                              f"{', '.join(paths)}")
         amax = float(x_seq.abs().max()) if absmax else None
         if residual is not None:  # the unfused current, rounded as the graph rounds it
-            x_seq = (x_seq.float() if pre_bias is None else x_seq.float() + pre_bias) + residual
+            if residual_scale is not None:
+                residual = residual * residual_scale.to(residual.dtype)
+            x_seq = (x_seq.float() if pre_bias is None else x_seq.float() + pre_bias) + residual.float()
             pre_bias = None
         out = if_scan_fused(x_seq, theta, v, gain, bias, pre_bias, out_dtype, counts)
         return (*out, amax) if absmax else out
@@ -122,9 +129,10 @@ def if_scan_cpp(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain:
         x_seq.shape, (b * f, *step.stride()))
     amax = torch.empty(b, dtype=torch.float32) if absmax else None
     n = torch.ops.bsnn_if.scan(_memory(x_mem).view(x_mem.shape[0], b, f), _memory(v), _memory(v_next),
-                               _memory(spikes).view(t, b, f), *terms,
+                               _memory(spikes).view(t, b, f), *terms[:4],
                                None if residual is None else _memory(residual).view(t, b, f), amax,
-                               counts is not None, PATHS[path])
+                               counts is not None, PATHS[path], terms[4],
+                               residual is not None and residual.dtype == torch.bfloat16 and scale is not None)
     if counts is not None:
         counts.extend(n.unbind(0))
     return (spikes, v_next, float(amax.max())) if absmax else (spikes, v_next)

@@ -5,7 +5,10 @@
 // Memory (all dense, raw order): x [T][B][F] (float32, or bfloat16 exact integer sums; or x [1][B][F], the same
 // current at every step: direct encoding's first layer, read once per chunk instead of T times), v_in [B][F] float32 (the
 // membranes before the chunk, read) and v_out [B][F] float32 (after it, written; may be v_in itself), spikes [T][B][F] (float32 or bfloat16), counts [T][B] float32 (spikes per sample and step, optional).
-// r [T][B][F] float32 (optional): a residual current added after the synaptic bias (a residual block's shortcut).
+// r [T][B][F] float32 or bfloat16 (optional): a residual block's shortcut, added after the synaptic bias as
+// r * r_scale (r_scale a per-neuron term: the shortcut's channel alignment, 1 for none), the product rounded to
+// bfloat16 when r_round is set (what the unfused graph's bfloat16 multiply does), so the shortcut's scaling and its
+// cast to float32 need no passes of their own.
 // absmax [B] float32 (optional): each sample's max |x| over the chunk, written on the way (the bf16 synapse checks
 // from it that its sums were exact, instead of a separate pass over them).
 // F is one sample's neurons in its memory order (channels-last or not: the caller gives every per-neuron term in
@@ -66,10 +69,12 @@ struct Args {
   float* v_out;
   void* s;
   bool s_bf16;
-  const float* r;  // [T][B][F] residual current or nullptr
+  const void* r;  // [T][B][F] residual shortcut or nullptr
+  bool r_bf16;    // r is bfloat16 (else float32)
+  bool r_round;   // r * r_scale rounded to bfloat16 (round to nearest even)
   float* counts;  // [T][B] or nullptr
   float* absmax;  // [B]: max |x| over the chunk per sample (the bf16 synapse's exactness check), or nullptr
-  Term theta, gain, bias, pre_bias;
+  Term theta, gain, bias, pre_bias, r_scale;
   i64 T, B, F;
   i64 x_step;  // B * F, or 0 for a current constant over the chunk
 };
@@ -82,6 +87,22 @@ inline float bf16_to_float(uint16_t h) {
 }
 
 constexpr uint16_t kBf16One = 0x3F80;  // 1.0 in bfloat16
+
+// float32 -> bfloat16 -> float32, rounding to nearest even (c10::BFloat16's rounding; inputs here are finite).
+inline float round_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// The shortcut's current at flat index o of neuron f: r * r_scale (rounded to bfloat16 if asked).
+inline float shortcut(const Args& a, i64 o, i64 f) {
+  const float r = a.r_bf16 ? bf16_to_float(static_cast<const uint16_t*>(a.r)[o]) : static_cast<const float*>(a.r)[o];
+  const float p = r * a.r_scale.at(f);
+  return a.r_round ? round_bf16(p) : p;
+}
 
 // Portable path: the same order of operations, one neuron at a time.
 void scan_sample_generic(const Args& a, i64 b) {
@@ -96,7 +117,7 @@ void scan_sample_generic(const Args& a, i64 b) {
       const float x = a.x_bf16 ? bf16_to_float(static_cast<const uint16_t*>(a.x)[xo]) : static_cast<const float*>(a.x)[xo];
       amax = std::max(amax, std::fabs(x));
       float c = x + pb;
-      if (a.r) c = c + a.r[o];
+      if (a.r) c = c + shortcut(a, o, f);
       const float i = c * g + bi;
       v = v + i;
       const bool fire = v >= th;
@@ -123,6 +144,18 @@ BSNN_AVX512 inline __m512 load_term(const Term& t, i64 f, __mmask16 m) {
   return t.stride ? _mm512_maskz_loadu_ps(m, t.p + f) : _mm512_set1_ps(t.p[0]);
 }
 
+BSNN_AVX512 inline __m512 load_bf16(const void* p, i64 o, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + o);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+BSNN_AVX512 inline __m512 round_bf16_avx512(__m512 p) {  // round_bf16, 16 lanes
+  const __m512i u = _mm512_castps_si512(p);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
 BSNN_AVX512 void scan_sample_avx512(const Args& a, i64 b) {
   const i64 step = a.B * a.F;
   std::vector<i64> count(a.T, 0);
@@ -133,20 +166,23 @@ BSNN_AVX512 void scan_sample_avx512(const Args& a, i64 b) {
     const i64 n = a.F - f < 16 ? a.F - f : 16;
     const __mmask16 m = n == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
     const __m512 th = load_term(a.theta, f, m), g = load_term(a.gain, f, m), bi = load_term(a.bias, f, m),
-                 pb = load_term(a.pre_bias, f, m);
+                 pb = load_term(a.pre_bias, f, m), rs = load_term(a.r_scale, f, m);
     __m512 v = _mm512_maskz_loadu_ps(m, a.v_in + b * a.F + f);
     for (i64 t = 0; t < a.T; ++t) {
       const i64 o = t * step + b * a.F + f, xo = t * a.x_step + b * a.F + f;
       __m512 x;
       if (a.x_bf16) {
-        const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(a.x) + xo);
-        x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        x = load_bf16(a.x, xo, m);
       } else {
         x = _mm512_maskz_loadu_ps(m, static_cast<const float*>(a.x) + xo);
       }
       amax = _mm512_max_ps(amax, _mm512_abs_ps(x));  // masked-off lanes hold 0
       __m512 c = _mm512_add_ps(x, pb);
-      if (a.r) c = _mm512_add_ps(c, _mm512_maskz_loadu_ps(m, a.r + o));
+      if (a.r) {
+        const __m512 r = a.r_bf16 ? load_bf16(a.r, o, m) : _mm512_maskz_loadu_ps(m, static_cast<const float*>(a.r) + o);
+        const __m512 p = _mm512_mul_ps(r, rs);
+        c = _mm512_add_ps(c, a.r_round ? round_bf16_avx512(p) : p);
+      }
       const __m512 i = _mm512_add_ps(_mm512_mul_ps(c, g), bi);
       v = _mm512_add_ps(v, i);
       const __mmask16 fire = _mm512_mask_cmp_ps_mask(m, v, th, _CMP_GE_OQ);
@@ -178,7 +214,8 @@ Term term(const at::Tensor& t, i64 F) {
 at::Tensor scan(const at::Tensor& x, const at::Tensor& v_in, at::Tensor v_out, at::Tensor spikes,
                 const at::Tensor& theta, const at::Tensor& gain, const at::Tensor& bias,
                 const at::Tensor& pre_bias, const std::optional<at::Tensor>& residual,
-                const std::optional<at::Tensor>& absmax, bool want_counts, i64 path) {
+                const std::optional<at::Tensor>& absmax, bool want_counts, i64 path,
+                const std::optional<at::Tensor>& residual_scale, bool residual_round) {
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "if_scan: x must be a contiguous float32 or bfloat16 [T, B, F] tensor");
   TORCH_CHECK(spikes.dim() == 3 && spikes.size(1) == x.size(1) && spikes.size(2) == x.size(2) &&
@@ -192,17 +229,21 @@ at::Tensor scan(const at::Tensor& x, const at::Tensor& v_in, at::Tensor v_out, a
                   (spikes.scalar_type() == at::kFloat || spikes.scalar_type() == at::kBFloat16),
               "if_scan: spikes must be a contiguous float32 or bfloat16 tensor of T * B * F elements");
   if (residual)
-    TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->is_contiguous() && residual->numel() == T * B * F,
-                "if_scan: the residual must be a contiguous float32 tensor of T * B * F elements");
+    TORCH_CHECK((residual->scalar_type() == at::kFloat || residual->scalar_type() == at::kBFloat16) &&
+                    residual->is_contiguous() && residual->numel() == T * B * F,
+                "if_scan: the residual must be a contiguous float32 or bfloat16 tensor of T * B * F elements");
+  const float unit = 1.0f;
   if (absmax)
     TORCH_CHECK(absmax->scalar_type() == at::kFloat && absmax->is_contiguous() && absmax->numel() == B,
                 "if_scan: absmax must be a contiguous float32 tensor of B elements");
   at::Tensor counts = want_counts ? at::empty({T, B}, x.options().dtype(at::kFloat)) : at::Tensor();
   Args a{x.data_ptr(), x.scalar_type() == at::kBFloat16, v_in.data_ptr<float>(), v_out.data_ptr<float>(),
          spikes.data_ptr(),
-         spikes.scalar_type() == at::kBFloat16, residual ? residual->data_ptr<float>() : nullptr,
+         spikes.scalar_type() == at::kBFloat16, residual ? residual->data_ptr() : nullptr,
+         residual && residual->scalar_type() == at::kBFloat16, residual_round,
          want_counts ? counts.data_ptr<float>() : nullptr, absmax ? absmax->data_ptr<float>() : nullptr,
-         term(theta, F), term(gain, F), term(bias, F), term(pre_bias, F), T, B, F, x.size(0) == 1 ? 0 : B * F};
+         term(theta, F), term(gain, F), term(bias, F), term(pre_bias, F),
+         residual_scale ? term(*residual_scale, F) : Term{&unit, 0}, T, B, F, x.size(0) == 1 ? 0 : B * F};
   bool avx512 = path == 2 || (path == 0 && cpu_has_avx512());
   TORCH_CHECK(!avx512 || cpu_has_avx512(), "if_scan: this CPU has no AVX-512");
   at::parallel_for(0, B, 1, [&](i64 b0, i64 b1) {
@@ -224,7 +265,8 @@ std::string cpu_paths() { return cpu_has_avx512() ? "generic,avx512" : "generic"
 }  // namespace
 
 TORCH_LIBRARY(bsnn_if, m) {
-  // (x, v_in, v_out, spikes, theta, gain, bias, pre_bias, residual?, absmax?, want_counts, path) -> counts
+  // (x, v_in, v_out, spikes, theta, gain, bias, pre_bias, residual?, absmax?, want_counts, path, residual_scale?,
+  //  residual_round) -> counts
   m.def("scan", &scan);
   m.def("cpu_paths", &cpu_paths);
 }
