@@ -230,6 +230,8 @@ def test_residual_sums_fused_into_the_neurons_bit_identical_and_restored():
             h.remove()
     assert layers and len(fused) == 9  # all nine blocks of ResNet-20 (the two projection shortcuts included)
     assert all(len(n.args) == 4 for n in fused)  # each shortcut's alignment scale applied inside the kernel
+    # the neurons feeding a block's shortcut (and its first conv) emit bf16 spikes, scaled in float32 in the kernel
+    assert sum(bool(n.kwargs.get("spikes")) for n in fused) >= 6
     assert torch.equal(out, ref) and torch.equal(hooked, ref) and len(calls) == 3
     assert snn.graph_module.code == code  # the graph is back
     run_batch(snn, x, 9, time_chunk=4)

@@ -152,12 +152,12 @@ class IFNeuron(nn.Module):
                                        counts)
 
     def _scan_residual(self, x_seq: torch.Tensor, bias: torch.Tensor | None, counts: list | None,
-                       residual: torch.Tensor, residual_scale: torch.Tensor | None
+                       residual: torch.Tensor, residual_scale: tuple[torch.Tensor, torch.dtype] | None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`_scan` with a residual current (``residual`` times ``residual_scale``, if given, in the
-        residual's dtype) added after the deferred synaptic bias (C++ kernel)."""
+        """:meth:`_scan` with a residual current (``residual`` times ``residual_scale = (scale, dtype)``, if given,
+        multiplied in that dtype) added after the deferred synaptic bias (C++ kernel)."""
         return if_scan_cpp(x_seq, self._one, self.v, self._gain, bias, self.pre_bias, self.spike_dtype, counts,
-                           residual=residual, residual_scale=residual_scale)
+                           residual=residual, **_scale_kwargs(residual_scale))
 
     def gain(self) -> torch.Tensor:
         """Input gain ``1/θ`` (same shape as ``threshold``)."""
@@ -182,17 +182,21 @@ class IFNeuron(nn.Module):
         tc = self.time_chunk
         return self._run(x.unsqueeze(0).expand(tc, *x.shape)).reshape(tc * x.shape[0], *x.shape[1:])
 
-    def forward_residual(self, y: torch.Tensor, r: torch.Tensor, align: ChannelScale | None = None) -> torch.Tensor:
+    def forward_residual(self, y: torch.Tensor, r: torch.Tensor, align: ChannelScale | None = None,
+                         spikes: bool = False) -> torch.Tensor:
         """IF of a residual block's sum: ``y`` the synaptic layer's output without its bias (deferred into
         :attr:`pre_bias`), ``r`` the shortcut current — or, with ``align`` (a bias-free :class:`ChannelScale`), the
         shortcut's input, whose current is ``align(r)`` —, all ``[Tc * B, ...]`` -> spikes ``[Tc * B, ...]``;
         equal to ``forward((y + pre_bias) + align(r).float())`` (the unfused graph's operations, in its order and
         dtypes). The C++ kernel scales and adds the shortcut inside its pass (no separate scale, bias, add and cast
         passes over the layer); another kernel, or a neuron with hooks (calibration, offset corrections), gets the
-        unfused sum through ``__call__`` (:func:`bsnn.snn.synapse.synapse_mode` rewrites the graph to call this)."""
+        unfused sum through ``__call__`` (:func:`bsnn.snn.synapse.synapse_mode` rewrites the graph to call this).
+        ``spikes``: ``r`` holds {0, 1} spikes stored in bfloat16 in place of the float32 graph's float32 spikes, so
+        they are scaled in float32, as that graph scales them."""
         fused = self.kernel == "cpp" and not (self._forward_hooks or self._forward_pre_hooks)
+        product = torch.float32 if spikes else r.dtype  # the dtype the graph multiplies the shortcut in
         if align is not None and not (fused and align.bias is None and r.dtype in (torch.float32, torch.bfloat16)):
-            r, align = align(r), None
+            r, align = align(r.to(product)), None
         if not fused:
             r = r.float()
             x = (y.float() if self.pre_bias is None else y.float() + self.pre_bias) + r
@@ -205,13 +209,14 @@ class IFNeuron(nn.Module):
             r = r.float()
         tc = self.time_chunk
         shape = (tc, y.shape[0] // tc, *y.shape[1:])
-        scale = None if align is None else align.scale
+        scale = None if align is None else (align.scale, product)
         return self._run(y.reshape(shape), r.reshape(shape), scale).reshape(y.shape)
 
     def _run(self, x_seq: torch.Tensor, residual: torch.Tensor | None = None,
-             residual_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """Integrate and fire over ``x_seq [Tc, B, ...]`` (plus the residual current ``[Tc, B, ...]`` times
-        ``residual_scale`` in its dtype, if given) from the current membranes -> spikes ``[Tc, B, ...]``."""
+             residual_scale: tuple[torch.Tensor, torch.dtype] | None = None) -> torch.Tensor:
+        """Integrate and fire over ``x_seq [Tc, B, ...]`` (plus the residual current ``[Tc, B, ...]``, if given,
+        times ``residual_scale = (scale, dtype)`` multiplied in that dtype) from the current membranes -> spikes
+        ``[Tc, B, ...]``."""
         tc = x_seq.shape[0]
         if self.v is None:  # first call after reset: the per-batch constants, not recomputed every timestep
             self.v = self.initial_potential(x_seq[0])
@@ -240,7 +245,7 @@ class IFNeuron(nn.Module):
             bias = self._bias if split else None
             spikes, v, amax = if_scan_cpp(x_seq, self._one, self.v, self._gain, bias, self.pre_bias,
                                           self.spike_dtype, counts, residual=residual, absmax=True,
-                                          residual_scale=residual_scale)
+                                          **_scale_kwargs(residual_scale))
             if amax >= check.limit:  # not exact: this chunk again from the float32 sums
                 if counts is not None:
                     counts.clear()
@@ -364,6 +369,13 @@ FIRING_RULES.register("burst")(FiringRule(
     levels=lambda g: g))
 FIRING_RULES.register("signed")(FiringRule(
     build=lambda th, v0, name, ch, _g: SignedNeuron(th, v0, name=name, channel_shape=ch), levels=lambda _g: 1))
+
+
+def _scale_kwargs(residual_scale: tuple[torch.Tensor, torch.dtype] | None) -> dict:
+    """:func:`~bsnn.snn.kernels.cpp_if.if_scan_cpp`'s keywords for a shortcut scale ``(scale, product dtype)``."""
+    if residual_scale is None:
+        return {}
+    return {"residual_scale": residual_scale[0], "residual_dtype": residual_scale[1]}
 
 
 class ChannelScale(nn.Module):

@@ -307,10 +307,21 @@ def resolve_mode(mode: str, device: torch.device) -> str:
 _PASS_THROUGH = (nn.AvgPool2d, nn.Flatten, nn.Identity, nn.Dropout)
 
 
-def _feeds_only(gm: fx.GraphModule, node: fx.Node, targets: set[str]) -> bool:
-    """Every path from ``node`` reaches a module in ``targets`` through pass-through ops only."""
+def _shortcut_of(node: fx.Node, user: fx.Node) -> bool:
+    """``user`` is a fused residual sum (``forward_residual``) whose shortcut input is ``node``."""
+    return _fused_sum(user) and user.args[2] is node
+
+
+def _fused_sum(node: fx.Node) -> bool:
+    """``node`` is a fused residual sum: ``neuron.forward_residual(...)`` (:func:`_fuse_residual`)."""
+    return node.op == "call_method" and node.target == "forward_residual"
+
+
+def _feeds_only(gm: fx.GraphModule, node: fx.Node, targets: set[str], shortcuts: bool = False) -> bool:
+    """Every path from ``node`` reaches a module in ``targets`` (or, with ``shortcuts``, a fused residual sum as
+    its shortcut input) through pass-through ops only."""
     for user in node.users:
-        if user.op == "call_module" and user.target in targets:
+        if (user.op == "call_module" and user.target in targets) or (shortcuts and _shortcut_of(node, user)):
             continue
         if not is_pass_through(gm, user, _PASS_THROUGH) or not _feeds_only(gm, user, targets):
             return False
@@ -404,12 +415,18 @@ def synapse_mode(snn, mode: str) -> Iterator[dict[str, float]]:
                     touched.append(m)
             if graph is not None:
                 gm.recompile()
-        if mode in ("bf16", "bitpack"):  # neurons feeding only fast binary layers emit bf16 spikes
+        if mode in ("bf16", "bitpack"):  # neurons feeding only fast binary layers (or fused shortcuts) emit bf16
+            nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}  # after the rewrite: a
+            nodes.update({n.args[0].target: n for n in gm.graph.nodes if _fused_sum(n)})  # fused neuron's call
             for name in snn.neuron_names:
                 m = gm.get_submodule(name)
-                if type(m) is IFNeuron and _feeds_only(gm, nodes[name], set(layers)):
+                if type(m) is IFNeuron and _feeds_only(gm, nodes[name], set(layers), shortcuts=graph is not None):
                     m.spike_dtype = torch.bfloat16
                     touched.append(m)
+                    for user in [u for u in nodes[name].users if _shortcut_of(nodes[name], u)]:
+                        user.kwargs = {"spikes": True}  # bf16 spikes in place of float32 ones: scaled in float32
+            if graph is not None:
+                gm.recompile()
         yield layers
     finally:
         if graph is not None:

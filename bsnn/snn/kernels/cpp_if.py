@@ -84,12 +84,13 @@ def if_scan_cpp(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain:
                 bias: torch.Tensor | None = None, pre_bias: torch.Tensor | None = None,
                 out_dtype: torch.dtype | None = None, counts: list | None = None, path: str = "auto",
                 residual: torch.Tensor | None = None, absmax: bool = False,
-                residual_scale: torch.Tensor | None = None) -> tuple:
+                residual_scale: torch.Tensor | None = None, residual_dtype: torch.dtype | None = None) -> tuple:
     """IF over ``x_seq [T, B, ...]`` with current ``((x + pre_bias) + r)·gain + bias``, threshold ``theta``, from
     membranes ``v [B, ...]``. ``r`` is a residual block's shortcut current (optional), added after the synaptic bias
     as the unfused graph adds it: ``residual [T, B, ...]`` (float32 or bfloat16) itself, or, with
     ``residual_scale`` (broadcast against one timestep: the shortcut's :class:`~bsnn.snn.neuron.ChannelScale`),
-    ``(residual * residual_scale.to(residual.dtype)).float()`` — that module's multiply in the residual's dtype,
+    ``(residual * residual_scale.to(dtype)).float()`` with ``dtype = residual_dtype or residual.dtype`` — that
+    module's multiply in the graph's dtype (float32 for {0, 1} spikes stored in bfloat16 in place of float32 ones),
     done inside the kernel's pass. Returns ``(spikes [T, B, ...] in out_dtype
     (default float32), v_next)`` in ``x_seq``'s layout and appends each step's spikes per sample (float32 ``[B]``)
     to ``counts``. With ``absmax``, returns ``(spikes, v_next, max |x|)`` (a python float, read on the way: the
@@ -105,7 +106,8 @@ def if_scan_cpp(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain:
     if fits and residual is not None:  # the residual must be in the current's memory order
         fits = (not constant and residual.dtype in (torch.float32, torch.bfloat16) and residual.shape == x_seq.shape
                 and residual.stride() == x_seq.stride())
-    scale = None if residual_scale is None or residual is None else residual_scale.to(residual.dtype).float()
+    product = None if residual is None else (residual_dtype or residual.dtype)  # the multiply's dtype
+    scale = None if residual_scale is None or residual is None else residual_scale.to(product).float()
     terms = [_per_neuron(t, sample, fill) for t, fill in ((theta, 1.0), (gain, 1.0), (bias, 0.0), (pre_bias, 0.0),
                                                           (scale, 1.0))] if fits else []
     if not fits or any(t is None for t in terms) or (path != "auto" and path not in paths):
@@ -115,7 +117,7 @@ def if_scan_cpp(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain:
         amax = float(x_seq.abs().max()) if absmax else None
         if residual is not None:  # the unfused current, rounded as the graph rounds it
             if residual_scale is not None:
-                residual = residual * residual_scale.to(residual.dtype)
+                residual = residual.to(product) * residual_scale.to(product)
             x_seq = (x_seq.float() if pre_bias is None else x_seq.float() + pre_bias) + residual.float()
             pre_bias = None
         out = if_scan_fused(x_seq, theta, v, gain, bias, pre_bias, out_dtype, counts)
@@ -132,7 +134,7 @@ def if_scan_cpp(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain:
                                _memory(spikes).view(t, b, f), *terms[:4],
                                None if residual is None else _memory(residual).view(t, b, f), amax,
                                counts is not None, PATHS[path], terms[4],
-                               residual is not None and residual.dtype == torch.bfloat16 and scale is not None)
+                               scale is not None and product == torch.bfloat16)
     if counts is not None:
         counts.extend(n.unbind(0))
     return (spikes, v_next, float(amax.max())) if absmax else (spikes, v_next)
