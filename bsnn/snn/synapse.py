@@ -419,11 +419,13 @@ def synapse_mode(snn, mode: str) -> Iterator[dict[str, float]]:
             nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}  # after the rewrite: a
             nodes.update({n.args[0].target: n for n in gm.graph.nodes if _fused_sum(n)})  # fused neuron's call
             for name in snn.neuron_names:
-                m = gm.get_submodule(name)
-                if type(m) is IFNeuron and _feeds_only(gm, nodes[name], set(layers), shortcuts=graph is not None):
+                m, node = gm.get_submodule(name), nodes.get(name)
+                if node is None:  # not called from the graph itself
+                    continue
+                if type(m) is IFNeuron and _feeds_only(gm, node, set(layers), shortcuts=graph is not None):
                     m.spike_dtype = torch.bfloat16
                     touched.append(m)
-                    for user in [u for u in nodes[name].users if _shortcut_of(nodes[name], u)]:
+                    for user in [u for u in node.users if _shortcut_of(node, u)]:
                         user.kwargs = {"spikes": True}  # bf16 spikes in place of float32 ones: scaled in float32
             if graph is not None:
                 gm.recompile()
