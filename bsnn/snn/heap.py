@@ -5,8 +5,8 @@ frees them when the chunk is done. glibc's malloc hands blocks above its mmap th
 operating system, and trims the top of its heap once more than its trim threshold is free there, so the next
 chunk takes the same memory back page by page: a minor page fault per 4 KiB, each page zeroed by the kernel. At
 batch 128 and T = 32 (``benchmarks/simulation_speed.py``'s networks, 2-core machines) a width-0.25 VGG-7 took
-44,000-74,000 minor faults per simulation on an AMD EPYC (1.3-1.6x the process CPU time of a run with the memory
-kept), and a ResNet-20 on an Intel Xeon anywhere from none to 1.09 million, depending on glibc's adaptive
+44,000-74,000 minor faults per simulation on a 2-core Intel Xeon (1.3-1.6x the process CPU time of a run with the
+memory kept), and a ResNet-20 on the same machine anywhere from none to 1.09 million, depending on glibc's adaptive
 threshold (up to 2.1x the CPU time); with the memory kept, none for blocks below the mmap threshold.
 
 :func:`retain_freed_memory` raises glibc's mmap threshold to its largest allowed value (32 MiB on 64-bit Linux:

@@ -413,8 +413,6 @@ def synapse_mode(snn, mode: str) -> Iterator[dict[str, float]]:
                     b = syn.layer.bias
                     m.pre_bias = None if b is None else (b.detach().view(-1, 1, 1) if syn.is_conv else b.detach())
                     touched.append(m)
-            if graph is not None:
-                gm.recompile()
         if mode in ("bf16", "bitpack"):  # neurons feeding only fast binary layers (or fused shortcuts) emit bf16
             nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}  # after the rewrite: a
             nodes.update({n.args[0].target: n for n in gm.graph.nodes if _fused_sum(n)})  # fused neuron's call
@@ -427,7 +425,7 @@ def synapse_mode(snn, mode: str) -> Iterator[dict[str, float]]:
                     touched.append(m)
                     for user in [u for u in node.users if _shortcut_of(node, u)]:
                         user.kwargs = {"spikes": True}  # bf16 spikes in place of float32 ones: scaled in float32
-            if graph is not None:
+            if graph is not None:  # the fused sums and their spikes flags: one recompile for the whole rewrite
                 gm.recompile()
         yield layers
     finally:
