@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from bsnn.distributed import shutdown_distributed
 from bsnn.errors import BsnnError
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
@@ -322,8 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:  # overrides given after options (e.g. `bsnn run --out x train.epochs=3`)
         args.overrides = list(args.overrides) + extra
+    finished = False
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        finished = True
+        return code
     except BsnnError as e:
         print(f"bsnn: error: {e}", file=sys.stderr)
         return 2
@@ -335,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bsnn: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130
-
+    finally:  # a rank that failed leaves without waiting: the others may be inside another collective
+        shutdown_distributed(wait=finished)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -47,6 +47,20 @@ def init_distributed(device: torch.device) -> DistEnv:
     return env
 
 
+def shutdown_distributed(wait: bool = True) -> None:
+    """Leave the process group cleanly at the end of a command: with ``wait``, a barrier first, so no rank exits
+    while another still talks to it (leave it off after an error: the other ranks may be inside another
+    collective), then ``destroy_process_group``. Without it the backend's threads are torn down at interpreter exit,
+    and gloo can abort a rank ("terminate called without an active exception"). A no-op when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def current_env() -> DistEnv:
     """The :class:`DistEnv` of an already-initialised process group (or single process)."""
     if dist.is_available() and dist.is_initialized():
