@@ -368,7 +368,7 @@ def profile_shares(snn, x: torch.Tensor, T: int = 32) -> dict[str, float]:
         n = e.key
         g = ("bit-packed popcount layers" if "bsnn_bitpack" in n else
              "convolutions (bf16 exact / fp32)" if "convolution" in n else
-             "IF kernel (C++, one pass per time chunk)" if "bsnn_if" in n else
+             "IF kernel (C++, one pass per time chunk; 2x2 average pooling fused)" if "bsnn_if" in n else
              "IF kernel (fused, compiled)" if "CompiledFxGraph" in n else "pooling" if "pool" in n else
              "bf16 exactness check" if "aminmax" in n else "linear layers" if n in ("aten::mm", "aten::addmm")
              else "other (dispatch, bookkeeping, copies)")

@@ -285,3 +285,81 @@ def test_the_neuron_checks_the_bf16_sums_it_reads_and_reruns_inexact_chunks(time
         assert torch.equal(out.float(), ref) and torch.equal(pair[0].v, pair[1].v) and syn.fallbacks == fallbacks
         assert pair[0].exactness is None  # consumed by the call it was meant for
     assert pair[0].spike_count == pair[1].spike_count
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("hw", [(6, 8), (7, 9), (2, 3)])  # odd H or W: the last row / column is in no window
+@pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                (torch.float32, torch.bfloat16)])
+def test_pooled_spikes_equal_the_oracles_spikes_average_pooled(no_fallback, path, hw, in_dtype, out_dtype):
+    g = torch.Generator().manual_seed(0)
+    T, B, C = 6, 3, 19  # 19 channels: a full AVX-512 vector and a masked tail
+    x = (torch.randn(T, B, C, *hw, generator=g) * 0.8)
+    x = ((x * 4).round() if in_dtype == torch.bfloat16 else x).to(in_dtype)
+    x = torch.stack([xt.contiguous(memory_format=torch.channels_last) for xt in x])
+    v0 = torch.rand(B, C, *hw, generator=g).contiguous(memory_format=torch.channels_last)
+    gain, bias, pre = (torch.rand(C, 1, 1, generator=g) + 0.5, torch.randn(C, 1, 1, generator=g) * 0.1,
+                       torch.randn(C, 1, 1, generator=g) * 0.3)
+    theta = torch.rand(C, 1, 1, generator=g) + 0.4
+    counts = []
+    s, v, amax = cpp_if.if_scan_cpp(x, theta, v0.clone(), gain, bias, pre, out_dtype, counts, path=path,
+                                    absmax=True, pool=True)
+    s_ref, v_ref, n_ref = _oracle(x, theta, v0, gain, bias, pre)
+    pooled = cpp_if.avg_pool_2x2(s_ref)
+    assert s.dtype == out_dtype and s.shape == (T, B, C, hw[0] // 2, hw[1] // 2)
+    assert s[0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(s.float(), pooled) and torch.equal(v, v_ref)  # every membrane, uncovered ones included
+    assert torch.equal(torch.stack(counts), n_ref) and amax == float(x.float().abs().max())
+    assert 0 < s_ref.mean() < 1 and (pooled % 1 != 0).any()  # fractional pooled values occur
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_pooled_constant_current_and_fallback_layouts(monkeypatch, path):
+    g = torch.Generator().manual_seed(1)
+    T, B, C, H, W = 5, 2, 4, 6, 6
+    one = torch.randn(B, C, H, W, generator=g).contiguous(memory_format=torch.channels_last)
+    theta, v0 = torch.tensor(0.7), torch.zeros(B, C, H, W)
+    s, v = cpp_if.if_scan_cpp(one.unsqueeze(0).expand(T, *one.shape), theta, v0, path=path, pool=True)
+    s_ref, v_ref = cpp_if.if_scan_cpp(one.unsqueeze(0).expand(T, *one.shape).contiguous(), theta, v0, path=path)
+    assert torch.equal(s, cpp_if.avg_pool_2x2(s_ref)) and torch.equal(v.contiguous(), v_ref.contiguous())
+    calls = []  # an NCHW sample is not pooled in the kernel: the unpooled scan, then avg_pool2d
+    monkeypatch.setattr(cpp_if, "if_scan_fused", lambda *a, **k: calls.append(1) or (s_ref, v_ref))
+    x = one.contiguous().unsqueeze(0).expand(T, *one.shape).contiguous()
+    s2, _ = cpp_if.if_scan_cpp(x, theta, v0, path=path, pool=True)
+    assert calls and torch.equal(s2, cpp_if.avg_pool_2x2(s_ref))
+    with pytest.raises(ValueError, match="pool needs"):
+        cpp_if.if_scan_cpp(x[..., :1], theta, v0[..., :1], path=path, pool=True)
+
+
+def test_average_pools_fused_into_the_neurons_bit_identical_and_restored():
+    snn, x = _convert(_vgg_like(), (3, 8, 8))
+    code = snn.graph_module.code
+    ref = run_batch(snn, x, 9, time_chunk=4)  # fp32 graph, unfused
+    ref_counts = {k: list(m.spike_count) for k, m in snn.neurons().items()}
+    with synapse_mode(snn, "bf16"):
+        pooled = [n for n in snn.graph_module.graph.nodes if n.target == "forward_pooled"]
+        assert not any(type(snn.graph_module.get_submodule(n.target)).__name__ == "AvgPool2d"
+                       for n in snn.graph_module.graph.nodes if n.op == "call_module")
+        out = run_batch(snn, x, 9, time_chunk=4)
+        counts = {k: list(m.spike_count) for k, m in snn.neurons().items()}
+        calls = []
+        first = snn.graph_module.get_submodule(pooled[0].args[0].target)
+        h = first.register_forward_hook(lambda m, i, o: calls.append(o.shape))  # hooks see the unpooled spikes
+        try:
+            hooked = run_batch(snn, x, 9, time_chunk=4)
+        finally:
+            h.remove()
+    assert len(pooled) == 2  # both 2x2 poolings of the VGG
+    assert torch.equal(out, ref) and torch.equal(hooked, ref) and counts == ref_counts
+    assert calls and calls[0][-1] == 8  # full resolution: the pooling ran as its own module
+    assert snn.graph_module.code == code  # the graph is back
+
+
+def test_simulate_with_fused_pooling_equals_the_fp32_engine():
+    snn, x = _convert(_vgg_like(), (3, 8, 8))
+    loader = DataLoader(TensorDataset(x, torch.arange(len(x)) % 4), batch_size=8)
+    cfg = dict(time_chunk=3, record_predictions=True)
+    fast = simulate(snn, loader, [1, 4, 9], SimConfig(**cfg), quiet=True)
+    slow = simulate(snn, loader, [1, 4, 9], SimConfig(kernel="torch", synapse="float", **cfg), quiet=True)
+    assert fast.accuracy == slow.accuracy and fast.spike_counts == slow.spike_counts
+    assert torch.equal(torch.as_tensor(fast.predictions), torch.as_tensor(slow.predictions))

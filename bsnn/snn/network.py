@@ -157,13 +157,20 @@ def _takes_constant(gm: fx.GraphModule, node: fx.Node) -> bool:
     return isinstance(m, IFNeuron) and type(m).forward is IFNeuron.forward
 
 
-def _split_static(gm: fx.GraphModule, constant: bool = False):
+def static_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes of ``gm`` that depend only on the input (no stateful layer on their way from it): with direct
+    encoding, the same at every timestep (:meth:`SpikingNetwork.split_static`)."""
     static: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op == "placeholder" or (node.op in ("call_module", "call_function", "call_method")
                                         and not _is_stateful(gm, node)
                                         and node.all_input_nodes and all(a in static for a in node.all_input_nodes)):
             static.add(node)
+    return static
+
+
+def _split_static(gm: fx.GraphModule, constant: bool = False):
+    static = static_nodes(gm)
     boundary = [n for n in gm.graph.nodes if n in static and any(u not in static for u in n.users)]
     prefix, env = fx.Graph(), {}
     for node in gm.graph.nodes:

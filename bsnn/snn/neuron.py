@@ -212,11 +212,25 @@ class IFNeuron(nn.Module):
         scale = None if align is None else (align.scale, product)
         return self._run(y.reshape(shape), r.reshape(shape), scale).reshape(y.shape)
 
+    def forward_pooled(self, x: torch.Tensor, pool: nn.AvgPool2d) -> torch.Tensor:
+        """``pool(self(x))`` for a 2x2, stride-2 average pooling (:func:`pools_2x2`): ``x [Tc * B, C, H, W]`` ->
+        pooled spikes ``[Tc * B, C, H // 2, W // 2]``. The C++ kernel pools inside its pass (the full-resolution
+        spikes are never written nor read back: sums of four {0, 1} spikes times 0.25 are exact, so the result is
+        the unfused one bit for bit); another kernel, a neuron with hooks (they must see the spikes), or a pooling
+        of another shape runs the two modules (:func:`bsnn.snn.synapse.synapse_mode` rewrites the graph to call
+        this)."""
+        if (self.kernel != "cpp" or self._forward_hooks or self._forward_pre_hooks or not pools_2x2(pool)
+                or x.dim() != 4 or min(x.shape[-2:]) < 2):
+            return pool(self(x))
+        tc = self.time_chunk
+        pooled = self._run(x.reshape(tc, x.shape[0] // tc, *x.shape[1:]), pool=True)
+        return pooled.reshape(x.shape[0], *pooled.shape[2:])
+
     def _run(self, x_seq: torch.Tensor, residual: torch.Tensor | None = None,
-             residual_scale: tuple[torch.Tensor, torch.dtype] | None = None) -> torch.Tensor:
+             residual_scale: tuple[torch.Tensor, torch.dtype] | None = None, pool: bool = False) -> torch.Tensor:
         """Integrate and fire over ``x_seq [Tc, B, ...]`` (plus the residual current ``[Tc, B, ...]``, if given,
         times ``residual_scale = (scale, dtype)`` multiplied in that dtype) from the current membranes -> spikes
-        ``[Tc, B, ...]``."""
+        ``[Tc, B, ...]`` (with ``pool``, C++ kernel only: their 2x2 average pooling ``[Tc, B, C, H/2, W/2]``)."""
         tc = x_seq.shape[0]
         if self.v is None:  # first call after reset: the per-batch constants, not recomputed every timestep
             self.v = self.initial_potential(x_seq[0])
@@ -232,6 +246,9 @@ class IFNeuron(nn.Module):
 
         def scan(lo: int, hi: int, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
             xs = x_seq if (lo, hi) == (0, tc) else x_seq[lo:hi]
+            if pool:
+                return if_scan_cpp(xs, self._one, self.v, self._gain, bias, self.pre_bias, self.spike_dtype, counts,
+                                   pool=True)
             if residual is None:
                 return self._scan(xs, bias, counts)
             return self._scan_residual(xs, bias, counts, residual if (lo, hi) == (0, tc) else residual[lo:hi],
@@ -245,7 +262,7 @@ class IFNeuron(nn.Module):
             bias = self._bias if split else None
             spikes, v, amax = if_scan_cpp(x_seq, self._one, self.v, self._gain, bias, self.pre_bias,
                                           self.spike_dtype, counts, residual=residual, absmax=True,
-                                          **_scale_kwargs(residual_scale))
+                                          pool=pool, **_scale_kwargs(residual_scale))
             if amax >= check.limit:  # not exact: this chunk again from the float32 sums
                 if counts is not None:
                     counts.clear()
@@ -369,6 +386,15 @@ FIRING_RULES.register("burst")(FiringRule(
     levels=lambda g: g))
 FIRING_RULES.register("signed")(FiringRule(
     build=lambda th, v0, name, ch, _g: SignedNeuron(th, v0, name=name, channel_shape=ch), levels=lambda _g: 1))
+
+
+def pools_2x2(pool: nn.Module) -> bool:
+    """``pool`` is a plain 2x2, stride-2 average pooling without padding (what :meth:`IFNeuron.forward_pooled`
+    fuses into the IF kernel)."""
+    def pair(v) -> tuple:
+        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    return (type(pool) is nn.AvgPool2d and pair(pool.kernel_size) == (2, 2) and pair(pool.stride) == (2, 2)
+            and pair(pool.padding) == (0, 0) and not pool.ceil_mode and pool.divisor_override is None)
 
 
 def _scale_kwargs(residual_scale: tuple[torch.Tensor, torch.dtype] | None) -> dict:

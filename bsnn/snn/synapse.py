@@ -44,8 +44,8 @@ import torch.nn.functional as F
 
 from bsnn._registry import Registry
 from bsnn.snn.kernels import bitpack
-from bsnn.snn.network import is_pass_through, node_shapes
-from bsnn.snn.neuron import ChannelScale, ExactnessCheck, IFNeuron, memory_order
+from bsnn.snn.network import is_pass_through, node_shapes, static_nodes
+from bsnn.snn.neuron import ChannelScale, ExactnessCheck, IFNeuron, memory_order, pools_2x2
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +317,40 @@ def _fused_sum(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target == "forward_residual"
 
 
+def _fused_call(node: fx.Node) -> bool:
+    """``node`` calls a neuron through a fused method (``forward_residual`` or ``forward_pooled``), the neuron's
+    ``get_attr`` its first argument."""
+    return node.op == "call_method" and node.target in ("forward_residual", "forward_pooled")
+
+
+def pooled_neurons(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+    """``(neuron, pool)`` node pairs where a plain :class:`IFNeuron`'s only consumer is a 2x2, stride-2 average
+    pooling (:func:`~bsnn.snn.neuron.pools_2x2`) that the neuron's kernel can apply on the way
+    (:meth:`IFNeuron.forward_pooled`). A neuron reading the input-only part of the graph is left alone: the
+    simulator calls it through ``forward_constant`` (:meth:`~bsnn.snn.network.SpikingNetwork.split_static`)."""
+    static = static_nodes(gm)
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or type(gm.get_submodule(node.target)) is not IFNeuron or node.kwargs:
+            continue
+        users = list(node.users)
+        if (len(users) == 1 and users[0].op == "call_module" and pools_2x2(gm.get_submodule(users[0].target))
+                and users[0].args == (node,) and not users[0].kwargs and len(node.args) == 1
+                and node.args[0] not in static):
+            out.append((node, users[0]))
+    return out
+
+
+def _fuse_pool(gm: fx.GraphModule, neuron: fx.Node, pool: fx.Node) -> None:
+    """Rewrite ``pool(neuron(x))`` as ``neuron.forward_pooled(x, pool)`` in ``gm.graph``."""
+    g = gm.graph
+    with g.inserting_before(neuron):
+        fused = g.call_method("forward_pooled", (g.get_attr(neuron.target), neuron.args[0], g.get_attr(pool.target)))
+    pool.replace_all_uses_with(fused)
+    g.erase_node(pool)
+    g.erase_node(neuron)
+
+
 def _feeds_only(gm: fx.GraphModule, node: fx.Node, targets: set[str], shortcuts: bool = False) -> bool:
     """Every path from ``node`` reaches a module in ``targets`` (or, with ``shortcuts``, a fused residual sum as
     its shortcut input) through pass-through ops only."""
@@ -383,7 +417,8 @@ def synapse_mode(snn, mode: str) -> Iterator[dict[str, float]]:
     only consumer is a residual add feeding an IF neuron does the same, the graph calling
     :meth:`IFNeuron.forward_residual` with the sum and the shortcut current instead of adding them first (the
     graph is rewritten for the duration); and IF neurons that feed only such layers emit bf16 spikes (0/1 are
-    exact); in ``bitpack`` mode the last one (the packer reads bf16). Layers already swapped by something else
+    exact); in ``bitpack`` mode the last one (the packer reads bf16). In both, an IF neuron whose only consumer is
+    a 2x2 average pooling pools inside its kernel (:meth:`IFNeuron.forward_pooled`, :func:`pooled_neurons`). Layers already swapped by something else
     (e.g. hardware constraints) are left alone. Everything is restored on exit, also after an exception.
     """
     gm = snn.graph_module
@@ -413,9 +448,14 @@ def synapse_mode(snn, mode: str) -> Iterator[dict[str, float]]:
                     b = syn.layer.bias
                     m.pre_bias = None if b is None else (b.detach().view(-1, 1, 1) if syn.is_conv else b.detach())
                     touched.append(m)
+        if mode in ("bf16", "bitpack"):  # IF + 2x2 average pooling in one kernel pass
+            for neuron, pool in pooled_neurons(gm):
+                if graph is None:
+                    graph = copy.deepcopy(gm.graph)
+                _fuse_pool(gm, neuron, pool)
         if mode in ("bf16", "bitpack"):  # neurons feeding only fast binary layers (or fused shortcuts) emit bf16
             nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}  # after the rewrite: a
-            nodes.update({n.args[0].target: n for n in gm.graph.nodes if _fused_sum(n)})  # fused neuron's call
+            nodes.update({n.args[0].target: n for n in gm.graph.nodes if _fused_call(n)})  # fused neuron's call
             for name in snn.neuron_names:
                 m, node = gm.get_submodule(name), nodes.get(name)
                 if node is None:  # not called from the graph itself
@@ -425,7 +465,7 @@ def synapse_mode(snn, mode: str) -> Iterator[dict[str, float]]:
                     touched.append(m)
                     for user in [u for u in node.users if _shortcut_of(node, u)]:
                         user.kwargs = {"spikes": True}  # bf16 spikes in place of float32 ones: scaled in float32
-            if graph is not None:  # the fused sums and their spikes flags: one recompile for the whole rewrite
+            if graph is not None:  # the fused calls and their spikes flags: one recompile for the whole rewrite
                 gm.recompile()
         yield layers
     finally:

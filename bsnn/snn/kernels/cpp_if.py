@@ -59,6 +59,21 @@ def _dense(t: torch.Tensor) -> bool:
     return t.numel() > 0
 
 
+def _channels_last(sample: torch.Tensor) -> bool:
+    """One sample ``[C, H, W]`` is stored channels-last (``h, w, c`` order, c fastest)."""
+    c, h, w = sample.shape
+    return ((c == 1 or sample.stride(0) == 1) and (w == 1 or sample.stride(2) == c)
+            and (h == 1 or sample.stride(1) == w * c))
+
+
+def avg_pool_2x2(spikes: torch.Tensor) -> torch.Tensor:
+    """``spikes [T, B, C, H, W]`` -> their 2x2, stride-2 average pooling ``[T, B, C, H // 2, W // 2]`` (the
+    unfused operation the pooled kernel replaces; its oracle)."""
+    t, b = spikes.shape[:2]
+    pooled = torch.nn.functional.avg_pool2d(spikes.reshape(t * b, *spikes.shape[2:]), 2)
+    return pooled.reshape(t, b, *pooled.shape[1:])
+
+
 def _memory(t: torch.Tensor) -> torch.Tensor:
     """The 1-D view of a dense tensor's memory, in memory order."""
     return t.as_strided((t.numel(),), (1,))
@@ -84,7 +99,8 @@ def if_scan_cpp(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain:
                 bias: torch.Tensor | None = None, pre_bias: torch.Tensor | None = None,
                 out_dtype: torch.dtype | None = None, counts: list | None = None, path: str = "auto",
                 residual: torch.Tensor | None = None, absmax: bool = False,
-                residual_scale: torch.Tensor | None = None, residual_dtype: torch.dtype | None = None) -> tuple:
+                residual_scale: torch.Tensor | None = None, residual_dtype: torch.dtype | None = None,
+                pool: bool = False) -> tuple:
     """IF over ``x_seq [T, B, ...]`` with current ``((x + pre_bias) + r)·gain + bias``, threshold ``theta``, from
     membranes ``v [B, ...]``. ``r`` is a residual block's shortcut current (optional), added after the synaptic bias
     as the unfused graph adds it: ``residual [T, B, ...]`` (float32 or bfloat16) itself, or, with
@@ -94,8 +110,12 @@ def if_scan_cpp(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain:
     done inside the kernel's pass. Returns ``(spikes [T, B, ...] in out_dtype
     (default float32), v_next)`` in ``x_seq``'s layout and appends each step's spikes per sample (float32 ``[B]``)
     to ``counts``. With ``absmax``, returns ``(spikes, v_next, max |x|)`` (a python float, read on the way: the
-    bf16 synapse's exactness check). Falls back to :func:`~bsnn.snn.kernels.inductor_if.if_scan_fused` where the
-    layout or terms do not fit (module docstring) or the extension is unavailable."""
+    bf16 synapse's exactness check). With ``pool`` (``x_seq [T, B, C, H, W]``, no residual), the spikes come back
+    through a 2x2, stride-2 average pooling, ``[T, B, C, H // 2, W // 2]``, equal to ``avg_pool2d`` of the spikes
+    (sums of four {0, 1} spikes times 0.25 are exact), pooled inside the kernel's pass where the samples are
+    channels-last (the full-resolution spikes are never written). Falls back to
+    :func:`~bsnn.snn.kernels.inductor_if.if_scan_fused` (then pooled by ``avg_pool2d``) where the layout or terms do
+    not fit (module docstring) or the extension is unavailable."""
     out_dtype = out_dtype or (x_seq.dtype if x_seq.dtype == torch.float32 else torch.float32)
     paths = extension_paths()
     constant = x_seq.shape[0] > 1 and x_seq.stride(0) == 0  # one current repeated over the chunk (an expand)
@@ -103,6 +123,11 @@ def if_scan_cpp(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain:
     fits = (paths is not None and x_seq.dtype in (torch.float32, torch.bfloat16)
             and out_dtype in (torch.float32, torch.bfloat16) and _sample_major(x_mem))
     sample = x_seq[0, 0] if fits else None
+    if pool:
+        if residual is not None or x_seq.dim() != 5 or min(x_seq.shape[-2:]) < 2:
+            raise ValueError(f"if_scan_cpp: pool needs x_seq [T, B, C, H, W] with H, W >= 2 and no residual, got "
+                             f"{tuple(x_seq.shape)}{' with a residual' if residual is not None else ''}")
+        fits = fits and _channels_last(sample)
     if fits and residual is not None:  # the residual must be in the current's memory order
         fits = (not constant and residual.dtype in (torch.float32, torch.bfloat16) and residual.shape == x_seq.shape
                 and residual.stride() == x_seq.stride())
@@ -121,20 +146,30 @@ def if_scan_cpp(x_seq: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, gain:
             x_seq = (x_seq.float() if pre_bias is None else x_seq.float() + pre_bias) + residual.float()
             pre_bias = None
         out = if_scan_fused(x_seq, theta, v, gain, bias, pre_bias, out_dtype, counts)
+        if pool:
+            out = (avg_pool_2x2(out[0]), out[1])
         return (*out, amax) if absmax else out
     v_next = torch.empty_like(x_seq[0], dtype=torch.float32)
     if v.dtype != torch.float32 or v.shape != v_next.shape or v.stride() != v_next.stride():
         v = v_next.copy_(v)  # the kernel reads the membranes in the current's memory order
     t, b, f = x_seq.shape[0], x_seq.shape[1], sample.numel()
-    step = torch.empty_like(x_seq[0], dtype=out_dtype)  # one timestep in the current's memory order
-    spikes = torch.empty(t * b * f, dtype=out_dtype, device=x_seq.device).as_strided(
-        x_seq.shape, (b * f, *step.stride()))
+    if pool:  # [T, B, C, H/2, W/2], channels-last samples
+        c, h, w = sample.shape
+        fo = c * (h // 2) * (w // 2)
+        spikes = torch.empty(t * b * fo, dtype=out_dtype, device=x_seq.device).as_strided(
+            (t, b, c, h // 2, w // 2), (b * fo, fo, 1, (w // 2) * c, c))
+        hwc = (h, w, c)
+    else:
+        fo, hwc = f, (0, 0, 0)
+        step = torch.empty_like(x_seq[0], dtype=out_dtype)  # one timestep in the current's memory order
+        spikes = torch.empty(t * b * f, dtype=out_dtype, device=x_seq.device).as_strided(
+            x_seq.shape, (b * f, *step.stride()))
     amax = torch.empty(b, dtype=torch.float32) if absmax else None
     n = torch.ops.bsnn_if.scan(_memory(x_mem).view(x_mem.shape[0], b, f), _memory(v), _memory(v_next),
-                               _memory(spikes).view(t, b, f), *terms[:4],
+                               _memory(spikes).view(t, b, fo), *terms[:4],
                                None if residual is None else _memory(residual).view(t, b, f), amax,
                                counts is not None, PATHS[path], terms[4],
-                               scale is not None and product == torch.bfloat16)
+                               scale is not None and product == torch.bfloat16, *hwc)
     if counts is not None:
         counts.extend(n.unbind(0))
     return (spikes, v_next, float(amax.max())) if absmax else (spikes, v_next)

@@ -11,6 +11,11 @@
 // cast to float32 need no passes of their own.
 // absmax [B] float32 (optional): each sample's max |x| over the chunk, written on the way (the bf16 synapse checks
 // from it that its sums were exact, instead of a separate pass over them).
+// Pooled output (pool_h, pool_w, pool_c = H, W, C given (H > 0), channels-last samples, no residual): the spikes go through a 2x2,
+// stride-2 average pooling inside the pass, spikes [T][B][Fo] with Fo = (H/2)(W/2)C in channels-last order (each
+// window's four spikes summed and times 0.25: exact in float32 and bfloat16), so the full-resolution spike tensor is
+// never written nor read again; neurons outside every window (the last row or column of an odd H or W, which the
+// pooling drops) still integrate and count.
 // F is one sample's neurons in its memory order (channels-last or not: the caller gives every per-neuron term in
 // the same order). Per-neuron terms theta, gain, bias, pre_bias are float32 vectors of length F, or of length 1
 // (a scalar for every neuron).
@@ -77,6 +82,7 @@ struct Args {
   Term theta, gain, bias, pre_bias, r_scale;
   i64 T, B, F;
   i64 x_step;  // B * F, or 0 for a current constant over the chunk
+  i64 pool_h = 0, pool_w = 0, pool_c = 0;  // H, W, C of a channels-last sample when pooling 2x2 (else 0)
 };
 
 inline float bf16_to_float(uint16_t h) {
@@ -102,6 +108,78 @@ inline float shortcut(const Args& a, i64 o, i64 f) {
   const float r = a.r_bf16 ? bf16_to_float(static_cast<const uint16_t*>(a.r)[o]) : static_cast<const float*>(a.r)[o];
   const float p = r * a.r_scale.at(f);
   return a.r_round ? round_bf16(p) : p;
+}
+
+// One IF step of neuron f (no residual): the oracle's operations in its order; returns whether it fires.
+inline bool if_step(const Args& a, float& v, float x, i64 f) {
+  const float th = a.theta.at(f);
+  const float i = (x + a.pre_bias.at(f)) * a.gain.at(f) + a.bias.at(f);
+  v = v + i;
+  const bool fire = v >= th;
+  v = v - (fire ? 1.0f : 0.0f) * th;
+  return fire;
+}
+
+inline float load_x(const Args& a, i64 xo) {
+  return a.x_bf16 ? bf16_to_float(static_cast<const uint16_t*>(a.x)[xo]) : static_cast<const float*>(a.x)[xo];
+}
+
+// Pooling: a neuron no window covers (last row or column of an odd H or W) integrates and counts; its spikes are
+// dropped, as the pooling drops them.
+void scan_uncovered(const Args& a, i64 b, std::vector<i64>& count, float& amax) {
+  const i64 H = a.pool_h, W = a.pool_w, C = a.pool_c;
+  for (i64 h = 0; h < H; ++h)
+    for (i64 w = (h < H / 2 * 2 ? W / 2 * 2 : 0); w < W; ++w)
+      for (i64 c = 0; c < C; ++c) {
+        const i64 f = (h * W + w) * C + c;
+        float v = a.v_in[b * a.F + f];
+        for (i64 t = 0; t < a.T; ++t) {
+          const float x = load_x(a, t * a.x_step + b * a.F + f);
+          amax = std::max(amax, std::fabs(x));
+          count[t] += if_step(a, v, x, f);
+        }
+        a.v_out[b * a.F + f] = v;
+      }
+}
+
+inline void store_pooled(const Args& a, i64 o, float p) {
+  if (a.s_bf16) {  // k / 4, exact in bfloat16: the top half of the float32
+    uint32_t u;
+    std::memcpy(&u, &p, 4);
+    static_cast<uint16_t*>(a.s)[o] = static_cast<uint16_t>(u >> 16);
+  } else {
+    static_cast<float*>(a.s)[o] = p;
+  }
+}
+
+// Portable pooled path: each 2x2 window's four neurons step together, their spikes summed into one output.
+void scan_sample_pool_generic(const Args& a, i64 b) {
+  const i64 W = a.pool_w, C = a.pool_c, Ho = a.pool_h / 2, Wo = W / 2, Fo = Ho * Wo * C;
+  std::vector<i64> count(a.T, 0);
+  float amax = 0.0f;
+  for (i64 ho = 0; ho < Ho; ++ho)
+    for (i64 wo = 0; wo < Wo; ++wo)
+      for (i64 c = 0; c < C; ++c) {
+        const i64 f0 = (2 * ho * W + 2 * wo) * C + c;
+        const i64 f[4] = {f0, f0 + C, f0 + W * C, f0 + W * C + C};
+        float v[4];
+        for (int k = 0; k < 4; ++k) v[k] = a.v_in[b * a.F + f[k]];
+        for (i64 t = 0; t < a.T; ++t) {
+          int fired = 0;
+          for (int k = 0; k < 4; ++k) {
+            const float x = load_x(a, t * a.x_step + b * a.F + f[k]);
+            amax = std::max(amax, std::fabs(x));
+            fired += if_step(a, v[k], x, f[k]);
+          }
+          count[t] += fired;
+          store_pooled(a, t * a.B * Fo + b * Fo + (ho * Wo + wo) * C + c, static_cast<float>(fired) * 0.25f);
+        }
+        for (int k = 0; k < 4; ++k) a.v_out[b * a.F + f[k]] = v[k];
+      }
+  scan_uncovered(a, b, count, amax);
+  if (a.counts)
+    for (i64 t = 0; t < a.T; ++t) a.counts[t * a.B + b] = static_cast<float>(count[t]);
+  if (a.absmax) a.absmax[b] = amax;
 }
 
 // Portable path: the same order of operations, one neuron at a time.
@@ -201,6 +279,61 @@ BSNN_AVX512 void scan_sample_avx512(const Args& a, i64 b) {
     for (i64 t = 0; t < a.T; ++t) a.counts[t * a.B + b] = static_cast<float>(count[t]);
   if (a.absmax) a.absmax[b] = _mm512_reduce_max_ps(amax);
 }
+// Pooled AVX-512 path: 16 channels of one 2x2 window per step of the loop, the four neurons' spikes summed.
+BSNN_AVX512 void scan_sample_pool_avx512(const Args& a, i64 b) {
+  const i64 W = a.pool_w, C = a.pool_c, Ho = a.pool_h / 2, Wo = W / 2, Fo = Ho * Wo * C;
+  std::vector<i64> count(a.T, 0);
+  const __m512 one = _mm512_set1_ps(1.0f), quarter = _mm512_set1_ps(0.25f);
+  __m512 amax = _mm512_setzero_ps();
+  for (i64 ho = 0; ho < Ho; ++ho)
+    for (i64 wo = 0; wo < Wo; ++wo)
+      for (i64 c = 0; c < C; c += 16) {
+        const i64 n = C - c < 16 ? C - c : 16;
+        const __mmask16 m = n == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+        const i64 f0 = (2 * ho * W + 2 * wo) * C + c;
+        const i64 f[4] = {f0, f0 + C, f0 + W * C, f0 + W * C + C};
+        __m512 th[4], g[4], bi[4], pb[4], v[4];
+        for (int k = 0; k < 4; ++k) {
+          th[k] = load_term(a.theta, f[k], m);
+          g[k] = load_term(a.gain, f[k], m);
+          bi[k] = load_term(a.bias, f[k], m);
+          pb[k] = load_term(a.pre_bias, f[k], m);
+          v[k] = _mm512_maskz_loadu_ps(m, a.v_in + b * a.F + f[k]);
+        }
+        const i64 o = b * Fo + (ho * Wo + wo) * C + c;
+        for (i64 t = 0; t < a.T; ++t) {
+          __m512 sum = _mm512_setzero_ps();
+          int fired = 0;
+          for (int k = 0; k < 4; ++k) {
+            const i64 xo = t * a.x_step + b * a.F + f[k];
+            const __m512 x = a.x_bf16 ? load_bf16(a.x, xo, m) : _mm512_maskz_loadu_ps(m, static_cast<const float*>(a.x) + xo);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(x));
+            const __m512 i = _mm512_add_ps(_mm512_mul_ps(_mm512_add_ps(x, pb[k]), g[k]), bi[k]);
+            v[k] = _mm512_add_ps(v[k], i);
+            const __mmask16 fire = _mm512_mask_cmp_ps_mask(m, v[k], th[k], _CMP_GE_OQ);
+            const __m512 s = _mm512_maskz_mov_ps(fire, one);
+            v[k] = _mm512_sub_ps(v[k], _mm512_mul_ps(s, th[k]));
+            sum = _mm512_add_ps(sum, s);
+            fired += __builtin_popcount(static_cast<unsigned>(fire));
+          }
+          count[t] += fired;
+          const __m512 p = _mm512_mul_ps(sum, quarter);
+          const i64 po = t * a.B * Fo + o;
+          if (a.s_bf16) {  // k / 4 is exact in bfloat16: the top halves of the float32 lanes
+            const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(p), 16));
+            _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.s) + po, m, h);
+          } else {
+            _mm512_mask_storeu_ps(static_cast<float*>(a.s) + po, m, p);
+          }
+        }
+        for (int k = 0; k < 4; ++k) _mm512_mask_storeu_ps(a.v_out + b * a.F + f[k], m, v[k]);
+      }
+  float amax_s = _mm512_reduce_max_ps(amax);
+  scan_uncovered(a, b, count, amax_s);
+  if (a.counts)
+    for (i64 t = 0; t < a.T; ++t) a.counts[t * a.B + b] = static_cast<float>(count[t]);
+  if (a.absmax) a.absmax[b] = amax_s;
+}
 #endif
 
 Term term(const at::Tensor& t, i64 F) {
@@ -209,23 +342,32 @@ Term term(const at::Tensor& t, i64 F) {
   return Term{t.data_ptr<float>(), t.numel() == 1 ? 0 : 1};
 }
 
-// x [T, B, F] or [1, B, F] (constant over the T steps), v_in and v_out [B, F] (v_out written), spikes [T, B, F]; terms float32 [F] or [1]; path 0 auto, 1 generic,
-// 2 avx512. Returns counts [T, B] float32 (empty when want_counts is false).
+// x [T, B, F] or [1, B, F] (constant over the T steps), v_in and v_out [B, F] (v_out written), spikes [T, B, F]
+// (with pool_h, pool_w, pool_c = H, W, C > 0: [T, B, (H/2)(W/2)C], the 2x2-average-pooled spikes); terms float32 [F] or [1]; path
+// 0 auto, 1 generic, 2 avx512. Returns counts [T, B] float32 (empty when want_counts is false).
 at::Tensor scan(const at::Tensor& x, const at::Tensor& v_in, at::Tensor v_out, at::Tensor spikes,
                 const at::Tensor& theta, const at::Tensor& gain, const at::Tensor& bias,
                 const at::Tensor& pre_bias, const std::optional<at::Tensor>& residual,
                 const std::optional<at::Tensor>& absmax, bool want_counts, i64 path,
-                const std::optional<at::Tensor>& residual_scale, bool residual_round) {
+                const std::optional<at::Tensor>& residual_scale, bool residual_round,
+                i64 pool_h, i64 pool_w, i64 pool_c) {
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "if_scan: x must be a contiguous float32 or bfloat16 [T, B, F] tensor");
-  TORCH_CHECK(spikes.dim() == 3 && spikes.size(1) == x.size(1) && spikes.size(2) == x.size(2) &&
+  const bool pool = pool_h > 0;
+  const i64 ph = pool ? pool_h : 0, pw = pool ? pool_w : 0, pc = pool ? pool_c : 0;
+  if (pool) {
+    TORCH_CHECK(ph >= 2 && pw >= 2 && pc >= 1 && ph * pw * pc == x.size(2) && !residual,
+                "if_scan: pooling needs H, W >= 2 with H * W * C = F, and no residual");
+  }
+  const i64 Fs = pool ? (ph / 2) * (pw / 2) * pc : x.size(2);  // spikes per sample and step
+  TORCH_CHECK(spikes.dim() == 3 && spikes.size(1) == x.size(1) && spikes.size(2) == Fs &&
                   (x.size(0) == spikes.size(0) || x.size(0) == 1),
-              "if_scan: spikes must be [T, B, F] and x [T, B, F] or [1, B, F]");
+              "if_scan: spikes must be [T, B, F] (pooled: [T, B, (H/2)(W/2)C]) and x [T, B, F] or [1, B, F]");
   const i64 T = spikes.size(0), B = x.size(1), F = x.size(2);
   for (const at::Tensor* v : {&v_in, static_cast<const at::Tensor*>(&v_out)})
     TORCH_CHECK(v->scalar_type() == at::kFloat && v->is_contiguous() && v->numel() == B * F,
                 "if_scan: v_in and v_out must be contiguous float32 tensors of B * F elements");
-  TORCH_CHECK(spikes.is_contiguous() && spikes.numel() == T * B * F &&
+  TORCH_CHECK(spikes.is_contiguous() && spikes.numel() == T * B * Fs &&
                   (spikes.scalar_type() == at::kFloat || spikes.scalar_type() == at::kBFloat16),
               "if_scan: spikes must be a contiguous float32 or bfloat16 tensor of T * B * F elements");
   if (residual)
@@ -243,18 +385,19 @@ at::Tensor scan(const at::Tensor& x, const at::Tensor& v_in, at::Tensor v_out, a
          residual && residual->scalar_type() == at::kBFloat16, residual_round,
          want_counts ? counts.data_ptr<float>() : nullptr, absmax ? absmax->data_ptr<float>() : nullptr,
          term(theta, F), term(gain, F), term(bias, F), term(pre_bias, F),
-         residual_scale ? term(*residual_scale, F) : Term{&unit, 0}, T, B, F, x.size(0) == 1 ? 0 : B * F};
+         residual_scale ? term(*residual_scale, F) : Term{&unit, 0}, T, B, F, x.size(0) == 1 ? 0 : B * F,
+         ph, pw, pc};
   bool avx512 = path == 2 || (path == 0 && cpu_has_avx512());
   TORCH_CHECK(!avx512 || cpu_has_avx512(), "if_scan: this CPU has no AVX-512");
   at::parallel_for(0, B, 1, [&](i64 b0, i64 b1) {
     for (i64 b = b0; b < b1; ++b) {
 #if BSNN_X86 && defined(__GNUC__)
       if (avx512) {
-        scan_sample_avx512(a, b);
+        pool ? scan_sample_pool_avx512(a, b) : scan_sample_avx512(a, b);
         continue;
       }
 #endif
-      scan_sample_generic(a, b);
+      pool ? scan_sample_pool_generic(a, b) : scan_sample_generic(a, b);
     }
   });
   return counts;
@@ -266,7 +409,7 @@ std::string cpu_paths() { return cpu_has_avx512() ? "generic,avx512" : "generic"
 
 TORCH_LIBRARY(bsnn_if, m) {
   // (x, v_in, v_out, spikes, theta, gain, bias, pre_bias, residual?, absmax?, want_counts, path, residual_scale?,
-  //  residual_round) -> counts
+  //  residual_round, pool_h, pool_w, pool_c) -> counts
   m.def("scan", &scan);
   m.def("cpu_paths", &cpu_paths);
 }
