@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from bsnn.binary import binarize_
 from bsnn.config import BinaryConfig, ConvertConfig, SimConfig
 from bsnn.convert import Max, convert
 from bsnn.pipeline import build_model
@@ -363,3 +364,40 @@ def test_simulate_with_fused_pooling_equals_the_fp32_engine():
     slow = simulate(snn, loader, [1, 4, 9], SimConfig(kernel="torch", synapse="float", **cfg), quiet=True)
     assert fast.accuracy == slow.accuracy and fast.spike_counts == slow.spike_counts
     assert torch.equal(torch.as_tensor(fast.predictions), torch.as_tensor(slow.predictions))
+
+
+def _pool_first_cnn():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AvgPool2d(2),
+                        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AvgPool2d(2),
+                        nn.Flatten(), nn.Linear(16 * 2 * 2, 24), nn.ReLU(), nn.Linear(24, 4))
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.weight.data.uniform_(-1.5, 1.5)
+    return binarize_(net, BinaryConfig()).eval()
+
+
+def test_first_neurons_pool_their_constant_current_in_the_kernel():
+    """Direct input: the first IF layer reads one timestep's current once per chunk *and* pools 2x2 in the same
+    pass (``forward_pooled(x, pool, constant=True)``); equal to the fp32 engine, also under hooks."""
+    snn, x = _convert(_pool_first_cnn(), (1, 8, 8))
+    ref = run_batch(snn, x, 10, time_chunk=4)
+    with synapse_mode(snn, "bf16"):
+        _, suffix, once, readers = snn.split_static_constant()
+        fused = [n for n in suffix.graph.nodes if n.target == "forward_pooled"]
+        assert once == (True,) and [type(m) for m in readers] == [IFNeuron]
+        assert len(fused) == 2 and [n.kwargs.get("constant", False) for n in fused] == [True, False]
+        out = run_batch(snn, x, 10, time_chunk=4)
+        calls = []
+        h = readers[0].register_forward_hook(lambda m, i, o: calls.append(o.shape))
+        try:
+            hooked = run_batch(snn, x, 10, time_chunk=4)  # hooks: the unfused modules, the repeat materialised
+        finally:
+            h.remove()
+    assert torch.equal(out, ref) and torch.equal(hooked, ref)
+    assert calls and calls[0][-1] == 8
+    loader = DataLoader(TensorDataset(x, torch.arange(len(x)) % 4), batch_size=8)
+    fast = simulate(snn, loader, [1, 4, 10], SimConfig(time_chunk=4), quiet=True)
+    slow = simulate(snn, loader, [1, 4, 10], SimConfig(time_chunk=4, kernel="torch", synapse="float"), quiet=True)
+    assert fast.accuracy == slow.accuracy and fast.spike_counts == slow.spike_counts

@@ -148,12 +148,19 @@ def _is_stateful(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), (*STATEFUL, Integrator))
 
 
-def _takes_constant(gm: fx.GraphModule, node: fx.Node) -> bool:
+def _takes_constant(gm: fx.GraphModule, node: fx.Node, boundary: fx.Node) -> bool:
     """``node`` calls an IF neuron whose ``forward`` is :class:`IFNeuron`'s (so ``forward_constant`` is its
-    equivalent), with the boundary tensor as its only argument."""
-    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+    equivalent) with ``boundary`` as its only tensor: ``neuron(boundary)``, or ``neuron.forward_pooled(boundary,
+    pool)`` (IF and average pooling fused, :func:`bsnn.snn.synapse.synapse_mode`)."""
+    if node.kwargs:
         return False
-    m = gm.get_submodule(node.target)
+    if node.op == "call_module" and node.args == (boundary,):
+        m = gm.get_submodule(node.target)
+    elif (node.op == "call_method" and node.target == "forward_pooled" and len(node.args) == 3
+          and node.args[1] is boundary and node.args[0].op == "get_attr"):
+        m = gm.get_submodule(node.args[0].target)
+    else:
+        return False
     return isinstance(m, IFNeuron) and type(m).forward is IFNeuron.forward
 
 
@@ -177,18 +184,22 @@ def _split_static(gm: fx.GraphModule, constant: bool = False):
         if node in static:
             env[node] = prefix.node_copy(node, lambda n: env[n])
     prefix.output(tuple(env[b] for b in boundary))
-    once = tuple(constant and all(_takes_constant(gm, u) for u in b.users) for b in boundary)
+    once = tuple(constant and all(_takes_constant(gm, u, b) for u in b.users) for b in boundary)
     rewritten = {u for b, o in zip(boundary, once) if o for u in b.users}
     suffix, env2 = fx.Graph(), {}
     for b in boundary:
         env2[b] = suffix.placeholder(f"static_{b.name}")
     for node in gm.graph.nodes:
-        if node in rewritten:  # neuron(x) -> neuron.forward_constant(x)
+        if node in rewritten and node.op == "call_module":  # neuron(x) -> neuron.forward_constant(x)
             module = suffix.get_attr(node.target)
             env2[node] = suffix.call_method("forward_constant", (module, env2[node.args[0]]))
+        elif node in rewritten:  # neuron.forward_pooled(x, pool) -> the same with x one timestep, constant
+            env2[node] = suffix.node_copy(node, lambda n: env2[n])
+            env2[node].kwargs = {"constant": True}
         elif node not in static:
             env2[node] = suffix.node_copy(node, lambda n: env2[n])
     pre, post = fx.GraphModule(gm, prefix), fx.GraphModule(gm, suffix)
     if not constant:
         return pre, post
-    return pre, post, once, [gm.get_submodule(n.target) for n in rewritten]
+    return pre, post, once, [gm.get_submodule(n.target if n.op == "call_module" else n.args[0].target)
+                             for n in rewritten]

@@ -212,19 +212,21 @@ class IFNeuron(nn.Module):
         scale = None if align is None else (align.scale, product)
         return self._run(y.reshape(shape), r.reshape(shape), scale).reshape(y.shape)
 
-    def forward_pooled(self, x: torch.Tensor, pool: nn.AvgPool2d) -> torch.Tensor:
+    def forward_pooled(self, x: torch.Tensor, pool: nn.AvgPool2d, constant: bool = False) -> torch.Tensor:
         """``pool(self(x))`` for a 2x2, stride-2 average pooling (:func:`pools_2x2`): ``x [Tc * B, C, H, W]`` ->
-        pooled spikes ``[Tc * B, C, H // 2, W // 2]``. The C++ kernel pools inside its pass (the full-resolution
-        spikes are never written nor read back: sums of four {0, 1} spikes times 0.25 are exact, so the result is
-        the unfused one bit for bit); another kernel, a neuron with hooks (they must see the spikes), or a pooling
-        of another shape runs the two modules (:func:`bsnn.snn.synapse.synapse_mode` rewrites the graph to call
-        this)."""
+        pooled spikes ``[Tc * B, C, H // 2, W // 2]``; with ``constant``, ``x [B, C, H, W]`` is one timestep's
+        current, the same at every step of the chunk (``pool(self.forward_constant(x))``). The C++ kernel pools
+        inside its pass (the full-resolution spikes are never written nor read back: sums of four {0, 1} spikes
+        times 0.25 are exact, so the result is the unfused one bit for bit); another kernel, a neuron with hooks
+        (they must see the spikes), or a pooling of another shape runs the two modules
+        (:func:`bsnn.snn.synapse.synapse_mode` rewrites the graph to call this)."""
         if (self.kernel != "cpp" or self._forward_hooks or self._forward_pre_hooks or not pools_2x2(pool)
                 or x.dim() != 4 or min(x.shape[-2:]) < 2):
-            return pool(self(x))
+            return pool(self.forward_constant(x) if constant else self(x))
         tc = self.time_chunk
-        pooled = self._run(x.reshape(tc, x.shape[0] // tc, *x.shape[1:]), pool=True)
-        return pooled.reshape(x.shape[0], *pooled.shape[2:])
+        x_seq = x.unsqueeze(0).expand(tc, *x.shape) if constant else x.reshape(tc, x.shape[0] // tc, *x.shape[1:])
+        pooled = self._run(x_seq, pool=True)
+        return pooled.reshape(-1, *pooled.shape[2:])
 
     def _run(self, x_seq: torch.Tensor, residual: torch.Tensor | None = None,
              residual_scale: tuple[torch.Tensor, torch.dtype] | None = None, pool: bool = False) -> torch.Tensor:

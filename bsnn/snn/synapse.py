@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from bsnn._registry import Registry
 from bsnn.snn.kernels import bitpack
-from bsnn.snn.network import is_pass_through, node_shapes, static_nodes
+from bsnn.snn.network import is_pass_through, node_shapes
 from bsnn.snn.neuron import ChannelScale, ExactnessCheck, IFNeuron, memory_order, pools_2x2
 
 log = logging.getLogger(__name__)
@@ -326,17 +326,15 @@ def _fused_call(node: fx.Node) -> bool:
 def pooled_neurons(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
     """``(neuron, pool)`` node pairs where a plain :class:`IFNeuron`'s only consumer is a 2x2, stride-2 average
     pooling (:func:`~bsnn.snn.neuron.pools_2x2`) that the neuron's kernel can apply on the way
-    (:meth:`IFNeuron.forward_pooled`). A neuron reading the input-only part of the graph is left alone: the
-    simulator calls it through ``forward_constant`` (:meth:`~bsnn.snn.network.SpikingNetwork.split_static`)."""
-    static = static_nodes(gm)
+    (:meth:`IFNeuron.forward_pooled`; a neuron reading the input-only part of the graph gets its current once
+    per chunk there too, :meth:`~bsnn.snn.network.SpikingNetwork.split_static_constant`)."""
     out = []
     for node in gm.graph.nodes:
         if node.op != "call_module" or type(gm.get_submodule(node.target)) is not IFNeuron or node.kwargs:
             continue
         users = list(node.users)
         if (len(users) == 1 and users[0].op == "call_module" and pools_2x2(gm.get_submodule(users[0].target))
-                and users[0].args == (node,) and not users[0].kwargs and len(node.args) == 1
-                and node.args[0] not in static):
+                and users[0].args == (node,) and not users[0].kwargs and len(node.args) == 1):
             out.append((node, users[0]))
     return out
 
