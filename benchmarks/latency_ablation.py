@@ -94,6 +94,11 @@ def conversion_rows() -> dict[str, tuple[str, ConvertConfig]]:
         "default, MSE thresholds @T=8": ("candidate", dataclasses.replace(default, threshold=MSE(8))),
         "default, MSE thresholds @T=4, potential calibration @T=4": ("candidate", dataclasses.replace(
             default, threshold=MSE(4), snn_calibration_timesteps=4)),
+        # thresholds fitted for a longer code clip less (closer to the ANN as T grows), the potentials for T = 4
+        "default, MSE thresholds @T=8, potential calibration @T=4": ("candidate", dataclasses.replace(
+            default, threshold=MSE(8), snn_calibration_timesteps=4)),
+        "default, MSE thresholds @T=16, potential calibration @T=4": ("candidate", dataclasses.replace(
+            default, threshold=MSE(16), snn_calibration_timesteps=4)),
     }
 
 
@@ -388,6 +393,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for name in args.networks.split(","):
         run_network(name, args, payload, save, extra_rows())
+    save()  # also when every row was already there: the tables and plots follow the file's rows
     log(f"wrote {out / stem}.md")
 
 
