@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bsnn.binary import binarize_
 from bsnn.config import BinaryConfig, ConvertConfig, SimConfig
 from bsnn.convert import Max, convert
 from bsnn.pipeline import build_model
@@ -20,7 +19,7 @@ from bsnn.snn.kernels.inductor_if import compiler_works
 from bsnn.simulate import run_batch, simulate
 from bsnn.snn.synapse import BinarySynapse, synapse_mode
 from bsnn.snn.neuron import IFNeuron
-from tests.test_fast_sim import _convert, _vgg_like
+from tests.test_fast_sim import _binary_eval, _convert, _vgg_like
 
 HAS_COMPILER = compiler_works()
 PATHS = (cpp_if.extension_paths() or ()) if HAS_COMPILER else ()
@@ -367,15 +366,12 @@ def test_simulate_with_fused_pooling_equals_the_fp32_engine():
 
 
 def _pool_first_cnn():
+    """The first IF layer (fed by the input-only part of the graph) pools: conv-BN-ReLU-avgpool first."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AvgPool2d(2),
-                        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AvgPool2d(2),
-                        nn.Flatten(), nn.Linear(16 * 2 * 2, 24), nn.ReLU(), nn.Linear(24, 4))
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.3, 0.3)
-            m.weight.data.uniform_(-1.5, 1.5)
-    return binarize_(net, BinaryConfig()).eval()
+    return _binary_eval(nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 2 * 2, 24), nn.ReLU(), nn.Linear(24, 4)))
 
 
 def test_first_neurons_pool_their_constant_current_in_the_kernel():
