@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -97,6 +98,10 @@ def recipes() -> dict[str, ConvertConfig]:
         # SNN Calibration's threshold search (least squared error of a T-step code, bsnn.convert.calibrate.MSE)
         "mse@8 + ch + shift + pot@8": ConvertConfig(threshold=MSE(8), per_channel=True, v_init=0.5, **pot8, **base),
         "mse@4 + ch + shift + pot@4": ConvertConfig(threshold=MSE(4), per_channel=True, v_init=0.5, **pot, **base),
+        # thresholds fitted for a longer code (less clipping: closer to the ANN as T grows), potentials for T = 4
+        "mse@8 + ch + shift + pot@4": ConvertConfig(threshold=MSE(8), per_channel=True, v_init=0.5, **pot, **base),
+        "mse@16 + ch + shift + pot@4": ConvertConfig(threshold=MSE(16), per_channel=True, v_init=0.5, **pot,
+                                                     **base),
     }
 
 
@@ -236,6 +241,22 @@ def net_cifar10(args) -> dict | None:
 
 NETWORKS = {"digits": net_digits, "mnist5k": net_mnist5k_qcfs, "mnist5k_clip": net_mnist5k_clip,
             "mnist5k_relu": net_mnist5k_relu, "fashion": net_fashion, "cifar10": net_cifar10}
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """A fingerprint of the network's weights and buffers: rows of one network are never mixed with another's."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def same_ann(rows: dict, new: str) -> bool:
+    """Every stored row of a network saw the same ANN accuracies (val and test) as row ``new``."""
+    ref = rows[new]
+    return all(r["val"]["ann"] == ref["val"]["ann"] and r["test"]["ann"] == ref["test"]["ann"]
+               for k, r in rows.items() if k != new and "val" in r and "ann" in r["val"])
 
 
 # ----------------------------------------------------------------------------------------- measuring
@@ -409,7 +430,8 @@ def report(results: dict, info: dict, grid: list[int], cands: dict, out: Path, s
                                      ["T@1", "conv", "max drop", f"agree@{grid[-1]} %", f"rel. err@{grid[-1]}"],
                                      rows))
     payload = {"created": now_iso(), "command": command_line(), "machine": machine_info(), "networks": info,
-               "grid": grid, "recipes": {k: dataclasses.asdict(v) for k, v in cands.items()},
+               "grid": grid, "recipes": {k: dataclasses.asdict(v) for k, v in {**recipes(), **cands}.items()
+                                         if any(k in per for per in results.values())},
                "results": results, "chosen": best, "scores": score}
     write_results(out, stem, payload, "\n".join(md))
     return best
@@ -448,8 +470,11 @@ def main() -> None:
         net = NETWORKS[name](args)
         if net is None:
             continue
-        info[name] = {k: net[k] for k in ("trained_by", "data")}
-        results[name] = {}
+        fingerprint = weights_sha256(net["model"])
+        old = info.get(name, {}).get("weights_sha256")
+        keep = args.recipes and (old == fingerprint or old is None)  # --recipes adds to the same network's rows
+        info[name] = {**{k: net[k] for k in ("trained_by", "data")}, "weights_sha256": fingerprint}
+        results[name] = dict(results.get(name, {})) if keep else {}
         for rname, rcfg in cands.items():
             with Timer() as tm:
                 snn = bsnn.convert(net["model"], net["calib"], dataclasses.replace(rcfg))
@@ -457,6 +482,9 @@ def main() -> None:
                 results[name][rname] = {"val": measure(snn, net["model"], net["val"], n_val, grid),
                                         "test": measure(snn, net["model"], net["test"], n_test, grid)}
             v = results[name][rname]["val"]
+            if keep and old is None and not same_ann(results[name], rname):  # rows from before fingerprints
+                log(f"{name}: the stored rows were measured on another ANN (its accuracies differ); dropping them")
+                results[name] = {rname: results[name][rname]}
             log(f"{name} | {rname}: val ANN {v['ann']:.2f}, " + " ".join(f"{t}:{v['acc'][t]:.1f}" for t in grid)
                 + f" | T@1={t_at_1(v)} conv={converges(v)} ({tm.s:.0f} s)")
         if args.spikingjelly:

@@ -342,5 +342,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # a rank that failed leaves without waiting: the others may be inside another collective
         shutdown_distributed(wait=finished)
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,8 +11,8 @@
 // cast to float32 need no passes of their own.
 // absmax [B] float32 (optional): each sample's max |x| over the chunk, written on the way (the bf16 synapse checks
 // from it that its sums were exact, instead of a separate pass over them).
-// Pooled output (pool_h, pool_w, pool_c = H, W, C given (H > 0), channels-last samples, no residual): the spikes go through a 2x2,
-// stride-2 average pooling inside the pass, spikes [T][B][Fo] with Fo = (H/2)(W/2)C in channels-last order (each
+// Pooled output (pool_h, pool_w, pool_c = H, W, C given (H > 0), channels-last samples, no residual): the spikes
+// go through a 2x2, stride-2 average pooling inside the pass, spikes [T][B][Fo] with Fo = (H/2)(W/2)C in channels-last order (each
 // window's four spikes summed and times 0.25: exact in float32 and bfloat16), so the full-resolution spike tensor is
 // never written nor read again; neurons outside every window (the last row or column of an odd H or W, which the
 // pooling drops) still integrate and count.
@@ -343,8 +343,8 @@ Term term(const at::Tensor& t, i64 F) {
 }
 
 // x [T, B, F] or [1, B, F] (constant over the T steps), v_in and v_out [B, F] (v_out written), spikes [T, B, F]
-// (with pool_h, pool_w, pool_c = H, W, C > 0: [T, B, (H/2)(W/2)C], the 2x2-average-pooled spikes); terms float32 [F] or [1]; path
-// 0 auto, 1 generic, 2 avx512. Returns counts [T, B] float32 (empty when want_counts is false).
+// (with pool_h, pool_w, pool_c = H, W, C > 0: [T, B, (H/2)(W/2)C], the 2x2-average-pooled spikes); terms
+// float32 [F] or [1]; path 0 auto, 1 generic, 2 avx512. Returns counts [T, B] float32 (empty when want_counts is false).
 at::Tensor scan(const at::Tensor& x, const at::Tensor& v_in, at::Tensor v_out, at::Tensor spikes,
                 const at::Tensor& theta, const at::Tensor& gain, const at::Tensor& bias,
                 const at::Tensor& pre_bias, const std::optional<at::Tensor>& residual,
