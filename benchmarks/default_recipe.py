@@ -252,13 +252,6 @@ def weights_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def same_ann(rows: dict, new: str) -> bool:
-    """Every stored row of a network saw the same ANN accuracies (val and test) as row ``new``."""
-    ref = rows[new]
-    return all(r["val"]["ann"] == ref["val"]["ann"] and r["test"]["ann"] == ref["test"]["ann"]
-               for k, r in rows.items() if k != new and "val" in r and "ann" in r["val"])
-
-
 # ----------------------------------------------------------------------------------------- measuring
 @torch.no_grad()
 def measure(snn, ann: nn.Module, ds, n: int, grid: list[int]) -> dict:
@@ -472,7 +465,7 @@ def main() -> None:
             continue
         fingerprint = weights_sha256(net["model"])
         old = info.get(name, {}).get("weights_sha256")
-        keep = args.recipes and (old == fingerprint or old is None)  # --recipes adds to the same network's rows
+        keep = args.recipes and old == fingerprint  # --recipes adds rows to the same network's (weights) rows
         info[name] = {**{k: net[k] for k in ("trained_by", "data")}, "weights_sha256": fingerprint}
         results[name] = dict(results.get(name, {})) if keep else {}
         for rname, rcfg in cands.items():
@@ -482,9 +475,6 @@ def main() -> None:
                 results[name][rname] = {"val": measure(snn, net["model"], net["val"], n_val, grid),
                                         "test": measure(snn, net["model"], net["test"], n_test, grid)}
             v = results[name][rname]["val"]
-            if keep and old is None and not same_ann(results[name], rname):  # rows from before fingerprints
-                log(f"{name}: the stored rows were measured on another ANN (its accuracies differ); dropping them")
-                results[name] = {rname: results[name][rname]}
             log(f"{name} | {rname}: val ANN {v['ann']:.2f}, " + " ".join(f"{t}:{v['acc'][t]:.1f}" for t in grid)
                 + f" | T@1={t_at_1(v)} conv={converges(v)} ({tm.s:.0f} s)")
         if args.spikingjelly:
