@@ -10,7 +10,10 @@ PyTorch loop (plain ReLU, cross-entropy, no distillation, no bsnn training code)
   previous default), trainable-clip or plain ReLU activations (KD from the default teacher; trained by bsnn);
 * ``fashion`` — Fashion-MNIST (Debian's ``dataset-fashion-mnist``), a binary 4-conv CNN with avg-pool (plain loop);
 * ``cifar10`` — CIFAR-10 (JPEG copy, ``../shared/data/cifar10.npz``), the binary 6-conv + 2-FC VGG of
-  ``benchmarks/train_plain_vgg.py`` (plain loop; released as the zoo entry ``cifar10_plain_bvgg``).
+  ``benchmarks/train_plain_vgg.py`` (plain loop; released as the zoo entry ``cifar10_plain_bvgg``);
+* ``cifar10_zoo_relu`` / ``cifar10_zoo_qcfs`` — the zoo's most accurate binary students (airbench layout, ReLU /
+  QCFS, distilled by ``bsnn run``: ``cifar10_airbench_binary_v2`` / ``cifar10_airbench_qcfs_v2``), on the splits
+  they were trained and measured on.
 
 Rules (the issue's): a recipe *converges* on a network when its accuracy at T = 256 is within 0.3 points (at least
 one image) of the ANN and it never falls by more than 0.3 points — at least 3 images, the issue's 0.3 points of
@@ -46,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (ROOT, Timer, command_line, log, machine_info, machine_markdown, markdown_table,  # noqa: E402
                      now_iso, write_results)
 from train_plain_vgg import DATA as CIFAR_NPZ, load_cifar, normalise  # noqa: E402
+from _zoo import available as zoo_available, load_network  # noqa: E402
 
 import bsnn  # noqa: E402
 from spikingjelly.activation_based import ann2snn, functional  # noqa: E402
@@ -242,8 +246,28 @@ def net_cifar10(args) -> dict | None:
             "data": "CIFAR-10 (JPEG copy)"}
 
 
+def _net_zoo(name: str) -> dict | None:
+    """A released CIFAR-10 zoo network with the splits it was trained and measured on (``benchmarks/_zoo.py``)."""
+    if not zoo_available():
+        log(f"{name}: needs {CIFAR_NPZ} — skipping")
+        return None
+    z = load_network(name)
+    return {"model": z.model, "calib": z.calib, "val": z.val, "test": z.test,
+            "trained_by": f"the zoo's `{name}` (`bsnn run --config configs/cifar10.yaml`, KD from the zoo teacher)",
+            "data": z.data_note}
+
+
+def net_cifar10_zoo_relu(args) -> dict | None:
+    return _net_zoo("cifar10_airbench_binary_v2")
+
+
+def net_cifar10_zoo_qcfs(args) -> dict | None:
+    return _net_zoo("cifar10_airbench_qcfs_v2")
+
+
 NETWORKS = {"digits": net_digits, "mnist5k": net_mnist5k_qcfs, "mnist5k_clip": net_mnist5k_clip,
-            "mnist5k_relu": net_mnist5k_relu, "fashion": net_fashion, "cifar10": net_cifar10}
+            "mnist5k_relu": net_mnist5k_relu, "fashion": net_fashion, "cifar10": net_cifar10,
+            "cifar10_zoo_relu": net_cifar10_zoo_relu, "cifar10_zoo_qcfs": net_cifar10_zoo_qcfs}
 
 
 def weights_sha256(model: nn.Module) -> str:
