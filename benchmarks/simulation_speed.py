@@ -7,7 +7,10 @@ Networks (binary weights, first/last layer full precision, converted from the sa
 * **VGG-7, 32x32x3** — the binary VGG-7 (width 0.25) of the conversion benchmark's CIFAR-10 cache, else a freshly
   initialised one; input: CIFAR-10 test images when ``../shared/data/cifar10.npz`` exists, else random images;
 * **ResNet-20, 32x32x3** — a binary ``resnet20_cifar`` (residual adds, strided convolutions), freshly initialised
-  with its BN statistics settled on the calibration images: a ResNet-class network the kernels were not tuned on.
+  with its BN statistics settled on the calibration images: a ResNet-class network the kernels were not tuned on;
+* **airbench student, 32x32x3** (``--networks ...,airbench``) — the zoo's trained binary ReLU student
+  ``cifar10_airbench_binary_v2`` (airbench layout, 87.9 % on CIFAR-10), on the test images of its own split:
+  a trained VGG-class network the kernels were not tuned on (needs ``../shared/data/cifar10.npz``).
 
 For batch 128 and each T in {8, 32, 128} (direct encoding, accuracy bookkeeping included):
 
@@ -52,6 +55,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (ROOT, command_line, load_average, log, machine_info, machine_markdown,  # noqa: E402
                      markdown_table, now_iso, relu_model, write_results)
+from _zoo import available as zoo_available, load_network  # noqa: E402
 
 from bsnn.binary import materialize  # noqa: E402
 from bsnn.config import BinaryConfig, ConvertConfig, DataConfig, SimConfig, load_config  # noqa: E402
@@ -165,8 +169,18 @@ def networks(args) -> list[dict]:
     out.append({"name": "ResNet-20 32x32x3", "model": settle_bn(model, calib), "x": xs, "calib": calib,
                 "source": "freshly initialised, BN statistics settled on the calibration images (throughput does not "
                           "depend on training)", "data": data})
+    keys = ["small_cnn", "vgg7", "resnet20"]
     wanted = args.networks.split(",")
-    return [n for n, key in zip(out, ("small_cnn", "vgg7", "resnet20")) if key in wanted]
+    if "airbench" in wanted and zoo_available():
+        z = load_network("cifar10_airbench_binary_v2")
+        out.append({"name": "airbench student 32x32x3 (zoo)", "model": z.model, "x": torch.stack(
+            [z.test[i][0] for i in range(args.batch)]), "calib": torch.cat([xb for xb, _ in z.calib])[:512],
+                    "source": "the zoo's trained `cifar10_airbench_binary_v2` (87.9 % CIFAR-10 test; the kernels were "
+                              "not tuned on it)", "data": "CIFAR-10 test images of its split"})
+        keys.append("airbench")
+    elif "airbench" in wanted:
+        log("airbench: needs ../shared/data/cifar10.npz — skipping")
+    return [n for n, key in zip(out, keys) if key in wanted]
 
 
 @torch.no_grad()
@@ -292,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--networks", default="small_cnn,vgg7,resnet20", help="comma-separated among small_cnn, vgg7, "
-                   "resnet20")
+                   "resnet20, airbench")
     p.add_argument("--cifar-npz", default="../shared/data/cifar10.npz")
     p.add_argument("--cache", default="benchmarks/cache")
     p.add_argument("--out", default="benchmarks/results")

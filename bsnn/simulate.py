@@ -9,6 +9,8 @@ prediction at T is its argmax — identical to a separate run stopped at T, beca
 from __future__ import annotations
 
 import time
+import weakref
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Union
 
@@ -26,7 +28,7 @@ from bsnn.hardware.config import ConstraintConfig
 from bsnn.snn.kernels import KERNELS, check_kernel, default_kernel
 from bsnn.snn.network import SpikingNetwork
 from bsnn.snn.offset import latency_pre_steps, offset_correction
-from bsnn.snn.synapse import SYNAPSE_MODES, resolve_mode, synapse_mode
+from bsnn.snn.synapse import SYNAPSE_MODES, bitpack_engine, eligible_layers, resolve_mode, synapse_mode
 
 
 @dataclass
@@ -44,7 +46,9 @@ class SimConfig:
             else the in-place torch loop.
         synapse: arithmetic of binary layers fed by spikes (see :mod:`bsnn.snn.synapse`): ``float``, ``bf16``
             (bit-identical to float, faster), ``int`` (int8/int32 crossbar arithmetic, the integer oracle) or
-            ``auto`` (bf16 on CUDA and on CPUs with native bf16, else float).
+            ``auto`` (bf16 on CUDA and on CPUs with native bf16, else float; on such a CPU with the ``bitpack``
+            extension, the faster of ``bf16`` and ``bitpack`` for this network and batch shape, timed on the
+            first batch: :func:`tune_synapse_mode`).
         max_samples: simulate only the first N test samples (None: all).
         record_predictions: keep every sample's prediction and logit margin at every step (``[T, N]``), the
             input of run-time early-exit analysis (:mod:`bsnn.early_exit`).
@@ -146,6 +150,55 @@ class SimResult:
 
 def _resolve_device(device: str | torch.device) -> torch.device:
     return resolve_device(device) if isinstance(device, str) else device
+
+
+TUNING_MARGIN = 0.95
+"""``bitpack`` replaces ``bf16`` only when its probe takes less than this fraction of bf16's time (timing noise)."""
+
+TUNING_ROUNDS = 2
+
+_TUNED: "weakref.WeakKeyDictionary[SpikingNetwork, dict]" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def tune_synapse_mode(snn: SpikingNetwork, x: torch.Tensor, time_chunk: int, encoding: str, mode: str
+                      ) -> tuple[str, dict]:
+    """The faster of the exact ``bf16`` and ``bitpack`` synapse modes for ``snn`` on batches shaped like ``x``.
+
+    Both modes give the same bits (:mod:`bsnn.snn.synapse`), so the choice changes only the speed: which one is
+    faster depends on the network (bit-packing pays on wide layers: 256-channel ones ran 1.5-5x faster in it, 16-
+    channel ones 2x slower) and on the machine. Measured like ``torch.backends.cudnn.benchmark``: one chunk of
+    ``time_chunk`` steps of ``x`` in each mode, :data:`TUNING_ROUNDS` interleaved rounds (the first also packs the
+    weights and builds oneDNN's primitives), min per mode; the probe's outputs are discarded (the state is reset
+    before every batch). The choice is cached for ``snn`` per batch shape, device, chunk and encoding, so only the
+    first simulation of a shape pays (a few chunks of one batch). Only where ``mode`` (the resolved ``auto``) is
+    ``bf16`` on a CPU with the bitpack extension and ``snn`` has layers fed by spikes, and no module of ``snn``
+    has hooks (they would see the probe's activations); otherwise ``(mode, {})``.
+
+    Returns:
+        ``(chosen mode, {"bf16_s": .., "bitpack_s": ..}`` (seconds of one probe chunk; empty when not timed)``)``.
+    """
+    if mode != "bf16" or x.device.type != "cpu" or bitpack_engine("cpu") is None or not eligible_layers(snn):
+        return mode, {}
+    if any(m._forward_hooks or m._forward_pre_hooks for m in snn.modules()):
+        return mode, {}
+    cache = _TUNED.setdefault(snn, {})
+    key = (tuple(x.shape), str(x.device), time_chunk, encoding)
+    if key not in cache:
+        times: dict[str, list[float]] = {"bf16": [], "bitpack": []}
+        gen = torch.Generator(device=x.device)
+        for _ in range(TUNING_ROUNDS):
+            for m in times:
+                gen.manual_seed(0)
+                with synapse_mode(snn, m):
+                    t0 = time.perf_counter()
+                    for _chunk in iter_chunks(snn, x, time_chunk, time_chunk, encoding, gen):
+                        pass
+                    times[m].append(time.perf_counter() - t0)
+        best = {m: min(v) for m, v in times.items()}
+        choice = "bitpack" if best["bitpack"] < TUNING_MARGIN * best["bf16"] else "bf16"
+        cache[key] = (choice, {f"{m}_s": round(v, 6) for m, v in best.items()})
+    return cache[key]
 
 
 def _dataset_size(loader) -> int | None:
@@ -272,8 +325,10 @@ def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cf
         total = cfg.max_samples if total is None else min(cfg.max_samples, total)
     bar = tqdm(total=total, desc=f"simulate T<={t_max}", unit="sample", disable=quiet or None)
     mode = resolve_mode(cfg.synapse, dev)
+    tuning: dict = {}
     seen = 0  # samples of all ranks' batches so far (max_samples counts the whole job's samples)
-    with synapse_mode(snn, mode) as exact_layers:
+    exact_layers = None  # entered at this rank's first batch (the automatic choice times that batch)
+    with ExitStack() as stack:
         for step, batch in enumerate(loader):
             x, y, _ = unpack_batch(batch, "simulate", step)  # NaN inputs, dict batches: a clear error
             if cfg.max_samples is not None:
@@ -284,8 +339,12 @@ def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cf
             if step % world != rank:
                 bar.update(y.numel())
                 continue
-            gen.manual_seed(seed * 1_000_003 + step)
             x, y = x.to(dev), y.to(dev)
+            if exact_layers is None:
+                if cfg.synapse == "auto":
+                    mode, tuning = tune_synapse_mode(snn, x, min(cfg.time_chunk, t_max), cfg.encoding, mode)
+                exact_layers = stack.enter_context(synapse_mode(snn, mode))
+            gen.manual_seed(seed * 1_000_003 + step)
             batch_preds, batch_margins, hits = [], [], {}
             for start, membrane in iter_chunks(snn, x, t_max, min(cfg.time_chunk, t_max), cfg.encoding, gen):
                 for t in ts:  # counted on the device: the host reads them once per batch, not every step
@@ -335,6 +394,7 @@ def simulate(snn: SpikingNetwork, loader, timesteps: list[int] | None = None, cf
                      ann_accuracy=100.0 * ann_correct / n if ann is not None else None,
                      wall_time_s=time.perf_counter() - t0,
                      pre_steps=latency_pre_steps(snn),
-                     config={**asdict(cfg), "synapse_resolved": mode, "exact_layers": sorted(exact_layers)},
+                     config={**asdict(cfg), "synapse_resolved": mode, "synapse_tuning": tuning,
+                             "exact_layers": sorted(eligible_layers(snn) if exact_layers is None else exact_layers)},
                      predictions=torch.cat(preds, 1) if preds else None,
                      margins=torch.cat(margins, 1) if margins else None, labels=torch.cat(labels) if labels else None)

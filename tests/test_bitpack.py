@@ -1,6 +1,7 @@
 """Bit-packed binary synapses (bsnn.snn.kernels.bitpack): packing, the popcount sum and every engine against
 independently computed numbers (python integers, float64 convolutions, the fp32 engine)."""
 
+import importlib
 import logging
 import os
 import subprocess
@@ -21,6 +22,7 @@ from bsnn.snn.synapse import BinarySynapse, synapse_mode
 from tests.test_fast_sim import POOLS, _convert, _pooled, _vgg_like
 
 CPP_PATHS = [p for p in bp.PATHS if p != "auto"]
+simulate_module = importlib.import_module("bsnn.simulate")  # the module (``bsnn.simulate`` is also the function)
 
 
 def _engine(name: str) -> bp.Engine:
@@ -272,3 +274,46 @@ def test_failed_build_falls_back_to_bf16_with_one_warning(broken_loader, caplog)
     assert "no C++ compiler found" in warnings[0].getMessage() and "bf16" in warnings[0].getMessage()
     with pytest.raises(RuntimeError, match="not available"):
         bp.cpp_engine()
+
+
+# ------------------------------------------------------------------------------------------ automatic choice
+@pytest.mark.parametrize("margin, expected", [(1e9, "bitpack"), (0.0, "bf16")])
+def test_auto_synapse_times_both_modes_once_and_keeps_the_bits(monkeypatch, margin, expected):
+    if bp.extension_paths() is None:
+        pytest.skip("the bitpack C++ extension cannot be built here")
+    snn, x = _convert(_vgg_like(), (3, 8, 8))
+    loader = DataLoader(TensorDataset(x, torch.arange(len(x)) % 4), batch_size=16)
+    ref = simulate(snn, loader, [1, 4, 9], SimConfig(time_chunk=3, kernel="torch", synapse="float"), quiet=True)
+    probes = []
+    real_iter_chunks = simulate_module.iter_chunks
+    monkeypatch.setattr(simulate_module, "iter_chunks", lambda *a, **k: probes.append(a[2]) or real_iter_chunks(*a, **k))
+    monkeypatch.setattr(simulate_module, "TUNING_MARGIN", margin)  # bitpack "faster" than bf16 by any / no margin
+    monkeypatch.setattr(simulate_module, "resolve_mode", lambda mode, dev: "bf16" if mode == "auto" else mode)
+    cfg = SimConfig(time_chunk=3, kernel="torch", synapse="auto")
+    for _ in range(2):  # the second simulation reuses the cached choice: no probe
+        probes.clear()
+        res = simulate(snn, loader, [1, 4, 9], cfg, quiet=True)
+        assert res.config["synapse_resolved"] == expected
+        assert set(res.config["synapse_tuning"]) == {"bf16_s", "bitpack_s"}
+        assert res.accuracy == ref.accuracy and res.spike_counts == ref.spike_counts  # probes left no trace
+        n_batches = -(-len(x) // 16)
+        assert len(probes) == n_batches + (2 * simulate_module.TUNING_ROUNDS if _ == 0 else 0)
+    other_shape = simulate(snn, DataLoader(TensorDataset(x[:5], torch.zeros(5, dtype=torch.long))), [2], cfg,
+                           quiet=True)
+    assert other_shape.config["synapse_tuning"]  # timed again: the choice is cached per batch shape
+
+
+def test_auto_synapse_is_not_timed_under_hooks_or_without_bf16():
+    if bp.extension_paths() is None:
+        pytest.skip("the bitpack C++ extension cannot be built here")
+    snn, x = _convert(_vgg_like(), (3, 8, 8))
+    assert simulate_module.tune_synapse_mode(snn, x, 3, "direct", "float") == ("float", {})
+    seen = []
+    h = next(iter(snn.neurons().values())).register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    try:  # a user's hook would see the probe's activations: no probe
+        assert simulate_module.tune_synapse_mode(snn, x, 3, "direct", "bf16") == ("bf16", {})
+    finally:
+        h.remove()
+    assert not seen
+    mode, times = simulate_module.tune_synapse_mode(snn, x, 3, "direct", "bf16")
+    assert mode in ("bf16", "bitpack") and times["bf16_s"] > 0 and times["bitpack_s"] > 0

@@ -170,4 +170,5 @@ def test_simulate_default_engine_matches_fp32_engine():
     fast = simulate(snn, loader, [1, 4, 16], SimConfig(time_chunk=3), quiet=True)
     slow = simulate(snn, loader, [1, 4, 16], SimConfig(time_chunk=3, kernel="torch", synapse="float"), quiet=True)
     assert fast.accuracy == slow.accuracy and fast.spike_counts == slow.spike_counts
-    assert fast.config["exact_layers"] and fast.config["synapse_resolved"] in ("bf16", "float")
+    # bitpack where the automatic choice timed it faster (the same bits)
+    assert fast.config["exact_layers"] and fast.config["synapse_resolved"] in ("bf16", "bitpack", "float")

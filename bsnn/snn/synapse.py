@@ -285,12 +285,13 @@ def bitpack_mode(syn: BinarySynapse, x: torch.Tensor) -> torch.Tensor:
 def resolve_mode(mode: str, device: torch.device) -> str:
     """``auto`` -> ``bf16`` on CUDA and on CPUs with native bf16 (oneDNN), else ``float``; others unchanged.
 
-    ``bitpack`` is not an automatic choice: on the AVX-512 VPOPCNTDQ + AVX512-BF16 CPU it was measured on
-    (``benchmarks/simulation_speed.py``, quiet machine) whole simulations of the benchmark networks (small CNN,
-    VGG-7, ResNet-20) ran at 0.62-0.82x the ``bf16`` throughput, although single layers fed by spikes with 64
-    input channels ran 3.1-3.3x faster (32-channel ones 1.0-1.7x, 16-channel ones 0.5x, average-pooled inputs
-    0.4-1.5x); packing only the layers with >= 64 channels measured 0.98-1.04x of ``bf16`` (the bf16 layers hand
-    their sums to the C++ IF kernel, the packed ones do not); ask for it with ``synapse='bitpack'``.
+    Whether ``bitpack`` beats ``bf16`` depends on the network, so it is not decided here by layer shapes: on the
+    AVX-512 VPOPCNTDQ + AVX512-BF16 CPU it was measured on (``benchmarks/simulation_speed.py``) whole simulations
+    of the narrow benchmark networks (small CNN, VGG-7 width 0.25, ResNet-20: 16-64 channels) ran at 0.37-0.62x
+    the ``bf16`` throughput, a trained airbench student (64-256 channels) at 1.15x; packing only the layers with
+    >= 64 channels measured 0.98-1.04x of ``bf16`` on the narrow ones (the bf16 layers hand their sums to the C++
+    IF kernel, the packed ones do not). :func:`bsnn.simulate.simulate` therefore times both on the first batch
+    when ``auto`` resolves to ``bf16`` on a CPU (:func:`bsnn.simulate.tune_synapse_mode`).
     """
     if mode != "auto":
         SYNAPSE_MODES.get(mode)
