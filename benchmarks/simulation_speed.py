@@ -251,7 +251,8 @@ def build_markdown(payload: dict) -> str:
              "ratio = bsnn / spikingjelly (fastest of its multi- and single-step modes); dense = T x one fp32 "
              "forward of the plain ANN (lower ratio = faster than the dense limit). Peak = resident-memory growth "
              "during one simulation (MiB). bitpack / bf16 = throughput ratio of the two synapse modes the automatic "
-             f"choice picks from (bitpack C++ paths on this CPU: {payload.get('bitpack_paths') or 'unavailable'}). "
+             "choice (`synapse='auto'`: both timed on the first batch, the faster kept) picks from "
+             f"(bitpack C++ paths on this CPU: {payload.get('bitpack_paths') or 'unavailable'}). "
              + ("Freed memory kept mapped for reuse (glibc malloc thresholds, `bsnn.snn.heap`) for every runner, "
                 "as bsnn's simulate sets it." if payload.get("malloc_retained") else
                 "glibc's malloc defaults (freed buffers returned to the OS)."),
@@ -269,16 +270,19 @@ def build_markdown(payload: dict) -> str:
                          f"{r['sj_m_tput']:,.0f}" + (" *" if r["sj_m_tput"] >= r["sj_s_tput"] else ""),
                          f"{r['sj_s_tput']:,.0f}" + (" *" if r["sj_s_tput"] > r["sj_m_tput"] else ""),
                          f"{r['bsnn_tput'] / sj_best:.2f}x", f"{r['bsnn_s'] / r['dense_s']:.2f}",
-                         f"{r['dense_s']:.3f}", r["bsnn_peak_mib"], r["sj_m_peak_mib"]])
+                         f"{r['dense_s']:.3f}", r["bsnn_peak_mib"], r["sj_m_peak_mib"], r.get("synapse", "")])
         lines += [markdown_table(["T", "bsnn", "bsnn fp32 (eager)", "bsnn bf16", "bsnn bitpack", "bitpack / bf16",
                                   "sj multi-step", "sj single-step",
-                                  "bsnn / sj", "bsnn / dense", "dense s", "bsnn peak MiB", "sj-m peak MiB"], rows),
+                                  "bsnn / sj", "bsnn / dense", "dense s", "bsnn peak MiB", "sj-m peak MiB",
+                                  "bsnn's synapse mode (auto)"], rows),
                   ""]
         if net.get("layers"):
             lines += ["Binary layers one by one (input of the first timestep, process CPU time on one thread, min of "
                       "the rounds): "
                       "bf16 vs bitpack synapse mode; quantum < 1 = average-pooled input, computed by bitpack as "
-                      "bit planes of the counts.", "",
+                      "bit planes of the counts. Alone, a bf16 layer also checks its sums and adds its bias in "
+                      "separate passes, which in a simulation the consuming C++ IF kernel does while reading them: "
+                      "whole simulations (above) decide, not this table.", "",
                       markdown_table(["layer", "input", "quantum", "bf16 ms", "bitpack ms", "bitpack speed-up"],
                                      [[r["layer"], "x".join(map(str, r["input"])), f"{r['quantum']:g}",
                                        f"{r['bf16_ms']:.2f}", f"{r['bitpack_ms']:.2f}",
