@@ -166,8 +166,9 @@ def tune_synapse_mode(snn: SpikingNetwork, x: torch.Tensor, time_chunk: int, enc
     """The faster of the exact ``bf16`` and ``bitpack`` synapse modes for ``snn`` on batches shaped like ``x``.
 
     Both modes give the same bits (:mod:`bsnn.snn.synapse`), so the choice changes only the speed: which one is
-    faster depends on the network (bit-packing pays on wide layers: 256-channel ones ran 1.5-5x faster in it, 16-
-    channel ones 2x slower) and on the machine. Measured like ``torch.backends.cudnn.benchmark``: one chunk of
+    faster depends on the network and the machine (``benchmarks/simulation_speed.py``, a 2-core AVX-512 Xeon:
+    bitpack ran 1.3-1.45x faster than bf16 on the zoo's 64-256-channel airbench student, 0.36-0.57x on narrow
+    16-64-channel networks). Measured like ``torch.backends.cudnn.benchmark``: one chunk of
     ``time_chunk`` steps of ``x`` in each mode, :data:`TUNING_ROUNDS` interleaved rounds (the first also packs the
     weights and builds oneDNN's primitives), min per mode; the probe's outputs are discarded (the state is reset
     before every batch). The choice is cached for ``snn`` per batch shape, device, chunk and encoding, so only the
