@@ -170,6 +170,28 @@ def test_lipschitz_spectral_weight_decays_late_and_default_layers():
         build_distiller(s, t, DistillConfig(method="lipschitz", params={"student_layer": "3"}), epochs=10)
 
 
+def test_lipschitz_pools_maps_of_different_sizes_in_the_margin_term():
+    """A teacher whose maps are smaller (its first conv unpadded: 6x6 -> 4x4, as airbench's stem against bsnn's
+    student) trains: the connector output is average-pooled to the teacher's size for the partial L2 (the authors'
+    code assumes equal sizes), as the transmitting matrices already are."""
+    s, t = _net(0), _teacher()
+    t[0].padding = (0, 0)
+    layers = {"student_layer": ["1", "3"], "teacher_layer": ["1", "3"]}
+    d = build_distiller(s, t, DistillConfig(method="lipschitz", params=layers), epochs=200)
+    d.eval()
+    x, y = _xb()
+    out = d(x, y)
+    _, fs = _taps(s, x, outputs=["1", "3"])
+    _, ft = _taps(t, x, outputs=["1", "3"])
+    assert fs["1"].shape[-1] == 6 and ft["1"].shape[-1] == 4
+    margins = [d.margin0, d.margin1]
+    ref = sum(ref_distillation_loss(F.adaptive_avg_pool2d(d.connectors[i](fs[k]), ft[k].shape[-2:]), ft[k], margins[i])
+              / 2 ** (1 - i) for i, k in enumerate(["1", "3"])) / x.shape[0]
+    _close(out["margin_feature"], ref)
+    out["loss"].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in s.parameters())
+
+
 def test_power_iteration_converges_to_the_spectral_norm():
     g = torch.Generator().manual_seed(0)
     m = torch.randn(3, 5, 4, generator=g, dtype=D)

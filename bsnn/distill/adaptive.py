@@ -478,8 +478,8 @@ class Lipschitz(FeatureDistiller):
         n = len(f_s)
         conn = [self.connectors[i](f) for i, f in enumerate(f_s)]
         f_t = [t.detach() for t in f_t]
-        feature = sum(margin_feature_loss(conn[i], f_t[i], getattr(self, f"margin{i}")) / 2 ** (n - i - 1)
-                      for i in range(n)) / x.shape[0]
+        feature = sum(margin_feature_loss(*L.pool_to_common(conn[i], f_t[i]), getattr(self, f"margin{i}"))
+                      / 2 ** (n - i - 1) for i in range(n)) / x.shape[0]
         spectral = lipschitz_loss(conn[:-1], f_s[1:], f_t, int(self.hparams["power_iterations"]))
         decay = self.decay()
         out = self.combine(z_s, self.ce(z_s, y), decay * spectral, lipschitz=spectral, margin_feature=feature)
