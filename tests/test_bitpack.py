@@ -286,7 +286,8 @@ def test_auto_synapse_times_both_modes_once_and_keeps_the_bits(monkeypatch, marg
     ref = simulate(snn, loader, [1, 4, 9], SimConfig(time_chunk=3, kernel="torch", synapse="float"), quiet=True)
     probes = []
     real_iter_chunks = simulate_module.iter_chunks
-    monkeypatch.setattr(simulate_module, "iter_chunks", lambda *a, **k: probes.append(a[2]) or real_iter_chunks(*a, **k))
+    monkeypatch.setattr(simulate_module, "iter_chunks",
+                        lambda *a, **k: probes.append(a[2]) or real_iter_chunks(*a, **k))
     monkeypatch.setattr(simulate_module, "TUNING_MARGIN", margin)  # bitpack "faster" than bf16 by any / no margin
     monkeypatch.setattr(simulate_module, "resolve_mode", lambda mode, dev: "bf16" if mode == "auto" else mode)
     cfg = SimConfig(time_chunk=3, kernel="torch", synapse="auto")

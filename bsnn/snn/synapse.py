@@ -287,8 +287,8 @@ def resolve_mode(mode: str, device: torch.device) -> str:
 
     Whether ``bitpack`` beats ``bf16`` depends on the network, so it is not decided here by layer shapes: on the
     AVX-512 VPOPCNTDQ + AVX512-BF16 CPU it was measured on (``benchmarks/simulation_speed.py``) whole simulations
-    of the narrow benchmark networks (small CNN, VGG-7 width 0.25, ResNet-20: 16-64 channels) ran at 0.37-0.62x
-    the ``bf16`` throughput, a trained airbench student (64-256 channels) at 1.15x; packing only the layers with
+    of the narrow benchmark networks (small CNN, VGG-7 width 0.25, ResNet-20: 16-64 channels) ran at 0.36-0.57x
+    the ``bf16`` throughput, a trained airbench student (64-256 channels) at 1.31-1.45x; packing only the layers with
     >= 64 channels measured 0.98-1.04x of ``bf16`` on the narrow ones (the bf16 layers hand their sums to the C++
     IF kernel, the packed ones do not). :func:`bsnn.simulate.simulate` therefore times both on the first batch
     when ``auto`` resolves to ``bf16`` on a CPU (:func:`bsnn.simulate.tune_synapse_mode`).
