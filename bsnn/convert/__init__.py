@@ -104,7 +104,8 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
                                     cfg.snn_calibration_weight_batch)
         with suspended(snn):  # the run-time offset correction (if any) acts on the calibrated network
             snn.meta["snn_calibration_error"] = calibrate_snn_(snn, gm, x, cfg.snn_calibration_timesteps,
-                                                               cfg.snn_calibration, weights=weights)
+                                                               cfg.snn_calibration, weights=weights,
+                                                               joint_timesteps=cfg.snn_calibration_joint_timesteps)
     return snn
 
 

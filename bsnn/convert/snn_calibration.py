@@ -330,8 +330,8 @@ def calibrate_weights_(snn: SpikingNetwork, gm: fx.GraphModule, x: torch.Tensor,
 
 @torch.no_grad()
 def calibrate_snn_(snn: SpikingNetwork, gm: fx.GraphModule, x: torch.Tensor, timesteps: int,
-                   mode: str = "bias", time_chunk: int = 16, weights: WeightCalibration | None = None
-                   ) -> dict[str, float]:
+                   mode: str = "bias", time_chunk: int = 16, weights: WeightCalibration | None = None,
+                   joint_timesteps: list[int] | tuple[int, ...] = ()) -> dict[str, float]:
     """Correct ``snn`` in place, layer by layer, against the ANN ``gm`` on the calibration batch ``x``.
 
     Args:
@@ -343,28 +343,41 @@ def calibrate_snn_(snn: SpikingNetwork, gm: fx.GraphModule, x: torch.Tensor, tim
         timesteps: the T the SNN is calibrated for.
         mode: ``"bias"``, ``"potential"`` or ``"advanced"`` (weight calibration, then ``potential``).
         weights: the weight calibration's settings (``advanced`` only; default :class:`WeightCalibration`).
+        joint_timesteps: ``potential`` (and ``advanced``'s potential step) only: when given, each layer's
+            initial-membrane correction is the mean of ``e_c(T)·T/λ`` over these T (the charge that would zero
+            the mean error at each T, least squares) instead of its value at ``timesteps``; still a bounded
+            charge, so convergence is kept. The weight fit of ``advanced`` stays at ``timesteps``.
 
     Returns:
-        IF layer -> mean absolute error ``|a - λ·count/T|`` before its bias / potential correction.
+        IF layer -> mean absolute error ``|a - λ·count/T|`` before its bias / potential correction (at
+        ``timesteps``, or averaged over ``joint_timesteps``).
     """
     if mode not in MODES:
         raise ConfigError(f"SNN calibration mode must be one of {MODES}, got {mode!r}")
     if mode == "advanced":
         snn.meta["weight_calibration"] = calibrate_weights_(snn, gm, x, timesteps, weights, time_chunk)
         mode = "potential"
+    if joint_timesteps and mode != "potential":
+        raise ConfigError(f"joint_timesteps fits the initial-membrane correction: it needs mode 'potential' or "
+                          f"'advanced', got {mode!r}")
+    fit_ts = tuple(joint_timesteps) or (timesteps,)
     ann = ann_activations(gm, x)
     errors = {}
     for name, neuron in snn.neurons().items():
         lam = torch.as_tensor(snn.meta["thresholds"][neuron.name]).float() / neuron.levels  # one spike's value
         target = ann[neuron.name]
         lam_b = lam.view(-1, *([1] * (target.dim() - 2))) if lam.numel() > 1 else lam
-        out = lam_b * snn_layer_output(snn, name, x, timesteps, time_chunk) / timesteps
-        err = _channel_mean(target - out)
-        errors[name] = (target - out).abs().mean().item()
+        charge, abs_err = 0.0, 0.0  # charge: the per-channel e_c(T)·T (activation units) summed over fit_ts
+        for t in fit_ts:
+            out = lam_b * snn_layer_output(snn, name, x, t, time_chunk) / t
+            err = _channel_mean(target - out)
+            charge = charge + err * t
+            abs_err += (target - out).abs().mean().item()
+        errors[name] = abs_err / len(fit_ts)
         lam_c = lam_b.reshape(err.shape) if lam.numel() > 1 else lam
         if mode == "bias":
             neuron.i_bias += err / lam_c
             neuron.i_bias_steps.fill_(timesteps)
         else:
-            neuron.v_init_bias += err * timesteps / lam_c
+            neuron.v_init_bias += charge / len(fit_ts) / lam_c
     return errors
