@@ -77,10 +77,9 @@ class ConvertConfig:
         snn_calibration_joint_timesteps: ``potential`` / ``advanced`` only, an option (default empty: one T): when
             non-empty, the initial-membrane correction is fitted jointly over these T — each layer's
             ``e_c(T)·T/λ`` averaged over them (least squares on the charge) — instead of at
-            ``snn_calibration_timesteps`` alone. Measured on the zoo's ReLU student (500 validation images):
-            ``[4, 8, 16]`` gives 71.0 / 85.2 / 88.8 % at T = 4 / 8 / 16 against the default's 68.4 / 84.0 / 88.4,
-            for 2.5x the calibration time; not the default (not yet measured on every network of
-            ``benchmarks/default_recipe.py``).
+            ``snn_calibration_timesteps`` alone. ``[2, 4, 8]`` gains 1-4 points at T = 4-8 on the zoo's ReLU
+            and QCFS students but loses 4.8 at T = 16 on a plain-ReLU VGG (``docs/conversion.md``): an option to
+            choose on validation, not the default.
         snn_calibration_weight_iters: ``advanced``: Adam steps per layer of the weight calibration (authors: 5000).
         snn_calibration_weight_lr: ``advanced``: Adam's initial learning rate, cosine to 0 (authors: 1e-5).
         snn_calibration_weight_batch: ``advanced``: samples per weight-calibration step (authors: 32).
