@@ -77,7 +77,7 @@ class ConvertConfig:
         snn_calibration_joint_timesteps: ``potential`` / ``advanced`` only, an option (default empty: one T): when
             non-empty, the initial-membrane correction is fitted jointly over these T — each layer's
             ``e_c(T)·T/λ`` averaged over them (least squares on the charge) — instead of at
-            ``snn_calibration_timesteps`` alone. ``[2, 4, 8]`` gains 1-4 points at T = 4-8 on the zoo's ReLU
+            ``snn_calibration_timesteps`` alone. ``[2, 4, 8]`` gains 0.6-4 points at T = 4-8 on the zoo's ReLU
             and QCFS students but loses 4.8 at T = 16 on a plain-ReLU VGG (``docs/conversion.md``): an option to
             choose on validation, not the default.
         snn_calibration_weight_iters: ``advanced``: Adam steps per layer of the weight calibration (authors: 5000).
