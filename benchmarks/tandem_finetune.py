@@ -101,7 +101,8 @@ def build_markdown(p: dict) -> str:
              f"ann_weight {p['tandem']['ann_weight']}.", ""]
     heads = ["network", "recipe", "ANN (val full / test full)"] + [f"T={t}" for t in GRID] + ["T@1", "T@0.3"]
     rows = []
-    for state in ("before", "after"):
+    states = [s for s in ("before", "after") if s in p]
+    for state in states:
         m = p[state]
         for label, r in m["rows"].items():
             rows.append([state, label + (" ★" if label == m["best"] else ""),
@@ -109,11 +110,11 @@ def build_markdown(p: dict) -> str:
                         + [f"{r['accuracy'][str(t)]:.2f}" for t in GRID] + [r["t_at_1"], r["t_at_03"]])
     lines += ["Test accuracy (%) — ★ = the recipe chosen on validation:", "", markdown_table(heads, rows), ""]
     vrows = [[s, label] + [f"{r['val_accuracy'][str(t)]:.2f}" for t in GRID] + [r["val_t_at_1"]]
-             for s in ("before", "after") for label, r in p[s]["rows"].items()]
+             for s in states for label, r in p[s]["rows"].items()]
     lines += ["Validation accuracy (%), the split the recipe is chosen on:", "",
               markdown_table(["network", "recipe"] + [f"T={t}" for t in GRID] + ["val T@1"], vrows), ""]
     lrows = [[s, p[s]["best"], f"{p[s]['best_long']['ann']:.2f}"]
-             + [f"{p[s]['best_long']['accuracy'][str(t)]:.2f}" for t in LONG] for s in ("before", "after")]
+             + [f"{p[s]['best_long']['accuracy'][str(t)]:.2f}" for t in LONG] for s in states]
     lines += ["Convergence of the chosen recipe (test):", "",
               markdown_table(["network", "recipe", "ANN"] + [f"T={t}" for t in LONG], lrows), "",
               f"Command: `{p['command']}`  ", f"Commit: {p['machine'].get('git', {}).get('commit', '?')}  ",
@@ -129,6 +130,8 @@ def plot(p: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for state, style in (("before", "--"), ("after", "-")):
+        if state not in p:
+            continue
         r = p[state]["best_long"]
         ts = [int(t) for t in r["accuracy"]]
         ax.plot(ts, list(r["accuracy"].values()), style, marker="o", label=f"{state}: {p[state]['best']}")
@@ -153,8 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ann-weight", type=float, default=1.0)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--train-limit", type=int, default=0, help="train on the first N training images (0 = all)")
-    ap.add_argument("--n-val", type=int, default=1000)
-    ap.add_argument("--n-test", type=int, default=2000)
+    ap.add_argument("--n-val", type=int, default=500)
+    ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", default="", help="fine-tuned weights (.safetensors); default runs/tandem/<name>.safetensors")
@@ -191,13 +194,14 @@ def main(argv: list[str] | None = None) -> None:
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(save))
     payload["weights"] = str(save)
     log(f"{args.network}: after fine-tuning ({t.s:.0f} s; weights {save})")
+    stem = f"tandem_finetune_{args.network}_T{args.timesteps}" + ("_quick" if args.quick else "")
+    payload["machine"] = machine_info()
     payload["after"] = measure(model, net, args.n_val, args.n_test)
+    write_results(args.out, stem, payload, build_markdown(payload))  # the result first; the baseline follows
     log(f"{args.network}: before fine-tuning (the released weights)")
     before = bsnn.zoo.load(args.network)[0].eval()
     before.load_state_dict(original)
     payload["before"] = measure(before, net, args.n_val, args.n_test)
-    payload["machine"] = machine_info()
-    stem = f"tandem_finetune_{args.network}_T{args.timesteps}" + ("_quick" if args.quick else "")
     write_results(args.out, stem, payload, build_markdown(payload))
     plot(payload, Path(args.out) / f"{stem}.png")
     log(f"wrote {args.out}/{stem}.json/.md/.png")
