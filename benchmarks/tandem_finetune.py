@@ -40,7 +40,7 @@ import bsnn  # noqa: E402
 from bsnn.binary import is_binary  # noqa: E402
 from bsnn.convert import ConvertConfig  # noqa: E402
 from bsnn.tandem import TandemConfig, tandem_finetune  # noqa: E402
-from bsnn.train import TrainConfig, evaluate, set_seed  # noqa: E402
+from bsnn.train import evaluate, set_seed  # noqa: E402
 
 GRID = [1, 2, 4, 8, 16, 32, 64]
 LONG = GRID + [128, 256]
@@ -97,7 +97,7 @@ def build_markdown(p: dict) -> str:
              f"{p['n_test']} test images; T@1 / T@0.3 against the same network's ANN on the same images.", "",
              f"Fine-tuning: {p['steps']} steps of batch {p['batch']} ({p['train_s']:.0f} s), "
              f"{p['trainable_params']} trainable parameters (binary weights frozen: "
-             f"{not p['tandem']['train_binary_weights']}), lr {p['tandem']['train']['lr']}, "
+             f"{not p['tandem']['train_binary_weights']}), lr {p['tandem']['lr']}, "
              f"ann_weight {p['tandem']['ann_weight']}.", ""]
     heads = ["network", "recipe", "ANN (val full / test full)"] + [f"T={t}" for t in GRID] + ["T@1", "T@0.3"]
     rows = []
@@ -178,9 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     train = net.train if not args.train_limit else Subset(net.train, range(args.train_limit))
     loader = DataLoader(train, batch_size=args.batch, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))
-    cfg = TandemConfig(timesteps=args.timesteps, ann_weight=args.ann_weight,
-                       train=TrainConfig(epochs=args.epochs, optimizer="adam", lr=args.lr, schedule="onecycle",
-                                         warmup_epochs=0.1))
+    cfg = TandemConfig(timesteps=args.timesteps, ann_weight=args.ann_weight, epochs=args.epochs, lr=args.lr)
     model = net.model
     log(f"{args.network}: tandem fine-tuning at T={args.timesteps}, {len(loader)} steps/epoch x {args.epochs}")
     with Timer() as t:

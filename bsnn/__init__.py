@@ -18,6 +18,7 @@ from bsnn.errors import BsnnError, CheckpointError, ConfigError, ConversionError
 from bsnn.models import create_model, list_models
 from bsnn.simulate import SimResult, simulate
 from bsnn.snn import SpikingNetwork
+from bsnn.tandem import TandemConfig, tandem_finetune, tandem_logits
 from bsnn.train import evaluate, train_student, train_teacher
 
 __version__ = "0.1.0"
@@ -26,8 +27,8 @@ __all__ = [
     "BinaryConfig", "BinaryConv2d", "BinaryLinear", "BsnnError", "CheckpointError", "ClipReLU", "Config",
     "ConfigError", "ConversionError", "ConvertConfig", "CostConfig", "DataConfig", "DataError", "DistillConfig",
     "EarlyExit", "MSE", "Max", "ModelConfig", "Percentile", "QCFS", "RunConfig", "SimConfig", "SimResult",
-    "SpikingNetwork",
+    "SpikingNetwork", "TandemConfig",
     "TrainConfig", "binarize_", "clamp_latent_", "convert", "create_model", "distill", "early_exit_curve", "evaluate",
     "export", "hardware", "list_models", "load_config", "materialize", "replace_activations_", "simulate",
-    "train_student", "train_teacher",
+    "tandem_finetune", "tandem_logits", "train_student", "train_teacher",
 ]

@@ -4,7 +4,7 @@ overrides and saving the resolved config.
 YAML and the command line only *fill* the dataclasses; nothing here is global. Every section of a YAML file maps
 1:1 onto a dataclass that lives with its stage and validates against that stage's own registry
 (:class:`~bsnn.data.DataConfig`, :class:`~bsnn.models.config.ModelConfig`, :class:`~bsnn.train.TrainConfig`,
-:class:`~bsnn.binary.BinaryConfig`, :class:`~bsnn.distill.config.DistillConfig`,
+:class:`~bsnn.binary.BinaryConfig`, :class:`~bsnn.distill.config.DistillConfig`, :class:`~bsnn.tandem.TandemConfig`,
 :class:`~bsnn.convert.config.ConvertConfig`, :class:`~bsnn.simulate.SimConfig`,
 :class:`~bsnn.hardware.config.CostConfig`); they are re-exported here. Unknown keys are errors that list the valid
 keys, and values are type-checked and range-checked by ``validate()``.
@@ -32,10 +32,11 @@ from bsnn.hardware.config import CostConfig
 from bsnn.io import atomic_write_text
 from bsnn.models.config import ModelConfig
 from bsnn.simulate import SimConfig
+from bsnn.tandem import TandemConfig
 from bsnn.train import TrainConfig
 
 __all__ = ["BinaryConfig", "Config", "ConvertConfig", "CostConfig", "DataConfig", "DistillConfig", "ModelConfig",
-           "RunConfig", "SimConfig", "TrainConfig", "apply_overrides", "from_dict", "load_config", "parse_override",
+           "RunConfig", "SimConfig", "TandemConfig", "TrainConfig", "apply_overrides", "from_dict", "load_config", "parse_override",
            "parse_statistic", "read_yaml_mapping", "save_config", "yaml_load"]
 
 
@@ -72,6 +73,7 @@ class Config:
     binary: BinaryConfig = field(default_factory=BinaryConfig)
     student: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    tandem: TandemConfig = field(default_factory=TandemConfig)
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     simulate: SimConfig = field(default_factory=SimConfig)
     cost: CostConfig = field(default_factory=CostConfig)

@@ -12,6 +12,7 @@ Run folder layout (``run.out_dir``; its lock, records and overwrite rules: :mod:
     teacher_<i>.pt         further teachers of multi-teacher methods (model.teachers; ca_mkd)
     assistant_<i>.pt       teacher assistants (model.assistants; takd)
     online_teacher.pt      the teacher trained online with the student (bd_kd)
+    student_tandem.pt      the student after tandem fine-tuning (tandem.enabled; then the network converted)
     snn.pt                 the converted network (±1 weights checked on load)
     sweep.*, cost.*        accuracy-vs-T sweep and hardware cost (their JSON names the network's content hash)
     checkpoints/*_last.pt  resumable training checkpoints
@@ -52,6 +53,7 @@ from bsnn.runfolder import (STAGES, TEACHER_INDEPENDENT, TEACHER_SECTIONS, TRAIN
                             config_digest, merge_fields)
 from bsnn.simulate import SimResult, simulate
 from bsnn.snn.network import SpikingNetwork
+from bsnn.tandem import check_tandem_ready, tandem_finetune
 from bsnn.train import evaluate, fidelity, resolve_device, set_seed, train_student, train_teacher
 from bsnn.zoo import PREFIX as ZOO_PREFIX
 from bsnn.zoo import card as zoo_card
@@ -67,6 +69,7 @@ log = logging.getLogger("bsnn")
 #: config the stages' outputs depend on (hashed into each record's ``derived_from``)
 TEACHER_CONFIG = ("data", "model", "train", "run.seed")
 STUDENT_CONFIG = (*TRAINING_SECTIONS, "run.seed")
+TANDEM_CONFIG = ("data", "tandem", "run.seed")
 CONVERT_CONFIG = ("data", "convert")
 SIMULATE_CONFIG = ("data", "simulate", "run.seed")
 
@@ -284,7 +287,8 @@ def check_models(cfg: Config) -> None:
     """Refuse a distillation method the configured models cannot serve (before anything is trained).
 
     Raises:
-        ConfigError: ``ca_mkd`` (or any multi-teacher method) without ``model.teachers``; ``takd`` without
+        ConfigError: ``tandem.enabled`` with a ReLU student (no trained thresholds);
+            ``ca_mkd`` (or any multi-teacher method) without ``model.teachers``; ``takd`` without
             ``model.assistants``; ``born_again`` (a ``same_architecture`` method) with a ``model.student`` other than
             ``model.teacher``.
     """
@@ -302,6 +306,10 @@ def check_models(cfg: Config) -> None:
         raise ConfigError(f"distill.method={method} distils from a teacher of the student's own architecture, but "
                           f"model.student={m.student} differs from model.teacher={m.teacher}: leave model.student "
                           f"unset (it defaults to the teacher's) or set it to {m.teacher}")
+    if cfg.tandem.enabled and m.activation == "relu":
+        raise ConfigError("tandem.enabled fine-tunes the student through its SNN with its trained thresholds, but "
+                          "model.activation=relu has none: set model.activation=qcfs (or clip), e.g. fine-tuning a "
+                          "trained ReLU student with model.student_init=..., or leave tandem.enabled=false")
     if m.teachers and cls.min_teachers < 2:
         log.warning("model.teachers is only used by multi-teacher methods (ca_mkd); %s ignores it", method)
     if m.assistants and not cls.uses_assistants:
@@ -563,6 +571,30 @@ def takd_chain(teacher: nn.Module, assistants: list[nn.Module], student: nn.Modu
     return histories
 
 
+def stage_tandem(ctx: Context, student: nn.Module, teacher: nn.Module | list | None) -> nn.Module:
+    """Tandem fine-tuning of the distilled student (``tandem.enabled``, :mod:`bsnn.tandem`): trained through its
+    converted SNN at ``tandem.timesteps`` with KD from the (first) teacher, or cross-entropy when there is none;
+    writes ``student_tandem.pt`` (what the run then converts), then the record ``tandem``. On resume it is reused
+    only if it was made from this student and teacher with these settings."""
+    check_tandem_ready(student)
+    main_teacher = teacher[0] if isinstance(teacher, (list, tuple)) else teacher
+    final = ctx.run.path("student_tandem.pt")
+    digest_now, digest_then = _config_digests(ctx, TANDEM_CONFIG)
+    derived = {"config": digest_now, "student": model_digest(student), "teacher": _digests(main_teacher)}
+    resumed = _resumed(ctx, "tandem", final, derived, digest_then)
+    if resumed is not None:
+        return resumed
+    set_seed(ctx.cfg.run.seed + 2)
+    hist = tandem_finetune(student, ctx.loaders.train, ctx.cfg.tandem, teacher=main_teacher,
+                           val_loader=ctx.val_loader(), device=ctx.device, quiet=ctx.cfg.run.quiet,
+                           checkpoint_path=ctx.run.path("checkpoints/tandem_last.pt"), resume=ctx.run.resume)
+    if ctx.env.is_main:
+        save_model(final, student, ctx.arch("student"),
+                   {"tandem": dataclasses.asdict(ctx.cfg.tandem), "derived_from": derived})
+    _finish(ctx, "tandem", "tandem", student, hist, ["student_tandem.pt"], derived)
+    return student
+
+
 def imported_model(ctx: Context, name: str, weights: Path, num_classes: int | None = None) -> tuple[nn.Module, dict]:
     """A user's trained ANN: architecture ``name`` (a bsnn model or ``torchvision:<name>``) with the state dict in
     ``weights`` (loaded without running code), for the run's data (its input channels; ``num_classes`` defaults
@@ -709,7 +741,8 @@ def stage_cost(ctx: Context, snn: SpikingNetwork, res: SimResult) -> dict:
 
 
 def run_pipeline(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
-    """teacher(s) -> binary student by distillation -> conversion -> accuracy-vs-T sweep -> hardware cost.
+    """teacher(s) -> binary student by distillation (-> tandem fine-tuning, ``tandem.enabled``) -> conversion ->
+    accuracy-vs-T sweep -> hardware cost.
 
     The run folder is locked for the whole run. Returns the metrics dict (also in ``metrics.json``).
     """
@@ -718,6 +751,8 @@ def run_pipeline(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
         online = METHODS.get(cfg.distill.method).trains_teacher  # bd_kd: the student stage trains its own teacher
         teacher = None if online else stage_teacher(ctx)
         student = stage_student(ctx, teacher)
+        if cfg.tandem.enabled:
+            student = stage_tandem(ctx, student, teacher)
         # every rank converts (the calibration's SNN runs are dealt to the ranks; all get rank 0's network, bit
         # for bit), then simulates its share of the test set: no rank waits in a barrier meanwhile
         snn = stage_convert(ctx, student, ctx.arch("student"))

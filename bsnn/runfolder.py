@@ -84,6 +84,7 @@ STAGES = (
            r"checkpoints/student_last\.pt", r"checkpoints/(teacher|assistant)_\d+_last\.pt",
            r"checkpoints/student_gen\d+_last\.pt", r"teacher_selection\.(md|csv|json)",
            r"knowledge_levels\.(md|csv|json)")),
+    Stage("tandem", ("tandem",), (r"student_tandem\.pt", r"checkpoints/tandem_last\.pt")),
     Stage("convert", ("convert",), (r"snn\.pt",)),
     Stage("simulate", ("snn", "snn_constrained", "early_exit"),
           (r"sweep\.(md|csv|json|png)", r"sweep_(constrained|early_exit)\.(md|csv|json)")),

@@ -31,7 +31,7 @@ lr 1e-4 flipped 0.2-0.5 % of them and cost the ANN 10 points (``train_binary_wei
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -46,30 +46,33 @@ from bsnn.snn.functional import if_multistep
 from bsnn.train import TrainConfig, fit
 
 
-def _default_train() -> TrainConfig:
-    return TrainConfig(epochs=1, optimizer="adam", lr=1e-3, schedule="onecycle", warmup_epochs=0.1)
-
-
 @dataclass
 class TandemConfig:
-    """Tandem fine-tuning settings.
+    """Tandem fine-tuning settings (the ``tandem`` section of a run's config).
 
     Attributes:
+        enabled: ``bsnn run`` fine-tunes the distilled student this way before converting it (a stage of its own,
+            ``student_tandem.pt``); the Python function :func:`tandem_finetune` ignores it.
         timesteps: the T the SNN forward runs for during fine-tuning (the target latency).
         v_init: initial membrane potential as a fraction of λ; must equal the conversion's ``ConvertConfig.v_init``
-            (0.5, the θ/2 shift) for the trained forward to be the converted SNN.
+            (0.5, the θ/2 shift, is QCFS's own) for the trained forward to be the converted SNN.
         temperature: KD temperature when a teacher is given (Hinton et al.'s ``T²·KL``).
         ann_weight: weight of the same loss on the ANN's own output (keeps the large-T limit accurate); 0 = SNN only.
         train_binary_weights: also train the latent weights of the ±1 layers (off: see the module docstring).
-        train: optimisation (epochs, Adam, one-cycle lr, ...) handed to :func:`bsnn.train.fit`.
+        epochs: fine-tuning epochs.
+        lr: Adam's peak learning rate (one-cycle: linear warm-up, then linear decay to 0).
+        warmup_epochs: the one-cycle warm-up, in epochs.
     """
 
+    enabled: bool = False
     timesteps: int = 4
     v_init: float = 0.5
     temperature: float = 4.0
     ann_weight: float = 1.0
     train_binary_weights: bool = False
-    train: TrainConfig = field(default_factory=_default_train)
+    epochs: int = 1
+    lr: float = 1e-3
+    warmup_epochs: float = 0.1
 
     def validate(self) -> None:
         if int(self.timesteps) < 1:
@@ -80,7 +83,15 @@ class TandemConfig:
             raise ConfigError(f"tandem.temperature must be > 0, got {self.temperature}")
         if float(self.ann_weight) < 0:
             raise ConfigError(f"tandem.ann_weight must be >= 0, got {self.ann_weight}")
-        self.train.validate()
+        try:
+            self.train_config().validate()
+        except ConfigError as e:
+            raise ConfigError(f"tandem.{e}") from None
+
+    def train_config(self) -> TrainConfig:
+        """The optimisation handed to :func:`bsnn.train.fit`: Adam, one-cycle, no weight decay."""
+        return TrainConfig(epochs=int(self.epochs), optimizer="adam", lr=float(self.lr), schedule="onecycle",
+                           warmup_epochs=float(self.warmup_epochs))
 
 
 class _RateIF(torch.autograd.Function):
@@ -219,7 +230,7 @@ class TandemObjective(nn.Module):
 
     def _loss(self, z: torch.Tensor, y: torch.Tensor, z_t: torch.Tensor | None) -> torch.Tensor:
         if z_t is None:
-            return F.cross_entropy(z, y, label_smoothing=self.cfg.train.label_smoothing)
+            return F.cross_entropy(z, y)
         return kd_loss(z.float(), z_t.float(), self.cfg.temperature)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> dict:
@@ -256,7 +267,8 @@ def tandem_finetune(model: nn.Module, train_loader, cfg: TandemConfig | None = N
     Args:
         model: trained QCFS / clip network (binary or not); average pooling only.
         train_loader: yields ``(x [B, ...], y [B])`` (augmented training data).
-        cfg: :class:`TandemConfig` (default: T = 4, one epoch of Adam at lr 1e-3, one-cycle).
+        cfg: :class:`TandemConfig` (default: T = 4, one epoch of Adam at lr 1e-3, one-cycle; ``enabled`` is not
+            read here).
         teacher: full-precision teacher for KD (``None``: cross-entropy on the labels).
         val_loader: evaluated after each epoch (the ANN's accuracy: its limit as T grows).
         device: where to train.
@@ -272,7 +284,7 @@ def tandem_finetune(model: nn.Module, train_loader, cfg: TandemConfig | None = N
     frozen = [] if cfg.train_binary_weights else _freeze_binary(model)
     try:
         objective = TandemObjective(model, cfg, teacher)
-        return fit(objective, model, train_loader, cfg.train, val_loader=val_loader, device=device, quiet=quiet,
+        return fit(objective, model, train_loader, cfg.train_config(), val_loader=val_loader, device=device, quiet=quiet,
                    desc=f"tandem T={cfg.timesteps}", checkpoint_path=checkpoint_path, resume=resume)
     finally:
         for p in frozen:

@@ -1,5 +1,7 @@
 """Tandem fine-tuning (bsnn.tandem): its forward is the converted SNN, its backward the rate rule, and it trains."""
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -8,13 +10,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bsnn.activations import QCFS, ClipReLU, replace_activations_
 from bsnn.binary import binarize_, is_binary
+from bsnn.cli import main
 from bsnn.config import ConvertConfig
 from bsnn.convert import convert
 from bsnn.errors import ConfigError
+from bsnn.io import model_digest
+from bsnn.modelfile import load_model
 from bsnn.simulate import run_batch
 from bsnn.snn.functional import if_multistep
 from bsnn.tandem import TandemConfig, rate_if, spiking_forward, tandem_finetune, tandem_logits
-from bsnn.train import TrainConfig
 
 
 def _net(kind: str = "qcfs", seed: int = 0) -> nn.Module:
@@ -107,7 +111,7 @@ def test_tandem_refuses_networks_it_cannot_run_as_their_snn():
     maxpool = nn.Sequential(nn.Conv2d(1, 4, 3), QCFS(), nn.MaxPool2d(2))
     with pytest.raises(ConfigError, match="max-pooling"):
         tandem_logits(maxpool, torch.randn(2, 1, 8, 8), 2)
-    for bad in (dict(timesteps=0), dict(v_init=1.0), dict(temperature=0.0), dict(ann_weight=-1.0)):
+    for bad in (dict(timesteps=0), dict(v_init=1.0), dict(temperature=0.0), dict(ann_weight=-1.0), dict(epochs=0), dict(lr=-1.0)):
         with pytest.raises(ConfigError):
             TandemConfig(**bad).validate()
 
@@ -133,7 +137,7 @@ def test_tandem_finetune_lowers_the_snn_loss_and_keeps_binary_weights_and_bn_sta
     binary = {n: m.weight.detach().clone() for n, m in net.named_modules() if is_binary(m)}
     stats = {n: b.clone() for n, b in net.named_buffers()}
     before = _snn_loss(net, x, y, 2)
-    cfg = TandemConfig(timesteps=2, ann_weight=0.5, train=TrainConfig(epochs=3, lr=1e-2, schedule="constant"))
+    cfg = TandemConfig(timesteps=2, ann_weight=0.5, epochs=3, lr=1e-2, warmup_epochs=0.0)
     history = tandem_finetune(net, _loader(x, y, 32, shuffle=True), cfg, quiet=True)
     assert len(history) == 3
     assert _snn_loss(net, x, y, 2) < 0.8 * before
@@ -153,9 +157,38 @@ def test_tandem_finetune_with_a_teacher_and_trainable_binary_weights():
         for k in range(3):  # a perfect teacher of the task above
             teacher[1].weight[k].view(8, 8)[:, 3 * k:3 * k + 2] = 1.0
     binary = {n: m.weight.detach().clone() for n, m in net.named_modules() if is_binary(m)}
-    cfg = TandemConfig(timesteps=2, train_binary_weights=True, train=TrainConfig(epochs=2, lr=1e-2))
+    cfg = TandemConfig(timesteps=2, train_binary_weights=True, epochs=2, lr=1e-2)
     before = _snn_loss(net, x, y, 2)
     tandem_finetune(net, _loader(x, y, 32, shuffle=True), cfg, teacher=teacher, quiet=True)
     assert _snn_loss(net, x, y, 2) < before
     assert any(not torch.equal(net.get_submodule(n).weight, w) for n, w in binary.items())
     assert all(not p.requires_grad for p in teacher.parameters())
+
+
+# ----------------------------------------------------------------------------------------- the pipeline stage
+TINY = ["data.name=digits", "data.limit_train=256", "train.epochs=1", "student.epochs=1", "convert.calib_samples=64",
+        "simulate.timesteps=[1,2]", "cost.enabled=false", "--quiet"]
+
+
+def test_bsnn_run_fine_tunes_the_qcfs_student_converts_it_and_resumes_without_retraining(tmp_path):
+    out = tmp_path / "run"
+    args = ["run", "--out", str(out), *TINY, "model.activation=qcfs", "tandem.enabled=true", "tandem.timesteps=2"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    tuned, _ = load_model(out / "student_tandem.pt", "cpu")
+    student, _ = load_model(out / "student.pt", "cpu")
+    assert model_digest(tuned) != model_digest(student)
+    assert metrics["tandem"]["record"]["derived_from"]["student"] == model_digest(student)
+    assert metrics["convert"]["record"]["derived_from"]["student"] == model_digest(tuned)  # what was converted
+    assert len(metrics["tandem"]["history"]) == 1
+    before = (out / "student_tandem.pt").read_bytes()
+    assert main([*args, "--resume"]) == 0
+    assert (out / "student_tandem.pt").read_bytes() == before
+    assert json.loads((out / "metrics.json").read_text())["tandem"] == metrics["tandem"]
+
+
+def test_bsnn_run_refuses_tandem_on_a_relu_student_before_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), *TINY, "tandem.enabled=true"]) == 2
+    assert "model.activation=qcfs" in capsys.readouterr().err
+    assert not (out / "teacher.pt").exists()
