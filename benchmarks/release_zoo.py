@@ -208,6 +208,17 @@ def accuracy(model, ds, batch: int = 1000) -> float:
     return evaluate(model, DataLoader(ds, batch_size=batch))["accuracy"]
 
 
+def ann_accuracies(model, val_ds, test_ds) -> tuple[float, float, float]:
+    """The card's ANN figures: test (all images), validation, and test on the first 500 images (the fast test's)."""
+    return accuracy(model, test_ds), accuracy(model, val_ds), accuracy(model, Subset(test_ds, range(500)))
+
+
+def publish(name: str, model, arch: dict, info: dict, md: str) -> None:
+    """Write the entry (:func:`bsnn.zoo.release`) and log its headline."""
+    path = bsnn.zoo.release(name, model, arch, info, md)
+    log(f"{name}: test {info['ann']['test_acc']:.2f}, SNN T@1 {info['snn'].get('t_at_1')}; wrote {path}")
+
+
 @torch.no_grad()
 def data_free_check(model) -> dict:
     g = torch.Generator().manual_seed(0)
@@ -306,8 +317,7 @@ def release(name: str, spec: dict, n_snn: int, d: dict) -> None:
     model.load_state_dict(state["model"])
     model.eval()
     ds = {k: TensorDataset(normalise(d[f"x_{k}"]), d[f"y_{k}"]) for k in ("train", "val", "test")}
-    test_acc, val_acc = accuracy(model, ds["test"]), accuracy(model, ds["val"])
-    subset_500 = accuracy(model, Subset(ds["test"], range(500)))
+    test_acc, val_acc, subset_500 = ann_accuracies(model, ds["val"], ds["test"])
     snn_info, cost_info, snn_md = measure_snn(model, DataLoader(Subset(ds["train"], range(2048)), batch_size=256),
                                               ds["val"], ds["test"], n_snn, TS)
     history = state.get("history") or []
@@ -331,8 +341,7 @@ def release(name: str, spec: dict, n_snn: int, d: dict) -> None:
           f"{state.get('epoch')} of {info['ann']['epochs']}).\n\n{snn_md}"
           f"**Training**: `{spec['train']}` ({info['training']['wall_s']} s on {info['training']['machine']}).\n\n"
           f"Load: `model, card = bsnn.zoo.load({name!r})`; CLI: `zoo:{name}`.\n")
-    path = bsnn.zoo.release(name, model, arch, info, md)
-    log(f"{name}: test {test_acc:.2f}, SNN T@1 {snn_info.get('t_at_1')}; wrote {path}")
+    publish(name, model, arch, info, md)
 
 
 def release_from_run(name: str, spec: dict, run_dir: Path, n_snn: int) -> None:
@@ -343,8 +352,7 @@ def release_from_run(name: str, spec: dict, run_dir: Path, n_snn: int) -> None:
     model, record = load_model(run_dir / spec["file"])
     model.eval()
     arch = record["arch"]
-    test_acc, val_acc = accuracy(model, s.test), accuracy(model, s.val)
-    subset_500 = accuracy(model, Subset(s.test, range(500)))
+    test_acc, val_acc, subset_500 = ann_accuracies(model, s.val, s.test)
     from_run = snn_from_run(run_dir) if spec["file"] == "student.pt" else None
     if from_run is not None:
         snn_info, cost_info, snn_md = from_run
@@ -380,8 +388,7 @@ def release_from_run(name: str, spec: dict, run_dir: Path, n_snn: int) -> None:
           f"**Training**: `{spec.get('command', RUN_COMMAND)}` ({wall:.0f} s for this stage on "
           f"{info['training']['machine']}){'; ' + spec['training_note'] if 'training_note' in spec else ''}.\n\n"
           f"Load: `model, card = bsnn.zoo.load({name!r})`; CLI: `zoo:{name}`.\n")
-    path = bsnn.zoo.release(name, model, arch, info, md)
-    log(f"{name}: test {test_acc:.2f}, SNN T@1 {snn_info.get('t_at_1')}; wrote {path}")
+    publish(name, model, arch, info, md)
 
 
 def release_tandem(name: str, spec: dict, n_snn: int) -> None:
@@ -391,8 +398,7 @@ def release_tandem(name: str, spec: dict, n_snn: int) -> None:
     model, base_card, arch = net.model, net.card, net.card["arch"]
     model.load_state_dict(load_file(str(ROOT / spec["weights"])))
     model.eval()
-    test_acc, val_acc = accuracy(model, net.test), accuracy(model, net.val)
-    subset_500 = accuracy(model, Subset(net.test, range(500)))
+    test_acc, val_acc, subset_500 = ann_accuracies(model, net.val, net.test)
     snn_info, cost_info, snn_md = measure_snn(model, net.calib, net.val, net.test, n_snn, RUN_TS)
     results = json.loads((ROOT / spec["results"]).read_text())
     info = {
@@ -413,8 +419,7 @@ def release_tandem(name: str, spec: dict, n_snn: int) -> None:
           f"convergence to T = 256: `{spec['results'].replace('.json', '.md')}`.\n\n"
           f"**Training**: `{spec['command']}` ({results['train_s']:.0f} s on {info['training']['machine']}).\n\n"
           f"Load: `model, card = bsnn.zoo.load({name!r})`; CLI: `zoo:{name}`.\n")
-    path = bsnn.zoo.release(name, model, arch, info, md)
-    log(f"{name}: test {test_acc:.2f}, SNN T@1 {snn_info.get('t_at_1')}; wrote {path}")
+    publish(name, model, arch, info, md)
 
 
 def _averaged(train_cfg) -> str:

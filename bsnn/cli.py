@@ -146,12 +146,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
         print(supported_operations_markdown())
         return 0
-    from bsnn.pipeline import TRAINING_SECTIONS, imported_model, make_context, stage_convert
+    from bsnn.pipeline import TRAINING_SECTIONS, converted_student, imported_model, make_context, stage_convert
     from bsnn.zoo import load_any
 
     if (args.arch is None) != (args.weights is None) or (args.arch and args.model):
         raise ConfigError("convert: give --arch and --weights together (a state-dict file of that architecture), or "
-                          "--model (a bsnn model file), or neither (the run folder's student.pt)")
+                          "--model (a bsnn model file), or neither (the run folder's student.pt, or "
+                          "student_tandem.pt when tandem.enabled)")
     external = args.model is not None or args.arch is not None
     cfg = _load(args, reuse_run=not external)
     with make_context(cfg, overwrite=args.overwrite, stage="convert",
@@ -159,9 +160,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if args.arch is not None:
             ann, arch = imported_model(ctx, args.arch, Path(args.weights), args.num_classes)
         else:
+            stage, name, command = converted_student(cfg)  # student.pt, or student_tandem.pt after tandem
             if args.model is None:
-                ctx.run.require("student", "student.pt", _hint("distill", args.out))
-            ann, record = load_any(args.model if args.model else ctx.run.path("student.pt"), ctx.device)
+                ctx.run.require(stage, name, _hint(command, args.out))
+            ann, record = load_any(args.model if args.model else ctx.run.path(name), ctx.device)
             arch = record["arch"]
         stage_convert(ctx, ann, arch, keep_ann=args.arch is not None)
         print(f"spiking network written to {ctx.run.path('snn.pt')}")
@@ -171,7 +173,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from bsnn.errors import ConfigError
     from bsnn.io import model_digest
-    from bsnn.pipeline import TRAINING_SECTIONS, load_snn, log, make_context, stage_simulate
+    from bsnn.pipeline import TRAINING_SECTIONS, converted_student, load_snn, log, make_context, stage_simulate
     from bsnn.zoo import is_zoo, load_any
 
     if args.timesteps:
@@ -182,7 +184,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if args.snn is None:
             ctx.run.require("convert", "snn.pt", f"bsnn convert --out {args.out or '<run folder>'}")
         snn, record = load_snn(Path(args.snn) if args.snn else ctx.run.path("snn.pt"))
-        ann_path = args.ann if is_zoo(args.ann) else Path(args.ann) if args.ann else ctx.run.path("student.pt")
+        ann_path = (args.ann if is_zoo(args.ann) else Path(args.ann) if args.ann
+                    else ctx.run.path(converted_student(cfg)[1]))
         if args.ann is None and not ann_path.is_file():  # converted from --arch/--weights: the imported ANN
             ann_path = ctx.run.path("ann.pt")
         ann = load_any(ann_path, ctx.device)[0] if is_zoo(ann_path) or ann_path.is_file() else None
@@ -282,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a trained ANN into a binary spiking network (snn.pt)")
     _common(p)
     p.add_argument("--model", type=str, default=None, help="ANN model file or zoo:<name> (default: "
-                   "<out>/student.pt)")
+                   "<out>/student.pt, or <out>/student_tandem.pt with tandem.enabled)")
     p.add_argument("--arch", type=str, default=None, help="architecture of --weights: a bsnn model name or "
                    "torchvision:<name> (e.g. torchvision:resnet18)")
     p.add_argument("--weights", type=str, default=None, help="your PyTorch state-dict file for --arch "
@@ -295,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--snn", type=str, default=None, help="spiking network file (default: <out>/snn.pt)")
     p.add_argument("--ann", type=str, default=None, help="source ANN for the reference line, a model file or "
-                   "zoo:<name> (default: <out>/student.pt)")
+                   "zoo:<name> (default: <out>/student.pt, or <out>/student_tandem.pt with tandem.enabled)")
     p.add_argument("--timesteps", type=str, default=None, help="comma-separated T values, e.g. 1,2,4,8,16,32,64")
     p.set_defaults(fn=cmd_simulate)
     from bsnn.hardware.cli import add_cost_parser

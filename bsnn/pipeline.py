@@ -571,6 +571,12 @@ def takd_chain(teacher: nn.Module, assistants: list[nn.Module], student: nn.Modu
     return histories
 
 
+def converted_student(cfg: Config) -> tuple[str, str, str]:
+    """The run-folder model a run converts and simulates against: ``(stage, file, command that makes it)`` —
+    ``student_tandem.pt`` when ``tandem.enabled``, else ``student.pt``."""
+    return ("tandem", "student_tandem.pt", "run") if cfg.tandem.enabled else ("student", "student.pt", "distill")
+
+
 def stage_tandem(ctx: Context, student: nn.Module, teacher: nn.Module | list | None) -> nn.Module:
     """Tandem fine-tuning of the distilled student (``tandem.enabled``, :mod:`bsnn.tandem`): trained through its
     converted SNN at ``tandem.timesteps`` with KD from the (first) teacher, or cross-entropy when there is none;

@@ -185,6 +185,11 @@ def test_bsnn_run_fine_tunes_the_qcfs_student_converts_it_and_resumes_without_re
     assert main([*args, "--resume"]) == 0
     assert (out / "student_tandem.pt").read_bytes() == before
     assert json.loads((out / "metrics.json").read_text())["tandem"] == metrics["tandem"]
+    # the stage commands of that run folder work on the fine-tuned network too
+    assert main(["convert", "--out", str(out), "--quiet"]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["convert"]["record"]["derived_from"]["student"] == model_digest(tuned)
+    assert main(["simulate", "--out", str(out), "--quiet"]) == 0  # its ANN reference is student_tandem.pt
 
 
 def test_bsnn_run_refuses_tandem_on_a_relu_student_before_training(tmp_path, capsys):
