@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -99,6 +100,8 @@ def build_markdown(p: dict) -> str:
              f"{p['trainable_params']} trainable parameters (binary weights frozen: "
              f"{not p['tandem']['train_binary_weights']}), lr {p['tandem']['lr']}, "
              f"ann_weight {p['tandem']['ann_weight']}.", ""]
+    if "before_from" in p:
+        lines += [f"The 'before' rows are those of `{Path(p['before_from']).name}` (same network, same images).", ""]
     heads = ["network", "recipe", "ANN (val full / test full)"] + [f"T={t}" for t in GRID] + ["T@1", "T@0.3"]
     rows = []
     states = [s for s in ("before", "after") if s in p]
@@ -161,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", default="", help="fine-tuned weights (.safetensors); default runs/tandem/<name>.safetensors")
+    ap.add_argument("--tag", default="", help="suffix of the results stem and weights file (e.g. an lr tried)")
+    ap.add_argument("--before-from", default="", help="reuse the 'before' section of an earlier results JSON of the "
+                    "same network and images instead of measuring it again")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 steps of 32 images, 64 images simulated")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -187,19 +193,27 @@ def main(argv: list[str] | None = None) -> None:
                    steps=len(loader) * args.epochs,
                    trainable_params=sum(p.numel() for m in model.modules() for p in m.parameters(recurse=False)
                                         if not is_binary(m)))
-    save = Path(args.save) if args.save else ROOT / "runs" / "tandem" / f"{args.network}_tandem_T{args.timesteps}.safetensors"
+    suffix = f"_T{args.timesteps}" + (f"_{args.tag}" if args.tag else "")
+    save = Path(args.save) if args.save else ROOT / "runs" / "tandem" / f"{args.network}_tandem{suffix}.safetensors"
     save.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(save))
     payload["weights"] = str(save)
     log(f"{args.network}: after fine-tuning ({t.s:.0f} s; weights {save})")
-    stem = f"tandem_finetune_{args.network}_T{args.timesteps}" + ("_quick" if args.quick else "")
+    stem = f"tandem_finetune_{args.network}{suffix}" + ("_quick" if args.quick else "")
     payload["machine"] = machine_info()
     payload["after"] = measure(model, net, args.n_val, args.n_test)
     write_results(args.out, stem, payload, build_markdown(payload))  # the result first; the baseline follows
-    log(f"{args.network}: before fine-tuning (the released weights)")
-    before = bsnn.zoo.load(args.network)[0].eval()
-    before.load_state_dict(original)
-    payload["before"] = measure(before, net, args.n_val, args.n_test)
+    if args.before_from:
+        earlier = json.loads(Path(args.before_from).read_text())
+        if (earlier["network"], earlier["n_val"], earlier["n_test"]) != (args.network, args.n_val, args.n_test):
+            raise SystemExit(f"{args.before_from} measured {earlier['network']} on {earlier['n_val']} / "
+                             f"{earlier['n_test']} images: not this run's baseline")
+        payload["before"], payload["before_from"] = earlier["before"], args.before_from
+    else:
+        log(f"{args.network}: before fine-tuning (the released weights)")
+        before = bsnn.zoo.load(args.network)[0].eval()
+        before.load_state_dict(original)
+        payload["before"] = measure(before, net, args.n_val, args.n_test)
     write_results(args.out, stem, payload, build_markdown(payload))
     plot(payload, Path(args.out) / f"{stem}.png")
     log(f"wrote {args.out}/{stem}.json/.md/.png")
