@@ -41,11 +41,6 @@ tables were measured on them:
   ``cifar10_airbench_binary_v2`` from the v2 teacher (``runs/cifar10_la_qcfs_ft/student.pt``; a QCFS student
   trained from scratch for 10 epochs reached 83.69 %, below the fine-tuned one, and is not released).
 
-Entries fine-tuned by ``benchmarks/tandem_finetune.py`` (:mod:`bsnn.tandem`; the base entry's architecture, splits and
-±1 weights):
-
-* ``cifar10_airbench_qcfs_tandem``: ``cifar10_airbench_qcfs_v2`` after tandem fine-tuning at T = 4.
-
 Run:  python benchmarks/release_zoo.py [--entries cifar10_maxpool_vgg] [--snn-test 2000]
 """
 
@@ -59,12 +54,10 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, command_line, log, machine_info, markdown_table  # noqa: E402
-from _zoo import load_network  # noqa: E402
 from train_plain_vgg import DATA as CIFAR_NPZ, load_cifar, normalise  # noqa: E402
 
 import bsnn  # noqa: E402
@@ -187,18 +180,6 @@ RUN_ENTRIES.update({
                 "activations, Adam lr 1e-3 one-cycle, 6 epochs, EMA, bf16 autocast, 2-pixel translations with "
                 "alternating flip")),
 })
-TANDEM_COMMAND = "python benchmarks/tandem_finetune.py --threads 2 --epochs 1"
-#: networks fine-tuned by benchmarks/tandem_finetune.py: the base zoo entry, the weights it wrote, its results file
-TANDEM_ENTRIES = {
-    "cifar10_airbench_qcfs_tandem": dict(
-        base="cifar10_airbench_qcfs_v2", weights="runs/tandem/cifar10_airbench_qcfs_v2_tandem_T4.safetensors",
-        results="benchmarks/results/tandem_finetune_cifar10_airbench_qcfs_v2_T4.json", command=TANDEM_COMMAND,
-        what="cifar10_airbench_qcfs_v2 after tandem fine-tuning at T = 4 (bsnn.tandem: trained through its "
-             "converted SNN — exact IF forward over 4 time-folded steps, clip-at-the-rate backward — with KD (T = 4) "
-             "from cifar10_airbench_teacher_v2 on the SNN's and the ANN's outputs; only the full-precision "
-             "parameters learn (BN affine, biases, λ, first and last layer), the ±1 weights are the base entry's; "
-             "Adam lr 1e-3 one-cycle, 1 epoch of batch 256, fp32)"),
-}
 NOT_CONVERTED = ("not converted: a full-precision teacher with GELU and max-pooling, layers bsnn's converter refuses "
                  "(its students are the convertible networks)")
 
@@ -391,37 +372,6 @@ def release_from_run(name: str, spec: dict, run_dir: Path, n_snn: int) -> None:
     publish(name, model, arch, info, md)
 
 
-def release_tandem(name: str, spec: dict, n_snn: int) -> None:
-    """A network fine-tuned by ``benchmarks/tandem_finetune.py``: the base entry's architecture and splits with the
-    fine-tuned weights, measured like every entry (default conversion, operating point chosen on validation)."""
-    net = load_network(spec["base"])  # its splits, the normalisation checked against its card
-    model, base_card, arch = net.model, net.card, net.card["arch"]
-    model.load_state_dict(load_file(str(ROOT / spec["weights"])))
-    model.eval()
-    test_acc, val_acc, subset_500 = ann_accuracies(model, net.val, net.test)
-    snn_info, cost_info, snn_md = measure_snn(model, net.calib, net.val, net.test, n_snn, RUN_TS)
-    results = json.loads((ROOT / spec["results"]).read_text())
-    info = {
-        "summary": f"{spec['base']} tandem-fine-tuned at T = 4: test {test_acc:.2f} %, "
-                   f"SNN operating point T={snn_info['operating_point']}",
-        "description": spec["what"], "data": base_card["data"], "normalisation": base_card["normalisation"],
-        "ann": {"test_acc": test_acc, "val_acc": val_acc, "test_acc_first_500": subset_500, "epochs": 1},
-        "snn": snn_info, "cost": cost_info,
-        "training": {"command": spec["command"], "wall_s": results["train_s"], "history": results["history"],
-                     "base": spec["base"], "machine": f"2-core CPU (AVX-512), {_threads(2)}, torch {torch.__version__}",
-                     "results": spec["results"]},
-        "check": data_free_check(model), "released_by": command_line(), "machine": machine_info(),
-    }
-    md = (f"# `{name}`\n\n{spec['what']}.\n\n**Data**: {base_card['data']}.\n\n"
-          f"**ANN**: test {test_acc:.2f} % (10,000 images), validation {val_acc:.2f} % (the base entry: "
-          f"{base_card['ann']['test_acc']:.2f} / {base_card['ann']['val_acc']:.2f} %).\n\n{snn_md}"
-          f"Before and after fine-tuning with three conversion recipes, the recipe chosen on validation and its "
-          f"convergence to T = 256: `{spec['results'].replace('.json', '.md')}`.\n\n"
-          f"**Training**: `{spec['command']}` ({results['train_s']:.0f} s on {info['training']['machine']}).\n\n"
-          f"Load: `model, card = bsnn.zoo.load({name!r})`; CLI: `zoo:{name}`.\n")
-    publish(name, model, arch, info, md)
-
-
 def _averaged(train_cfg) -> str:
     """What the trained weights of a stage are: its weight average, if any."""
     return ("EMA weights" if train_cfg.ema_decay else "Lookahead weights" if train_cfg.lookahead_every
@@ -446,9 +396,6 @@ def main() -> None:
         return
     d = None
     for name in args.entries.split(","):
-        if name in TANDEM_ENTRIES:
-            release_tandem(name, TANDEM_ENTRIES[name], args.snn_test)
-            continue
         if name in RUN_ENTRIES:
             spec = RUN_ENTRIES[name]
             release_from_run(name, spec, ROOT / spec["run"] if "run" in spec else Path(args.run), args.snn_test)

@@ -10,7 +10,7 @@ T ≤ 8); it is then re-simulated to T = 256 (convergence). T@1 / T@0.3 = the sm
 (same images, same network: before or after fine-tuning) − 1 / − 0.3 points.
 
 Writes ``benchmarks/results/tandem_finetune_<network>_T<T>.{json,md,png}`` and the fine-tuned weights to
-``--save`` (safetensors; ``benchmarks/release_zoo.py`` releases them into the zoo).
+``--save`` (safetensors, default ``runs/tandem/``; not released into the zoo: see ``docs/conversion.md``).
 
 Usage::
 
