@@ -14,7 +14,7 @@ Writes ``benchmarks/results/tandem_finetune_<network>_T<T>.{json,md,png}`` and t
 
 Usage::
 
-    python benchmarks/tandem_finetune.py --threads 2                       # 1 epoch at T = 4 (~25 min, 2 cores)
+    python benchmarks/tandem_finetune.py --threads 2      # 1 epoch at T = 4: ~30 min of training + ~20 of simulation
     python benchmarks/tandem_finetune.py --quick                           # smoke run (few steps and images)
 """
 
