@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--save", default="", help="fine-tuned weights (.safetensors); default runs/tandem/<name>.safetensors")
+    ap.add_argument("--save", default="", help="fine-tuned weights (.safetensors); default "
+                    "runs/tandem/<name>_tandem_T<T>[_<tag>].safetensors")
     ap.add_argument("--tag", default="", help="suffix of the results stem and weights file (e.g. an lr tried)")
     ap.add_argument("--before-from", default="", help="reuse the 'before' section of an earlier results JSON of the "
                     "same network and images instead of measuring it again")

@@ -36,8 +36,8 @@ from bsnn.tandem import TandemConfig
 from bsnn.train import TrainConfig
 
 __all__ = ["BinaryConfig", "Config", "ConvertConfig", "CostConfig", "DataConfig", "DistillConfig", "ModelConfig",
-           "RunConfig", "SimConfig", "TandemConfig", "TrainConfig", "apply_overrides", "from_dict", "load_config", "parse_override",
-           "parse_statistic", "read_yaml_mapping", "save_config", "yaml_load"]
+           "RunConfig", "SimConfig", "TandemConfig", "TrainConfig", "apply_overrides", "from_dict", "load_config",
+           "parse_override", "parse_statistic", "read_yaml_mapping", "save_config", "yaml_load"]
 
 
 @dataclass

@@ -98,7 +98,8 @@ class _RateIF(torch.autograd.Function):
     """IF neurons over ``T`` steps (exact forward) with the clip-at-the-rate backward of the module docstring."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, clip: torch.Tensor, timesteps: int, v_init: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, z: torch.Tensor, clip: torch.Tensor, timesteps: int,  # type: ignore[override]
+                v_init: float) -> torch.Tensor:
         theta = clip.detach().to(z.dtype)
         z_seq = z.reshape(timesteps, -1, *z.shape[1:])
         spikes, _ = if_multistep(z_seq, theta, v_init * theta)
@@ -165,7 +166,8 @@ def check_tandem_ready(model: nn.Module) -> None:
     pools = [n for n, m in model.named_modules() if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d))]
     if pools:
         raise ConfigError(f"tandem fine-tuning: {pools[:3]} are max-pooling layers, whose spiking form is not the "
-                          "time-folded ANN op; use average pooling (bsnn.convert.maxpool 'avg' rewrites them)")
+                          "time-folded ANN op; use average pooling (bsnn.convert.maxpool.average_pool_like builds the "
+                          "replacement of a max-pool)")
 
 
 @contextmanager
@@ -269,8 +271,10 @@ def tandem_finetune(model: nn.Module, train_loader, cfg: TandemConfig | None = N
         train_loader: yields ``(x [B, ...], y [B])`` (augmented training data).
         cfg: :class:`TandemConfig` (default: T = 4, one epoch of Adam at lr 1e-3, one-cycle; ``enabled`` is not
             read here).
-        teacher: full-precision teacher for KD (``None``: cross-entropy on the labels).
-        val_loader: evaluated after each epoch (the ANN's accuracy: its limit as T grows).
+        teacher: full-precision teacher for KD (``None``: cross-entropy on the labels); frozen here
+            (``requires_grad`` off).
+        val_loader: evaluated after each epoch (the ANN's accuracy; a QCFS network's SNN converges to the clip
+            network of the same λ, not to it).
         device: where to train.
         quiet: no progress bar.
         checkpoint_path, resume: as :func:`bsnn.train.fit`.
@@ -284,8 +288,8 @@ def tandem_finetune(model: nn.Module, train_loader, cfg: TandemConfig | None = N
     frozen = [] if cfg.train_binary_weights else _freeze_binary(model)
     try:
         objective = TandemObjective(model, cfg, teacher)
-        return fit(objective, model, train_loader, cfg.train_config(), val_loader=val_loader, device=device, quiet=quiet,
-                   desc=f"tandem T={cfg.timesteps}", checkpoint_path=checkpoint_path, resume=resume)
+        return fit(objective, model, train_loader, cfg.train_config(), val_loader=val_loader, device=device,
+                   quiet=quiet, desc=f"tandem T={cfg.timesteps}", checkpoint_path=checkpoint_path, resume=resume)
     finally:
         for p in frozen:
             p.requires_grad_(True)

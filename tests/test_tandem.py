@@ -111,7 +111,8 @@ def test_tandem_refuses_networks_it_cannot_run_as_their_snn():
     maxpool = nn.Sequential(nn.Conv2d(1, 4, 3), QCFS(), nn.MaxPool2d(2))
     with pytest.raises(ConfigError, match="max-pooling"):
         tandem_logits(maxpool, torch.randn(2, 1, 8, 8), 2)
-    for bad in (dict(timesteps=0), dict(v_init=1.0), dict(temperature=0.0), dict(ann_weight=-1.0), dict(epochs=0), dict(lr=-1.0)):
+    for bad in (dict(timesteps=0), dict(v_init=1.0), dict(temperature=0.0), dict(ann_weight=-1.0), dict(epochs=0),
+                dict(lr=-1.0)):
         with pytest.raises(ConfigError):
             TandemConfig(**bad).validate()
 
