@@ -14,7 +14,7 @@ Writes ``benchmarks/results/tandem_finetune_<network>_T<T>.{json,md,png}`` and t
 
 Usage::
 
-    python benchmarks/tandem_finetune.py --threads 2      # 1 epoch at T = 4: ~30 min of training + ~20 of simulation
+    python benchmarks/tandem_finetune.py --threads 2   # 1 epoch at T = 4 (lr 3e-4): ~30 min training + ~20 simulating
     python benchmarks/tandem_finetune.py --quick                           # smoke run (few steps and images)
 """
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--teacher", default="cifar10_airbench_teacher_v2")
     ap.add_argument("--timesteps", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=TandemConfig.lr, help="Adam peak lr (default: TandemConfig's)")
     ap.add_argument("--ann-weight", type=float, default=1.0)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--train-limit", type=int, default=0, help="train on the first N training images (0 = all)")
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     teacher = bsnn.zoo.load(args.teacher)[0].eval()
     payload = {"network": args.network, "teacher": args.teacher, "data": net.data_note, "n_val": args.n_val,
                "n_test": args.n_test, "command": command_line(), "date": now_iso()}
-    original = {k: v.clone() for k, v in net.model.state_dict().items()}
+    original = None if args.before_from else {k: v.clone() for k, v in net.model.state_dict().items()}
     train = net.train if not args.train_limit else Subset(net.train, range(args.train_limit))
     loader = DataLoader(train, batch_size=args.batch, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))
