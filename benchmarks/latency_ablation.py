@@ -99,6 +99,11 @@ def conversion_rows() -> dict[str, tuple[str, ConvertConfig]]:
             default, threshold=MSE(8), snn_calibration_timesteps=4)),
         "default, MSE thresholds @T=16, potential calibration @T=4": ("candidate", dataclasses.replace(
             default, threshold=MSE(16), snn_calibration_timesteps=4)),
+        # one initial charge fitted to several T (the least-squares charge over T = 2, 4, 8; an option)
+        "default, joint potential calibration @T=2,4,8": ("candidate", dataclasses.replace(
+            default, snn_calibration_joint_timesteps=[2, 4, 8])),
+        "default, MSE thresholds @T=4, joint potential calibration @T=2,4,8": ("candidate", dataclasses.replace(
+            default, threshold=MSE(4), snn_calibration_joint_timesteps=[2, 4, 8])),
     }
 
 

@@ -40,7 +40,7 @@ from latency_ablation import curves, row_record  # noqa: E402
 import bsnn  # noqa: E402
 from bsnn.binary import is_binary  # noqa: E402
 from bsnn.convert import ConvertConfig  # noqa: E402
-from bsnn.tandem import TandemConfig, tandem_finetune  # noqa: E402
+from bsnn.tandem import BINARY_WEIGHT_MODES, TandemConfig, tandem_finetune  # noqa: E402
 from bsnn.train import evaluate, set_seed  # noqa: E402
 
 GRID = [1, 2, 4, 8, 16, 32, 64]
@@ -92,14 +92,23 @@ def measure(model, net, n_val: int, n_test: int) -> dict:
     return out
 
 
+def _binary_note(p: dict) -> str:
+    """How the ±1 weights learned (results written before ``binary_weights`` existed said train_binary_weights)."""
+    t = p["tandem"]
+    mode = t.get("binary_weights", "latent" if t.get("train_binary_weights") else "frozen")
+    if mode == "bop":
+        return (f"trained by Bop (γ {t['bop_gamma']:g}, τ {t['bop_threshold']:g}; {p.get('flips', '?')} of "
+                f"{p.get('binary_params', '?')} signs flipped)")
+    return {"frozen": "frozen", "latent": "trained as latent weights by Adam"}[mode]
+
+
 def build_markdown(p: dict) -> str:
     lines = [f"# Tandem fine-tuning: {p['network']} at T = {p['tandem']['timesteps']}", "",
              f"Data: {p['data']}. Teacher: `{p['teacher']}`. SNN rows: first {p['n_val']} validation / "
              f"{p['n_test']} test images; T@1 / T@0.3 against the same network's ANN on the same images.", "",
              f"Fine-tuning: {p['steps']} steps of batch {p['batch']} ({p['train_s']:.0f} s), "
-             f"{p['trainable_params']} trainable parameters (binary weights frozen: "
-             f"{not p['tandem']['train_binary_weights']}), lr {p['tandem']['lr']}, "
-             f"ann_weight {p['tandem']['ann_weight']}.", ""]
+             f"{p['trainable_params']} trainable full-precision parameters, ±1 weights "
+             f"{_binary_note(p)}, lr {p['tandem']['lr']}, ann_weight {p['tandem']['ann_weight']}.", ""]
     if "before_from" in p:
         lines += [f"The 'before' rows are those of `{Path(p['before_from']).name}` (same network, same images).", ""]
     heads = ["network", "recipe", "ANN (val full / test full)"] + [f"T={t}" for t in GRID] + ["T@1", "T@0.3"]
@@ -157,6 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=TandemConfig.lr, help="Adam peak lr (default: TandemConfig's)")
     ap.add_argument("--ann-weight", type=float, default=1.0)
+    ap.add_argument("--binary-weights", default=TandemConfig.binary_weights, choices=sorted(BINARY_WEIGHT_MODES),
+                    help="how the ±1 layers learn (TandemConfig.binary_weights)")
+    ap.add_argument("--bop-gamma", type=float, default=TandemConfig.bop_gamma)
+    ap.add_argument("--bop-threshold", type=float, default=TandemConfig.bop_threshold)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--train-limit", type=int, default=0, help="train on the first N training images (0 = all)")
     ap.add_argument("--n-val", type=int, default=500)
@@ -185,7 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     train = net.train if not args.train_limit else Subset(net.train, range(args.train_limit))
     loader = DataLoader(train, batch_size=args.batch, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))
-    cfg = TandemConfig(timesteps=args.timesteps, ann_weight=args.ann_weight, epochs=args.epochs, lr=args.lr)
+    cfg = TandemConfig(timesteps=args.timesteps, ann_weight=args.ann_weight, epochs=args.epochs, lr=args.lr,
+                       binary_weights=args.binary_weights, bop_gamma=args.bop_gamma, bop_threshold=args.bop_threshold)
+    signs = {n: m.weight.detach() >= 0 for n, m in net.model.named_modules() if is_binary(m)}
     model = net.model
     log(f"{args.network}: tandem fine-tuning at T={args.timesteps}, {len(loader)} steps/epoch x {args.epochs}")
     with Timer() as t:
@@ -193,7 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     payload.update(tandem=dataclasses.asdict(cfg), history=history, train_s=round(t.s, 1), batch=args.batch,
                    steps=len(loader) * args.epochs,
                    trainable_params=sum(p.numel() for m in model.modules() for p in m.parameters(recurse=False)
-                                        if not is_binary(m)))
+                                        if not is_binary(m)),
+                   binary_params=sum(int(v.numel()) for v in signs.values()),
+                   flips=sum(int((v != (net.model.get_submodule(n).weight.detach() >= 0)).sum())
+                             for n, v in signs.items()))
     suffix = f"_T{args.timesteps}" + (f"_{args.tag}" if args.tag else "")
     save = Path(args.save) if args.save else ROOT / "runs" / "tandem" / f"{args.network}_tandem{suffix}.safetensors"
     save.parent.mkdir(parents=True, exist_ok=True)

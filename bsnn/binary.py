@@ -97,6 +97,9 @@ class BinaryMixin:
     weight: nn.Parameter
     scale: str
     clip: float
+    #: when set (:class:`bsnn.bop.Bop` does it), the forward uses α·b with ``b = sign(W)`` a fresh leaf tensor and
+    #: α detached, and this hook receives ``dL/db`` at backward (the latent weight then gets no gradient)
+    sign_grad_hook: Callable[[torch.Tensor], None] | None = None
 
     def binary_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(sign, alpha)``: ``sign`` exactly ±1 with the weight's shape, ``alpha`` broadcastable."""
@@ -104,7 +107,13 @@ class BinaryMixin:
         return binary_sign(w), weight_scale(w, self.scale)
 
     def effective_weight(self) -> torch.Tensor:
-        """α·sign(W) with gradients through the clipped STE (and through α, as in XNOR-Net)."""
+        """α·sign(W) with gradients through the clipped STE (and through α, as in XNOR-Net); with a
+        ``sign_grad_hook``, α·b whose gradient goes to the hook only (``b`` = the ±1 signs)."""
+        if self.sign_grad_hook is not None:
+            sign, alpha = self.binary_weight()
+            sign.requires_grad_(True)
+            sign.register_hook(self.sign_grad_hook)
+            return alpha * sign
         return weight_scale(self.weight, self.scale) * sign_ste(self.weight, self.clip)
 
     @torch.no_grad()

@@ -24,13 +24,16 @@ their cross-entropy by default. The ANN output itself is trained as well (``ann_
 large-T limit stays accurate: conversion still converges to the fine-tuned ANN as T grows.
 
 By default only the full-precision parameters learn (BN affine, biases, λ, the full-precision first and last
-layers): moving the latent weights of ±1 layers flips signs, and on the zoo's airbench QCFS student even 3 steps at
-lr 1e-4 flipped 0.2-0.5 % of them and cost the ANN 10 points (``train_binary_weights`` turns them on).
+layers): ``binary_weights="frozen"``. Moving the latent weights of ±1 layers with Adam (``"latent"``) flips signs
+indiscriminately — on the zoo's airbench QCFS student even 3 steps at lr 1e-4 flipped 0.2-0.5 % of them and cost
+the ANN 10 points — so the sign-aware alternative is ``"bop"``: the ±1 signs are trained by Bop
+(:mod:`bsnn.bop`, Helwegen et al. NeurIPS 2019), which flips a sign only where the averaged gradient pushes
+against it by more than a threshold, and keeps α.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -40,10 +43,16 @@ import torch.nn.functional as F
 
 from bsnn.activations import is_trained_threshold
 from bsnn.binary import is_binary
+from bsnn.bop import Bop
 from bsnn.distill.losses import kd_loss
 from bsnn.errors import ConfigError
 from bsnn.snn.functional import if_multistep
 from bsnn.train import TrainConfig, fit
+
+
+#: ``TandemConfig.binary_weights`` -> whether the ±1 layers' latent weights get Adam's gradient (``latent`` only;
+#: ``bop`` trains their signs through :class:`bsnn.bop.Bop` instead)
+BINARY_WEIGHT_MODES = {"frozen": False, "latent": True, "bop": False}
 
 
 @dataclass
@@ -58,7 +67,11 @@ class TandemConfig:
             (0.5, the θ/2 shift, is QCFS's own) for the trained forward to be the converted SNN.
         temperature: KD temperature when a teacher is given (Hinton et al.'s ``T²·KL``).
         ann_weight: weight of the same loss on the ANN's own output (keeps the large-T limit accurate); 0 = SNN only.
-        train_binary_weights: also train the latent weights of the ±1 layers (off: see the module docstring).
+        binary_weights: how the ±1 layers learn (module docstring): ``frozen`` (not at all), ``latent`` (their
+            latent weights by Adam with the rest, through the STE) or ``bop`` (their signs by Bop).
+        bop_gamma: Bop's adaptivity rate γ (``binary_weights: bop``; the authors' default 1e-4 is for training
+            from scratch).
+        bop_threshold: Bop's flip threshold τ on the averaged gradient ``dL/db``.
         epochs: fine-tuning epochs.
         lr: Adam's peak learning rate (one-cycle: linear warm-up, then linear decay to 0); 3e-4 came closer to the
             ANN at T = 4 on validation than 1e-3 on the zoo's QCFS student (1.8 vs 2.6 points below it,
@@ -71,7 +84,9 @@ class TandemConfig:
     v_init: float = 0.5
     temperature: float = 4.0
     ann_weight: float = 1.0
-    train_binary_weights: bool = False
+    binary_weights: str = "frozen"
+    bop_gamma: float = 1e-3
+    bop_threshold: float = 1e-6
     epochs: int = 1
     lr: float = 3e-4
     warmup_epochs: float = 0.1
@@ -85,6 +100,12 @@ class TandemConfig:
             raise ConfigError(f"tandem.temperature must be > 0, got {self.temperature}")
         if float(self.ann_weight) < 0:
             raise ConfigError(f"tandem.ann_weight must be >= 0, got {self.ann_weight}")
+        if self.binary_weights not in BINARY_WEIGHT_MODES:
+            raise ConfigError(f"tandem.binary_weights must be one of {sorted(BINARY_WEIGHT_MODES)}, got "
+                              f"{self.binary_weights!r}")
+        if not 0.0 < float(self.bop_gamma) <= 1.0 or not float(self.bop_threshold) >= 0.0:
+            raise ConfigError(f"tandem.bop_gamma must be in (0, 1] and tandem.bop_threshold >= 0, got "
+                              f"{self.bop_gamma} and {self.bop_threshold}")
         try:
             self.train_config().validate()
         except ConfigError as e:
@@ -224,6 +245,13 @@ class TandemObjective(nn.Module):
         self.teacher = teacher
         if teacher is not None:
             teacher.requires_grad_(False)
+        #: the sign optimiser of ``binary_weights: bop`` (its averages are part of this objective's state)
+        self.bop = Bop(model, cfg.bop_gamma, cfg.bop_threshold) if cfg.binary_weights == "bop" else None
+
+    def after_step(self) -> None:
+        """After the optimiser's step (:func:`bsnn.train.fit`): Bop's sign update, when configured."""
+        if self.bop is not None:
+            self.bop.step()
 
     def train(self, mode: bool = True) -> "TandemObjective":
         super().train(mode)
@@ -287,11 +315,13 @@ def tandem_finetune(model: nn.Module, train_loader, cfg: TandemConfig | None = N
     cfg = cfg or TandemConfig()
     cfg.validate()
     check_tandem_ready(model)
-    frozen = [] if cfg.train_binary_weights else _freeze_binary(model)
+    frozen = [] if BINARY_WEIGHT_MODES[cfg.binary_weights] else _freeze_binary(model)
     try:
         objective = TandemObjective(model, cfg, teacher)
-        return fit(objective, model, train_loader, cfg.train_config(), val_loader=val_loader, device=device,
-                   quiet=quiet, desc=f"tandem T={cfg.timesteps}", checkpoint_path=checkpoint_path, resume=resume)
+        with objective.bop.recording() if objective.bop is not None else nullcontext():
+            return fit(objective, model, train_loader, cfg.train_config(), val_loader=val_loader, device=device,
+                       quiet=quiet, desc=f"tandem T={cfg.timesteps}", checkpoint_path=checkpoint_path,
+                       resume=resume)
     finally:
         for p in frozen:
             p.requires_grad_(True)

@@ -112,7 +112,7 @@ def test_tandem_refuses_networks_it_cannot_run_as_their_snn():
     with pytest.raises(ConfigError, match="max-pooling"):
         tandem_logits(maxpool, torch.randn(2, 1, 8, 8), 2)
     for bad in (dict(timesteps=0), dict(v_init=1.0), dict(temperature=0.0), dict(ann_weight=-1.0), dict(epochs=0),
-                dict(lr=-1.0)):
+                dict(lr=-1.0), dict(binary_weights="sign"), dict(bop_gamma=0.0), dict(bop_threshold=-1.0)):
         with pytest.raises(ConfigError):
             TandemConfig(**bad).validate()
 
@@ -158,12 +158,29 @@ def test_tandem_finetune_with_a_teacher_and_trainable_binary_weights():
         for k in range(3):  # a perfect teacher of the task above
             teacher[1].weight[k].view(8, 8)[:, 3 * k:3 * k + 2] = 1.0
     binary = {n: m.weight.detach().clone() for n, m in net.named_modules() if is_binary(m)}
-    cfg = TandemConfig(timesteps=2, train_binary_weights=True, epochs=2, lr=1e-2)
+    cfg = TandemConfig(timesteps=2, binary_weights="latent", epochs=2, lr=1e-2)
     before = _snn_loss(net, x, y, 2)
     tandem_finetune(net, _loader(x, y, 32, shuffle=True), cfg, teacher=teacher, quiet=True)
     assert _snn_loss(net, x, y, 2) < before
     assert any(not torch.equal(net.get_submodule(n).weight, w) for n, w in binary.items())
     assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_tandem_finetune_with_bop_flips_signs_only_and_keeps_alpha():
+    net = _net(seed=5)
+    x, y = _task(128, seed=2)
+    binary = {n: m.weight.detach().clone() for n, m in net.named_modules() if is_binary(m)}
+    cfg = TandemConfig(timesteps=2, binary_weights="bop", bop_gamma=0.1, bop_threshold=1e-4, epochs=2, lr=1e-2)
+    before = _snn_loss(net, x, y, 2)
+    tandem_finetune(net, _loader(x, y, 32, shuffle=True), cfg, quiet=True)
+    assert _snn_loss(net, x, y, 2) < before
+    flipped = 0
+    for n, w in binary.items():
+        m = net.get_submodule(n)
+        assert torch.equal(m.weight.abs(), w.abs())  # only signs moved: |W|, hence α, unchanged
+        flipped += int(((m.weight >= 0) != (w >= 0)).sum())
+        assert m.sign_grad_hook is None and m.weight.requires_grad  # an ordinary layer again
+    assert 0 < flipped < sum(w.numel() for w in binary.values())
 
 
 # ----------------------------------------------------------------------------------------- the pipeline stage
