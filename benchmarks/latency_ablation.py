@@ -104,6 +104,11 @@ def conversion_rows() -> dict[str, tuple[str, ConvertConfig]]:
             default, snn_calibration_joint_timesteps=[2, 4, 8])),
         "default, MSE thresholds @T=4, joint potential calibration @T=2,4,8": ("candidate", dataclasses.replace(
             default, threshold=MSE(4), snn_calibration_joint_timesteps=[2, 4, 8])),
+        # thresholds for a longer code (less clipping: the large-T limit stays near the ANN) with the joint charge
+        "default, MSE thresholds @T=8, joint potential calibration @T=2,4,8": ("candidate", dataclasses.replace(
+            default, threshold=MSE(8), snn_calibration_joint_timesteps=[2, 4, 8])),
+        "default, MSE thresholds @T=16, joint potential calibration @T=2,4,8": ("candidate", dataclasses.replace(
+            default, threshold=MSE(16), snn_calibration_joint_timesteps=[2, 4, 8])),
     }
 
 
