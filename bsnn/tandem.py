@@ -70,8 +70,10 @@ class TandemConfig:
         binary_weights: how the ±1 layers learn (module docstring): ``frozen`` (not at all), ``latent`` (their
             latent weights by Adam with the rest, through the STE) or ``bop`` (their signs by Bop).
         bop_gamma: Bop's adaptivity rate γ (``binary_weights: bop``; the authors' default 1e-4 is for training
-            from scratch).
-        bop_threshold: Bop's flip threshold τ on the averaged gradient ``dL/db``.
+            from scratch over many epochs; 0.05 averages over ~20 steps of a short fine-tuning).
+        bop_threshold: Bop's flip threshold τ on the averaged gradient ``dL/db`` (authors: 1e-8). On the zoo's
+            QCFS student 1e-3 flips a handful of signs in 30 steps and 3e-4 thousands, which destroys the network
+            (``benchmarks/results/tandem_bop_probe_*``): the default is the safe end.
         epochs: fine-tuning epochs.
         lr: Adam's peak learning rate (one-cycle: linear warm-up, then linear decay to 0); 3e-4 came closer to the
             ANN at T = 4 on validation than 1e-3 on the zoo's QCFS student (1.8 vs 2.6 points below it,
@@ -85,8 +87,8 @@ class TandemConfig:
     temperature: float = 4.0
     ann_weight: float = 1.0
     binary_weights: str = "frozen"
-    bop_gamma: float = 1e-3
-    bop_threshold: float = 1e-6
+    bop_gamma: float = 0.05
+    bop_threshold: float = 1e-3
     epochs: int = 1
     lr: float = 3e-4
     warmup_epochs: float = 0.1
