@@ -9,7 +9,8 @@ ANN's accuracy, the SNN's at T = 4 (the trained forward: λ thresholds, θ/2, no
 ``bsnn.simulate`` of ``ConvertConfig(snn_calibration="none")``) and how many signs flipped per ±1 layer. A probe of
 the rule's settings, not a full result: ``benchmarks/tandem_finetune.py --binary-weights bop`` runs the full epoch.
 
-Writes ``benchmarks/results/tandem_bop_probe_<network>.{json,md}``.
+Writes ``benchmarks/results/tandem_bop_probe_<network>[_<tag>].{json,md}``. The seed (``--seed``) sets the data
+order and augmentation: comparing two seeds of the frozen run shows the noise of so short a fine-tuning.
 
 Usage::
 
@@ -58,7 +59,8 @@ def build_markdown(p: dict) -> str:
     return "\n".join([
         f"# Bop for the ±1 signs in tandem fine-tuning: {p['network']} (probe)", "",
         f"Data: {p['data']}. Teacher: `{p['teacher']}`. Each variant: {p['steps']} steps of {p['batch']} training "
-        f"images from the released weights (same order, Adam lr {p['lr']} one-cycle on the full-precision "
+        f"images from the released weights (same order, seed {p.get('seed', 0)}; Adam lr {p['lr']} one-cycle on the "
+        "full-precision "
         f"parameters), then the first {p['n_val']} validation images: the ANN and its SNN at T = {p['timesteps']} "
         "(trained forward: λ thresholds, θ/2, no calibration).", "",
         markdown_table(heads, rows), "",
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-val", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", default="", help="suffix of the results stem (e.g. another seed)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     if not available():
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     lr = TandemConfig.lr
     ann, snn = accuracies(net.model, val, args.timesteps)
     payload = {"network": args.network, "teacher": args.teacher, "data": net.data_note, "steps": args.steps,
-               "batch": args.batch, "n_val": args.n_val, "timesteps": args.timesteps, "lr": lr,
+               "batch": args.batch, "seed": args.seed, "n_val": args.n_val, "timesteps": args.timesteps, "lr": lr,
                "command": command_line(), "date": now_iso(), "before": {"ann": ann, "snn": snn}, "variants": [],
                "binary_params": sum(m.weight.numel() for m in net.model.modules() if is_binary(m))}
     log(f"released weights: ANN {ann:.1f} %, SNN T={args.timesteps} {snn:.1f} %")
@@ -112,8 +115,9 @@ def main(argv: list[str] | None = None) -> None:
                                     "seconds": round(t.s, 1)})
         log(f"{label}: ANN {ann:.1f} %, SNN {snn:.1f} %, flips {flips} ({t.s:.0f} s)")
     payload["machine"] = machine_info()
-    write_results(args.out, f"tandem_bop_probe_{args.network}", payload, build_markdown(payload))
-    log(f"wrote {args.out}/tandem_bop_probe_{args.network}.json/.md")
+    stem = f"tandem_bop_probe_{args.network}" + (f"_{args.tag}" if args.tag else "")
+    write_results(args.out, stem, payload, build_markdown(payload))
+    log(f"wrote {args.out}/{stem}.json/.md")
 
 
 if __name__ == "__main__":
