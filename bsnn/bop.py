@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from bsnn._validate import _check, _finite
-from bsnn.binary import is_binary
+from bsnn.binary import binary_sign, is_binary
 
 
 class Bop(nn.Module):
@@ -92,7 +92,7 @@ class Bop(nn.Module):
             avg = getattr(self, f"m_{i}")
             avg.add_(g - avg, alpha=self.gamma)
             w = m.weight
-            b = torch.where(w >= 0, 1.0, -1.0).to(avg.dtype)
+            b = binary_sign(w).to(avg.dtype)
             flip = b * avg > self.threshold
             if flip.any():
                 # −W keeps |W| (and α); a latent 0 (sign +1) becomes the smallest negative value

@@ -72,7 +72,7 @@ class TandemConfig:
         bop_gamma: Bop's adaptivity rate γ (``binary_weights: bop``; the authors' default 1e-4 is for training
             from scratch over many epochs; 0.05 averages over ~20 steps of a short fine-tuning).
         bop_threshold: Bop's flip threshold τ on the averaged gradient ``dL/db`` (authors: 1e-8). On the zoo's
-            QCFS student 1e-3 flips a handful of signs in 30 steps and 3e-4 thousands, which destroys the network
+            QCFS student 1e-3 flips a handful of signs in 30 steps and 3e-4 thousands, costing the ANN 5 points
             (``benchmarks/results/tandem_bop_probe_*``): the default is the safe end.
         epochs: fine-tuning epochs.
         lr: Adam's peak learning rate (one-cycle: linear warm-up, then linear decay to 0); 3e-4 came closer to the
