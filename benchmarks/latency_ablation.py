@@ -109,6 +109,14 @@ def conversion_rows() -> dict[str, tuple[str, ConvertConfig]]:
             default, threshold=MSE(8), snn_calibration_joint_timesteps=[2, 4, 8])),
         "default, MSE thresholds @T=16, joint potential calibration @T=2,4,8": ("candidate", dataclasses.replace(
             default, threshold=MSE(16), snn_calibration_joint_timesteps=[2, 4, 8])),
+        # two-phase thresholds (convert.late_threshold): the short code's (MSE @T=4) first, then the long code's (k·θ,
+        # k = ceil(MSE@16 / θ)); only meaningful on a clipping threshold, so no 'alone' row on max-norm
+        "default, MSE thresholds @T=4 then late MSE @T=16 after T=8, joint potential calibration @T=2,4,8": (
+            "candidate", dataclasses.replace(default, threshold=MSE(4), snn_calibration_joint_timesteps=[2, 4, 8],
+                                             late_threshold=MSE(16), late_threshold_after=8)),
+        "default, MSE thresholds @T=4 then late MSE @T=16 after T=16, joint potential calibration @T=2,4,8": (
+            "candidate", dataclasses.replace(default, threshold=MSE(4), snn_calibration_joint_timesteps=[2, 4, 8],
+                                             late_threshold=MSE(16), late_threshold_after=16)),
     }
 
 

@@ -199,7 +199,8 @@ class _Exporter:
 
 
 def check_exportable(snn: SpikingNetwork, target: str) -> None:
-    """Refuse what an exported IF network cannot carry: burst / signed firing rules (``convert.neuron``) and
+    """Refuse what an exported IF network cannot carry: burst / signed firing rules (``convert.neuron``), two-phase
+    thresholds (``convert.late_threshold``) and
     run-time offset corrections with pre-steps (COS, SRP: ``convert.offset_correction``), whose per-sample
     pre-steps are bsnn's simulator's, not the exported graph's.
 
@@ -208,9 +209,9 @@ def check_exportable(snn: SpikingNetwork, target: str) -> None:
     """
     other = sorted({f"{n} ({m.firing})" for n, m in snn.neurons().items() if m.firing != "if"})
     if other:
-        raise ConversionError(f"{target}: layers {', '.join(other[:3])} are not integrate-and-fire neurons "
-                              f"(convert.neuron); {target} carries IF neurons only: convert with convert.neuron=if "
-                              "to export")
+        raise ConversionError(f"{target}: layers {', '.join(other[:3])} are not plain integrate-and-fire neurons "
+                              f"(convert.neuron, convert.late_threshold); {target} carries IF neurons with one "
+                              "threshold only: convert with convert.neuron=if and no convert.late_threshold to export")
     method, _ = network_correction(snn)
     if method != "none":
         raise ConversionError(f"{target}: the network corrects its membranes at run time with {method!r} "

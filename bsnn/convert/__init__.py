@@ -12,6 +12,7 @@ from bsnn.convert.balance import balanced_thresholds, clipped_thresholds
 from bsnn.convert.calibrate import MSE, Max, Percentile, calibrate, calibrate_many
 from bsnn.convert.config import ConvertConfig, parse_statistic
 from bsnn.convert.ltb import ltb_batches, ltb_thresholds
+from bsnn.convert.phases import late_gains, phase_neurons_
 from bsnn.convert.snn_calibration import WeightCalibration, calibrate_snn_
 from bsnn.activations import QCFS, is_trained_threshold
 from bsnn.convert.checks import warn_architecture
@@ -66,7 +67,8 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
     candidates = [_resolved(parse_statistic(p, "convert.search_percentiles"), cfg) for p in cfg.search_percentiles] \
         or [_resolved(cfg.threshold, cfg)]
     pc = per_channel_allowed(gm, set(relus)) if cfg.per_channel else set()
-    stats: dict = {c: {} for c in candidates}
+    late = None if cfg.late_threshold is None else _resolved(cfg.late_threshold, cfg)
+    stats: dict = {c: {} for c in candidates + ([late] if late is not None and late not in candidates else [])}
     if cfg.threshold_opt == "ltb":  # λ fitted by local threshold balancing instead of a statistic
         x_ltb, _ = _first_samples(calib_loader, cfg.ltb_iterations * cfg.ltb_batch_size)
         stats[candidates[0]] = ltb_thresholds(gm, observed_modules(gm, relus), pc,
@@ -75,17 +77,21 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
                                ({k: m for k, m in relus.items() if k in pc}, True)):
         # per-channel statistics only where the consumers are full precision (one extra pass)
         if group and cfg.threshold_opt == "none":
-            for c, values in calibrate_many(gm, observed_modules(gm, group), calib_loader, candidates, per_channel,
+            for c, values in calibrate_many(gm, observed_modules(gm, group), calib_loader, list(stats), per_channel,
                                             cfg.calib_samples, device).items():
                 stats[c].update(values)
     gm = gm.cpu()
 
-    def build(stat) -> SpikingNetwork:
+    def balanced(stat) -> dict[str, torch.Tensor]:
         values = {k: v.cpu() for k, v in stats[stat].items()}
         values.update({k: m.clip.detach().cpu().clamp_min(1e-6) for k, m in acts.items() if is_trained_threshold(m)})
-        thresholds = clipped_thresholds(balanced_thresholds({k: values[k] for k in acts}, cfg.threshold_scale),
-                                        clip_bounds(gm))
-        return convert_with_thresholds(gm, thresholds, cfg, list(example.shape[1:]))
+        return clipped_thresholds(balanced_thresholds({k: values[k] for k in acts}, cfg.threshold_scale),
+                                  clip_bounds(gm))
+
+    def build(stat) -> SpikingNetwork:
+        thresholds = balanced(stat)
+        gains = None if late is None else late_gains(thresholds, balanced(late))
+        return convert_with_thresholds(gm, thresholds, cfg, list(example.shape[1:]), gains)
 
     search = {}
     if len(candidates) > 1:
@@ -158,12 +164,21 @@ def initial_potentials(gm, cfg: ConvertConfig) -> dict[str, float]:
 
 
 def convert_with_thresholds(gm, thresholds: dict[str, torch.Tensor], cfg: ConvertConfig,
-                            input_shape: list[int]) -> SpikingNetwork:
-    """Surgery only: build the SNN from a captured graph and given thresholds λ (no calibration)."""
+                            input_shape: list[int], gains: dict[str, int] | None = None) -> SpikingNetwork:
+    """Surgery only: build the SNN from a captured graph and given thresholds λ (no calibration); with
+    ``cfg.late_threshold``, phased neurons with the integer late ``gains`` per activation (None: 1 each, for a
+    network whose saved state brings them, :func:`bsnn.convert.phases.phase_neurons_`)."""
     sgm, layers, neurons = build_spiking_graph(gm, thresholds, initial_potentials(gm, cfg), cfg.maxpool,
                                                  cfg.neuron, cfg.max_burst)
     record = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     record["threshold"] = cfg.threshold.describe()
+    if cfg.late_threshold is not None:
+        record["late_threshold"] = cfg.late_threshold.describe()
     meta = {"convert": record,
             "thresholds": {k: v.tolist() for k, v in thresholds.items()}}
-    return SpikingNetwork(sgm, layers, neurons, input_shape, meta).eval()
+    if gains is not None:
+        meta["late_gains"] = dict(gains)
+    snn = SpikingNetwork(sgm, layers, neurons, input_shape, meta)
+    if cfg.late_threshold is not None:
+        phase_neurons_(snn, gains, cfg.late_threshold_after)
+    return snn.eval()

@@ -105,6 +105,15 @@ class ConvertConfig:
             spikes in {−1, 0, 1}). The last two are options beyond binary spikes: a layer fed by them needs
             ``ceil(log2(Γ + 1))`` (burst) or 2 (signed) crossbar passes per timestep, which the cost model charges.
         max_burst: Γ, the most spikes a burst neuron fires per timestep (authors' code: 2; ``neuron: burst`` only).
+        late_threshold: an option (default None: one threshold per neuron for all T): a second, larger threshold
+            statistic (e.g. ``mse:16``, ``99.99``) for the timesteps after ``late_threshold_after`` — the neurons
+            become :class:`bsnn.snn.neuron.PhasedIFNeuron` (θ from ``threshold`` first, then k·θ, k = the
+            ratio of the two statistics per layer rounded up, >= 1; trained thresholds keep k = 1). A short code's
+            threshold (``mse:4``) is fast at small T but clips for ever; the late threshold releases what it
+            clipped, so the SNN converges to the long code's limit. Still {0, 1} spikes, one crossbar pass (the
+            consumer scales its column sums by k).
+        late_threshold_after: the timestep the late threshold starts after (``late_threshold`` only); T up to it
+            are exactly those of the network without ``late_threshold``.
     """
 
     threshold: Any = field(default_factory=_statistic_default)
@@ -130,9 +139,13 @@ class ConvertConfig:
     ltb_batch_size: int = 100
     neuron: str = "if"
     max_burst: int = 2
+    late_threshold: Any = None
+    late_threshold_after: int = 8
 
     def __post_init__(self) -> None:
         self.threshold = parse_statistic(self.threshold)
+        if self.late_threshold is not None:
+            self.late_threshold = parse_statistic(self.late_threshold, "convert.late_threshold")
 
     @classmethod
     def plain(cls, **changes: Any) -> "ConvertConfig":
@@ -157,6 +170,15 @@ class ConvertConfig:
                                              f"got {self.neuron!r}")
         _check(not isinstance(self.max_burst, bool) and isinstance(self.max_burst, int) and self.max_burst >= 1,
                f"convert.max_burst must be an integer >= 1 (the authors use 2), got {self.max_burst!r}")
+        if self.late_threshold is not None:
+            self.late_threshold = parse_statistic(self.late_threshold, "convert.late_threshold")
+            _check(self.neuron == "if" and self.offset_correction == "none" and self.threshold_opt == "none",
+                   f"convert.late_threshold phases the thresholds of IF neurons computed from statistics: it needs "
+                   f"convert.neuron 'if', offset_correction 'none' and threshold_opt 'none', got "
+                   f"{self.neuron!r}, {self.offset_correction!r}, {self.threshold_opt!r}")
+        _check(not isinstance(self.late_threshold_after, bool) and isinstance(self.late_threshold_after, int)
+               and self.late_threshold_after >= 1,
+               f"convert.late_threshold_after must be an integer >= 1 (a timestep), got {self.late_threshold_after!r}")
         _check(self.neuron == "if" or self.offset_correction == "none",
                f"convert.offset_correction={self.offset_correction!r} reads the membranes of IF neurons; it is not "
                f"defined for convert.neuron={self.neuron!r}: use one of them, not both")

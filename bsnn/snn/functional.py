@@ -18,6 +18,10 @@ Two other firing rules, options of :class:`bsnn.convert.ConvertConfig` (``neuron
   ``github.com/ppppps/ANN2SNNConversion_SNM_NeuronNorm``, ``SPIKE_PosNeg_layer.forward``): a +1 spike when
   ``v >= θ``, a −1 spike when ``v <= −θ`` *and* the neuron's net output so far is positive (the memory), then
   ``v -= s·θ``: a spike fired too early is taken back, so the net count never goes below zero.
+
+And one option of ``ConvertConfig.late_threshold``: **phased** thresholds (bsnn's two-phase case of a time-varying
+threshold): θ for the first steps after a reset, k·θ after (k an integer), a spike then worth k — still {0, 1}
+spikes on the wire.
 """
 
 from __future__ import annotations
@@ -49,6 +53,21 @@ def if_multistep(x_seq: torch.Tensor, theta: torch.Tensor | float, v0: torch.Ten
     out = torch.empty_like(x_seq)
     for t in range(x_seq.shape[0]):
         out[t], v = if_step(v, x_seq[t], theta)
+    return out, v
+
+
+def phased_multistep(x_seq: torch.Tensor, late_gain: float, switch_steps: int, v0: torch.Tensor | float = 0.0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Oracle of :class:`bsnn.snn.neuron.PhasedIFNeuron` in units of θ: ``x_seq [T, B, ...]`` (the current already times 1/θ) ->
+    ``(outputs [T, B, ...], v_final)``; step t (0-based) fires when ``v >= g_t`` and subtracts ``g_t``, emitting
+    ``g_t``, with ``g_t = 1`` for ``t < switch_steps`` and ``late_gain`` after."""
+    v = torch.zeros_like(x_seq[0]) + v0
+    out = torch.empty_like(x_seq)
+    for t in range(x_seq.shape[0]):
+        g = 1.0 if t < switch_steps else float(late_gain)
+        v = v + x_seq[t]
+        out[t] = (v >= g).to(x_seq.dtype) * g
+        v = v - out[t]
     return out, v
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from bsnn._registry import Registry
-from bsnn.snn.functional import burst_multistep, memory_order, per_sample_spikes, signed_multistep  # noqa: F401
+from bsnn.snn.functional import burst_multistep, memory_order, per_sample_spikes, phased_multistep, signed_multistep  # noqa: F401,E501
 from bsnn.snn.kernels import counted, get_kernel, prescale
 from bsnn.snn.kernels.cpp_if import if_scan_cpp
 
@@ -364,6 +364,73 @@ class SignedNeuron(IFNeuron):
         if counts is not None:
             counts.extend(per_sample_spikes(s.abs()).unbind(0))
         return s.to(self.spike_dtype or s.dtype), v
+
+
+class PhasedIFNeuron(IFNeuron):
+    """IF neurons whose threshold rises once: θ for the first ``switch_steps`` timesteps after a reset, then
+    ``k·θ`` (``late_gain``, an integer k >= 1 per layer), one spike then standing for k — still {0, 1} spikes.
+
+    θ is a short code's threshold (e.g. ``mse:4``: clips hard, resolves small T well) and k·θ a long code's (little
+    clipping): the first ``switch_steps`` steps are exactly those of the IF network with thresholds θ, and from then
+    on the neurons release, at up to k per step, the charge the short code clipped and kept in the membrane (reset
+    by subtraction loses none). The average output therefore converges to ``clip(x, 0, k·θ)``, the long code's
+    limit, instead of ``clip(x, 0, θ)``: the fast start of a small threshold without its large-T clipping error
+    (``ConvertConfig.late_threshold``; a two-phase instance of the time-varying thresholds of the conversion
+    literature). In hardware a spike of a late step is a 1 on the word line like any other; the consuming layer
+    multiplies its column sums by k (a per-layer digital scale after the ADC, one crossbar pass: :attr:`input_passes`
+    = 1). Emitted values are {0, 1} before the switch and {0, k} after (:attr:`spike_max` = k); each spike counts
+    one event. The scan runs the selected IF kernel twice around the switch (threshold 1, then k, in units of θ).
+
+    Buffers (besides :class:`IFNeuron`'s): ``late_gain`` (float32 scalar holding the integer k) and
+    ``switch_steps`` (int64 scalar).
+    """
+
+    firing = "phased"
+
+    def __init__(self, threshold: torch.Tensor | float = 1.0, v_init_frac: float = 0.0, name: str = "",
+                 channel_shape: tuple[int, ...] | None = None, late_gain: int = 1, switch_steps: int = 8) -> None:
+        super().__init__(threshold, v_init_frac, name, channel_shape)
+        if isinstance(late_gain, bool) or int(late_gain) != late_gain or late_gain < 1:
+            raise ValueError(f"PhasedIFNeuron: late_gain must be an integer >= 1, got {late_gain!r}")
+        if isinstance(switch_steps, bool) or not isinstance(switch_steps, int) or switch_steps < 1:
+            raise ValueError(f"PhasedIFNeuron: switch_steps must be an integer >= 1, got {switch_steps!r}")
+        self.register_buffer("late_gain", torch.tensor(float(late_gain)))
+        self.register_buffer("switch_steps", torch.tensor(switch_steps, dtype=torch.int64))
+        self._scanned = 0  # timesteps scanned since the last reset (a chunk may be scanned in two parts)
+
+    @classmethod
+    def from_if(cls, m: IFNeuron, late_gain: int, switch_steps: int) -> "PhasedIFNeuron":
+        """A phased neuron with ``m``'s threshold, membrane settings, calibration buffers and name."""
+        out = cls(m.threshold, float(m.v_init_frac), m.name, tuple(m.v_init_bias.shape), late_gain, switch_steps)
+        out.load_state_dict({**m.state_dict(), "late_gain": out.late_gain, "switch_steps": out.switch_steps})
+        out.kernel, out.record = m.kernel, m.record
+        return out
+
+    @property
+    def spike_max(self) -> float:
+        return float(self.late_gain)
+
+    def reset(self) -> None:
+        super().reset()
+        self._scanned = 0
+
+    def _scan(self, x_seq, bias, counts):
+        kernel, tc = get_kernel(self.kernel), x_seq.shape[0]
+        head = min(tc, max(0, int(self.switch_steps) - self._scanned))  # steps still before the switch
+        self._scanned += tc
+        parts = []
+        if head:
+            s, self.v = kernel(x_seq[:head], self._one, self.v, self._gain, bias, self.pre_bias, self.spike_dtype,
+                               counts)
+            parts.append(s)
+        if head < tc:
+            k = self.late_gain.to(self._one.device)
+            s, self.v = kernel(x_seq[head:], k, self.v, self._gain, bias, self.pre_bias, self.spike_dtype, counts)
+            parts.append(s * k.to(s.dtype))
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)), self.v
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, late_gain={int(self.late_gain)}, switch_steps={int(self.switch_steps)}"
 
 
 @dataclass(frozen=True)
