@@ -24,6 +24,7 @@ recomputes). Usage::
     python benchmarks/latency_ablation.py --threads 1                      # every network, every row
     python benchmarks/latency_ablation.py --networks cifar10_plain_bvgg    # one network
     python benchmarks/latency_ablation.py --quick                          # smoke run (few images, T <= 16)
+    python benchmarks/latency_ablation.py --rows "late MSE" --long-rows "late MSE"  # some rows, also to T = 256
 """
 
 from __future__ import annotations
@@ -246,6 +247,15 @@ def run_network(name: str, args, payload: dict, save: Callable[[], None], extra:
         ee = validated_early_exit(res["val"], res["test"], ann_val_accuracy=res["val"].ann_accuracy)
         d["best_long"] = {"label": best, **rec, "early_exit": ee}
         save()
+    for label in [k for k in rows if args.long_rows and selected(k, args.long_rows)]:
+        if label in d.setdefault("long", {}) or label == d.get("best_long", {}).get("label"):
+            continue
+        log(f"{name}: {label}, to T=256")
+        with Timer() as t:
+            snn = bsnn.convert(net.model, net.calib, rows[label][1])
+        d["long"][label] = row_record(rows[label][0], curves(snn, net, LONG, args.n_val, args.n_test), t.s,
+                                      passes=crossbar_passes(snn))
+        save()
     if design_time or args.no_sj:
         return
     sj_ts = [1, 2, 4, 8, 16] if args.quick else GRID
@@ -361,6 +371,19 @@ def build_markdown(payload: dict) -> str:
                     lines += [f"Chosen rule (cheapest within 1 point of the ANN on validation): patience "
                               f"{c['patience']}, margin {c['margin']} → test {c['accuracy']:.1f} % at average T "
                               f"{c['mean_timesteps']:.2f}.", ""]
+        if d.get("long"):
+            lts = [str(t) for t in LONG if t >= 16]
+            lines += ["Rows also run to T = 256 (`--long-rows`; the convergence law: accuracy at T ≥ 64 against the "
+                      "ANN's on the same images):", "",
+                      markdown_table(["method", "T@1", "T@0.3", "lowest test at T ≥ 64 (ANN)", "lowest val at T ≥ 64 "
+                                      "(ANN)"] + [f"T={t}" for t in lts],
+                                     [[label, _fmt_t(r["t_at_1"]), _fmt_t(r["t_at_03"]),
+                                       f"{min(v for t, v in r['accuracy'].items() if int(t) >= 64):.1f} "
+                                       f"({r['ann']:.1f})",
+                                       f"{min(v for t, v in r['val_accuracy'].items() if int(t) >= 64):.1f} "
+                                       f"({r['val_ann']:.1f})"]
+                                      + [f"{r['accuracy'][t]:.1f}" for t in lts] for label, r in d["long"].items()]),
+                      ""]
         png = f"{NAME}_{name}.png"
         if png in (payload.get("plots") or []):
             lines += [f"![{name}]({png})", ""]
@@ -380,6 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-long", action="store_true", help="do not re-run the best combination to T=256")
     p.add_argument("--drop-rows", default="", help="|-separated row labels to forget from the results file")
     p.add_argument("--rows", default="", help="|-separated substrings: only rows whose label contains one")
+    p.add_argument("--long-rows", default="", help="|-separated substrings: also run these rows to T=256")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)

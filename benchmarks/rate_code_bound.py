@@ -15,15 +15,19 @@ calibration changes the weights, and per-channel rounding offsets are not search
 ``p99.99`` and ``mse@T`` per layer, ``max`` and ``mse@T`` per channel (the θ of a 64-point grid in [0.05, 1] × max minimising E[(q_T(z) − relu(z))²] on a
 sample of 2^21 inputs, SNN Calibration's threshold search); trained-threshold activations (QCFS, clip) also get
 their own λ. Accuracy on the full validation (5,000) and test (10,000) splits; the θ rule is chosen per T on
-validation. Usage::
+validation. Results are kept per network between runs. Usage::
 
-    python benchmarks/rate_code_bound.py --threads 2
+    python benchmarks/rate_code_bound.py --threads 2 --networks cifar10_plain_bvgg
+    python benchmarks/rate_code_bound.py --networks cifar10_airbench_binary_v2 --n-val 2000 --n-test 5000 \
+        --rules p99.99,mse,mse/ch
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -34,6 +38,7 @@ from _common import Timer, command_line, log, machine_info, machine_markdown, ma
 from _zoo import available, first, load_network  # noqa: E402
 
 from bsnn.activations import is_trained_threshold  # noqa: E402
+from bsnn.convert.snn_calibration import quantised_count  # noqa: E402
 
 NAME = "rate_code_bound"
 NETWORKS = ["cifar10_plain_bvgg", "cifar10_airbench_binary_v2", "cifar10_airbench_qcfs_v2"]
@@ -52,7 +57,8 @@ def quantise(z: torch.Tensor, theta: float | torch.Tensor, timesteps: int) -> to
     with θ a float or per channel ``[C]``, or ``z [C, n]`` with θ ``[C, 1]``."""
     if isinstance(theta, torch.Tensor) and theta.dim() == 1:
         theta = theta.reshape(-1, *([1] * (z.dim() - 2)))
-    return torch.clamp(torch.floor(z * (timesteps / theta) + 0.5), 0, timesteps) * (theta / timesteps)
+    theta = torch.as_tensor(theta, dtype=z.dtype)
+    return quantised_count(z, theta, timesteps, 0.5) * (theta / timesteps)
 
 
 def collect_inputs(model: nn.Module, loader, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -134,13 +140,15 @@ def accuracy(model: nn.Module, data, theta: dict[str, float] | None, timesteps: 
 
 
 def measure(name: str, n_val: int, n_test: int, rules: list[str]) -> dict:
+    t0 = time.perf_counter()
     net = load_network(name)
     model = net.model
     val, test = first(net.val, n_val, 500), first(net.test, n_test, 500)
     with Timer() as t:
         stats = collect_inputs(model, net.calib)
     log(f"{name}: {len(stats)} activations, inputs collected in {t.s:.0f} s")
-    res = {"network": name, "data": net.data_note, "ann": {"val": accuracy(model, val, None, None),
+    res = {"network": name, "data": net.data_note, "n_val": len(val.dataset), "n_test": len(test.dataset),
+           "seconds": 0.0, "ann": {"val": accuracy(model, val, None, None),
                                                           "test": accuracy(model, test, None, None)}, "rows": []}
     for rule in rules:
         for steps in GRID:
@@ -158,14 +166,17 @@ def measure(name: str, n_val: int, n_test: int, rules: list[str]) -> dict:
     res["best"] = {str(k): v for k, v in best.items()}
     res["best_t1_val"] = next((s for s in GRID if best[s]["val"] >= res["ann"]["val"] - 1), None)
     res["best_t1_test"] = next((s for s in GRID if best[s]["test"] >= res["ann"]["test"] - 1), None)
+    res["seconds"] = round(time.perf_counter() - t0, 1)
     return res
 
 
-def markdown(results: list[dict], info: dict, n_val: int, n_test: int) -> str:
+def markdown(results: list[dict], info: dict, commands: list[str]) -> str:
     lines = ["# Rate-code resolution floor: the ANN with activations quantised to T + 1 levels", "",
-             machine_markdown(info), "", f"Command: `{command_line()}` ({now_iso()})", "",
+             machine_markdown(info), "", "Commands (networks are kept between runs; each was measured by one of "
+             "these): " + "; ".join(f"`{c}`" for c in commands) + f" (last run {now_iso()}).", "",
              results[0]["data"] if results else "", "",
-             f"Accuracy (%) on the first {n_val} validation / {n_test} test images of each network's own splits. "
+             "Accuracy (%) on the first n validation / test images of each network's own splits (n per network "
+             "below). "
              "Each activation is replaced by q_T(z) = θ/T·clip(floor(zT/θ + 1/2), 0, T): the rate of an IF neuron "
              "(θ, v0 = θ/2) that fires perfectly evenly for T steps — the SNN without unevenness error (module "
              "docstring). θ per layer: max / p99.99 / MSE-optimal for that T on the calibration images, per layer or "
@@ -173,6 +184,7 @@ def markdown(results: list[dict], info: dict, n_val: int, n_test: int) -> str:
              "with the best rule within 1 point of the ANN.", ""]
     for r in results:
         lines += [f"## {r['network']}", "",
+                  f"{r['n_val']} validation / {r['n_test']} test images, {r['seconds']:.0f} s. "
                   f"ANN: validation {r['ann']['val']:.2f} %, test {r['ann']['test']:.2f} %. Best rule within 1 point "
                   f"of the ANN from T = {r['best_t1_val']} on validation, T = {r['best_t1_test']} on test.", ""]
         rules = list(dict.fromkeys(x["rule"] for x in r["rows"]))
@@ -204,10 +216,16 @@ def main() -> None:
     rules = [r for r in a.rules.split(",") if r]
     if set(rules) - set(RULES):
         p.error(f"unknown --rules {sorted(set(rules) - set(RULES))}: choose among {', '.join(RULES)}")
-    results = [measure(n, a.n_val, a.n_test, rules) for n in a.networks.split(",") if n]
-    paths = write_results(a.out, NAME, {"machine": info, "command": command_line(), "results": results},
-                          markdown(results, info, a.n_val, a.n_test))
-    print(f"wrote {paths['md']}")
+    old = Path(a.out) / f"{NAME}.json"
+    saved = json.loads(old.read_text()) if old.is_file() else {}
+    results = {r["network"]: r for r in saved.get("results", [])}
+    commands = [c for c in saved.get("commands", []) if c != command_line()] + [command_line()]
+    for n in [n for n in a.networks.split(",") if n]:  # written after each network: a long run keeps its part
+        results[n] = measure(n, a.n_val, a.n_test, rules)
+        ordered = [results[k] for k in NETWORKS if k in results] + [v for k, v in results.items() if k not in NETWORKS]
+        paths = write_results(a.out, NAME, {"machine": info, "commands": commands, "results": ordered},
+                              markdown(ordered, info, commands))
+        print(f"wrote {paths['md']}")
 
 
 if __name__ == "__main__":

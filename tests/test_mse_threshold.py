@@ -7,11 +7,12 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bsnn.config import Config, ConvertConfig, from_dict
-from bsnn.convert import MSE, convert
+from bsnn.convert import MSE, Max, Percentile, convert
 from bsnn.convert.calibrate import calibrate, mse_threshold
 from bsnn.convert.config import parse_statistic
 from bsnn.convert.graph import capture, relu_modules
 from bsnn.errors import ConfigError
+from bsnn.modelfile import build_model, load_snn, save_snn
 from bsnn.simulate import run_batch
 
 
@@ -92,7 +93,7 @@ def test_convert_with_mse_thresholds_uses_v_init_and_still_converges():
     loader = DataLoader(TensorDataset(x, torch.zeros(256, dtype=torch.long)), batch_size=64)
     cfg = ConvertConfig(threshold=MSE(4), per_channel=False, snn_calibration="none")
     snn = convert(net, loader, cfg)
-    assert snn.meta["convert"]["threshold"] == "mse@T4,v0=0.5"
+    assert snn.meta["convert"]["threshold"] == "mse:4:0.5"  # the text form load_snn parses back
     gm = capture(net, x)
     lam = calibrate(gm, relu_modules(gm), loader, MSE(4, v0=0.5))
     peak = calibrate(gm, relu_modules(gm), loader, parse_statistic("max"))
@@ -104,3 +105,20 @@ def test_convert_with_mse_thresholds_uses_v_init_and_still_converges():
         target = net[5](h2)
         mem = run_batch(snn, x, 2048, time_chunk=256)
     assert (mem[-1] / 2048 - target).abs().max().item() < 0.02 * target.abs().max().item()
+
+
+@pytest.mark.parametrize("stat", [MSE(4), MSE(8, v0=0.0), Percentile(99.99), Percentile(99.0), Max()])
+def test_a_network_converted_with_any_statistic_loads_back(tmp_path, stat):
+    # the recorded statistic is its text form: an MSE-threshold network used to be saved as 'mse@T4,v0=0.5',
+    # which load_snn could not parse
+    arch = {"name": "small_cnn", "num_classes": 3, "in_channels": 1, "kwargs": {"width": 4, "hidden": 16},
+            "binary": {}, "activation": {"kind": "relu"}}
+    torch.manual_seed(0)
+    ann, x = build_model(arch).eval(), torch.rand(32, 1, 8, 8)
+    loader = DataLoader(TensorDataset(x, torch.zeros(32, dtype=torch.long)), batch_size=16)
+    snn = convert(ann, loader, ConvertConfig(threshold=stat, snn_calibration="none"))
+    assert parse_statistic(snn.meta["convert"]["threshold"]) == (stat if not isinstance(stat, MSE) or stat.v0
+                                                                 is not None else MSE(stat.timesteps, v0=0.5))
+    save_snn(tmp_path / "snn.pt", snn, arch)
+    loaded, _ = load_snn(tmp_path / "snn.pt")
+    assert torch.equal(run_batch(loaded, x, 8, 32), run_batch(snn, x, 8, 32))

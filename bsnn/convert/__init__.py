@@ -21,7 +21,7 @@ from bsnn.convert.graph import (activation_modules, capture, clip_bounds, observ
 from bsnn.convert.surgery import build_spiking_graph
 from bsnn.data import unpack_batch
 from bsnn.distributed import all_reduce_sum, collective_device, current_env
-from bsnn.errors import ConversionError
+from bsnn.errors import ConfigError, ConversionError
 from bsnn.simulate import run_batch
 from bsnn.snn.network import SpikingNetwork
 from bsnn.snn.offset import suspended
@@ -101,9 +101,9 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
     else:
         best = candidates[0]
     snn = build(best)
-    snn.meta["convert"]["threshold"] = best.describe() if cfg.threshold_opt == "none" else cfg.threshold_opt
+    snn.meta["convert"]["threshold"] = _spec(best) if cfg.threshold_opt == "none" else cfg.threshold_opt
     if search:
-        snn.meta["threshold_search"] = {c.describe(): a for c, a in search.items()}
+        snn.meta["threshold_search"] = {_spec(c): a for c, a in search.items()}
     if cfg.snn_calibration != "none":
         x, _ = _first_samples(calib_loader, cfg.snn_calibration_samples)
         weights = WeightCalibration(cfg.snn_calibration_weight_iters, cfg.snn_calibration_weight_lr,
@@ -113,6 +113,15 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
                                                                cfg.snn_calibration, weights=weights,
                                                                joint_timesteps=cfg.snn_calibration_joint_timesteps)
     return snn
+
+
+def _spec(stat) -> str:
+    """``stat`` as recorded in ``SpikingNetwork.meta["convert"]``: its text form, which :func:`load_snn
+    <bsnn.modelfile.load_snn>` parses back (an MSE search with a non-default momentum has none: its description)."""
+    try:
+        return stat.spec()
+    except ConfigError:
+        return stat.describe()
 
 
 def _resolved(stat, cfg: ConvertConfig):
@@ -171,9 +180,9 @@ def convert_with_thresholds(gm, thresholds: dict[str, torch.Tensor], cfg: Conver
     sgm, layers, neurons = build_spiking_graph(gm, thresholds, initial_potentials(gm, cfg), cfg.maxpool,
                                                  cfg.neuron, cfg.max_burst)
     record = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    record["threshold"] = cfg.threshold.describe()
+    record["threshold"] = _spec(cfg.threshold)
     if cfg.late_threshold is not None:
-        record["late_threshold"] = cfg.late_threshold.describe()
+        record["late_threshold"] = _spec(cfg.late_threshold)
     meta = {"convert": record,
             "thresholds": {k: v.tolist() for k, v in thresholds.items()}}
     if gains is not None:

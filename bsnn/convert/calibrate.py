@@ -40,6 +40,10 @@ class Max:
     def describe(self) -> str:
         return "max"
 
+    def spec(self) -> str:
+        """The text form :func:`bsnn.convert.config.parse_statistic` reads back."""
+        return "max"
+
 
 @dataclass(frozen=True)
 class Percentile:
@@ -53,6 +57,10 @@ class Percentile:
 
     def describe(self) -> str:
         return f"p{self.p:g}"
+
+    def spec(self) -> str:
+        """The text form :func:`bsnn.convert.config.parse_statistic` reads back."""
+        return f"p{self.p:.12g}"
 
 
 @dataclass(frozen=True)
