@@ -12,7 +12,8 @@ loss is resolution — T + 1 levels per neuron — which only retraining (QCFS, 
 calibration changes the weights, and per-channel rounding offsets are not searched here.
 
 θ per layer, from the activation *inputs* on the calibration images (first 2,048 training images): ``max``,
-``p99.99`` and ``mse@T`` per layer, ``max`` and ``mse@T`` per channel (the θ of a 64-point grid in [0.05, 1] × max minimising E[(q_T(z) − relu(z))²] on a
+``p99.99`` and ``mse@T`` per layer, ``max`` and ``mse@T`` per channel (``mse/bsnn``: per channel only where bsnn's converter allows it — every consumer full precision —, the
+floor bsnn can reach; the θ of a 64-point grid in [0.05, 1] × max minimising E[(q_T(z) − relu(z))²] on a
 sample of 2^21 inputs, SNN Calibration's threshold search); trained-threshold activations (QCFS, clip) also get
 their own λ. Accuracy on the full validation (5,000) and test (10,000) splits; the θ rule is chosen per T on
 validation. Results are kept per network between runs. Usage::
@@ -38,12 +39,13 @@ from _common import Timer, command_line, log, machine_info, machine_markdown, ma
 from _zoo import available, first, load_network  # noqa: E402
 
 from bsnn.activations import is_trained_threshold  # noqa: E402
+from bsnn.convert.graph import capture, per_channel_allowed, relu_modules  # noqa: E402
 from bsnn.convert.snn_calibration import quantised_count  # noqa: E402
 
 NAME = "rate_code_bound"
 NETWORKS = ["cifar10_plain_bvgg", "cifar10_airbench_binary_v2", "cifar10_airbench_qcfs_v2"]
 GRID = [1, 2, 4, 8, 16, 32, 64]
-RULES = ["max", "p99.99", "mse", "max/ch", "mse/ch", "trained"]
+RULES = ["max", "p99.99", "mse", "max/ch", "mse/ch", "mse/bsnn", "trained"]
 SAMPLE = 1 << 21  # activation inputs kept per layer for the percentile and MSE searches
 
 
@@ -97,9 +99,11 @@ def mse_threshold(z: torch.Tensor, z_max: torch.Tensor, timesteps: int) -> torch
     return grid.gather(0, errs.argmin(0)[None])[0]
 
 
-def thresholds(model: nn.Module, stats: dict, rule: str, timesteps: int) -> dict[str, object] | None:
+def thresholds(model: nn.Module, stats: dict, rule: str, timesteps: int, allowed: set[str] = frozenset()
+               ) -> dict[str, object] | None:
     """θ per activation for ``rule`` (``max`` / ``p99.99`` / ``mse``, per layer; ``max/ch`` / ``mse/ch``, per
-    channel; ``trained``: the activation's λ), None if it does not apply to this network."""
+    channel; ``mse/bsnn``: per channel on the activations in ``allowed``, per layer elsewhere — what bsnn's
+    converter can build; ``trained``: the activation's λ), None if it does not apply to this network."""
     acts = activations(model)
     if rule == "trained":
         if not all(is_trained_threshold(m) for m in acts.values()):
@@ -114,7 +118,7 @@ def thresholds(model: nn.Module, stats: dict, rule: str, timesteps: int) -> dict
         elif rule == "p99.99":
             pos = z[z > 0]
             out[n] = float(torch.quantile(pos[:1 << 24], 0.9999)) if pos.numel() else float(mx.max())
-        elif rule == "mse":
+        elif rule == "mse" or (rule == "mse/bsnn" and n not in allowed):
             out[n] = float(mse_threshold(z.reshape(1, -1), mx.max().reshape(1), timesteps)[0])
         else:
             out[n] = mse_threshold(z, mx, timesteps)
@@ -139,20 +143,36 @@ def accuracy(model: nn.Module, data, theta: dict[str, float] | None, timesteps: 
     return 100.0 * correct / total
 
 
-def measure(name: str, n_val: int, n_test: int, rules: list[str]) -> dict:
+def bsnn_per_channel(model: nn.Module, example: torch.Tensor) -> set[str]:
+    """The activations bsnn's converter gives per-channel thresholds (``per_channel_allowed``: every consumer full
+    precision; a ±1 consumer keeps the layer layer-wise)."""
+    gm = capture(model, example)
+    relus = relu_modules(gm)
+    if set(relus) != set(activations(model)):
+        raise SystemExit(f"captured activations {sorted(relus)} differ from the model's {sorted(activations(model))}")
+    return per_channel_allowed(gm, set(relus))
+
+
+def measure(name: str, n_val: int, n_test: int, rules: list[str], previous: dict | None = None) -> dict:
+    """Rows of ``rules`` on the network ``name`` (``previous``'s rows of other rules are kept: same images only)."""
     t0 = time.perf_counter()
     net = load_network(name)
     model = net.model
     val, test = first(net.val, n_val, 500), first(net.test, n_test, 500)
+    if previous and (previous["n_val"], previous["n_test"]) != (len(val.dataset), len(test.dataset)):
+        raise SystemExit(f"{name}: the results file holds rows on {previous['n_val']} / {previous['n_test']} images; "
+                         f"re-run with --n-val {previous['n_val']} --n-test {previous['n_test']}")
     with Timer() as t:
         stats = collect_inputs(model, net.calib)
     log(f"{name}: {len(stats)} activations, inputs collected in {t.s:.0f} s")
+    allowed = bsnn_per_channel(model, next(iter(net.calib))[0][:2])
     res = {"network": name, "data": net.data_note, "n_val": len(val.dataset), "n_test": len(test.dataset),
            "seconds": 0.0, "ann": {"val": accuracy(model, val, None, None),
-                                                          "test": accuracy(model, test, None, None)}, "rows": []}
+                                                          "test": accuracy(model, test, None, None)},
+           "rows": [r for r in (previous or {}).get("rows", []) if r["rule"] not in rules]}
     for rule in rules:
         for steps in GRID:
-            th = thresholds(model, stats, rule, steps)
+            th = thresholds(model, stats, rule, steps, allowed)
             if th is None:  # no trained thresholds in this network
                 break
             row = {"rule": rule, "T": steps, "val": accuracy(model, val, th, steps),
@@ -166,7 +186,7 @@ def measure(name: str, n_val: int, n_test: int, rules: list[str]) -> dict:
     res["best"] = {str(k): v for k, v in best.items()}
     res["best_t1_val"] = next((s for s in GRID if best[s]["val"] >= res["ann"]["val"] - 1), None)
     res["best_t1_test"] = next((s for s in GRID if best[s]["test"] >= res["ann"]["test"] - 1), None)
-    res["seconds"] = round(time.perf_counter() - t0, 1)
+    res["seconds"] = round(time.perf_counter() - t0 + (previous or {}).get("seconds", 0.0), 1)
     return res
 
 
@@ -179,8 +199,9 @@ def markdown(results: list[dict], info: dict, commands: list[str]) -> str:
              "below). "
              "Each activation is replaced by q_T(z) = θ/T·clip(floor(zT/θ + 1/2), 0, T): the rate of an IF neuron "
              "(θ, v0 = θ/2) that fires perfectly evenly for T steps — the SNN without unevenness error (module "
-             "docstring). θ per layer: max / p99.99 / MSE-optimal for that T on the calibration images, per layer or "
-             "per channel (/ch), or the trained λ (QCFS). 'best' = the rule with the best validation accuracy at that T; T@1 = smallest T "
+             "docstring). θ per layer: max / p99.99 / MSE-optimal for that T on the calibration images, per layer, per "
+             "channel (/ch), per channel where bsnn's converter allows it (every consumer full precision) and per "
+             "layer elsewhere (/bsnn: what a binary SNN can build), or the trained λ (QCFS). 'best' = the rule with the best validation accuracy at that T; T@1 = smallest T "
              "with the best rule within 1 point of the ANN.", ""]
     for r in results:
         lines += [f"## {r['network']}", "",
@@ -203,7 +224,7 @@ def main() -> None:
     p.add_argument("--networks", default=",".join(NETWORKS))
     p.add_argument("--n-val", type=int, default=5000)
     p.add_argument("--n-test", type=int, default=10000)
-    p.add_argument("--rules", default="p99.99,mse,max/ch,mse/ch,trained",
+    p.add_argument("--rules", default="p99.99,mse,max/ch,mse/ch,mse/bsnn,trained",
                    help=f"comma-separated θ rules among {','.join(RULES)}")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results")
@@ -221,7 +242,7 @@ def main() -> None:
     results = {r["network"]: r for r in saved.get("results", [])}
     commands = [c for c in saved.get("commands", []) if c != command_line()] + [command_line()]
     for n in [n for n in a.networks.split(",") if n]:  # written after each network: a long run keeps its part
-        results[n] = measure(n, a.n_val, a.n_test, rules)
+        results[n] = measure(n, a.n_val, a.n_test, rules, results.get(n))
         ordered = [results[k] for k in NETWORKS if k in results] + [v for k, v in results.items() if k not in NETWORKS]
         paths = write_results(a.out, NAME, {"machine": info, "commands": commands, "results": ordered},
                               markdown(ordered, info, commands))
