@@ -12,8 +12,9 @@ loss is resolution — T + 1 levels per neuron — which only retraining (QCFS, 
 calibration changes the weights, and per-channel rounding offsets are not searched here.
 
 θ per layer, from the activation *inputs* on the calibration images (first 2,048 training images): ``max``,
-``p99.99`` and ``mse@T`` per layer, ``max`` and ``mse@T`` per channel (``mse/bsnn``: per channel only where bsnn's converter allows it — every consumer full precision —, the
-floor bsnn can reach; the θ of a 64-point grid in [0.05, 1] × max minimising E[(q_T(z) − relu(z))²] on a
+``p99.99`` and ``mse@T`` per layer, ``max`` and ``mse@T`` per channel, and ``mse/bsnn`` (per channel only where
+bsnn's converter allows it — every consumer full precision —, per layer elsewhere: the floor a binary SNN can
+reach) (``mse``: the θ of a 64-point grid in [0.05, 1] × max minimising E[(q_T(z) − relu(z))²] on a
 sample of 2^21 inputs, SNN Calibration's threshold search); trained-threshold activations (QCFS, clip) also get
 their own λ. Accuracy on the full validation (5,000) and test (10,000) splits; the θ rule is chosen per T on
 validation. Results are kept per network between runs. Usage::
@@ -35,7 +36,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Timer, command_line, log, machine_info, machine_markdown, markdown_table, now_iso, write_results  # noqa: E402,E501
+from _common import (Timer, command_line, log, machine_info, machine_markdown, markdown_table,  # noqa: E402
+                     now_iso, write_results)
 from _zoo import available, first, load_network  # noqa: E402
 
 from bsnn.activations import is_trained_threshold  # noqa: E402
@@ -199,10 +201,10 @@ def markdown(results: list[dict], info: dict, commands: list[str]) -> str:
              "below). "
              "Each activation is replaced by q_T(z) = θ/T·clip(floor(zT/θ + 1/2), 0, T): the rate of an IF neuron "
              "(θ, v0 = θ/2) that fires perfectly evenly for T steps — the SNN without unevenness error (module "
-             "docstring). θ per layer: max / p99.99 / MSE-optimal for that T on the calibration images, per layer, per "
+             "docstring). θ: max / p99.99 / MSE-optimal for that T on the calibration images, per layer, per "
              "channel (/ch), per channel where bsnn's converter allows it (every consumer full precision) and per "
-             "layer elsewhere (/bsnn: what a binary SNN can build), or the trained λ (QCFS). 'best' = the rule with the best validation accuracy at that T; T@1 = smallest T "
-             "with the best rule within 1 point of the ANN.", ""]
+             "layer elsewhere (/bsnn: what a binary SNN can build), or the trained λ (QCFS). 'best' = the rule "
+             "with the best validation accuracy at that T; T@1 = smallest T with the best rule within 1 point of the ANN.", ""]
     for r in results:
         lines += [f"## {r['network']}", "",
                   f"{r['n_val']} validation / {r['n_test']} test images, {r['seconds']:.0f} s. "

@@ -94,7 +94,8 @@ def test_save_load_round_trip_keeps_the_gains(tmp_path):
     _, _, phased = _pair(x, build_model(arch).eval())
     save_snn(tmp_path / "snn.pt", phased, arch)
     loaded, _ = load_snn(tmp_path / "snn.pt")
-    assert [int(m.late_gain) for m in loaded.neurons().values()] == [int(m.late_gain) for m in phased.neurons().values()]
+    gains = [int(m.late_gain) for m in phased.neurons().values()]
+    assert [int(m.late_gain) for m in loaded.neurons().values()] == gains and max(gains) >= 2
     assert torch.equal(run_batch(loaded, x, 16, 32), run_batch(phased, x, 16, 32))
 
 

@@ -58,9 +58,9 @@ def if_multistep(x_seq: torch.Tensor, theta: torch.Tensor | float, v0: torch.Ten
 
 def phased_multistep(x_seq: torch.Tensor, late_gain: float, switch_steps: int, v0: torch.Tensor | float = 0.0
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Oracle of :class:`bsnn.snn.neuron.PhasedIFNeuron` in units of θ: ``x_seq [T, B, ...]`` (the current already times 1/θ) ->
-    ``(outputs [T, B, ...], v_final)``; step t (0-based) fires when ``v >= g_t`` and subtracts ``g_t``, emitting
-    ``g_t``, with ``g_t = 1`` for ``t < switch_steps`` and ``late_gain`` after."""
+    """Oracle of :class:`bsnn.snn.neuron.PhasedIFNeuron` in units of θ: ``x_seq [T, B, ...]`` (the current
+    already times 1/θ) -> ``(outputs [T, B, ...], v_final)``; step t (0-based) fires when ``v >= g_t`` and
+    subtracts ``g_t``, emitting ``g_t``, with ``g_t = 1`` for ``t < switch_steps`` and ``late_gain`` after."""
     v = torch.zeros_like(x_seq[0]) + v0
     out = torch.empty_like(x_seq)
     for t in range(x_seq.shape[0]):

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 
 from bsnn._registry import Registry
-from bsnn.snn.functional import burst_multistep, memory_order, per_sample_spikes, phased_multistep, signed_multistep  # noqa: F401,E501
+from bsnn.snn.functional import (burst_multistep, memory_order, per_sample_spikes, phased_multistep,  # noqa: F401
+                                 signed_multistep)
 from bsnn.snn.kernels import counted, get_kernel, prescale
 from bsnn.snn.kernels.cpp_if import if_scan_cpp
 
@@ -375,11 +376,10 @@ class PhasedIFNeuron(IFNeuron):
     on the neurons release, at up to k per step, the charge the short code clipped and kept in the membrane (reset
     by subtraction loses none). The average output therefore converges to ``clip(x, 0, k·θ)``, the long code's
     limit, instead of ``clip(x, 0, θ)``: the fast start of a small threshold without its large-T clipping error
-    (``ConvertConfig.late_threshold``; a two-phase instance of the time-varying thresholds of the conversion
-    literature). In hardware a spike of a late step is a 1 on the word line like any other; the consuming layer
-    multiplies its column sums by k (a per-layer digital scale after the ADC, one crossbar pass: :attr:`input_passes`
-    = 1). Emitted values are {0, 1} before the switch and {0, k} after (:attr:`spike_max` = k); each spike counts
-    one event. The scan runs the selected IF kernel twice around the switch (threshold 1, then k, in units of θ).
+    (``ConvertConfig.late_threshold``; bsnn's own rule, not a published method). In hardware a spike of a late
+    step is a 1 on the word line like any other; the consuming layer multiplies its column sums by k (a per-layer
+    digital scale after the ADC, one crossbar pass: :attr:`input_passes` = 1). Emitted values are {0, 1} before
+    the switch and {0, k} after (:attr:`spike_max` = k); each spike counts one event. The scan runs the selected IF kernel twice around the switch (threshold 1, then k, in units of θ).
 
     Buffers (besides :class:`IFNeuron`'s): ``late_gain`` (float32 scalar holding the integer k) and
     ``switch_steps`` (int64 scalar).
