@@ -84,7 +84,7 @@ def recipes() -> dict[str, ConvertConfig]:
     """The candidates: the two old defaults (the old CLI's bias current on every timestep), then the corrections
     alone and combined (``bias@4``: bsnn's windowed bias current, flowing during the first 4 timesteps; ``mse@T``:
     SNN Calibration's least-squares threshold search for a T-step code)."""
-    base = dict(calib_samples=2048, snn_calibration_samples=256)
+    base = dict(calib_samples=2048, snn_calibration_samples=256, late_threshold=None)
     pot = dict(snn_calibration="potential", snn_calibration_timesteps=4)
     bias = dict(snn_calibration="bias", snn_calibration_timesteps=4)
     pot8 = dict(snn_calibration="potential", snn_calibration_timesteps=8)
@@ -120,6 +120,17 @@ def recipes() -> dict[str, ConvertConfig]:
         "mse@8 + ch + shift + pot@4": ConvertConfig(threshold=MSE(8), per_channel=True, v_init=0.5, **pot, **base),
         "mse@16 + ch + shift + pot@4": ConvertConfig(threshold=MSE(16), per_channel=True, v_init=0.5, **pot,
                                                      **base),
+        # two-phase thresholds (bsnn.convert.phases): the short code's thresholds for the first steps, then a
+        # per-layer integer multiple of them reaching a longer code's statistic (T up to the switch = the parent row)
+        "mse@4 + ch + shift + pot@4 + late p99.99 after 8": ConvertConfig(
+            threshold=MSE(4), per_channel=True, v_init=0.5, late_threshold_after=8,
+            **pot, **{**base, "late_threshold": Percentile(99.99)}),
+        "mse@4 + ch + shift + pot@4 + late mse@16 after 8": ConvertConfig(
+            threshold=MSE(4), per_channel=True, v_init=0.5, late_threshold_after=8,
+            **pot, **{**base, "late_threshold": MSE(16)}),
+        "mse@4 + ch + shift + pot@4 + late p99.99 after 16": ConvertConfig(
+            threshold=MSE(4), per_channel=True, v_init=0.5, late_threshold_after=16,
+            **pot, **{**base, "late_threshold": Percentile(99.99)}),
     }
 
 

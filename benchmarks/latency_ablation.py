@@ -70,15 +70,24 @@ PUBLISHED = [  # (method, network, ANN %, SNN % at T, source) — ../shared/REFE
 
 
 def plain(**kw) -> ConvertConfig:
-    """Plain layer-wise max-norm conversion (v0 = 0, no correction) with ``kw`` changed."""
+    """Plain layer-wise max-norm conversion (v0 = 0, no correction, one threshold for all T) with ``kw`` changed."""
     return dataclasses.replace(ConvertConfig(threshold=Max(), per_channel=False, v_init=0.0,
-                                             snn_calibration="none"), **kw)
+                                             snn_calibration="none", late_threshold=None), **kw)
+
+
+PREVIOUS_DEFAULT = ConvertConfig(threshold=Percentile(99.99), per_channel=True, v_init=0.5,
+                                 snn_calibration="potential", snn_calibration_timesteps=8, late_threshold=None)
+"""bsnn's default until 2026-12-04 (p99.99 per channel, θ/2 shift, potential calibration @T=8): the base of the
+'previous default' rows, each field spelt out so that they do not change with ``ConvertConfig``'s defaults."""
+
+
+DEFAULT_LABEL = "default ConvertConfig() (MSE @T=4 + ch + shift + potential @T=4, late MSE @T=16 after T=8)"
 
 
 def conversion_rows() -> dict[str, tuple[str, ConvertConfig]]:
     """``label -> (kind, config)``: each technique alone on plain max-norm, then the default and combinations."""
     cal = {"snn_calibration_timesteps": 8}
-    default = ConvertConfig()
+    default = PREVIOUS_DEFAULT
     return {
         "plain max-norm": ("alone", plain()),
         "percentile 99.99": ("alone", plain(threshold=Percentile(99.99))),
@@ -87,35 +96,41 @@ def conversion_rows() -> dict[str, tuple[str, ConvertConfig]]:
         "bias calibration @T=8": ("alone", plain(snn_calibration="bias", **cal)),
         "potential calibration @T=8": ("alone", plain(snn_calibration="potential", **cal)),
         "MSE thresholds @T=8 (SNN Calibration's search)": ("alone", plain(threshold=MSE(8))),
-        "default ConvertConfig()": ("candidate", default),
-        "default + percentile search @T=4": ("candidate", dataclasses.replace(
+        DEFAULT_LABEL: (
+            "candidate", ConvertConfig()),
+        "previous default (p99.99 + ch + shift + potential @T=8)": ("candidate", default),
+        "previous default + percentile search @T=4": ("candidate", dataclasses.replace(
             default, search_percentiles=[99.9, 99.99, 99.999, 100.0], search_timesteps=4, search_samples=512)),
-        "default, potential calibration @T=4": ("candidate", dataclasses.replace(default, snn_calibration_timesteps=4)),
-        "default without potential calibration": ("candidate", dataclasses.replace(default, snn_calibration="none")),
-        "default, MSE thresholds @T=8": ("candidate", dataclasses.replace(default, threshold=MSE(8))),
-        "default, MSE thresholds @T=4, potential calibration @T=4": ("candidate", dataclasses.replace(
+        "previous default, potential calibration @T=4": ("candidate", dataclasses.replace(
+            default, snn_calibration_timesteps=4)),
+        "previous default without potential calibration": ("candidate", dataclasses.replace(
+            default, snn_calibration="none")),
+        "previous default, MSE thresholds @T=8": ("candidate", dataclasses.replace(default, threshold=MSE(8))),
+        "previous default, MSE thresholds @T=4, potential calibration @T=4": ("candidate", dataclasses.replace(
             default, threshold=MSE(4), snn_calibration_timesteps=4)),
         # thresholds fitted for a longer code clip less (closer to the ANN as T grows), the potentials for T = 4
-        "default, MSE thresholds @T=8, potential calibration @T=4": ("candidate", dataclasses.replace(
+        "previous default, MSE thresholds @T=8, potential calibration @T=4": ("candidate", dataclasses.replace(
             default, threshold=MSE(8), snn_calibration_timesteps=4)),
-        "default, MSE thresholds @T=16, potential calibration @T=4": ("candidate", dataclasses.replace(
+        "previous default, MSE thresholds @T=16, potential calibration @T=4": ("candidate", dataclasses.replace(
             default, threshold=MSE(16), snn_calibration_timesteps=4)),
         # one initial charge fitted to several T (the least-squares charge over T = 2, 4, 8; an option)
-        "default, joint potential calibration @T=2,4,8": ("candidate", dataclasses.replace(
+        "previous default, joint potential calibration @T=2,4,8": ("candidate", dataclasses.replace(
             default, snn_calibration_joint_timesteps=[2, 4, 8])),
-        "default, MSE thresholds @T=4, joint potential calibration @T=2,4,8": ("candidate", dataclasses.replace(
-            default, threshold=MSE(4), snn_calibration_joint_timesteps=[2, 4, 8])),
+        "previous default, MSE thresholds @T=4, joint potential calibration @T=2,4,8": (
+            "candidate", dataclasses.replace(default, threshold=MSE(4), snn_calibration_joint_timesteps=[2, 4, 8])),
         # thresholds for a longer code (less clipping: the large-T limit stays near the ANN) with the joint charge
-        "default, MSE thresholds @T=8, joint potential calibration @T=2,4,8": ("candidate", dataclasses.replace(
-            default, threshold=MSE(8), snn_calibration_joint_timesteps=[2, 4, 8])),
-        "default, MSE thresholds @T=16, joint potential calibration @T=2,4,8": ("candidate", dataclasses.replace(
-            default, threshold=MSE(16), snn_calibration_joint_timesteps=[2, 4, 8])),
+        "previous default, MSE thresholds @T=8, joint potential calibration @T=2,4,8": (
+            "candidate", dataclasses.replace(default, threshold=MSE(8), snn_calibration_joint_timesteps=[2, 4, 8])),
+        "previous default, MSE thresholds @T=16, joint potential calibration @T=2,4,8": (
+            "candidate", dataclasses.replace(default, threshold=MSE(16), snn_calibration_joint_timesteps=[2, 4, 8])),
         # two-phase thresholds (convert.late_threshold): the short code's (MSE @T=4) first, then the long code's (k·θ,
         # k = ceil(MSE@16 / θ)); only meaningful on a clipping threshold, so no 'alone' row on max-norm
-        "default, MSE thresholds @T=4 then late MSE @T=16 after T=8, joint potential calibration @T=2,4,8": (
+        "previous default, MSE thresholds @T=4 then late MSE @T=16 after T=8, joint potential calibration @T=2,4,8"
+        : (
             "candidate", dataclasses.replace(default, threshold=MSE(4), snn_calibration_joint_timesteps=[2, 4, 8],
                                              late_threshold=MSE(16), late_threshold_after=8)),
-        "default, MSE thresholds @T=4 then late MSE @T=16 after T=16, joint potential calibration @T=2,4,8": (
+        "previous default, MSE thresholds @T=4 then late MSE @T=16 after T=16, joint potential calibration @T=2,4,8"
+        : (
             "candidate", dataclasses.replace(default, threshold=MSE(4), snn_calibration_joint_timesteps=[2, 4, 8],
                                              late_threshold=MSE(16), late_threshold_after=16)),
     }
@@ -475,8 +490,8 @@ def extra_rows() -> dict[str, tuple[str, ConvertConfig]]:
             continue
         if alone_base is not None:
             out[("shift θ/2 + " if alone_base else "") + label] = ("alone", alone)
-        out[f"default{' without potential calibration' if cand_base.get('snn_calibration') else ''} + {label}"] = (
-            "candidate", dataclasses.replace(ConvertConfig(), **cand_base, **change))
+        out[f"previous default{' without potential calibration' if cand_base.get('snn_calibration') else ''} + "
+            f"{label}"] = ("candidate", dataclasses.replace(PREVIOUS_DEFAULT, **cand_base, **change))
     return out
 
 

@@ -6,7 +6,8 @@ a per-channel input gain 1/θ (spikingjelly thresholds are scalars; bsnn's are p
 layers' α is folded into them) followed by ``neuron.IFNode(v_threshold=1.0, v_reset=None, step_mode='m')``
 (reset by subtraction) — or, where the layer starts from a non-zero membrane (the θ/2 shift, potential
 calibration) or carries a bias-calibration current, by :class:`CalibratedIFNode`, an ``IFNode`` subclass that adds
-exactly those two things. Every SNN bsnn's default recipe produces exports, spike for spike. The output is the
+exactly those two things; a two-phase layer (the default's ``convert.late_threshold``) by :class:`PhasedIFNode`.
+Every SNN bsnn's default recipe produces exports, spike for spike. The output is the
 output layer's current per timestep ``[T, B, K]``; sum it over time for the integrator's membrane.
 """
 
@@ -23,7 +24,7 @@ from spikingjelly.activation_based import layer, neuron
 from bsnn.errors import ConversionError
 from bsnn.export_nir import check_exportable, from_nir, to_nir  # noqa: F401 (bsnn.export.to_nir / from_nir)
 from bsnn.snn.network import SpikingNetwork
-from bsnn.snn.neuron import ChannelScale, IFNeuron, Integrator
+from bsnn.snn.neuron import ChannelScale, IFNeuron, Integrator, PhasedIFNeuron
 from bsnn.snn.pool import SpikingMaxPool2d
 
 
@@ -65,6 +66,35 @@ class CalibratedIFNode(neuron.IFNode):
         return super().multi_step_forward(x_seq, *args, **kwargs)
 
 
+class PhasedIFNode(CalibratedIFNode):
+    """:class:`CalibratedIFNode` with bsnn's two-phase threshold (:class:`bsnn.snn.neuron.PhasedIFNeuron`): threshold
+    1 for the first ``switch_steps`` timesteps after a reset, then ``late_gain`` (k), each late spike emitted as k;
+    at the first late step the membrane gains ``(k - 1) * switch_shift`` (the late code's θ/2 shift)."""
+
+    def __init__(self, v_init: torch.Tensor, i_bias: torch.Tensor | None, i_bias_steps: int, late_gain: int,
+                 switch_steps: int, switch_shift: float) -> None:
+        super().__init__(v_init, i_bias, i_bias_steps)
+        self.late_gain, self.switch_steps, self.switch_shift = float(late_gain), int(switch_steps), float(switch_shift)
+
+    def reset(self) -> None:
+        super().reset()
+        self.v_threshold = 1.0
+
+    def multi_step_forward(self, x_seq: torch.Tensor, *args, **kwargs):
+        start, t = self.steps_seen, x_seq.shape[0]
+        head = min(t, max(0, self.switch_steps - start))
+        parts = []
+        if head:
+            self.v_threshold = 1.0
+            parts.append(super().multi_step_forward(x_seq[:head], *args, **kwargs))
+        if head < t:
+            if start + head == self.switch_steps:  # the first late step (the membrane exists: switch_steps >= 1)
+                self.v = self.v + (self.late_gain - 1.0) * self.switch_shift
+            self.v_threshold = self.late_gain
+            parts.append(super().multi_step_forward(x_seq[head:], *args, **kwargs) * self.late_gain)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class _TimeFlatten(nn.Module):
     """``flatten(start_dim)`` of a per-timestep tensor applied to ``[T, B, ...]``."""
 
@@ -84,7 +114,7 @@ def to_spikingjelly(snn: SpikingNetwork) -> fx.GraphModule:
             running spike counts), naming it; or a firing rule or run-time correction an IF graph cannot carry
             (:func:`bsnn.export_nir.check_exportable`).
     """
-    check_exportable(snn, "to_spikingjelly")
+    check_exportable(snn, "to_spikingjelly", phased=True)
     gm = copy.deepcopy(snn.graph_module)
     root, graph = nn.Module(), fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -102,8 +132,14 @@ def to_spikingjelly(snn: SpikingNetwork) -> fx.GraphModule:
                 bias = m.i_bias.detach() if bool(m.i_bias.any()) else None
                 root.add_module(name + "_gain", ChannelScale(m.gain()))
                 plain = not bool(v_init.any()) and bias is None
-                root.add_module(name, neuron.IFNode(v_threshold=1.0, v_reset=None, step_mode="m") if plain else
-                                CalibratedIFNode(v_init, bias, int(m.i_bias_steps)))
+                if isinstance(m, PhasedIFNeuron):
+                    node_module = PhasedIFNode(v_init, bias, int(m.i_bias_steps), int(m.late_gain),
+                                               int(m.switch_steps), float(m.v_init_frac))
+                elif plain:
+                    node_module = neuron.IFNode(v_threshold=1.0, v_reset=None, step_mode="m")
+                else:
+                    node_module = CalibratedIFNode(v_init, bias, int(m.i_bias_steps))
+                root.add_module(name, node_module)
                 env[node] = graph.call_module(name, (graph.call_module(name + "_gain", (x,)),))
             elif isinstance(m, SpikingMaxPool2d):
                 raise ConversionError(f"to_spikingjelly: '{node.target}' is a spiking max-pool of running spike "

@@ -198,20 +198,21 @@ class _Exporter:
         return nir.NIRGraph(nodes=self.nodes, edges=self.edges, metadata={"bsnn": json.dumps(meta)})
 
 
-def check_exportable(snn: SpikingNetwork, target: str) -> None:
+def check_exportable(snn: SpikingNetwork, target: str, phased: bool = False) -> None:
     """Refuse what an exported IF network cannot carry: burst / signed firing rules (``convert.neuron``), two-phase
-    thresholds (``convert.late_threshold``) and
+    thresholds (``convert.late_threshold``; accepted with ``phased``, for a target with a two-phase node) and
     run-time offset corrections with pre-steps (COS, SRP: ``convert.offset_correction``), whose per-sample
     pre-steps are bsnn's simulator's, not the exported graph's.
 
     Raises:
         ConversionError: naming the setting and how to export.
     """
-    other = sorted({f"{n} ({m.firing})" for n, m in snn.neurons().items() if m.firing != "if"})
+    allowed = {"if", "phased"} if phased else {"if"}  # phased: the target has a two-phase IF node
+    other = sorted({f"{n} ({m.firing})" for n, m in snn.neurons().items() if m.firing not in allowed})
     if other:
         raise ConversionError(f"{target}: layers {', '.join(other[:3])} are not plain integrate-and-fire neurons "
                               f"(convert.neuron, convert.late_threshold); {target} carries IF neurons with one "
-                              "threshold only: convert with convert.neuron=if and no convert.late_threshold to export")
+                              "threshold only: convert with convert.neuron=if and convert.late_threshold=none to export")
     method, _ = network_correction(snn)
     if method != "none":
         raise ConversionError(f"{target}: the network corrects its membranes at run time with {method!r} "

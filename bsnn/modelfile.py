@@ -190,10 +190,11 @@ def load_snn(path: str | Path) -> tuple[SpikingNetwork, dict]:
         raise CheckpointError(f"{str(path)!r} is not a bsnn spiking-network file (write one with `bsnn convert`)")
     ann = _build(path, ck.get("arch")).eval()
     meta = ck["snn_meta"]
-    cfg = from_dict({k: v for k, v in meta["convert"].items()}, ConvertConfig)
+    # a network saved before convert.late_threshold existed has one threshold: absent means none, not the default
+    cfg = from_dict({"late_threshold": None, **meta["convert"]}, ConvertConfig)
     gm = capture(ann, torch.zeros(1, *ck["input_shape"]), cfg.maxpool)
     thresholds = {k: torch.as_tensor(v) for k, v in meta["thresholds"].items()}
-    snn = convert_with_thresholds(gm, thresholds, cfg, ck["input_shape"])
+    snn = convert_with_thresholds(gm, thresholds, cfg, ck["input_shape"], meta.get("late_gains"))
     try:
         snn.load_state_dict(ck["state_dict"])
     except RuntimeError as e:

@@ -31,7 +31,9 @@ def _rel_errors(snn, ann: nn.Module, x: torch.Tensor) -> dict[int, float]:
 def _assert_converges(ann: nn.Module, x: torch.Tensor):
     snn = convert(ann, _loader(x), ConvertConfig())
     err = _rel_errors(snn, ann, x)
-    assert err[1024] < 0.05 and err[1024] < err[64] < err[16], err
+    # the default's limit is the ANN clipped at its late thresholds (a 16-step code's MSE threshold): within 2 % of
+    # the ANN's logits, and the error never grows past that clipping floor
+    assert err[1024] < 0.02 and err[1024] <= 1.5 * min(err.values()), err
     return snn
 
 
@@ -79,7 +81,7 @@ def test_clipped_activations_convert_and_converge():
 def test_clipped_threshold_is_the_clip_where_the_statistic_exceeds_it():
     torch.manual_seed(0)
     ann, x = ClipNet(a=0.05), torch.randn(128, 3, 8, 8)
-    snn = convert(ann, _loader(x), ConvertConfig(per_channel=False, snn_calibration="none"))
+    snn = convert(ann, _loader(x), ConvertConfig(threshold="99.99", per_channel=False, snn_calibration="none"))
     lam = {k: torch.as_tensor(v).item() for k, v in snn.meta["thresholds"].items()}
     assert [lam[k] for k in ("act2", "act_clamp", "act_clamp_1", "act_hardtanh")] == pytest.approx([0.05] * 4)
     assert lam["act1"] == pytest.approx(6.0)  # the ReLU6 before it binds too (weights x20)

@@ -60,10 +60,10 @@ def test_spikingjelly_export_gives_identical_spikes(make):
 @pytest.mark.parametrize("cfg", [ConvertConfig(), ConvertConfig(snn_calibration="bias", snn_calibration_timesteps=5),
                                  ConvertConfig.plain(v_init=0.5)], ids=["default", "bias@5", "shift"])
 def test_every_recipe_exports_spike_for_spike(cfg):
-    """The default recipe (per-channel thresholds, θ/2 shift, potential calibration) and windowed bias
-    calibration export with CalibratedIFNode; spikes equal bsnn's at every step (across the end of the bias
-    window too)."""
-    from bsnn.export import CalibratedIFNode
+    """The default recipe (per-channel thresholds, θ/2 shift, potential calibration, two-phase thresholds: the
+    switch after T = 8 falls inside the 12 steps) and windowed bias calibration export with CalibratedIFNode /
+    PhasedIFNode; spikes equal bsnn's at every step (across the end of the bias window and the switch too)."""
+    from bsnn.export import CalibratedIFNode, PhasedIFNode
 
     torch.manual_seed(0)
     net = _residual()
@@ -71,6 +71,7 @@ def test_every_recipe_exports_spike_for_spike(cfg):
     snn = convert(net, DataLoader(TensorDataset(x, torch.zeros(32).long()), batch_size=16), cfg)
     sj = to_spikingjelly(snn)
     assert any(isinstance(m, CalibratedIFNode) for m in sj.modules())
+    assert any(isinstance(m, PhasedIFNode) for m in sj.modules()) == (cfg.late_statistic() is not None)
     ours, theirs, out, out_sj = _spikes(snn, sj, x[:8], T=12)
     for k, name in enumerate(snn.neuron_names):
         assert torch.equal(ours[name].view(12, 8, *ours[name].shape[1:]), theirs[k]), name
@@ -102,8 +103,11 @@ def _sequential_digits_cnn():
     return net.eval(), x, y
 
 
-@pytest.mark.parametrize("cfg", [ConvertConfig(), ConvertConfig(snn_calibration="bias", snn_calibration_timesteps=5),
-                                 ConvertConfig.plain()], ids=["default", "bias@5", "plain"])
+# NIR's IF has one threshold: the default with one threshold for all T (convert.late_threshold=none)
+@pytest.mark.parametrize("cfg", [ConvertConfig(late_threshold=None),
+                                 ConvertConfig(snn_calibration="bias", snn_calibration_timesteps=5,
+                                               late_threshold=None),
+                                 ConvertConfig.plain()], ids=["default-one-threshold", "bias@5", "plain"])
 def test_nir_round_trip_is_spike_exact_also_through_a_file(cfg, tmp_path):
     import nir
 

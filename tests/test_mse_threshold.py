@@ -91,7 +91,7 @@ def test_convert_with_mse_thresholds_uses_v_init_and_still_converges():
                         nn.Linear(32, 4)).eval()
     x = torch.randn(256, 1, 4, 4)
     loader = DataLoader(TensorDataset(x, torch.zeros(256, dtype=torch.long)), batch_size=64)
-    cfg = ConvertConfig(threshold=MSE(4), per_channel=False, snn_calibration="none")
+    cfg = ConvertConfig(threshold=MSE(4), per_channel=False, snn_calibration="none", late_threshold=None)
     snn = convert(net, loader, cfg)
     assert snn.meta["convert"]["threshold"] == "mse:4:0.5"  # the text form load_snn parses back
     gm = capture(net, x)

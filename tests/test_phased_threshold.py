@@ -24,6 +24,11 @@ def test_oracle_matches_the_hand_worked_rule():
     s, v = phased_multistep(torch.full((6, 1), 0.6), 2, 2)
     assert s.flatten().tolist() == [0.0, 1.0, 0.0, 0.0, 2.0, 0.0]
     assert v.item() == pytest.approx(0.6)
+    # with the θ/2 shift (v0 = 0.5) the late code starts shifted too: + (k - 1) * 0.5 at the first late step
+    # t0: 1.1 -> 1 (v 0.1); t1: 0.7; t2: 0.7 + 0.5 + 0.6 = 1.8 < 2; t3: 2.4 -> 2 (v 0.4); t4: 1.0; t5: 1.6
+    s, v = phased_multistep(torch.full((6, 1), 0.6), 2, 2, 0.5, switch_shift=0.5)
+    assert s.flatten().tolist() == [1.0, 0.0, 0.0, 2.0, 0.0, 0.0]
+    assert v.item() == pytest.approx(1.6)
 
 
 def test_gain_of_one_is_the_if_neuron():
@@ -45,7 +50,7 @@ def test_neuron_equals_the_oracle_on_every_kernel_and_chunking(kernel, chunks):
         m.time_chunk = c
         out.append(m(x[t:t + c].reshape(c * 2, 3, 4, 4)).reshape(c, 2, 3, 4, 4))
         t += c
-    ref, v = phased_multistep(x / theta, 3, 7, 0.5)
+    ref, v = phased_multistep(x / theta, 3, 7, 0.5, switch_shift=0.5)
     assert torch.allclose(torch.cat(out), ref) and torch.allclose(m.v, v, atol=1e-5)
     assert set(torch.cat(out)[7:].unique().tolist()) <= {0.0, 3.0}
     assert sum(m.spike_count) == float((ref > 0).sum())  # every spike one event, a late one too
@@ -55,12 +60,15 @@ def test_late_gains_round_up_and_never_fall_below_one():
     fast = {"a": torch.tensor(1.0), "b": torch.tensor([2.0, 2.0]), "c": torch.tensor(3.0)}
     late = {"a": torch.tensor(1.5), "b": torch.tensor([4.0, 4.0]), "c": torch.tensor(2.0)}
     assert late_gains(fast, late) == {"a": 2, "b": 2, "c": 1}
+    # a bounded activation (ReLU6, clamp, trained clip): k·max λ never above the bound, k never below 1
+    assert late_gains(fast, late, {"a": 1.9, "b": 5.0}) == {"a": 1, "b": 2, "c": 1}
+    assert late_gains({"a": torch.tensor([1.0, 2.5])}, {"a": torch.tensor([4.0, 4.0])}, {"a": 6.0}) == {"a": 2}
 
 
 def _pair(x, net=None, **kw):
     net = small_binary_cnn(1) if net is None else net
     base = dict(threshold=Percentile(60), per_channel=False, snn_calibration="none", **kw)
-    return net, convert(net, input_loader(x, 16), ConvertConfig(**base)), \
+    return net, convert(net, input_loader(x, 16), ConvertConfig(late_threshold=None, **base)), \
         convert(net, input_loader(x, 16), ConvertConfig(late_threshold=Max(), late_threshold_after=4, **base))
 
 

@@ -67,7 +67,8 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
     candidates = [_resolved(parse_statistic(p, "convert.search_percentiles"), cfg) for p in cfg.search_percentiles] \
         or [_resolved(cfg.threshold, cfg)]
     pc = per_channel_allowed(gm, set(relus)) if cfg.per_channel else set()
-    late = None if cfg.late_threshold is None else _resolved(cfg.late_threshold, cfg)
+    late = cfg.late_statistic()
+    late = None if late is None else _resolved(late, cfg)
     stats: dict = {c: {} for c in candidates + ([late] if late is not None and late not in candidates else [])}
     if cfg.threshold_opt == "ltb":  # λ fitted by local threshold balancing instead of a statistic
         x_ltb, _ = _first_samples(calib_loader, cfg.ltb_iterations * cfg.ltb_batch_size)
@@ -90,7 +91,9 @@ def convert(model: nn.Module, calib_loader, cfg: ConvertConfig | None = None,
 
     def build(stat) -> SpikingNetwork:
         thresholds = balanced(stat)
-        gains = None if late is None else late_gains(thresholds, balanced(late))
+        bounds = {**clip_bounds(gm), **{k: float(m.clip.detach().max()) for k, m in acts.items()
+                                         if is_trained_threshold(m)}}
+        gains = None if late is None else late_gains(thresholds, balanced(late), bounds)
         return convert_with_thresholds(gm, thresholds, cfg, list(example.shape[1:]), gains)
 
     search = {}
@@ -175,19 +178,19 @@ def initial_potentials(gm, cfg: ConvertConfig) -> dict[str, float]:
 def convert_with_thresholds(gm, thresholds: dict[str, torch.Tensor], cfg: ConvertConfig,
                             input_shape: list[int], gains: dict[str, int] | None = None) -> SpikingNetwork:
     """Surgery only: build the SNN from a captured graph and given thresholds λ (no calibration); with
-    ``cfg.late_threshold``, phased neurons with the integer late ``gains`` per activation (None: 1 each, for a
-    network whose saved state brings them, :func:`bsnn.convert.phases.phase_neurons_`)."""
+    ``cfg.late_statistic()``, phased neurons where the integer late ``gains`` per activation exceed 1
+    (:func:`bsnn.convert.phases.phase_neurons_`; a loaded network passes the gains its meta records)."""
     sgm, layers, neurons = build_spiking_graph(gm, thresholds, initial_potentials(gm, cfg), cfg.maxpool,
                                                  cfg.neuron, cfg.max_burst)
     record = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     record["threshold"] = _spec(cfg.threshold)
-    if cfg.late_threshold is not None:
-        record["late_threshold"] = _spec(cfg.late_threshold)
+    late = cfg.late_statistic()
+    record["late_threshold"] = None if late is None else _spec(late)  # resolved: a loaded network is rebuilt as is
     meta = {"convert": record,
             "thresholds": {k: v.tolist() for k, v in thresholds.items()}}
-    if gains is not None:
-        meta["late_gains"] = dict(gains)
+    if late is not None:
+        meta["late_gains"] = dict(gains or {})
     snn = SpikingNetwork(sgm, layers, neurons, input_shape, meta)
-    if cfg.late_threshold is not None:
+    if late is not None:
         phase_neurons_(snn, gains, cfg.late_threshold_after)
     return snn.eval()

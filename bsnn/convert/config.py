@@ -43,14 +43,30 @@ def parse_statistic(value: Any, where: str = "convert.threshold") -> Any:
 
 
 def _statistic_default() -> Any:
-    return Percentile(99.99)
+    return MSE(4)
+
+
+AUTO_LATE_THRESHOLD = MSE(16)
+"""What ``late_threshold: auto`` (the default) phases to where the recipe allows it."""
+
+
+def parse_late_threshold(value: Any) -> Any:
+    """``convert.late_threshold``: ``None`` / ``"none"`` (one threshold for all T), ``"auto"`` (the default:
+    :data:`AUTO_LATE_THRESHOLD` where the recipe can phase, see :meth:`ConvertConfig.late_statistic`) or a
+    statistic (:func:`parse_statistic`)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return parse_statistic(value, "convert.late_threshold")
 
 
 @dataclass
 class ConvertConfig:
     """ANN -> SNN conversion. The defaults are the recipe measured best in ``benchmarks/default_recipe.py``
-    (per-channel p99.99 thresholds, θ/2 shift, potential calibration at T = 8: the fastest recipe that converges on
-    every network tried; see ``docs/conversion.md``).
+    (per-channel thresholds of SNN Calibration's MSE search for a 4-step code, θ/2 shift, potential calibration at
+    T = 4, and after T = 8 two-phase thresholds reaching the MSE search for a 16-step code: the fastest recipe that
+    converges on every network tried; see ``docs/conversion.md``).
 
     Attributes:
         threshold: activation statistic that sets each IF layer's threshold: ``Max()``, ``Percentile(p)`` or
@@ -105,8 +121,10 @@ class ConvertConfig:
             spikes in {−1, 0, 1}). The last two are options beyond binary spikes: a layer fed by them needs
             ``ceil(log2(Γ + 1))`` (burst) or 2 (signed) crossbar passes per timestep, which the cost model charges.
         max_burst: Γ, the most spikes a burst neuron fires per timestep (authors' code: 2; ``neuron: burst`` only).
-        late_threshold: an option (default None: one threshold per neuron for all T): a second, larger threshold
-            statistic (e.g. ``mse:16``, ``99.99``) for the timesteps after ``late_threshold_after`` — the neurons
+        late_threshold: a second, larger threshold statistic (e.g. ``mse:16``, ``99.99``) for the timesteps after
+            ``late_threshold_after``; ``auto`` (the default) is ``mse:16`` where the recipe allows it (IF neurons,
+            thresholds from statistics, no offset correction) and none otherwise; ``none``: one threshold for
+            all T (what the NIR and spikingjelly exports need for ReLU networks). The neurons
             become :class:`bsnn.snn.neuron.PhasedIFNeuron` (θ from ``threshold`` first, then k·θ, k = the
             ratio of the two statistics per layer rounded up, >= 1; trained thresholds keep k = 1). A short code's
             threshold (``mse:4``) is fast at small T but clips for ever; the late threshold releases what it
@@ -125,7 +143,7 @@ class ConvertConfig:
     search_timesteps: int = 16
     search_samples: int = 512
     snn_calibration: str = "potential"
-    snn_calibration_timesteps: int = 8
+    snn_calibration_timesteps: int = 4
     snn_calibration_samples: int = 256
     snn_calibration_joint_timesteps: list = field(default_factory=list)
     maxpool: str = "spiking"
@@ -139,20 +157,28 @@ class ConvertConfig:
     ltb_batch_size: int = 100
     neuron: str = "if"
     max_burst: int = 2
-    late_threshold: Any = None
+    late_threshold: Any = "auto"
     late_threshold_after: int = 8
 
     def __post_init__(self) -> None:
         self.threshold = parse_statistic(self.threshold)
-        if self.late_threshold is not None:
-            self.late_threshold = parse_statistic(self.late_threshold, "convert.late_threshold")
+        self.late_threshold = parse_late_threshold(self.late_threshold)
+
+    def late_statistic(self) -> Any:
+        """The statistic of the late phase, or None for one threshold: ``late_threshold`` resolved (``auto`` ->
+        :data:`AUTO_LATE_THRESHOLD` for IF neurons with statistic thresholds and no offset correction)."""
+        late = parse_late_threshold(self.late_threshold)
+        if late != "auto":
+            return late
+        phasable = self.neuron == "if" and self.offset_correction == "none" and self.threshold_opt == "none"
+        return AUTO_LATE_THRESHOLD if phasable else None
 
     @classmethod
     def plain(cls, **changes: Any) -> "ConvertConfig":
         """Plain layer-wise max-norm conversion (``Max()`` thresholds, membranes from 0, no calibration), the
         baseline of the latency literature, with ``changes`` applied."""
         return cls(**{"threshold": parse_statistic("max"), "per_channel": False, "v_init": 0.0,
-                      "snn_calibration": "none", **changes})
+                      "snn_calibration": "none", "late_threshold": None, **changes})
 
     def validate(self) -> None:
         self.threshold = parse_statistic(self.threshold)
@@ -170,12 +196,13 @@ class ConvertConfig:
                                              f"got {self.neuron!r}")
         _check(not isinstance(self.max_burst, bool) and isinstance(self.max_burst, int) and self.max_burst >= 1,
                f"convert.max_burst must be an integer >= 1 (the authors use 2), got {self.max_burst!r}")
-        if self.late_threshold is not None:
-            self.late_threshold = parse_statistic(self.late_threshold, "convert.late_threshold")
+        self.late_threshold = parse_late_threshold(self.late_threshold)
+        if self.late_threshold not in (None, "auto"):
             _check(self.neuron == "if" and self.offset_correction == "none" and self.threshold_opt == "none",
                    f"convert.late_threshold phases the thresholds of IF neurons computed from statistics: it needs "
                    f"convert.neuron 'if', offset_correction 'none' and threshold_opt 'none', got "
-                   f"{self.neuron!r}, {self.offset_correction!r}, {self.threshold_opt!r}")
+                   f"{self.neuron!r}, {self.offset_correction!r}, {self.threshold_opt!r} (or set "
+                   f"convert.late_threshold to auto or none)")
         _check(not isinstance(self.late_threshold_after, bool) and isinstance(self.late_threshold_after, int)
                and self.late_threshold_after >= 1,
                f"convert.late_threshold_after must be an integer >= 1 (a timestep), got {self.late_threshold_after!r}")

@@ -22,24 +22,31 @@ from bsnn.snn.neuron import IFNeuron, PhasedIFNeuron
 from bsnn.snn.synapse import replace_submodule
 
 
-def late_gains(fast: dict[str, torch.Tensor], late: dict[str, torch.Tensor]) -> dict[str, int]:
+def late_gains(fast: dict[str, torch.Tensor], late: dict[str, torch.Tensor],
+               bounds: dict[str, float] | None = None) -> dict[str, int]:
     """Per activation name: ``k = max(1, ceil(mean(late λ) / mean(fast λ)))`` (λ scalars or per channel): the
-    smallest integer whose late threshold is at least the late statistic, so the limit clips no more than it."""
+    smallest integer whose late threshold is at least the late statistic, so the limit clips no more than it.
+    Where the ANN's activation is bounded (``bounds``: ReLU6, ``clamp(0, a)``, trained clips), k·λ never exceeds
+    the bound (k = ``floor(a / max λ)``, at least 1): a late threshold above it would let the SNN pass values the
+    ANN clips, and its limit would leave the ANN's."""
     gains = {}
     for name, lam in fast.items():
-        ratio = float(torch.as_tensor(late[name]).float().mean()) / max(float(torch.as_tensor(lam).float().mean()),
-                                                                          1e-12)
-        gains[name] = max(1, math.ceil(ratio - 1e-6))
+        lam = torch.as_tensor(lam).float()
+        ratio = float(torch.as_tensor(late[name]).float().mean()) / max(float(lam.mean()), 1e-12)
+        k = max(1, math.ceil(ratio - 1e-6))
+        if bounds and name in bounds:
+            k = min(k, max(1, math.floor(float(bounds[name]) / max(float(lam.max()), 1e-12) + 1e-6)))
+        gains[name] = k
     return gains
 
 
 def phase_neurons_(snn: SpikingNetwork, gains: dict[str, int] | None, switch_steps: int) -> SpikingNetwork:
-    """Replace every plain IF neuron of ``snn`` (in place) by a :class:`PhasedIFNeuron` with the same buffers,
-    ``late_gain = gains[neuron.name]`` (1 when absent or ``gains`` is None: a network being rebuilt for
-    ``load_state_dict``, which brings the saved gains) and ``switch_steps``. Returns ``snn``."""
+    """Replace every plain IF neuron of ``snn`` whose ``gains[neuron.name]`` exceeds 1 (in place) by a
+    :class:`PhasedIFNeuron` with the same buffers, that ``late_gain`` and ``switch_steps``; with k = 1 the phased
+    neuron would be the IF neuron itself, so it stays one (and stays exportable). Returns ``snn``."""
     for path, m in snn.neurons().items():
-        if type(m) is IFNeuron:
-            k = (gains or {}).get(m.name, 1)
+        k = int((gains or {}).get(m.name, 1))
+        if type(m) is IFNeuron and k > 1:
             replace_submodule(snn.graph_module, path, PhasedIFNeuron.from_if(m, k, switch_steps))
     return snn
 

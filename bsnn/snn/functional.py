@@ -56,15 +56,19 @@ def if_multistep(x_seq: torch.Tensor, theta: torch.Tensor | float, v0: torch.Ten
     return out, v
 
 
-def phased_multistep(x_seq: torch.Tensor, late_gain: float, switch_steps: int, v0: torch.Tensor | float = 0.0
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def phased_multistep(x_seq: torch.Tensor, late_gain: float, switch_steps: int, v0: torch.Tensor | float = 0.0,
+                     switch_shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Oracle of :class:`bsnn.snn.neuron.PhasedIFNeuron` in units of θ: ``x_seq [T, B, ...]`` (the current
     already times 1/θ) -> ``(outputs [T, B, ...], v_final)``; step t (0-based) fires when ``v >= g_t`` and
-    subtracts ``g_t``, emitting ``g_t``, with ``g_t = 1`` for ``t < switch_steps`` and ``late_gain`` after."""
+    subtracts ``g_t``, emitting ``g_t``, with ``g_t = 1`` for ``t < switch_steps`` and ``late_gain`` after. At the
+    first late step (t = switch_steps) the membrane first gains ``(late_gain - 1) * switch_shift``: the late code's
+    own start shift (the neuron passes its ``v_init_frac``, 0.5 for the θ/2 shift)."""
     v = torch.zeros_like(x_seq[0]) + v0
     out = torch.empty_like(x_seq)
     for t in range(x_seq.shape[0]):
         g = 1.0 if t < switch_steps else float(late_gain)
+        if t == switch_steps:
+            v = v + (float(late_gain) - 1.0) * switch_shift
         v = v + x_seq[t]
         out[t] = (v >= g).to(x_seq.dtype) * g
         v = v - out[t]
