@@ -212,7 +212,8 @@ def check_exportable(snn: SpikingNetwork, target: str, phased: bool = False) -> 
     if other:
         raise ConversionError(f"{target}: layers {', '.join(other[:3])} are not plain integrate-and-fire neurons "
                               f"(convert.neuron, convert.late_threshold); {target} carries IF neurons with one "
-                              "threshold only: convert with convert.neuron=if and convert.late_threshold=none to export")
+                              "threshold only: convert with convert.neuron=if and convert.late_threshold=none to "
+                              "export")
     method, _ = network_correction(snn)
     if method != "none":
         raise ConversionError(f"{target}: the network corrects its membranes at run time with {method!r} "

@@ -124,9 +124,10 @@ class ConvertConfig:
         late_threshold: a second, larger threshold statistic (e.g. ``mse:16``, ``99.99``) for the timesteps after
             ``late_threshold_after``; ``auto`` (the default) is ``mse:16`` where the recipe allows it (IF neurons,
             thresholds from statistics, no offset correction) and none otherwise; ``none``: one threshold for
-            all T (what the NIR and spikingjelly exports need for ReLU networks). The neurons
+            all T (what the NIR export needs for ReLU networks; spikingjelly's carries both). The neurons
             become :class:`bsnn.snn.neuron.PhasedIFNeuron` (θ from ``threshold`` first, then k·θ, k = the
-            ratio of the two statistics per layer rounded up, >= 1; trained thresholds keep k = 1). A short code's
+            ratio of the two statistics per layer rounded up, >= 1, k·θ at most a bounded activation's bound;
+            trained thresholds keep k = 1, and layers with k = 1 stay plain IF neurons). A short code's
             threshold (``mse:4``) is fast at small T but clips for ever; the late threshold releases what it
             clipped, so the SNN converges to the long code's limit. Still {0, 1} spikes, one crossbar pass (the
             consumer scales its column sums by k).

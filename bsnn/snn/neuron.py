@@ -383,7 +383,8 @@ class PhasedIFNeuron(IFNeuron):
     (``ConvertConfig.late_threshold``; bsnn's own rule, not a published method). In hardware a spike of a late
     step is a 1 on the word line like any other; the consuming layer multiplies its column sums by k (a per-layer
     digital scale after the ADC, one crossbar pass: :attr:`input_passes` = 1). Emitted values are {0, 1} before
-    the switch and {0, k} after (:attr:`spike_max` = k); each spike counts one event. The scan runs the selected IF kernel twice around the switch (threshold 1, then k, in units of θ).
+    the switch and {0, k} after (:attr:`spike_max` = k); each spike counts one event. The scan runs the selected IF
+    kernel twice around the switch (threshold 1, then k, in units of θ).
 
     Buffers (besides :class:`IFNeuron`'s): ``late_gain`` (float32 scalar holding the integer k) and
     ``switch_steps`` (int64 scalar).
