@@ -344,7 +344,12 @@ def build_markdown(payload: dict) -> str:
              "steps each input runs before the T counted (COS, SRP: its latency is pre-steps + T); passes/step = crossbar "
              "reads per timestep of a spiking layer (1 for {0, 1} spikes; burst neurons ceil(log2(Γ + 1)) bit-serial "
              "passes, signed neurons 2: the cost model charges them); calibration s = conversion "
-             "wall time on this machine (2 cores shared with other jobs: compare within a table only).", ""]
+             "wall time on this machine (2 cores shared with other jobs: compare within a table only).", "",
+             "Row labels: 'previous default …' rows are built on bsnn's default until 2026-12-04 (p99.99 per "
+             "channel, θ/2 shift, potential calibration @T=8: `PREVIOUS_DEFAULT`; the commands before that date "
+             "named them 'default …'); 'default ConvertConfig() (…)' is the current default; '[switch not "
+             "re-centred …]' marks two-phase rows measured before phased neurons re-centred their membrane at the "
+             "switch.", ""]
     for name, d in payload["networks"].items():
         rows_ = d["rows"]
         if not rows_:
