@@ -128,6 +128,9 @@ def recipes() -> dict[str, ConvertConfig]:
         "mse@4 + ch + shift + pot@4 + late mse@16 after 8": ConvertConfig(
             threshold=MSE(4), per_channel=True, v_init=0.5, late_threshold_after=8,
             **pot, **{**base, "late_threshold": MSE(16)}),
+        "mse@4 + ch + shift + joint pot@2/4/8 + late mse@16 after 8": ConvertConfig(
+            threshold=MSE(4), per_channel=True, v_init=0.5, late_threshold_after=8,
+            snn_calibration_joint_timesteps=[2, 4, 8], **pot, **{**base, "late_threshold": MSE(16)}),
         "mse@4 + ch + shift + pot@4 + late p99.99 after 16": ConvertConfig(
             threshold=MSE(4), per_channel=True, v_init=0.5, late_threshold_after=16,
             **pot, **{**base, "late_threshold": Percentile(99.99)}),
