@@ -259,9 +259,9 @@ def prepare_cifar10(args) -> dict | None:
 def bsnn_config(threshold, calib_samples: int) -> ConvertConfig:
     """Plain rate-coding conversion, the same recipe spikingjelly's RateCodingRecipe runs: layer-wise thresholds
     from the statistic, membrane starting at 0 (no θ/2 shift), no threshold scaling and no post-conversion
-    correction (the bsnn defaults at the commits benchmarked; pinned here so that new defaults do not change it)."""
-    return ConvertConfig(threshold=threshold, calib_samples=calib_samples, per_channel=False, threshold_scale=1.0,
-                         v_init=0.0)
+    correction, one threshold per layer for every T (``ConvertConfig.plain``: the bsnn defaults at the commits
+    benchmarked; pinned here so that new defaults — potential calibration, two-phase thresholds — do not change it)."""
+    return ConvertConfig.plain(threshold=threshold, calib_samples=calib_samples, threshold_scale=1.0)
 
 
 def describe_config(cfg: ConvertConfig) -> dict:

@@ -39,15 +39,20 @@ from latency_ablation import curves, row_record  # noqa: E402
 
 import bsnn  # noqa: E402
 from bsnn.binary import is_binary  # noqa: E402
-from bsnn.convert import ConvertConfig  # noqa: E402
+from bsnn.convert import ConvertConfig, Percentile  # noqa: E402
 from bsnn.tandem import BINARY_WEIGHT_MODES, TandemConfig, tandem_finetune  # noqa: E402
 from bsnn.train import evaluate, set_seed  # noqa: E402
 
 GRID = [1, 2, 4, 8, 16, 32, 64]
 LONG = GRID + [128, 256]
-RECIPES = {  # label -> ConvertConfig; QCFS thresholds are the trained λ (no statistic), v0 = θ/2 in all
+# label -> ConvertConfig; QCFS thresholds are the trained λ (no statistic, and no late threshold: k = 1), v0 = θ/2 in
+# all. The labels are those of the results already recorded: "default (potential @ T=8)" is bsnn's default until
+# 2026-12-04, pinned here; on these trained-threshold networks today's ConvertConfig() is "potential @ T=4".
+RECIPES = {
     "none (λ, θ/2)": ConvertConfig(snn_calibration="none"),
-    "default (potential @ T=8)": ConvertConfig(),
+    "default (potential @ T=8)": ConvertConfig(threshold=Percentile(99.99), per_channel=True, v_init=0.5,
+                                               snn_calibration="potential", snn_calibration_timesteps=8,
+                                               late_threshold=None),
     "potential @ T=4": ConvertConfig(snn_calibration_timesteps=4),
 }
 
