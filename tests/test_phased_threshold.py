@@ -94,6 +94,40 @@ def test_conversion_equals_the_single_threshold_network_up_to_the_switch_and_con
     assert err(phased, 2048) < err(phased, 64) / 5
 
 
+def _clipped_logits(net, x, bounds):
+    """``net(x)`` with every activation named in ``bounds`` clamped from above at its bound (scalar or ``[C]``)."""
+    modules, handles = dict(net.named_modules()), []
+    for name, b in bounds.items():
+        b = torch.as_tensor(b).float()
+        handles.append(modules[name].register_forward_hook(
+            lambda _m, _i, out, b=b: torch.minimum(out, b.view(1, -1, *[1] * (out.dim() - 2)) if b.numel() > 1 else b)))
+    try:
+        with torch.no_grad():
+            return net(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_the_default_converges_to_the_ann_clipped_at_its_late_thresholds():
+    # the default's limit, exactly: every activation clipped at k·λ (its late threshold), not at λ and not unclipped
+    torch.manual_seed(3)
+    x = torch.randn(48, 1, 8, 8) * 1.5
+    net = small_binary_cnn(2)
+    snn = convert(net, input_loader(x, 16), ConvertConfig())
+    lam, gains = snn.meta["thresholds"], snn.meta["late_gains"]
+    assert any(isinstance(m, PhasedIFNeuron) for m in snn.neurons().values()) and max(gains.values()) >= 2
+    limit = _clipped_logits(net, x, {n: torch.as_tensor(v).float() * gains.get(n, 1) for n, v in lam.items()})
+    fast_clip = _clipped_logits(net, x, lam)
+    mem = run_batch(snn, x, 4096, 48)
+
+    def err(t, ref):
+        return ((mem[t - 1] / t - ref).norm() / ref.norm()).item()
+
+    assert err(4096, limit) < 0.005 and err(4096, limit) < err(256, limit) / 4, (err(256, limit), err(4096, limit))
+    assert err(4096, fast_clip) > 5 * err(4096, limit)  # the short code's clipping is gone
+
+
 def test_save_load_round_trip_keeps_the_gains(tmp_path):
     arch = {"name": "small_cnn", "num_classes": 3, "in_channels": 1, "kwargs": {"width": 4, "hidden": 16},
             "binary": {}, "activation": {"kind": "relu"}}

@@ -122,7 +122,7 @@ def mse_threshold(values: torch.Tensor, timesteps: int, v0: float = 0.0, candida
     if v.shape[0] == 1:  # values <= 0 code as 0 under every candidate: a constant error, dropped (one row only)
         positive = v[v > 0]
         v = positive.reshape(1, -1) if positive.numel() else v.new_zeros(1, 1)
-    v = v.sort(dim=1).values.double()  # [C, N] (sorted in the input dtype)
+    v = v.sort(dim=1).values.double().contiguous()  # [C, N] (sorted in the input dtype)
     c, n = v.shape
     zero = v.new_zeros(c, 1)
     s1, s2 = torch.cat([zero, v.cumsum(1)], 1), torch.cat([zero, (v * v).cumsum(1)], 1)  # [C, N + 1]
