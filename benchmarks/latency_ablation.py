@@ -263,13 +263,15 @@ def run_network(name: str, args, payload: dict, save: Callable[[], None], extra:
         d["best_long"] = {"label": best, **rec, "early_exit": ee}
         save()
     for label in [k for k in rows if args.long_rows and selected(k, args.long_rows)]:
-        if label in d.setdefault("long", {}) or label == d.get("best_long", {}).get("label"):
-            continue
-        log(f"{name}: {label}, to T=256")
+        if "early_exit" in d.setdefault("long", {}).get(label, {}) or label == d.get("best_long", {}).get("label"):
+            continue  # rows run before long rows got their early exit are run again
+        log(f"{name}: {label}, to T=256 with recorded predictions")
         with Timer() as t:
             snn = bsnn.convert(net.model, net.calib, rows[label][1])
-        d["long"][label] = row_record(rows[label][0], curves(snn, net, LONG, args.n_val, args.n_test), t.s,
-                                      passes=crossbar_passes(snn))
+        res = curves(snn, net, LONG, args.n_val, args.n_test, record=True)
+        d["long"][label] = {**row_record(rows[label][0], res, t.s, passes=crossbar_passes(snn)),
+                            "early_exit": validated_early_exit(res["val"], res["test"],
+                                                               ann_val_accuracy=res["val"].ann_accuracy)}
         save()
     if design_time or args.no_sj:
         return
@@ -327,6 +329,15 @@ def plot(payload: dict, out: Path) -> list[str]:
 
 def _fmt_t(t) -> str:
     return str(t) if t else "—"
+
+
+def _early_exit_cell(r: dict) -> str:
+    """'patience p, margin m → acc @ avg T' of a row's chosen early-exit rule ('' if none was recorded)."""
+    c = (r.get("early_exit") or {}).get("chosen")
+    if not r.get("early_exit"):
+        return ""
+    return "none within 1 point" if not c else (f"p {c['patience']}, m {c['margin']} → {c['accuracy']:.1f} @ "
+                                                f"{c['mean_timesteps']:.2f}")
 
 
 def build_markdown(payload: dict) -> str:
@@ -394,15 +405,18 @@ def build_markdown(payload: dict) -> str:
         if d.get("long"):
             lts = [str(t) for t in LONG if t >= 16]
             lines += ["Rows also run to T = 256 (`--long-rows`; the convergence law: accuracy at T ≥ 64 against the "
-                      "ANN's on the same images):", "",
+                      "ANN's on the same images; early exit: the rule chosen on validation as above, its test "
+                      "accuracy at its average T — '' where the row was run before long rows recorded predictions):",
+                      "",
                       markdown_table(["method", "T@1", "T@0.3", "lowest test at T ≥ 64 (ANN)", "lowest val at T ≥ 64 "
-                                      "(ANN)"] + [f"T={t}" for t in lts],
+                                      "(ANN)"] + [f"T={t}" for t in lts] + ["early exit: rule → test % @ avg T"],
                                      [[label, _fmt_t(r["t_at_1"]), _fmt_t(r["t_at_03"]),
                                        f"{min(v for t, v in r['accuracy'].items() if int(t) >= 64):.1f} "
                                        f"({r['ann']:.1f})",
                                        f"{min(v for t, v in r['val_accuracy'].items() if int(t) >= 64):.1f} "
                                        f"({r['val_ann']:.1f})"]
-                                      + [f"{r['accuracy'][t]:.1f}" for t in lts] for label, r in d["long"].items()]),
+                                      + [f"{r['accuracy'][t]:.1f}" for t in lts] + [_early_exit_cell(r)]
+                                      for label, r in d["long"].items()]),
                       ""]
         png = f"{NAME}_{name}.png"
         if png in (payload.get("plots") or []):
