@@ -142,6 +142,20 @@ def markdown(records: list[dict], info: dict, commands: list[str]) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[str], out: Path) -> None:
+    """Records of ``out``'s results file and of ``paths`` (later ones winning, per network and recipe) -> ``out``."""
+    target = out / f"{NAME}.json"
+    records, commands = {}, []
+    for p in ([str(target)] if target.is_file() else []) + list(paths):
+        d = json.loads(Path(p).read_text())
+        records.update({(r["network"], r["recipe"]): r for r in d["records"]})
+        commands += [c for c in d["commands"] if c not in commands]
+    info = machine_info()
+    write_results(out, NAME, {"records": list(records.values()), "commands": commands, "machine": info},
+                  markdown(list(records.values()), info, commands))
+    log(f"merged {len(paths)} file(s) into {target}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--networks", default="cifar10_airbench_binary_v2")
@@ -150,7 +164,13 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--merge", nargs="*", default=[], metavar="JSON",
+                    help="only merge the records and commands of these results files (runs made in parallel with "
+                         "their own --out) into --out's, later files winning, and rewrite it")
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, Path(args.out))
+        return
     if not available():
         raise SystemExit("../shared/data/cifar10.npz is absent: this benchmark needs the CIFAR-10 copy")
     torch.set_num_threads(args.threads)
